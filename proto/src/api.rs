@@ -1,0 +1,131 @@
+//! HTTP API bodies and paths, node API and admin API. All bodies are JSON.
+//!
+//! Auth: node endpoints (except register) take `Authorization: Bearer <node credential>`; admin
+//! endpoints take `Authorization: Bearer <admin token>` over HTTPS, or nothing over the local unix
+//! socket `<state-dir>/admin.sock`.
+
+use crate::keys::PublicKey;
+use crate::map::{Endpoint, MeshAddrs};
+use crate::names::{NodeId, NodeName};
+use base64::Engine;
+use ipnet::{Ipv4Net, Ipv6Net};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+pub const PATH_REGISTER: &str = "/api/v1/node/register";
+pub const PATH_MAP: &str = "/api/v1/node/map";
+pub const PATH_ENDPOINTS: &str = "/api/v1/node/endpoints";
+pub const PATH_PROBE: &str = "/api/v1/node/probe";
+pub const PATH_OPENAPI: &str = "/api/v1/openapi.json";
+pub const PATH_ADMIN_AUTHKEYS: &str = "/api/v1/admin/authkeys";
+pub const PATH_ADMIN_NODES: &str = "/api/v1/admin/nodes";
+pub const PATH_ADMIN_PUBLISH: &str = "/api/v1/admin/publish";
+pub const PATH_ADMIN_POLICY: &str = "/api/v1/admin/policy";
+
+/// Every error answer: `{"error": "<short code>", "detail": "<what was wrong and what is accepted>"}`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ApiError {
+    pub error: String,
+    pub detail: String,
+}
+
+/// The TLS pin of a coordinator: `sha256/` + base64 of the SHA-256 of the certificate's
+/// SubjectPublicKeyInfo (DER). Survives certificate renewal with the same key.
+pub fn pin_from_spki(spki_der: &[u8]) -> String {
+    let digest = Sha256::digest(spki_der);
+    format!(
+        "sha256/{}",
+        base64::engine::general_purpose::STANDARD.encode(digest)
+    )
+}
+
+/// Hex SHA-256, used to store tokens, keys and credentials hashed.
+pub fn token_hash(token: &str) -> String {
+    let d = Sha256::digest(token.as_bytes());
+    d.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RegisterRequest {
+    pub authkey: String,
+    pub public_key: PublicKey,
+    pub hostname: String,
+    #[serde(default)]
+    pub capver: u32,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RegisterResponse {
+    pub node_id: NodeId,
+    pub name: NodeName,
+    pub addrs: MeshAddrs,
+    pub prefix_v4: Ipv4Net,
+    pub prefix_v6: Ipv6Net,
+    /// Bearer credential for the node API. Shown once; the coordinator stores only its hash.
+    pub credential: String,
+    pub capver: u32,
+}
+
+/// `POST /api/v1/node/endpoints`: the node's current candidates (replaces the previous report).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EndpointReport {
+    pub endpoints: Vec<Endpoint>,
+}
+
+/// `POST /api/v1/node/probe`: ask the coordinator to tell `peer` to probe us now.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProbeAsk {
+    pub peer: NodeId,
+}
+
+// ---- admin API ----
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuthKeyCreate {
+    #[serde(default)]
+    pub reusable: bool,
+    /// Lifetime in seconds; None = never expires.
+    #[serde(default)]
+    pub expires_secs: Option<u64>,
+    #[serde(default)]
+    pub tags: Vec<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AuthKeyCreated {
+    pub id: i64,
+    /// The key itself; shown once, stored hashed.
+    pub key: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AuthKeyInfo {
+    pub id: i64,
+    /// The first characters of the key, to recognise it.
+    pub prefix: String,
+    pub reusable: bool,
+    pub tags: Vec<String>,
+    /// Unix seconds.
+    pub created_at: i64,
+    pub expires_at: Option<i64>,
+    pub used: bool,
+    pub revoked: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeInfo {
+    pub id: NodeId,
+    pub name: NodeName,
+    pub public_key: PublicKey,
+    pub addrs: MeshAddrs,
+    pub tags: Vec<String>,
+    pub online: bool,
+    /// Unix seconds of the last map stream activity.
+    pub last_seen: Option<i64>,
+    pub endpoints: Vec<Endpoint>,
+    pub created_at: i64,
+}

@@ -1,0 +1,64 @@
+//! Disco: small authenticated path probes sent on the WireGuard UDP socket.
+//!
+//! A WireGuard message starts with a little-endian u32 type 1..=4, so its first byte is 1..=4
+//! and the next three are zero. Disco packets start with [`DISCO_MAGIC`], whose first byte (0xF1)
+//! no WireGuard message has, so one socket carries both and the receiver tells them apart by
+//! looking at four bytes.
+//!
+//! Layout: `MAGIC(4) | sender public key (32) | nonce (24) | sealed(body)` where the body is
+//! sealed with XChaCha20-Poly1305 under the X25519 shared secret of sender and receiver keys.
+//! Body: `type(1) | tx id (12) | [for Pong: observed source address: family(1) ip(4|16) port(2)]`.
+
+/// First four bytes of every disco packet.
+pub const DISCO_MAGIC: [u8; 4] = [0xF1, b'h', b'p', b'd'];
+pub const DISCO_HEADER_LEN: usize = 4 + 32 + 24;
+
+pub const DISCO_PING: u8 = 1;
+pub const DISCO_PONG: u8 = 2;
+
+/// What a datagram on the WireGuard socket is, judged from its first bytes alone.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DatagramKind {
+    WireGuard,
+    Disco,
+    Relay,
+    Stun,
+    Unknown,
+}
+
+/// Classifies a datagram received on the node's UDP socket without parsing it.
+pub fn classify(d: &[u8]) -> DatagramKind {
+    if d.len() >= 4 {
+        if d[..4] == DISCO_MAGIC {
+            return DatagramKind::Disco;
+        }
+        if d[..4] == crate::relay::RELAY_MAGIC {
+            return DatagramKind::Relay;
+        }
+        if (1..=4).contains(&d[0]) && d[1..4] == [0, 0, 0] {
+            return DatagramKind::WireGuard;
+        }
+    }
+    // STUN: top two bits zero and the magic cookie at bytes 4..8 (RFC 5389).
+    if d.len() >= 20 && d[0] & 0xC0 == 0 && d[4..8] == [0x21, 0x12, 0xA4, 0x42] {
+        return DatagramKind::Stun;
+    }
+    DatagramKind::Unknown
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    #[test]
+    fn classify_headers() {
+        assert_eq!(classify(&[1, 0, 0, 0, 9]), DatagramKind::WireGuard);
+        assert_eq!(classify(&[4, 0, 0, 0]), DatagramKind::WireGuard);
+        assert_eq!(classify(&[5, 0, 0, 0]), DatagramKind::Unknown);
+        assert_eq!(classify(&[0xF1, b'h', b'p', b'd', 0]), DatagramKind::Disco);
+        let mut stun = [0u8; 20];
+        stun[1] = 1;
+        stun[4..8].copy_from_slice(&[0x21, 0x12, 0xA4, 0x42]);
+        assert_eq!(classify(&stun), DatagramKind::Stun);
+        assert_eq!(classify(&[]), DatagramKind::Unknown);
+    }
+}
