@@ -1,1 +1,17 @@
-pub fn placeholder() {}
+//! The homeport node: `homeport up` and its CLI, as a library (the exit embeds it).
+//!
+//! Layout:
+//! - [`engine`]: sans-IO. Owns the WireGuard sessions (boringtun `Tunn` per peer), routing by
+//!   destination, the packet filter, publish admission and flow tracking. Time is passed in.
+//! - [`datapath`]: the thin IO shell around the engine: TUN device (tun-rs, offload), one UDP
+//!   socket (quinn-udp, GSO/GRO), addresses and routes.
+//! - [`daemon`]: `homeport up`: state dir, registration, map stream, persistence, control socket.
+//! - [`cli`]: the CLI commands that talk to a running daemon over its unix socket.
+
+pub mod cli;
+pub mod config;
+pub mod control;
+pub mod daemon;
+pub mod datapath;
+pub mod engine;
+pub mod state;

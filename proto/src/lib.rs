@@ -15,6 +15,8 @@ pub mod names;
 pub mod policy;
 pub mod publish;
 pub mod relay;
+#[cfg(feature = "tls")]
+pub mod tls;
 
 pub use capver::CAPABILITY_VERSION;
 pub use keys::{KeyError, PrivateKey, PublicKey};
