@@ -15,3 +15,4 @@ pub mod daemon;
 pub mod datapath;
 pub mod engine;
 pub mod state;
+pub mod stun;
