@@ -1,0 +1,76 @@
+#!/usr/bin/env bash
+# Prepare a fresh Debian (12+) machine to build, test and demo homeport. Run as root.
+# Idempotent: installs only what is missing, so a second run takes a second or two.
+#
+#   sudo ./deploy/setup.sh
+#
+# Installs (Debian packages): the build toolchain, the network tools the lab tests and the demo drive
+# (iproute2, nftables, conntrack), the standard peers the tests compare against (wireguard-go,
+# wireguard-tools, coturn as a STUN server, iperf3), tcpdump, python3 and systemd (for systemd-analyze).
+# Rust comes from rustup (minimal profile, stable) only if no cargo is found.
+set -euo pipefail
+
+PACKAGES=(
+  build-essential pkg-config curl ca-certificates
+  iproute2 nftables conntrack
+  wireguard-go wireguard-tools iperf3 coturn
+  tcpdump python3 procps systemd
+)
+
+log() { printf 'setup: %s\n' "$*"; }
+die() { printf 'setup: error: %s\n' "$*" >&2; exit 1; }
+
+installed() { dpkg-query -W -f='${Status}' "$1" 2>/dev/null | grep -q 'install ok installed'; }
+
+missing=()
+for p in "${PACKAGES[@]}"; do installed "$p" || missing+=("$p"); done
+
+if ((${#missing[@]})); then
+  [ "$(id -u)" -eq 0 ] || die "missing Debian packages: ${missing[*]} — run this script as root (sudo $0)"
+  command -v apt-get >/dev/null || die "apt-get not found: this script is for Debian/Ubuntu; install by hand: ${missing[*]}"
+  log "installing: ${missing[*]}"
+  export DEBIAN_FRONTEND=noninteractive
+  # iperf3 asks whether to start a daemon; coturn's postinst may start a TURN server on 3478, the
+  # coordinator's STUN port. Neither is wanted: answer no and keep services from starting during install.
+  echo 'iperf3 iperf3/start_daemon boolean false' | debconf-set-selections 2>/dev/null || true
+  policy_rc=/usr/sbin/policy-rc.d
+  added_policy=0
+  if [ ! -e "$policy_rc" ]; then
+    printf '#!/bin/sh\nexit 101\n' >"$policy_rc"; chmod 755 "$policy_rc"; added_policy=1
+  fi
+  restore_policy() { if [ "$added_policy" = 1 ]; then rm -f "$policy_rc"; fi; }
+  trap restore_policy EXIT
+  apt-get update -qq
+  apt-get install -y -qq --no-install-recommends "${missing[@]}"
+  restore_policy; trap - EXIT
+  # The package enables coturn's unit; we only want its binary (a standard STUN server for the tests).
+  if [[ " ${missing[*]} " == *" coturn "* ]] && command -v systemctl >/dev/null; then
+    systemctl disable coturn >/dev/null 2>&1 || true
+    if [ -d /run/systemd/system ]; then systemctl stop coturn >/dev/null 2>&1 || true; fi
+  fi
+else
+  log "Debian packages: all present"
+fi
+
+# Rust: use what is there (also a cargo in the invoking user's home under sudo), else install rustup.
+find_cargo() {
+  command -v cargo 2>/dev/null && return 0
+  local h
+  for h in "${CARGO_HOME:-$HOME/.cargo}" "$HOME/.cargo" ${SUDO_USER:+"$(getent passwd "$SUDO_USER" | cut -d: -f6)/.cargo"}; do
+    [ -x "$h/bin/cargo" ] && { echo "$h/bin/cargo"; return 0; }
+  done
+  return 1
+}
+if cargo_bin=$(find_cargo); then
+  log "cargo: $cargo_bin ($("$cargo_bin" --version 2>/dev/null || echo 'version unknown'))"
+else
+  log "cargo not found: installing Rust with rustup (minimal profile, stable)"
+  curl --proto '=https' --tlsv1.2 -sSf https://sh.rustup.rs | sh -s -- -y --profile minimal --default-toolchain stable
+  # shellcheck disable=SC1091
+  . "$HOME/.cargo/env"
+  command -v cargo >/dev/null || die "rustup finished but cargo is still not on PATH"
+  log "cargo: $(cargo --version)"
+fi
+# The TUN device the nodes use; a missing one is a kernel/container problem that no package fixes.
+[ -c /dev/net/tun ] || log "warning: /dev/net/tun is missing: homeport nodes cannot create their interface here"
+log "done"
