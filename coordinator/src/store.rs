@@ -1,0 +1,611 @@
+//! Storage on sqlx's `Any` driver: SQLite (default, one file, WAL) or PostgreSQL, with the same
+//! portable SQL (`$N` placeholders work on both). Every multi-step change runs in one transaction.
+
+use crate::error::{ApiErr, ApiResult};
+use crate::mesh::NodeRec;
+use homeport_proto::map::{Endpoint, MeshAddrs};
+use homeport_proto::policy::Policy;
+use homeport_proto::publish::{Guards, PublishProto, PublishRule};
+use homeport_proto::{NodeId, NodeName, PublicKey};
+use ipnet::{Ipv4Net, Ipv6Net};
+use sqlx::any::{AnyPoolOptions, AnyRow};
+use sqlx::{Any, AnyPool, Row, Transaction};
+use std::collections::{BTreeSet, HashMap};
+use std::net::{Ipv4Addr, Ipv6Addr};
+
+pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!();
+
+#[derive(Clone, Debug)]
+pub struct Store {
+    pub pool: AnyPool,
+}
+
+pub fn now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
+}
+
+/// An auth key as stored.
+#[derive(Debug, Clone)]
+pub struct AuthKeyRow {
+    pub id: i64,
+    pub prefix: String,
+    pub reusable: bool,
+    pub tags: Vec<String>,
+    pub created_at: i64,
+    pub expires_at: Option<i64>,
+    pub used: bool,
+    pub revoked: bool,
+}
+
+/// The result of a registration.
+#[derive(Debug, Clone)]
+pub struct Registered {
+    pub node: NodeRec,
+    pub credential: String,
+}
+
+fn authkey_row(r: &AnyRow) -> Result<AuthKeyRow, sqlx::Error> {
+    Ok(AuthKeyRow {
+        id: r.try_get("id")?,
+        prefix: r.try_get("prefix")?,
+        reusable: r.try_get::<i64, _>("reusable")? != 0,
+        tags: serde_json::from_str(&r.try_get::<String, _>("tags")?).unwrap_or_default(),
+        created_at: r.try_get("created_at")?,
+        expires_at: r.try_get("expires_at")?,
+        used: r.try_get::<i64, _>("used")? != 0,
+        revoked: r.try_get::<i64, _>("revoked")? != 0,
+    })
+}
+
+fn bad_row(what: &str, e: impl std::fmt::Display) -> sqlx::Error {
+    sqlx::Error::Decode(format!("stored {what} is invalid: {e}").into())
+}
+
+fn node_row(r: &AnyRow) -> Result<NodeRec, sqlx::Error> {
+    let name: String = r.try_get("name")?;
+    let key: String = r.try_get("public_key")?;
+    let v4: String = r.try_get("ipv4")?;
+    let v6: String = r.try_get("ipv6")?;
+    Ok(NodeRec {
+        id: NodeId(r.try_get("id")?),
+        name: name
+            .parse::<NodeName>()
+            .map_err(|e| bad_row("node name", e))?,
+        public_key: key
+            .parse::<PublicKey>()
+            .map_err(|e| bad_row("public key", e))?,
+        addrs: MeshAddrs {
+            ipv4: v4.parse().map_err(|e| bad_row("ipv4", e))?,
+            ipv6: v6.parse().map_err(|e| bad_row("ipv6", e))?,
+        },
+        tags: serde_json::from_str(&r.try_get::<String, _>("tags")?).unwrap_or_default(),
+        created_at: r.try_get("created_at")?,
+        last_seen: r.try_get("last_seen")?,
+        endpoints: serde_json::from_str(&r.try_get::<String, _>("endpoints")?).unwrap_or_default(),
+        online: false,
+    })
+}
+
+const NODE_COLS: &str = "id, name, public_key, ipv4, ipv6, tags, created_at, last_seen, endpoints";
+
+/// Random token with a recognisable prefix: 32 random bytes, base64url without padding.
+pub fn random_token(prefix: &str) -> String {
+    use base64::Engine;
+    use rand::RngCore;
+    let mut b = [0u8; 32];
+    rand::rngs::OsRng.fill_bytes(&mut b);
+    format!(
+        "{prefix}{}",
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(b)
+    )
+}
+
+async fn next_id(tx: &mut Transaction<'_, Any>, table: &str) -> Result<i64, sqlx::Error> {
+    // CAST keeps the type BIGINT on both databases (Postgres would widen MAX(bigint)+1 fine, but
+    // SQLite reports an expression without a declared type).
+    let row = sqlx::query(&format!(
+        "SELECT CAST(COALESCE(MAX(id), 0) + 1 AS BIGINT) AS next FROM {table}"
+    ))
+    .fetch_one(&mut **tx)
+    .await?;
+    row.try_get("next")
+}
+
+impl Store {
+    /// Connects and migrates. A SQLite file is created if missing and switched to WAL.
+    pub async fn open(url: &str) -> anyhow::Result<Store> {
+        use anyhow::Context;
+        sqlx::any::install_default_drivers();
+        let is_sqlite = url.starts_with("sqlite:");
+        let pool = AnyPoolOptions::new()
+            .max_connections(if is_sqlite { 4 } else { 10 })
+            .connect(url)
+            .await
+            .with_context(|| format!("cannot open database {}", redact(url)))?;
+        if is_sqlite {
+            // Persistent in the file: readers never block the writer.
+            sqlx::query("PRAGMA journal_mode=WAL")
+                .fetch_all(&pool)
+                .await
+                .context("cannot switch the SQLite database to WAL")?;
+        }
+        MIGRATOR
+            .run(&pool)
+            .await
+            .context("database migration failed")?;
+        Ok(Store { pool })
+    }
+
+    // ---- settings ----
+
+    pub async fn setting(&self, name: &str) -> ApiResult<Option<String>> {
+        let r = sqlx::query("SELECT value FROM settings WHERE name = $1")
+            .bind(name)
+            .fetch_optional(&self.pool)
+            .await?;
+        Ok(match r {
+            Some(r) => Some(r.try_get("value")?),
+            None => None,
+        })
+    }
+
+    pub async fn set_setting(&self, name: &str, value: &str) -> ApiResult<()> {
+        sqlx::query(
+            "INSERT INTO settings (name, value) VALUES ($1, $2) \
+             ON CONFLICT (name) DO UPDATE SET value = excluded.value",
+        )
+        .bind(name)
+        .bind(value)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    // ---- auth keys ----
+
+    pub async fn create_authkey(
+        &self,
+        reusable: bool,
+        tags: &[String],
+        expires_at: Option<i64>,
+    ) -> ApiResult<(i64, String)> {
+        let key = random_token("hpk_");
+        let prefix: String = key.chars().take(12).collect();
+        let mut tx = self.pool.begin().await?;
+        let id = next_id(&mut tx, "authkeys").await?;
+        sqlx::query(
+            "INSERT INTO authkeys (id, hash, prefix, reusable, tags, created_at, expires_at, used, revoked) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, 0, 0)",
+        )
+        .bind(id)
+        .bind(homeport_proto::api::token_hash(&key))
+        .bind(prefix)
+        .bind(reusable as i64)
+        .bind(serde_json::to_string(tags)?)
+        .bind(now())
+        .bind(expires_at)
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok((id, key))
+    }
+
+    pub async fn list_authkeys(&self) -> ApiResult<Vec<AuthKeyRow>> {
+        let rows = sqlx::query(
+            "SELECT id, prefix, reusable, tags, created_at, expires_at, used, revoked FROM authkeys ORDER BY id",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows.iter().map(authkey_row).collect::<Result<_, _>>()?)
+    }
+
+    /// True when a key with that id existed.
+    pub async fn revoke_authkey(&self, id: i64) -> ApiResult<bool> {
+        let r = sqlx::query("UPDATE authkeys SET revoked = 1 WHERE id = $1")
+            .bind(id)
+            .execute(&self.pool)
+            .await?;
+        Ok(r.rows_affected() > 0)
+    }
+
+    // ---- nodes ----
+
+    pub async fn load_nodes(&self) -> ApiResult<Vec<NodeRec>> {
+        let rows = sqlx::query(&format!("SELECT {NODE_COLS} FROM nodes ORDER BY id"))
+            .fetch_all(&self.pool)
+            .await?;
+        Ok(rows.iter().map(node_row).collect::<Result<_, _>>()?)
+    }
+
+    pub async fn node_by_credential(&self, credential: &str) -> ApiResult<Option<NodeId>> {
+        let r = sqlx::query("SELECT id FROM nodes WHERE credential_hash = $1")
+            .bind(homeport_proto::api::token_hash(credential))
+            .fetch_optional(&self.pool)
+            .await?;
+        Ok(match r {
+            Some(r) => Some(NodeId(r.try_get("id")?)),
+            None => None,
+        })
+    }
+
+    /// Registers (or re-registers) a node in one transaction: checks the auth key, marks a
+    /// single-use key used, picks a free name and free addresses, stores a fresh credential.
+    pub async fn register(
+        &self,
+        authkey: &str,
+        public_key: PublicKey,
+        name: NodeName,
+        prefix_v4: Ipv4Net,
+        prefix_v6: Ipv6Net,
+    ) -> ApiResult<Registered> {
+        let now = now();
+        let mut tx = self.pool.begin().await?;
+        let key = sqlx::query(
+            "SELECT id, prefix, reusable, tags, created_at, expires_at, used, revoked FROM authkeys WHERE hash = $1",
+        )
+        .bind(homeport_proto::api::token_hash(authkey))
+        .fetch_optional(&mut *tx)
+        .await?;
+        let Some(key) = key else {
+            return Err(ApiErr::unauthorized(
+                "authkey: unknown auth key; create one with `homeport-coordinator authkey create`",
+            ));
+        };
+        let key = authkey_row(&key)?;
+        if key.revoked {
+            return Err(ApiErr::unauthorized(format!(
+                "authkey: auth key {} ({}…) was revoked",
+                key.id, key.prefix
+            )));
+        }
+        if let Some(exp) = key.expires_at.filter(|&e| e <= now) {
+            return Err(ApiErr::unauthorized(format!(
+                "authkey: auth key {} ({}…) expired at unix time {exp}",
+                key.id, key.prefix
+            )));
+        }
+        // Atomic claim: a single-use key is consumed by exactly one registration.
+        let claimed = sqlx::query(
+            "UPDATE authkeys SET used = 1 WHERE id = $1 AND (reusable = 1 OR used = 0)",
+        )
+        .bind(key.id)
+        .execute(&mut *tx)
+        .await?;
+        if claimed.rows_affected() == 0 {
+            return Err(ApiErr::unauthorized(format!(
+                "authkey: single-use auth key {} ({}…) was already used; create a new one or a --reusable one",
+                key.id, key.prefix
+            )));
+        }
+        let credential = random_token("hpn_");
+        let cred_hash = homeport_proto::api::token_hash(&credential);
+        let tags_json = serde_json::to_string(&key.tags)?;
+
+        let existing = sqlx::query(&format!(
+            "SELECT {NODE_COLS} FROM nodes WHERE public_key = $1"
+        ))
+        .bind(public_key.to_base64())
+        .fetch_optional(&mut *tx)
+        .await?;
+        let node = if let Some(row) = existing {
+            let mut n = node_row(&row)?;
+            sqlx::query(
+                "UPDATE nodes SET credential_hash = $1, tags = $2, authkey_id = $3 WHERE id = $4",
+            )
+            .bind(&cred_hash)
+            .bind(&tags_json)
+            .bind(key.id)
+            .bind(n.id.0)
+            .execute(&mut *tx)
+            .await?;
+            n.tags = key.tags.clone();
+            n
+        } else {
+            let names: BTreeSet<String> = sqlx::query("SELECT name FROM nodes")
+                .fetch_all(&mut *tx)
+                .await?
+                .iter()
+                .map(|r| r.try_get::<String, _>("name"))
+                .collect::<Result<_, _>>()?;
+            let name = unique_name(&name, &names);
+            let used: BTreeSet<Ipv4Addr> = sqlx::query("SELECT ipv4 FROM nodes")
+                .fetch_all(&mut *tx)
+                .await?
+                .iter()
+                .filter_map(|r| r.try_get::<String, _>("ipv4").ok()?.parse().ok())
+                .collect();
+            let addrs = allocate(prefix_v4, prefix_v6, &used).ok_or_else(|| {
+                ApiErr::conflict(format!(
+                    "the mesh prefix {prefix_v4} has no free address left"
+                ))
+            })?;
+            let id = next_id(&mut tx, "nodes").await?;
+            sqlx::query(
+                "INSERT INTO nodes (id, name, public_key, ipv4, ipv6, tags, credential_hash, authkey_id, created_at, last_seen, endpoints) \
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, NULL, $10)",
+            )
+            .bind(id)
+            .bind(name.as_str())
+            .bind(public_key.to_base64())
+            .bind(addrs.ipv4.to_string())
+            .bind(addrs.ipv6.to_string())
+            .bind(&tags_json)
+            .bind(&cred_hash)
+            .bind(key.id)
+            .bind(now)
+            .bind("[]")
+            .execute(&mut *tx)
+            .await?;
+            NodeRec {
+                id: NodeId(id),
+                name,
+                public_key,
+                addrs,
+                tags: key.tags.clone(),
+                created_at: now,
+                last_seen: None,
+                endpoints: vec![],
+                online: false,
+            }
+        };
+        tx.commit().await?;
+        Ok(Registered { node, credential })
+    }
+
+    pub async fn set_endpoints(&self, id: NodeId, endpoints: &[Endpoint]) -> ApiResult<()> {
+        sqlx::query("UPDATE nodes SET endpoints = $1 WHERE id = $2")
+            .bind(serde_json::to_string(endpoints)?)
+            .bind(id.0)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    pub async fn touch(&self, id: NodeId, at: i64) -> ApiResult<()> {
+        sqlx::query("UPDATE nodes SET last_seen = $1 WHERE id = $2")
+            .bind(at)
+            .bind(id.0)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    /// Deletes a node and the publish rules it takes part in. False when there was no such node.
+    pub async fn remove_node(&self, id: NodeId) -> ApiResult<bool> {
+        let mut tx = self.pool.begin().await?;
+        sqlx::query("DELETE FROM publish_rules WHERE exit_id = $1 OR target_id = $1")
+            .bind(id.0)
+            .execute(&mut *tx)
+            .await?;
+        let r = sqlx::query("DELETE FROM nodes WHERE id = $1")
+            .bind(id.0)
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(r.rows_affected() > 0)
+    }
+
+    // ---- publish ----
+
+    /// Loads the rules, filling names and addresses from `nodes`.
+    pub async fn load_publish(&self, nodes: &[NodeRec]) -> ApiResult<Vec<PublishRule>> {
+        let by_id: HashMap<NodeId, &NodeRec> = nodes.iter().map(|n| (n.id, n)).collect();
+        let rows = sqlx::query(
+            "SELECT id, exit_id, port, proto, target_id, target_port, guards FROM publish_rules ORDER BY id",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        let mut out = Vec::new();
+        for r in rows {
+            let id: i64 = r.try_get("id")?;
+            let exit = NodeId(r.try_get("exit_id")?);
+            let target = NodeId(r.try_get("target_id")?);
+            let (Some(e), Some(t)) = (by_id.get(&exit), by_id.get(&target)) else {
+                tracing::warn!(rule = id, "publish rule refers to a missing node; ignored");
+                continue;
+            };
+            let proto: String = r.try_get("proto")?;
+            out.push(PublishRule {
+                id,
+                exit,
+                exit_name: e.name.clone(),
+                proto: proto.parse().unwrap_or(PublishProto::Unknown),
+                port: r.try_get::<i64, _>("port")? as u16,
+                target,
+                target_name: t.name.clone(),
+                target_ipv4: t.addrs.ipv4,
+                target_ipv6: t.addrs.ipv6,
+                target_port: r.try_get::<i64, _>("target_port")? as u16,
+                guards: serde_json::from_str::<Guards>(&r.try_get::<String, _>("guards")?)?,
+            });
+        }
+        Ok(out)
+    }
+
+    /// Stores a validated rule (its `id` is assigned here). 409 on a duplicate (exit, port, proto).
+    pub async fn add_publish(&self, mut rule: PublishRule) -> ApiResult<PublishRule> {
+        let mut tx = self.pool.begin().await?;
+        let dup = sqlx::query(
+            "SELECT id FROM publish_rules WHERE exit_id = $1 AND port = $2 AND proto = $3",
+        )
+        .bind(rule.exit.0)
+        .bind(rule.port as i64)
+        .bind(rule.proto.as_str())
+        .fetch_optional(&mut *tx)
+        .await?;
+        if let Some(d) = dup {
+            let other: i64 = d.try_get("id")?;
+            return Err(ApiErr::conflict(format!(
+                "{} port {} on exit {} is already published by rule {other}; remove it first (`publish remove {other}`)",
+                rule.proto.as_str(),
+                rule.port,
+                rule.exit_name
+            )));
+        }
+        let id = next_id(&mut tx, "publish_rules").await?;
+        sqlx::query(
+            "INSERT INTO publish_rules (id, exit_id, port, proto, target_id, target_port, guards, created_at) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+        )
+        .bind(id)
+        .bind(rule.exit.0)
+        .bind(rule.port as i64)
+        .bind(rule.proto.as_str())
+        .bind(rule.target.0)
+        .bind(rule.target_port as i64)
+        .bind(serde_json::to_string(&rule.guards)?)
+        .bind(now())
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        rule.id = id;
+        Ok(rule)
+    }
+
+    pub async fn remove_publish(&self, id: i64) -> ApiResult<bool> {
+        let r = sqlx::query("DELETE FROM publish_rules WHERE id = $1")
+            .bind(id)
+            .execute(&self.pool)
+            .await?;
+        Ok(r.rows_affected() > 0)
+    }
+
+    // ---- policy ----
+
+    pub async fn policy(&self) -> ApiResult<Option<Policy>> {
+        let r = sqlx::query("SELECT body FROM policy WHERE id = 1")
+            .fetch_optional(&self.pool)
+            .await?;
+        Ok(match r {
+            Some(r) => Some(serde_json::from_str(&r.try_get::<String, _>("body")?)?),
+            None => None,
+        })
+    }
+
+    pub async fn set_policy(&self, p: &Policy) -> ApiResult<()> {
+        let mut tx = self.pool.begin().await?;
+        sqlx::query("DELETE FROM policy WHERE id = 1")
+            .execute(&mut *tx)
+            .await?;
+        sqlx::query("INSERT INTO policy (id, body, updated_at) VALUES (1, $1, $2)")
+            .bind(serde_json::to_string(p)?)
+            .bind(now())
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(())
+    }
+}
+
+/// `base`, or `base-2`, `base-3`, … whichever is free (kept within 63 characters).
+pub fn unique_name(base: &NodeName, taken: &BTreeSet<String>) -> NodeName {
+    if !taken.contains(base.as_str()) {
+        return base.clone();
+    }
+    for i in 2u32.. {
+        let suffix = format!("-{i}");
+        let mut stem = base.as_str().to_string();
+        stem.truncate(63 - suffix.len());
+        let stem = stem.trim_end_matches('-');
+        let cand = format!("{stem}{suffix}");
+        if !taken.contains(&cand) {
+            if let Ok(n) = cand.parse() {
+                return n;
+            }
+        }
+    }
+    unreachable!("an unbounded counter finds a free name")
+}
+
+/// The lowest free host number h (skipping the network address and the v4 broadcast), giving
+/// prefix_v4 + h and prefix_v6 + h.
+pub fn allocate(v4: Ipv4Net, v6: Ipv6Net, used: &BTreeSet<Ipv4Addr>) -> Option<MeshAddrs> {
+    let base4 = u32::from(v4.network());
+    let hosts: u64 = 1u64 << (32 - v4.prefix_len());
+    if hosts < 4 {
+        return None;
+    }
+    let base6 = u128::from(v6.network());
+    let v6_hosts: u128 = if v6.prefix_len() == 0 {
+        u128::MAX
+    } else {
+        (1u128 << (128 - v6.prefix_len())) - 1
+    };
+    for h in 1..(hosts - 1) {
+        if h as u128 > v6_hosts {
+            return None;
+        }
+        let ip = Ipv4Addr::from(base4 + h as u32);
+        if !used.contains(&ip) {
+            return Some(MeshAddrs {
+                ipv4: ip,
+                ipv6: Ipv6Addr::from(base6 + h as u128),
+            });
+        }
+    }
+    None
+}
+
+/// The database URL without a password, for messages.
+pub fn redact(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(s), Some(at)) if at > s => {
+            let creds = &url[s + 3..at];
+            match creds.split_once(':') {
+                Some((user, _)) => format!("{}{user}:***{}", &url[..s + 3], &url[at..]),
+                None => url.to_string(),
+            }
+        }
+        _ => url.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_get_suffixes() {
+        let base: NodeName = "home".parse().unwrap();
+        let mut taken = BTreeSet::new();
+        assert_eq!(unique_name(&base, &taken).as_str(), "home");
+        taken.insert("home".to_string());
+        assert_eq!(unique_name(&base, &taken).as_str(), "home-2");
+        taken.insert("home-2".to_string());
+        assert_eq!(unique_name(&base, &taken).as_str(), "home-3");
+        let long: NodeName = "a".repeat(63).parse().unwrap();
+        let taken: BTreeSet<String> = [long.as_str().to_string()].into();
+        let n = unique_name(&long, &taken);
+        assert_eq!(n.as_str().len(), 63);
+        assert!(n.as_str().ends_with("-2"));
+    }
+
+    #[test]
+    fn allocation_skips_network_and_broadcast() {
+        let v4: Ipv4Net = "100.96.0.0/30".parse().unwrap();
+        let v6: Ipv6Net = "fd00::/64".parse().unwrap();
+        let mut used = BTreeSet::new();
+        let a = allocate(v4, v6, &used).unwrap();
+        assert_eq!(a.ipv4, Ipv4Addr::new(100, 96, 0, 1));
+        assert_eq!(a.ipv6, "fd00::1".parse::<Ipv6Addr>().unwrap());
+        used.insert(a.ipv4);
+        assert_eq!(
+            allocate(v4, v6, &used).unwrap().ipv4,
+            Ipv4Addr::new(100, 96, 0, 2)
+        );
+        used.insert(Ipv4Addr::new(100, 96, 0, 2));
+        assert!(allocate(v4, v6, &used).is_none(), ".3 is the broadcast");
+    }
+
+    #[test]
+    fn redacts_password() {
+        assert_eq!(
+            redact("postgres://hp:secret@db/hp"),
+            "postgres://hp:***@db/hp"
+        );
+        assert_eq!(redact("sqlite:///x.db"), "sqlite:///x.db");
+    }
+}
