@@ -1,0 +1,96 @@
+#!/usr/bin/env bash
+# THE test command:  sudo ./deploy/test.sh [extra `cargo test` arguments, e.g. -p homeport-tests]
+#
+# 1. deploy/setup.sh (installs what is missing; needs root the first time)
+# 2. cargo build --workspace --bins   (the integration tests start these binaries from target/debug)
+# 3. cargo test --workspace
+# then prints a summary. Tests that need root and network namespaces skip with a notice when run
+# without root, except under CI=true, where anything missing is a failure (CI exports CI=true; so
+# does .ci/run).
+set -uo pipefail
+
+here=$(cd "$(dirname "$0")" && pwd)
+root=$(cd "$here/.." && pwd)
+cd "$root" || exit 1
+
+ci=${CI:-}
+if [ "$ci" = true ] || [ "$ci" = 1 ]; then export CI=true; ci=true; else ci=false; fi
+
+work=$(mktemp -d /tmp/homeport-test.XXXXXX)
+trap 'rm -rf "$work"' EXIT
+# Tests that skip for lack of root append a line here (see tests/src/lib.rs), so the summary can list them.
+export HOMEPORT_TEST_SKIP_LOG="$work/skips"
+: >"$HOMEPORT_TEST_SKIP_LOG"
+
+step() { printf '\n==== %s ====\n' "$*"; }
+setup_status=ok build_status=ok test_status=ok
+
+step "setup (deploy/setup.sh)"
+if ! "$here/setup.sh"; then
+  setup_status=FAILED
+  if [ "$ci" = true ]; then
+    echo "test: setup failed under CI=true; stopping" >&2
+  else
+    echo "test: setup failed (not root?); going on with what is installed — root-only tests will skip" >&2
+  fi
+fi
+
+# sudo resets PATH: find the cargo that setup.sh found or installed.
+if ! command -v cargo >/dev/null; then
+  for h in "${CARGO_HOME:-$HOME/.cargo}" "$HOME/.cargo" ${SUDO_USER:+"$(getent passwd "$SUDO_USER" | cut -d: -f6)/.cargo"}; do
+    if [ -x "$h/bin/cargo" ]; then PATH="$h/bin:$PATH"; break; fi
+  done
+  export PATH
+fi
+
+if [ "$setup_status" = ok ] || [ "$ci" = false ]; then
+  step "build (cargo build --workspace --bins)"
+  cargo build --workspace --bins || build_status=FAILED
+else
+  build_status=skipped
+fi
+
+if [ "$build_status" = ok ]; then
+  step "tests (cargo test --workspace $*)"
+  cargo test --workspace "$@" 2>&1 | tee "$work/test.log"
+  [ "${PIPESTATUS[0]}" -eq 0 ] || test_status=FAILED
+else
+  test_status=skipped
+  : >"$work/test.log"
+fi
+
+# Sum cargo's per-binary "test result:" lines.
+read -r passed failed ignored suites < <(awk '
+  /^test result:/ {
+    for (i = 1; i <= NF; i++) {
+      if ($(i+1) ~ /^passed/) p += $i
+      if ($(i+1) ~ /^failed/) f += $i
+      if ($(i+1) ~ /^ignored/) g += $i
+    }
+    s++
+  }
+  END { printf "%d %d %d %d\n", p, f, g, s }' "$work/test.log")
+
+step "summary"
+printf '  CI mode:  %s\n' "$ci"
+printf '  setup:    %s\n' "$setup_status"
+printf '  build:    %s\n' "$build_status"
+printf '  tests:    %s (%s test binaries: %s passed, %s failed, %s ignored)\n' \
+  "$test_status" "$suites" "$passed" "$failed" "$ignored"
+if grep -q ' \.\.\. FAILED$' "$work/test.log"; then
+  echo "  failed tests:"
+  grep ' \.\.\. FAILED$' "$work/test.log" | sed 's/^test /    /; s/ \.\.\. FAILED$//'
+fi
+if [ -s "$HOMEPORT_TEST_SKIP_LOG" ]; then
+  echo "  skipped for lack of root or tools (they pass vacuously; run as root to exercise them):"
+  sort -u "$HOMEPORT_TEST_SKIP_LOG" | sed 's/^/    /'
+fi
+
+rc=0
+if [ "$setup_status" != ok ] && [ "$ci" = true ]; then rc=1; fi
+if [ "$build_status" != ok ] || [ "$test_status" != ok ]; then rc=1; fi
+if [ "$rc" -eq 0 ]; then echo "  result:   OK"; else echo "  result:   FAILED"; fi
+echo
+# The plain closing line (read by CI as the test count).
+echo "$passed passed, $failed failed"
+exit "$rc"
