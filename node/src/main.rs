@@ -1,1 +1,32 @@
-fn main() {}
+use clap::Parser;
+use homeport_node::cli::{Cli, Cmd, cancel_on_signals};
+use homeport_node::config::NODE_DEFAULTS;
+use tokio_util::sync::CancellationToken;
+
+fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
+    let r = rt.block_on(async move {
+        match cli.cmd {
+            Cmd::Up(args) => {
+                let cfg = args.resolve(&NODE_DEFAULTS, &[])?;
+                homeport_node::daemon::init_logging(cfg.log_format);
+                let shutdown = CancellationToken::new();
+                cancel_on_signals(shutdown.clone());
+                homeport_node::daemon::run(cfg, shutdown, None).await
+            }
+            cmd => homeport_node::cli::run(cmd).await,
+        }
+    });
+    match r {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}

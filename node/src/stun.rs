@@ -88,7 +88,9 @@ mod tests {
         assert_eq!(parse_binding_response(&r).unwrap(), ([9; 12], a));
         let a6: SocketAddr = "[2001:db8::5]:1".parse().unwrap();
         assert_eq!(
-            parse_binding_response(&binding_response([1; 12], a6)).unwrap().1,
+            parse_binding_response(&binding_response([1; 12], a6))
+                .unwrap()
+                .1,
             a6
         );
     }

@@ -1,12 +1,46 @@
-//! The IO shell around the sans-IO [`crate::engine::Engine`]: TUN device, UDP socket, routes.
+//! The IO shell around the sans-IO [`Engine`]: the TUN device (tun-rs with offload), one UDP
+//! socket (quinn-udp: GSO on send, GRO and recvmmsg on receive), policy routes.
 //!
-//! This is the seam between the data path and the daemon. The daemon only uses what is declared
-//! here: start, apply_map, status, stop.
+//! Two data threads, one per direction, so each of the two cores runs one crypto direction:
+//! - `tun→udp`: reads TUN super-packets (TSO, split by tun-rs), encapsulates, and sends runs of
+//!   equal-sized datagrams to one destination as a single GSO send;
+//! - `udp→tun`: receives up to 32 GRO datagrams per syscall, decapsulates, and writes to the TUN
+//!   through tun-rs's GRO table, which coalesces TCP segments back into super-packets.
+//!
+//! A third thread runs the engine's timers. Buffers are allocated once at start; nothing on the
+//! per-packet path allocates.
 
+pub mod routes;
+
+use crate::engine::{Decap, Encap, Engine, TICK};
+use anyhow::{Context, Result};
+use homeport_proto::disco::{DatagramKind, classify};
 use homeport_proto::map::{MeshAddrs, NetworkMap};
 use homeport_proto::{NodeId, NodeName, PrivateKey, PublicKey};
+use quinn_udp::{RecvMeta, Transmit, UdpSockRef, UdpSocketState};
 use serde::{Deserialize, Serialize};
-use std::net::SocketAddr;
+use std::io::IoSliceMut;
+use std::net::{SocketAddr, UdpSocket};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+use tun_rs::{GROTable, InterruptEvent, SyncDevice, VIRTIO_NET_HDR_LEN};
+
+/// TUN MTU: 1500 (typical underlay) − 20 (IPv4) − 8 (UDP) − 32 (WireGuard header and tag)
+/// − 20 spare for an IPv6 underlay or PPPoE. Same as wireguard-go's default.
+pub const DEFAULT_MTU: u16 = 1420;
+
+/// Datagrams per recvmmsg (quinn-udp's batch on Linux).
+const UDP_BATCH: usize = 32;
+/// Size of one receive buffer: one GRO super-datagram can be up to 64 KiB.
+const GRO_BUF: usize = 65536;
+/// TUN packets per batch (tun-rs's ideal batch size).
+const TUN_BATCH: usize = tun_rs::IDEAL_BATCH_SIZE;
+/// Room per encapsulated datagram in the GSO send buffer: MTU + WireGuard overhead, rounded up.
+const SEG_ROOM: usize = 2048;
+/// Segments per GSO send (the kernel's UDP_MAX_SEGMENTS is 64).
+const MAX_GSO: usize = 64;
 
 /// What the daemon passes to start the data path.
 #[derive(Debug, Clone)]
@@ -16,8 +50,11 @@ pub struct DatapathConfig {
     /// UDP port of the WireGuard socket; 0 = pick a free one.
     pub listen_port: u16,
     pub private_key: PrivateKey,
-    /// TUN MTU (default 1280+? see DEFAULT_MTU).
+    /// TUN MTU (default [`DEFAULT_MTU`]).
     pub mtu: u16,
+    pub addrs: MeshAddrs,
+    pub prefix_v4: ipnet::Ipv4Net,
+    pub prefix_v6: ipnet::Ipv6Net,
 }
 
 /// Path a peer's traffic currently takes.
@@ -44,6 +81,465 @@ pub struct PeerStatus {
     pub last_handshake_secs_ago: Option<u64>,
     pub rx_bytes: u64,
     pub tx_bytes: u64,
+    pub handshakes: u64,
     /// Online according to the coordinator.
     pub online: bool,
+}
+
+/// Counters of the data path as a whole.
+#[derive(Debug, Default)]
+pub struct Counters {
+    pub tun_rx_packets: AtomicU64,
+    pub udp_rx_datagrams: AtomicU64,
+    pub dropped: AtomicU64,
+    pub gso_sends: AtomicU64,
+}
+
+/// Non-WireGuard datagrams that arrived on the WireGuard socket (STUN answers), for the daemon.
+pub type SideChannel = std::sync::mpsc::Sender<(SocketAddr, Vec<u8>)>;
+
+pub struct Datapath {
+    pub engine: Arc<Engine>,
+    socket: Arc<UdpSocket>,
+    state: Arc<UdpSocketState>,
+    stop: Arc<AtomicBool>,
+    intr: Arc<InterruptEvent>,
+    threads: Vec<JoinHandle<()>>,
+    pub local_port: u16,
+    pub counters: Arc<Counters>,
+    routes: routes::PolicyRoutes,
+    pub tun_name: String,
+}
+
+impl Datapath {
+    /// Creates the TUN device and UDP socket and starts the threads.
+    pub fn start(cfg: &DatapathConfig, side: SideChannel) -> Result<Datapath> {
+        let engine = Arc::new(Engine::new(&cfg.private_key));
+        let dev = tun_rs::DeviceBuilder::new()
+            .name(&cfg.tun_name)
+            .ipv4(cfg.addrs.ipv4, cfg.prefix_v4.prefix_len(), None)
+            .ipv6(cfg.addrs.ipv6, cfg.prefix_v6.prefix_len())
+            .mtu(cfg.mtu)
+            .offload(true)
+            .build_sync()
+            .with_context(|| {
+                format!(
+                    "creating TUN device {} (needs root or CAP_NET_ADMIN and /dev/net/tun)",
+                    cfg.tun_name
+                )
+            })?;
+        tracing::info!(
+            tun = %cfg.tun_name, tcp_gso = dev.tcp_gso(), udp_gso = dev.udp_gso(), "TUN device up"
+        );
+        let dev = Arc::new(dev);
+        let routes = routes::PolicyRoutes::install(&cfg.tun_name, cfg.addrs)?;
+
+        let sock = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::DGRAM, None)?;
+        let bind: SocketAddr = ([0, 0, 0, 0], cfg.listen_port).into();
+        sock.bind(&bind.into())
+            .with_context(|| format!("binding the WireGuard UDP socket to {bind}"))?;
+        // Reads time out so the receive thread notices a stop.
+        sock.set_read_timeout(Some(Duration::from_millis(200)))?;
+        let socket: UdpSocket = sock.into();
+        let state = UdpSocketState::new(UdpSockRef::from(&socket))?;
+        for size in [8 << 20, 4 << 20, 1 << 20] {
+            if state
+                .set_recv_buffer_size(UdpSockRef::from(&socket), size)
+                .is_ok()
+            {
+                break;
+            }
+        }
+        for size in [8 << 20, 4 << 20, 1 << 20] {
+            if state
+                .set_send_buffer_size(UdpSockRef::from(&socket), size)
+                .is_ok()
+            {
+                break;
+            }
+        }
+        let local_port = socket.local_addr()?.port();
+        tracing::info!(
+            port = local_port,
+            gso = state.max_gso_segments(),
+            gro = state.gro_segments(),
+            "WireGuard UDP socket bound"
+        );
+        let socket = Arc::new(socket);
+        let state = Arc::new(state);
+        let stop = Arc::new(AtomicBool::new(false));
+        let intr = Arc::new(InterruptEvent::new()?);
+        let counters = Arc::new(Counters::default());
+        let mut threads = vec![];
+        {
+            let (engine, dev, socket, state, stop, intr, counters) = (
+                engine.clone(),
+                dev.clone(),
+                socket.clone(),
+                state.clone(),
+                stop.clone(),
+                intr.clone(),
+                counters.clone(),
+            );
+            threads.push(
+                std::thread::Builder::new()
+                    .name("tun→udp".into())
+                    .spawn(move || {
+                        tun_to_udp(&engine, &dev, &socket, &state, &stop, &intr, &counters)
+                    })?,
+            );
+        }
+        {
+            let (engine, dev, socket, state, stop, counters) = (
+                engine.clone(),
+                dev.clone(),
+                socket.clone(),
+                state.clone(),
+                stop.clone(),
+                counters.clone(),
+            );
+            threads.push(
+                std::thread::Builder::new()
+                    .name("udp→tun".into())
+                    .spawn(move || {
+                        udp_to_tun(&engine, &dev, &socket, &state, &stop, &counters, side)
+                    })?,
+            );
+        }
+        {
+            let (engine, socket, state, stop) =
+                (engine.clone(), socket.clone(), state.clone(), stop.clone());
+            threads.push(
+                std::thread::Builder::new()
+                    .name("timers".into())
+                    .spawn(move || {
+                        while !stop.load(Ordering::Relaxed) {
+                            engine.tick(Instant::now(), &mut |to, b| {
+                                send_one(&socket, &state, to, b)
+                            });
+                            std::thread::sleep(TICK);
+                        }
+                    })?,
+            );
+        }
+        Ok(Datapath {
+            engine,
+            socket,
+            state,
+            stop,
+            intr,
+            threads,
+            local_port,
+            counters,
+            routes,
+            tun_name: cfg.tun_name.clone(),
+        })
+    }
+
+    pub fn apply_map(&self, map: &NetworkMap) {
+        self.engine.apply_map(map);
+    }
+
+    /// Sends a raw datagram from the WireGuard socket (STUN requests: the reflexive address we
+    /// learn must be this socket's).
+    pub fn send_raw(&self, to: SocketAddr, data: &[u8]) {
+        send_one(&self.socket, &self.state, to, data);
+    }
+
+    pub fn status(&self) -> Vec<PeerStatus> {
+        let t = self.engine.snapshot();
+        let now = Instant::now();
+        t.peers
+            .iter()
+            .map(|p| {
+                let (hs, rx, tx) = p.stats();
+                let path = p.path.lock().unwrap().clone();
+                let fresh = path
+                    .last_rx
+                    .is_some_and(|t| now.saturating_duration_since(t) < Duration::from_secs(180));
+                PeerStatus {
+                    id: p.id,
+                    name: p.name.clone(),
+                    public_key: p.key,
+                    addrs: p.addrs,
+                    path: match path.endpoint {
+                        Some(addr) if fresh => PathInfo::Direct { addr },
+                        _ => PathInfo::None,
+                    },
+                    last_handshake_secs_ago: hs.map(|d| d.as_secs()),
+                    rx_bytes: rx,
+                    tx_bytes: tx,
+                    handshakes: p.handshakes.load(Ordering::Relaxed),
+                    online: p.online,
+                }
+            })
+            .collect()
+    }
+
+    /// Stops the threads, removes the policy routes and the TUN device.
+    pub fn stop(mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        let _ = self.intr.trigger();
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+        self.routes.remove();
+    }
+}
+
+fn send_one(socket: &UdpSocket, state: &UdpSocketState, to: SocketAddr, data: &[u8]) {
+    let t = Transmit {
+        destination: to,
+        ecn: None,
+        contents: data,
+        segment_size: None,
+        src_ip: None,
+    };
+    if let Err(e) = state.try_send(UdpSockRef::from(socket), &t) {
+        tracing::debug!(%to, error = %e, "UDP send failed");
+    }
+}
+
+/// A run of equal-sized datagrams to one destination, sent with one GSO call.
+struct GsoBatch {
+    buf: Vec<u8>,
+    len: usize,
+    dst: Option<SocketAddr>,
+    seg: usize,
+    count: usize,
+    max_segs: usize,
+    /// The last segment was shorter than `seg`: nothing more may join.
+    closed: bool,
+}
+
+impl GsoBatch {
+    fn new(max_segs: usize) -> GsoBatch {
+        GsoBatch {
+            buf: vec![0u8; MAX_GSO * SEG_ROOM],
+            len: 0,
+            dst: None,
+            seg: 0,
+            count: 0,
+            max_segs: max_segs.clamp(1, MAX_GSO),
+            closed: false,
+        }
+    }
+
+    /// Room for the next datagram.
+    fn slot(&mut self) -> &mut [u8] {
+        &mut self.buf[self.len..self.len + SEG_ROOM]
+    }
+
+    /// Whether a datagram of `len` bytes to `dst` can join the run.
+    fn fits(&self, dst: SocketAddr, len: usize) -> bool {
+        self.count == 0
+            || (self.dst == Some(dst)
+                && !self.closed
+                && self.count < self.max_segs
+                && len <= self.seg
+                && self.len + SEG_ROOM <= self.buf.len())
+    }
+
+    /// Commits a datagram already written at `slot()`.
+    fn push(&mut self, dst: SocketAddr, len: usize) {
+        if self.count == 0 {
+            self.dst = Some(dst);
+            self.seg = len;
+        } else if len < self.seg {
+            self.closed = true;
+        }
+        self.len += len;
+        self.count += 1;
+    }
+
+    fn flush(&mut self, socket: &UdpSocket, state: &UdpSocketState, counters: &Counters) {
+        if self.count == 0 {
+            return;
+        }
+        let t = Transmit {
+            destination: self.dst.expect("dst set with first segment"),
+            ecn: None,
+            contents: &self.buf[..self.len],
+            segment_size: (self.count > 1).then_some(self.seg),
+            src_ip: None,
+        };
+        if let Err(e) = state.try_send(UdpSockRef::from(socket), &t) {
+            tracing::debug!(to = ?self.dst, error = %e, "UDP send failed");
+        }
+        if self.count > 1 {
+            counters.gso_sends.fetch_add(1, Ordering::Relaxed);
+        }
+        self.len = 0;
+        self.count = 0;
+        self.closed = false;
+        self.dst = None;
+    }
+}
+
+fn tun_to_udp(
+    engine: &Engine,
+    dev: &SyncDevice,
+    socket: &UdpSocket,
+    state: &UdpSocketState,
+    stop: &AtomicBool,
+    intr: &InterruptEvent,
+    counters: &Counters,
+) {
+    let mut original = vec![0u8; VIRTIO_NET_HDR_LEN + 65535];
+    let mut bufs: Vec<Vec<u8>> = (0..TUN_BATCH)
+        .map(|_| vec![0u8; VIRTIO_NET_HDR_LEN + 4096])
+        .collect();
+    let mut sizes = vec![0usize; TUN_BATCH];
+    let mut batch = GsoBatch::new(state.max_gso_segments());
+    let mut scratch = vec![0u8; SEG_ROOM];
+    while !stop.load(Ordering::Relaxed) {
+        let n = match dev.recv_multiple_intr(
+            &mut original,
+            &mut bufs,
+            &mut sizes,
+            VIRTIO_NET_HDR_LEN,
+            intr,
+        ) {
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => {
+                if !stop.load(Ordering::Relaxed) {
+                    tracing::warn!(error = %e, "TUN read failed");
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+                continue;
+            }
+        };
+        counters
+            .tun_rx_packets
+            .fetch_add(n as u64, Ordering::Relaxed);
+        let now = Instant::now();
+        let table = engine.snapshot();
+        for i in 0..n {
+            let pkt = &bufs[i][VIRTIO_NET_HDR_LEN..VIRTIO_NET_HDR_LEN + sizes[i]];
+            if pkt.len() + 32 > SEG_ROOM {
+                counters.dropped.fetch_add(1, Ordering::Relaxed);
+                continue;
+            }
+            match engine.encapsulate(&table, pkt, batch.slot(), now) {
+                Encap::Send { to, len } => {
+                    if batch.fits(to, len) {
+                        batch.push(to, len);
+                    } else {
+                        // Move the datagram out of the slot, flush the run, start a new one.
+                        scratch[..len].copy_from_slice(&batch.slot()[..len]);
+                        batch.flush(socket, state, counters);
+                        batch.slot()[..len].copy_from_slice(&scratch[..len]);
+                        batch.push(to, len);
+                    }
+                }
+                Encap::Handshake { peer, len } => {
+                    scratch[..len].copy_from_slice(&batch.slot()[..len]);
+                    for to in peer.handshake_targets(now) {
+                        send_one(socket, state, to, &scratch[..len]);
+                    }
+                }
+                Encap::Queued => {}
+                Encap::Drop(r) => {
+                    counters.dropped.fetch_add(1, Ordering::Relaxed);
+                    tracing::trace!(?r, "dropped outbound packet");
+                }
+            }
+        }
+        batch.flush(socket, state, counters);
+    }
+}
+
+fn udp_to_tun(
+    engine: &Engine,
+    dev: &SyncDevice,
+    socket: &UdpSocket,
+    state: &UdpSocketState,
+    stop: &AtomicBool,
+    counters: &Counters,
+    side: SideChannel,
+) {
+    let mut rx: Vec<Vec<u8>> = (0..UDP_BATCH).map(|_| vec![0u8; GRO_BUF]).collect();
+    let mut meta = vec![RecvMeta::default(); UDP_BATCH];
+    let mut tunbufs: Vec<Vec<u8>> = (0..TUN_BATCH)
+        .map(|_| Vec::with_capacity(VIRTIO_NET_HDR_LEN + 65535))
+        .collect();
+    let mut gro = GROTable::new();
+    while !stop.load(Ordering::Relaxed) {
+        let n = {
+            let mut iovs: Vec<IoSliceMut> = rx.iter_mut().map(|b| IoSliceMut::new(b)).collect();
+            match state.recv(UdpSockRef::from(socket), &mut iovs, &mut meta) {
+                Ok(n) => n,
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        std::io::ErrorKind::WouldBlock
+                            | std::io::ErrorKind::TimedOut
+                            | std::io::ErrorKind::Interrupted
+                    ) =>
+                {
+                    continue;
+                }
+                Err(e) => {
+                    tracing::debug!(error = %e, "UDP receive failed");
+                    continue;
+                }
+            }
+        };
+        let now = Instant::now();
+        let table = engine.snapshot();
+        let mut k = 0;
+        for (m, buf) in meta.iter().zip(rx.iter()).take(n) {
+            let stride = if m.stride == 0 { m.len } else { m.stride };
+            let from = m.addr;
+            for seg in buf[..m.len].chunks(stride) {
+                counters.udp_rx_datagrams.fetch_add(1, Ordering::Relaxed);
+                match classify(seg) {
+                    DatagramKind::WireGuard => {}
+                    DatagramKind::Stun | DatagramKind::Relay | DatagramKind::Disco => {
+                        let _ = side.send((from, seg.to_vec()));
+                        continue;
+                    }
+                    DatagramKind::Unknown => {
+                        counters.dropped.fetch_add(1, Ordering::Relaxed);
+                        continue;
+                    }
+                }
+                let out = &mut tunbufs[k];
+                out.resize(VIRTIO_NET_HDR_LEN + seg.len().max(148), 0);
+                let r = engine.decapsulate(
+                    &table,
+                    from,
+                    seg,
+                    &mut out[VIRTIO_NET_HDR_LEN..],
+                    now,
+                    &mut |to, b| send_one(socket, state, to, b),
+                );
+                match r {
+                    Decap::ToTun { len } => {
+                        out.truncate(VIRTIO_NET_HDR_LEN + len);
+                        k += 1;
+                        if k == TUN_BATCH {
+                            write_tun(dev, &mut gro, &mut tunbufs[..k]);
+                            k = 0;
+                        }
+                    }
+                    Decap::Done => {}
+                    Decap::Drop(r) => {
+                        counters.dropped.fetch_add(1, Ordering::Relaxed);
+                        tracing::trace!(?r, %from, "dropped inbound datagram");
+                    }
+                }
+            }
+        }
+        if k > 0 {
+            write_tun(dev, &mut gro, &mut tunbufs[..k]);
+        }
+    }
+}
+
+fn write_tun(dev: &SyncDevice, gro: &mut GROTable, bufs: &mut [Vec<u8>]) {
+    if let Err(e) = dev.send_multiple(gro, bufs, VIRTIO_NET_HDR_LEN) {
+        tracing::debug!(error = %e, "TUN write failed");
+    }
 }

@@ -1,0 +1,691 @@
+//! `homeport up`: registration, the data path, the map stream with live updates and persistence,
+//! endpoint reports, the control socket and metrics.
+
+use crate::config::{LogFormat, UpConfig};
+use crate::control::{Request, Response, SelfStatus, Status};
+use crate::datapath::{DEFAULT_MTU, Datapath, DatapathConfig, PathInfo};
+use crate::state::{Registration, SOCK_FILE, StateDir};
+use anyhow::{Context, Result, bail};
+use homeport_proto::api::{
+    ApiError, EndpointReport, PATH_ENDPOINTS, PATH_MAP, PATH_REGISTER, RegisterRequest,
+    RegisterResponse,
+};
+use homeport_proto::map::{Endpoint, EndpointKind, MAP_KEEPALIVE_SECS, MapMessage, NetworkMap};
+use homeport_proto::{CAPABILITY_VERSION, PrivateKey};
+use std::net::{IpAddr, SocketAddr};
+use std::os::unix::fs::PermissionsExt;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+/// Map observers (the exit) receive every new map through this.
+pub type MapObserver = watch::Sender<Option<Arc<NetworkMap>>>;
+
+/// Reconnect backoff: first retry after 500 ms, doubling up to 30 s. Short enough that a
+/// restarted coordinator is found within seconds, long enough not to hammer a dead one.
+const BACKOFF_MIN: Duration = Duration::from_millis(500);
+const BACKOFF_MAX: Duration = Duration::from_secs(30);
+/// How often candidates are re-gathered (interfaces and STUN): NAT mappings and DHCP leases
+/// change on the scale of minutes; 20 s finds a change well before a user gives up.
+const ENDPOINT_REFRESH: Duration = Duration::from_secs(20);
+
+/// Sets up tracing for a daemon.
+pub fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let b = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    let _ = match format {
+        LogFormat::Json => b.json().try_init(),
+        LogFormat::Text => b.try_init(),
+    };
+}
+
+struct Shared {
+    reg: Registration,
+    dp: Mutex<Option<Datapath>>,
+    map: RwLock<Option<NetworkMap>>,
+    connected: AtomicBool,
+    tun: String,
+    listen_port: u16,
+    public_key: homeport_proto::PublicKey,
+    state: StateDir,
+}
+
+impl Shared {
+    fn status(&self) -> Status {
+        let map_version = self
+            .map
+            .read()
+            .unwrap()
+            .as_ref()
+            .map(|m| m.version)
+            .unwrap_or(0);
+        let peers = self
+            .dp
+            .lock()
+            .unwrap()
+            .as_ref()
+            .map(|d| d.status())
+            .unwrap_or_default();
+        Status {
+            me: SelfStatus {
+                id: self.reg.node_id,
+                name: self.reg.name.clone(),
+                public_key: self.public_key,
+                addrs: self.reg.addrs,
+                tun: self.tun.clone(),
+                listen_port: self.listen_port,
+                coordinator: self.reg.coordinator.clone(),
+                connected: self.connected.load(Ordering::Relaxed),
+                map_version,
+            },
+            peers,
+        }
+    }
+}
+
+/// Runs the node until `shutdown` is cancelled, `homeport down` is asked, or the coordinator
+/// revokes this node (an error).
+pub async fn run(
+    cfg: UpConfig,
+    shutdown: CancellationToken,
+    maps: Option<MapObserver>,
+) -> Result<()> {
+    let st = StateDir::open(&cfg.state_dir)?;
+    let key = st.private_key()?;
+    let stored = st.registration()?;
+    let coordinator = cfg
+        .coordinator
+        .clone()
+        .or_else(|| stored.as_ref().map(|r| r.coordinator.clone()))
+        .context("no coordinator: pass --coordinator https://VPS:8443 (and --pin, --authkey) on the first start")?;
+    let coordinator = coordinator.trim_end_matches('/').to_string();
+    if !coordinator.starts_with("https://") {
+        bail!(
+            "--coordinator {coordinator:?}: expected an https:// URL (the coordinator is TLS only)"
+        );
+    }
+    let pin = cfg
+        .pin
+        .clone()
+        .or_else(|| stored.as_ref().map(|r| r.pin.clone()))
+        .context("no --pin: pass the pin printed by `homeport-coordinator pin`")?;
+    let client = http_client(&pin)?;
+
+    let reg = match stored {
+        Some(r) if r.coordinator == coordinator => r,
+        _ => {
+            let authkey = cfg.authkey.clone().context(
+                "this node is not registered yet: pass --authkey KEY (from `homeport-coordinator authkey create`)",
+            )?;
+            let r = register(
+                &client,
+                &coordinator,
+                &pin,
+                &key,
+                &authkey,
+                &cfg.hostname,
+                &shutdown,
+            )
+            .await?;
+            st.save_registration(&r)?;
+            tracing::info!(name = %r.name, ipv4 = %r.addrs.ipv4, ipv6 = %r.addrs.ipv6, "registered");
+            r
+        }
+    };
+    let port = cfg.listen_port.unwrap_or(reg.listen_port);
+    let public_key = key.public_key();
+    let (side_tx, side_rx) = std::sync::mpsc::channel();
+    let dp = Datapath::start(
+        &DatapathConfig {
+            tun_name: cfg.tun.clone(),
+            listen_port: port,
+            private_key: key,
+            mtu: DEFAULT_MTU,
+            addrs: reg.addrs,
+            prefix_v4: reg.prefix_v4,
+            prefix_v6: reg.prefix_v6,
+        },
+        side_tx,
+    )?;
+    let listen_port = dp.local_port;
+    if reg.listen_port != listen_port {
+        let mut r = reg.clone();
+        r.listen_port = listen_port;
+        st.save_registration(&r)?;
+    }
+    // The last map keeps the mesh working while the coordinator is unreachable.
+    let last = st.map()?.filter(|m| m.self_node.id == reg.node_id);
+    if let Some(m) = &last {
+        dp.apply_map(m);
+        tracing::info!(
+            version = m.version,
+            peers = m.peers.len(),
+            "applied the stored map"
+        );
+        if let Some(o) = &maps {
+            o.send_replace(Some(Arc::new(m.clone())));
+        }
+    }
+    let shared = Arc::new(Shared {
+        reg: reg.clone(),
+        dp: Mutex::new(Some(dp)),
+        map: RwLock::new(last),
+        connected: AtomicBool::new(false),
+        tun: cfg.tun.clone(),
+        listen_port,
+        public_key,
+        state: st,
+    });
+
+    let stop = shutdown.child_token();
+    let sock_path = cfg.state_dir.join(SOCK_FILE);
+    let _ = std::fs::remove_file(&sock_path);
+    let listener = tokio::net::UnixListener::bind(&sock_path)
+        .with_context(|| format!("binding the control socket {}", sock_path.display()))?;
+    std::fs::set_permissions(&sock_path, std::fs::Permissions::from_mode(0o600))?;
+    tokio::spawn(control_server(listener, shared.clone(), stop.clone()));
+    if let Some(addr) = cfg.metrics_listen {
+        let l = tokio::net::TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("binding --metrics-listen {addr}"))?;
+        tokio::spawn(metrics_server(l, shared.clone(), stop.clone()));
+    }
+    let (stun_tx, stun_rx) = tokio::sync::mpsc::unbounded_channel();
+    std::thread::Builder::new()
+        .name("side".into())
+        .spawn(move || {
+            while let Ok(m) = side_rx.recv() {
+                if stun_tx.send(m).is_err() {
+                    break;
+                }
+            }
+        })?;
+    tokio::spawn(endpoint_reporter(
+        client.clone(),
+        coordinator.clone(),
+        reg.credential.clone(),
+        shared.clone(),
+        stun_rx,
+        stop.clone(),
+    ));
+    let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]);
+    tracing::info!(tun = %cfg.tun, port = listen_port, "homeport node up");
+
+    let result = tokio::select! {
+        r = map_loop(&client, &coordinator, &reg.credential, &shared, maps.as_ref(), &stop) => r,
+        _ = stop.cancelled() => Ok(()),
+    };
+    stop.cancel();
+    let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Stopping]);
+    if let Some(dp) = shared.dp.lock().unwrap().take() {
+        dp.stop();
+    }
+    let _ = std::fs::remove_file(&sock_path);
+    if result.is_err() {
+        shared.state.forget();
+    }
+    tracing::info!("homeport node stopped");
+    result
+}
+
+fn http_client(pin: &str) -> Result<reqwest::Client> {
+    let tls = homeport_proto::tls::pinned_client_config(pin)
+        .map_err(|e| anyhow::anyhow!("--pin: {e}"))?;
+    Ok(reqwest::Client::builder()
+        .use_preconfigured_tls(tls)
+        .connect_timeout(Duration::from_secs(5))
+        .build()?)
+}
+
+async fn register(
+    client: &reqwest::Client,
+    url: &str,
+    pin: &str,
+    key: &PrivateKey,
+    authkey: &str,
+    hostname: &str,
+    shutdown: &CancellationToken,
+) -> Result<Registration> {
+    let body = RegisterRequest {
+        authkey: authkey.to_string(),
+        public_key: key.public_key(),
+        hostname: hostname.to_string(),
+        capver: CAPABILITY_VERSION,
+    };
+    let mut backoff = BACKOFF_MIN;
+    loop {
+        match client
+            .post(format!("{url}{PATH_REGISTER}"))
+            .json(&body)
+            .send()
+            .await
+        {
+            Ok(resp) if resp.status().is_success() => {
+                let r: RegisterResponse = resp
+                    .json()
+                    .await
+                    .context("reading the registration answer")?;
+                return Ok(Registration {
+                    coordinator: url.to_string(),
+                    pin: pin.to_string(),
+                    node_id: r.node_id,
+                    name: r.name,
+                    addrs: r.addrs,
+                    prefix_v4: r.prefix_v4,
+                    prefix_v6: r.prefix_v6,
+                    credential: r.credential,
+                    listen_port: 0,
+                });
+            }
+            Ok(resp) if resp.status().is_client_error() => {
+                let status = resp.status();
+                let detail = resp
+                    .json::<ApiError>()
+                    .await
+                    .map(|e| e.detail)
+                    .unwrap_or_default();
+                bail!("the coordinator refused registration ({status}): {detail}");
+            }
+            Ok(resp) => tracing::warn!(status = %resp.status(), "registration failed; retrying"),
+            Err(e) => tracing::warn!(error = %error_chain(&e), "coordinator unreachable; retrying"),
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(backoff) => {}
+            _ = shutdown.cancelled() => bail!("stopped before registration"),
+        }
+        backoff = (backoff * 2).min(BACKOFF_MAX);
+    }
+}
+
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut src = e.source();
+    while let Some(c) = src {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        src = c.source();
+    }
+    s
+}
+
+enum StreamEnd {
+    /// The coordinator does not know our credential any more: we were removed.
+    Revoked,
+    Closed(String),
+}
+
+async fn map_loop(
+    client: &reqwest::Client,
+    url: &str,
+    cred: &str,
+    shared: &Shared,
+    maps: Option<&MapObserver>,
+    stop: &CancellationToken,
+) -> Result<()> {
+    let mut backoff = BACKOFF_MIN;
+    loop {
+        let end = map_stream(client, url, cred, shared, maps, &mut backoff).await;
+        shared.connected.store(false, Ordering::Relaxed);
+        match end {
+            StreamEnd::Revoked => {
+                bail!("the coordinator revoked this node (removed by its admin); it left the mesh")
+            }
+            StreamEnd::Closed(why) => {
+                tracing::warn!(reason = %why, retry_in = ?backoff, "map stream ended; reconnecting")
+            }
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(backoff) => {}
+            _ = stop.cancelled() => return Ok(()),
+        }
+        backoff = (backoff * 2).min(BACKOFF_MAX);
+    }
+}
+
+async fn map_stream(
+    client: &reqwest::Client,
+    url: &str,
+    cred: &str,
+    shared: &Shared,
+    maps: Option<&MapObserver>,
+    backoff: &mut Duration,
+) -> StreamEnd {
+    let resp = match client
+        .get(format!("{url}{PATH_MAP}"))
+        .bearer_auth(cred)
+        .send()
+        .await
+    {
+        Ok(r) => r,
+        Err(e) => return StreamEnd::Closed(error_chain(&e)),
+    };
+    if resp.status() == reqwest::StatusCode::UNAUTHORIZED {
+        return StreamEnd::Revoked;
+    }
+    if !resp.status().is_success() {
+        return StreamEnd::Closed(format!("status {}", resp.status()));
+    }
+    let mut resp = resp;
+    let mut buf: Vec<u8> = Vec::new();
+    let silence = Duration::from_secs(3 * MAP_KEEPALIVE_SECS);
+    loop {
+        let chunk = match tokio::time::timeout(silence, resp.chunk()).await {
+            Err(_) => return StreamEnd::Closed(format!("nothing heard for {silence:?}")),
+            Ok(Err(e)) => return StreamEnd::Closed(error_chain(&e)),
+            Ok(Ok(None)) => return StreamEnd::Closed("closed by the coordinator".into()),
+            Ok(Ok(Some(c))) => c,
+        };
+        buf.extend_from_slice(&chunk);
+        while let Some(nl) = buf.iter().position(|b| *b == b'\n') {
+            let line: Vec<u8> = buf.drain(..=nl).collect();
+            let line = &line[..line.len() - 1];
+            if line.iter().all(u8::is_ascii_whitespace) {
+                continue;
+            }
+            let msg: MapMessage = match serde_json::from_slice(line) {
+                Ok(m) => m,
+                Err(e) => return StreamEnd::Closed(format!("bad map message: {e}")),
+            };
+            if msg.full {
+                shared.connected.store(true, Ordering::Relaxed);
+                *backoff = BACKOFF_MIN;
+            }
+            if msg.is_keepalive() {
+                continue;
+            }
+            if let Err(e) = apply_message(shared, maps, msg) {
+                return StreamEnd::Closed(e.to_string());
+            }
+        }
+    }
+}
+
+fn apply_message(shared: &Shared, maps: Option<&MapObserver>, msg: MapMessage) -> Result<()> {
+    let new = {
+        let mut cur = shared.map.write().unwrap();
+        let m = match cur.take() {
+            Some(mut m) => {
+                let r = m.apply(msg);
+                if let Err(e) = r {
+                    *cur = Some(m);
+                    return Err(e.into());
+                }
+                m
+            }
+            None => NetworkMap::from_full(msg)?,
+        };
+        *cur = Some(m.clone());
+        m
+    };
+    if let Some(dp) = shared.dp.lock().unwrap().as_ref() {
+        dp.apply_map(&new);
+    }
+    tracing::debug!(
+        version = new.version,
+        peers = new.peers.len(),
+        "map applied"
+    );
+    if let Err(e) = shared.state.save_map(&new) {
+        tracing::warn!(error = %e, "could not persist the map");
+    }
+    if let Some(o) = maps {
+        o.send_replace(Some(Arc::new(new)));
+    }
+    Ok(())
+}
+
+async fn control_server(
+    listener: tokio::net::UnixListener,
+    shared: Arc<Shared>,
+    stop: CancellationToken,
+) {
+    loop {
+        let (s, _) = tokio::select! {
+            r = listener.accept() => match r { Ok(s) => s, Err(_) => continue },
+            _ = stop.cancelled() => return,
+        };
+        let shared = shared.clone();
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            let (r, mut w) = s.into_split();
+            let mut line = String::new();
+            if BufReader::new(r).read_line(&mut line).await.is_err() {
+                return;
+            }
+            let resp = match serde_json::from_str::<Request>(&line) {
+                Ok(Request::Status) => Response::Status(Box::new(shared.status())),
+                Ok(Request::Down) => {
+                    stop.cancel();
+                    Response::Ok
+                }
+                Err(e) => Response::Error {
+                    message: format!(
+                        "bad request {:?}: {e}; expected {{\"cmd\":\"status\"|\"down\"}}",
+                        line.trim()
+                    ),
+                },
+            };
+            let mut out = serde_json::to_string(&resp).unwrap_or_default();
+            out.push('\n');
+            let _ = w.write_all(out.as_bytes()).await;
+        });
+    }
+}
+
+/// Local candidates: this host's IPv4 addresses (not loopback, not the mesh) with our port.
+fn local_candidates(port: u16, shared: &Shared) -> Vec<Endpoint> {
+    let mut v = vec![];
+    for ip in interface_addrs() {
+        let IpAddr::V4(v4) = ip else { continue };
+        if v4.is_loopback()
+            || v4.is_link_local()
+            || v4.is_unspecified()
+            || shared.reg.prefix_v4.contains(&v4)
+        {
+            continue;
+        }
+        v.push(Endpoint {
+            addr: SocketAddr::new(ip, port),
+            kind: EndpointKind::Local,
+        });
+    }
+    v
+}
+
+fn interface_addrs() -> Vec<IpAddr> {
+    let mut out = vec![];
+    // SAFETY: getifaddrs fills a linked list we walk read-only and free with freeifaddrs.
+    unsafe {
+        let mut ifap: *mut libc::ifaddrs = std::ptr::null_mut();
+        if libc::getifaddrs(&mut ifap) != 0 {
+            return out;
+        }
+        let mut p = ifap;
+        while !p.is_null() {
+            let a = (*p).ifa_addr;
+            if !a.is_null() && (*a).sa_family as i32 == libc::AF_INET {
+                let sin = &*(a as *const libc::sockaddr_in);
+                out.push(IpAddr::V4(std::net::Ipv4Addr::from(u32::from_be(
+                    sin.sin_addr.s_addr,
+                ))));
+            }
+            p = (*p).ifa_next;
+        }
+        libc::freeifaddrs(ifap);
+    }
+    out
+}
+
+async fn endpoint_reporter(
+    client: reqwest::Client,
+    url: String,
+    cred: String,
+    shared: Arc<Shared>,
+    mut stun_rx: tokio::sync::mpsc::UnboundedReceiver<(SocketAddr, Vec<u8>)>,
+    stop: CancellationToken,
+) {
+    let mut reported: Option<Vec<Endpoint>> = None;
+    let mut was_connected = false;
+    loop {
+        let mut eps = local_candidates(shared.listen_port, &shared);
+        // STUN through the WireGuard socket, against the coordinator's STUN server(s).
+        let servers: Vec<SocketAddr> = shared
+            .map
+            .read()
+            .unwrap()
+            .as_ref()
+            .map(|m| m.relays.iter().filter_map(|r| r.stun).collect())
+            .unwrap_or_default();
+        for server in servers {
+            if let Some(addr) = stun_query(&shared, server, &mut stun_rx).await
+                && !eps.iter().any(|e| e.addr == addr)
+            {
+                eps.push(Endpoint {
+                    addr,
+                    kind: EndpointKind::Stun,
+                });
+            }
+        }
+        let connected = shared.connected.load(Ordering::Relaxed);
+        // Report on change, and again after every reconnection (the coordinator may be new).
+        if connected && (reported.as_ref() != Some(&eps) || !was_connected) {
+            let r = client
+                .post(format!("{url}{PATH_ENDPOINTS}"))
+                .bearer_auth(&cred)
+                .json(&EndpointReport {
+                    endpoints: eps.clone(),
+                })
+                .send()
+                .await;
+            match r {
+                Ok(resp) if resp.status().is_success() => {
+                    tracing::info!(endpoints = ?eps.iter().map(|e| e.addr).collect::<Vec<_>>(), "endpoints reported");
+                    reported = Some(eps);
+                }
+                Ok(resp) => tracing::warn!(status = %resp.status(), "endpoint report refused"),
+                Err(e) => tracing::debug!(error = %error_chain(&e), "endpoint report failed"),
+            }
+        }
+        was_connected = connected;
+        let wait = if reported.is_none() || !connected {
+            Duration::from_secs(1)
+        } else {
+            ENDPOINT_REFRESH
+        };
+        tokio::select! {
+            _ = tokio::time::sleep(wait) => {}
+            _ = stop.cancelled() => return,
+        }
+    }
+}
+
+/// One STUN Binding transaction from the WireGuard socket. Three tries, 300 ms apart.
+async fn stun_query(
+    shared: &Shared,
+    server: SocketAddr,
+    rx: &mut tokio::sync::mpsc::UnboundedReceiver<(SocketAddr, Vec<u8>)>,
+) -> Option<SocketAddr> {
+    let txid: [u8; 12] = rand::random();
+    let req = crate::stun::binding_request(txid);
+    for _ in 0..3 {
+        if let Some(dp) = shared.dp.lock().unwrap().as_ref() {
+            dp.send_raw(server, &req);
+        }
+        let deadline = tokio::time::Instant::now() + Duration::from_millis(300);
+        while let Ok(Some((_from, d))) = tokio::time::timeout_at(deadline, rx.recv()).await {
+            if let Ok((id, addr)) = crate::stun::parse_binding_response(&d)
+                && id == txid
+            {
+                return Some(addr);
+            }
+        }
+    }
+    None
+}
+
+async fn metrics_server(l: tokio::net::TcpListener, shared: Arc<Shared>, stop: CancellationToken) {
+    loop {
+        let (mut s, _) = tokio::select! {
+            r = l.accept() => match r { Ok(s) => s, Err(_) => continue },
+            _ = stop.cancelled() => return,
+        };
+        let body = render_metrics(&shared.status());
+        tokio::spawn(async move {
+            let mut req = [0u8; 1024];
+            let _ = tokio::time::timeout(
+                Duration::from_secs(2),
+                tokio::io::AsyncReadExt::read(&mut s, &mut req),
+            )
+            .await;
+            let resp = format!(
+                "HTTP/1.1 200 OK\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                body.len()
+            );
+            let _ = s.write_all(resp.as_bytes()).await;
+        });
+    }
+}
+
+fn render_metrics(st: &Status) -> String {
+    use std::fmt::Write;
+    let mut o = String::new();
+    let _ = writeln!(
+        o,
+        "# TYPE homeport_node_map_version gauge\nhomeport_node_map_version {}",
+        st.me.map_version
+    );
+    let _ = writeln!(
+        o,
+        "# TYPE homeport_node_connected gauge\nhomeport_node_connected {}",
+        st.me.connected as u8
+    );
+    let _ = writeln!(o, "# TYPE homeport_node_peer_rx_bytes_total counter");
+    for p in &st.peers {
+        let _ = writeln!(
+            o,
+            "homeport_node_peer_rx_bytes_total{{peer=\"{}\"}} {}",
+            p.name, p.rx_bytes
+        );
+    }
+    let _ = writeln!(o, "# TYPE homeport_node_peer_tx_bytes_total counter");
+    for p in &st.peers {
+        let _ = writeln!(
+            o,
+            "homeport_node_peer_tx_bytes_total{{peer=\"{}\"}} {}",
+            p.name, p.tx_bytes
+        );
+    }
+    let _ = writeln!(o, "# TYPE homeport_node_peer_handshakes_total counter");
+    for p in &st.peers {
+        let _ = writeln!(
+            o,
+            "homeport_node_peer_handshakes_total{{peer=\"{}\"}} {}",
+            p.name, p.handshakes
+        );
+    }
+    let _ = writeln!(o, "# TYPE homeport_node_peer_path gauge");
+    for p in &st.peers {
+        let (d, r) = match p.path {
+            PathInfo::Direct { .. } => (1, 0),
+            PathInfo::Relay { .. } => (0, 1),
+            PathInfo::None => (0, 0),
+        };
+        let _ = writeln!(
+            o,
+            "homeport_node_peer_path{{peer=\"{}\",kind=\"direct\"}} {d}",
+            p.name
+        );
+        let _ = writeln!(
+            o,
+            "homeport_node_peer_path{{peer=\"{}\",kind=\"relay\"}} {r}",
+            p.name
+        );
+    }
+    o
+}

@@ -1,0 +1,636 @@
+//! The sans-IO mesh engine: WireGuard sessions (boringtun `Tunn` per peer), routing by
+//! destination, handshake routing, allowed-source enforcement, the packet filter, publish
+//! admission and the flow table that sends a published flow's replies back through its exit.
+//!
+//! Nothing here touches a socket, a TUN device or a clock: time is passed in, packets come in as
+//! byte slices and leave as byte slices written into caller-owned buffers.
+//!
+//! Driving contract (what the IO shell does):
+//! - a packet read from the TUN → [`Engine::encapsulate`]; send what it returns on the UDP socket
+//!   (for [`Encap::Handshake`], to every address [`PeerState::handshake_targets`] gives);
+//! - a datagram from the UDP socket → [`Engine::decapsulate`]; write [`Decap::ToTun`] packets to
+//!   the TUN and send the datagrams passed to its `send` sink;
+//! - every [`TICK`] → [`Engine::tick`] (boringtun timers: handshake retries, rekey, keepalive);
+//! - a new map → [`Engine::apply_map`] (peers added, removed, re-keyed, filter, publish rules).
+//!
+//! The peer table is copy-on-write: the data path takes one [`Arc<PeerTable>`] snapshot per batch,
+//! so a map change never blocks it and a removed peer's packets stop at the next batch.
+
+pub mod filter;
+pub mod packet;
+
+use boringtun::noise::errors::WireGuardError;
+use boringtun::noise::handshake::parse_handshake_anon;
+use boringtun::noise::rate_limiter::RateLimiter;
+use boringtun::noise::{Packet, Tunn, TunnResult};
+use boringtun::x25519;
+use filter::{CompiledFilter, FlowKey, FlowTable};
+use homeport_proto::map::{EndpointKind, MeshAddrs, NetworkMap};
+use homeport_proto::publish::PublishProto;
+use homeport_proto::{NodeId, NodeName, PrivateKey, PublicKey};
+use packet::PacketInfo;
+use std::collections::HashMap;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
+
+/// How often the IO shell calls [`Engine::tick`]. boringtun's timers have 1 s resolution at
+/// best (rekey 120 s, keepalive 10 s, handshake retry 5 s); 250 ms keeps their error small.
+pub const TICK: Duration = Duration::from_millis(250);
+
+/// Persistent keepalive for every peer: keeps NAT mappings open (typical UDP NAT timeouts are
+/// 30-120 s) so the exit can reach a home node behind CGNAT at any time.
+pub const PERSISTENT_KEEPALIVE_SECS: u16 = 25;
+
+/// While no authenticated packet arrived from a peer for this long, handshake initiations go
+/// to every candidate address, not only the current endpoint: the first that answers wins.
+pub const ENDPOINT_STALE: Duration = Duration::from_secs(15);
+
+/// Handshake initiations per second the rate limiter allows before asking for cookies.
+const HANDSHAKE_RATE_LIMIT: u64 = 100;
+
+/// Why a packet was dropped (counted, and logged at TRACE).
+#[derive(Debug)]
+pub enum DropReason {
+    Malformed,
+    NoRoute,
+    UnknownPeer,
+    SourceNotAllowed,
+    Filtered,
+    NotForThisNode,
+    WireGuard(WireGuardError),
+}
+
+/// Result of [`Engine::encapsulate`].
+#[derive(Debug)]
+pub enum Encap {
+    /// Send `out[..len]` to `to`.
+    Send {
+        to: SocketAddr,
+        len: usize,
+    },
+    /// `out[..len]` is a handshake initiation for `peer`: send it to each of its handshake targets.
+    Handshake {
+        peer: Arc<PeerState>,
+        len: usize,
+    },
+    /// The packet was queued until the handshake completes.
+    Queued,
+    Drop(DropReason),
+}
+
+/// Result of [`Engine::decapsulate`].
+#[derive(Debug)]
+pub enum Decap {
+    /// Write `out[..len]` to the TUN.
+    ToTun {
+        len: usize,
+    },
+    /// Nothing for the TUN (handshake, keepalive, cookie).
+    Done,
+    Drop(DropReason),
+}
+
+/// A path a peer's packets take.
+#[derive(Debug, Clone, Default)]
+pub struct PathState {
+    /// Where packets go now: the source of the last authenticated packet, else the first candidate.
+    pub endpoint: Option<SocketAddr>,
+    /// When an authenticated packet last arrived from `endpoint`.
+    pub last_rx: Option<Instant>,
+    /// Candidates from the map, best first.
+    pub candidates: Vec<SocketAddr>,
+}
+
+/// One peer: its WireGuard session and path. Shared by the data path threads.
+pub struct PeerState {
+    pub id: NodeId,
+    pub name: NodeName,
+    pub key: PublicKey,
+    pub addrs: MeshAddrs,
+    pub online: bool,
+    /// Our local index for this peer (boringtun receiver indexes are `index << 8 | n`).
+    pub index: u32,
+    tunn: Mutex<Tunn>,
+    pub path: Mutex<PathState>,
+    pub rx_bytes: AtomicU64,
+    pub tx_bytes: AtomicU64,
+    pub handshakes: AtomicU64,
+    pub dropped: AtomicU64,
+}
+
+impl std::fmt::Debug for PeerState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PeerState")
+            .field("id", &self.id)
+            .field("name", &self.name)
+            .field("index", &self.index)
+            .finish()
+    }
+}
+
+impl PeerState {
+    /// Where a handshake initiation goes: the endpoint, plus every candidate while the endpoint
+    /// is not confirmed by a recent authenticated packet.
+    pub fn handshake_targets(&self, now: Instant) -> Vec<SocketAddr> {
+        let p = self.path.lock().unwrap();
+        let fresh = p
+            .last_rx
+            .is_some_and(|t| now.saturating_duration_since(t) < ENDPOINT_STALE);
+        let mut v = Vec::with_capacity(p.candidates.len() + 1);
+        if let Some(e) = p.endpoint {
+            v.push(e);
+        }
+        if !fresh {
+            for c in &p.candidates {
+                if !v.contains(c) {
+                    v.push(*c);
+                }
+            }
+        }
+        v
+    }
+
+    fn endpoint(&self) -> Option<SocketAddr> {
+        self.path.lock().unwrap().endpoint
+    }
+
+    /// Records an authenticated packet from `from` (WireGuard roaming: the last authenticated
+    /// source is where replies go).
+    fn saw(&self, from: SocketAddr, now: Instant) {
+        let mut p = self.path.lock().unwrap();
+        if p.endpoint != Some(from) {
+            tracing::debug!(peer = %self.name, %from, "endpoint changed");
+            p.endpoint = Some(from);
+        }
+        p.last_rx = Some(now);
+    }
+
+    /// Seconds since the last handshake, bytes (rx, tx).
+    pub fn stats(&self) -> (Option<Duration>, u64, u64) {
+        let t = self.tunn.lock().unwrap();
+        let (hs, _, _, _, _) = t.stats();
+        (
+            hs,
+            self.rx_bytes.load(Ordering::Relaxed),
+            self.tx_bytes.load(Ordering::Relaxed),
+        )
+    }
+}
+
+/// A publish rule as the engine needs it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PublishAdmit {
+    /// The other side: the exit (for rules we are target of) or the target (rules we are exit of).
+    pub peer: NodeId,
+    pub proto: u8,
+    pub target_port: u16,
+}
+
+/// An immutable snapshot of the peers and rules; replaced as a whole on every map change.
+#[derive(Default)]
+pub struct PeerTable {
+    pub self_addrs: Option<MeshAddrs>,
+    pub peers: Vec<Arc<PeerState>>,
+    by_v4: HashMap<Ipv4Addr, usize>,
+    by_v6: HashMap<Ipv6Addr, usize>,
+    by_index: HashMap<u32, usize>,
+    by_key: HashMap<[u8; 32], usize>,
+    by_id: HashMap<NodeId, usize>,
+    filter: CompiledFilter,
+    /// Rules this node is the target of: public sources admitted from `peer` (the exit).
+    publish_in: Vec<PublishAdmit>,
+    /// Rules this node is the exit of: replies from `peer` (the target) to public addresses.
+    publish_out: Vec<PublishAdmit>,
+}
+
+impl PeerTable {
+    pub fn peer_for_dst(&self, dst: IpAddr) -> Option<&Arc<PeerState>> {
+        let i = match dst {
+            IpAddr::V4(a) => self.by_v4.get(&a),
+            IpAddr::V6(a) => self.by_v6.get(&a),
+        }?;
+        Some(&self.peers[*i])
+    }
+    pub fn peer_by_id(&self, id: NodeId) -> Option<&Arc<PeerState>> {
+        self.by_id.get(&id).map(|i| &self.peers[*i])
+    }
+    fn is_self(&self, ip: IpAddr) -> bool {
+        self.self_addrs.is_some_and(|a| a.contains(ip))
+    }
+}
+
+pub struct Engine {
+    secret: x25519::StaticSecret,
+    public: x25519::PublicKey,
+    rate_limiter: Arc<RateLimiter>,
+    table: RwLock<Arc<PeerTable>>,
+    next_index: AtomicU32,
+    /// Published flows this node is the target of: public (proto, ip, port, our port) → exit.
+    pub flows: FlowTable,
+    /// UDP flows this node opened towards peers, so their replies pass a restrictive filter.
+    udp_out: FlowTable,
+    last_reset: Mutex<Option<Instant>>,
+}
+
+impl Engine {
+    pub fn new(key: &PrivateKey) -> Engine {
+        let secret = key.secret().clone();
+        let public = x25519::PublicKey::from(&secret);
+        Engine {
+            rate_limiter: Arc::new(RateLimiter::new(&public, HANDSHAKE_RATE_LIMIT)),
+            secret,
+            public,
+            table: RwLock::new(Arc::new(PeerTable::default())),
+            next_index: AtomicU32::new(1),
+            flows: FlowTable::new(filter::PUBLISH_FLOW_CAP),
+            udp_out: FlowTable::new(filter::UDP_FLOW_CAP),
+            last_reset: Mutex::new(None),
+        }
+    }
+
+    pub fn public_key(&self) -> PublicKey {
+        PublicKey::from(self.public)
+    }
+
+    /// The current peer table. The data path takes one per batch.
+    pub fn snapshot(&self) -> Arc<PeerTable> {
+        self.table.read().unwrap().clone()
+    }
+
+    /// Applies a network map: builds a new peer table, keeping the sessions of peers whose key
+    /// and addresses did not change. Peers no longer in the map lose their sessions at once.
+    pub fn apply_map(&self, map: &NetworkMap) {
+        let old = self.snapshot();
+        let me = map.self_node.id;
+        let mut t = PeerTable {
+            self_addrs: Some(map.self_node.addrs),
+            filter: CompiledFilter::compile(&map.filter),
+            ..Default::default()
+        };
+        for r in &map.publish {
+            let proto = match r.proto {
+                PublishProto::Tcp => packet::PROTO_TCP,
+                PublishProto::Udp => packet::PROTO_UDP,
+                PublishProto::Unknown => continue,
+            };
+            if r.target == me && r.exit != me {
+                t.publish_in.push(PublishAdmit {
+                    peer: r.exit,
+                    proto,
+                    target_port: r.target_port,
+                });
+            }
+            if r.exit == me && r.target != me {
+                t.publish_out.push(PublishAdmit {
+                    peer: r.target,
+                    proto,
+                    target_port: r.target_port,
+                });
+            }
+        }
+        for p in map.peers.values() {
+            if p.id == me || p.public_key.as_bytes() == self.public.as_bytes() {
+                continue;
+            }
+            let mut candidates: Vec<SocketAddr> = Vec::new();
+            // Reflexive and static candidates first: they work across NATs; local ones only on
+            // a shared LAN.
+            for kind in [
+                EndpointKind::Static,
+                EndpointKind::Stun,
+                EndpointKind::Local,
+            ] {
+                for e in p.endpoints.iter().filter(|e| e.kind == kind) {
+                    if !candidates.contains(&e.addr) {
+                        candidates.push(e.addr);
+                    }
+                }
+            }
+            let reuse = old
+                .peer_by_id(p.id)
+                .filter(|o| o.key == p.public_key && o.addrs == p.addrs && o.name == p.name)
+                .cloned();
+            let st = match reuse {
+                Some(o) if o.online == p.online => {
+                    let mut path = o.path.lock().unwrap();
+                    if path.endpoint.is_none() {
+                        path.endpoint = candidates.first().copied();
+                    }
+                    path.candidates = candidates;
+                    drop(path);
+                    o
+                }
+                other => {
+                    // A changed online flag alone keeps the session: move it to a new record.
+                    let (tunn, path, index) = match other {
+                        Some(o) => {
+                            let tunn = std::mem::replace(
+                                &mut *o.tunn.lock().unwrap(),
+                                self.new_tunn(&p.public_key, o.index),
+                            );
+                            let mut path = o.path.lock().unwrap().clone();
+                            path.candidates = candidates;
+                            (tunn, path, o.index)
+                        }
+                        None => {
+                            let index =
+                                self.next_index.fetch_add(1, Ordering::Relaxed) & 0x00ff_ffff;
+                            let path = PathState {
+                                endpoint: candidates.first().copied(),
+                                last_rx: None,
+                                candidates,
+                            };
+                            (self.new_tunn(&p.public_key, index), path, index)
+                        }
+                    };
+                    Arc::new(PeerState {
+                        id: p.id,
+                        name: p.name.clone(),
+                        key: p.public_key,
+                        addrs: p.addrs,
+                        online: p.online,
+                        index,
+                        tunn: Mutex::new(tunn),
+                        path: Mutex::new(path),
+                        rx_bytes: AtomicU64::new(0),
+                        tx_bytes: AtomicU64::new(0),
+                        handshakes: AtomicU64::new(0),
+                        dropped: AtomicU64::new(0),
+                    })
+                }
+            };
+            let i = t.peers.len();
+            t.by_v4.insert(st.addrs.ipv4, i);
+            t.by_v6.insert(st.addrs.ipv6, i);
+            t.by_index.insert(st.index, i);
+            t.by_key.insert(*st.key.as_bytes(), i);
+            t.by_id.insert(st.id, i);
+            t.peers.push(st);
+        }
+        // Flows through exits that are gone (or no longer exits for us) end now.
+        let exits: Vec<NodeId> = t.publish_in.iter().map(|r| r.peer).collect();
+        self.flows.retain(|_, v| exits.contains(&v.peer));
+        *self.table.write().unwrap() = Arc::new(t);
+    }
+
+    fn new_tunn(&self, peer: &PublicKey, index: u32) -> Tunn {
+        Tunn::new(
+            self.secret.clone(),
+            x25519::PublicKey::from(*peer.as_bytes()),
+            None,
+            Some(PERSISTENT_KEEPALIVE_SECS),
+            index,
+            Some(self.rate_limiter.clone()),
+        )
+    }
+
+    /// Outbound: an IP packet read from the TUN. `out` must hold `pkt.len() + 32` and at least
+    /// 148 bytes.
+    pub fn encapsulate(&self, t: &PeerTable, pkt: &[u8], out: &mut [u8], now: Instant) -> Encap {
+        let Some(dst) = packet::dst_addr(pkt) else {
+            return Encap::Drop(DropReason::Malformed);
+        };
+        let peer = match t.peer_for_dst(dst) {
+            Some(p) => p,
+            None => {
+                // A reply of a published flow: back to the exit it came in through.
+                let Some(info) = packet::parse(pkt) else {
+                    return Encap::Drop(DropReason::Malformed);
+                };
+                let key = FlowKey::new(info.proto, info.dst, info.dst_port, info.src_port);
+                match self.flows.get(&key, now).and_then(|f| t.peer_by_id(f.peer)) {
+                    Some(p) => p,
+                    None => return Encap::Drop(DropReason::NoRoute),
+                }
+            }
+        };
+        if !t.filter.allow_all && pkt[0] >> 4 != 0 {
+            // Remember UDP flows we open so the peer's replies pass our own filter.
+            if let Some(info) = packet::parse(pkt)
+                && info.proto == packet::PROTO_UDP
+            {
+                let key = FlowKey::new(info.proto, info.dst, info.dst_port, info.src_port);
+                self.udp_out.touch(key, peer.id, now);
+            }
+        }
+        let mut tunn = peer.tunn.lock().unwrap();
+        match tunn.encapsulate(pkt, out) {
+            TunnResult::WriteToNetwork(b) => {
+                let len = b.len();
+                drop(tunn);
+                if is_handshake_init(&out[..len]) {
+                    return Encap::Handshake {
+                        peer: peer.clone(),
+                        len,
+                    };
+                }
+                peer.tx_bytes.fetch_add(pkt.len() as u64, Ordering::Relaxed);
+                match peer.endpoint() {
+                    Some(to) => Encap::Send { to, len },
+                    None => Encap::Drop(DropReason::NoRoute),
+                }
+            }
+            TunnResult::Done => Encap::Queued,
+            TunnResult::Err(e) => Encap::Drop(DropReason::WireGuard(e)),
+            _ => Encap::Queued,
+        }
+    }
+
+    /// Inbound: a WireGuard datagram from `from`. Datagrams the engine must send in answer
+    /// (handshake responses, packets queued during the handshake) go to `send`.
+    pub fn decapsulate(
+        &self,
+        t: &PeerTable,
+        from: SocketAddr,
+        datagram: &[u8],
+        out: &mut [u8],
+        now: Instant,
+        send: &mut dyn FnMut(SocketAddr, &[u8]),
+    ) -> Decap {
+        let peer = match Tunn::parse_incoming_packet(datagram) {
+            Ok(Packet::HandshakeInit(h)) => {
+                match parse_handshake_anon(&self.secret, &self.public, &h) {
+                    Ok(half) => t.by_key.get(&half.peer_static_public).map(|i| &t.peers[*i]),
+                    Err(e) => return Decap::Drop(DropReason::WireGuard(e)),
+                }
+            }
+            Ok(Packet::HandshakeResponse(h)) => {
+                t.by_index.get(&(h.receiver_idx >> 8)).map(|i| &t.peers[*i])
+            }
+            Ok(Packet::PacketCookieReply(c)) => {
+                t.by_index.get(&(c.receiver_idx >> 8)).map(|i| &t.peers[*i])
+            }
+            Ok(Packet::PacketData(d)) => {
+                t.by_index.get(&(d.receiver_idx >> 8)).map(|i| &t.peers[*i])
+            }
+            Err(e) => return Decap::Drop(DropReason::WireGuard(e)),
+        };
+        let Some(peer) = peer else {
+            return Decap::Drop(DropReason::UnknownPeer);
+        };
+        let mut tunn = peer.tunn.lock().unwrap();
+        let res = tunn.decapsulate(Some(from.ip()), datagram, out);
+        let (len, is_v6) = match res {
+            TunnResult::Done => {
+                drop(tunn);
+                peer.saw(from, now);
+                return Decap::Done;
+            }
+            TunnResult::Err(e) => {
+                peer.dropped.fetch_add(1, Ordering::Relaxed);
+                return Decap::Drop(DropReason::WireGuard(e));
+            }
+            TunnResult::WriteToNetwork(b) => {
+                // A handshake response or cookie; then flush what waited for the session.
+                let is_response = b.first() == Some(&2);
+                send(from, b);
+                let mut flush = [0u8; 2048];
+                loop {
+                    match tunn.decapsulate(None, &[], &mut flush) {
+                        TunnResult::WriteToNetwork(b) => send(from, b),
+                        _ => break,
+                    }
+                }
+                drop(tunn);
+                if is_response {
+                    peer.handshakes.fetch_add(1, Ordering::Relaxed);
+                }
+                peer.saw(from, now);
+                return Decap::Done;
+            }
+            TunnResult::WriteToTunnelV4(b, _) => (b.len(), false),
+            TunnResult::WriteToTunnelV6(b, _) => (b.len(), true),
+        };
+        // A handshake response to our initiation completes with a data/keepalive exchange; the
+        // session's first packets may have been queued: flush them.
+        drop(tunn);
+        peer.saw(from, now);
+        let _ = is_v6;
+        peer.rx_bytes.fetch_add(len as u64, Ordering::Relaxed);
+        match self.admit(t, peer, &out[..len], now) {
+            Ok(()) => Decap::ToTun { len },
+            Err(r) => {
+                peer.dropped.fetch_add(1, Ordering::Relaxed);
+                Decap::Drop(r)
+            }
+        }
+    }
+
+    /// The inbound checks on a decrypted packet from `peer`.
+    fn admit(
+        &self,
+        t: &PeerTable,
+        peer: &PeerState,
+        pkt: &[u8],
+        now: Instant,
+    ) -> Result<(), DropReason> {
+        let info = packet::parse(pkt).ok_or(DropReason::Malformed)?;
+        if peer.addrs.contains(info.src) {
+            if t.is_self(info.dst) {
+                return self.filter_in(t, peer, &info, now);
+            }
+            // We are an exit: the target's reply to a published flow, to a public address.
+            let is_reply = t.publish_out.iter().any(|r| {
+                r.peer == peer.id && r.proto == info.proto && r.target_port == info.src_port
+            });
+            return if is_reply && !is_mesh(t, info.dst) {
+                Ok(())
+            } else {
+                Err(DropReason::NotForThisNode)
+            };
+        }
+        // A public source: only from an exit of a rule we are the target of, only to its port.
+        if !t.is_self(info.dst) {
+            return Err(DropReason::SourceNotAllowed);
+        }
+        let ok = t
+            .publish_in
+            .iter()
+            .any(|r| r.peer == peer.id && r.proto == info.proto && r.target_port == info.dst_port);
+        if !ok {
+            return Err(DropReason::SourceNotAllowed);
+        }
+        let key = FlowKey::new(info.proto, info.src, info.src_port, info.dst_port);
+        self.flows.touch(key, peer.id, now);
+        Ok(())
+    }
+
+    fn filter_in(
+        &self,
+        t: &PeerTable,
+        peer: &PeerState,
+        info: &PacketInfo,
+        now: Instant,
+    ) -> Result<(), DropReason> {
+        let f = &t.filter;
+        if f.allow_all {
+            return Ok(());
+        }
+        let opening = match info.proto {
+            packet::PROTO_TCP => info.opens_tcp(),
+            packet::PROTO_UDP => {
+                let key = FlowKey::new(info.proto, info.src, info.src_port, info.dst_port);
+                self.udp_out
+                    .get(&key, now)
+                    .is_none_or(|fl| fl.peer != peer.id)
+            }
+            packet::PROTO_ICMP | packet::PROTO_ICMPV6 => info.is_echo_request(),
+            _ => true,
+        };
+        if !opening || f.allows(info) {
+            Ok(())
+        } else {
+            Err(DropReason::Filtered)
+        }
+    }
+
+    /// Runs boringtun's timers for every peer (handshake retries, rekey, keepalive) and expires
+    /// flows. Datagrams to send go to `send`; handshake initiations to every target.
+    pub fn tick(&self, now: Instant, send: &mut dyn FnMut(SocketAddr, &[u8])) {
+        {
+            let mut lr = self.last_reset.lock().unwrap();
+            if lr.is_none_or(|t| now.saturating_duration_since(t) >= Duration::from_secs(1)) {
+                self.rate_limiter.reset_count();
+                *lr = Some(now);
+                self.flows.expire(now);
+                self.udp_out.expire(now);
+            }
+        }
+        let t = self.snapshot();
+        let mut buf = [0u8; 2048];
+        for peer in &t.peers {
+            let mut tunn = peer.tunn.lock().unwrap();
+            match tunn.update_timers(&mut buf) {
+                TunnResult::WriteToNetwork(b) => {
+                    let len = b.len();
+                    drop(tunn);
+                    let pkt = &buf[..len];
+                    if is_handshake_init(pkt) {
+                        for to in peer.handshake_targets(now) {
+                            send(to, pkt);
+                        }
+                    } else if let Some(to) = peer.endpoint() {
+                        send(to, pkt);
+                    }
+                }
+                TunnResult::Err(WireGuardError::ConnectionExpired) => {}
+                TunnResult::Err(e) => tracing::trace!(peer = %peer.name, ?e, "timer"),
+                _ => {}
+            }
+        }
+    }
+}
+
+fn is_handshake_init(d: &[u8]) -> bool {
+    d.len() >= 4 && d[0] == 1 && d[1..4] == [0, 0, 0]
+}
+
+/// True when `ip` belongs to any mesh node (ourselves or a peer).
+fn is_mesh(t: &PeerTable, ip: IpAddr) -> bool {
+    t.is_self(ip) || t.peer_for_dst(ip).is_some()
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,501 @@
+//! Engine tests: engines exchange datagrams through an in-memory network; time is passed in.
+
+use super::packet::build;
+use super::*;
+use homeport_proto::filter::{FilterRule, PacketFilter, PortRange, Proto};
+use homeport_proto::map::{Endpoint, Peer, SelfNode};
+use homeport_proto::publish::{Guards, PublishRule};
+use ipnet::IpNet;
+use std::collections::{BTreeMap, VecDeque};
+
+struct Node {
+    key: PrivateKey,
+    id: NodeId,
+    name: &'static str,
+    addrs: MeshAddrs,
+    udp: SocketAddr,
+    engine: Engine,
+}
+
+fn node(id: i64, name: &'static str) -> Node {
+    let key = PrivateKey::generate();
+    let engine = Engine::new(&key);
+    Node {
+        key,
+        id: NodeId(id),
+        name,
+        addrs: MeshAddrs {
+            ipv4: Ipv4Addr::new(100, 96, 0, id as u8),
+            ipv6: format!("fd7a::{id}").parse().unwrap(),
+        },
+        udp: format!("10.0.0.{id}:41641").parse().unwrap(),
+        engine,
+    }
+}
+
+fn map_for(
+    me: &Node,
+    peers: &[&Node],
+    filter: PacketFilter,
+    publish: Vec<PublishRule>,
+) -> NetworkMap {
+    NetworkMap {
+        version: 1,
+        self_node: SelfNode {
+            id: me.id,
+            name: NodeName::sanitize(me.name).unwrap(),
+            public_key: me.key.public_key(),
+            addrs: me.addrs,
+            prefix_v4: "100.96.0.0/16".parse().unwrap(),
+            prefix_v6: "fd7a::/64".parse().unwrap(),
+            tags: vec![],
+        },
+        peers: peers
+            .iter()
+            .map(|p| {
+                (
+                    p.id,
+                    Peer {
+                        id: p.id,
+                        name: NodeName::sanitize(p.name).unwrap(),
+                        public_key: p.key.public_key(),
+                        addrs: p.addrs,
+                        endpoints: vec![Endpoint {
+                            addr: p.udp,
+                            kind: EndpointKind::Local,
+                        }],
+                        online: true,
+                        tags: vec![],
+                    },
+                )
+            })
+            .collect::<BTreeMap<_, _>>(),
+        filter,
+        publish,
+        relays: vec![],
+    }
+}
+
+/// Datagrams in flight: (from, to, bytes).
+#[derive(Default)]
+struct Net {
+    q: VecDeque<(SocketAddr, SocketAddr, Vec<u8>)>,
+}
+
+impl Net {
+    /// Delivers everything in flight; returns the packets that reached each node's TUN.
+    fn run(&mut self, nodes: &[&Node], now: Instant) -> Vec<(NodeId, Vec<u8>)> {
+        let mut tun = vec![];
+        let mut guard = 0;
+        while let Some((from, to, d)) = self.q.pop_front() {
+            guard += 1;
+            assert!(guard < 1000, "packet storm");
+            let Some(n) = nodes.iter().find(|n| n.udp == to) else {
+                continue;
+            };
+            let t = n.engine.snapshot();
+            let mut out = vec![0u8; 2048];
+            let mut sent = vec![];
+            let r = n
+                .engine
+                .decapsulate(&t, from, &d, &mut out, now, &mut |to, b| {
+                    sent.push((to, b.to_vec()))
+                });
+            for (dst, b) in sent {
+                self.q.push_back((n.udp, dst, b));
+            }
+            if let Decap::ToTun { len } = r {
+                tun.push((n.id, out[..len].to_vec()));
+            }
+        }
+        tun
+    }
+
+    /// A packet read from `n`'s TUN.
+    fn send(&mut self, n: &Node, pkt: &[u8], now: Instant) -> Encap {
+        let t = n.engine.snapshot();
+        let mut out = vec![0u8; pkt.len() + 200];
+        let r = n.engine.encapsulate(&t, pkt, &mut out, now);
+        match &r {
+            Encap::Send { to, len } => self.q.push_back((n.udp, *to, out[..*len].to_vec())),
+            Encap::Handshake { peer, len } => {
+                for to in peer.handshake_targets(now) {
+                    self.q.push_back((n.udp, to, out[..*len].to_vec()));
+                }
+            }
+            _ => {}
+        }
+        r
+    }
+}
+
+fn pair(
+    fa: PacketFilter,
+    fb: PacketFilter,
+    pa: Vec<PublishRule>,
+    pb: Vec<PublishRule>,
+) -> (Node, Node) {
+    let a = node(1, "a");
+    let b = node(2, "b");
+    a.engine.apply_map(&map_for(&a, &[&b], fa, pa));
+    b.engine.apply_map(&map_for(&b, &[&a], fb, pb));
+    (a, b)
+}
+
+#[test]
+fn handshake_then_data_both_ways() {
+    let (a, b) = pair(
+        PacketFilter::allow_all(),
+        PacketFilter::allow_all(),
+        vec![],
+        vec![],
+    );
+    let now = Instant::now();
+    let mut net = Net::default();
+    let ping = build::echo(a.addrs.ipv4, b.addrs.ipv4);
+    assert!(matches!(net.send(&a, &ping, now), Encap::Handshake { .. }));
+    let got = net.run(&[&a, &b], now);
+    // The ping waited for the handshake and then arrived, intact, at b.
+    assert_eq!(got, vec![(b.id, ping.clone())]);
+    let pong = build::echo(b.addrs.ipv4, a.addrs.ipv4);
+    assert!(matches!(net.send(&b, &pong, now), Encap::Send { .. }));
+    assert_eq!(net.run(&[&a, &b], now), vec![(a.id, pong)]);
+    let pa = a.engine.snapshot().peers[0].clone();
+    assert_eq!(pa.path.lock().unwrap().endpoint, Some(b.udp));
+    assert!(pa.stats().0.is_some(), "handshake time recorded");
+}
+
+#[test]
+fn spoofed_source_is_dropped() {
+    let (a, b) = pair(
+        PacketFilter::allow_all(),
+        PacketFilter::allow_all(),
+        vec![],
+        vec![],
+    );
+    let now = Instant::now();
+    let mut net = Net::default();
+    net.send(&a, &build::echo(a.addrs.ipv4, b.addrs.ipv4), now);
+    net.run(&[&a, &b], now);
+    // a claims another mesh node's address as source.
+    let spoof = build::echo(Ipv4Addr::new(100, 96, 0, 9), b.addrs.ipv4);
+    net.send(&a, &spoof, now);
+    assert!(net.run(&[&a, &b], now).is_empty());
+    // and a public address without any publish rule.
+    let spoof = build::tcp(
+        [192, 0, 2, 50].into(),
+        4000,
+        b.addrs.ipv4,
+        22,
+        packet::TCP_SYN,
+    );
+    net.send(&a, &spoof, now);
+    assert!(net.run(&[&a, &b], now).is_empty());
+}
+
+#[test]
+fn filter_admits_only_allowed_new_flows() {
+    let a = node(1, "a");
+    let b = node(2, "b");
+    let only_ssh = PacketFilter {
+        allow_all: false,
+        rules: vec![FilterRule {
+            sources: vec![IpNet::from(IpAddr::V4(a.addrs.ipv4))],
+            protos: vec![Proto::Tcp],
+            ports: vec![PortRange::single(22)],
+        }],
+    };
+    a.engine
+        .apply_map(&map_for(&a, &[&b], PacketFilter::allow_all(), vec![]));
+    b.engine.apply_map(&map_for(&b, &[&a], only_ssh, vec![]));
+    let now = Instant::now();
+    let mut net = Net::default();
+    let syn22 = build::tcp(a.addrs.ipv4, 5000, b.addrs.ipv4, 22, packet::TCP_SYN);
+    net.send(&a, &syn22, now);
+    assert_eq!(net.run(&[&a, &b], now), vec![(b.id, syn22)]);
+    let syn80 = build::tcp(a.addrs.ipv4, 5001, b.addrs.ipv4, 80, packet::TCP_SYN);
+    net.send(&a, &syn80, now);
+    assert!(
+        net.run(&[&a, &b], now).is_empty(),
+        "SYN to 80 must be filtered"
+    );
+    let ping = build::echo(a.addrs.ipv4, b.addrs.ipv4);
+    net.send(&a, &ping, now);
+    assert!(
+        net.run(&[&a, &b], now).is_empty(),
+        "echo request not allowed"
+    );
+    // An established-flow segment (ACK) passes: replies are not re-checked.
+    let ack = build::tcp(a.addrs.ipv4, 5000, b.addrs.ipv4, 22, packet::TCP_ACK);
+    net.send(&a, &ack, now);
+    assert_eq!(net.run(&[&a, &b], now).len(), 1);
+    // UDP: b opens a flow to a:53; a's reply passes b's filter, a fresh datagram does not.
+    let out = build::udp(b.addrs.ipv4, 7000, a.addrs.ipv4, 53, b"q");
+    net.send(&b, &out, now);
+    assert_eq!(net.run(&[&a, &b], now).len(), 1);
+    let reply = build::udp(a.addrs.ipv4, 53, b.addrs.ipv4, 7000, b"r");
+    net.send(&a, &reply, now);
+    assert_eq!(net.run(&[&a, &b], now), vec![(b.id, reply)]);
+    let fresh = build::udp(a.addrs.ipv4, 53, b.addrs.ipv4, 7001, b"x");
+    net.send(&a, &fresh, now);
+    assert!(net.run(&[&a, &b], now).is_empty());
+}
+
+fn rule(exit: &Node, target: &Node, port: u16) -> PublishRule {
+    PublishRule {
+        id: 1,
+        exit: exit.id,
+        exit_name: NodeName::sanitize(exit.name).unwrap(),
+        proto: PublishProto::Tcp,
+        port,
+        target: target.id,
+        target_name: NodeName::sanitize(target.name).unwrap(),
+        target_ipv4: target.addrs.ipv4,
+        target_ipv6: target.addrs.ipv6,
+        target_port: port,
+        guards: Guards::default(),
+    }
+}
+
+#[test]
+fn published_flow_enters_only_via_exit_and_replies_return_to_it() {
+    let exit = node(1, "vps");
+    let home = node(2, "home");
+    let other = node(3, "laptop");
+    let r = rule(&exit, &home, 32400);
+    exit.engine.apply_map(&map_for(
+        &exit,
+        &[&home, &other],
+        PacketFilter::allow_all(),
+        vec![r.clone()],
+    ));
+    home.engine.apply_map(&map_for(
+        &home,
+        &[&exit, &other],
+        PacketFilter::allow_all(),
+        vec![r],
+    ));
+    other.engine.apply_map(&map_for(
+        &other,
+        &[&exit, &home],
+        PacketFilter::allow_all(),
+        vec![],
+    ));
+    let all = [&exit, &home, &other];
+    let now = Instant::now();
+    let mut net = Net::default();
+    let viewer = Ipv4Addr::new(192, 0, 2, 50);
+    // Viewer's SYN, DNATed by the exit's kernel, read from the exit's TUN.
+    let syn = build::tcp(viewer, 40000, home.addrs.ipv4, 32400, packet::TCP_SYN);
+    net.send(&exit, &syn, now);
+    assert_eq!(net.run(&all, now), vec![(home.id, syn)]);
+    // Not the published port: dropped at home.
+    let syn22 = build::tcp(viewer, 40001, home.addrs.ipv4, 22, packet::TCP_SYN);
+    net.send(&exit, &syn22, now);
+    assert!(net.run(&all, now).is_empty());
+    // Another node cannot inject public sources even to the published port.
+    let forged = build::tcp(viewer, 40002, home.addrs.ipv4, 32400, packet::TCP_SYN);
+    net.send(&other, &forged, now);
+    assert!(net.run(&all, now).is_empty());
+    // Home's reply goes to the exit (flow table) and the exit accepts it for a public address.
+    let synack = build::tcp(
+        home.addrs.ipv4,
+        32400,
+        viewer,
+        40000,
+        packet::TCP_SYN | packet::TCP_ACK,
+    );
+    let r = net.send(&home, &synack, now);
+    assert!(
+        matches!(r, Encap::Send { to, .. } if to == exit.udp),
+        "{r:?}"
+    );
+    assert_eq!(net.run(&all, now), vec![(exit.id, synack)]);
+    // A packet to a public address without a flow has no route (home is no general gateway user).
+    let stray = build::tcp(
+        home.addrs.ipv4,
+        32400,
+        Ipv4Addr::new(192, 0, 2, 99),
+        1,
+        packet::TCP_ACK,
+    );
+    assert!(matches!(
+        net.send(&home, &stray, now),
+        Encap::Drop(DropReason::NoRoute)
+    ));
+    // The exit refuses a non-reply to a public address from the target (no gateway use).
+    let sneaky = build::tcp(
+        home.addrs.ipv4,
+        5555,
+        Ipv4Addr::new(192, 0, 2, 99),
+        80,
+        packet::TCP_SYN,
+    );
+    // Home would need a flow for that; force it through the exit's peer directly.
+    home.engine.flows.touch(
+        FlowKey::new(
+            packet::PROTO_TCP,
+            Ipv4Addr::new(192, 0, 2, 99).into(),
+            80,
+            5555,
+        ),
+        exit.id,
+        now,
+    );
+    net.send(&home, &sneaky, now);
+    assert!(
+        net.run(&all, now).is_empty(),
+        "exit must refuse gateway use"
+    );
+}
+
+#[test]
+fn removed_peer_is_cut_off_and_rekeyed_peer_gets_a_new_session() {
+    let (a, b) = pair(
+        PacketFilter::allow_all(),
+        PacketFilter::allow_all(),
+        vec![],
+        vec![],
+    );
+    let now = Instant::now();
+    let mut net = Net::default();
+    let ping = build::echo(a.addrs.ipv4, b.addrs.ipv4);
+    net.send(&a, &ping, now);
+    assert_eq!(net.run(&[&a, &b], now).len(), 1);
+    // b's map loses a: a's packets are refused at once.
+    b.engine
+        .apply_map(&map_for(&b, &[], PacketFilter::allow_all(), vec![]));
+    net.send(&a, &ping, now);
+    assert!(net.run(&[&a, &b], now).is_empty());
+    assert!(matches!(
+        net.send(&b, &build::echo(b.addrs.ipv4, a.addrs.ipv4), now),
+        Encap::Drop(DropReason::NoRoute)
+    ));
+    // a comes back with a new key: a new handshake is needed and works.
+    let a2 = Node {
+        key: PrivateKey::generate(),
+        ..node(1, "a")
+    };
+    let a2 = Node {
+        engine: Engine::new(&a2.key),
+        ..a2
+    };
+    a2.engine
+        .apply_map(&map_for(&a2, &[&b], PacketFilter::allow_all(), vec![]));
+    b.engine
+        .apply_map(&map_for(&b, &[&a2], PacketFilter::allow_all(), vec![]));
+    assert!(matches!(net.send(&a2, &ping, now), Encap::Handshake { .. }));
+    assert_eq!(net.run(&[&a2, &b], now), vec![(b.id, ping)]);
+}
+
+#[test]
+fn unchanged_peer_keeps_its_session_across_map_updates() {
+    let (a, b) = pair(
+        PacketFilter::allow_all(),
+        PacketFilter::allow_all(),
+        vec![],
+        vec![],
+    );
+    let now = Instant::now();
+    let mut net = Net::default();
+    let ping = build::echo(a.addrs.ipv4, b.addrs.ipv4);
+    net.send(&a, &ping, now);
+    net.run(&[&a, &b], now);
+    let before = a.engine.snapshot().peers[0].index;
+    a.engine
+        .apply_map(&map_for(&a, &[&b], PacketFilter::allow_all(), vec![]));
+    assert_eq!(a.engine.snapshot().peers[0].index, before);
+    // Still an established session: no new handshake.
+    assert!(matches!(net.send(&a, &ping, now), Encap::Send { .. }));
+}
+
+#[test]
+fn garbage_datagrams_are_dropped_without_panic() {
+    let (a, b) = pair(
+        PacketFilter::allow_all(),
+        PacketFilter::allow_all(),
+        vec![],
+        vec![],
+    );
+    let t = b.engine.snapshot();
+    let mut out = vec![0u8; 2048];
+    let now = Instant::now();
+    for d in [
+        &[][..],
+        &[1, 0, 0, 0][..],
+        &[4, 0, 0, 0, 1, 2, 3][..],
+        &[9u8; 200][..],
+        &[2u8; 92][..],
+    ] {
+        let r = b
+            .engine
+            .decapsulate(&t, a.udp, d, &mut out, now, &mut |_, _| {
+                panic!("no answer to garbage")
+            });
+        assert!(matches!(r, Decap::Drop(_)), "{r:?}");
+    }
+    let ta = a.engine.snapshot();
+    assert!(matches!(
+        a.engine.encapsulate(&ta, &[0x45, 1], &mut out, now),
+        Encap::Drop(DropReason::Malformed)
+    ));
+}
+
+/// With boringtun's clock mocked, timer behaviour is asserted exactly.
+#[cfg(feature = "fake-time")]
+mod fake_time {
+    use super::*;
+    use mock_instant::MockClock;
+
+    fn tick_all(nodes: &[&Node], net: &mut Net, now: Instant) {
+        for n in nodes {
+            n.engine
+                .tick(now, &mut |to, b| net.q.push_back((n.udp, to, b.to_vec())));
+        }
+    }
+
+    #[test]
+    fn keepalive_every_25s_and_rekey_after_120s() {
+        let (a, b) = pair(
+            PacketFilter::allow_all(),
+            PacketFilter::allow_all(),
+            vec![],
+            vec![],
+        );
+        let mut now = Instant::now();
+        let mut net = Net::default();
+        net.send(&a, &build::echo(a.addrs.ipv4, b.addrs.ipv4), now);
+        net.run(&[&a, &b], now);
+        let hs0 = a.engine.snapshot().peers[0]
+            .handshakes
+            .load(Ordering::Relaxed);
+        // Idle: nothing sent before the keepalive interval.
+        let mut sent_at = vec![];
+        for step in 1..=(130 * 4) {
+            MockClock::advance(TICK);
+            now += TICK;
+            tick_all(&[&a, &b], &mut net, now);
+            if net
+                .q
+                .iter()
+                .any(|(f, _, d)| *f == a.udp && d.len() == 32 && d[0] == 4)
+            {
+                sent_at.push(step as f64 * 0.25);
+            }
+            net.run(&[&a, &b], now);
+        }
+        assert!(!sent_at.is_empty(), "persistent keepalive sent");
+        let first = sent_at[0];
+        assert!(
+            (24.0..=26.5).contains(&first),
+            "first keepalive at {first}s"
+        );
+        let hs1 = a.engine.snapshot().peers[0]
+            .handshakes
+            .load(Ordering::Relaxed)
+            + b.engine.snapshot().peers[0]
+                .handshakes
+                .load(Ordering::Relaxed);
+        assert!(hs1 > hs0, "a rekey handshake happened within 130 s");
+    }
+}

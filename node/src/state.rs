@@ -1,0 +1,140 @@
+//! The node's state directory: private key, registration and the last network map.
+//! Every file is written atomically (temp file + rename) with mode 0600; the dir is 0700.
+
+use anyhow::{Context, Result};
+use homeport_proto::PrivateKey;
+use homeport_proto::map::{MeshAddrs, NetworkMap};
+use homeport_proto::names::{NodeId, NodeName};
+use serde::{Deserialize, Serialize};
+use std::io::Write;
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+
+pub const KEY_FILE: &str = "private.key";
+pub const REG_FILE: &str = "node.json";
+pub const MAP_FILE: &str = "map.json";
+pub const SOCK_FILE: &str = "homeport.sock";
+
+/// What the coordinator gave us at registration.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Registration {
+    pub coordinator: String,
+    pub pin: String,
+    pub node_id: NodeId,
+    pub name: NodeName,
+    pub addrs: MeshAddrs,
+    pub prefix_v4: ipnet::Ipv4Net,
+    pub prefix_v6: ipnet::Ipv6Net,
+    pub credential: String,
+    /// The UDP port we listened on last time, reused so NAT mappings and firewall rules hold.
+    #[serde(default)]
+    pub listen_port: u16,
+}
+
+pub struct StateDir {
+    pub dir: PathBuf,
+}
+
+impl StateDir {
+    pub fn open(dir: &Path) -> Result<StateDir> {
+        std::fs::create_dir_all(dir)
+            .with_context(|| format!("creating state dir {}", dir.display()))?;
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+            .with_context(|| format!("setting mode 0700 on {}", dir.display()))?;
+        Ok(StateDir {
+            dir: dir.to_path_buf(),
+        })
+    }
+
+    pub fn path(&self, f: &str) -> PathBuf {
+        self.dir.join(f)
+    }
+
+    /// Loads the node's private key, creating it on first start.
+    pub fn private_key(&self) -> Result<PrivateKey> {
+        let p = self.path(KEY_FILE);
+        match std::fs::read_to_string(&p) {
+            Ok(s) => s
+                .trim()
+                .parse::<PrivateKey>()
+                .map_err(|e| anyhow::anyhow!("{}: {e}", p.display())),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                let k = PrivateKey::generate();
+                write_private(&p, format!("{}\n", k.to_base64()).as_bytes())?;
+                Ok(k)
+            }
+            Err(e) => Err(e).with_context(|| format!("reading {}", p.display())),
+        }
+    }
+
+    pub fn registration(&self) -> Result<Option<Registration>> {
+        read_json(&self.path(REG_FILE))
+    }
+
+    pub fn save_registration(&self, r: &Registration) -> Result<()> {
+        write_private(&self.path(REG_FILE), &serde_json::to_vec_pretty(r)?)
+    }
+
+    pub fn map(&self) -> Result<Option<NetworkMap>> {
+        read_json(&self.path(MAP_FILE))
+    }
+
+    pub fn save_map(&self, m: &NetworkMap) -> Result<()> {
+        write_private(&self.path(MAP_FILE), &serde_json::to_vec(m)?)
+    }
+
+    /// Forgets the registration and map (the coordinator revoked us).
+    pub fn forget(&self) {
+        let _ = std::fs::remove_file(self.path(REG_FILE));
+        let _ = std::fs::remove_file(self.path(MAP_FILE));
+    }
+}
+
+fn read_json<T: serde::de::DeserializeOwned>(p: &Path) -> Result<Option<T>> {
+    match std::fs::read(p) {
+        Ok(b) => Ok(Some(
+            serde_json::from_slice(&b).with_context(|| format!("parsing {}", p.display()))?,
+        )),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(e).with_context(|| format!("reading {}", p.display())),
+    }
+}
+
+/// Writes `data` to `p` atomically with mode 0600.
+pub fn write_private(p: &Path, data: &[u8]) -> Result<()> {
+    let tmp = p.with_extension("tmp");
+    {
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&tmp)
+            .with_context(|| format!("writing {}", tmp.display()))?;
+        f.write_all(data)?;
+        f.sync_all()?;
+    }
+    std::fs::rename(&tmp, p).with_context(|| format!("renaming to {}", p.display()))?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn key_is_created_once_with_mode_0600() {
+        let d = tempfile::tempdir().unwrap();
+        let s = StateDir::open(&d.path().join("st")).unwrap();
+        let k1 = s.private_key().unwrap();
+        let k2 = s.private_key().unwrap();
+        assert_eq!(k1.public_key(), k2.public_key());
+        let mode = std::fs::metadata(s.path(KEY_FILE))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600);
+        let dmode = std::fs::metadata(&s.dir).unwrap().permissions().mode();
+        assert_eq!(dmode & 0o777, 0o700);
+    }
+}
