@@ -69,14 +69,13 @@ pub fn require_root_and(tools: &[&str]) -> bool {
     let notice = format!("SKIP {test}: needs {what} (run as root after ./deploy/setup.sh)");
     // Written straight to the stderr handle, which libtest does not capture, so the skip is visible.
     let _ = writeln!(std::io::stderr(), "{notice}");
-    if let Ok(path) = std::env::var("HOMEPORT_TEST_SKIP_LOG") {
-        if let Ok(mut f) = std::fs::OpenOptions::new()
+    if let Ok(path) = std::env::var("HOMEPORT_TEST_SKIP_LOG")
+        && let Ok(mut f) = std::fs::OpenOptions::new()
             .append(true)
             .create(true)
             .open(path)
-        {
-            let _ = writeln!(f, "{notice}");
-        }
+    {
+        let _ = writeln!(f, "{notice}");
     }
     false
 }
