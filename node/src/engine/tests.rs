@@ -498,4 +498,46 @@ mod fake_time {
                 .load(Ordering::Relaxed);
         assert!(hs1 > hs0, "a rekey handshake happened within 130 s");
     }
+
+    #[test]
+    fn lost_handshake_is_retried_every_5s_to_every_candidate() {
+        let (a, b) = pair(
+            PacketFilter::allow_all(),
+            PacketFilter::allow_all(),
+            vec![],
+            vec![],
+        );
+        let mut now = Instant::now();
+        let mut net = Net::default();
+        assert!(matches!(
+            net.send(&a, &build::echo(a.addrs.ipv4, b.addrs.ipv4), now),
+            Encap::Handshake { .. }
+        ));
+        net.q.clear(); // the first initiation is lost
+        let mut inits = vec![];
+        for step in 1..=(12 * 4) {
+            MockClock::advance(TICK);
+            now += TICK;
+            tick_all(&[&a], &mut net, now);
+            for (_, to, d) in net.q.drain(..) {
+                if is_handshake_init(&d) {
+                    assert_eq!(to, b.udp);
+                    inits.push(step as f64 * 0.25);
+                }
+            }
+        }
+        assert!(inits.len() >= 2, "retries: {inits:?}");
+        let gap = inits[1] - inits[0];
+        assert!((4.5..=6.0).contains(&gap), "retry gap {gap}s ({inits:?})");
+        // Once the network works again, the next retry completes the handshake and the queued
+        // ping is delivered.
+        let mut delivered = vec![];
+        for _ in 0..(8 * 4) {
+            MockClock::advance(TICK);
+            now += TICK;
+            tick_all(&[&a], &mut net, now);
+            delivered.extend(net.run(&[&a, &b], now));
+        }
+        assert_eq!(delivered.len(), 1, "queued ping delivered after the retry");
+    }
 }
