@@ -1,0 +1,214 @@
+#!/usr/bin/env bash
+# Install homeport as systemd services on a real machine. Run from a checkout after
+# `cargo build --release --bins` (deploy/setup.sh installs the toolchain).
+#
+#   sudo ./deploy/install.sh vps  [--public-ip IP] [--hostname vps]
+#       The VPS: homeport-coordinator (control plane) + homeport-exit (publishes ports), both joined.
+#       Prints the exact command for the home server, with a fresh auth key.
+#   sudo ./deploy/install.sh home [--coordinator URL --pin PIN --authkey KEY] [--hostname NAME]
+#       A home server (or any machine): the homeport node, joined to the coordinator.
+#
+# Common options: --bin-dir DIR (default: target/release of this checkout), --no-start (install only).
+# Binaries go to /usr/local/bin, configs to /etc/homeport/ (an existing config is never overwritten),
+# units to /etc/systemd/system/, docs to /usr/local/share/doc/homeport/.
+set -euo pipefail
+
+here=$(cd "$(dirname "$0")" && pwd)
+root=$(cd "$here/.." && pwd)
+
+usage() { sed -n '2,13p' "$0" | sed 's/^# \{0,1\}//'; }
+die() { printf 'install: error: %s\n' "$*" >&2; exit 1; }
+log() { printf 'install: %s\n' "$*"; }
+
+role=${1:-}
+case $role in
+  vps|home) shift ;;
+  -h|--help) usage; exit 0 ;;
+  '') usage >&2; exit 2 ;;
+  *) die "unknown role '$role': accepted are 'vps' (coordinator + exit) and 'home' (a node)" ;;
+esac
+
+bin_dir=$root/target/release public_ip='' hostname='' coordinator='' pin='' authkey='' start=1
+while (($#)); do
+  case $1 in
+    --bin-dir) bin_dir=${2:?--bin-dir needs a directory}; shift ;;
+    --public-ip) public_ip=${2:?--public-ip needs an address}; shift ;;
+    --hostname) hostname=${2:?--hostname needs a name}; shift ;;
+    --coordinator) coordinator=${2:?--coordinator needs a URL}; shift ;;
+    --pin) pin=${2:?--pin needs the pin}; shift ;;
+    --authkey) authkey=${2:?--authkey needs a key}; shift ;;
+    --no-start) start=0 ;;
+    -h|--help) usage; exit 0 ;;
+    *) die "unknown option '$1' for $role (see: $0 --help)" ;;
+  esac
+  shift
+done
+[ "$(id -u)" -eq 0 ] || die "run as root: sudo $0 $role …"
+if [ "$role" = vps ] && [ -n "$coordinator$pin$authkey" ]; then
+  die "--coordinator/--pin/--authkey are for 'home'; 'vps' runs its own coordinator"
+fi
+if [ "$role" = home ] && [ -n "$public_ip" ]; then die "--public-ip is for 'vps'"; fi
+if [ -n "$coordinator" ] && [[ $coordinator != https://* ]]; then
+  die "--coordinator '$coordinator': expected https://HOST:PORT, e.g. https://203.0.113.7:8443"
+fi
+
+systemd=0
+[ -d /run/systemd/system ] && systemd=1
+if ((start)) && ((!systemd)); then
+  log "systemd is not running on this machine: installing files only (as with --no-start)"
+  start=0
+fi
+
+# ---- binaries, units, docs --------------------------------------------------------------------------
+if [ "$role" = vps ]; then
+  bins=(homeport-coordinator homeport-exit homeport)
+  units=(homeport-coordinator.service homeport-exit.service)
+else
+  bins=(homeport)
+  units=(homeport.service)
+fi
+for b in "${bins[@]}"; do
+  [ -x "$bin_dir/$b" ] || die "$bin_dir/$b not found: build first with 'cargo build --release --bins' (or pass --bin-dir)"
+done
+for b in "${bins[@]}"; do
+  install -m 0755 "$bin_dir/$b" "/usr/local/bin/$b.new"
+  mv -f "/usr/local/bin/$b.new" "/usr/local/bin/$b"   # atomic: a running daemon keeps its old inode
+done
+log "binaries: ${bins[*]} -> /usr/local/bin"
+install -d -m 0755 /usr/local/share/doc/homeport
+[ -f "$root/README.md" ] && install -m 0644 "$root/README.md" /usr/local/share/doc/homeport/README.md
+[ -f "$root/docs/plex.md" ] && install -m 0644 "$root/docs/plex.md" /usr/local/share/doc/homeport/plex.md
+for u in "${units[@]}"; do install -m 0644 "$here/systemd/$u" "/etc/systemd/system/$u"; done
+log "units: ${units[*]} -> /etc/systemd/system"
+((systemd)) && systemctl daemon-reload
+
+# ---- configs ----------------------------------------------------------------------------------------
+install -d -m 0755 /etc/homeport
+# put_config ROLE MODE KEY=VALUE…: install deploy/config/ROLE.toml unless one exists, setting KEYs.
+put_config() {
+  local name=$1 mode=$2 dst=/etc/homeport/$1.toml kv k v tmp; shift 2
+  if [ -e "$dst" ]; then
+    log "config: $dst exists, kept as it is"
+    return 1
+  fi
+  tmp=$(mktemp /etc/homeport/.new.XXXXXX)
+  cp "$here/config/$name.toml" "$tmp"
+  for kv in "$@"; do
+    k=${kv%%=*} v=${kv#*=}
+    [ -n "$v" ] || continue
+    # Only the plain `key = "..."` line at the start of a line is replaced (values are quoted TOML strings).
+    v=${v//\\/\\\\}; v=${v//\"/\\\"}
+    python3 - "$tmp" "$k" "$v" <<'PY'
+import re, sys
+path, key, val = sys.argv[1:4]
+text = open(path).read()
+text, n = re.subn(r'(?m)^#?\s*' + re.escape(key) + r'\s*=.*$', f'{key} = "{val}"', text, count=1)
+if n == 0:
+    text += f'{key} = "{val}"\n'
+open(path, 'w').write(text)
+PY
+  done
+  chmod "$mode" "$tmp"
+  mv "$tmp" "$dst"
+  log "config: $dst written"
+  return 0
+}
+
+# ---- home: the node ---------------------------------------------------------------------------------
+if [ "$role" = home ]; then
+  if put_config node 0600 coordinator="$coordinator" pin="$pin" authkey="$authkey" hostname="${hostname:-$(hostname -s)}"; then
+    if [ -z "$coordinator" ] || [ -z "$pin" ] || [ -z "$authkey" ]; then
+      log "fill in coordinator, pin and authkey in /etc/homeport/node.toml (install.sh vps on the VPS prints them),"
+      log "then: systemctl enable --now homeport"
+      start=0
+    fi
+  elif [ -n "$coordinator$pin$authkey" ]; then
+    log "note: --coordinator/--pin/--authkey were not applied because /etc/homeport/node.toml exists; edit it"
+  fi
+  if ((start)); then
+    systemctl enable --now homeport.service
+    for _ in $(seq 150); do ip4=$(homeport ip -4 2>/dev/null) && [ -n "$ip4" ] && break; sleep 0.2; done
+    [ -n "${ip4:-}" ] || die "homeport did not join within 30 s: journalctl -u homeport -n 50"
+    log "joined the mesh as $ip4"
+    cat <<EOF
+
+Done. This machine is in the mesh:
+  homeport status              peers, paths (direct or relay), traffic
+  journalctl -u homeport -f    logs
+To publish this machine's Plex, on the VPS:
+  sudo homeport-coordinator publish add --exit vps --port 32400 --to $(grep -E '^hostname' /etc/homeport/node.toml | cut -d'"' -f2):32400
+Then configure Plex: /usr/local/share/doc/homeport/plex.md
+EOF
+  else
+    log "installed; not started"
+  fi
+  exit 0
+fi
+
+# ---- vps: coordinator + exit ------------------------------------------------------------------------
+put_config coordinator 0644 || true
+# The exit forwards published connections: IPv4 forwarding must survive reboots.
+printf '# homeport-exit forwards published ports to mesh nodes\nnet.ipv4.ip_forward = 1\n' \
+  >/etc/sysctl.d/60-homeport-exit.conf
+sysctl -q -w net.ipv4.ip_forward=1 || log "warning: could not set net.ipv4.ip_forward=1 now (set at next boot)"
+
+if ((!start)); then
+  cat <<EOF
+install: installed; not started. To start:
+  systemctl enable --now homeport-coordinator
+  homeport-coordinator pin                                   # the TLS pin nodes join with
+  homeport-coordinator authkey create                        # a key for the exit, then put pin + key
+  \$EDITOR /etc/homeport/exit.toml                           # into exit.toml
+  systemctl enable --now homeport-exit
+EOF
+  exit 0
+fi
+
+systemctl enable --now homeport-coordinator.service
+pin=''
+for _ in $(seq 150); do pin=$(homeport-coordinator pin 2>/dev/null) && [ -n "$pin" ] && break; sleep 0.2; done
+[ -n "$pin" ] || die "the coordinator did not come up within 30 s: journalctl -u homeport-coordinator -n 50"
+log "coordinator up, pin $pin"
+
+port=8443
+if [ -r /var/lib/homeport-coordinator/listen.addr ]; then
+  port=$(sed -E 's/.*:([0-9]+)\s*$/\1/' /var/lib/homeport-coordinator/listen.addr)
+fi
+if [ ! -e /etc/homeport/exit.toml ]; then
+  exit_key=$(homeport-coordinator authkey create --expires 1h)
+  # The exit joins the coordinator on this same machine over loopback (the pin, not the address, is checked).
+  put_config exit 0600 coordinator="https://127.0.0.1:$port" pin="$pin" authkey="$exit_key" hostname="${hostname:-vps}"
+fi
+systemctl enable --now homeport-exit.service
+exit_name=$(grep -E '^hostname' /etc/homeport/exit.toml | cut -d'"' -f2)
+for _ in $(seq 150); do homeport-coordinator nodes 2>/dev/null | grep -qw "${exit_name:-vps}" && break; sleep 0.2; done
+homeport-coordinator nodes 2>/dev/null | grep -qw "${exit_name:-vps}" \
+  || log "warning: the exit has not shown up in 'homeport-coordinator nodes' yet: journalctl -u homeport-exit -n 50"
+
+if [ -z "$public_ip" ]; then
+  # The address of the default route's interface: no traffic is sent to find it.
+  public_ip=$(ip -4 route get 198.51.100.1 2>/dev/null | sed -n 's/.* src \([0-9.]*\).*/\1/p')
+  case $public_ip in
+    ''|10.*|192.168.*|172.1[6-9].*|172.2[0-9].*|172.3[01].*|100.6[4-9].*|100.[7-9][0-9].*|100.1[01][0-9].*|100.12[0-7].*)
+      log "warning: this machine's address '${public_ip:-?}' is not public (cloud 1:1 NAT?): rerun with --public-ip <the VPS's public IP>"
+      public_ip=${public_ip:-VPS_PUBLIC_IP} ;;
+  esac
+fi
+home_key=$(homeport-coordinator authkey create --expires 24h)
+url="https://$public_ip:$port"
+cat <<EOF
+
+Done: homeport-coordinator and homeport-exit ("${exit_name:-vps}") run on this VPS.
+Open in the provider's firewall: TCP $port (API), UDP 3478 (STUN), and each port you publish (TCP 32400 for Plex).
+
+Next, on the home server (auth key valid for 24 h, single use):
+  sudo homeport up --coordinator $url --pin $pin --authkey $home_key --hostname home
+or, to install it as a service from a checkout there:
+  sudo ./deploy/install.sh home --coordinator $url --pin $pin --authkey $home_key --hostname home
+
+Then, here on the VPS, publish Plex and check:
+  sudo homeport-coordinator publish add --exit ${exit_name:-vps} --port 32400 --to home:32400
+  sudo homeport-coordinator nodes
+  sudo homeport-exit log --follow
+Plex settings: /usr/local/share/doc/homeport/plex.md
+EOF
