@@ -102,7 +102,8 @@ put_config() {
 import re, sys
 path, key, val = sys.argv[1:4]
 text = open(path).read()
-text, n = re.subn(r'(?m)^#?\s*' + re.escape(key) + r'\s*=.*$', f'{key} = "{val}"', text, count=1)
+line = f'{key} = "{val}"'
+text, n = re.subn(r'(?m)^#?\s*' + re.escape(key) + r'\s*=.*$', lambda _: line, text, count=1)
 if n == 0:
     text += f'{key} = "{val}"\n'
 open(path, 'w').write(text)
