@@ -1,0 +1,597 @@
+//! Command line: `serve`, `pin`, and the admin commands (over `<state-dir>/admin.sock`, or a
+//! remote coordinator with `--url --token --pin`).
+
+use crate::client::AdminClient;
+use crate::config::{DEFAULT_STATE_DIR, ServeArgs};
+use anyhow::{Context, bail};
+use axum::http::Method;
+use clap::{Args, Parser, Subcommand};
+use homeport_proto::api::{self, AuthKeyCreated, AuthKeyInfo, NodeInfo};
+use homeport_proto::policy::Policy;
+use homeport_proto::publish::{PublishRequest, PublishRule};
+use serde_json::json;
+use std::path::PathBuf;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "homeport-coordinator",
+    version,
+    about = "homeport coordinator: node registration, map streams, publish rules, policy, STUN",
+    long_about = "homeport coordinator: node registration, map streams, publish rules, policy, STUN.\n\n\
+        Start it with `homeport-coordinator serve`; on first start it creates a self-signed certificate \
+        and prints the admin token and the `homeport up` line for nodes. The admin commands talk to the \
+        running coordinator over <state-dir>/admin.sock (root or the service user), or to a remote one \
+        with --url https://HOST:PORT --token TOKEN --pin PIN."
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub cmd: Cmd,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Cmd {
+    /// Run the coordinator: HTTPS API, STUN server, admin socket
+    Serve(ServeArgs),
+    /// Print the TLS pin nodes use to trust this coordinator (one line)
+    Pin {
+        /// State directory of the coordinator
+        #[arg(long, value_name = "DIR", default_value = DEFAULT_STATE_DIR)]
+        state_dir: PathBuf,
+    },
+    /// Create, list and revoke auth keys (what nodes register with)
+    Authkey {
+        #[command(flatten)]
+        conn: ConnArgs,
+        #[command(subcommand)]
+        cmd: AuthkeyCmd,
+    },
+    /// List nodes: name, mesh addresses, online, last seen, tags
+    Nodes {
+        #[command(flatten)]
+        conn: ConnArgs,
+        /// Print JSON (a list of NodeInfo) instead of a table
+        #[arg(long)]
+        json: bool,
+    },
+    /// Act on one node
+    Node {
+        #[command(flatten)]
+        conn: ConnArgs,
+        #[command(subcommand)]
+        cmd: NodeCmd,
+    },
+    /// Publish ports of mesh nodes on an exit node
+    Publish {
+        #[command(flatten)]
+        conn: ConnArgs,
+        #[command(subcommand)]
+        cmd: PublishCmd,
+    },
+    /// Show or replace the access policy
+    Policy {
+        #[command(flatten)]
+        conn: ConnArgs,
+        #[command(subcommand)]
+        cmd: PolicyCmd,
+    },
+}
+
+/// How admin commands reach the coordinator.
+#[derive(Debug, Clone, Args)]
+pub struct ConnArgs {
+    /// State directory of the local coordinator (its admin.sock is used)
+    #[arg(long, value_name = "DIR", default_value = DEFAULT_STATE_DIR, global = true)]
+    pub state_dir: PathBuf,
+    /// Remote coordinator, e.g. https://198.51.100.10:8443 (instead of the local socket)
+    #[arg(long, value_name = "URL", global = true, requires = "token")]
+    pub url: Option<String>,
+    /// Admin token for --url
+    #[arg(
+        long,
+        value_name = "TOKEN",
+        env = "HOMEPORT_ADMIN_TOKEN",
+        global = true,
+        hide_env_values = true
+    )]
+    pub token: Option<String>,
+    /// Pin of the remote coordinator's certificate (from `homeport-coordinator pin`); without
+    /// it the certificate must be valid for the system's CAs
+    #[arg(long, value_name = "PIN", global = true)]
+    pub pin: Option<String>,
+}
+
+impl ConnArgs {
+    pub fn client(&self) -> anyhow::Result<AdminClient> {
+        match &self.url {
+            Some(url) => {
+                let token = self
+                    .token
+                    .as_deref()
+                    .context("--url needs --token (or HOMEPORT_ADMIN_TOKEN)")?;
+                AdminClient::remote(url, token, self.pin.as_deref())
+            }
+            None => Ok(AdminClient::local(self.state_dir.clone())),
+        }
+    }
+}
+
+#[derive(Debug, Subcommand)]
+pub enum AuthkeyCmd {
+    /// Create a key; prints only the key
+    Create {
+        /// Allow any number of registrations (default: single use)
+        #[arg(long)]
+        reusable: bool,
+        /// Lifetime, e.g. 30m, 1h, 7d (s, m, h, d, w); default: never expires
+        #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+        expires: Option<u64>,
+        /// Tag given to nodes registering with this key (repeatable), used by policy as tag:NAME
+        #[arg(long = "tag", value_name = "TAG")]
+        tags: Vec<String>,
+    },
+    /// List keys
+    List {
+        /// Print JSON instead of a table
+        #[arg(long)]
+        json: bool,
+    },
+    /// Revoke a key by id
+    Revoke {
+        /// Key id (from `authkey list`)
+        id: i64,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum NodeCmd {
+    /// Remove a node: its credential stops working at once, peers drop it, its publish rules go
+    Remove {
+        /// Node name (from `nodes`)
+        name: String,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum PublishCmd {
+    /// Publish EXIT's public port to NODE:PORT over the mesh; prints the rule id
+    Add {
+        /// Exit node (the one with the public IP)
+        #[arg(long, value_name = "NODE")]
+        exit: String,
+        /// Public port on the exit (1-65535)
+        #[arg(long, value_name = "N")]
+        port: u16,
+        /// tcp or udp
+        #[arg(long, value_name = "PROTO", default_value = "tcp")]
+        proto: String,
+        /// Target, e.g. home:32400
+        #[arg(long, value_name = "NODE:PORT")]
+        to: String,
+        /// Only these sources may connect (repeatable; CIDR or address); default everyone
+        #[arg(long, value_name = "CIDR")]
+        allow: Vec<String>,
+        /// New connections per source per minute
+        #[arg(long, value_name = "N")]
+        rate_per_minute: Option<u32>,
+        /// Concurrent connections per source
+        #[arg(long, value_name = "N")]
+        max_conns: Option<u32>,
+    },
+    /// List rules
+    List {
+        /// Print JSON instead of a table
+        #[arg(long)]
+        json: bool,
+    },
+    /// Remove a rule by id
+    Remove {
+        /// Rule id (from `publish list`)
+        id: i64,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum PolicyCmd {
+    /// Print the policy as JSON ({"rules":[]} = no policy: every node may reach every node)
+    Get,
+    /// Replace the policy from a TOML or JSON file (a file without rules = allow all)
+    Set {
+        /// Policy file (.toml or .json)
+        file: PathBuf,
+    },
+}
+
+/// Parses "30m", "1h", "7d", "2w", "90s" into seconds.
+pub fn parse_duration(s: &str) -> Result<u64, String> {
+    let bad = || {
+        format!(
+            "invalid duration {s:?}: expected a number and a unit s, m, h, d or w, e.g. 30m, 1h, 7d"
+        )
+    };
+    let s = s.trim();
+    let split = s.find(|c: char| !c.is_ascii_digit()).ok_or_else(bad)?;
+    let (n, unit) = s.split_at(split);
+    let n: u64 = n.parse().map_err(|_| bad())?;
+    let mult = match unit {
+        "s" => 1,
+        "m" => 60,
+        "h" => 3600,
+        "d" => 86400,
+        "w" => 7 * 86400,
+        _ => return Err(bad()),
+    };
+    match n.checked_mul(mult) {
+        Some(0) => Err(format!("invalid duration {s:?}: must be more than 0")),
+        Some(v) => Ok(v),
+        None => Err(bad()),
+    }
+}
+
+fn ago(now: i64, t: Option<i64>, online: bool) -> String {
+    if online {
+        return "now".into();
+    }
+    let Some(t) = t else { return "never".into() };
+    let d = (now - t).max(0);
+    match d {
+        0..=59 => format!("{d}s ago"),
+        60..=3599 => format!("{}m ago", d / 60),
+        3600..=86399 => format!("{}h ago", d / 3600),
+        _ => format!("{}d ago", d / 86400),
+    }
+}
+
+fn table(head: &[&str], rows: Vec<Vec<String>>) -> String {
+    let mut w: Vec<usize> = head.iter().map(|h| h.len()).collect();
+    for r in &rows {
+        for (i, c) in r.iter().enumerate() {
+            w[i] = w[i].max(c.chars().count());
+        }
+    }
+    let line = |cells: Vec<String>| {
+        let mut s = String::new();
+        for (i, c) in cells.iter().enumerate() {
+            if i + 1 == cells.len() {
+                s.push_str(c);
+            } else {
+                s.push_str(&format!("{c:<width$}  ", width = w[i]));
+            }
+        }
+        s.trim_end().to_string()
+    };
+    let mut out = line(head.iter().map(|s| s.to_string()).collect());
+    out.push('\n');
+    for r in rows {
+        out.push_str(&line(r));
+        out.push('\n');
+    }
+    out
+}
+
+fn print_json<T: serde::Serialize>(v: &T) -> anyhow::Result<()> {
+    println!("{}", serde_json::to_string_pretty(v)?);
+    Ok(())
+}
+
+/// Reads a policy file: JSON for `.json`, TOML for `.toml`, otherwise whichever parses.
+pub fn read_policy_file(path: &std::path::Path) -> anyhow::Result<Policy> {
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let ext = path.extension().and_then(|e| e.to_str()).unwrap_or("");
+    let p: Policy = match ext {
+        "json" => {
+            serde_json::from_str(&text).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?
+        }
+        "toml" => toml::from_str(&text).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?,
+        _ => match serde_json::from_str(&text) {
+            Ok(p) => p,
+            Err(je) => toml::from_str(&text).map_err(|te| {
+                anyhow::anyhow!("{}: neither JSON ({je}) nor TOML ({te})", path.display())
+            })?,
+        },
+    };
+    p.validate()
+        .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+    Ok(p)
+}
+
+/// Runs one admin command (everything but `serve`).
+pub async fn admin(cmd: Cmd) -> anyhow::Result<()> {
+    let now = crate::store::now();
+    match cmd {
+        Cmd::Serve(_) => bail!("serve is not an admin command"),
+        Cmd::Pin { state_dir } => {
+            println!("{}", crate::tls::read_pin(&state_dir)?);
+        }
+        Cmd::Authkey { conn, cmd } => {
+            let c = conn.client()?;
+            match cmd {
+                AuthkeyCmd::Create {
+                    reusable,
+                    expires,
+                    tags,
+                } => {
+                    let r: AuthKeyCreated = c
+                        .json(
+                            Method::POST,
+                            api::PATH_ADMIN_AUTHKEYS,
+                            Some(&json!({"reusable": reusable, "expires_secs": expires, "tags": tags})),
+                        )
+                        .await?;
+                    println!("{}", r.key);
+                }
+                AuthkeyCmd::List { json } => {
+                    let v: Vec<AuthKeyInfo> =
+                        c.json(Method::GET, api::PATH_ADMIN_AUTHKEYS, None).await?;
+                    if json {
+                        return print_json(&v);
+                    }
+                    let rows = v
+                        .iter()
+                        .map(|k| {
+                            let state = if k.revoked {
+                                "revoked"
+                            } else if k.expires_at.is_some_and(|e| e <= now) {
+                                "expired"
+                            } else if k.used && !k.reusable {
+                                "used"
+                            } else {
+                                "valid"
+                            };
+                            vec![
+                                k.id.to_string(),
+                                format!("{}…", k.prefix),
+                                if k.reusable { "reusable" } else { "single-use" }.into(),
+                                state.into(),
+                                match k.expires_at {
+                                    Some(e) if e > now => format!(
+                                        "in {}",
+                                        ago(e, Some(now), false).trim_end_matches(" ago")
+                                    ),
+                                    Some(_) => "expired".into(),
+                                    None => "never".into(),
+                                },
+                                k.tags.join(","),
+                            ]
+                        })
+                        .collect();
+                    print!(
+                        "{}",
+                        table(&["ID", "KEY", "KIND", "STATE", "EXPIRES", "TAGS"], rows)
+                    );
+                }
+                AuthkeyCmd::Revoke { id } => {
+                    c.call(
+                        Method::DELETE,
+                        &format!("{}/{id}", api::PATH_ADMIN_AUTHKEYS),
+                        None,
+                    )
+                    .await?;
+                    eprintln!("auth key {id} revoked");
+                }
+            }
+        }
+        Cmd::Nodes { conn, json } => {
+            let v: Vec<NodeInfo> = conn
+                .client()?
+                .json(Method::GET, api::PATH_ADMIN_NODES, None)
+                .await?;
+            if json {
+                return print_json(&v);
+            }
+            let rows = v
+                .iter()
+                .map(|n| {
+                    vec![
+                        n.name.to_string(),
+                        n.addrs.ipv4.to_string(),
+                        n.addrs.ipv6.to_string(),
+                        if n.online { "yes" } else { "no" }.into(),
+                        ago(now, n.last_seen, n.online),
+                        n.tags.join(","),
+                    ]
+                })
+                .collect();
+            print!(
+                "{}",
+                table(
+                    &["NAME", "IPV4", "IPV6", "ONLINE", "LAST SEEN", "TAGS"],
+                    rows
+                )
+            );
+        }
+        Cmd::Node { conn, cmd } => match cmd {
+            NodeCmd::Remove { name } => {
+                conn.client()?
+                    .call(
+                        Method::DELETE,
+                        &format!("{}/{name}", api::PATH_ADMIN_NODES),
+                        None,
+                    )
+                    .await?;
+                eprintln!("node {name} removed");
+            }
+        },
+        Cmd::Publish { conn, cmd } => {
+            let c = conn.client()?;
+            match cmd {
+                PublishCmd::Add {
+                    exit,
+                    port,
+                    proto,
+                    to,
+                    allow,
+                    rate_per_minute,
+                    max_conns,
+                } => {
+                    let req = PublishRequest {
+                        exit,
+                        port,
+                        proto,
+                        to,
+                        allow,
+                        rate_per_minute,
+                        max_conns,
+                    };
+                    let r: PublishRule = c
+                        .json(
+                            Method::POST,
+                            api::PATH_ADMIN_PUBLISH,
+                            Some(&serde_json::to_value(&req)?),
+                        )
+                        .await?;
+                    println!("{}", r.id);
+                }
+                PublishCmd::List { json } => {
+                    let v: Vec<PublishRule> =
+                        c.json(Method::GET, api::PATH_ADMIN_PUBLISH, None).await?;
+                    if json {
+                        return print_json(&v);
+                    }
+                    let rows = v
+                        .iter()
+                        .map(|r| {
+                            let mut limits = Vec::new();
+                            if let Some(n) = r.guards.rate_per_minute {
+                                limits.push(format!("{n}/min"));
+                            }
+                            if let Some(n) = r.guards.max_conns {
+                                limits.push(format!("{n} conns"));
+                            }
+                            vec![
+                                r.id.to_string(),
+                                r.exit_name.to_string(),
+                                format!("{}/{}", r.port, r.proto.as_str()),
+                                format!("{}:{}", r.target_name, r.target_port),
+                                if r.guards.allow.is_empty() {
+                                    "everyone".into()
+                                } else {
+                                    r.guards
+                                        .allow
+                                        .iter()
+                                        .map(|n| n.to_string())
+                                        .collect::<Vec<_>>()
+                                        .join(",")
+                                },
+                                limits.join(", "),
+                            ]
+                        })
+                        .collect();
+                    print!(
+                        "{}",
+                        table(&["ID", "EXIT", "PORT", "TARGET", "ALLOW", "LIMITS"], rows)
+                    );
+                }
+                PublishCmd::Remove { id } => {
+                    c.call(
+                        Method::DELETE,
+                        &format!("{}/{id}", api::PATH_ADMIN_PUBLISH),
+                        None,
+                    )
+                    .await?;
+                    eprintln!("publish rule {id} removed");
+                }
+            }
+        }
+        Cmd::Policy { conn, cmd } => {
+            let c = conn.client()?;
+            match cmd {
+                PolicyCmd::Get => {
+                    let p: Policy = c.json(Method::GET, api::PATH_ADMIN_POLICY, None).await?;
+                    print_json(&p)?;
+                }
+                PolicyCmd::Set { file } => {
+                    let p = read_policy_file(&file)?;
+                    let p: Policy = c
+                        .json(
+                            Method::PUT,
+                            api::PATH_ADMIN_POLICY,
+                            Some(&serde_json::to_value(&p)?),
+                        )
+                        .await?;
+                    if p.rules.is_empty() {
+                        eprintln!("policy cleared: every node may reach every node");
+                    } else {
+                        eprintln!("policy set: {} rules", p.rules.len());
+                    }
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("30m").unwrap(), 1800);
+        assert_eq!(parse_duration("1h").unwrap(), 3600);
+        assert_eq!(parse_duration("7d").unwrap(), 7 * 86400);
+        assert!(parse_duration("7").unwrap_err().contains("30m, 1h, 7d"));
+        assert!(parse_duration("1y").is_err());
+        assert!(parse_duration("0s").is_err());
+    }
+
+    #[test]
+    fn cli_shape() {
+        Cli::command().debug_assert();
+        let c = Cli::try_parse_from([
+            "homeport-coordinator",
+            "authkey",
+            "create",
+            "--reusable",
+            "--tag",
+            "a",
+            "--tag",
+            "b",
+            "--expires",
+            "1h",
+            "--state-dir",
+            "/tmp/x",
+        ])
+        .unwrap();
+        match c.cmd {
+            Cmd::Authkey {
+                conn,
+                cmd:
+                    AuthkeyCmd::Create {
+                        reusable,
+                        expires,
+                        tags,
+                    },
+            } => {
+                assert!(reusable);
+                assert_eq!(expires, Some(3600));
+                assert_eq!(tags, vec!["a", "b"]);
+                assert_eq!(conn.state_dir, PathBuf::from("/tmp/x"));
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn policy_file_toml_and_json() {
+        let dir = tempfile::tempdir().unwrap();
+        let t = dir.path().join("p.toml");
+        std::fs::write(
+            &t,
+            "[[rules]]\nfrom = [\"tag:a\"]\nto = [\"*\"]\nports = [\"tcp:22\"]\n",
+        )
+        .unwrap();
+        assert_eq!(read_policy_file(&t).unwrap().rules.len(), 1);
+        let j = dir.path().join("p");
+        std::fs::write(&j, r#"{"rules":[{"from":["*"],"to":["home"]}]}"#).unwrap();
+        assert_eq!(read_policy_file(&j).unwrap().rules[0].ports, vec!["*"]);
+        std::fs::write(&j, r#"{"rules":[{"from":["tag:"],"to":["home"]}]}"#).unwrap();
+        assert!(
+            read_policy_file(&j)
+                .unwrap_err()
+                .to_string()
+                .contains("rules[0]")
+        );
+    }
+}

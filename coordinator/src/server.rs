@@ -1,0 +1,282 @@
+//! `serve`: state directory, TLS, database, listeners, and graceful shutdown.
+
+use crate::config::Config;
+use crate::state::{AppState, StateOptions};
+use anyhow::Context;
+use axum::Router;
+use axum::routing::get;
+use homeport_proto::map::RelayInfo;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+use std::time::Duration;
+use tokio::net::{TcpListener, UdpSocket, UnixListener};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+pub const ADMIN_SOCKET: &str = "admin.sock";
+pub const LISTEN_ADDR_FILE: &str = "listen.addr";
+pub const STUN_ADDR_FILE: &str = "stun.addr";
+
+/// A TLS handshake that takes longer than this is a stuck or hostile client.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Headers must arrive this fast once a connection is up (slowloris guard).
+const HEADER_TIMEOUT: Duration = Duration::from_secs(30);
+/// On shutdown, connections get this long to finish their current request.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
+
+fn create_state_dir(dir: &Path) -> anyhow::Result<()> {
+    std::fs::create_dir_all(dir)
+        .with_context(|| format!("cannot create state directory {}", dir.display()))?;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+        .with_context(|| format!("cannot set mode 0700 on {}", dir.display()))?;
+    Ok(())
+}
+
+/// The address nodes should send STUN to: the public URL's host, else the listen address if it
+/// is specific, else the first non-loopback interface address.
+async fn reachable_ip(cfg: &Config) -> IpAddr {
+    if let Some(u) = &cfg.public_url {
+        if let Ok(host) = crate::config::check_public_url(u) {
+            let host = host.trim_matches(|c| c == '[' || c == ']').to_string();
+            if let Ok(ip) = host.parse::<IpAddr>() {
+                return ip;
+            }
+            if let Ok(mut addrs) = tokio::net::lookup_host((host.as_str(), 0)).await {
+                if let Some(a) = addrs.next() {
+                    return a.ip();
+                }
+            }
+        }
+    }
+    if !cfg.listen.ip().is_unspecified() {
+        return cfg.listen.ip();
+    }
+    crate::tls::local_ips()
+        .into_iter()
+        .find(|ip| ip.is_ipv4() && !ip.is_loopback())
+        .unwrap_or(IpAddr::V4(Ipv4Addr::LOCALHOST))
+}
+
+fn join_url(cfg: &Config, bound: SocketAddr, host: IpAddr) -> String {
+    if let Some(u) = &cfg.public_url {
+        return u.trim_end_matches('/').to_string();
+    }
+    format!("https://{}", SocketAddr::new(host, bound.port()))
+}
+
+/// Runs the coordinator until `shutdown` is cancelled.
+pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
+    // Everything this process writes is private: files 0600, directories 0700.
+    // SAFETY: umask only changes the process file-mode mask.
+    unsafe {
+        libc::umask(0o077);
+    }
+    let dir = cfg.state_dir.clone();
+    create_state_dir(&dir)?;
+
+    let public_host = cfg
+        .public_url
+        .as_deref()
+        .and_then(|u| crate::config::check_public_url(u).ok());
+    let names = crate::tls::cert_names(cfg.listen.ip(), public_host.as_deref());
+    let tls = crate::tls::load_or_create(
+        &dir,
+        cfg.tls_cert.as_deref(),
+        cfg.tls_key.as_deref(),
+        &names,
+    )?;
+    if tls.created {
+        tracing::info!(cert = %tls.cert_path.display(), names = ?names, "created a self-signed certificate");
+    }
+
+    let listener = TcpListener::bind(cfg.listen)
+        .await
+        .with_context(|| format!("cannot listen on {} (--listen)", cfg.listen))?;
+    let bound = listener.local_addr()?;
+    let stun_sock = UdpSocket::bind(cfg.stun_listen)
+        .await
+        .with_context(|| format!("cannot listen on UDP {} (--stun-listen)", cfg.stun_listen))?;
+    let stun_bound = stun_sock.local_addr()?;
+    let metrics_listener = match cfg.metrics_listen {
+        Some(a) => Some(
+            TcpListener::bind(a)
+                .await
+                .with_context(|| format!("cannot listen on {a} (--metrics-listen)"))?,
+        ),
+        None => None,
+    };
+
+    let host = reachable_ip(&cfg).await;
+    let db_url = cfg.database_url();
+    if cfg.database_url.is_none() {
+        // Create the file ourselves so it is 0600 from the start (WAL side files follow it).
+        let f = dir.join("coordinator.db");
+        if !f.exists() {
+            crate::tls::write_private(&f, b"")?;
+        }
+    }
+    let (state, first) = AppState::open(StateOptions {
+        database_url: db_url,
+        prefix_v4: cfg.prefix_v4,
+        prefix_v6: cfg.prefix_v6,
+        relays: vec![RelayInfo {
+            udp: None,
+            stun: Some(SocketAddr::new(host, stun_bound.port())),
+            public_key: None,
+        }],
+    })
+    .await?;
+
+    let sock_path = dir.join(ADMIN_SOCKET);
+    let _ = std::fs::remove_file(&sock_path);
+    let admin_listener = UnixListener::bind(&sock_path)
+        .with_context(|| format!("cannot bind the admin socket {}", sock_path.display()))?;
+    std::fs::set_permissions(&sock_path, std::fs::Permissions::from_mode(0o600))?;
+
+    let tasks = TaskTracker::new();
+    tasks.spawn(serve_https(
+        listener,
+        tokio_rustls::TlsAcceptor::from(tls.server_config.clone()),
+        crate::api::app(state.clone()),
+        shutdown.clone(),
+    ));
+    tasks.spawn(crate::stun::serve(stun_sock, shutdown.clone()));
+    {
+        let app = crate::api::local_app(state.clone());
+        let sd = shutdown.clone();
+        tasks.spawn(async move {
+            if let Err(e) = axum::serve(admin_listener, app)
+                .with_graceful_shutdown(sd.cancelled_owned())
+                .await
+            {
+                tracing::error!(error = %e, "admin socket server failed");
+            }
+        });
+    }
+    if let Some(l) = metrics_listener {
+        let st = state.clone();
+        let app = Router::new().route(
+            "/metrics",
+            get(move || {
+                let st = st.clone();
+                async move {
+                    (
+                        [(
+                            axum::http::header::CONTENT_TYPE,
+                            "text/plain; version=0.0.4",
+                        )],
+                        st.metrics.render(&st),
+                    )
+                }
+            }),
+        );
+        let sd = shutdown.clone();
+        tasks.spawn(async move {
+            if let Err(e) = axum::serve(l, app)
+                .with_graceful_shutdown(sd.cancelled_owned())
+                .await
+            {
+                tracing::error!(error = %e, "metrics server failed");
+            }
+        });
+    }
+    tasks.close();
+
+    crate::tls::write_private(&dir.join(LISTEN_ADDR_FILE), format!("{bound}\n").as_bytes())?;
+    crate::tls::write_private(
+        &dir.join(STUN_ADDR_FILE),
+        format!("{stun_bound}\n").as_bytes(),
+    )?;
+
+    let join = format!(
+        "homeport up --coordinator {} --pin {} --authkey <KEY from: homeport-coordinator authkey create>",
+        join_url(&cfg, bound, host),
+        tls.pin
+    );
+    tracing::info!(listen = %bound, stun = %stun_bound, pin = %tls.pin, state_dir = %dir.display(), "coordinator ready");
+    tracing::info!("join a node with: {join}");
+    if let Some(token) = &first.admin_token {
+        eprintln!(
+            "\nhomeport coordinator: first start.\n\
+             Admin token (shown only now; remote admin: --url https://HOST:PORT --token TOKEN --pin PIN):\n  {token}\n\
+             Join a node:\n  {join}\n"
+        );
+    }
+    let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]);
+
+    shutdown.cancelled().await;
+    tracing::info!("shutting down");
+    let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Stopping]);
+    // Map streams never end by themselves; closing them lets connections drain.
+    state.mesh().close_all();
+    if tokio::time::timeout(DRAIN_TIMEOUT + Duration::from_secs(1), tasks.wait())
+        .await
+        .is_err()
+    {
+        tracing::warn!("some connections did not finish in time");
+    }
+    let _ = std::fs::remove_file(&sock_path);
+    state.store.pool.close().await;
+    Ok(())
+}
+
+async fn serve_https(
+    listener: TcpListener,
+    acceptor: tokio_rustls::TlsAcceptor,
+    app: Router,
+    shutdown: CancellationToken,
+) {
+    let conns = TaskTracker::new();
+    loop {
+        let (tcp, peer) = tokio::select! {
+            r = listener.accept() => match r {
+                Ok(x) => x,
+                Err(e) => {
+                    // Usually EMFILE: back off instead of spinning.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+            _ = shutdown.cancelled() => break,
+        };
+        let acceptor = acceptor.clone();
+        let app = app.clone();
+        let shutdown = shutdown.clone();
+        conns.spawn(async move {
+            let _ = tcp.set_nodelay(true);
+            let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+                Ok(Ok(s)) => s,
+                Ok(Err(e)) => {
+                    tracing::debug!(%peer, error = %e, "TLS handshake failed");
+                    return;
+                }
+                Err(_) => {
+                    tracing::debug!(%peer, "TLS handshake timed out");
+                    return;
+                }
+            };
+            let svc = hyper_util::service::TowerToHyperService::new(app);
+            let conn = hyper::server::conn::http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(HEADER_TIMEOUT)
+                .serve_connection(TokioIo::new(tls), svc);
+            let mut conn = std::pin::pin!(conn);
+            tokio::select! {
+                r = conn.as_mut() => {
+                    if let Err(e) = r {
+                        tracing::debug!(%peer, error = %e, "connection ended with an error");
+                    }
+                }
+                _ = shutdown.cancelled() => {
+                    conn.as_mut().graceful_shutdown();
+                    let _ = tokio::time::timeout(DRAIN_TIMEOUT, conn).await;
+                }
+            }
+        });
+    }
+    conns.close();
+    let _ = tokio::time::timeout(DRAIN_TIMEOUT, conns.wait()).await;
+}

@@ -1,0 +1,266 @@
+//! TLS material: a user-supplied certificate, or a self-signed one made on first start and kept
+//! in the state directory. Nodes trust it by its pin (hash of the public key), not by a CA.
+
+use anyhow::{Context, bail};
+use homeport_proto::api::pin_from_spki;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use std::io::Write;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+pub const CERT_FILE: &str = "cert.pem";
+pub const KEY_FILE: &str = "key.pem";
+pub const PIN_FILE: &str = "pin";
+
+/// Writes `data` to `path` with mode 0600 so that the file appears complete or not at all
+/// (temporary file + rename): readers polling for it never see half a file.
+pub fn write_private(path: &Path, data: &[u8]) -> anyhow::Result<()> {
+    let tmp = path.with_extension(format!("tmp{}", std::process::id()));
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&tmp)
+        .with_context(|| format!("cannot write {}", tmp.display()))?;
+    f.write_all(data)
+        .and_then(|_| f.sync_all())
+        .with_context(|| format!("cannot write {}", tmp.display()))?;
+    std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o600))?;
+    std::fs::rename(&tmp, path)
+        .with_context(|| format!("cannot rename {} to {}", tmp.display(), path.display()))?;
+    Ok(())
+}
+
+/// The server side of TLS, and the pin clients check.
+pub struct TlsMaterial {
+    pub server_config: Arc<rustls::ServerConfig>,
+    pub pin: String,
+    /// True when a self-signed certificate was created by this call.
+    pub created: bool,
+    pub cert_path: PathBuf,
+}
+
+fn read_certs(path: &Path) -> anyhow::Result<Vec<CertificateDer<'static>>> {
+    let pem = std::fs::read(path)
+        .with_context(|| format!("cannot read certificate {}", path.display()))?;
+    let certs: Vec<_> = rustls_pemfile::certs(&mut &pem[..])
+        .collect::<Result<_, _>>()
+        .with_context(|| format!("{}: not a PEM certificate file", path.display()))?;
+    if certs.is_empty() {
+        bail!(
+            "{}: no certificate found; expected PEM (-----BEGIN CERTIFICATE-----)",
+            path.display()
+        );
+    }
+    Ok(certs)
+}
+
+fn read_key(path: &Path) -> anyhow::Result<PrivateKeyDer<'static>> {
+    let pem = std::fs::read(path).with_context(|| format!("cannot read key {}", path.display()))?;
+    rustls_pemfile::private_key(&mut &pem[..])
+        .with_context(|| format!("{}: not a PEM key file", path.display()))?
+        .with_context(|| {
+            format!(
+                "{}: no private key found; expected PEM (PKCS#8, PKCS#1 or SEC1)",
+                path.display()
+            )
+        })
+}
+
+/// The pin of the first certificate in a PEM file.
+pub fn pin_of_cert_file(path: &Path) -> anyhow::Result<String> {
+    let certs = read_certs(path)?;
+    let spki = homeport_proto::tls::spki_of_cert(certs[0].as_ref()).with_context(|| {
+        format!(
+            "{}: cannot find the public key in the certificate",
+            path.display()
+        )
+    })?;
+    Ok(pin_from_spki(spki))
+}
+
+/// The pin of the coordinator whose state directory is `dir`: the pin file the server writes on
+/// start, else the self-signed certificate.
+pub fn read_pin(dir: &Path) -> anyhow::Result<String> {
+    let pin_file = dir.join(PIN_FILE);
+    if let Ok(p) = std::fs::read_to_string(&pin_file) {
+        let p = p.trim().to_string();
+        if homeport_proto::tls::validate_pin(&p).is_ok() {
+            return Ok(p);
+        }
+    }
+    let cert = dir.join(CERT_FILE);
+    if cert.exists() {
+        return pin_of_cert_file(&cert);
+    }
+    bail!(
+        "no certificate in {} yet: start the coordinator once (`homeport-coordinator serve --state-dir {}`) to create one",
+        dir.display(),
+        dir.display()
+    )
+}
+
+/// Loads `cert`/`key` if given; else loads or creates the self-signed pair in `state_dir` with
+/// `sans` as subject alternative names. Writes the pin file last.
+pub fn load_or_create(
+    state_dir: &Path,
+    cert: Option<&Path>,
+    key: Option<&Path>,
+    sans: &[String],
+) -> anyhow::Result<TlsMaterial> {
+    let (cert_path, key_path, created) = match (cert, key) {
+        (Some(c), Some(k)) => (c.to_path_buf(), k.to_path_buf(), false),
+        (None, None) => {
+            let c = state_dir.join(CERT_FILE);
+            let k = state_dir.join(KEY_FILE);
+            let created = if c.exists() && k.exists() {
+                false
+            } else {
+                let mut params = rcgen::CertificateParams::new(sans.to_vec())
+                    .context("cannot build the self-signed certificate")?;
+                params
+                    .distinguished_name
+                    .push(rcgen::DnType::CommonName, "homeport coordinator");
+                let kp = rcgen::KeyPair::generate().context("cannot generate a key")?;
+                let cert = params
+                    .self_signed(&kp)
+                    .context("cannot sign the certificate")?;
+                // Key first, certificate last: the certificate's presence means both are complete.
+                write_private(&k, kp.serialize_pem().as_bytes())?;
+                write_private(&c, cert.pem().as_bytes())?;
+                true
+            };
+            (c, k, created)
+        }
+        _ => bail!(
+            "--tls-cert and --tls-key go together: give both or neither (neither = self-signed)"
+        ),
+    };
+    let certs = read_certs(&cert_path)?;
+    let key = read_key(&key_path)?;
+    let pin = pin_of_cert_file(&cert_path)?;
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut cfg = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()?
+        .with_no_client_auth()
+        .with_single_cert(certs, key)
+        .with_context(|| {
+            format!(
+                "{} and {} do not form a usable certificate and key",
+                cert_path.display(),
+                key_path.display()
+            )
+        })?;
+    cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
+    write_private(&state_dir.join(PIN_FILE), format!("{pin}\n").as_bytes())?;
+    Ok(TlsMaterial {
+        server_config: Arc::new(cfg),
+        pin,
+        created,
+        cert_path,
+    })
+}
+
+/// Addresses of the local interfaces (for certificate names and the join hint).
+pub fn local_ips() -> Vec<IpAddr> {
+    let mut out = Vec::new();
+    // SAFETY: getifaddrs fills a linked list we only read and then free with freeifaddrs.
+    unsafe {
+        let mut ifap: *mut libc::ifaddrs = std::ptr::null_mut();
+        if libc::getifaddrs(&mut ifap) != 0 {
+            return out;
+        }
+        let mut p = ifap;
+        while !p.is_null() {
+            let a = (*p).ifa_addr;
+            if !a.is_null() {
+                match (*a).sa_family as i32 {
+                    libc::AF_INET => {
+                        let s = &*(a as *const libc::sockaddr_in);
+                        out.push(IpAddr::V4(Ipv4Addr::from(u32::from_be(s.sin_addr.s_addr))));
+                    }
+                    libc::AF_INET6 => {
+                        let s = &*(a as *const libc::sockaddr_in6);
+                        out.push(IpAddr::V6(Ipv6Addr::from(s.sin6_addr.s6_addr)));
+                    }
+                    _ => {}
+                }
+            }
+            p = (*p).ifa_next;
+        }
+        libc::freeifaddrs(ifap);
+    }
+    out.sort();
+    out.dedup();
+    out
+}
+
+fn link_local(ip: &IpAddr) -> bool {
+    match ip {
+        IpAddr::V4(v) => v.is_link_local(),
+        IpAddr::V6(v) => (v.segments()[0] & 0xffc0) == 0xfe80,
+    }
+}
+
+/// Names for a self-signed certificate: localhost, the listen address if specific, every
+/// interface address, and the public URL's host.
+pub fn cert_names(listen: IpAddr, public_host: Option<&str>) -> Vec<String> {
+    let mut v = vec!["localhost".to_string()];
+    if !listen.is_unspecified() {
+        v.push(listen.to_string());
+    }
+    for ip in local_ips() {
+        if !link_local(&ip) {
+            v.push(ip.to_string());
+        }
+    }
+    if let Some(h) = public_host {
+        v.push(h.trim_matches(|c| c == '[' || c == ']').to_string());
+    }
+    let mut seen = std::collections::HashSet::new();
+    v.retain(|x| seen.insert(x.clone()));
+    v
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn self_signed_is_created_once_and_pinned() {
+        let dir = tempfile::tempdir().unwrap();
+        assert!(
+            read_pin(dir.path())
+                .unwrap_err()
+                .to_string()
+                .contains("no certificate")
+        );
+        let names = cert_names("127.0.0.1".parse().unwrap(), Some("vps.example"));
+        assert!(names.contains(&"vps.example".to_string()));
+        let a = load_or_create(dir.path(), None, None, &names).unwrap();
+        assert!(a.created);
+        assert!(a.pin.starts_with("sha256/"));
+        homeport_proto::tls::validate_pin(&a.pin).unwrap();
+        let b = load_or_create(dir.path(), None, None, &names).unwrap();
+        assert!(!b.created);
+        assert_eq!(a.pin, b.pin);
+        assert_eq!(read_pin(dir.path()).unwrap(), a.pin);
+        std::fs::remove_file(dir.path().join(PIN_FILE)).unwrap();
+        assert_eq!(
+            read_pin(dir.path()).unwrap(),
+            a.pin,
+            "falls back to cert.pem"
+        );
+        for f in [CERT_FILE, KEY_FILE] {
+            let mode = std::fs::metadata(dir.path().join(f))
+                .unwrap()
+                .permissions()
+                .mode();
+            assert_eq!(mode & 0o777, 0o600, "{f}");
+        }
+        assert!(load_or_create(dir.path(), Some(&dir.path().join(CERT_FILE)), None, &[]).is_err());
+    }
+}
