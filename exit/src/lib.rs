@@ -1,1 +1,6 @@
-pub fn placeholder() {}
+//! homeport-exit: a mesh node plus the publisher (nftables rules for published ports, edge
+//! protection, audit log).
+
+#[cfg(test)]
+mod lab;
+pub mod nft;

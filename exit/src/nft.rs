@@ -1,0 +1,1407 @@
+//! The exit's nftables ruleset: DNAT of published ports into the mesh, guards (allow-lists,
+//! per-source rate and connection limits, bans), the forward policy for the TUN and edge
+//! protection of the VPS itself.
+//!
+//! Everything lives in one table of our own, `table inet homeport_exit`; no other table is ever
+//! touched. [`ruleset`] is pure: it turns the config and the rules into one `nft -j` batch that
+//! adds the table, deletes it and adds it again with its full contents. Applied, that batch is
+//! atomic (the kernel commits it as one transaction) and idempotent (a re-apply replaces, never
+//! duplicates). Conntrack entries are not part of the table, so established flows (and their
+//! NAT bindings) survive a re-apply.
+//!
+//! Layout (hook, priority):
+//! - `guard_pre` (prerouting, -150, before DNAT at -100): public traffic to a published port
+//!   jumps to `pub_<id>`, which checks in order: banned set, allow-list (every packet, so taking
+//!   a source off the list cuts its flows), then for new connections the per-source rate meter
+//!   and the per-source `ct count`. A failed check jumps to `deny_<reason>_<id>`, which counts
+//!   the packet per source in a dynamic meter (read by the audit task) and drops it.
+//! - `dnat_pre` (prerouting, dstnat): `dnat ip to target_ipv4:target_port` and the ip6
+//!   equivalent. No masquerade: the target sees the viewer's address.
+//! - `fwd_mesh` (forward, filter): MSS clamp on the TUN, accept DNATed flows (`ct status dnat`)
+//!   to and from the TUN, drop everything else that enters or leaves through the TUN (no node
+//!   may use the exit as a general gateway, and nothing public reaches the mesh un-published).
+//! - `edge_in` (input, filter), when edge protection is on: on the public side (not `lo`, not
+//!   the TUN) accept established/related, ICMP (echo rate-limited), DHCP replies and the
+//!   keep-open ports; everything else is dropped. A source sending new TCP SYNs or UDP to closed
+//!   ports of this host more than `ban_after` times within a minute lands in `banned4`/`banned6`
+//!   for `ban_seconds`; banned sources are dropped on published ports (keep-open ports such as
+//!   SSH stay reachable, so a ban can never lock the admin out).
+
+use homeport_proto::publish::{PublishProto, PublishRule};
+use nftables::expr::{
+    BinaryOperation, CT, Elem, Expression, Fib, FibFlag, FibResult, Meta, MetaKey, NamedExpression,
+    Payload, PayloadField, Prefix, RT, RTKey, SetItem, TcpOption,
+};
+use nftables::schema::{
+    Chain, NfListObject, Nftables, Rule, Set, SetFlag, SetType, SetTypeValue, Table,
+};
+use nftables::stmt::{
+    CTCount, Counter, JumpTarget, Limit, Mangle, Match, Meter, NAT, NATFamily, Operator, SetOp,
+    Statement,
+};
+use nftables::types::{NfChainPolicy, NfChainType, NfFamily, NfHook};
+use std::borrow::Cow;
+use std::collections::{BTreeSet, HashSet};
+use std::fmt;
+use std::net::IpAddr;
+use std::str::FromStr;
+
+/// Name of homeport's own table (family inet).
+pub const TABLE: &str = "homeport_exit";
+/// Element timeout of the per-source deny counters: long enough that the audit task (which
+/// reads them every few seconds) never misses an element, short enough that a flood of spoofed
+/// sources does not fill the meter for long.
+pub const DENY_COUNTER_SECS: u32 = 60;
+/// Element timeout of the per-source rate meters. A token bucket refilled at N/minute with a
+/// burst of N is full again after a minute of silence, so forgetting it then loses nothing.
+pub const RATE_METER_SECS: u32 = 60;
+/// Window of the closed-port probe counter behind `--ban-after`.
+pub const PROBE_WINDOW_SECS: u32 = 60;
+/// ICMP echo requests accepted per second on the public side (beyond: dropped).
+pub const ECHO_PER_SECOND: u32 = 10;
+
+/// Layer-4 protocol of a keep-open port.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum L4 {
+    Tcp,
+    Udp,
+}
+
+impl L4 {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            L4::Tcp => "tcp",
+            L4::Udp => "udp",
+        }
+    }
+}
+
+/// A port kept reachable on the public side by edge protection, written `PROTO:PORT`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct PortSpec {
+    pub proto: L4,
+    pub port: u16,
+}
+
+impl fmt::Display for PortSpec {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}:{}", self.proto.as_str(), self.port)
+    }
+}
+
+impl FromStr for PortSpec {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let bad = || {
+            format!(
+                "invalid port {s:?}: expected PROTO:PORT with PROTO tcp or udp and PORT 1-65535, e.g. tcp:22"
+            )
+        };
+        let (p, n) = s.split_once(':').ok_or_else(bad)?;
+        let proto = match p.trim().to_ascii_lowercase().as_str() {
+            "tcp" => L4::Tcp,
+            "udp" => L4::Udp,
+            _ => return Err(bad()),
+        };
+        let port: u16 = n.trim().parse().map_err(|_| bad())?;
+        if port == 0 {
+            return Err(bad());
+        }
+        Ok(PortSpec { proto, port })
+    }
+}
+
+/// The default keep-open ports: SSH, the coordinator's HTTPS API and its STUN server. The
+/// node's WireGuard port is added by the caller.
+pub fn default_keep_open() -> Vec<PortSpec> {
+    vec![
+        PortSpec {
+            proto: L4::Tcp,
+            port: 22,
+        },
+        PortSpec {
+            proto: L4::Tcp,
+            port: 8443,
+        },
+        PortSpec {
+            proto: L4::Udp,
+            port: 3478,
+        },
+    ]
+}
+
+/// Everything the ruleset depends on besides the publish rules.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NftConfig {
+    /// The node's TUN interface (mesh side).
+    pub tun: String,
+    /// Edge protection of the VPS itself (the `edge_in` chain).
+    pub edge_protection: bool,
+    /// Ports that stay reachable on the public side (include the WireGuard port).
+    pub keep_open: Vec<PortSpec>,
+    /// How long a closed-port prober stays banned.
+    pub ban_seconds: u32,
+    /// Closed-port hits within a minute that get a source banned (1 = the first hit).
+    pub ban_after: u32,
+}
+
+/// Why a packet to a published port was dropped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum DenyReason {
+    NotInAllowList,
+    Rate,
+    MaxConns,
+    Banned,
+}
+
+impl DenyReason {
+    pub const ALL: [DenyReason; 4] = [
+        DenyReason::NotInAllowList,
+        DenyReason::Rate,
+        DenyReason::MaxConns,
+        DenyReason::Banned,
+    ];
+    /// The verdict as written in the audit log and metrics.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DenyReason::NotInAllowList => "not-in-allow-list",
+            DenyReason::Rate => "rate",
+            DenyReason::MaxConns => "max-conns",
+            DenyReason::Banned => "banned",
+        }
+    }
+    /// The short token used in chain and meter names.
+    fn token(self) -> &'static str {
+        match self {
+            DenyReason::NotInAllowList => "allow",
+            DenyReason::Rate => "rate",
+            DenyReason::MaxConns => "conns",
+            DenyReason::Banned => "banned",
+        }
+    }
+    fn from_token(t: &str) -> Option<DenyReason> {
+        DenyReason::ALL.into_iter().find(|r| r.token() == t)
+    }
+}
+
+/// Name of the per-source deny counter meter of a rule, reason and address family.
+pub fn deny_meter_name(reason: DenyReason, id: i64, v6: bool) -> String {
+    format!("deny{}_{}_{}", if v6 { 6 } else { 4 }, reason.token(), id)
+}
+
+/// Inverse of [`deny_meter_name`]: (reason, rule id) of a deny meter, None for other sets.
+pub fn parse_deny_meter_name(name: &str) -> Option<(DenyReason, i64)> {
+    let rest = name
+        .strip_prefix("deny4_")
+        .or_else(|| name.strip_prefix("deny6_"))?;
+    let (tok, id) = rest.split_once('_')?;
+    Some((DenyReason::from_token(tok)?, id.parse().ok()?))
+}
+
+/// A ban carried over into a re-applied table, with the seconds it has left.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Ban {
+    pub addr: IpAddr,
+    pub secs_left: u32,
+}
+
+/// A publish rule the exit does not install, and why.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Skipped {
+    pub id: i64,
+    pub why: String,
+}
+
+/// Picks the rules to install: known protocol, port not 0, not a keep-open port (that would
+/// steal e.g. SSH), and at most one rule per (proto, port) (the lowest id wins). Sorted by id
+/// so the ruleset does not depend on the map's order.
+pub fn plan<'r>(cfg: &NftConfig, rules: &'r [PublishRule]) -> (Vec<&'r PublishRule>, Vec<Skipped>) {
+    let mut sorted: Vec<&PublishRule> = rules.iter().collect();
+    sorted.sort_by_key(|r| r.id);
+    let mut seen = BTreeSet::new();
+    let mut ok = Vec::new();
+    let mut skipped = Vec::new();
+    for r in sorted {
+        let l4 = match r.proto {
+            PublishProto::Tcp => L4::Tcp,
+            PublishProto::Udp => L4::Udp,
+            PublishProto::Unknown => {
+                skipped.push(Skipped {
+                    id: r.id,
+                    why: "unknown protocol (this exit knows tcp and udp)".into(),
+                });
+                continue;
+            }
+        };
+        if r.port == 0 || r.target_port == 0 {
+            skipped.push(Skipped {
+                id: r.id,
+                why: "port 0".into(),
+            });
+            continue;
+        }
+        let spec = PortSpec {
+            proto: l4,
+            port: r.port,
+        };
+        if cfg.keep_open.contains(&spec) {
+            skipped.push(Skipped {
+                id: r.id,
+                why: format!("{spec} is a keep-open port of this exit (it would be taken from the VPS itself)"),
+            });
+            continue;
+        }
+        if !seen.insert(spec) {
+            skipped.push(Skipped {
+                id: r.id,
+                why: format!("{spec} is already published by a rule with a lower id"),
+            });
+            continue;
+        }
+        ok.push(r);
+    }
+    (ok, skipped)
+}
+
+// ---- small expression builders -------------------------------------------------------------
+
+fn s(v: impl Into<String>) -> Expression<'static> {
+    Expression::String(Cow::Owned(v.into()))
+}
+fn payload(protocol: &'static str, field: &'static str) -> Expression<'static> {
+    Expression::Named(NamedExpression::Payload(Payload::PayloadField(
+        PayloadField {
+            protocol: protocol.into(),
+            field: field.into(),
+        },
+    )))
+}
+fn meta(key: MetaKey) -> Expression<'static> {
+    Expression::Named(NamedExpression::Meta(Meta { key }))
+}
+fn ct(key: &'static str) -> Expression<'static> {
+    Expression::Named(NamedExpression::CT(CT {
+        key: key.into(),
+        family: None,
+        dir: None,
+    }))
+}
+fn m(left: Expression<'static>, op: Operator, right: Expression<'static>) -> Statement<'static> {
+    Statement::Match(Match { left, right, op })
+}
+fn eq(left: Expression<'static>, right: Expression<'static>) -> Statement<'static> {
+    m(left, Operator::EQ, right)
+}
+fn anon_set(items: Vec<Expression<'static>>) -> Expression<'static> {
+    Expression::Named(NamedExpression::Set(
+        items.into_iter().map(SetItem::Element).collect(),
+    ))
+}
+fn jump(target: String) -> Statement<'static> {
+    Statement::Jump(JumpTarget {
+        target: target.into(),
+    })
+}
+fn saddr(v6: bool) -> Expression<'static> {
+    payload(if v6 { "ip6" } else { "ip" }, "saddr")
+}
+fn elem_timeout(val: Expression<'static>, timeout: u32) -> Expression<'static> {
+    Expression::Named(NamedExpression::Elem(Elem {
+        val: Box::new(val),
+        timeout: Some(timeout),
+        expires: None,
+        comment: None,
+        counter: None,
+    }))
+}
+/// `fib daddr type local`: addressed to this host (not broadcast, not routed through).
+fn to_local() -> Statement<'static> {
+    fib_daddr_type(Operator::EQ)
+}
+fn fib_daddr_type(op: Operator) -> Statement<'static> {
+    let mut flags = HashSet::new();
+    flags.insert(FibFlag::Daddr);
+    m(
+        Expression::Named(NamedExpression::Fib(Fib {
+            result: FibResult::Type,
+            flags,
+        })),
+        op,
+        s("local"),
+    )
+}
+fn ct_state_new() -> Statement<'static> {
+    m(ct("state"), Operator::IN, s("new"))
+}
+/// `meta l4proto P P dport N`
+fn dport(proto: L4, port: u16) -> [Statement<'static>; 2] {
+    [
+        eq(meta(MetaKey::L4proto), s(proto.as_str())),
+        eq(
+            payload(proto.as_str(), "dport"),
+            Expression::Number(port as u32),
+        ),
+    ]
+}
+/// A per-source meter whose element times out.
+fn meter(
+    name: String,
+    v6: bool,
+    timeout: Option<u32>,
+    stmt: Statement<'static>,
+) -> Statement<'static> {
+    let key = match timeout {
+        Some(t) => elem_timeout(saddr(v6), t),
+        None => saddr(v6),
+    };
+    Statement::Meter(Meter {
+        name: name.into(),
+        key,
+        stmt: Box::new(stmt),
+    })
+}
+
+struct Builder {
+    objs: Vec<nftables::schema::NfObject<'static>>,
+}
+
+impl Builder {
+    fn add(&mut self, o: NfListObject<'static>) {
+        self.objs.push(nftables::schema::NfObject::CmdObject(
+            nftables::schema::NfCmd::Add(o),
+        ));
+    }
+    fn chain(&mut self, name: &str, base: Option<(NfChainType, NfHook, i32)>) {
+        let mut c = Chain {
+            family: NfFamily::INet,
+            table: TABLE.into(),
+            name: name.to_string().into(),
+            ..Chain::default()
+        };
+        if let Some((t, h, p)) = base {
+            c._type = Some(t);
+            c.hook = Some(h);
+            c.prio = Some(p);
+            c.policy = Some(NfChainPolicy::Accept);
+        }
+        self.add(NfListObject::Chain(c));
+    }
+    fn rule(&mut self, chain: &str, expr: Vec<Statement<'static>>) {
+        self.add(NfListObject::Rule(Rule {
+            family: NfFamily::INet,
+            table: TABLE.into(),
+            chain: chain.to_string().into(),
+            expr: expr.into(),
+            ..Rule::default()
+        }));
+    }
+    fn set(
+        &mut self,
+        name: &str,
+        v6: bool,
+        flag: SetFlag,
+        timeout: Option<u32>,
+        elem: Option<Vec<Expression<'static>>>,
+    ) {
+        let mut flags = HashSet::new();
+        flags.insert(flag);
+        self.add(NfListObject::Set(Box::new(Set {
+            family: NfFamily::INet,
+            table: TABLE.into(),
+            name: name.to_string().into(),
+            set_type: SetTypeValue::Single(if v6 {
+                SetType::Ipv6Addr
+            } else {
+                SetType::Ipv4Addr
+            }),
+            flags: Some(flags),
+            timeout,
+            elem: elem.map(Into::into),
+            ..Set::default()
+        })));
+    }
+}
+
+fn table() -> Table<'static> {
+    Table {
+        family: NfFamily::INet,
+        name: TABLE.into(),
+        handle: None,
+    }
+}
+
+/// The batch that removes homeport's table (adding it first makes the delete succeed whether or
+/// not the table exists). Other tables are never touched.
+pub fn removal() -> Nftables<'static> {
+    let mut b = Builder { objs: Vec::new() };
+    b.add(NfListObject::Table(table()));
+    b.objs.push(nftables::schema::NfObject::CmdObject(
+        nftables::schema::NfCmd::Delete(NfListObject::Table(table())),
+    ));
+    Nftables {
+        objects: b.objs.into(),
+    }
+}
+
+/// The complete ruleset as one atomic, idempotent batch (see the module docs). `rules` are the
+/// rules of this exit; [`plan`] decides which are installed. `bans` are carried over from the
+/// table being replaced.
+pub fn ruleset(cfg: &NftConfig, rules: &[PublishRule], bans: &[Ban]) -> Nftables<'static> {
+    let (rules, _) = plan(cfg, rules);
+    let mut b = Builder {
+        objs: removal().objects.into_owned(),
+    };
+    b.add(NfListObject::Table(table()));
+
+    // Bans: dynamic sets filled from the packet path (edge_in), carried over on re-apply.
+    for v6 in [false, true] {
+        let carried: Vec<Expression<'static>> = bans
+            .iter()
+            .filter(|x| x.addr.is_ipv6() == v6 && x.secs_left > 0)
+            .map(|x| {
+                elem_timeout(
+                    s(x.addr.to_string()),
+                    x.secs_left.min(cfg.ban_seconds.max(1)),
+                )
+            })
+            .collect();
+        let name = if v6 { "banned6" } else { "banned4" };
+        b.set(
+            name,
+            v6,
+            SetFlag::Timeout,
+            Some(cfg.ban_seconds.max(1)),
+            (!carried.is_empty()).then_some(carried),
+        );
+    }
+
+    // Allow-lists: one interval set per family for every rule that has one.
+    for r in &rules {
+        if r.guards.allow.is_empty() {
+            continue;
+        }
+        for v6 in [false, true] {
+            let elems: Vec<Expression<'static>> = r
+                .guards
+                .allow
+                .iter()
+                .filter(|n| n.addr().is_ipv6() == v6)
+                .map(|n| {
+                    let n = n.trunc();
+                    Expression::Named(NamedExpression::Prefix(Prefix {
+                        addr: Box::new(s(n.addr().to_string())),
+                        len: n.prefix_len() as u32,
+                    }))
+                })
+                .collect();
+            b.set(
+                &allow_set(r.id, v6),
+                v6,
+                SetFlag::Interval,
+                None,
+                (!elems.is_empty()).then_some(elems),
+            );
+        }
+    }
+
+    // Guards, before DNAT.
+    b.chain(
+        "guard_pre",
+        Some((NfChainType::Filter, NfHook::Prerouting, -150)),
+    );
+    b.chain(
+        "dnat_pre",
+        Some((NfChainType::NAT, NfHook::Prerouting, -100)),
+    );
+    b.chain("fwd_mesh", Some((NfChainType::Filter, NfHook::Forward, 0)));
+    for ch in ["guard_pre", "dnat_pre"] {
+        b.rule(
+            ch,
+            vec![
+                m(
+                    meta(MetaKey::Iifname),
+                    Operator::IN,
+                    anon_set(vec![s("lo"), s(cfg.tun.clone())]),
+                ),
+                Statement::Return(None),
+            ],
+        );
+        b.rule(
+            ch,
+            vec![fib_daddr_type(Operator::NEQ), Statement::Return(None)],
+        );
+    }
+    for r in &rules {
+        let l4 = if r.proto == PublishProto::Udp {
+            L4::Udp
+        } else {
+            L4::Tcp
+        };
+        let pc = format!("pub_{}", r.id);
+        b.chain(&pc, None);
+        let mut e = dport(l4, r.port).to_vec();
+        e.push(jump(pc.clone()));
+        b.rule("guard_pre", e);
+
+        let g = &r.guards;
+        let used = [
+            (DenyReason::Banned, true),
+            (DenyReason::NotInAllowList, !g.allow.is_empty()),
+            (DenyReason::Rate, g.rate_per_minute.is_some()),
+            (DenyReason::MaxConns, g.max_conns.is_some()),
+        ];
+        for (reason, _) in used.into_iter().filter(|u| u.1) {
+            let dc = format!("deny_{}_{}", reason.token(), r.id);
+            b.chain(&dc, None);
+            // Counting and dropping are separate rules: if the meter is full, the count is
+            // lost but the packet is still dropped.
+            for v6 in [false, true] {
+                b.rule(
+                    &dc,
+                    vec![meter(
+                        deny_meter_name(reason, r.id, v6),
+                        v6,
+                        Some(DENY_COUNTER_SECS),
+                        Statement::Counter(Counter::Anonymous(None)),
+                    )],
+                );
+            }
+            b.rule(&dc, vec![Statement::Drop(None)]);
+        }
+        let deny = |reason: DenyReason| jump(format!("deny_{}_{}", reason.token(), r.id));
+        for v6 in [false, true] {
+            let set = if v6 { "@banned6" } else { "@banned4" };
+            b.rule(&pc, vec![eq(saddr(v6), s(set)), deny(DenyReason::Banned)]);
+        }
+        if !r.guards.allow.is_empty() {
+            for v6 in [false, true] {
+                b.rule(
+                    &pc,
+                    vec![
+                        m(
+                            saddr(v6),
+                            Operator::NEQ,
+                            s(format!("@{}", allow_set(r.id, v6))),
+                        ),
+                        deny(DenyReason::NotInAllowList),
+                    ],
+                );
+            }
+        }
+        // The limits only concern new connections.
+        b.rule(
+            &pc,
+            vec![
+                m(ct("state"), Operator::NEQ, s("new")),
+                Statement::Return(None),
+            ],
+        );
+        match r.guards.rate_per_minute {
+            Some(0) => b.rule(&pc, vec![deny(DenyReason::Rate)]),
+            Some(n) => {
+                for v6 in [false, true] {
+                    let lim = Statement::Limit(Limit {
+                        rate: n,
+                        rate_unit: Some("packets".into()),
+                        per: Some("minute".into()),
+                        burst: Some(n),
+                        burst_unit: Some("packets".into()),
+                        inv: Some(true),
+                    });
+                    let name = format!("rate{}_{}", if v6 { 6 } else { 4 }, r.id);
+                    b.rule(
+                        &pc,
+                        vec![
+                            meter(name, v6, Some(RATE_METER_SECS), lim),
+                            deny(DenyReason::Rate),
+                        ],
+                    );
+                }
+            }
+            None => {}
+        }
+        match r.guards.max_conns {
+            Some(0) => b.rule(&pc, vec![deny(DenyReason::MaxConns)]),
+            Some(n) => {
+                for v6 in [false, true] {
+                    let cc = Statement::CTCount(CTCount {
+                        val: Expression::Number(n),
+                        inv: Some(true),
+                    });
+                    let name = format!("conns{}_{}", if v6 { 6 } else { 4 }, r.id);
+                    b.rule(
+                        &pc,
+                        vec![meter(name, v6, None, cc), deny(DenyReason::MaxConns)],
+                    );
+                }
+            }
+            None => {}
+        }
+
+        // DNAT into the mesh; no masquerade.
+        for v6 in [false, true] {
+            let mut e = vec![eq(
+                meta(MetaKey::Nfproto),
+                s(if v6 { "ipv6" } else { "ipv4" }),
+            )];
+            e.extend(dport(l4, r.port));
+            e.push(Statement::DNAT(Some(NAT {
+                addr: Some(s(if v6 {
+                    r.target_ipv6.to_string()
+                } else {
+                    r.target_ipv4.to_string()
+                })),
+                family: Some(if v6 { NATFamily::IP6 } else { NATFamily::IP }),
+                port: Some(Expression::Number(r.target_port as u32)),
+                flags: None,
+            })));
+            b.rule("dnat_pre", e);
+        }
+    }
+
+    // Forward: only published flows cross the TUN.
+    let tun = || s(cfg.tun.clone());
+    for dir in [MetaKey::Iifname, MetaKey::Oifname] {
+        b.rule(
+            "fwd_mesh",
+            vec![
+                eq(meta(dir), tun()),
+                m(payload("tcp", "flags"), Operator::IN, s("syn")),
+                Statement::Mangle(Mangle {
+                    key: Expression::Named(NamedExpression::TcpOption(TcpOption {
+                        name: "maxseg".into(),
+                        field: Some("size".into()),
+                    })),
+                    value: Expression::Named(NamedExpression::RT(RT {
+                        key: RTKey::MTU,
+                        family: None,
+                    })),
+                }),
+            ],
+        );
+    }
+    for dir in [MetaKey::Oifname, MetaKey::Iifname] {
+        b.rule(
+            "fwd_mesh",
+            vec![
+                eq(meta(dir), tun()),
+                m(ct("status"), Operator::IN, s("dnat")),
+                Statement::Accept(None),
+            ],
+        );
+    }
+    for dir in [MetaKey::Iifname, MetaKey::Oifname] {
+        b.rule(
+            "fwd_mesh",
+            vec![eq(meta(dir), tun()), Statement::Drop(None)],
+        );
+    }
+
+    if cfg.edge_protection {
+        edge(&mut b, cfg);
+    }
+    Nftables {
+        objects: b.objs.into(),
+    }
+}
+
+fn allow_set(id: i64, v6: bool) -> String {
+    format!("allow{}_{}", if v6 { 6 } else { 4 }, id)
+}
+
+fn edge(b: &mut Builder, cfg: &NftConfig) {
+    let c = "edge_in";
+    b.chain(c, Some((NfChainType::Filter, NfHook::Input, 0)));
+    b.chain("probe", None);
+    b.rule(
+        c,
+        vec![
+            m(
+                meta(MetaKey::Iifname),
+                Operator::IN,
+                anon_set(vec![s("lo"), s(cfg.tun.clone())]),
+            ),
+            Statement::Accept(None),
+        ],
+    );
+    b.rule(
+        c,
+        vec![
+            m(
+                ct("state"),
+                Operator::IN,
+                Expression::List(vec![s("established"), s("related")]),
+            ),
+            Statement::Accept(None),
+        ],
+    );
+    b.rule(
+        c,
+        vec![
+            m(ct("state"), Operator::IN, s("invalid")),
+            Statement::Drop(None),
+        ],
+    );
+    for (l4, proto, echo) in [
+        ("icmp", "icmp", "echo-request"),
+        ("ipv6-icmp", "icmpv6", "echo-request"),
+    ] {
+        let is_echo = || eq(payload(proto, "type"), s(echo));
+        b.rule(
+            c,
+            vec![
+                eq(meta(MetaKey::L4proto), s(l4)),
+                is_echo(),
+                Statement::Limit(Limit {
+                    rate: ECHO_PER_SECOND,
+                    rate_unit: Some("packets".into()),
+                    per: Some("second".into()),
+                    burst: Some(ECHO_PER_SECOND),
+                    burst_unit: Some("packets".into()),
+                    inv: None,
+                }),
+                Statement::Accept(None),
+            ],
+        );
+        b.rule(
+            c,
+            vec![
+                eq(meta(MetaKey::L4proto), s(l4)),
+                is_echo(),
+                Statement::Drop(None),
+            ],
+        );
+        // Everything else ICMP: errors, and for IPv6 neighbour and router discovery.
+        b.rule(
+            c,
+            vec![eq(meta(MetaKey::L4proto), s(l4)), Statement::Accept(None)],
+        );
+    }
+    // DHCP replies (v4 renewals are conntracked, but the first exchange is broadcast).
+    b.rule(
+        c,
+        vec![
+            eq(meta(MetaKey::L4proto), s("udp")),
+            eq(payload("udp", "sport"), Expression::Number(67)),
+            eq(payload("udp", "dport"), Expression::Number(68)),
+            Statement::Accept(None),
+        ],
+    );
+    b.rule(
+        c,
+        vec![
+            eq(
+                payload("ip6", "saddr"),
+                Expression::Named(NamedExpression::Prefix(Prefix {
+                    addr: Box::new(s("fe80::")),
+                    len: 10,
+                })),
+            ),
+            eq(meta(MetaKey::L4proto), s("udp")),
+            eq(payload("udp", "dport"), Expression::Number(546)),
+            Statement::Accept(None),
+        ],
+    );
+    let mut keep = cfg.keep_open.clone();
+    keep.sort();
+    keep.dedup();
+    for l4 in [L4::Tcp, L4::Udp] {
+        let ports: Vec<Expression<'static>> = keep
+            .iter()
+            .filter(|p| p.proto == l4)
+            .map(|p| Expression::Number(p.port as u32))
+            .collect();
+        if ports.is_empty() {
+            continue;
+        }
+        b.rule(
+            c,
+            vec![
+                eq(meta(MetaKey::L4proto), s(l4.as_str())),
+                eq(payload(l4.as_str(), "dport"), anon_set(ports)),
+                Statement::Accept(None),
+            ],
+        );
+    }
+    // Probes of closed ports: a new TCP connection attempt (a bare SYN, so stray ACKs of old
+    // flows never ban anyone) or a new UDP flow, addressed to this host.
+    b.rule(
+        c,
+        vec![
+            eq(meta(MetaKey::L4proto), s("tcp")),
+            eq(
+                Expression::BinaryOperation(Box::new(BinaryOperation::AND(
+                    payload("tcp", "flags"),
+                    flag_list(&["syn", "ack", "fin", "rst"]),
+                ))),
+                s("syn"),
+            ),
+            to_local(),
+            jump("probe".into()),
+        ],
+    );
+    b.rule(
+        c,
+        vec![
+            eq(meta(MetaKey::L4proto), s("udp")),
+            ct_state_new(),
+            to_local(),
+            jump("probe".into()),
+        ],
+    );
+    b.rule(c, vec![Statement::Drop(None)]);
+
+    let ban_secs = cfg.ban_seconds.max(1);
+    for v6 in [false, true] {
+        let ban = Statement::Set(nftables::stmt::Set {
+            op: SetOp::Update,
+            elem: elem_timeout(saddr(v6), ban_secs),
+            set: (if v6 { "@banned6" } else { "@banned4" }).into(),
+        });
+        let mut e = Vec::new();
+        if cfg.ban_after > 1 {
+            // Over (ban_after - 1) hits per window: the bucket holds ban_after - 1 tokens and
+            // refills at that rate per window, so hit number ban_after is "over".
+            let n = cfg.ban_after - 1;
+            e.push(meter(
+                format!("probe{}", if v6 { 6 } else { 4 }),
+                v6,
+                Some(PROBE_WINDOW_SECS),
+                Statement::Limit(Limit {
+                    rate: n,
+                    rate_unit: Some("packets".into()),
+                    per: Some("minute".into()),
+                    burst: Some(n),
+                    burst_unit: Some("packets".into()),
+                    inv: Some(true),
+                }),
+            ));
+        } else {
+            e.push(eq(
+                meta(MetaKey::Nfproto),
+                s(if v6 { "ipv6" } else { "ipv4" }),
+            ));
+        }
+        e.push(ban);
+        b.rule("probe", e);
+    }
+}
+
+/// A flag mask `syn | ack | ...` as nft's JSON writes it: a plain list.
+fn flag_list(items: &[&'static str]) -> Expression<'static> {
+    Expression::List(items.iter().map(|i| s(*i)).collect())
+}
+
+// ---- applying and reading back -------------------------------------------------------------
+
+/// How `nft` and `conntrack` are run: directly, or behind a wrapper such as
+/// `ip netns exec NS` (the lab tests).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Exec {
+    pub wrap: Vec<String>,
+}
+
+impl Exec {
+    /// Runs the tools inside network namespace `ns`.
+    pub fn netns(ns: &str) -> Exec {
+        Exec {
+            wrap: vec!["ip".into(), "netns".into(), "exec".into(), ns.into()],
+        }
+    }
+    pub fn command(&self, prog: &str) -> std::process::Command {
+        match self.wrap.split_first() {
+            Some((first, rest)) => {
+                let mut c = std::process::Command::new(first);
+                c.args(rest).arg(prog);
+                c
+            }
+            None => std::process::Command::new(prog),
+        }
+    }
+    pub fn tokio_command(&self, prog: &str) -> tokio::process::Command {
+        tokio::process::Command::from(self.command(prog))
+    }
+}
+
+/// A failed `nft` run, with what nft said.
+#[derive(Debug, thiserror::Error)]
+pub enum NftError {
+    #[error("cannot run nft (install Debian's nftables package): {0}")]
+    Spawn(std::io::Error),
+    #[error("nft {what} failed: {stderr}")]
+    Failed { what: String, stderr: String },
+    #[error("nft {what} printed JSON that is not understood: {err}")]
+    Json { what: String, err: String },
+}
+
+fn run_nft(exec: &Exec, args: &[&str], stdin: Option<&str>) -> Result<String, NftError> {
+    use std::io::Write;
+    use std::process::Stdio;
+    let mut c = exec.command("nft");
+    c.args(args).stdout(Stdio::piped()).stderr(Stdio::piped());
+    c.stdin(if stdin.is_some() {
+        Stdio::piped()
+    } else {
+        Stdio::null()
+    });
+    let mut child = c.spawn().map_err(NftError::Spawn)?;
+    if let Some(input) = stdin {
+        let mut w = child.stdin.take().expect("piped");
+        w.write_all(input.as_bytes()).map_err(NftError::Spawn)?;
+    }
+    let out = child.wait_with_output().map_err(NftError::Spawn)?;
+    if !out.status.success() {
+        return Err(NftError::Failed {
+            what: args.join(" "),
+            stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
+        });
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// Applies a batch as one transaction (`nft -j -f -`). The same as
+/// `nftables::helper::apply_ruleset`, but nft's error message is kept for the log.
+pub fn apply(exec: &Exec, batch: &Nftables) -> Result<(), NftError> {
+    let json = serde_json::to_string(batch).map_err(|e| NftError::Json {
+        what: "batch".into(),
+        err: e.to_string(),
+    })?;
+    run_nft(exec, &["-j", "-f", "-"], Some(&json)).map(|_| ())
+}
+
+/// Removes homeport's table (a no-op when it does not exist).
+pub fn remove(exec: &Exec) -> Result<(), NftError> {
+    apply(exec, &removal())
+}
+
+/// `nft -j list ...` as parsed JSON: the `nftables` array.
+pub fn list(exec: &Exec, what: &[&str]) -> Result<Vec<serde_json::Value>, NftError> {
+    let mut args = vec!["-j", "list"];
+    args.extend_from_slice(what);
+    let out = run_nft(exec, &args, None)?;
+    let v: serde_json::Value = serde_json::from_str(&out).map_err(|e| NftError::Json {
+        what: what.join(" "),
+        err: e.to_string(),
+    })?;
+    match v.get("nftables").and_then(|a| a.as_array()) {
+        Some(a) => Ok(a.clone()),
+        None => Err(NftError::Json {
+            what: what.join(" "),
+            err: "no nftables array".into(),
+        }),
+    }
+}
+
+/// True when homeport's table exists.
+pub fn table_exists(exec: &Exec) -> Result<bool, NftError> {
+    let tables = list(exec, &["tables", "inet"])?;
+    Ok(tables
+        .iter()
+        .any(|o| o.pointer("/table/name").and_then(|n| n.as_str()) == Some(TABLE)))
+}
+
+/// One element of a set or meter as nft lists it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SetElem {
+    pub addr: IpAddr,
+    pub expires_secs: Option<u32>,
+    pub packets: Option<u64>,
+}
+
+fn parse_elems(obj: &serde_json::Value) -> Vec<SetElem> {
+    let Some(elems) = obj.get("elem").and_then(|e| e.as_array()) else {
+        return Vec::new();
+    };
+    elems
+        .iter()
+        .filter_map(|e| {
+            // A bare value, or {"elem": {"val": .., "expires": .., "counter": {..}}}.
+            let (val, inner) = match e.get("elem") {
+                Some(inner) => (inner.get("val")?, Some(inner)),
+                None => (e, None),
+            };
+            let addr: IpAddr = val.as_str()?.parse().ok()?;
+            let expires_secs = inner
+                .and_then(|i| i.get("expires"))
+                .and_then(|x| x.as_u64())
+                .map(|x| x as u32);
+            let packets = inner
+                .and_then(|i| i.pointer("/counter/packets"))
+                .and_then(|x| x.as_u64());
+            Some(SetElem {
+                addr,
+                expires_secs,
+                packets,
+            })
+        })
+        .collect()
+}
+
+/// The elements of one of homeport's sets (`set`) or meters (`meter`).
+pub fn elements(exec: &Exec, kind: &str, name: &str) -> Result<Vec<SetElem>, NftError> {
+    let objs = list(exec, &[kind, "inet", TABLE, name])?;
+    Ok(objs
+        .iter()
+        .filter_map(|o| o.get(kind))
+        .flat_map(parse_elems)
+        .collect())
+}
+
+/// The current bans with the time they have left (empty when the table does not exist yet).
+pub fn current_bans(exec: &Exec) -> Result<Vec<Ban>, NftError> {
+    if !table_exists(exec)? {
+        return Ok(Vec::new());
+    }
+    let mut out = Vec::new();
+    for name in ["banned4", "banned6"] {
+        for e in elements(exec, "set", name)? {
+            // nft truncates to whole seconds; a listed element still has some time left.
+            out.push(Ban {
+                addr: e.addr,
+                secs_left: e.expires_secs.unwrap_or(0).max(1),
+            });
+        }
+    }
+    Ok(out)
+}
+
+/// Per-source drop counts of the deny meters: (reason, rule id, source, packets so far).
+pub fn deny_counts(exec: &Exec) -> Result<Vec<(DenyReason, i64, IpAddr, u64)>, NftError> {
+    let mut out = Vec::new();
+    let meters = list(exec, &["meters"])?;
+    for m in meters.iter().filter_map(|o| o.get("meter")) {
+        if m.get("table").and_then(|t| t.as_str()) != Some(TABLE)
+            || m.get("family").and_then(|f| f.as_str()) != Some("inet")
+        {
+            continue;
+        }
+        let Some(name) = m.get("name").and_then(|n| n.as_str()) else {
+            continue;
+        };
+        let Some((reason, id)) = parse_deny_meter_name(name) else {
+            continue;
+        };
+        for e in elements(exec, "meter", name)? {
+            out.push((reason, id, e.addr, e.packets.unwrap_or(0)));
+        }
+    }
+    Ok(out)
+}
+
+/// Turns on what the exit needs from the kernel, under `proc_sys` (normally `/proc/sys`):
+/// IPv4 and IPv6 forwarding, conntrack byte accounting and timestamps (for the audit log).
+/// Before IPv6 forwarding is turned on, interfaces that accept router advertisements
+/// (`accept_ra` = 1) are switched to 2, which keeps accepting them while forwarding: otherwise
+/// a VPS configured by SLAAC would lose its IPv6 default route.
+pub fn enable_forwarding(proc_sys: &std::path::Path) -> anyhow::Result<()> {
+    use anyhow::Context;
+    let write = |rel: &str, v: &str| -> anyhow::Result<()> {
+        let p = proc_sys.join(rel);
+        std::fs::write(&p, v).with_context(|| format!("writing {v} to {}", p.display()))
+    };
+    write("net/ipv4/ip_forward", "1")?;
+    if let Ok(dir) = std::fs::read_dir(proc_sys.join("net/ipv6/conf")) {
+        for e in dir.flatten() {
+            let p = e.path().join("accept_ra");
+            if std::fs::read_to_string(&p)
+                .map(|s| s.trim() == "1")
+                .unwrap_or(false)
+            {
+                std::fs::write(&p, "2").with_context(|| format!("writing 2 to {}", p.display()))?;
+            }
+        }
+        write("net/ipv6/conf/all/forwarding", "1")?;
+    }
+    // Exist only once nf_conntrack is loaded (the ruleset loads it).
+    for k in [
+        "net/netfilter/nf_conntrack_acct",
+        "net/netfilter/nf_conntrack_timestamp",
+    ] {
+        if proc_sys.join(k).exists() {
+            write(k, "1")?;
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use homeport_proto::publish::Guards;
+    use serde_json::Value;
+
+    pub(crate) fn rule(id: i64, proto: PublishProto, port: u16, guards: Guards) -> PublishRule {
+        PublishRule {
+            id,
+            exit: homeport_proto::NodeId(1),
+            exit_name: "vps".parse().unwrap(),
+            proto,
+            port,
+            target: homeport_proto::NodeId(2),
+            target_name: "home".parse().unwrap(),
+            target_ipv4: "100.96.0.2".parse().unwrap(),
+            target_ipv6: "fd7a:115c:a1e0::2".parse().unwrap(),
+            target_port: port,
+            guards,
+        }
+    }
+
+    pub(crate) fn cfg() -> NftConfig {
+        let mut keep_open = default_keep_open();
+        keep_open.push(PortSpec {
+            proto: L4::Udp,
+            port: 41641,
+        });
+        NftConfig {
+            tun: "hpx0".into(),
+            edge_protection: true,
+            keep_open,
+            ban_seconds: 600,
+            ban_after: 5,
+        }
+    }
+
+    pub(crate) fn sample() -> Vec<PublishRule> {
+        vec![
+            rule(
+                7,
+                PublishProto::Tcp,
+                32400,
+                Guards {
+                    allow: vec![
+                        "192.0.2.0/24".parse().unwrap(),
+                        "2001:db8::/32".parse().unwrap(),
+                    ],
+                    rate_per_minute: Some(30),
+                    max_conns: Some(8),
+                },
+            ),
+            rule(9, PublishProto::Udp, 5353, Guards::default()),
+        ]
+    }
+
+    fn json(n: &Nftables) -> Value {
+        serde_json::to_value(n).unwrap()
+    }
+
+    #[test]
+    fn dump() {
+        if let Ok(p) = std::env::var("HOMEPORT_EXIT_DUMP") {
+            std::fs::write(
+                p,
+                serde_json::to_string_pretty(&ruleset(&cfg(), &sample(), &[])).unwrap(),
+            )
+            .unwrap();
+        }
+    }
+
+    #[test]
+    fn port_spec_parse() {
+        assert_eq!(
+            "tcp:22".parse::<PortSpec>().unwrap(),
+            PortSpec {
+                proto: L4::Tcp,
+                port: 22
+            }
+        );
+        assert_eq!("UDP:3478".parse::<PortSpec>().unwrap().proto, L4::Udp);
+        for bad in ["22", "icmp:1", "tcp:0", "tcp:70000", "tcp:x"] {
+            assert!(
+                bad.parse::<PortSpec>().unwrap_err().contains("PROTO:PORT"),
+                "{bad}"
+            );
+        }
+    }
+
+    #[test]
+    fn deny_meter_names_round_trip() {
+        for r in DenyReason::ALL {
+            for v6 in [false, true] {
+                assert_eq!(
+                    parse_deny_meter_name(&deny_meter_name(r, -3, v6)),
+                    Some((r, -3))
+                );
+            }
+        }
+        assert_eq!(parse_deny_meter_name("rate4_7"), None);
+        assert_eq!(parse_deny_meter_name("deny4_what_7"), None);
+    }
+
+    fn ip(s: &str) -> IpAddr {
+        s.parse().unwrap()
+    }
+    fn sa(s: &str) -> std::net::SocketAddr {
+        s.parse().unwrap()
+    }
+    fn rule_count(exec: &Exec) -> usize {
+        list(exec, &["table", "inet", TABLE])
+            .unwrap()
+            .iter()
+            .filter(|o| o.get("rule").is_some())
+            .count()
+    }
+
+    /// The whole ruleset against real kernels: DNAT v4/v6 with the viewer's address preserved,
+    /// allow-list, rate, max-conns, re-apply (no duplicates, established flows survive), bans
+    /// from closed-port probes and their expiry, removal.
+    #[test]
+    fn lab_publish() {
+        if !crate::lab::available("nft::lab_publish") {
+            return;
+        }
+        use crate::lab::Lab;
+        use std::time::Duration;
+        let lab = Lab::new();
+        let exec = Exec::netns(&lab.vps);
+        let mut c = cfg();
+        c.ban_seconds = 2;
+        c.ban_after = 1;
+        let guards = |allow: &[&str], rate, conns| Guards {
+            allow: allow.iter().map(|a| a.parse().unwrap()).collect(),
+            rate_per_minute: rate,
+            max_conns: conns,
+        };
+        let rules = vec![
+            rule(
+                1,
+                PublishProto::Tcp,
+                32400,
+                guards(&["192.0.2.5/32", "2001:db8:2::5/128"], None, None),
+            ),
+            rule(2, PublishProto::Tcp, 8080, guards(&[], Some(2), None)),
+            rule(3, PublishProto::Tcp, 8081, guards(&[], None, Some(1))),
+        ];
+        apply(&exec, &ruleset(&c, &rules, &[])).expect("nft accepts the ruleset");
+        for p in [32400, 8080, 8081] {
+            lab.serve(p);
+        }
+        let (a4, b4, a6, b6) = (
+            ip("192.0.2.5"),
+            ip("192.0.2.6"),
+            ip("2001:db8:2::5"),
+            ip("2001:db8:2::6"),
+        );
+        let plex4 = sa("198.51.100.10:32400");
+        let plex6 = sa("[2001:db8:100::10]:32400");
+
+        // (a) DNAT into the "mesh"; the target sees the viewer's own address.
+        let mut conn = lab.connect(a4, plex4).expect("allowed v4 source connects");
+        let ans = Lab::ask(&mut conn, "hi").expect("answer");
+        assert!(
+            ans.starts_with("192.0.2.5:") && ans.ends_with(" hi"),
+            "{ans}"
+        );
+        let mut conn6 = lab.connect(a6, plex6).expect("allowed v6 source connects");
+        let ans = Lab::ask(&mut conn6, "hi6").expect("answer");
+        assert!(ans.starts_with("[2001:db8:2::5]:"), "{ans}");
+
+        // (b) Not in the allow-list: nothing at all, counted per source.
+        assert!(lab.connect(b4, plex4).is_none());
+        assert!(lab.connect(b6, plex6).is_none());
+        let denied = deny_counts(&exec).unwrap();
+        for src in [b4, b6] {
+            assert!(
+                denied.iter().any(|d| d.0 == DenyReason::NotInAllowList
+                    && d.1 == 1
+                    && d.2 == src
+                    && d.3 > 0),
+                "{src} not counted: {denied:?}"
+            );
+        }
+
+        // Rate: 2 new connections per minute from one source, the third is dropped.
+        let web = sa("198.51.100.10:8080");
+        let _w1 = lab.connect(b4, web).expect("rate 1");
+        let _w2 = lab.connect(b4, web).expect("rate 2");
+        assert!(
+            lab.connect(b4, web).is_none(),
+            "third connection within a minute passed the rate guard"
+        );
+        // Max conns: one at a time per source; another source is not affected.
+        let cc = sa("198.51.100.10:8081");
+        let _c1 = lab.connect(b4, cc).expect("first connection");
+        assert!(
+            lab.connect(b4, cc).is_none(),
+            "second concurrent connection passed max-conns"
+        );
+        let _c2 = lab.connect(a4, cc).expect("other source");
+        let denied = deny_counts(&exec).unwrap();
+        assert!(
+            denied
+                .iter()
+                .any(|d| d.0 == DenyReason::Rate && d.1 == 2 && d.2 == b4)
+        );
+        assert!(
+            denied
+                .iter()
+                .any(|d| d.0 == DenyReason::MaxConns && d.1 == 3 && d.2 == b4)
+        );
+
+        // (c) Re-apply: exactly one copy of each rule; the established flow survives.
+        let n = rule_count(&exec);
+        for _ in 0..2 {
+            apply(&exec, &ruleset(&c, &rules, &current_bans(&exec).unwrap())).unwrap();
+            assert_eq!(rule_count(&exec), n);
+        }
+        let ans = Lab::ask(&mut conn, "still").expect("established flow survives a re-apply");
+        assert!(ans.ends_with(" still"));
+
+        // (d) A closed-port probe bans the source (ban_after 1) for ban_seconds (2).
+        assert!(
+            lab.connect_within(a4, sa("198.51.100.10:23"), Duration::from_millis(300))
+                .is_none()
+        );
+        let bans = current_bans(&exec).unwrap();
+        assert!(bans.iter().any(|b| b.addr == a4), "not banned: {bans:?}");
+        // A ban survives a re-apply.
+        apply(&exec, &ruleset(&c, &rules, &current_bans(&exec).unwrap())).unwrap();
+        assert!(
+            current_bans(&exec).unwrap().iter().any(|b| b.addr == a4),
+            "ban lost on re-apply"
+        );
+        assert!(
+            lab.connect(a4, plex4).is_none(),
+            "banned source got through"
+        );
+        std::thread::sleep(Duration::from_millis(2600));
+        assert!(
+            current_bans(&exec).unwrap().is_empty(),
+            "ban did not time out"
+        );
+        assert!(
+            lab.connect(a4, plex4).is_some(),
+            "connection after the ban expired"
+        );
+        // Keep-open ports are never banned away: SSH stays reachable for a banned source.
+        assert!(
+            lab.connect_within(a4, sa("198.51.100.10:24"), Duration::from_millis(300))
+                .is_none()
+        );
+        assert!(current_bans(&exec).unwrap().iter().any(|b| b.addr == a4));
+        let ssh = Lab::in_ns(&lab.vps, || {
+            std::net::TcpListener::bind("198.51.100.10:22").unwrap()
+        });
+        assert!(
+            lab.connect(a4, sa("198.51.100.10:22")).is_some(),
+            "banned source lost SSH"
+        );
+        drop(ssh);
+
+        // ban_after 3: two probes are tolerated, the third bans.
+        c.ban_after = 3;
+        apply(&exec, &ruleset(&c, &rules, &[])).unwrap();
+        for i in 1..=3 {
+            assert!(
+                lab.connect_within(b4, sa("198.51.100.10:25"), Duration::from_millis(300))
+                    .is_none()
+            );
+            let banned = current_bans(&exec).unwrap().iter().any(|b| b.addr == b4);
+            assert_eq!(banned, i == 3, "after probe {i}");
+        }
+
+        // Removal leaves no table; removing twice is fine.
+        remove(&exec).unwrap();
+        remove(&exec).unwrap();
+        assert!(!table_exists(&exec).unwrap());
+    }
+}
