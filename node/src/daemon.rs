@@ -206,6 +206,13 @@ pub async fn run(
                 }
             }
         })?;
+    tokio::spawn(probe_asker(
+        client.clone(),
+        coordinator.clone(),
+        reg.credential.clone(),
+        shared.clone(),
+        stop.clone(),
+    ));
     tokio::spawn(endpoint_reporter(
         client.clone(),
         coordinator.clone(),
@@ -406,7 +413,19 @@ async fn map_stream(
     }
 }
 
-fn apply_message(shared: &Shared, maps: Option<&MapObserver>, msg: MapMessage) -> Result<()> {
+fn apply_message(shared: &Shared, maps: Option<&MapObserver>, mut msg: MapMessage) -> Result<()> {
+    let probes = std::mem::take(&mut msg.probe_requests);
+    if !probes.is_empty() {
+        if let Some(dp) = shared.dp.lock().unwrap().as_ref() {
+            for p in &probes {
+                let eps: Vec<SocketAddr> = p.endpoints.iter().map(|e| e.addr).collect();
+                dp.probe_now(p.from, &eps);
+            }
+        }
+        if msg.is_keepalive() {
+            return Ok(());
+        }
+    }
     let new = {
         let mut cur = shared.map.write().unwrap();
         let m = match cur.take() {
@@ -584,6 +603,59 @@ async fn endpoint_reporter(
         }
     }
 }
+
+/// Asks the coordinator to make peers without a direct path probe us now, so both sides probe
+/// at the same moment (that is what opens two NATs). At most once per [`PROBE_ASK_EVERY`] per
+/// peer: enough to catch a peer whose NAT mapping changed, cheap for the coordinator.
+async fn probe_asker(
+    client: reqwest::Client,
+    url: String,
+    cred: String,
+    shared: Arc<Shared>,
+    stop: CancellationToken,
+) {
+    let mut asked: std::collections::HashMap<homeport_proto::NodeId, tokio::time::Instant> =
+        Default::default();
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+            _ = stop.cancelled() => return,
+        }
+        if !shared.connected.load(Ordering::Relaxed) {
+            continue;
+        }
+        let want: Vec<homeport_proto::NodeId> = {
+            let dp = shared.dp.lock().unwrap();
+            let Some(dp) = dp.as_ref() else { continue };
+            dp.status()
+                .into_iter()
+                .filter(|p| p.online && !matches!(p.path, PathInfo::Direct { .. }))
+                .map(|p| p.id)
+                .collect()
+        };
+        let now = tokio::time::Instant::now();
+        for id in want {
+            if asked
+                .get(&id)
+                .is_some_and(|t| now.duration_since(*t) < PROBE_ASK_EVERY)
+            {
+                continue;
+            }
+            asked.insert(id, now);
+            let r = client
+                .post(format!("{url}{}", homeport_proto::api::PATH_PROBE))
+                .bearer_auth(&cred)
+                .json(&homeport_proto::api::ProbeAsk { peer: id })
+                .send()
+                .await;
+            if let Err(e) = r {
+                tracing::debug!(error = %error_chain(&e), "probe request failed");
+            }
+        }
+    }
+}
+
+const PROBE_ASK_EVERY: Duration = Duration::from_secs(10);
 
 /// One STUN Binding transaction from the WireGuard socket. Three tries, 300 ms apart.
 async fn stun_query(

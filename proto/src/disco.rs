@@ -5,13 +5,14 @@
 //! no WireGuard message has, so one socket carries both and the receiver tells them apart by
 //! looking at four bytes.
 //!
-//! Layout: `MAGIC(4) | sender public key (32) | nonce (24) | sealed(body)` where the body is
-//! sealed with XChaCha20-Poly1305 under the X25519 shared secret of sender and receiver keys.
+//! Layout: `MAGIC(4) | sender public key (32) | nonce (12) | sealed(body) | tag (16)` where the
+//! body is sealed with ChaCha20-Poly1305 under SHA-256("homeport disco v1" | X25519 shared secret
+//! of sender and receiver keys), the header (magic, key, nonce) as associated data.
 //! Body: `type(1) | tx id (12) | [for Pong: observed source address: family(1) ip(4|16) port(2)]`.
 
 /// First four bytes of every disco packet.
 pub const DISCO_MAGIC: [u8; 4] = [0xF1, b'h', b'p', b'd'];
-pub const DISCO_HEADER_LEN: usize = 4 + 32 + 24;
+pub const DISCO_HEADER_LEN: usize = 4 + 32 + 12;
 
 pub const DISCO_PING: u8 = 1;
 pub const DISCO_PONG: u8 = 2;

@@ -237,13 +237,21 @@ impl Datapath {
     }
 
     pub fn apply_map(&self, map: &NetworkMap) {
-        self.engine.apply_map(map);
+        self.engine.apply_map(map, Instant::now());
     }
 
     /// Sends a raw datagram from the WireGuard socket (STUN requests: the reflexive address we
     /// learn must be this socket's).
     pub fn send_raw(&self, to: SocketAddr, data: &[u8]) {
         send_one(&self.socket, &self.state, to, data);
+    }
+
+    /// "Probe me now" from a peer, relayed by the coordinator.
+    pub fn probe_now(&self, peer: NodeId, endpoints: &[SocketAddr]) {
+        self.engine
+            .probe_now(peer, endpoints, Instant::now(), &mut |to, b| {
+                send_one(&self.socket, &self.state, to, b)
+            });
     }
 
     pub fn status(&self) -> Vec<PeerStatus> {
@@ -254,9 +262,7 @@ impl Datapath {
             .map(|p| {
                 let (hs, rx, tx) = p.stats();
                 let path = p.path.lock().unwrap().clone();
-                let fresh = path
-                    .last_rx
-                    .is_some_and(|t| now.saturating_duration_since(t) < Duration::from_secs(180));
+                let fresh = path.direct_alive(now);
                 PeerStatus {
                     id: p.id,
                     name: p.name.clone(),
@@ -496,7 +502,15 @@ fn udp_to_tun(
                 counters.udp_rx_datagrams.fetch_add(1, Ordering::Relaxed);
                 match classify(seg) {
                     DatagramKind::WireGuard => {}
-                    DatagramKind::Stun | DatagramKind::Relay | DatagramKind::Disco => {
+                    DatagramKind::Disco => {
+                        if !engine.handle_disco(&table, from, seg, now, &mut |to, b| {
+                            send_one(socket, state, to, b)
+                        }) {
+                            counters.dropped.fetch_add(1, Ordering::Relaxed);
+                        }
+                        continue;
+                    }
+                    DatagramKind::Stun | DatagramKind::Relay => {
                         let _ = side.send((from, seg.to_vec()));
                         continue;
                     }

@@ -16,6 +16,7 @@
 //! The peer table is copy-on-write: the data path takes one [`Arc<PeerTable>`] snapshot per batch,
 //! so a map change never blocks it and a removed peer's packets stop at the next batch.
 
+pub mod disco;
 pub mod filter;
 pub mod packet;
 
@@ -46,6 +47,20 @@ pub const PERSISTENT_KEEPALIVE_SECS: u16 = 25;
 /// While no authenticated packet arrived from a peer for this long, handshake initiations go
 /// to every candidate address, not only the current endpoint: the first that answers wins.
 pub const ENDPOINT_STALE: Duration = Duration::from_secs(15);
+
+/// While no direct path is confirmed, probes go out this often for [`SEARCH_FAST_FOR`] after
+/// something changed (new peer, new candidates, a peer's probe): NAT mappings open within one
+/// round trip once both sides probe, so fast probing finds the path in about a second.
+pub const PROBE_SEARCH: Duration = Duration::from_secs(1);
+pub const SEARCH_FAST_FOR: Duration = Duration::from_secs(10);
+/// Otherwise paths are re-probed this often: finds a better path and keeps NAT mappings warm
+/// (shortest common UDP NAT timeout is 30 s).
+pub const PROBE_KEEP: Duration = Duration::from_secs(5);
+/// A direct path with no Pong or authenticated packet for this long is dead (two lost probes
+/// plus slack).
+pub const DIRECT_TTL: Duration = Duration::from_secs(12);
+/// Candidates probed per peer at most (bounds work and what a peer's map can make us send).
+const MAX_CANDIDATES: usize = 8;
 
 /// Handshake initiations per second the rate limiter allows before asking for cookies.
 const HANDSHAKE_RATE_LIMIT: u64 = 100;
@@ -95,12 +110,50 @@ pub enum Decap {
 /// A path a peer's packets take.
 #[derive(Debug, Clone, Default)]
 pub struct PathState {
-    /// Where packets go now: the source of the last authenticated packet, else the first candidate.
+    /// Where packets go now: the best confirmed direct path, else the source of the last
+    /// authenticated packet, else the first candidate.
     pub endpoint: Option<SocketAddr>,
-    /// When an authenticated packet last arrived from `endpoint`.
+    /// When an authenticated WireGuard packet last arrived from `endpoint`.
     pub last_rx: Option<Instant>,
-    /// Candidates from the map, best first.
+    /// Candidates from the map and learned from the peer's probes, best first.
     pub candidates: Vec<SocketAddr>,
+    /// The direct path confirmed by a Pong: (address, round-trip time, when confirmed).
+    pub direct: Option<(SocketAddr, Duration, Instant)>,
+    /// Pings in flight: (address, transaction id, sent).
+    pending: Vec<(SocketAddr, [u8; 12], Instant)>,
+    next_probe: Option<Instant>,
+    /// Fast probing lasts until then.
+    search_until: Option<Instant>,
+}
+
+impl PathState {
+    /// A direct path is in use and alive.
+    pub fn direct_alive(&self, now: Instant) -> bool {
+        let pong = self
+            .direct
+            .is_some_and(|(_, _, t)| now.saturating_duration_since(t) < DIRECT_TTL);
+        let rx = self
+            .last_rx
+            .is_some_and(|t| now.saturating_duration_since(t) < DIRECT_TTL);
+        pong || rx
+    }
+
+    fn add_candidate(&mut self, a: SocketAddr) -> bool {
+        if self.candidates.contains(&a) {
+            return false;
+        }
+        if self.candidates.len() >= MAX_CANDIDATES {
+            self.candidates.pop();
+        }
+        self.candidates.push(a);
+        true
+    }
+
+    /// Starts fast probing now.
+    fn search(&mut self, now: Instant) {
+        self.search_until = Some(now + SEARCH_FAST_FOR);
+        self.next_probe = Some(now);
+    }
 }
 
 /// One peer: its WireGuard session and path. Shared by the data path threads.
@@ -112,6 +165,7 @@ pub struct PeerState {
     pub online: bool,
     /// Our local index for this peer (boringtun receiver indexes are `index << 8 | n`).
     pub index: u32,
+    disco: ring::aead::LessSafeKey,
     tunn: Mutex<Tunn>,
     pub path: Mutex<PathState>,
     pub rx_bytes: AtomicU64,
@@ -157,12 +211,13 @@ impl PeerState {
     }
 
     /// Records an authenticated packet from `from` (WireGuard roaming: the last authenticated
-    /// source is where replies go).
+    /// source is where replies go; a changed NAT mapping is followed at once).
     fn saw(&self, from: SocketAddr, now: Instant) {
         let mut p = self.path.lock().unwrap();
         if p.endpoint != Some(from) {
             tracing::debug!(peer = %self.name, %from, "endpoint changed");
             p.endpoint = Some(from);
+            p.add_candidate(from);
         }
         p.last_rx = Some(now);
     }
@@ -261,7 +316,7 @@ impl Engine {
 
     /// Applies a network map: builds a new peer table, keeping the sessions of peers whose key
     /// and addresses did not change. Peers no longer in the map lose their sessions at once.
-    pub fn apply_map(&self, map: &NetworkMap) {
+    pub fn apply_map(&self, map: &NetworkMap, now: Instant) {
         let old = self.snapshot();
         let me = map.self_node.id;
         let mut t = PeerTable {
@@ -308,6 +363,7 @@ impl Engine {
                     }
                 }
             }
+            candidates.truncate(MAX_CANDIDATES);
             let reuse = old
                 .peer_by_id(p.id)
                 .filter(|o| o.key == p.public_key && o.addrs == p.addrs && o.name == p.name)
@@ -318,7 +374,13 @@ impl Engine {
                     if path.endpoint.is_none() {
                         path.endpoint = candidates.first().copied();
                     }
-                    path.candidates = candidates;
+                    let mut changed = false;
+                    for c in candidates {
+                        changed |= path.add_candidate(c);
+                    }
+                    if changed && !path.direct_alive(now) {
+                        path.search(now);
+                    }
                     drop(path);
                     o
                 }
@@ -331,17 +393,20 @@ impl Engine {
                                 self.new_tunn(&p.public_key, o.index),
                             );
                             let mut path = o.path.lock().unwrap().clone();
-                            path.candidates = candidates;
+                            for c in candidates {
+                                path.add_candidate(c);
+                            }
                             (tunn, path, o.index)
                         }
                         None => {
                             let index =
                                 self.next_index.fetch_add(1, Ordering::Relaxed) & 0x00ff_ffff;
-                            let path = PathState {
+                            let mut path = PathState {
                                 endpoint: candidates.first().copied(),
-                                last_rx: None,
                                 candidates,
+                                ..Default::default()
                             };
+                            path.search(now);
                             (self.new_tunn(&p.public_key, index), path, index)
                         }
                     };
@@ -352,6 +417,7 @@ impl Engine {
                         addrs: p.addrs,
                         online: p.online,
                         index,
+                        disco: disco::key(&self.secret, p.public_key.as_bytes()),
                         tunn: Mutex::new(tunn),
                         path: Mutex::new(path),
                         rx_bytes: AtomicU64::new(0),
@@ -599,6 +665,7 @@ impl Engine {
             }
         }
         let t = self.snapshot();
+        self.probe_due(&t, now, send);
         let mut buf = [0u8; 2048];
         for peer in &t.peers {
             let mut tunn = peer.tunn.lock().unwrap();
@@ -618,6 +685,151 @@ impl Engine {
                 TunnResult::Err(WireGuardError::ConnectionExpired) => {}
                 TunnResult::Err(e) => tracing::trace!(peer = %peer.name, ?e, "timer"),
                 _ => {}
+            }
+        }
+    }
+}
+
+impl Engine {
+    /// A disco packet from `from`. Answers Pings with a Pong, learns the sender's address as a
+    /// candidate, and confirms direct paths from Pongs. Returns false when it was not valid.
+    pub fn handle_disco(
+        &self,
+        t: &PeerTable,
+        from: SocketAddr,
+        d: &[u8],
+        now: Instant,
+        send: &mut dyn FnMut(SocketAddr, &[u8]),
+    ) -> bool {
+        let Some(sender) = disco::sender(d) else {
+            return false;
+        };
+        let Some(peer) = t.by_key.get(&sender).map(|i| &t.peers[*i]) else {
+            return false;
+        };
+        let mut scratch = [0u8; disco::MAX_DISCO];
+        let Some(msg) = disco::open(&peer.disco, d, &mut scratch) else {
+            return false;
+        };
+        let me = self.public.to_bytes();
+        let mut out = [0u8; disco::MAX_DISCO];
+        match msg {
+            disco::DiscoMsg::Ping { tx } => {
+                let n = disco::seal(
+                    &peer.disco,
+                    &me,
+                    &disco::DiscoMsg::Pong { tx, observed: from },
+                    &mut out,
+                );
+                send(from, &out[..n]);
+                let mut p = peer.path.lock().unwrap();
+                let new = p.add_candidate(from);
+                if !p.direct_alive(now) {
+                    // The peer is probing us: probe back at once, which opens our NAT to it.
+                    let tx: [u8; 12] = rand::random();
+                    let n = disco::seal(&peer.disco, &me, &disco::DiscoMsg::Ping { tx }, &mut out);
+                    p.pending
+                        .retain(|(_, _, t)| now.saturating_duration_since(*t) < DIRECT_TTL);
+                    if p.pending.len() < 32 {
+                        p.pending.push((from, tx, now));
+                    }
+                    if new {
+                        p.search(now);
+                    }
+                    drop(p);
+                    send(from, &out[..n]);
+                }
+            }
+            disco::DiscoMsg::Pong { tx, .. } => {
+                let mut p = peer.path.lock().unwrap();
+                let Some(i) = p
+                    .pending
+                    .iter()
+                    .position(|(a, id, _)| *id == tx && *a == from)
+                else {
+                    return false;
+                };
+                let (_, _, sent) = p.pending.swap_remove(i);
+                let rtt = now.saturating_duration_since(sent);
+                let better = match p.direct {
+                    None => true,
+                    Some((a, _, _)) if a == from => true,
+                    Some((_, _, t)) if now.saturating_duration_since(t) >= DIRECT_TTL => true,
+                    // Switch only for a clearly faster path, so two similar paths don't flap.
+                    Some((_, old, _)) => rtt * 10 < old * 7,
+                };
+                if better {
+                    if p.endpoint != Some(from) {
+                        tracing::info!(peer = %peer.name, %from, ?rtt, "direct path");
+                    }
+                    p.direct = Some((from, rtt, now));
+                    p.endpoint = Some(from);
+                }
+            }
+        }
+        true
+    }
+
+    /// The coordinator relayed "probe me now" from `peer`: take its endpoints as candidates and
+    /// probe them all at once.
+    pub fn probe_now(
+        &self,
+        peer: NodeId,
+        endpoints: &[SocketAddr],
+        now: Instant,
+        send: &mut dyn FnMut(SocketAddr, &[u8]),
+    ) {
+        let t = self.snapshot();
+        let Some(p) = t.peer_by_id(peer) else { return };
+        {
+            let mut ps = p.path.lock().unwrap();
+            for e in endpoints {
+                ps.add_candidate(*e);
+            }
+            ps.search(now);
+        }
+        self.probe(p, now, send);
+    }
+
+    /// Sends a Ping to each candidate of `peer` and schedules the next round.
+    fn probe(&self, peer: &PeerState, now: Instant, send: &mut dyn FnMut(SocketAddr, &[u8])) {
+        let me = self.public.to_bytes();
+        let mut out = [0u8; disco::MAX_DISCO];
+        let mut p = peer.path.lock().unwrap();
+        let alive = p.direct_alive(now);
+        let fast = p.search_until.is_some_and(|u| now < u);
+        p.next_probe = Some(
+            now + if !alive && fast {
+                PROBE_SEARCH
+            } else {
+                PROBE_KEEP
+            },
+        );
+        p.pending
+            .retain(|(_, _, t)| now.saturating_duration_since(*t) < DIRECT_TTL);
+        let targets: Vec<SocketAddr> = p.candidates.clone();
+        for to in targets {
+            let tx: [u8; 12] = rand::random();
+            if p.pending.len() >= 32 {
+                p.pending.remove(0);
+            }
+            p.pending.push((to, tx, now));
+            let n = disco::seal(&peer.disco, &me, &disco::DiscoMsg::Ping { tx }, &mut out);
+            send(to, &out[..n]);
+        }
+    }
+
+    /// Probes every peer whose next probe is due.
+    fn probe_due(&self, t: &PeerTable, now: Instant, send: &mut dyn FnMut(SocketAddr, &[u8])) {
+        for peer in &t.peers {
+            let due = peer
+                .path
+                .lock()
+                .unwrap()
+                .next_probe
+                .is_none_or(|n| now >= n);
+            if due {
+                self.probe(peer, now, send);
             }
         }
     }

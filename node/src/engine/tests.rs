@@ -137,8 +137,10 @@ fn pair(
 ) -> (Node, Node) {
     let a = node(1, "a");
     let b = node(2, "b");
-    a.engine.apply_map(&map_for(&a, &[&b], fa, pa));
-    b.engine.apply_map(&map_for(&b, &[&a], fb, pb));
+    a.engine
+        .apply_map(&map_for(&a, &[&b], fa, pa), Instant::now());
+    b.engine
+        .apply_map(&map_for(&b, &[&a], fb, pb), Instant::now());
     (a, b)
 }
 
@@ -205,9 +207,12 @@ fn filter_admits_only_allowed_new_flows() {
             ports: vec![PortRange::single(22)],
         }],
     };
-    a.engine
-        .apply_map(&map_for(&a, &[&b], PacketFilter::allow_all(), vec![]));
-    b.engine.apply_map(&map_for(&b, &[&a], only_ssh, vec![]));
+    a.engine.apply_map(
+        &map_for(&a, &[&b], PacketFilter::allow_all(), vec![]),
+        Instant::now(),
+    );
+    b.engine
+        .apply_map(&map_for(&b, &[&a], only_ssh, vec![]), Instant::now());
     let now = Instant::now();
     let mut net = Net::default();
     let syn22 = build::tcp(a.addrs.ipv4, 5000, b.addrs.ipv4, 22, packet::TCP_SYN);
@@ -263,24 +268,23 @@ fn published_flow_enters_only_via_exit_and_replies_return_to_it() {
     let home = node(2, "home");
     let other = node(3, "laptop");
     let r = rule(&exit, &home, 32400);
-    exit.engine.apply_map(&map_for(
-        &exit,
-        &[&home, &other],
-        PacketFilter::allow_all(),
-        vec![r.clone()],
-    ));
-    home.engine.apply_map(&map_for(
-        &home,
-        &[&exit, &other],
-        PacketFilter::allow_all(),
-        vec![r],
-    ));
-    other.engine.apply_map(&map_for(
-        &other,
-        &[&exit, &home],
-        PacketFilter::allow_all(),
-        vec![],
-    ));
+    exit.engine.apply_map(
+        &map_for(
+            &exit,
+            &[&home, &other],
+            PacketFilter::allow_all(),
+            vec![r.clone()],
+        ),
+        Instant::now(),
+    );
+    home.engine.apply_map(
+        &map_for(&home, &[&exit, &other], PacketFilter::allow_all(), vec![r]),
+        Instant::now(),
+    );
+    other.engine.apply_map(
+        &map_for(&other, &[&exit, &home], PacketFilter::allow_all(), vec![]),
+        Instant::now(),
+    );
     let all = [&exit, &home, &other];
     let now = Instant::now();
     let mut net = Net::default();
@@ -363,8 +367,10 @@ fn removed_peer_is_cut_off_and_rekeyed_peer_gets_a_new_session() {
     net.send(&a, &ping, now);
     assert_eq!(net.run(&[&a, &b], now).len(), 1);
     // b's map loses a: a's packets are refused at once.
-    b.engine
-        .apply_map(&map_for(&b, &[], PacketFilter::allow_all(), vec![]));
+    b.engine.apply_map(
+        &map_for(&b, &[], PacketFilter::allow_all(), vec![]),
+        Instant::now(),
+    );
     net.send(&a, &ping, now);
     assert!(net.run(&[&a, &b], now).is_empty());
     assert!(matches!(
@@ -380,10 +386,14 @@ fn removed_peer_is_cut_off_and_rekeyed_peer_gets_a_new_session() {
         engine: Engine::new(&a2.key),
         ..a2
     };
-    a2.engine
-        .apply_map(&map_for(&a2, &[&b], PacketFilter::allow_all(), vec![]));
-    b.engine
-        .apply_map(&map_for(&b, &[&a2], PacketFilter::allow_all(), vec![]));
+    a2.engine.apply_map(
+        &map_for(&a2, &[&b], PacketFilter::allow_all(), vec![]),
+        Instant::now(),
+    );
+    b.engine.apply_map(
+        &map_for(&b, &[&a2], PacketFilter::allow_all(), vec![]),
+        Instant::now(),
+    );
     assert!(matches!(net.send(&a2, &ping, now), Encap::Handshake { .. }));
     assert_eq!(net.run(&[&a2, &b], now), vec![(b.id, ping)]);
 }
@@ -402,8 +412,10 @@ fn unchanged_peer_keeps_its_session_across_map_updates() {
     net.send(&a, &ping, now);
     net.run(&[&a, &b], now);
     let before = a.engine.snapshot().peers[0].index;
-    a.engine
-        .apply_map(&map_for(&a, &[&b], PacketFilter::allow_all(), vec![]));
+    a.engine.apply_map(
+        &map_for(&a, &[&b], PacketFilter::allow_all(), vec![]),
+        Instant::now(),
+    );
     assert_eq!(a.engine.snapshot().peers[0].index, before);
     // Still an established session: no new handshake.
     assert!(matches!(net.send(&a, &ping, now), Encap::Send { .. }));
@@ -540,4 +552,154 @@ mod fake_time {
         }
         assert_eq!(delivered.len(), 1, "queued ping delivered after the retry");
     }
+}
+
+/// A simulated NAT in front of one node: endpoint-independent mapping (easy) or one public port
+/// per destination (hard); both filter inbound to destinations the inside has sent to (Linux
+/// conntrack behaviour).
+struct Nat {
+    public_ip: IpAddr,
+    hard: bool,
+    inside: SocketAddr,
+    /// (remote, public port) pairs opened by outbound packets.
+    open: Vec<(SocketAddr, u16)>,
+    next_port: u16,
+}
+
+impl Nat {
+    fn new(public: &str, inside: SocketAddr, hard: bool) -> Nat {
+        Nat {
+            public_ip: public.parse().unwrap(),
+            hard,
+            inside,
+            open: vec![],
+            next_port: 30000,
+        }
+    }
+    fn easy_port(&self) -> u16 {
+        40000
+    }
+    /// Outbound: returns the public source address.
+    fn out(&mut self, to: SocketAddr) -> SocketAddr {
+        let port = if self.hard {
+            match self.open.iter().find(|(r, _)| *r == to) {
+                Some((_, p)) => *p,
+                None => {
+                    self.next_port += 7;
+                    self.next_port
+                }
+            }
+        } else {
+            self.easy_port()
+        };
+        if !self.open.contains(&(to, port)) {
+            self.open.push((to, port));
+        }
+        SocketAddr::new(self.public_ip, port)
+    }
+    /// Inbound to `public` from `from`: the inside address when allowed.
+    fn inbound(&self, from: SocketAddr, public: SocketAddr) -> Option<SocketAddr> {
+        (public.ip() == self.public_ip && self.open.contains(&(from, public.port())))
+            .then_some(self.inside)
+    }
+}
+
+/// Runs `secs` of fake time (for the path logic; boringtun uses its own clock) over a network
+/// where `a` is behind `na` and `b` behind `nb`. Returns when a direct path a→b was confirmed.
+fn run_natted(a: &Node, b: &Node, na: &mut Nat, nb: &mut Nat, secs: u64) -> Option<f64> {
+    let start = Instant::now();
+    let mut now = start;
+    let step = Duration::from_millis(50);
+    let mut wire: VecDeque<(SocketAddr, SocketAddr, Vec<u8>)> = VecDeque::new();
+    let send_via = |nat: &mut Nat, to: SocketAddr, d: &[u8], wire: &mut VecDeque<_>| {
+        let src = nat.out(to);
+        wire.push_back((src, to, d.to_vec()));
+    };
+    while now.duration_since(start) < Duration::from_secs(secs) {
+        now += step;
+        let mut out_a = vec![];
+        a.engine
+            .tick(now, &mut |to, d| out_a.push((to, d.to_vec())));
+        for (to, d) in out_a {
+            send_via(na, to, &d, &mut wire);
+        }
+        let mut out_b = vec![];
+        b.engine
+            .tick(now, &mut |to, d| out_b.push((to, d.to_vec())));
+        for (to, d) in out_b {
+            send_via(nb, to, &d, &mut wire);
+        }
+        while let Some((from, to, d)) = wire.pop_front() {
+            let (node, nat) = if to.ip() == na.public_ip {
+                (a, &mut *na)
+            } else {
+                (b, &mut *nb)
+            };
+            let Some(_inside) = nat.inbound(from, to) else {
+                continue;
+            };
+            let t = node.engine.snapshot();
+            let mut replies = vec![];
+            if homeport_proto::disco::classify(&d) == homeport_proto::disco::DatagramKind::Disco {
+                node.engine.handle_disco(&t, from, &d, now, &mut |to, x| {
+                    replies.push((to, x.to_vec()))
+                });
+            }
+            for (to, x) in replies {
+                send_via(nat, to, &x, &mut wire);
+            }
+        }
+        let t = a.engine.snapshot();
+        let p = t.peers[0].path.lock().unwrap();
+        if p.direct.is_some() {
+            return Some(now.duration_since(start).as_secs_f64());
+        }
+    }
+    None
+}
+
+fn natted_pair(hard: bool) -> (Node, Node, Nat, Nat) {
+    let a = node(1, "home");
+    let b = node(2, "laptop");
+    let mut na = Nat::new("203.0.113.2", a.udp, hard);
+    let mut nb = Nat::new("203.0.113.3", b.udp, hard);
+    // What STUN would have told each side: its public mapping (for a hard NAT, the mapping seen
+    // by the STUN server, useless towards anyone else).
+    let stun = "198.51.100.10:3478".parse().unwrap();
+    let ea = na.out(stun);
+    let eb = nb.out(stun);
+    na.open.clear();
+    nb.open.clear();
+    let mut ma = map_for(&a, &[&b], PacketFilter::allow_all(), vec![]);
+    let mut mb = map_for(&b, &[&a], PacketFilter::allow_all(), vec![]);
+    ma.peers.get_mut(&b.id).unwrap().endpoints.push(Endpoint {
+        addr: eb,
+        kind: EndpointKind::Stun,
+    });
+    mb.peers.get_mut(&a.id).unwrap().endpoints.push(Endpoint {
+        addr: ea,
+        kind: EndpointKind::Stun,
+    });
+    a.engine.apply_map(&ma, Instant::now());
+    b.engine.apply_map(&mb, Instant::now());
+    (a, b, na, nb)
+}
+
+#[test]
+fn simultaneous_probing_opens_two_easy_nats() {
+    let (a, b, mut na, mut nb) = natted_pair(false);
+    let t = run_natted(&a, &b, &mut na, &mut nb, 10).expect("direct path through two easy NATs");
+    assert!(t <= 2.0, "direct path after {t}s");
+    let ta = a.engine.snapshot();
+    let p = ta.peers[0].path.lock().unwrap();
+    assert_eq!(
+        p.endpoint.unwrap().ip(),
+        "203.0.113.3".parse::<IpAddr>().unwrap()
+    );
+}
+
+#[test]
+fn hard_nats_find_no_direct_path() {
+    let (a, b, mut na, mut nb) = natted_pair(true);
+    assert_eq!(run_natted(&a, &b, &mut na, &mut nb, 10), None);
 }

@@ -1,0 +1,178 @@
+//! Disco: authenticated path probes (Ping/Pong) on the WireGuard socket. Framing in
+//! [`homeport_proto::disco`]. Only a holder of a mesh key can produce a probe another node
+//! accepts, so a forged probe can never redirect a peer's traffic.
+
+use boringtun::x25519;
+use homeport_proto::disco::{DISCO_HEADER_LEN, DISCO_MAGIC, DISCO_PING, DISCO_PONG};
+use ring::aead::{Aad, CHACHA20_POLY1305, LessSafeKey, Nonce, UnboundKey};
+use sha2::{Digest, Sha256};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+
+/// Largest disco packet: header + type + tx + v6 address + tag.
+pub const MAX_DISCO: usize = DISCO_HEADER_LEN + 1 + 12 + 19 + 16;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DiscoMsg {
+    Ping {
+        tx: [u8; 12],
+    },
+    /// `observed`: the source address the Ping arrived from (our reflexive address as the peer sees it).
+    Pong {
+        tx: [u8; 12],
+        observed: SocketAddr,
+    },
+}
+
+/// The symmetric key two nodes share for disco.
+pub fn key(secret: &x25519::StaticSecret, peer: &[u8; 32]) -> LessSafeKey {
+    let shared = secret.diffie_hellman(&x25519::PublicKey::from(*peer));
+    let mut h = Sha256::new();
+    h.update(b"homeport disco v1");
+    h.update(shared.as_bytes());
+    let k = h.finalize();
+    LessSafeKey::new(UnboundKey::new(&CHACHA20_POLY1305, &k).expect("32-byte key"))
+}
+
+/// Writes a sealed disco packet into `out` (at least [`MAX_DISCO`] bytes); returns its length.
+pub fn seal(key: &LessSafeKey, sender: &[u8; 32], msg: &DiscoMsg, out: &mut [u8]) -> usize {
+    out[..4].copy_from_slice(&DISCO_MAGIC);
+    out[4..36].copy_from_slice(sender);
+    let nonce: [u8; 12] = rand::random();
+    out[36..48].copy_from_slice(&nonce);
+    let mut n = DISCO_HEADER_LEN;
+    match msg {
+        DiscoMsg::Ping { tx } => {
+            out[n] = DISCO_PING;
+            out[n + 1..n + 13].copy_from_slice(tx);
+            n += 13;
+        }
+        DiscoMsg::Pong { tx, observed } => {
+            out[n] = DISCO_PONG;
+            out[n + 1..n + 13].copy_from_slice(tx);
+            n += 13;
+            match observed.ip() {
+                IpAddr::V4(a) => {
+                    out[n] = 4;
+                    out[n + 1..n + 5].copy_from_slice(&a.octets());
+                    n += 5;
+                }
+                IpAddr::V6(a) => {
+                    out[n] = 6;
+                    out[n + 1..n + 17].copy_from_slice(&a.octets());
+                    n += 17;
+                }
+            }
+            out[n..n + 2].copy_from_slice(&observed.port().to_be_bytes());
+            n += 2;
+        }
+    }
+    let (head, body) = out.split_at_mut(DISCO_HEADER_LEN);
+    let tag = key
+        .seal_in_place_separate_tag(
+            Nonce::assume_unique_for_key(nonce),
+            Aad::from(&head[..]),
+            &mut body[..n - DISCO_HEADER_LEN],
+        )
+        .expect("sealing cannot fail for short messages");
+    out[n..n + 16].copy_from_slice(tag.as_ref());
+    n + 16
+}
+
+/// The sender key of a disco packet (to find the peer and its key), without authenticating.
+pub fn sender(d: &[u8]) -> Option<[u8; 32]> {
+    if d.len() < DISCO_HEADER_LEN + 16 || d[..4] != DISCO_MAGIC {
+        return None;
+    }
+    d[4..36].try_into().ok()
+}
+
+/// Authenticates and decodes a disco packet. `scratch` must hold `d.len()` bytes.
+pub fn open(key: &LessSafeKey, d: &[u8], scratch: &mut [u8]) -> Option<DiscoMsg> {
+    if d.len() < DISCO_HEADER_LEN + 16 + 13 || d.len() > MAX_DISCO || d[..4] != DISCO_MAGIC {
+        return None;
+    }
+    let nonce: [u8; 12] = d[36..48].try_into().ok()?;
+    let body = &mut scratch[..d.len() - DISCO_HEADER_LEN];
+    body.copy_from_slice(&d[DISCO_HEADER_LEN..]);
+    let plain = key
+        .open_in_place(
+            Nonce::assume_unique_for_key(nonce),
+            Aad::from(&d[..DISCO_HEADER_LEN]),
+            body,
+        )
+        .ok()?;
+    let tx: [u8; 12] = plain.get(1..13)?.try_into().ok()?;
+    match plain[0] {
+        DISCO_PING => Some(DiscoMsg::Ping { tx }),
+        DISCO_PONG => {
+            let rest = &plain[13..];
+            let (ip, port_at) = match rest.first()? {
+                4 => (
+                    IpAddr::V4(Ipv4Addr::from(<[u8; 4]>::try_from(rest.get(1..5)?).ok()?)),
+                    5,
+                ),
+                6 => (
+                    IpAddr::V6(Ipv6Addr::from(<[u8; 16]>::try_from(rest.get(1..17)?).ok()?)),
+                    17,
+                ),
+                _ => return None,
+            };
+            let port = u16::from_be_bytes(rest.get(port_at..port_at + 2)?.try_into().ok()?);
+            Some(DiscoMsg::Pong {
+                tx,
+                observed: SocketAddr::new(ip, port),
+            })
+        }
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn round_trip_and_forgery() {
+        let a = x25519::StaticSecret::random_from_rng(rand_core_06());
+        let b = x25519::StaticSecret::random_from_rng(rand_core_06());
+        let pa = x25519::PublicKey::from(&a).to_bytes();
+        let pb = x25519::PublicKey::from(&b).to_bytes();
+        let ka = key(&a, &pb);
+        let kb = key(&b, &pa);
+        let mut out = [0u8; MAX_DISCO];
+        let mut scratch = [0u8; MAX_DISCO];
+        for msg in [
+            DiscoMsg::Ping { tx: [7; 12] },
+            DiscoMsg::Pong {
+                tx: [8; 12],
+                observed: "203.0.113.2:4444".parse().unwrap(),
+            },
+            DiscoMsg::Pong {
+                tx: [9; 12],
+                observed: "[2001:db8::1]:5".parse().unwrap(),
+            },
+        ] {
+            let n = seal(&ka, &pa, &msg, &mut out);
+            assert_eq!(
+                homeport_proto::disco::classify(&out[..n]),
+                homeport_proto::disco::DatagramKind::Disco
+            );
+            assert_eq!(sender(&out[..n]), Some(pa));
+            assert_eq!(open(&kb, &out[..n], &mut scratch), Some(msg));
+            // One flipped bit anywhere: refused.
+            for i in [5, 40, n - 1] {
+                let mut bad = out;
+                bad[i] ^= 1;
+                assert_eq!(open(&kb, &bad[..n], &mut scratch), None);
+            }
+            // A third party's key cannot open it.
+            let c = x25519::StaticSecret::random_from_rng(rand_core_06());
+            assert_eq!(open(&key(&c, &pa), &out[..n], &mut scratch), None);
+        }
+        assert_eq!(open(&kb, &[0xF1, b'h', b'p', b'd'], &mut scratch), None);
+    }
+
+    fn rand_core_06() -> rand::rngs::OsRng {
+        rand::rngs::OsRng
+    }
+}
