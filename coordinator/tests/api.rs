@@ -1,0 +1,803 @@
+//! API tests: the router is called directly (`oneshot`), each test with a fresh SQLite file.
+
+use axum::Router;
+use axum::body::Body;
+use axum::http::{Method, Request, StatusCode, header};
+use futures::StreamExt;
+use homeport_coordinator::api::local_app;
+use homeport_coordinator::{AppState, StateOptions, app};
+use homeport_proto::api::{self, RegisterResponse};
+use homeport_proto::map::{MapMessage, NetworkMap};
+use homeport_proto::{NodeId, PrivateKey};
+use serde_json::{Value, json};
+use std::time::Duration;
+use tower::ServiceExt;
+
+struct T {
+    _dir: tempfile::TempDir,
+    st: AppState,
+    admin_token: String,
+}
+
+async fn setup() -> T {
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("sqlite://{}?mode=rwc", dir.path().join("t.db").display());
+    let (st, first) = AppState::open(StateOptions {
+        database_url: url,
+        prefix_v4: None,
+        prefix_v6: Some("fd7a:115c:a1e0::/64".parse().unwrap()),
+        relays: vec![],
+    })
+    .await
+    .unwrap();
+    T {
+        _dir: dir,
+        st,
+        admin_token: first
+            .admin_token
+            .expect("first start creates an admin token"),
+    }
+}
+
+fn req(method: Method, path: &str, bearer: Option<&str>, body: Option<Value>) -> Request<Body> {
+    let mut b = Request::builder().method(method).uri(path);
+    if let Some(t) = bearer {
+        b = b.header(header::AUTHORIZATION, format!("Bearer {t}"));
+    }
+    match body {
+        Some(v) => b
+            .header(header::CONTENT_TYPE, "application/json")
+            .body(Body::from(serde_json::to_vec(&v).unwrap()))
+            .unwrap(),
+        None => b.body(Body::empty()).unwrap(),
+    }
+}
+
+async fn send(r: Router, rq: Request<Body>) -> (StatusCode, Value) {
+    let resp = r.oneshot(rq).await.unwrap();
+    let status = resp.status();
+    let bytes = axum::body::to_bytes(resp.into_body(), 1 << 20)
+        .await
+        .unwrap();
+    let v = if bytes.is_empty() {
+        Value::Null
+    } else {
+        serde_json::from_slice(&bytes).unwrap_or_else(|_| panic!("not JSON: {bytes:?}"))
+    };
+    (status, v)
+}
+
+impl T {
+    /// Admin call over the "local socket" router (no token).
+    async fn admin(&self, method: Method, path: &str, body: Option<Value>) -> (StatusCode, Value) {
+        send(local_app(self.st.clone()), req(method, path, None, body)).await
+    }
+    async fn node(
+        &self,
+        method: Method,
+        path: &str,
+        cred: &str,
+        body: Option<Value>,
+    ) -> (StatusCode, Value) {
+        send(app(self.st.clone()), req(method, path, Some(cred), body)).await
+    }
+    async fn authkey(&self, body: Value) -> String {
+        let (s, v) = self
+            .admin(Method::POST, api::PATH_ADMIN_AUTHKEYS, Some(body))
+            .await;
+        assert_eq!(s, StatusCode::CREATED, "{v}");
+        v["key"].as_str().unwrap().to_string()
+    }
+    async fn register_raw(&self, key: &str, public_key: &str, host: &str) -> (StatusCode, Value) {
+        send(
+            app(self.st.clone()),
+            req(
+                Method::POST,
+                api::PATH_REGISTER,
+                None,
+                Some(json!({"authkey": key, "public_key": public_key, "hostname": host})),
+            ),
+        )
+        .await
+    }
+    async fn register(&self, key: &str, host: &str) -> RegisterResponse {
+        let pk = PrivateKey::generate().public_key().to_base64();
+        let (s, v) = self.register_raw(key, &pk, host).await;
+        assert_eq!(s, StatusCode::OK, "{v}");
+        serde_json::from_value(v).unwrap()
+    }
+    async fn open_map(&self, cred: &str) -> MapStream {
+        let resp = app(self.st.clone())
+            .oneshot(req(Method::GET, api::PATH_MAP, Some(cred), None))
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), StatusCode::OK);
+        assert_eq!(resp.headers()[header::CONTENT_TYPE], "application/x-ndjson");
+        MapStream {
+            body: resp.into_body().into_data_stream(),
+            buf: Vec::new(),
+        }
+    }
+}
+
+struct MapStream {
+    body: axum::body::BodyDataStream,
+    buf: Vec<u8>,
+}
+
+impl MapStream {
+    /// The next line within `within`; None when the stream ended.
+    async fn next(&mut self, within: Duration) -> Option<MapMessage> {
+        tokio::time::timeout(within, async {
+            loop {
+                if let Some(i) = self.buf.iter().position(|&b| b == b'\n') {
+                    let line: Vec<u8> = self.buf.drain(..=i).collect();
+                    return Some(
+                        serde_json::from_slice(&line).expect("each line is one MapMessage"),
+                    );
+                }
+                match self.body.next().await {
+                    Some(Ok(b)) => self.buf.extend_from_slice(&b),
+                    _ => return None,
+                }
+            }
+        })
+        .await
+        .expect("no map line within the time limit")
+    }
+}
+
+const SEC: Duration = Duration::from_secs(1);
+
+#[tokio::test]
+async fn register_good_key_and_reregister() {
+    let t = setup().await;
+    let key = t
+        .authkey(json!({"reusable": true, "tags": ["tag:home", "servers"]}))
+        .await;
+    let pk = PrivateKey::generate().public_key().to_base64();
+    let (s, v) = t.register_raw(&key, &pk, "Home-Server.lan").await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    let r: RegisterResponse = serde_json::from_value(v).unwrap();
+    assert_eq!(r.name.as_str(), "home-server");
+    assert_eq!(r.addrs.ipv4.to_string(), "100.96.0.1");
+    assert_eq!(r.addrs.ipv6.to_string(), "fd7a:115c:a1e0::1");
+    assert_eq!(r.prefix_v4.to_string(), "100.96.0.0/16");
+    assert!(r.credential.len() > 32);
+
+    // Same key again: same id and addresses, fresh credential; the old one stops working.
+    let (s, v) = t.register_raw(&key, &pk, "renamed").await;
+    assert_eq!(s, StatusCode::OK);
+    let r2: RegisterResponse = serde_json::from_value(v).unwrap();
+    assert_eq!(
+        (r2.node_id, r2.addrs, r2.name.clone()),
+        (r.node_id, r.addrs, r.name.clone())
+    );
+    assert_ne!(r2.credential, r.credential);
+    let (s, _) = t
+        .node(
+            Method::POST,
+            api::PATH_ENDPOINTS,
+            &r.credential,
+            Some(json!({"endpoints": []})),
+        )
+        .await;
+    assert_eq!(s, StatusCode::UNAUTHORIZED);
+    let (s, _) = t
+        .node(
+            Method::POST,
+            api::PATH_ENDPOINTS,
+            &r2.credential,
+            Some(json!({"endpoints": []})),
+        )
+        .await;
+    assert_eq!(s, StatusCode::NO_CONTENT);
+
+    // Another host with the same name gets a suffix and the next addresses; tags come from the key.
+    let other = t.register(&key, "home-server").await;
+    assert_eq!(other.name.as_str(), "home-server-2");
+    assert_eq!(other.addrs.ipv4.to_string(), "100.96.0.2");
+    let (_, nodes) = t.admin(Method::GET, api::PATH_ADMIN_NODES, None).await;
+    assert_eq!(nodes.as_array().unwrap().len(), 2);
+    assert_eq!(nodes[0]["tags"], json!(["home", "servers"]));
+}
+
+#[tokio::test]
+async fn register_rejects_bad_keys() {
+    let t = setup().await;
+    let pk = || PrivateKey::generate().public_key().to_base64();
+
+    let (s, v) = t.register_raw("hpk_nonsense", &pk(), "a").await;
+    assert_eq!(s, StatusCode::UNAUTHORIZED);
+    assert_eq!(v["error"], "unauthorized");
+    assert!(v["detail"].as_str().unwrap().contains("authkey"));
+
+    // Revoked.
+    let key = t.authkey(json!({"reusable": true})).await;
+    let (_, list) = t.admin(Method::GET, api::PATH_ADMIN_AUTHKEYS, None).await;
+    let id = list[0]["id"].as_i64().unwrap();
+    assert!(key.starts_with(list[0]["prefix"].as_str().unwrap()));
+    let (s, _) = t
+        .admin(
+            Method::DELETE,
+            &format!("{}/{id}", api::PATH_ADMIN_AUTHKEYS),
+            None,
+        )
+        .await;
+    assert_eq!(s, StatusCode::NO_CONTENT);
+    let (s, v) = t.register_raw(&key, &pk(), "a").await;
+    assert_eq!(s, StatusCode::UNAUTHORIZED);
+    assert!(v["detail"].as_str().unwrap().contains("revoked"), "{v}");
+    let (s, _) = t
+        .admin(
+            Method::DELETE,
+            &format!("{}/999", api::PATH_ADMIN_AUTHKEYS),
+            None,
+        )
+        .await;
+    assert_eq!(s, StatusCode::NOT_FOUND);
+    let (s, v) = t
+        .admin(
+            Method::DELETE,
+            &format!("{}/abc", api::PATH_ADMIN_AUTHKEYS),
+            None,
+        )
+        .await;
+    assert_eq!(s, StatusCode::BAD_REQUEST, "{v}");
+
+    // Expired.
+    let key = t.authkey(json!({"expires_secs": 3600})).await;
+    sqlx::query("UPDATE authkeys SET expires_at = 1 WHERE expires_at IS NOT NULL")
+        .execute(&t.st.store.pool)
+        .await
+        .unwrap();
+    let (s, v) = t.register_raw(&key, &pk(), "a").await;
+    assert_eq!(s, StatusCode::UNAUTHORIZED);
+    assert!(v["detail"].as_str().unwrap().contains("expired"), "{v}");
+
+    // Single use: the second registration fails and leaves nothing behind.
+    let key = t.authkey(json!({})).await;
+    t.register(&key, "first").await;
+    let (s, v) = t.register_raw(&key, &pk(), "second").await;
+    assert_eq!(s, StatusCode::UNAUTHORIZED);
+    assert!(
+        v["detail"].as_str().unwrap().contains("already used"),
+        "{v}"
+    );
+    let (_, nodes) = t.admin(Method::GET, api::PATH_ADMIN_NODES, None).await;
+    assert_eq!(nodes.as_array().unwrap().len(), 1);
+    let (_, list) = t.admin(Method::GET, api::PATH_ADMIN_AUTHKEYS, None).await;
+    let last = list.as_array().unwrap().last().unwrap();
+    assert_eq!(last["used"], true);
+    assert_eq!(last["reusable"], false);
+
+    // Bad public key: 400 naming the field.
+    let key = t.authkey(json!({"reusable": true})).await;
+    let (s, v) = t.register_raw(&key, "abc", "a").await;
+    assert_eq!(s, StatusCode::BAD_REQUEST);
+    assert!(v["detail"].as_str().unwrap().contains("public_key"), "{v}");
+    assert!(
+        v["detail"].as_str().unwrap().contains("44 characters"),
+        "{v}"
+    );
+
+    // Unknown field, missing field, bad hostname.
+    let (s, v) = send(
+        app(t.st.clone()),
+        req(
+            Method::POST,
+            api::PATH_REGISTER,
+            None,
+            Some(json!({"authkey": key, "public_key": pk(), "hostname": "a", "x": 1})),
+        ),
+    )
+    .await;
+    assert_eq!(s, StatusCode::BAD_REQUEST);
+    assert!(
+        v["detail"].as_str().unwrap().contains("unknown field `x`"),
+        "{v}"
+    );
+    let (s, v) = send(
+        app(t.st.clone()),
+        req(
+            Method::POST,
+            api::PATH_REGISTER,
+            None,
+            Some(json!({"authkey": key})),
+        ),
+    )
+    .await;
+    assert_eq!(s, StatusCode::BAD_REQUEST);
+    assert!(v["detail"].as_str().unwrap().contains("public_key"), "{v}");
+    let (s, v) = t.register_raw(&key, &pk(), "...").await;
+    assert_eq!(s, StatusCode::BAD_REQUEST);
+    assert!(v["detail"].as_str().unwrap().contains("hostname"), "{v}");
+
+    // Oversized body: 413 with an ApiError.
+    let big = json!({"authkey": "x".repeat(70_000), "public_key": pk(), "hostname": "a"});
+    let (s, v) = send(
+        app(t.st.clone()),
+        req(Method::POST, api::PATH_REGISTER, None, Some(big)),
+    )
+    .await;
+    assert_eq!(s, StatusCode::PAYLOAD_TOO_LARGE);
+    assert_eq!(v["error"], "body_too_large");
+
+    // Bad tag on key creation.
+    let (s, v) = t
+        .admin(
+            Method::POST,
+            api::PATH_ADMIN_AUTHKEYS,
+            Some(json!({"tags": ["a b"]})),
+        )
+        .await;
+    assert_eq!(s, StatusCode::BAD_REQUEST);
+    assert!(v["detail"].as_str().unwrap().contains("tags[0]"), "{v}");
+}
+
+#[tokio::test]
+async fn admin_needs_token_over_https_router() {
+    let t = setup().await;
+    let (s, v) = send(
+        app(t.st.clone()),
+        req(Method::GET, api::PATH_ADMIN_NODES, None, None),
+    )
+    .await;
+    assert_eq!(s, StatusCode::UNAUTHORIZED);
+    assert!(v["detail"].as_str().unwrap().contains("admin token"));
+    let (s, _) = send(
+        app(t.st.clone()),
+        req(Method::GET, api::PATH_ADMIN_NODES, Some("hpa_wrong"), None),
+    )
+    .await;
+    assert_eq!(s, StatusCode::UNAUTHORIZED);
+    let (s, v) = send(
+        app(t.st.clone()),
+        req(
+            Method::GET,
+            api::PATH_ADMIN_NODES,
+            Some(&t.admin_token),
+            None,
+        ),
+    )
+    .await;
+    assert_eq!(s, StatusCode::OK);
+    assert_eq!(v, json!([]));
+    // A node credential is not an admin token, and the map needs a credential.
+    let (s, _) = send(
+        app(t.st.clone()),
+        req(Method::GET, api::PATH_MAP, None, None),
+    )
+    .await;
+    assert_eq!(s, StatusCode::UNAUTHORIZED);
+    let (s, v) = send(app(t.st.clone()), req(Method::GET, "/nope", None, None)).await;
+    assert_eq!(s, StatusCode::NOT_FOUND);
+    assert_eq!(v["error"], "not_found");
+    let (s, v) = send(
+        app(t.st.clone()),
+        req(Method::DELETE, api::PATH_REGISTER, None, None),
+    )
+    .await;
+    assert_eq!(s, StatusCode::METHOD_NOT_ALLOWED);
+    assert_eq!(v["error"], "method_not_allowed");
+}
+
+#[tokio::test]
+async fn map_stream_full_then_deltas() {
+    let t = setup().await;
+    let key = t.authkey(json!({"reusable": true})).await;
+    let a = t.register(&key, "a").await;
+    let mut sa = t.open_map(&a.credential).await;
+    let first = sa.next(SEC).await.unwrap();
+    assert!(first.full);
+    let mut map = NetworkMap::from_full(first).unwrap();
+    assert_eq!(map.self_node.id, a.node_id);
+    assert!(map.peers.is_empty());
+    assert!(map.filter.allow_all);
+
+    // A later registration reaches the open stream within a second.
+    let b = t.register(&key, "b").await;
+    let d = sa.next(SEC).await.unwrap();
+    assert!(!d.full);
+    assert_eq!(d.peers.len(), 1);
+    assert_eq!(d.peers[0].id, b.node_id);
+    assert!(!d.peers[0].online);
+    let v0 = map.version;
+    map.apply(d).unwrap();
+    assert!(map.version > v0);
+
+    // b comes online: a hears it; b's full map lists a as online.
+    let mut sb = t.open_map(&b.credential).await;
+    let fb = sb.next(SEC).await.unwrap();
+    assert!(fb.full && fb.peers.len() == 1 && fb.peers[0].online);
+    let d = sa.next(SEC).await.unwrap();
+    assert!(d.peers[0].online);
+    map.apply(d).unwrap();
+
+    // Endpoints of b reach a; a probe from a reaches b.
+    let (s, _) = t
+        .node(
+            Method::POST,
+            api::PATH_ENDPOINTS,
+            &b.credential,
+            Some(json!({"endpoints": [{"addr": "203.0.113.5:41641", "kind": "stun"}]})),
+        )
+        .await;
+    assert_eq!(s, StatusCode::NO_CONTENT);
+    let d = sa.next(SEC).await.unwrap();
+    assert_eq!(
+        d.peers[0].endpoints[0].addr.to_string(),
+        "203.0.113.5:41641"
+    );
+    let (s, v) = t
+        .node(
+            Method::POST,
+            api::PATH_ENDPOINTS,
+            &b.credential,
+            Some(json!({"endpoints": [{"addr": "0.0.0.0:1", "kind": "local"}]})),
+        )
+        .await;
+    assert_eq!(s, StatusCode::BAD_REQUEST);
+    assert!(v["detail"].as_str().unwrap().contains("endpoints[0]"));
+    let (s, _) = t
+        .node(
+            Method::POST,
+            api::PATH_PROBE,
+            &a.credential,
+            Some(json!({"peer": b.node_id})),
+        )
+        .await;
+    assert_eq!(s, StatusCode::NO_CONTENT);
+    let p = sb.next(SEC).await.unwrap();
+    assert_eq!(p.probe_requests[0].from, a.node_id);
+    let (s, _) = t
+        .node(
+            Method::POST,
+            api::PATH_PROBE,
+            &a.credential,
+            Some(json!({"peer": 999})),
+        )
+        .await;
+    assert_eq!(s, StatusCode::NOT_FOUND);
+
+    // A second stream for b replaces the first, which ends; b stays online.
+    let mut sb2 = t.open_map(&b.credential).await;
+    assert!(sb2.next(SEC).await.unwrap().full);
+    assert!(sb.next(SEC).await.is_none(), "the replaced stream ends");
+    let (_, nodes) = t.admin(Method::GET, api::PATH_ADMIN_NODES, None).await;
+    assert_eq!(nodes[1]["online"], true);
+
+    // Dropping b's stream marks b offline for a.
+    drop(sb2);
+    let d = sa.next(SEC).await.unwrap();
+    assert_eq!(d.peers[0].id, b.node_id);
+    assert!(!d.peers[0].online);
+}
+
+#[tokio::test]
+async fn keepalive_line_on_idle_stream() {
+    let t = setup().await;
+    let key = t.authkey(json!({})).await;
+    let a = t.register(&key, "a").await;
+    let mut s = t.open_map(&a.credential).await;
+    let full = s.next(SEC).await.unwrap();
+    // Pausing only now keeps the database's own timeouts on real time.
+    tokio::time::pause();
+    // Paused time auto-advances to the keepalive timer.
+    let ka = s
+        .next(Duration::from_secs(homeport_proto::map::MAP_KEEPALIVE_SECS))
+        .await
+        .unwrap();
+    assert!(ka.is_keepalive());
+    assert_eq!(ka.version, full.version);
+}
+
+#[tokio::test]
+async fn node_removal_closes_stream_and_revokes() {
+    let t = setup().await;
+    let key = t.authkey(json!({"reusable": true})).await;
+    let a = t.register(&key, "a").await;
+    let b = t.register(&key, "b").await;
+    let mut sa = t.open_map(&a.credential).await;
+    let mut sb = t.open_map(&b.credential).await;
+    sa.next(SEC).await.unwrap();
+    sa.next(SEC).await.unwrap(); // b online
+    sb.next(SEC).await.unwrap();
+    let (s, _) = t
+        .admin(
+            Method::POST,
+            api::PATH_ADMIN_PUBLISH,
+            Some(json!({"exit": "a", "port": 8080, "to": "b:80"})),
+        )
+        .await;
+    assert_eq!(s, StatusCode::CREATED);
+    assert_eq!(sa.next(SEC).await.unwrap().publish.unwrap().len(), 1);
+    assert_eq!(sb.next(SEC).await.unwrap().publish.unwrap().len(), 1);
+
+    let (s, _) = t
+        .admin(
+            Method::DELETE,
+            &format!("{}/b", api::PATH_ADMIN_NODES),
+            None,
+        )
+        .await;
+    assert_eq!(s, StatusCode::NO_CONTENT);
+    // b's stream ends at once.
+    assert!(sb.next(SEC).await.is_none());
+    // a learns b is gone and that the rule with it is gone.
+    let d = sa.next(SEC).await.unwrap();
+    assert_eq!(d.peers_removed, vec![b.node_id]);
+    let d = sa.next(SEC).await.unwrap();
+    assert_eq!(d.publish, Some(vec![]));
+    // b's credential is dead.
+    let resp = app(t.st.clone())
+        .oneshot(req(Method::GET, api::PATH_MAP, Some(&b.credential), None))
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::UNAUTHORIZED);
+    let (s, _) = t
+        .node(
+            Method::POST,
+            api::PATH_ENDPOINTS,
+            &b.credential,
+            Some(json!({"endpoints": []})),
+        )
+        .await;
+    assert_eq!(s, StatusCode::UNAUTHORIZED);
+    let (s, _) = t
+        .admin(
+            Method::DELETE,
+            &format!("{}/b", api::PATH_ADMIN_NODES),
+            None,
+        )
+        .await;
+    assert_eq!(s, StatusCode::NOT_FOUND);
+    let (_, rules) = t.admin(Method::GET, api::PATH_ADMIN_PUBLISH, None).await;
+    assert_eq!(rules, json!([]));
+}
+
+#[tokio::test]
+async fn publish_validation() {
+    let t = setup().await;
+    let key = t.authkey(json!({"reusable": true})).await;
+    let vps = t.register(&key, "vps").await;
+    let home = t.register(&key, "home").await;
+    let good = json!({"exit": "vps", "port": 32400, "to": "home:32400", "allow": ["192.0.2.0/24", "198.51.100.7", "2001:db8::/32"], "rate_per_minute": 30});
+    let (s, rule) = t
+        .admin(Method::POST, api::PATH_ADMIN_PUBLISH, Some(good.clone()))
+        .await;
+    assert_eq!(s, StatusCode::CREATED, "{rule}");
+    assert_eq!(rule["exit"], json!(vps.node_id));
+    assert_eq!(rule["target"], json!(home.node_id));
+    assert_eq!(rule["target_ipv4"], json!(home.addrs.ipv4));
+    assert_eq!(rule["proto"], "tcp");
+    assert_eq!(
+        rule["guards"]["allow"],
+        json!(["192.0.2.0/24", "198.51.100.7/32", "2001:db8::/32"])
+    );
+
+    // Duplicate (exit, port, proto): 409. Same port over udp is fine.
+    let (s, v) = t
+        .admin(Method::POST, api::PATH_ADMIN_PUBLISH, Some(good.clone()))
+        .await;
+    assert_eq!(s, StatusCode::CONFLICT, "{v}");
+    assert_eq!(v["error"], "conflict");
+    let mut udp = good.clone();
+    udp["proto"] = json!("udp");
+    let (s, _) = t
+        .admin(Method::POST, api::PATH_ADMIN_PUBLISH, Some(udp))
+        .await;
+    assert_eq!(s, StatusCode::CREATED);
+
+    let cases = [
+        (
+            json!({"exit": "vps", "port": 1, "to": "home:1", "allow": ["10.0.0.0/33"]}),
+            StatusCode::BAD_REQUEST,
+            "10.0.0.0/33",
+        ),
+        (
+            json!({"exit": "vps", "port": 1, "to": "home:1", "allow": ["nope"]}),
+            StatusCode::BAD_REQUEST,
+            "allow[0]",
+        ),
+        (
+            json!({"exit": "vps", "port": 0, "to": "home:1"}),
+            StatusCode::BAD_REQUEST,
+            "port",
+        ),
+        (
+            json!({"exit": "vps", "port": 70000, "to": "home:1"}),
+            StatusCode::BAD_REQUEST,
+            "port",
+        ),
+        (
+            json!({"exit": "vps", "port": 1, "proto": "sctp", "to": "home:1"}),
+            StatusCode::BAD_REQUEST,
+            "tcp or udp",
+        ),
+        (
+            json!({"exit": "vps", "port": 1, "to": "home"}),
+            StatusCode::BAD_REQUEST,
+            "NODE:PORT",
+        ),
+        (
+            json!({"exit": "vps", "port": 1, "to": "home:0"}),
+            StatusCode::BAD_REQUEST,
+            "NODE:PORT",
+        ),
+        (
+            json!({"exit": "ghost", "port": 1, "to": "home:1"}),
+            StatusCode::NOT_FOUND,
+            "ghost",
+        ),
+        (
+            json!({"exit": "vps", "port": 1, "to": "ghost:1"}),
+            StatusCode::NOT_FOUND,
+            "ghost",
+        ),
+    ];
+    for (body, status, needle) in cases {
+        let (s, v) = t
+            .admin(Method::POST, api::PATH_ADMIN_PUBLISH, Some(body.clone()))
+            .await;
+        assert_eq!(s, status, "{body} → {v}");
+        assert!(
+            v["detail"].as_str().unwrap().contains(needle),
+            "{body} → {v}"
+        );
+    }
+    let (_, list) = t.admin(Method::GET, api::PATH_ADMIN_PUBLISH, None).await;
+    assert_eq!(
+        list.as_array().unwrap().len(),
+        2,
+        "failed requests stored nothing"
+    );
+
+    let id = rule["id"].as_i64().unwrap();
+    let (s, _) = t
+        .admin(
+            Method::DELETE,
+            &format!("{}/{id}", api::PATH_ADMIN_PUBLISH),
+            None,
+        )
+        .await;
+    assert_eq!(s, StatusCode::NO_CONTENT);
+    let (s, _) = t
+        .admin(
+            Method::DELETE,
+            &format!("{}/{id}", api::PATH_ADMIN_PUBLISH),
+            None,
+        )
+        .await;
+    assert_eq!(s, StatusCode::NOT_FOUND);
+}
+
+#[tokio::test]
+async fn policy_set_validates_and_pushes_filters() {
+    let t = setup().await;
+    let friends = t
+        .authkey(json!({"reusable": true, "tags": ["friends"]}))
+        .await;
+    let plain = t.authkey(json!({"reusable": true})).await;
+    let home = t.register(&plain, "home").await;
+    let tv = t.register(&friends, "tv").await;
+    let mut sh = t.open_map(&home.credential).await;
+    let mut st = t.open_map(&tv.credential).await;
+    assert!(sh.next(SEC).await.unwrap().filter.unwrap().allow_all);
+    sh.next(SEC).await.unwrap(); // tv online
+    st.next(SEC).await.unwrap();
+
+    let (s, v) = t.admin(Method::GET, api::PATH_ADMIN_POLICY, None).await;
+    assert_eq!((s, v), (StatusCode::OK, json!({"rules": []})));
+
+    let (s, v) = t
+        .admin(
+            Method::PUT,
+            api::PATH_ADMIN_POLICY,
+            Some(json!({"rules": [{"from": ["tag:fr iends"], "to": ["*"]}]})),
+        )
+        .await;
+    assert_eq!(s, StatusCode::BAD_REQUEST);
+    assert!(
+        v["detail"].as_str().unwrap().contains("tag:fr iends"),
+        "{v}"
+    );
+    let (s, v) = t
+        .admin(
+            Method::PUT,
+            api::PATH_ADMIN_POLICY,
+            Some(json!({"rules": [{"from": ["*"], "to": ["*"], "ports": ["tcp:0"]}]})),
+        )
+        .await;
+    assert_eq!(s, StatusCode::BAD_REQUEST);
+    assert!(v["detail"].as_str().unwrap().contains("rules[0]"), "{v}");
+
+    let p = json!({"rules": [{"from": ["tag:friends"], "to": ["node:home"], "ports": ["tcp:32400", "icmp"]}]});
+    let (s, v) = t
+        .admin(Method::PUT, api::PATH_ADMIN_POLICY, Some(p.clone()))
+        .await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    let (_, got) = t.admin(Method::GET, api::PATH_ADMIN_POLICY, None).await;
+    assert_eq!(got, p);
+
+    let f = sh.next(SEC).await.unwrap().filter.unwrap();
+    assert!(!f.allow_all);
+    assert_eq!(f.rules.len(), 2);
+    assert!(f.rules.iter().all(|r| r.sources.len() == 2));
+    assert!(f.rules[0].sources[0].contains(&std::net::IpAddr::V4(tv.addrs.ipv4)));
+    // The tv is reachable from nobody now.
+    let ft = st.next(SEC).await.unwrap().filter.unwrap();
+    assert!(!ft.allow_all && ft.rules.is_empty());
+
+    // A new friend changes home's filter (and only adds a peer for the tv).
+    let phone = t.register(&friends, "phone").await;
+    let d = sh.next(SEC).await.unwrap();
+    assert_eq!(d.peers[0].id, phone.node_id);
+    assert_eq!(d.filter.unwrap().rules[0].sources.len(), 4);
+    let d = st.next(SEC).await.unwrap();
+    assert_eq!(d.peers[0].id, phone.node_id);
+    assert!(d.filter.is_none());
+
+    // Clearing the policy (no rules) means allow all again.
+    t.admin(
+        Method::PUT,
+        api::PATH_ADMIN_POLICY,
+        Some(json!({"rules": []})),
+    )
+    .await;
+    assert!(sh.next(SEC).await.unwrap().filter.unwrap().allow_all);
+}
+
+#[tokio::test]
+async fn openapi_covers_every_endpoint() {
+    let t = setup().await;
+    let (s, v) = send(
+        app(t.st.clone()),
+        req(Method::GET, api::PATH_OPENAPI, None, None),
+    )
+    .await;
+    assert_eq!(s, StatusCode::OK);
+    assert!(v["openapi"].as_str().unwrap().starts_with("3."));
+    for p in [
+        api::PATH_REGISTER,
+        api::PATH_MAP,
+        api::PATH_ENDPOINTS,
+        api::PATH_PROBE,
+        api::PATH_ADMIN_AUTHKEYS,
+        "/api/v1/admin/authkeys/{id}",
+        api::PATH_ADMIN_NODES,
+        "/api/v1/admin/nodes/{name}",
+        api::PATH_ADMIN_PUBLISH,
+        "/api/v1/admin/publish/{id}",
+        api::PATH_ADMIN_POLICY,
+    ] {
+        assert!(v["paths"][p].is_object(), "{p} missing");
+    }
+}
+
+#[tokio::test]
+async fn state_survives_reopen() {
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("sqlite://{}?mode=rwc", dir.path().join("t.db").display());
+    let opts = StateOptions {
+        database_url: url,
+        ..Default::default()
+    };
+    let (st, first) = AppState::open(opts.clone()).await.unwrap();
+    assert!(first.admin_token.is_some());
+    let v6 = st.mesh().prefix_v6;
+    assert!(v6.to_string().starts_with("fd"));
+    assert_eq!(v6.prefix_len(), 64);
+    drop(st);
+    let (st, first) = AppState::open(opts.clone()).await.unwrap();
+    assert!(
+        first.admin_token.is_none(),
+        "the admin token is created once"
+    );
+    assert_eq!(st.mesh().prefix_v6, v6, "the ULA prefix is persisted");
+    let mut other = opts;
+    other.prefix_v4 = Some("10.1.0.0/16".parse().unwrap());
+    let e = AppState::open(other).await.err().unwrap().to_string();
+    assert!(e.contains("prefix-v4"), "{e}");
+    let _ = NodeId(0);
+}
