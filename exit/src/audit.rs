@@ -1,0 +1,802 @@
+//! The audit log of published connections and the per-rule metrics.
+//!
+//! - Allowed connections come from conntrack events (`conntrack -E`): a published flow is one
+//!   whose original destination port is a published port and whose reply comes from the rule's
+//!   target. Its line is written when the flow ends (DESTROY carries the byte counts; this needs
+//!   `nf_conntrack_acct=1`), with the start time, the source, bytes each way and the duration
+//!   (start to the first CLOSE/TIME_WAIT state, else to DESTROY).
+//! - Denials are never logged per packet: each deny chain counts per source in a dynamic meter
+//!   (see `nft`), and [`Audit::poll_denials`] reads them every [`DENY_POLL`] and writes one line
+//!   per (source, rule, reason) with the packets dropped since the last read.
+//!
+//! Every record is one JSON line in `<state-dir>/audit.jsonl` (mode 0600) and an INFO event
+//! with target `audit`.
+
+use crate::nft::{self, DenyReason, Exec, L4};
+use anyhow::{Context, Result};
+use homeport_proto::publish::{PublishProto, PublishRule};
+use serde::{Deserialize, Serialize};
+use std::collections::{BTreeMap, HashMap};
+use std::io::Write;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::time::Duration;
+use time::OffsetDateTime;
+use time::format_description::well_known::Rfc3339;
+use tokio::io::AsyncBufReadExt;
+use tokio_util::sync::CancellationToken;
+
+/// File name of the audit log in the state dir.
+pub const AUDIT_FILE: &str = "audit.jsonl";
+/// How often the deny meters are read: often enough that a log reader sees an attack within
+/// seconds, rarely enough that listing the meters (one `nft` run each) costs nothing.
+pub const DENY_POLL: Duration = Duration::from_secs(3);
+/// Open flows remembered at most (a lost DESTROY event must not grow memory forever).
+const MAX_OPEN_FLOWS: usize = 262_144;
+
+/// One line of the audit log.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AuditRecord {
+    /// RFC 3339: when the connection started (allowed) or when the drops were counted (denied).
+    pub time: String,
+    /// `ip:port` for a connection, `ip` for aggregated denials.
+    pub source: String,
+    pub rule: i64,
+    pub proto: String,
+    pub port: u16,
+    /// `target_name:target_port`
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub target: String,
+    /// allowed | not-in-allow-list | rate | max-conns | banned
+    pub verdict: String,
+    /// Bytes from the viewer (allowed connections).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bytes_in: Option<u64>,
+    /// Bytes to the viewer (allowed connections).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bytes_out: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub duration_s: Option<f64>,
+    /// Packets dropped since the previous line for this (source, rule, reason) (denials).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub packets: Option<u64>,
+}
+
+impl AuditRecord {
+    /// A one-line human rendering (for `homeport-exit log`).
+    pub fn human(&self) -> String {
+        let what = format!("rule {} {}/{}", self.rule, self.proto, self.port);
+        if self.verdict == "allowed" {
+            format!(
+                "{}  {:<17}  {:<46}  {} -> {}  in {}  out {}  {:.1}s",
+                self.time,
+                self.verdict,
+                self.source,
+                what,
+                self.target,
+                human_bytes(self.bytes_in.unwrap_or(0)),
+                human_bytes(self.bytes_out.unwrap_or(0)),
+                self.duration_s.unwrap_or(0.0)
+            )
+        } else {
+            format!(
+                "{}  {:<17}  {:<46}  {}  {} packets dropped",
+                self.time,
+                self.verdict,
+                self.source,
+                what,
+                self.packets.unwrap_or(0)
+            )
+        }
+    }
+}
+
+fn human_bytes(n: u64) -> String {
+    const U: [&str; 5] = ["B", "KB", "MB", "GB", "TB"];
+    let mut v = n as f64;
+    let mut i = 0;
+    while v >= 1000.0 && i < U.len() - 1 {
+        v /= 1000.0;
+        i += 1;
+    }
+    if i == 0 {
+        format!("{n} B")
+    } else {
+        format!("{v:.1} {}", U[i])
+    }
+}
+
+pub fn rfc3339(t: OffsetDateTime) -> String {
+    t.format(&Rfc3339)
+        .unwrap_or_else(|_| t.unix_timestamp().to_string())
+}
+
+/// What the audit needs to know of an installed rule.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RuleInfo {
+    pub id: i64,
+    pub proto: L4,
+    pub port: u16,
+    pub target_ipv4: Ipv4Addr,
+    pub target_ipv6: Ipv6Addr,
+    pub target_port: u16,
+    pub target: String,
+}
+
+impl RuleInfo {
+    pub fn from_rule(r: &PublishRule) -> Option<RuleInfo> {
+        let proto = match r.proto {
+            PublishProto::Tcp => L4::Tcp,
+            PublishProto::Udp => L4::Udp,
+            PublishProto::Unknown => return None,
+        };
+        Some(RuleInfo {
+            id: r.id,
+            proto,
+            port: r.port,
+            target_ipv4: r.target_ipv4,
+            target_ipv6: r.target_ipv6,
+            target_port: r.target_port,
+            target: format!("{}:{}", r.target_name.as_str(), r.target_port),
+        })
+    }
+    fn matches(&self, ev: &CtEvent) -> bool {
+        let target: IpAddr = match ev.reply_src {
+            IpAddr::V4(_) => self.target_ipv4.into(),
+            IpAddr::V6(_) => self.target_ipv6.into(),
+        };
+        ev.proto == self.proto.as_str()
+            && ev.orig_dst.port() == self.port
+            && ev.reply_src == target
+            && ev.reply_sport == self.target_port
+    }
+}
+
+/// Per-rule counters for /metrics.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RuleStats {
+    pub proto: &'static str,
+    pub port: u16,
+    pub conns: u64,
+    pub denied: [u64; 4],
+    pub bytes_in: u64,
+    pub bytes_out: u64,
+}
+
+fn reason_index(r: DenyReason) -> usize {
+    DenyReason::ALL.iter().position(|x| *x == r).unwrap_or(0)
+}
+
+/// One parsed `conntrack -E -o timestamp,extended,id` line.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CtEvent {
+    pub kind: CtKind,
+    /// Microseconds since the epoch, from conntrack's timestamp.
+    pub at: i64,
+    pub proto: String,
+    pub state: Option<String>,
+    pub orig_src: SocketAddr,
+    pub orig_dst: SocketAddr,
+    pub reply_src: IpAddr,
+    pub reply_sport: u16,
+    pub bytes_orig: Option<u64>,
+    pub bytes_reply: Option<u64>,
+    pub id: Option<u64>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CtKind {
+    New,
+    Update,
+    Destroy,
+}
+
+/// `SECS.FRACTION` as microseconds.
+fn parse_micros(ts: &str) -> Option<i64> {
+    let (s, f) = ts.split_once('.').unwrap_or((ts, ""));
+    let secs: i64 = s.parse().ok()?;
+    let mut frac = f.chars().take(6).collect::<String>();
+    if !frac.chars().all(|c| c.is_ascii_digit()) {
+        return None;
+    }
+    while frac.len() < 6 {
+        frac.push('0');
+    }
+    Some(secs * 1_000_000 + frac.parse::<i64>().ok()?)
+}
+
+/// Parses one event line; None for anything else (summaries, ICMP without ports, garbage).
+pub fn parse_ct_event(line: &str) -> Option<CtEvent> {
+    let mut toks = line.split_whitespace().peekable();
+    let mut at = None;
+    if let Some(t) = toks.peek() {
+        if let Some(ts) = t.strip_prefix('[').and_then(|t| t.strip_suffix(']')) {
+            if let Some(v) = parse_micros(ts) {
+                at = Some(v);
+                toks.next();
+            }
+        }
+    }
+    let kind = match toks.next()? {
+        "[NEW]" => CtKind::New,
+        "[UPDATE]" => CtKind::Update,
+        "[DESTROY]" => CtKind::Destroy,
+        _ => return None,
+    };
+    let _l3 = toks.next()?;
+    let _l3num = toks.next()?;
+    let proto = toks.next()?.to_string();
+    let _l4num = toks.next()?;
+    let mut state = None;
+    // [dir][0] = original, [1] = reply
+    let mut src: [Option<IpAddr>; 2] = [None, None];
+    let mut dst: [Option<IpAddr>; 2] = [None, None];
+    let mut sport: [Option<u16>; 2] = [None, None];
+    let mut dport: [Option<u16>; 2] = [None, None];
+    let mut bytes: [Option<u64>; 2] = [None, None];
+    let mut dir = 0usize;
+    let mut id = None;
+    for t in toks {
+        match t.split_once('=') {
+            Some(("src", v)) => {
+                if src[0].is_some() {
+                    dir = 1;
+                }
+                src[dir] = v.parse().ok();
+            }
+            Some(("dst", v)) => dst[dir] = v.parse().ok(),
+            Some(("sport", v)) => sport[dir] = v.parse().ok(),
+            Some(("dport", v)) => dport[dir] = v.parse().ok(),
+            Some(("bytes", v)) => bytes[dir] = v.parse().ok(),
+            Some(("id", v)) => id = v.parse().ok(),
+            Some(_) => {}
+            None => {
+                if src[0].is_none() && t.chars().all(|c| c.is_ascii_uppercase() || c == '_') {
+                    state = Some(t.to_string());
+                }
+            }
+        }
+    }
+    Some(CtEvent {
+        kind,
+        at: at.unwrap_or_else(|| (OffsetDateTime::now_utc().unix_timestamp_nanos() / 1000) as i64),
+        proto,
+        state,
+        orig_src: SocketAddr::new(src[0]?, sport[0]?),
+        orig_dst: SocketAddr::new(dst[0]?, dport[0]?),
+        reply_src: src[1]?,
+        reply_sport: sport[1]?,
+        bytes_orig: bytes[0],
+        bytes_reply: bytes[1],
+        id,
+    })
+}
+
+struct OpenFlow {
+    rule: i64,
+    start: i64,
+    end: Option<i64>,
+}
+
+/// The audit log writer, the flow and denial trackers and the metrics.
+pub struct Audit {
+    file: Mutex<Option<std::fs::File>>,
+    path: PathBuf,
+    rules: Mutex<Vec<RuleInfo>>,
+    stats: Mutex<BTreeMap<i64, RuleStats>>,
+    open: Mutex<HashMap<(u64, SocketAddr), OpenFlow>>,
+    denied_seen: Mutex<HashMap<(DenyReason, i64, IpAddr), u64>>,
+}
+
+impl Audit {
+    /// Opens (creates, 0600) `<state_dir>/audit.jsonl` for appending.
+    pub fn open(state_dir: &Path) -> Result<Audit> {
+        use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+        std::fs::create_dir_all(state_dir)
+            .with_context(|| format!("creating {}", state_dir.display()))?;
+        let path = state_dir.join(AUDIT_FILE);
+        let f = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .mode(0o600)
+            .open(&path)
+            .with_context(|| format!("opening audit log {}", path.display()))?;
+        // An older file may have been created with other permissions.
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))
+            .with_context(|| format!("chmod 0600 {}", path.display()))?;
+        Ok(Audit {
+            file: Mutex::new(Some(f)),
+            path,
+            rules: Mutex::new(Vec::new()),
+            stats: Mutex::new(BTreeMap::new()),
+            open: Mutex::new(HashMap::new()),
+            denied_seen: Mutex::new(HashMap::new()),
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The installed rules (the publisher calls this after every apply).
+    pub fn set_rules(&self, rules: &[PublishRule]) {
+        let infos: Vec<RuleInfo> = rules.iter().filter_map(RuleInfo::from_rule).collect();
+        let mut stats = self.stats.lock().unwrap();
+        for i in &infos {
+            let s = stats.entry(i.id).or_default();
+            s.proto = i.proto.as_str();
+            s.port = i.port;
+        }
+        stats.retain(|id, _| infos.iter().any(|i| i.id == *id));
+        *self.rules.lock().unwrap() = infos;
+    }
+
+    pub fn write(&self, rec: &AuditRecord) {
+        let line = match serde_json::to_string(rec) {
+            Ok(l) => l,
+            Err(e) => {
+                tracing::warn!(error = %e, "audit record not serializable");
+                return;
+            }
+        };
+        tracing::info!(target: "audit", "{line}");
+        let mut f = self.file.lock().unwrap();
+        if let Some(file) = f.as_mut() {
+            if let Err(e) = writeln!(file, "{line}") {
+                tracing::warn!(error = %e, path = %self.path.display(), "writing the audit log failed");
+            }
+        }
+    }
+
+    /// Handles one conntrack event; returns the record written, if any.
+    pub fn on_ct_event(&self, ev: &CtEvent) -> Option<AuditRecord> {
+        let key = (ev.id.unwrap_or(0), ev.orig_src);
+        match ev.kind {
+            CtKind::New => {
+                let rule = self
+                    .rules
+                    .lock()
+                    .unwrap()
+                    .iter()
+                    .find(|r| r.matches(ev))?
+                    .id;
+                if let Some(s) = self.stats.lock().unwrap().get_mut(&rule) {
+                    s.conns += 1;
+                }
+                let mut open = self.open.lock().unwrap();
+                if open.len() >= MAX_OPEN_FLOWS {
+                    tracing::warn!(
+                        "audit: too many open flows tracked (lost conntrack events?); forgetting them"
+                    );
+                    open.clear();
+                }
+                open.insert(
+                    key,
+                    OpenFlow {
+                        rule,
+                        start: ev.at,
+                        end: None,
+                    },
+                );
+                None
+            }
+            CtKind::Update => {
+                if matches!(
+                    ev.state.as_deref(),
+                    Some("TIME_WAIT" | "CLOSE" | "LAST_ACK" | "FIN_WAIT")
+                ) {
+                    if let Some(f) = self.open.lock().unwrap().get_mut(&key) {
+                        f.end.get_or_insert(ev.at);
+                    }
+                }
+                None
+            }
+            CtKind::Destroy => {
+                let flow = self.open.lock().unwrap().remove(&key);
+                let rules = self.rules.lock().unwrap();
+                let (rule_id, start, end) = match flow {
+                    Some(f) => (f.rule, f.start, f.end.unwrap_or(ev.at)),
+                    // Started before we listened (e.g. a restart): no start time known.
+                    None => (rules.iter().find(|r| r.matches(ev))?.id, ev.at, ev.at),
+                };
+                let info = rules.iter().find(|r| r.id == rule_id);
+                let rec = AuditRecord {
+                    time: rfc3339(
+                        OffsetDateTime::from_unix_timestamp_nanos(start as i128 * 1000)
+                            .unwrap_or_else(|_| OffsetDateTime::now_utc()),
+                    ),
+                    source: ev.orig_src.to_string(),
+                    rule: rule_id,
+                    proto: ev.proto.clone(),
+                    port: ev.orig_dst.port(),
+                    target: info.map(|i| i.target.clone()).unwrap_or_default(),
+                    verdict: "allowed".into(),
+                    bytes_in: Some(ev.bytes_orig.unwrap_or(0)),
+                    bytes_out: Some(ev.bytes_reply.unwrap_or(0)),
+                    duration_s: Some(((end - start).max(0) / 100_000) as f64 / 10.0),
+                    packets: None,
+                };
+                drop(rules);
+                if let Some(s) = self.stats.lock().unwrap().get_mut(&rule_id) {
+                    s.bytes_in += rec.bytes_in.unwrap_or(0);
+                    s.bytes_out += rec.bytes_out.unwrap_or(0);
+                }
+                self.write(&rec);
+                Some(rec)
+            }
+        }
+    }
+
+    /// Turns the current per-source deny counters into records of what is new since the last
+    /// call (a counter lower than last time was recreated: all of it is new).
+    pub fn on_deny_counts(&self, counts: &[(DenyReason, i64, IpAddr, u64)]) -> Vec<AuditRecord> {
+        let now = rfc3339(OffsetDateTime::now_utc());
+        let rules = self.rules.lock().unwrap().clone();
+        let mut seen = self.denied_seen.lock().unwrap();
+        let mut next = HashMap::new();
+        let mut recs = Vec::new();
+        for &(reason, id, addr, packets) in counts {
+            let key = (reason, id, addr);
+            // v4 and v6 meters are separate, but one address is only in one of them.
+            let prev = seen.get(&key).copied().unwrap_or(0);
+            let delta = if packets >= prev {
+                packets - prev
+            } else {
+                packets
+            };
+            next.insert(key, packets);
+            if delta == 0 {
+                continue;
+            }
+            let info = rules.iter().find(|r| r.id == id);
+            recs.push(AuditRecord {
+                time: now.clone(),
+                source: addr.to_string(),
+                rule: id,
+                proto: info
+                    .map(|i| i.proto.as_str().to_string())
+                    .unwrap_or_default(),
+                port: info.map(|i| i.port).unwrap_or(0),
+                target: info.map(|i| i.target.clone()).unwrap_or_default(),
+                verdict: reason.as_str().into(),
+                bytes_in: None,
+                bytes_out: None,
+                duration_s: None,
+                packets: Some(delta),
+            });
+            if let Some(s) = self.stats.lock().unwrap().get_mut(&id) {
+                s.denied[reason_index(reason)] += delta;
+            }
+        }
+        *seen = next;
+        drop(seen);
+        for r in &recs {
+            self.write(r);
+        }
+        recs
+    }
+
+    /// Reads the deny meters once and logs what is new.
+    pub async fn poll_denials(&self, exec: &Exec) -> Result<Vec<AuditRecord>> {
+        let exec = exec.clone();
+        let counts = tokio::task::spawn_blocking(move || nft::deny_counts(&exec)).await??;
+        Ok(self.on_deny_counts(&counts))
+    }
+
+    /// Reads the deny meters every [`DENY_POLL`] until `stop`.
+    pub async fn run_deny_poller(&self, exec: Exec, stop: CancellationToken) {
+        let mut warned = false;
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = tokio::time::sleep(DENY_POLL) => {}
+            }
+            match self.poll_denials(&exec).await {
+                Ok(_) => warned = false,
+                Err(e) if !warned => {
+                    warned = true;
+                    tracing::warn!(error = %e, "reading the deny counters failed");
+                }
+                Err(_) => {}
+            }
+        }
+    }
+
+    /// Follows `conntrack -E` until `stop`, restarting it if it dies.
+    pub async fn run_conntrack(&self, exec: Exec, stop: CancellationToken) {
+        let mut backoff = Duration::from_millis(500);
+        loop {
+            let started = std::time::Instant::now();
+            match self.conntrack_once(&exec, &stop).await {
+                Ok(()) if stop.is_cancelled() => return,
+                Ok(()) => tracing::warn!("conntrack -E ended; restarting"),
+                Err(e) => {
+                    tracing::warn!(error = %e, "conntrack -E failed (is Debian's conntrack package installed?)")
+                }
+            }
+            if started.elapsed() > Duration::from_secs(60) {
+                backoff = Duration::from_millis(500);
+            }
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = tokio::time::sleep(backoff) => {}
+            }
+            backoff = (backoff * 2).min(Duration::from_secs(30));
+        }
+    }
+
+    async fn conntrack_once(&self, exec: &Exec, stop: &CancellationToken) -> Result<()> {
+        let mut cmd = exec.tokio_command("conntrack");
+        // A large socket buffer so bursts of new flows are not lost (ENOBUFS).
+        cmd.args([
+            "-E",
+            "-e",
+            "NEW,UPDATE,DESTROY",
+            "-o",
+            "timestamp,extended,id",
+            "-b",
+            "8388608",
+        ])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .stdin(std::process::Stdio::null())
+        .kill_on_drop(true);
+        let mut child = cmd.spawn().context("spawning conntrack -E")?;
+        let out = child.stdout.take().context("conntrack stdout")?;
+        let mut lines = tokio::io::BufReader::new(out).lines();
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => {
+                    let _ = child.kill().await;
+                    return Ok(());
+                }
+                l = lines.next_line() => match l? {
+                    Some(line) => {
+                        if let Some(ev) = parse_ct_event(&line) {
+                            self.on_ct_event(&ev);
+                        }
+                    }
+                    None => {
+                        let _ = child.wait().await;
+                        return Ok(());
+                    }
+                }
+            }
+        }
+    }
+
+    /// Prometheus text for /metrics.
+    pub fn render_metrics(&self) -> String {
+        use std::fmt::Write as _;
+        let stats = self.stats.lock().unwrap();
+        let mut s = String::new();
+        let _ = writeln!(
+            s,
+            "# HELP homeport_exit_rules Publish rules installed on this exit."
+        );
+        let _ = writeln!(s, "# TYPE homeport_exit_rules gauge");
+        let _ = writeln!(s, "homeport_exit_rules {}", stats.len());
+        let _ = writeln!(
+            s,
+            "# HELP homeport_exit_connections_total Allowed connections per rule."
+        );
+        let _ = writeln!(s, "# TYPE homeport_exit_connections_total counter");
+        for (id, r) in stats.iter() {
+            let _ = writeln!(
+                s,
+                "homeport_exit_connections_total{{rule=\"{id}\",proto=\"{}\",port=\"{}\"}} {}",
+                r.proto, r.port, r.conns
+            );
+        }
+        let _ = writeln!(
+            s,
+            "# HELP homeport_exit_denied_packets_total Packets dropped per rule and reason."
+        );
+        let _ = writeln!(s, "# TYPE homeport_exit_denied_packets_total counter");
+        for (id, r) in stats.iter() {
+            for (i, reason) in DenyReason::ALL.iter().enumerate() {
+                let _ = writeln!(
+                    s,
+                    "homeport_exit_denied_packets_total{{rule=\"{id}\",proto=\"{}\",port=\"{}\",reason=\"{}\"}} {}",
+                    r.proto,
+                    r.port,
+                    reason.as_str(),
+                    r.denied[i]
+                );
+            }
+        }
+        let _ = writeln!(
+            s,
+            "# HELP homeport_exit_bytes_total Bytes of ended connections per rule (in = from viewers)."
+        );
+        let _ = writeln!(s, "# TYPE homeport_exit_bytes_total counter");
+        for (id, r) in stats.iter() {
+            for (dir, v) in [("in", r.bytes_in), ("out", r.bytes_out)] {
+                let _ = writeln!(
+                    s,
+                    "homeport_exit_bytes_total{{rule=\"{id}\",proto=\"{}\",port=\"{}\",direction=\"{dir}\"}} {v}",
+                    r.proto, r.port
+                );
+            }
+        }
+        s
+    }
+}
+
+/// Serves `render()` at `GET /metrics` on `listener` until `stop` (plain HTTP/1.1, one request
+/// per connection).
+pub async fn serve_metrics<F>(listener: tokio::net::TcpListener, render: F, stop: CancellationToken)
+where
+    F: Fn() -> String + Send + Sync + 'static,
+{
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let render = std::sync::Arc::new(render);
+    loop {
+        let (mut conn, _) = tokio::select! {
+            _ = stop.cancelled() => return,
+            a = listener.accept() => match a {
+                Ok(c) => c,
+                Err(_) => continue,
+            },
+        };
+        let render = render.clone();
+        tokio::spawn(async move {
+            let mut buf = vec![0u8; 4096];
+            let mut n = 0;
+            let read = async {
+                while n < buf.len() {
+                    let k = conn.read(&mut buf[n..]).await?;
+                    if k == 0 {
+                        break;
+                    }
+                    n += k;
+                    if buf[..n].windows(4).any(|w| w == b"\r\n\r\n") {
+                        break;
+                    }
+                }
+                Ok::<_, std::io::Error>(())
+            };
+            if tokio::time::timeout(Duration::from_secs(5), read)
+                .await
+                .is_err()
+            {
+                return;
+            }
+            let head = String::from_utf8_lossy(&buf[..n]);
+            let path = head.split_whitespace().nth(1).unwrap_or("");
+            let (status, body) = if head.starts_with("GET ")
+                && (path == "/metrics" || path.starts_with("/metrics?"))
+            {
+                ("200 OK", render())
+            } else {
+                ("404 Not Found", "not found: try GET /metrics\n".to_string())
+            };
+            let resp = format!(
+                "HTTP/1.1 {status}\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                body.len()
+            );
+            let _ = conn.write_all(resp.as_bytes()).await;
+        });
+    }
+}
+
+/// Reads the audit log for `homeport-exit log`.
+pub fn read_records(path: &Path) -> Result<Vec<(String, Option<AuditRecord>)>> {
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    Ok(text
+        .lines()
+        .map(|l| (l.to_string(), serde_json::from_str(l).ok()))
+        .collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::nft::tests::{rule, sample};
+    use homeport_proto::publish::Guards;
+
+    const NEW: &str = "[1700000000.500000]\t    [NEW] ipv4     2 tcp      6 120 SYN_SENT src=192.0.2.5 dst=198.51.100.10 sport=36853 dport=32400 [UNREPLIED] src=100.96.0.2 dst=192.0.2.5 sport=32400 dport=36853 id=257805110";
+    const CLOSE: &str = "[1700000012.000000]\t [UPDATE] ipv4     2 tcp      6 10 CLOSE src=192.0.2.5 dst=198.51.100.10 sport=36853 dport=32400 src=100.96.0.2 dst=192.0.2.5 sport=32400 dport=36853 [ASSURED] id=257805110";
+    const DESTROY: &str = "[1700000022.000000]\t[DESTROY] ipv4     2 tcp      6 src=192.0.2.5 dst=198.51.100.10 sport=36853 dport=32400 packets=7 bytes=420 src=100.96.0.2 dst=192.0.2.5 sport=32400 dport=36853 packets=9 bytes=5468 [ASSURED] delta-time=22 id=257805110";
+
+    #[test]
+    fn parses_conntrack_lines() {
+        let e = parse_ct_event(NEW).unwrap();
+        assert_eq!(e.kind, CtKind::New);
+        assert_eq!(e.state.as_deref(), Some("SYN_SENT"));
+        assert_eq!(e.orig_src, "192.0.2.5:36853".parse().unwrap());
+        assert_eq!(e.orig_dst.port(), 32400);
+        assert_eq!(e.reply_src, "100.96.0.2".parse::<IpAddr>().unwrap());
+        assert_eq!(e.id, Some(257805110));
+        let d = parse_ct_event(DESTROY).unwrap();
+        assert_eq!((d.bytes_orig, d.bytes_reply), (Some(420), Some(5468)));
+        let v6 = "[1.0] [NEW] ipv6 10 tcp 6 120 SYN_SENT src=2001:db8:2::5 dst=2001:db8:100::10 sport=1 dport=32400 [UNREPLIED] src=fd7a:115c:a1e0::2 dst=2001:db8:2::5 sport=32400 dport=1 id=3";
+        assert_eq!(
+            parse_ct_event(v6).unwrap().reply_src,
+            "fd7a:115c:a1e0::2".parse::<IpAddr>().unwrap()
+        );
+        assert!(
+            parse_ct_event("conntrack v1.4.7 (conntrack-tools): 4 flow events have been shown.")
+                .is_none()
+        );
+        assert!(parse_ct_event("[1.0] [NEW] ipv4 2 icmp 1 30 src=1.2.3.4 dst=5.6.7.8 type=8 code=0 id=1 src=5.6.7.8 dst=1.2.3.4 type=0 code=0 id=1").is_none());
+        assert!(parse_ct_event("").is_none());
+    }
+
+    #[test]
+    fn flow_becomes_one_record_with_bytes_and_duration() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = Audit::open(dir.path()).unwrap();
+        a.set_rules(&sample());
+        for l in [NEW, CLOSE] {
+            assert!(a.on_ct_event(&parse_ct_event(l).unwrap()).is_none());
+        }
+        let rec = a.on_ct_event(&parse_ct_event(DESTROY).unwrap()).unwrap();
+        assert_eq!(rec.verdict, "allowed");
+        assert_eq!(rec.rule, 7);
+        assert_eq!(rec.source, "192.0.2.5:36853");
+        assert_eq!(rec.target, "home:32400");
+        assert_eq!((rec.bytes_in, rec.bytes_out), (Some(420), Some(5468)));
+        assert_eq!(rec.duration_s, Some(11.5));
+        assert_eq!(rec.time, "2023-11-14T22:13:20.5Z");
+        // Not a published flow (port 22 of the VPS itself): nothing.
+        let other = NEW.replace(
+            "dport=32400 [UNREPLIED] src=100.96.0.2",
+            "dport=22 [UNREPLIED] src=198.51.100.10",
+        );
+        assert!(a.on_ct_event(&parse_ct_event(&other).unwrap()).is_none());
+        let text = std::fs::read_to_string(a.path()).unwrap();
+        assert_eq!(text.lines().count(), 1);
+        let back: AuditRecord = serde_json::from_str(text.lines().next().unwrap()).unwrap();
+        assert_eq!(back, rec);
+        use std::os::unix::fs::PermissionsExt;
+        assert_eq!(
+            std::fs::metadata(a.path()).unwrap().permissions().mode() & 0o777,
+            0o600
+        );
+        let m = a.render_metrics();
+        assert!(
+            m.contains(
+                "homeport_exit_connections_total{rule=\"7\",proto=\"tcp\",port=\"32400\"} 1"
+            ),
+            "{m}"
+        );
+        assert!(m.contains("direction=\"out\"} 5468"), "{m}");
+    }
+
+    #[test]
+    fn denials_are_aggregated_per_source_rule_reason() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = Audit::open(dir.path()).unwrap();
+        a.set_rules(&[rule(7, PublishProto::Tcp, 32400, Guards::default())]);
+        let src: IpAddr = "192.0.2.6".parse().unwrap();
+        let r = a.on_deny_counts(&[(DenyReason::Rate, 7, src, 5)]);
+        assert_eq!(r.len(), 1);
+        assert_eq!(
+            (r[0].verdict.as_str(), r[0].packets, r[0].source.as_str()),
+            ("rate", Some(5), "192.0.2.6")
+        );
+        // Nothing new: no line. More: the difference.
+        assert!(
+            a.on_deny_counts(&[(DenyReason::Rate, 7, src, 5)])
+                .is_empty()
+        );
+        assert_eq!(
+            a.on_deny_counts(&[(DenyReason::Rate, 7, src, 8)])[0].packets,
+            Some(3)
+        );
+        // Recreated counter (re-apply or timeout): all of it is new.
+        assert_eq!(
+            a.on_deny_counts(&[(DenyReason::Rate, 7, src, 2)])[0].packets,
+            Some(2)
+        );
+        assert!(a.render_metrics().contains("reason=\"rate\"} 10"));
+        let human = r[0].human();
+        assert!(
+            human.contains("rate") && human.contains("5 packets dropped"),
+            "{human}"
+        );
+    }
+}
