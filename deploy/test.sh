@@ -3,7 +3,7 @@
 #
 # 1. deploy/setup.sh (installs what is missing; needs root the first time)
 # 2. cargo build --workspace --bins   (the integration tests start these binaries from target/debug)
-# 3. cargo test --workspace
+# 3. cargo test --workspace --no-fail-fast
 # then prints a summary. Tests that need root and network namespaces skip with a notice when run
 # without root, except under CI=true, where anything missing is a failure (CI exports CI=true; so
 # does .ci/run).
@@ -51,8 +51,9 @@ else
 fi
 
 if [ "$build_status" = ok ]; then
-  step "tests (cargo test --workspace $*)"
-  cargo test --workspace "$@" 2>&1 | tee "$work/test.log"
+  step "tests (cargo test --workspace --no-fail-fast $*)"
+  # --no-fail-fast: every test binary runs, so the summary below is complete.
+  cargo test --workspace --no-fail-fast "$@" 2>&1 | tee "$work/test.log"
   [ "${PIPESTATUS[0]}" -eq 0 ] || test_status=FAILED
 else
   test_status=skipped
