@@ -18,6 +18,7 @@ use tokio_util::task::TaskTracker;
 pub const ADMIN_SOCKET: &str = "admin.sock";
 pub const LISTEN_ADDR_FILE: &str = "listen.addr";
 pub const STUN_ADDR_FILE: &str = "stun.addr";
+pub const METRICS_ADDR_FILE: &str = "metrics.addr";
 
 /// A TLS handshake that takes longer than this is a stuck or hostile client.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -37,17 +38,21 @@ fn create_state_dir(dir: &Path) -> anyhow::Result<()> {
 /// The address nodes should send STUN to: the public URL's host, else the listen address if it
 /// is specific, else the first non-loopback interface address.
 async fn reachable_ip(cfg: &Config) -> IpAddr {
-    if let Some(u) = &cfg.public_url {
-        if let Ok(host) = crate::config::check_public_url(u) {
-            let host = host.trim_matches(|c| c == '[' || c == ']').to_string();
-            if let Ok(ip) = host.parse::<IpAddr>() {
-                return ip;
-            }
-            if let Ok(mut addrs) = tokio::net::lookup_host((host.as_str(), 0)).await {
-                if let Some(a) = addrs.next() {
-                    return a.ip();
-                }
-            }
+    let public_host = cfg
+        .public_url
+        .as_deref()
+        .and_then(|u| crate::config::check_public_url(u).ok());
+    if let Some(host) = public_host {
+        let host = host.trim_matches(|c| c == '[' || c == ']').to_string();
+        if let Ok(ip) = host.parse::<IpAddr>() {
+            return ip;
+        }
+        let resolved = tokio::net::lookup_host((host.as_str(), 0))
+            .await
+            .ok()
+            .and_then(|mut a| a.next());
+        if let Some(a) = resolved {
+            return a.ip();
         }
     }
     if !cfg.listen.ip().is_unspecified() {
@@ -156,6 +161,10 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
         });
     }
     if let Some(l) = metrics_listener {
+        crate::tls::write_private(
+            &dir.join(METRICS_ADDR_FILE),
+            format!("{}\n", l.local_addr()?).as_bytes(),
+        )?;
         let st = state.clone();
         let app = Router::new().route(
             "/metrics",

@@ -122,14 +122,12 @@ where
             let cur: T = s
                 .parse()
                 .map_err(|e| anyhow::anyhow!("stored {key} {s:?} is invalid: {e}"))?;
-            if let Some(w) = wanted {
-                if w != cur {
-                    anyhow::bail!(
-                        "--{} {w} differs from the prefix {cur} this coordinator already allocates from; \
+            if let Some(w) = wanted.filter(|w| *w != cur) {
+                anyhow::bail!(
+                    "--{} {w} differs from the prefix {cur} this coordinator already allocates from; \
                          changing the mesh prefix of an existing mesh is not supported (drop the option or use {cur})",
-                        key.replace('_', "-")
-                    );
-                }
+                    key.replace('_', "-")
+                );
             }
             Ok(cur)
         }

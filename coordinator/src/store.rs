@@ -511,10 +511,11 @@ pub fn unique_name(base: &NodeName, taken: &BTreeSet<String>) -> NodeName {
         stem.truncate(63 - suffix.len());
         let stem = stem.trim_end_matches('-');
         let cand = format!("{stem}{suffix}");
-        if !taken.contains(&cand) {
-            if let Ok(n) = cand.parse() {
-                return n;
-            }
+        if taken.contains(&cand) {
+            continue;
+        }
+        if let Ok(n) = cand.parse() {
+            return n;
         }
     }
     unreachable!("an unbounded counter finds a free name")

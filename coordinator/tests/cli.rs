@@ -22,6 +22,10 @@ struct Server {
 
 impl Server {
     fn start() -> Server {
+        Self::start_with(&[])
+    }
+
+    fn start_with(extra: &[&str]) -> Server {
         let dir = tempfile::tempdir().unwrap();
         let state = dir.path().join("state");
         let config = dir.path().join("coordinator.toml");
@@ -38,6 +42,7 @@ impl Server {
             .arg(&state)
             .arg("--config")
             .arg(&config)
+            .args(extra)
             .env("RUST_LOG", "info")
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
@@ -168,7 +173,7 @@ fn mode(p: &Path) -> u32 {
 
 #[test]
 fn cli_flow_and_file_modes() {
-    let mut s = Server::start();
+    let mut s = Server::start_with(&["--metrics-listen", "127.0.0.1:0"]);
     let pin = s.pin();
     assert!(pin.starts_with("sha256/") && pin.len() == 51, "{pin}");
 
@@ -268,6 +273,29 @@ fn cli_flow_and_file_modes() {
     fails_with(
         &s.cli(&["policy", "set", pfile.to_str().unwrap()]),
         "rules[0]",
+    );
+
+    let metrics = s.wait_file("metrics.addr");
+    let text = tokio::runtime::Runtime::new().unwrap().block_on(async {
+        reqwest::get(format!("http://{metrics}/metrics"))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
+    });
+    assert!(text.contains("homeport_nodes_total 0"), "{text}");
+    assert!(text.contains("homeport_nodes_online 0"), "{text}");
+    assert!(text.contains("homeport_map_version "), "{text}");
+    assert!(
+        text.contains(
+            "homeport_api_requests_total{path=\"/api/v1/admin/authkeys\",status=\"201\"} 2"
+        ),
+        "{text}"
+    );
+    assert!(
+        text.contains("homeport_api_request_seconds_count{path=\"/api/v1/admin/publish\"}"),
+        "{text}"
     );
 
     let st = s.state();
