@@ -276,11 +276,27 @@ impl Lab {
             self.hosts.iter().any(|h| h == host),
             "spawn {name}: no host {host:?}"
         );
+        // A name may be reused once its process has exited (a daemon restarted in a test).
+        for p in self
+            .procs
+            .iter_mut()
+            .filter(|p| p.name == name && p.exited.is_none())
+        {
+            p.exited = p.child.try_wait()?;
+        }
         ensure!(
-            !self.procs.iter().any(|p| p.name == name),
-            "a process named {name:?} exists already"
+            !self
+                .procs
+                .iter()
+                .any(|p| p.name == name && p.exited.is_none()),
+            "a process named {name:?} is running already"
         );
-        let log = self.dir().join(format!("{name}.log"));
+        let runs = self.procs.iter().filter(|p| p.name == name).count();
+        let log = if runs == 0 {
+            self.dir().join(format!("{name}.log"))
+        } else {
+            self.dir().join(format!("{name}.{runs}.log"))
+        };
         let out = File::create(&log).with_context(|| format!("creating {}", log.display()))?;
         let err = out.try_clone()?;
         let mut cmd = self.command(host, args[0]);

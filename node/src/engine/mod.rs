@@ -172,6 +172,10 @@ pub struct PeerState {
     pub tx_bytes: AtomicU64,
     pub handshakes: AtomicU64,
     pub dropped: AtomicU64,
+    /// Initiate a handshake at the next tick without waiting for traffic: a node that (re)starts
+    /// makes its peers drop their stale sessions at once, and a node behind NAT opens the way
+    /// for the exit before the first viewer arrives.
+    eager: std::sync::atomic::AtomicBool,
 }
 
 impl std::fmt::Debug for PeerState {
@@ -424,6 +428,7 @@ impl Engine {
                         tx_bytes: AtomicU64::new(0),
                         handshakes: AtomicU64::new(0),
                         dropped: AtomicU64::new(0),
+                        eager: std::sync::atomic::AtomicBool::new(true),
                     })
                 }
             };
@@ -669,6 +674,18 @@ impl Engine {
         let mut buf = [0u8; 2048];
         for peer in &t.peers {
             let mut tunn = peer.tunn.lock().unwrap();
+            if peer.eager.swap(false, Ordering::Relaxed) && tunn.stats().0.is_none() {
+                if let TunnResult::WriteToNetwork(b) =
+                    tunn.format_handshake_initiation(&mut buf, false)
+                {
+                    let len = b.len();
+                    drop(tunn);
+                    for to in peer.handshake_targets(now) {
+                        send(to, &buf[..len]);
+                    }
+                    continue;
+                }
+            }
             match tunn.update_timers(&mut buf) {
                 TunnResult::WriteToNetwork(b) => {
                     let len = b.len();
