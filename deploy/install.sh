@@ -147,7 +147,18 @@ EOF
 fi
 
 # ---- vps: coordinator + exit ------------------------------------------------------------------------
-put_config coordinator 0644 || true
+if [ -z "$public_ip" ]; then
+  # The address of the default route's interface: no traffic is sent to find it.
+  public_ip=$(ip -4 route get 198.51.100.1 2>/dev/null | sed -n 's/.* src \([0-9.]*\).*/\1/p')
+  case $public_ip in
+    ''|10.*|192.168.*|172.1[6-9].*|172.2[0-9].*|172.3[01].*|100.6[4-9].*|100.[7-9][0-9].*|100.1[01][0-9].*|100.12[0-7].*)
+      log "warning: this machine's address '${public_ip:-?}' is not public (cloud 1:1 NAT?): rerun with --public-ip <the VPS's public IP>"
+      public_ip='' ;;
+  esac
+fi
+# With an unknown public address the coordinator picks its own default; the join line shows a placeholder.
+put_config coordinator 0644 ${public_ip:+public-url="https://$public_ip:8443"} || true
+public_ip=${public_ip:-VPS_PUBLIC_IP}
 # The exit forwards published connections: IPv4 forwarding must survive reboots.
 printf '# homeport-exit forwards published ports to mesh nodes\nnet.ipv4.ip_forward = 1\n' \
   >/etc/sysctl.d/60-homeport-exit.conf
@@ -186,15 +197,6 @@ for _ in $(seq 150); do homeport-coordinator nodes 2>/dev/null | grep -qw "${exi
 homeport-coordinator nodes 2>/dev/null | grep -qw "${exit_name:-vps}" \
   || log "warning: the exit has not shown up in 'homeport-coordinator nodes' yet: journalctl -u homeport-exit -n 50"
 
-if [ -z "$public_ip" ]; then
-  # The address of the default route's interface: no traffic is sent to find it.
-  public_ip=$(ip -4 route get 198.51.100.1 2>/dev/null | sed -n 's/.* src \([0-9.]*\).*/\1/p')
-  case $public_ip in
-    ''|10.*|192.168.*|172.1[6-9].*|172.2[0-9].*|172.3[01].*|100.6[4-9].*|100.[7-9][0-9].*|100.1[01][0-9].*|100.12[0-7].*)
-      log "warning: this machine's address '${public_ip:-?}' is not public (cloud 1:1 NAT?): rerun with --public-ip <the VPS's public IP>"
-      public_ip=${public_ip:-VPS_PUBLIC_IP} ;;
-  esac
-fi
 home_key=$(homeport-coordinator authkey create --expires 24h)
 url="https://$public_ip:$port"
 cat <<EOF
