@@ -255,7 +255,18 @@ say "What the node and the exit report"
 show "homeport status"
 "$HP" status --state-dir "$S/home" | sed 's/^/    /' || fail "homeport status failed"
 show "homeport-exit log"
-"$EXIT" log --state-dir "$S/exit" | sed 's/^/    /' || fail "homeport-exit log failed"
+# A connection is recorded when it ends (with its byte counts): give the last one a moment.
+for _ in $(seq 25); do
+  audit=$("$EXIT" log --state-dir "$S/exit") || fail "homeport-exit log failed"
+  [[ $audit == *192.0.2.50* ]] && break
+  sleep 0.2
+done
+if [ -n "$audit" ]; then printf '%s\n' "$audit" | sed 's/^/    /'; else info "(no entries)"; fi
+if [[ $audit == *192.0.2.50* ]]; then
+  ok "the exit's audit log has the viewer's connections"
+else
+  info "note: the audit log does not show 192.0.2.50 yet"
+fi
 
 printf '\n%sdemo OK%s: a server behind two NATs was published on a VPS, and saw its viewer'"'"'s real IP.\n' "$G" "$N"
 
