@@ -1,7 +1,70 @@
-//! homeport-exit: a mesh node plus the publisher (nftables rules for published ports, edge
-//! protection, audit log).
+//! homeport-exit: a mesh node (the node crate's daemon) plus the publisher: nftables rules for
+//! published ports, edge protection of the VPS, and the audit log.
+//!
+//! - [`nft`]: the ruleset (pure) and applying it.
+//! - [`publisher`]: follows the node's map and keeps the table in line with it.
+//! - [`audit`]: audit log from conntrack events and deny meters, per-rule metrics.
+//! - [`config`]: flags and config file of `homeport-exit up`.
+//! - [`logcmd`]: `homeport-exit log`.
 
 pub mod audit;
+pub mod config;
 #[cfg(test)]
 mod lab;
+pub mod logcmd;
 pub mod nft;
+pub mod publisher;
+
+use anyhow::{Context, Result};
+use std::sync::Arc;
+use tokio_util::sync::CancellationToken;
+
+pub use config::{ExitArgs, ExitConfig};
+
+/// Runs the exit until `shutdown` is cancelled (or the node stops): the node daemon, the
+/// publisher, the audit tasks and (with `--metrics-listen`) the exit's /metrics. On the way
+/// out the nftables table is removed.
+///
+/// The exit serves `--metrics-listen` itself (publish metrics), so the node's own metrics
+/// server is not started.
+pub async fn run(mut cfg: ExitConfig, shutdown: CancellationToken) -> Result<()> {
+    let audit = Arc::new(audit::Audit::open(&cfg.up.state_dir)?);
+    let nft_cfg = cfg.publish.nft_config(&cfg.up.tun, cfg.up.listen_port);
+    let exec = nft::Exec::default();
+    let stop = CancellationToken::new();
+    let metrics_listen = cfg.up.metrics_listen.take();
+    let mut tasks = tokio::task::JoinSet::new();
+    if let Some(addr) = metrics_listen {
+        let l = tokio::net::TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("binding --metrics-listen {addr}"))?;
+        let a = audit.clone();
+        tasks.spawn(audit::serve_metrics(
+            l,
+            move || a.render_metrics(),
+            stop.clone(),
+        ));
+    }
+    let (tx, rx) = tokio::sync::watch::channel(None);
+    let publisher = publisher::Publisher::new(
+        nft_cfg,
+        exec.clone(),
+        audit.clone(),
+        Some("/proc/sys".into()),
+    );
+    tasks.spawn(publisher.run(rx, stop.clone()));
+    {
+        let (a, e, s) = (audit.clone(), exec.clone(), stop.clone());
+        tasks.spawn(async move { a.run_conntrack(e, s).await });
+    }
+    {
+        let (a, e, s) = (audit.clone(), exec.clone(), stop.clone());
+        tasks.spawn(async move { a.run_deny_poller(e, s).await });
+    }
+    tracing::info!(audit = %audit.path().display(), "homeport exit starting");
+    let res = homeport_node::daemon::run(cfg.up, shutdown.clone(), Some(tx)).await;
+    // Whatever ended the node: take the published ports down with it.
+    stop.cancel();
+    while tasks.join_next().await.is_some() {}
+    res
+}

@@ -1184,6 +1184,260 @@ pub(crate) mod tests {
         serde_json::to_value(n).unwrap()
     }
 
+    /// The rule expressions of chain `chain`, as JSON values.
+    fn rules_of(v: &Value, chain: &str) -> Vec<Value> {
+        v["nftables"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter_map(|o| o.pointer("/add/rule"))
+            .filter(|r| r["chain"] == chain)
+            .map(|r| r["expr"].clone())
+            .collect()
+    }
+    fn set_named(v: &Value, name: &str) -> Option<Value> {
+        v["nftables"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter_map(|o| o.pointer("/add/set"))
+            .find(|s| s["name"] == name)
+            .cloned()
+    }
+    fn has(exprs: &[Value], needle: serde_json::Value) -> bool {
+        let n = needle.to_string();
+        exprs
+            .iter()
+            .any(|e| e.to_string().contains(&n[1..n.len() - 1]))
+    }
+
+    #[test]
+    fn batch_replaces_the_table_atomically() {
+        let v = json(&ruleset(&cfg(), &sample(), &[]));
+        let objs = v["nftables"].as_array().unwrap();
+        let t = serde_json::json!({"table": {"family": "inet", "name": "homeport_exit"}});
+        assert_eq!(objs[0], serde_json::json!({"add": t}));
+        assert_eq!(objs[1], serde_json::json!({"delete": t}));
+        assert_eq!(objs[2], serde_json::json!({"add": t}));
+        // Everything else is an add inside our own table.
+        for o in &objs[3..] {
+            let (cmd, body) = o.as_object().unwrap().iter().next().unwrap();
+            assert_eq!(cmd, "add");
+            let inner = body.as_object().unwrap().values().next().unwrap();
+            assert_eq!(inner["table"], TABLE, "{o}");
+            assert_eq!(inner["family"], "inet");
+        }
+        assert_eq!(json(&removal())["nftables"].as_array().unwrap().len(), 2);
+        assert_eq!(
+            json(&removal())["nftables"][1],
+            serde_json::json!({"delete": t})
+        );
+    }
+
+    #[test]
+    fn same_input_same_json() {
+        let a = ruleset(&cfg(), &sample(), &[]);
+        let mut rev = sample();
+        rev.reverse();
+        let b = ruleset(&cfg(), &rev, &[]);
+        // Struct equality (flag sets compare as sets) and identical JSON.
+        assert_eq!(a, b);
+        assert_eq!(
+            serde_json::to_string(&a).unwrap(),
+            serde_json::to_string(&b).unwrap()
+        );
+    }
+
+    #[test]
+    fn dnat_v4_and_v6_without_masquerade() {
+        let v = json(&ruleset(&cfg(), &sample(), &[]));
+        let d = rules_of(&v, "dnat_pre");
+        assert!(has(
+            &d,
+            serde_json::json!({"dnat": {"addr": "100.96.0.2", "family": "ip", "port": 32400}})
+        ));
+        assert!(has(
+            &d,
+            serde_json::json!({"dnat": {"addr": "fd7a:115c:a1e0::2", "family": "ip6", "port": 32400}})
+        ));
+        assert!(has(
+            &d,
+            serde_json::json!({"payload": {"protocol": "udp", "field": "dport"}})
+        ));
+        assert!(
+            has(&d, serde_json::json!({"right": {"set": ["lo", "hpx0"]}})),
+            "{d:?}"
+        );
+        assert!(!v.to_string().contains("masquerade") && !v.to_string().contains("snat"));
+        let chain = v["nftables"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter_map(|o| o.pointer("/add/chain"))
+            .find(|c| c["name"] == "dnat_pre")
+            .unwrap()
+            .clone();
+        assert_eq!(
+            (
+                chain["type"].as_str(),
+                chain["hook"].as_str(),
+                chain["prio"].as_i64()
+            ),
+            (Some("nat"), Some("prerouting"), Some(-100))
+        );
+        let guard = v["nftables"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter_map(|o| o.pointer("/add/chain"))
+            .find(|c| c["name"] == "guard_pre")
+            .unwrap()
+            .clone();
+        assert!(
+            guard["prio"].as_i64().unwrap() < -100,
+            "guards must run before DNAT"
+        );
+    }
+
+    #[test]
+    fn guards_allow_rate_conns() {
+        let v = json(&ruleset(&cfg(), &sample(), &[]));
+        let a4 = set_named(&v, "allow4_7").unwrap();
+        assert_eq!(a4["flags"], serde_json::json!(["interval"]));
+        assert_eq!(a4["type"], "ipv4_addr");
+        assert_eq!(
+            a4["elem"],
+            serde_json::json!([{"prefix": {"addr": "192.0.2.0", "len": 24}}])
+        );
+        assert_eq!(
+            set_named(&v, "allow6_7").unwrap()["elem"],
+            serde_json::json!([{"prefix": {"addr": "2001:db8::", "len": 32}}])
+        );
+        // Rule 9 has no allow-list: no set, no check.
+        assert!(set_named(&v, "allow4_9").is_none());
+        let p = rules_of(&v, "pub_7");
+        assert!(
+            has(&p, serde_json::json!({"op": "!=", "right": "@allow4_7"}))
+                || has(&p, serde_json::json!({"right": "@allow4_7", "op": "!="}))
+                || p.iter().any(|e| e.to_string().contains("@allow4_7"))
+        );
+        assert!(
+            has(
+                &p,
+                serde_json::json!({"limit": {"rate": 30, "rate_unit": "packets", "per": "minute", "burst": 30, "burst_unit": "packets", "inv": true}})
+            ),
+            "{p:?}"
+        );
+        assert!(
+            has(&p, serde_json::json!({"ct count": {"val": 8, "inv": true}})),
+            "{p:?}"
+        );
+        assert!(p.iter().any(|e| e.to_string().contains("@banned4")));
+        let p9 = rules_of(&v, "pub_9");
+        assert!(
+            !p9.iter()
+                .any(|e| e.to_string().contains("limit") || e.to_string().contains("ct count"))
+        );
+        // Each deny chain counts per source and then drops.
+        let d = rules_of(&v, "deny_rate_7");
+        assert!(
+            has(&d, serde_json::json!({"meter": {"name": "deny4_rate_7"}}))
+                || d[0].to_string().contains("deny4_rate_7")
+        );
+        assert_eq!(d.last().unwrap(), &serde_json::json!([{"drop": null}]));
+    }
+
+    #[test]
+    fn forward_and_edge() {
+        let v = json(&ruleset(&cfg(), &sample(), &[]));
+        let f = rules_of(&v, "fwd_mesh");
+        assert!(has(
+            &f,
+            serde_json::json!({"mangle": {"key": {"tcp option": {"name": "maxseg", "field": "size"}}, "value": {"rt": {"key": "mtu"}}}})
+        ));
+        assert!(has(&f, serde_json::json!({"right": "dnat"})));
+        assert_eq!(f.last().unwrap()[1], serde_json::json!({"drop": null}));
+        let e = rules_of(&v, "edge_in");
+        assert!(has(&e, serde_json::json!({"set": [22, 8443]})), "{e:?}");
+        assert!(has(&e, serde_json::json!({"set": [3478, 41641]})), "{e:?}");
+        assert_eq!(e.last().unwrap(), &serde_json::json!([{"drop": null}]));
+        let bans = rules_of(&v, "probe");
+        assert!(
+            bans.iter()
+                .any(|b| b.to_string().contains("@banned4")
+                    && b.to_string().contains("\"timeout\":600")),
+            "{bans:?}"
+        );
+        // Edge protection off: no input chain at all.
+        let mut c = cfg();
+        c.edge_protection = false;
+        assert!(rules_of(&json(&ruleset(&c, &sample(), &[])), "edge_in").is_empty());
+    }
+
+    #[test]
+    fn plan_skips_what_it_cannot_install() {
+        let mut rules = sample();
+        rules.push(rule(3, PublishProto::Tcp, 22, Guards::default()));
+        rules.push(rule(11, PublishProto::Tcp, 32400, Guards::default()));
+        rules.push(rule(12, PublishProto::Unknown, 9999, Guards::default()));
+        let (ok, skipped) = plan(&cfg(), &rules);
+        assert_eq!(ok.iter().map(|r| r.id).collect::<Vec<_>>(), vec![7, 9]);
+        assert_eq!(
+            skipped.iter().map(|s| s.id).collect::<Vec<_>>(),
+            vec![3, 11, 12]
+        );
+        assert!(skipped[0].why.contains("keep-open"));
+    }
+
+    #[test]
+    fn carried_bans_become_elements() {
+        let bans = [
+            Ban {
+                addr: "192.0.2.9".parse().unwrap(),
+                secs_left: 30,
+            },
+            Ban {
+                addr: "2001:db8::9".parse().unwrap(),
+                secs_left: 5000,
+            },
+        ];
+        let v = json(&ruleset(&cfg(), &sample(), &bans));
+        assert_eq!(
+            set_named(&v, "banned4").unwrap()["elem"][0]["elem"]["timeout"],
+            30
+        );
+        // Never longer than the configured ban.
+        assert_eq!(
+            set_named(&v, "banned6").unwrap()["elem"][0]["elem"]["timeout"],
+            600
+        );
+    }
+
+    #[test]
+    fn enable_forwarding_writes_sysctls() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path();
+        for (k, v) in [
+            ("net/ipv4/ip_forward", "0"),
+            ("net/ipv6/conf/all/forwarding", "0"),
+            ("net/ipv6/conf/all/accept_ra", "0"),
+            ("net/ipv6/conf/eth0/accept_ra", "1"),
+            ("net/ipv6/conf/eth1/accept_ra", "0"),
+            ("net/netfilter/nf_conntrack_acct", "0"),
+        ] {
+            std::fs::create_dir_all(p.join(k).parent().unwrap()).unwrap();
+            std::fs::write(p.join(k), v).unwrap();
+        }
+        enable_forwarding(p).unwrap();
+        let r = |k: &str| std::fs::read_to_string(p.join(k)).unwrap();
+        assert_eq!(r("net/ipv4/ip_forward"), "1");
+        assert_eq!(r("net/ipv6/conf/all/forwarding"), "1");
+        assert_eq!(r("net/ipv6/conf/eth0/accept_ra"), "2");
+        assert_eq!(r("net/ipv6/conf/eth1/accept_ra"), "0");
+        assert_eq!(r("net/netfilter/nf_conntrack_acct"), "1");
+        assert!(!p.join("net/netfilter/nf_conntrack_timestamp").exists());
+    }
+
     #[test]
     fn dump() {
         if let Ok(p) = std::env::var("HOMEPORT_EXIT_DUMP") {

@@ -1,0 +1,265 @@
+//! `homeport-exit up` settings: the node's flags (flattened) plus the publisher's own, with the
+//! same config file (`/etc/homeport/exit.toml` by default) whose keys mirror the long flags.
+
+use crate::nft::{L4, NftConfig, PortSpec, default_keep_open};
+use anyhow::{Result, bail};
+use homeport_node::config::{EXIT_DEFAULTS, UpArgs, UpConfig};
+use std::path::{Path, PathBuf};
+
+/// Default ban for closed-port probers: long enough to stop a scan, short enough that a
+/// mistaken ban (a user who typed the wrong port five times) heals by itself.
+pub const DEFAULT_BAN_SECONDS: u32 = 600;
+/// Closed-port hits per minute before a ban: scanners send dozens, a confused user a few.
+pub const DEFAULT_BAN_AFTER: u32 = 5;
+
+/// Keys of the config file the exit handles (beyond the node's own).
+pub const EXIT_KEYS: &[&str] = &["keep-open", "ban-seconds", "ban-after", "edge-protection"];
+
+/// The publisher's own flags of `homeport-exit up`.
+#[derive(clap::Args, Debug, Clone, Default)]
+pub struct ExitArgs {
+    /// Public ports kept open by edge protection, PROTO:PORT, repeatable or comma-separated.
+    /// Giving any replaces the default list (tcp:22,tcp:8443,udp:3478); the node's WireGuard
+    /// port is always kept open.
+    #[arg(long, value_name = "PROTO:PORT", value_delimiter = ',')]
+    pub keep_open: Vec<PortSpec>,
+    /// Seconds a source that probed closed ports stays banned from published ports [default: 600]
+    #[arg(long, value_name = "N")]
+    pub ban_seconds: Option<u32>,
+    /// Closed-port probes within a minute that get a source banned (1 = the first) [default: 5]
+    #[arg(long, value_name = "N")]
+    pub ban_after: Option<u32>,
+    /// Edge protection of the VPS (drop everything public but the keep-open ports): on or off
+    /// [default: on]
+    #[arg(long, value_name = "on|off", value_parser = parse_on_off)]
+    pub edge_protection: Option<bool>,
+}
+
+fn parse_on_off(s: &str) -> Result<bool, String> {
+    match s {
+        "on" | "true" | "yes" => Ok(true),
+        "off" | "false" | "no" => Ok(false),
+        _ => Err(format!("invalid value {s:?}: expected on or off")),
+    }
+}
+
+/// Publisher settings, resolved.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PublishSettings {
+    pub keep_open: Vec<PortSpec>,
+    pub ban_seconds: u32,
+    pub ban_after: u32,
+    pub edge_protection: bool,
+}
+
+impl PublishSettings {
+    /// The ruleset config for a node with TUN `tun` and WireGuard port `wg_port` (None when
+    /// not known: then edge protection is off, since it would block WireGuard).
+    pub fn nft_config(&self, tun: &str, wg_port: Option<u16>) -> NftConfig {
+        let mut keep_open = self.keep_open.clone();
+        let mut edge = self.edge_protection;
+        match wg_port {
+            Some(p) if p != 0 => keep_open.push(PortSpec {
+                proto: L4::Udp,
+                port: p,
+            }),
+            _ if edge => {
+                tracing::warn!(
+                    "edge protection is off: the WireGuard port is not fixed (pass --listen-port)"
+                );
+                edge = false;
+            }
+            _ => {}
+        }
+        keep_open.sort();
+        keep_open.dedup();
+        NftConfig {
+            tun: tun.to_string(),
+            edge_protection: edge,
+            keep_open,
+            ban_seconds: self.ban_seconds,
+            ban_after: self.ban_after,
+        }
+    }
+}
+
+/// Everything `homeport-exit up` runs with.
+#[derive(Debug, Clone)]
+pub struct ExitConfig {
+    pub up: UpConfig,
+    pub publish: PublishSettings,
+}
+
+/// Merges flags, the config file and defaults (flags win). `up.config` names the file.
+pub fn resolve(up: UpArgs, exit: ExitArgs) -> Result<ExitConfig> {
+    let path = up
+        .config
+        .clone()
+        .unwrap_or_else(|| PathBuf::from(EXIT_DEFAULTS.config));
+    let up = up.resolve(&EXIT_DEFAULTS, EXIT_KEYS)?;
+    let publish = resolve_publish(exit, &up.extra, &path)?;
+    Ok(ExitConfig { up, publish })
+}
+
+fn line_of(path: &Path, key: &str) -> usize {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let alt = key.replace('-', "_");
+    text.lines()
+        .position(|l| {
+            let l = l.trim_start();
+            [key, alt.as_str()]
+                .iter()
+                .any(|k| l.starts_with(k) && l[k.len()..].trim_start().starts_with('='))
+        })
+        .map(|i| i + 1)
+        .unwrap_or(0)
+}
+
+/// The publisher's part of the resolution; `file` holds the config file's exit keys.
+pub fn resolve_publish(a: ExitArgs, file: &toml::Table, path: &Path) -> Result<PublishSettings> {
+    let bad = |key: &str, v: &toml::Value, want: &str| -> anyhow::Error {
+        anyhow::anyhow!(
+            "{}:{}: bad value {v} for {key:?}: expected {want}",
+            path.display(),
+            line_of(path, key)
+        )
+    };
+    let keep_open = if !a.keep_open.is_empty() {
+        a.keep_open
+    } else if let Some(v) = file.get("keep-open") {
+        let items: Vec<String> = match v {
+            toml::Value::String(s) => s.split(',').map(|x| x.trim().to_string()).collect(),
+            toml::Value::Array(xs) => xs
+                .iter()
+                .map(|x| x.as_str().map(str::to_string))
+                .collect::<Option<_>>()
+                .ok_or_else(|| bad("keep-open", v, "a list of \"PROTO:PORT\" strings"))?,
+            _ => return Err(bad("keep-open", v, "a list of \"PROTO:PORT\" strings")),
+        };
+        let mut out = Vec::new();
+        for i in items.iter().filter(|i| !i.is_empty()) {
+            out.push(i.parse::<PortSpec>().map_err(|e| {
+                anyhow::anyhow!(
+                    "{}:{}: keep-open: {e}",
+                    path.display(),
+                    line_of(path, "keep-open")
+                )
+            })?);
+        }
+        out
+    } else {
+        default_keep_open()
+    };
+    let num = |key: &str, flag: Option<u32>, default: u32| -> Result<u32> {
+        if let Some(n) = flag {
+            return Ok(n);
+        }
+        match file.get(key) {
+            None => Ok(default),
+            Some(v) => v
+                .as_integer()
+                .and_then(|n| u32::try_from(n).ok())
+                .ok_or_else(|| bad(key, v, "a whole number >= 0")),
+        }
+    };
+    let ban_seconds = num("ban-seconds", a.ban_seconds, DEFAULT_BAN_SECONDS)?;
+    let ban_after = num("ban-after", a.ban_after, DEFAULT_BAN_AFTER)?;
+    if ban_seconds == 0 {
+        bail!("--ban-seconds 0: expected at least 1 second");
+    }
+    if ban_after == 0 {
+        bail!("--ban-after 0: expected at least 1 (ban on the first probe)");
+    }
+    let edge_protection = match a.edge_protection {
+        Some(b) => b,
+        None => match file.get("edge-protection") {
+            None => true,
+            Some(toml::Value::Boolean(b)) => *b,
+            Some(v @ toml::Value::String(s)) => {
+                parse_on_off(s).map_err(|_| bad("edge-protection", v, "on or off"))?
+            }
+            Some(v) => return Err(bad("edge-protection", v, "on or off")),
+        },
+    };
+    if edge_protection
+        && !keep_open.contains(&PortSpec {
+            proto: L4::Tcp,
+            port: 22,
+        })
+    {
+        tracing::warn!("tcp:22 is not in --keep-open: SSH to this VPS will be dropped");
+    }
+    Ok(PublishSettings {
+        keep_open,
+        ban_seconds,
+        ban_after,
+        edge_protection,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_flags_and_file() {
+        let p = Path::new("/nonexistent/exit.toml");
+        let d = resolve_publish(ExitArgs::default(), &toml::Table::new(), p).unwrap();
+        assert_eq!(d.keep_open, default_keep_open());
+        assert_eq!(
+            (d.ban_seconds, d.ban_after, d.edge_protection),
+            (600, 5, true)
+        );
+
+        let file: toml::Table = toml::from_str(
+            "keep-open = [\"tcp:2222\"]\nban-seconds = 60\nedge-protection = \"off\"",
+        )
+        .unwrap();
+        let f = resolve_publish(ExitArgs::default(), &file, p).unwrap();
+        assert_eq!(f.keep_open, vec!["tcp:2222".parse().unwrap()]);
+        assert_eq!((f.ban_seconds, f.edge_protection), (60, false));
+
+        let flags = ExitArgs {
+            keep_open: vec!["tcp:22".parse().unwrap()],
+            ban_seconds: Some(2),
+            ban_after: Some(1),
+            edge_protection: Some(true),
+        };
+        let g = resolve_publish(flags, &file, p).unwrap();
+        assert_eq!(g.keep_open, vec!["tcp:22".parse().unwrap()]);
+        assert_eq!(
+            (g.ban_seconds, g.ban_after, g.edge_protection),
+            (2, 1, true)
+        );
+    }
+
+    #[test]
+    fn bad_values_name_file_line_and_what_is_accepted() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("exit.toml");
+        let text = "tun = \"hpx0\"\nkeep-open = [\"icmp:1\"]\n";
+        std::fs::write(&p, text).unwrap();
+        let file: toml::Table = toml::from_str(text).unwrap();
+        let e = resolve_publish(ExitArgs::default(), &file, &p)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("exit.toml:2") && e.contains("PROTO:PORT"), "{e}");
+        let file: toml::Table = toml::from_str("ban-seconds = -1").unwrap();
+        let e = resolve_publish(ExitArgs::default(), &file, &p)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("ban-seconds") && e.contains("whole number"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn wireguard_port_is_kept_open() {
+        let s = resolve_publish(ExitArgs::default(), &toml::Table::new(), Path::new("x")).unwrap();
+        let c = s.nft_config("hpx0", Some(41641));
+        assert!(c.edge_protection);
+        assert!(c.keep_open.contains(&"udp:41641".parse().unwrap()));
+        assert!(!s.nft_config("hpx0", None).edge_protection);
+    }
+}
