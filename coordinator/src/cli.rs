@@ -78,6 +78,7 @@ pub enum Cmd {
 
 /// How admin commands reach the coordinator.
 #[derive(Debug, Clone, Args)]
+#[command(next_help_heading = "Connection (local admin socket, or a remote coordinator)")]
 pub struct ConnArgs {
     /// State directory of the local coordinator (its admin.sock is used)
     #[arg(long, value_name = "DIR", default_value = DEFAULT_STATE_DIR, global = true)]

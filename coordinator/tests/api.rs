@@ -19,9 +19,31 @@ struct T {
     admin_token: String,
 }
 
+/// A fresh database: a SQLite file, or a new database on the PostgreSQL server named by
+/// `HOMEPORT_TEST_POSTGRES` (e.g. `postgres://hp@127.0.0.1:5432`) to run the same suite there.
+async fn fresh_db(dir: &std::path::Path) -> String {
+    match std::env::var("HOMEPORT_TEST_POSTGRES") {
+        Ok(base) => {
+            use rand::Rng;
+            sqlx::any::install_default_drivers();
+            let db = format!("hp_test_{:016x}", rand::thread_rng().r#gen::<u64>());
+            let admin = sqlx::AnyPool::connect(&format!("{base}/postgres"))
+                .await
+                .unwrap();
+            sqlx::query(&format!("CREATE DATABASE {db}"))
+                .execute(&admin)
+                .await
+                .unwrap();
+            admin.close().await;
+            format!("{base}/{db}")
+        }
+        Err(_) => format!("sqlite://{}?mode=rwc", dir.join("t.db").display()),
+    }
+}
+
 async fn setup() -> T {
     let dir = tempfile::tempdir().unwrap();
-    let url = format!("sqlite://{}?mode=rwc", dir.path().join("t.db").display());
+    let url = fresh_db(dir.path()).await;
     let (st, first) = AppState::open(StateOptions {
         database_url: url,
         prefix_v4: None,
@@ -778,7 +800,7 @@ async fn openapi_covers_every_endpoint() {
 #[tokio::test]
 async fn state_survives_reopen() {
     let dir = tempfile::tempdir().unwrap();
-    let url = format!("sqlite://{}?mode=rwc", dir.path().join("t.db").display());
+    let url = fresh_db(dir.path()).await;
     let opts = StateOptions {
         database_url: url,
         ..Default::default()
