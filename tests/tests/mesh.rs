@@ -16,7 +16,12 @@ fn mesh_lab(n: usize) -> Result<(Lab, Coordinator, Vec<Node>, String)> {
     for k in 1..=n {
         let h = format!("n{k}");
         lab.add_host(&h)?;
-        lab.link("net", &format!("10.1.{k}.1/24"), &h, &format!("10.1.{k}.2/24"))?;
+        lab.link(
+            "net",
+            &format!("10.1.{k}.1/24"),
+            &h,
+            &format!("10.1.{k}.2/24"),
+        )?;
         lab.default_route(&h, &format!("10.1.{k}.1"))?;
         nodes.push(lab.start_node(&h, &coord, &key, &h)?);
     }
@@ -28,12 +33,22 @@ fn can_ping(lab: &Lab, from: &str, ip: &str) -> bool {
 }
 
 fn wait_ping(lab: &Lab, from: &str, ip: &str) -> Result<()> {
-    wait_until(&format!("{from} to ping {ip}"), Duration::from_secs(15), || can_ping(lab, from, ip))
+    wait_until(
+        &format!("{from} to ping {ip}"),
+        Duration::from_secs(15),
+        || can_ping(lab, from, ip),
+    )
 }
 
 /// Sends `mb` MiB of pseudo-random data over TCP from `from` to `to_ip` (served in `to`) and
 /// returns (sent sha256, received sha256).
-fn tcp_transfer(lab: &mut Lab, from: &str, to: &str, to_ip: &str, mb: usize) -> Result<(String, String)> {
+fn tcp_transfer(
+    lab: &mut Lab,
+    from: &str,
+    to: &str,
+    to_ip: &str,
+    mb: usize,
+) -> Result<(String, String)> {
     let server = format!(
         r#"
 import socket, hashlib
@@ -60,9 +75,20 @@ s.shutdown(socket.SHUT_WR); s.recv(1); s.close()
 print(h.hexdigest())
 "#
     );
-    let sent = lab.exec(from, &["python3", "-c", &client])?.trim().to_string();
-    wait_until("the sink to finish", Duration::from_secs(30), || lab.log(srv).trim().len() >= 64)?;
-    let got = lab.log(srv).trim().lines().last().unwrap_or_default().to_string();
+    let sent = lab
+        .exec(from, &["python3", "-c", &client])?
+        .trim()
+        .to_string();
+    wait_until("the sink to finish", Duration::from_secs(30), || {
+        lab.log(srv).trim().len() >= 64
+    })?;
+    let got = lab
+        .log(srv)
+        .trim()
+        .lines()
+        .last()
+        .unwrap_or_default()
+        .to_string();
     Ok((sent, got))
 }
 
@@ -83,7 +109,8 @@ fn three_nodes_ping_all_pairs_and_carry_200mb_intact() -> Result<()> {
     // IPv6 mesh addresses work too.
     let v6 = nodes[1].cli(&["ip", "-6"])?.trim().to_string();
     wait_until("n1 to ping n2 over IPv6", Duration::from_secs(10), || {
-        lab.exec("n1", &["ping", "-6", "-c", "1", "-W", "1", &v6]).is_ok()
+        lab.exec("n1", &["ping", "-6", "-c", "1", "-W", "1", &v6])
+            .is_ok()
     })?;
     let t = Instant::now();
     let (sent, got) = tcp_transfer(&mut lab, "n1", "n3", &ips[2], 200)?;
@@ -128,8 +155,15 @@ ports = ["*", "icmp"]
 "#,
     )?;
     coord.admin(&["policy", "set", policy.to_str().unwrap()])?;
-    wait_until("the policy to stop n1 → n3", Duration::from_secs(5), || !can_ping(&lab, "n1", &ips[2]))?;
-    assert!(!can_ping(&lab, "n3", &ips[0]), "n3 → n1 must be refused too");
+    wait_until(
+        "the policy to stop n1 → n3",
+        Duration::from_secs(5),
+        || !can_ping(&lab, "n1", &ips[2]),
+    )?;
+    assert!(
+        !can_ping(&lab, "n3", &ips[0]),
+        "n3 → n1 must be refused too"
+    );
     assert!(can_ping(&lab, "n1", &ips[1]), "n1 → n2 allowed");
     assert!(can_ping(&lab, "n2", &ips[0]), "n2 → n1 allowed");
     assert!(can_ping(&lab, "n3", &ips[1]), "n3 → n2 allowed");
@@ -137,9 +171,17 @@ ports = ["*", "icmp"]
     // Revoke n2: within a second nobody reaches it, and its daemon leaves with an error.
     coord.admin(&["node", "remove", "n2"])?;
     let t = Instant::now();
-    wait_until("n1 to lose n2", Duration::from_secs(5), || !can_ping(&lab, "n1", &ips[1]))?;
-    assert!(t.elapsed() < Duration::from_secs(3), "revocation took {:?}", t.elapsed());
-    wait_until("n2's daemon to exit", Duration::from_secs(10), || lab.check_running(nodes[1].proc).is_err())?;
+    wait_until("n1 to lose n2", Duration::from_secs(5), || {
+        !can_ping(&lab, "n1", &ips[1])
+    })?;
+    assert!(
+        t.elapsed() < Duration::from_secs(3),
+        "revocation took {:?}",
+        t.elapsed()
+    );
+    wait_until("n2's daemon to exit", Duration::from_secs(10), || {
+        lab.check_running(nodes[1].proc).is_err()
+    })?;
     let nodes_out = coord.admin(&["nodes", "--json"])?;
     assert!(!nodes_out.contains("\"n2\""), "{nodes_out}");
     Ok(())
@@ -169,7 +211,10 @@ fn restart_keeps_address_and_coordinator_outage_keeps_traffic() -> Result<()> {
     assert!(can_ping(&lab, "n1", &ip2));
     assert!(can_ping(&lab, "n2", &ip1));
     let st = n2.cli(&["status"])?;
-    assert!(st.contains("unreachable"), "status says the coordinator is unreachable: {st}");
+    assert!(
+        st.contains("unreachable"),
+        "status says the coordinator is unreachable: {st}"
+    );
 
     // It comes back (same state dir); a change made then arrives: a third node joins and is reachable.
     let coord2 = lab.start_coordinator("vps", VPS_IP)?;

@@ -263,13 +263,26 @@ impl Datapath {
                 let (hs, rx, tx) = p.stats();
                 let path = p.path.lock().unwrap().clone();
                 let fresh = path.direct_alive(now);
+                let relay = self.engine.relay_bound(now);
                 PeerStatus {
                     id: p.id,
                     name: p.name.clone(),
                     public_key: p.key,
                     addrs: p.addrs,
-                    path: match path.endpoint {
-                        Some(addr) if fresh => PathInfo::Direct { addr },
+                    path: match (path.endpoint, relay) {
+                        (Some(addr), _) if fresh => PathInfo::Direct { addr },
+                        (_, Some(_)) => PathInfo::Relay {
+                            reason: if path.candidates.is_empty() {
+                                "the peer reported no direct candidates".into()
+                            } else if path.direct.is_some() {
+                                "the direct path stopped answering".into()
+                            } else {
+                                format!(
+                                    "none of {} direct candidates answered probes (hard NAT or firewall)",
+                                    path.candidates.len()
+                                )
+                            },
+                        },
                         _ => PathInfo::None,
                     },
                     last_handshake_secs_ago: hs.map(|d| d.as_secs()),
@@ -441,9 +454,9 @@ fn tun_to_udp(
                 }
                 Encap::Handshake { peer, len } => {
                     scratch[..len].copy_from_slice(&batch.slot()[..len]);
-                    for to in peer.handshake_targets(now) {
-                        send_one(socket, state, to, &scratch[..len]);
-                    }
+                    engine.send_handshake(&peer, &scratch[..len], now, &mut |to, b| {
+                        send_one(socket, state, to, b)
+                    });
                 }
                 Encap::Queued => {}
                 Encap::Drop(r) => {
@@ -510,7 +523,35 @@ fn udp_to_tun(
                         }
                         continue;
                     }
-                    DatagramKind::Stun | DatagramKind::Relay => {
+                    DatagramKind::Relay => {
+                        let out = &mut tunbufs[k];
+                        out.resize(VIRTIO_NET_HDR_LEN + seg.len().max(148), 0);
+                        let r = engine.handle_relay(
+                            &table,
+                            from,
+                            seg,
+                            &mut out[VIRTIO_NET_HDR_LEN..],
+                            now,
+                            &mut |to, b| send_one(socket, state, to, b),
+                        );
+                        match r {
+                            Decap::ToTun { len } => {
+                                out.truncate(VIRTIO_NET_HDR_LEN + len);
+                                k += 1;
+                                if k == TUN_BATCH {
+                                    write_tun(dev, &mut gro, &mut tunbufs[..k]);
+                                    k = 0;
+                                }
+                            }
+                            Decap::Done => {}
+                            Decap::Drop(r) => {
+                                counters.dropped.fetch_add(1, Ordering::Relaxed);
+                                tracing::trace!(?r, %from, "dropped relay datagram");
+                            }
+                        }
+                        continue;
+                    }
+                    DatagramKind::Stun => {
                         let _ = side.send((from, seg.to_vec()));
                         continue;
                     }

@@ -122,6 +122,8 @@ pub struct PathState {
     /// Pings in flight: (address, transaction id, sent).
     pending: Vec<(SocketAddr, [u8; 12], Instant)>,
     next_probe: Option<Instant>,
+    /// When a packet from this peer last arrived through the relay.
+    pub relay_rx: Option<Instant>,
     /// Fast probing lasts until then.
     search_until: Option<Instant>,
 }
@@ -280,6 +282,22 @@ impl PeerTable {
     }
 }
 
+/// The UDP relay this node is bound to (from the map's relay list).
+pub struct RelayClient {
+    pub addr: SocketAddr,
+    key: [u8; 32],
+    mac: ring::hmac::Key,
+    last_bind: Option<Instant>,
+    /// When the relay last confirmed our binding.
+    pub bound: Option<Instant>,
+}
+
+/// The relay binding is refreshed this often; the relay forgets bindings after 60 s, and NAT
+/// mappings towards it must not time out (30 s is the shortest common UDP timeout).
+pub const RELAY_REBIND: Duration = Duration::from_secs(20);
+/// A binding not confirmed for this long is not used.
+pub const RELAY_TTL: Duration = Duration::from_secs(60);
+
 pub struct Engine {
     secret: x25519::StaticSecret,
     public: x25519::PublicKey,
@@ -291,6 +309,9 @@ pub struct Engine {
     /// UDP flows this node opened towards peers, so their replies pass a restrictive filter.
     udp_out: FlowTable,
     last_reset: Mutex<Option<Instant>>,
+    relay: Mutex<Option<RelayClient>>,
+    /// Maps `Instant`s to unix time for relay bindings: (an instant, unix seconds then).
+    clock_base: (Instant, u64),
 }
 
 impl Engine {
@@ -306,6 +327,14 @@ impl Engine {
             flows: FlowTable::new(filter::PUBLISH_FLOW_CAP),
             udp_out: FlowTable::new(filter::UDP_FLOW_CAP),
             last_reset: Mutex::new(None),
+            relay: Mutex::new(None),
+            clock_base: (
+                Instant::now(),
+                std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map(|d| d.as_secs())
+                    .unwrap_or(0),
+            ),
         }
     }
 
@@ -440,6 +469,30 @@ impl Engine {
             t.by_id.insert(st.id, i);
             t.peers.push(st);
         }
+        let want = map
+            .relays
+            .iter()
+            .find_map(|r| Some((r.udp?, *r.public_key?.as_bytes())));
+        {
+            let mut relay = self.relay.lock().unwrap();
+            let same = match (&*relay, want) {
+                (Some(r), Some((a, k))) => r.addr == a && r.key == k,
+                (None, None) => true,
+                _ => false,
+            };
+            if !same {
+                *relay = want.map(|(addr, key)| {
+                    let shared = self.secret.diffie_hellman(&x25519::PublicKey::from(key));
+                    RelayClient {
+                        addr,
+                        key,
+                        mac: ring::hmac::Key::new(ring::hmac::HMAC_SHA256, shared.as_bytes()),
+                        last_bind: None,
+                        bound: None,
+                    }
+                });
+            }
+        }
         // Flows through exits that are gone (or no longer exits for us) end now.
         let exits: Vec<NodeId> = t.publish_in.iter().map(|r| r.peer).collect();
         self.flows.retain(|_, v| exits.contains(&v.peer));
@@ -498,7 +551,28 @@ impl Engine {
                     };
                 }
                 peer.tx_bytes.fetch_add(pkt.len() as u64, Ordering::Relaxed);
-                match peer.endpoint() {
+                let (direct, endpoint) = {
+                    let p = peer.path.lock().unwrap();
+                    (p.direct_alive(now), p.endpoint)
+                };
+                if !direct && let Some(relay) = self.relay_bound(now) {
+                    // No direct path (yet): the relay carries the packet.
+                    let h = homeport_proto::relay::RELAY_HEADER_LEN;
+                    if out.len() < len + h {
+                        return Encap::Drop(DropReason::NoRoute);
+                    }
+                    out.copy_within(..len, h);
+                    homeport_proto::relay::write_header(
+                        out,
+                        homeport_proto::relay::RELAY_SEND,
+                        peer.key.as_bytes(),
+                    );
+                    return Encap::Send {
+                        to: relay,
+                        len: len + h,
+                    };
+                }
+                match endpoint {
                     Some(to) => Encap::Send { to, len },
                     None => Encap::Drop(DropReason::NoRoute),
                 }
@@ -541,12 +615,43 @@ impl Engine {
         let Some(peer) = peer else {
             return Decap::Drop(DropReason::UnknownPeer);
         };
+        self.decap_peer(t, peer, from, datagram, out, now, send, false)
+    }
+
+    /// Decapsulates a datagram known to come from `peer`, directly from `from` or through the
+    /// relay (`via_relay`: answers go back through the relay and the direct path is not touched).
+    #[allow(clippy::too_many_arguments)]
+    fn decap_peer(
+        &self,
+        t: &PeerTable,
+        peer: &PeerState,
+        from: SocketAddr,
+        datagram: &[u8],
+        out: &mut [u8],
+        now: Instant,
+        send: &mut dyn FnMut(SocketAddr, &[u8]),
+        via_relay: bool,
+    ) -> Decap {
+        let seen = |peer: &PeerState| {
+            if via_relay {
+                peer.path.lock().unwrap().relay_rx = Some(now);
+            } else {
+                peer.saw(from, now);
+            }
+        };
+        let mut reply = |b: &[u8]| {
+            if via_relay {
+                self.send_via_relay(peer, b, send);
+            } else {
+                send(from, b);
+            }
+        };
         let mut tunn = peer.tunn.lock().unwrap();
         let res = tunn.decapsulate(Some(from.ip()), datagram, out);
-        let (len, is_v6) = match res {
+        let len = match res {
             TunnResult::Done => {
                 drop(tunn);
-                peer.saw(from, now);
+                seen(peer);
                 return Decap::Done;
             }
             TunnResult::Err(e) => {
@@ -556,29 +661,23 @@ impl Engine {
             TunnResult::WriteToNetwork(b) => {
                 // A handshake response or cookie; then flush what waited for the session.
                 let is_response = b.first() == Some(&2);
-                send(from, b);
+                reply(b);
                 let mut flush = [0u8; 2048];
-                loop {
-                    match tunn.decapsulate(None, &[], &mut flush) {
-                        TunnResult::WriteToNetwork(b) => send(from, b),
-                        _ => break,
-                    }
+                while let TunnResult::WriteToNetwork(b) = tunn.decapsulate(None, &[], &mut flush) {
+                    reply(b);
                 }
                 drop(tunn);
                 if is_response {
                     peer.handshakes.fetch_add(1, Ordering::Relaxed);
                 }
-                peer.saw(from, now);
+                seen(peer);
                 return Decap::Done;
             }
-            TunnResult::WriteToTunnelV4(b, _) => (b.len(), false),
-            TunnResult::WriteToTunnelV6(b, _) => (b.len(), true),
+            TunnResult::WriteToTunnelV4(b, _) => b.len(),
+            TunnResult::WriteToTunnelV6(b, _) => b.len(),
         };
-        // A handshake response to our initiation completes with a data/keepalive exchange; the
-        // session's first packets may have been queued: flush them.
         drop(tunn);
-        peer.saw(from, now);
-        let _ = is_v6;
+        seen(peer);
         peer.rx_bytes.fetch_add(len as u64, Ordering::Relaxed);
         match self.admit(t, peer, &out[..len], now) {
             Ok(()) => Decap::ToTun { len },
@@ -587,6 +686,127 @@ impl Engine {
                 Decap::Drop(r)
             }
         }
+    }
+
+    /// A datagram from the relay (RELAY_MAGIC): a binding confirmation, or a WireGuard datagram
+    /// from a peer.
+    pub fn handle_relay(
+        &self,
+        t: &PeerTable,
+        from: SocketAddr,
+        d: &[u8],
+        out: &mut [u8],
+        now: Instant,
+        send: &mut dyn FnMut(SocketAddr, &[u8]),
+    ) -> Decap {
+        {
+            let mut r = self.relay.lock().unwrap();
+            let Some(r) = r.as_mut().filter(|r| r.addr == from) else {
+                return Decap::Drop(DropReason::UnknownPeer);
+            };
+            if d.len() >= 5
+                && d[..4] == homeport_proto::relay::RELAY_MAGIC
+                && d[4] == homeport_proto::relay::RELAY_BOUND
+            {
+                if r.bound.is_none() {
+                    tracing::info!(relay = %from, "bound to the relay");
+                }
+                r.bound = Some(now);
+                return Decap::Done;
+            }
+        }
+        let Some((kind, key, payload)) = homeport_proto::relay::parse(d) else {
+            return Decap::Drop(DropReason::Malformed);
+        };
+        if kind != homeport_proto::relay::RELAY_RECV {
+            return Decap::Drop(DropReason::Malformed);
+        }
+        let Some(peer) = t.by_key.get(&key).map(|i| t.peers[*i].clone()) else {
+            return Decap::Drop(DropReason::UnknownPeer);
+        };
+        if homeport_proto::disco::classify(payload) == homeport_proto::disco::DatagramKind::Disco {
+            return Decap::Done;
+        }
+        self.decap_peer(t, &peer, from, payload, out, now, send, true)
+    }
+
+    /// Wraps `pkt` for `peer` in a relay SEND header and sends it to the relay.
+    fn send_via_relay(
+        &self,
+        peer: &PeerState,
+        pkt: &[u8],
+        send: &mut dyn FnMut(SocketAddr, &[u8]),
+    ) {
+        let Some(addr) = self.relay.lock().unwrap().as_ref().map(|r| r.addr) else {
+            return;
+        };
+        let mut buf = [0u8; 2048 + homeport_proto::relay::RELAY_HEADER_LEN];
+        if pkt.len() + homeport_proto::relay::RELAY_HEADER_LEN > buf.len() {
+            return;
+        }
+        let h = homeport_proto::relay::write_header(
+            &mut buf,
+            homeport_proto::relay::RELAY_SEND,
+            peer.key.as_bytes(),
+        );
+        buf[h..h + pkt.len()].copy_from_slice(pkt);
+        send(addr, &buf[..h + pkt.len()]);
+    }
+
+    /// The relay address when a binding is confirmed.
+    pub fn relay_bound(&self, now: Instant) -> Option<SocketAddr> {
+        self.relay
+            .lock()
+            .unwrap()
+            .as_ref()
+            .filter(|r| {
+                r.bound
+                    .is_some_and(|b| now.saturating_duration_since(b) < RELAY_TTL)
+            })
+            .map(|r| r.addr)
+    }
+
+    /// Sends a handshake initiation to every direct target and, while no direct path is alive,
+    /// through the relay as well: whichever path answers first carries the session.
+    pub fn send_handshake(
+        &self,
+        peer: &PeerState,
+        pkt: &[u8],
+        now: Instant,
+        send: &mut dyn FnMut(SocketAddr, &[u8]),
+    ) {
+        for to in peer.handshake_targets(now) {
+            send(to, pkt);
+        }
+        if self.relay_bound(now).is_some() && !peer.path.lock().unwrap().direct_alive(now) {
+            self.send_via_relay(peer, pkt, send);
+        }
+    }
+
+    /// Sends a relay BIND when due.
+    fn bind_relay(&self, now: Instant, send: &mut dyn FnMut(SocketAddr, &[u8])) {
+        let mut r = self.relay.lock().unwrap();
+        let Some(r) = r.as_mut() else { return };
+        let fresh = r
+            .bound
+            .is_some_and(|b| now.saturating_duration_since(b) < RELAY_REBIND);
+        let recently = r
+            .last_bind
+            .is_some_and(|b| now.saturating_duration_since(b) < Duration::from_secs(2));
+        if fresh || recently {
+            return;
+        }
+        r.last_bind = Some(now);
+        let unix = self.clock_base.1 + now.saturating_duration_since(self.clock_base.0).as_secs();
+        let me = self.public.to_bytes();
+        let mut msg = [0u8; 4 + 1 + 32 + 8 + 32];
+        msg[..4].copy_from_slice(&homeport_proto::relay::RELAY_MAGIC);
+        msg[4] = homeport_proto::relay::RELAY_BIND;
+        msg[5..37].copy_from_slice(&me);
+        msg[37..45].copy_from_slice(&unix.to_be_bytes());
+        let tag = ring::hmac::sign(&r.mac, &msg[5..45]);
+        msg[45..77].copy_from_slice(tag.as_ref());
+        send(r.addr, &msg);
     }
 
     /// The inbound checks on a decrypted packet from `peer`.
@@ -670,6 +890,7 @@ impl Engine {
             }
         }
         let t = self.snapshot();
+        self.bind_relay(now, send);
         self.probe_due(&t, now, send);
         let mut buf = [0u8; 2048];
         for peer in &t.peers {
@@ -680,9 +901,7 @@ impl Engine {
                 {
                     let len = b.len();
                     drop(tunn);
-                    for to in peer.handshake_targets(now) {
-                        send(to, &buf[..len]);
-                    }
+                    self.send_handshake(peer, &buf[..len], now, send);
                     continue;
                 }
             }
@@ -692,11 +911,14 @@ impl Engine {
                     drop(tunn);
                     let pkt = &buf[..len];
                     if is_handshake_init(pkt) {
-                        for to in peer.handshake_targets(now) {
-                            send(to, pkt);
+                        self.send_handshake(peer, pkt, now, send);
+                    } else {
+                        let direct = peer.path.lock().unwrap().direct_alive(now);
+                        match (direct, self.relay_bound(now), peer.endpoint()) {
+                            (false, Some(_), _) => self.send_via_relay(peer, pkt, send),
+                            (_, _, Some(to)) => send(to, pkt),
+                            _ => {}
                         }
-                    } else if let Some(to) = peer.endpoint() {
-                        send(to, pkt);
                     }
                 }
                 TunnResult::Err(WireGuardError::ConnectionExpired) => {}
