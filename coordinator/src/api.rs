@@ -284,7 +284,10 @@ async fn map_stream(State(st): State<AppState>, NodeAuth(id): NodeAuth) -> ApiRe
         .ok_or_else(|| ApiErr::unauthorized("the node was removed"))?;
     {
         let _w = st.write_lock.lock().await;
-        st.store.touch(id, at).await?;
+        if let Err(e) = st.store.touch(id, at).await {
+            // last_seen is informational; the stream is what matters.
+            tracing::warn!(node = %id, error = %e, "cannot store last_seen");
+        }
     }
     tracing::info!(node = %id, "map stream opened");
     let mut keepalive = tokio::time::interval_at(

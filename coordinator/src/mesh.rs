@@ -142,7 +142,9 @@ fn filter_dependents(
 }
 
 struct Stream {
-    tx: mpsc::Sender<MapMessage>,
+    /// None once the stream was cut for not keeping up: the node gets what is queued, then EOF,
+    /// and the slot stays until the stream's guard reports the end (which marks it offline).
+    tx: Option<mpsc::Sender<MapMessage>>,
     generation: u64,
     /// What this stream was last told, to send a filter/publish delta only when it changed.
     filter: PacketFilter,
@@ -265,15 +267,13 @@ impl Mesh {
 
     /// Sends `msg` to `id`'s stream if it has one; a stream that cannot take it is closed.
     fn send(&mut self, id: NodeId, msg: MapMessage) {
-        let Some(s) = self.streams.get(&id) else {
+        let Some(s) = self.streams.get_mut(&id) else {
             return;
         };
-        if let Err(e) = s.tx.try_send(msg) {
+        let Some(tx) = &s.tx else { return };
+        if let Err(e) = tx.try_send(msg) {
             tracing::warn!(node = %id, error = %e, "map stream cannot keep up; closing it so the node reconnects");
-            self.streams.remove(&id);
-            if let Some(n) = self.nodes.get_mut(&id) {
-                n.online = false;
-            }
+            s.tx = None;
         }
     }
 
@@ -476,13 +476,13 @@ impl Mesh {
         self.streams.remove(&id);
         self.set_online(id, true, now);
         let full = self.full_map(self.nodes.get(&id).unwrap_or(&n));
+        tx.try_send(full.clone()).ok()?;
         let stream = Stream {
-            tx,
+            tx: Some(tx),
             generation,
             filter: full.filter.clone().unwrap_or_else(PacketFilter::allow_all),
-            publish: full.publish.clone().unwrap_or_default(),
+            publish: full.publish.unwrap_or_default(),
         };
-        stream.tx.try_send(full).ok()?;
         self.streams.insert(id, stream);
         Some(Connected { rx, generation })
     }
@@ -510,7 +510,7 @@ mod tests {
     use super::*;
     use homeport_proto::map::EndpointKind;
     use homeport_proto::policy::PolicyRule;
-    use std::net::{Ipv4Addr, Ipv6Addr};
+    use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
 
     fn node(id: i64, name: &str, tags: &[&str]) -> NodeRec {
         NodeRec {
@@ -710,5 +710,37 @@ mod tests {
         assert!(m.node(NodeId(1)).unwrap().online);
         assert!(m.disconnect(NodeId(1), second.generation, 12));
         assert!(!m.node(NodeId(1)).unwrap().online);
+    }
+
+    #[test]
+    fn a_stuck_stream_is_cut_and_then_reported_offline() {
+        let mut m = mesh(vec![node(1, "slow", &[]), node(2, "watcher", &[])], None);
+        let mut slow = m.connect(NodeId(1), 0).unwrap();
+        let mut watcher = m.connect(NodeId(2), 0).unwrap();
+        while watcher.rx.try_recv().is_ok() {}
+        for i in 0..(STREAM_QUEUE as u16 + 10) {
+            m.set_endpoints(
+                NodeId(2),
+                vec![Endpoint {
+                    addr: SocketAddr::from(([192, 0, 2, 1], 1000 + i)),
+                    kind: EndpointKind::Local,
+                }],
+            );
+        }
+        let mut got = 0;
+        while slow.rx.try_recv().is_ok() {
+            got += 1;
+        }
+        assert_eq!(got, STREAM_QUEUE, "what was queued is delivered");
+        assert!(matches!(
+            slow.rx.try_recv(),
+            Err(mpsc::error::TryRecvError::Disconnected)
+        ));
+        // Still online until the stream's end is reported; then the watcher hears it.
+        assert!(m.node(NodeId(1)).unwrap().online);
+        assert!(m.disconnect(NodeId(1), slow.generation, 5));
+        let d = watcher.rx.try_recv().unwrap();
+        assert_eq!(d.peers[0].id, NodeId(1));
+        assert!(!d.peers[0].online);
     }
 }
