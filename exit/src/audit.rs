@@ -210,13 +210,12 @@ fn parse_micros(ts: &str) -> Option<i64> {
 pub fn parse_ct_event(line: &str) -> Option<CtEvent> {
     let mut toks = line.split_whitespace().peekable();
     let mut at = None;
-    if let Some(t) = toks.peek() {
-        if let Some(ts) = t.strip_prefix('[').and_then(|t| t.strip_suffix(']')) {
-            if let Some(v) = parse_micros(ts) {
-                at = Some(v);
-                toks.next();
-            }
-        }
+    if let Some(t) = toks.peek()
+        && let Some(ts) = t.strip_prefix('[').and_then(|t| t.strip_suffix(']'))
+        && let Some(v) = parse_micros(ts)
+    {
+        at = Some(v);
+        toks.next();
     }
     let kind = match toks.next()? {
         "[NEW]" => CtKind::New,
@@ -342,10 +341,10 @@ impl Audit {
         };
         tracing::info!(target: "audit", "{line}");
         let mut f = self.file.lock().unwrap();
-        if let Some(file) = f.as_mut() {
-            if let Err(e) = writeln!(file, "{line}") {
-                tracing::warn!(error = %e, path = %self.path.display(), "writing the audit log failed");
-            }
+        if let Some(file) = f.as_mut()
+            && let Err(e) = writeln!(file, "{line}")
+        {
+            tracing::warn!(error = %e, path = %self.path.display(), "writing the audit log failed");
         }
     }
 
@@ -385,10 +384,9 @@ impl Audit {
                 if matches!(
                     ev.state.as_deref(),
                     Some("TIME_WAIT" | "CLOSE" | "LAST_ACK" | "FIN_WAIT")
-                ) {
-                    if let Some(f) = self.open.lock().unwrap().get_mut(&key) {
-                        f.end.get_or_insert(ev.at);
-                    }
+                ) && let Some(f) = self.open.lock().unwrap().get_mut(&key)
+                {
+                    f.end.get_or_insert(ev.at);
                 }
                 None
             }

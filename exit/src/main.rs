@@ -12,6 +12,8 @@ struct Cli {
     cmd: Cmd,
 }
 
+// Parsed once at start: the size difference of the variants does not matter.
+#[allow(clippy::large_enum_variant)]
 #[derive(Subcommand, Debug)]
 enum Cmd {
     /// Run the exit (node + publisher) in the foreground (systemd runs it)

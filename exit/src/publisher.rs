@@ -83,10 +83,10 @@ impl Publisher {
 
     async fn apply(&mut self, planned: Vec<PublishRule>) -> Result<()> {
         // Counts of the deny meters die with the old table: log them first.
-        if self.applied.is_some() {
-            if let Err(e) = self.audit.poll_denials(&self.exec).await {
-                tracing::debug!(error = %e, "reading deny counters before re-apply");
-            }
+        if self.applied.is_some()
+            && let Err(e) = self.audit.poll_denials(&self.exec).await
+        {
+            tracing::debug!(error = %e, "reading deny counters before re-apply");
         }
         let exec = self.exec.clone();
         let cfg = self.cfg.clone();
@@ -173,11 +173,10 @@ impl Publisher {
                         break;
                     }
                     let rules = maps.borrow_and_update().as_deref().map(rules_for_me);
-                    if let Some(rules) = rules {
-                        if let Err(e) = self.update(&rules).await {
+                    if let Some(rules) = rules
+                        && let Err(e) = self.update(&rules).await {
                             tracing::error!(error = %format!("{e:#}"), "applying the nftables ruleset failed");
                         }
-                    }
                 }
                 _ = tick.tick() => {
                     let r = if self.applied.is_none() {
