@@ -8,6 +8,7 @@ pub mod config;
 pub mod error;
 pub mod mesh;
 pub mod openapi;
+pub mod relay;
 pub mod server;
 pub mod state;
 pub mod store;

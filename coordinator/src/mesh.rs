@@ -163,6 +163,8 @@ pub struct Mesh {
     streams: HashMap<NodeId, Stream>,
     version: u64,
     next_generation: u64,
+    /// The relay learns here which keys may use it.
+    relay: Option<std::sync::Arc<crate::relay::Relay>>,
 }
 
 /// What a connecting stream gets back.
@@ -193,6 +195,19 @@ impl Mesh {
             streams: HashMap::new(),
             version: start_version,
             next_generation: 1,
+            relay: None,
+        }
+    }
+
+    /// Connects the relay: from now on it serves exactly the registered nodes.
+    pub fn set_relay(&mut self, relay: std::sync::Arc<crate::relay::Relay>) {
+        self.relay = Some(relay);
+        self.sync_relay();
+    }
+
+    fn sync_relay(&self) {
+        if let Some(r) = &self.relay {
+            r.set_authorized(self.nodes.values().map(|n| *n.public_key.as_bytes()));
         }
     }
 
@@ -352,6 +367,9 @@ impl Mesh {
         if old.as_ref() == Some(&rec) {
             return;
         }
+        if old.as_ref().map(|o| o.public_key) != Some(rec.public_key) {
+            self.sync_relay();
+        }
         let tags_changed = old.as_ref().map(|o| o.tags != rec.tags).unwrap_or(true);
         let mut check = BTreeSet::new();
         if tags_changed {
@@ -402,6 +420,7 @@ impl Mesh {
         let Some(old) = self.nodes.remove(&id) else {
             return vec![];
         };
+        self.sync_relay();
         let mut check = filter_dependents(self.policy.as_ref(), &self.nodes, &old);
         check.remove(&id);
         self.broadcast(id, vec![], vec![id], check);

@@ -114,6 +114,7 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
     };
 
     let host = reachable_ip(&cfg).await;
+    let relay = crate::relay::Relay::new(load_relay_key(&dir)?);
     let db_url = cfg.database_url();
     if cfg.database_url.is_none() {
         // Create the file ourselves so it is 0600 from the start (WAL side files follow it).
@@ -127,9 +128,10 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
         prefix_v4: cfg.prefix_v4,
         prefix_v6: cfg.prefix_v6,
         relays: vec![RelayInfo {
-            udp: None,
+            // The relay shares the STUN socket: one UDP port to open on the VPS.
+            udp: Some(SocketAddr::new(host, stun_bound.port())),
             stun: Some(SocketAddr::new(host, stun_bound.port())),
-            public_key: None,
+            public_key: Some(homeport_proto::PublicKey::from(relay.public)),
         }],
     })
     .await?;
@@ -147,7 +149,8 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
         crate::api::app(state.clone()),
         shutdown.clone(),
     ));
-    tasks.spawn(crate::stun::serve(stun_sock, shutdown.clone()));
+    state.mesh().set_relay(relay.clone());
+    tasks.spawn(crate::relay::serve(stun_sock, relay, shutdown.clone()));
     {
         let app = crate::api::local_app(state.clone());
         let sd = shutdown.clone();
@@ -288,4 +291,25 @@ async fn serve_https(
     }
     conns.close();
     let _ = tokio::time::timeout(DRAIN_TIMEOUT, conns.wait()).await;
+}
+
+/// The relay's X25519 key, created on first start and kept (`relay.key`, 0600) so nodes'
+/// maps stay valid across restarts.
+fn load_relay_key(dir: &std::path::Path) -> anyhow::Result<x25519_dalek::StaticSecret> {
+    let p = dir.join("relay.key");
+    match std::fs::read_to_string(&p) {
+        Ok(s) => {
+            let k: homeport_proto::PrivateKey = s
+                .trim()
+                .parse()
+                .map_err(|e| anyhow::anyhow!("{}: {e}", p.display()))?;
+            Ok(k.secret().clone())
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let k = homeport_proto::PrivateKey::generate();
+            crate::tls::write_private(&p, format!("{}\n", k.to_base64()).as_bytes())?;
+            Ok(k.secret().clone())
+        }
+        Err(e) => Err(e).with_context(|| format!("reading {}", p.display())),
+    }
 }
