@@ -51,6 +51,26 @@ pub enum Cmd {
         #[command(flatten)]
         s: StateArg,
     },
+    /// Probe a peer; print each reply's path (direct ip:port or relay) and round-trip time
+    Ping {
+        /// Peer name
+        peer: String,
+        /// Number of probes (one per second)
+        #[arg(short = 'c', long, default_value_t = 5)]
+        count: u32,
+        #[command(flatten)]
+        s: StateArg,
+    },
+    /// Reflexive address(es), NAT mapping kind (easy/hard), UDP reachability, relay round-trip
+    Netcheck {
+        /// Another STUN server to ask (any standard one), HOST:PORT; repeatable
+        #[arg(long)]
+        stun: Vec<String>,
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        s: StateArg,
+    },
     /// Stop the daemon cleanly (TUN and routes removed)
     Down {
         #[command(flatten)]
@@ -94,6 +114,73 @@ pub async fn run(cmd: Cmd) -> Result<()> {
                 println!("{}", serde_json::to_string_pretty(&st)?);
             } else {
                 print!("{}", render_status(&st));
+            }
+        }
+        Cmd::Ping { peer, count, s } => {
+            let mut last: Option<String> = None;
+            let mut replies = 0;
+            for i in 0..count {
+                if i > 0 {
+                    tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+                }
+                match control::call(&s.state_dir, &Request::Ping { peer: peer.clone() }).await? {
+                    Response::Pong { path, rtt_ms } => {
+                        replies += 1;
+                        let kind = path.split(' ').next().unwrap_or("").to_string();
+                        if let Some(l) = &last
+                            && *l != kind
+                        {
+                            println!("path changed: {l} -> {kind}");
+                        }
+                        last = Some(kind);
+                        println!("pong from {peer} via {path} in {rtt_ms:.2} ms");
+                    }
+                    Response::Error { message } => println!("{message}"),
+                    other => bail!("unexpected answer {other:?}"),
+                }
+            }
+            if replies == 0 {
+                bail!("no reply from {peer}");
+            }
+        }
+        Cmd::Netcheck { stun, json, s } => {
+            let mut servers = vec![];
+            for x in &stun {
+                let a = tokio::net::lookup_host(x)
+                    .await
+                    .ok()
+                    .and_then(|mut i| i.next())
+                    .ok_or_else(|| anyhow::anyhow!("--stun {x:?}: expected HOST:PORT of a STUN server, e.g. 198.51.100.10:3478"))?;
+                servers.push(a);
+            }
+            match control::call(&s.state_dir, &Request::Netcheck { stun: servers }).await? {
+                Response::Netcheck(n) if json => println!("{}", serde_json::to_string_pretty(&n)?),
+                Response::Netcheck(n) => {
+                    println!(
+                        "UDP: {}",
+                        if n.udp {
+                            "yes"
+                        } else {
+                            "no answer from any STUN server (UDP blocked?)"
+                        }
+                    );
+                    for (server, addr) in &n.stun {
+                        match addr {
+                            Some(a) => println!("reflexive address {a} (STUN {server})"),
+                            None => println!("no answer from STUN {server}"),
+                        }
+                    }
+                    for (peer, a) in &n.seen_by_peers {
+                        println!("seen by {peer} as {a}");
+                    }
+                    println!("NAT mapping: {}", n.mapping);
+                    match n.relay {
+                        Some((a, rtt)) => println!("relay {a}: bound, round trip {rtt:.2} ms"),
+                        None => println!("relay: not bound"),
+                    }
+                }
+                Response::Error { message } => bail!("{message}"),
+                other => bail!("unexpected answer {other:?}"),
             }
         }
         Cmd::Down { s } => match control::call(&s.state_dir, &Request::Down).await? {

@@ -14,6 +14,29 @@ use tokio::net::UnixStream;
 pub enum Request {
     Status,
     Down,
+    /// One disco probe to a peer (by name); answered with `Pong` or an error after 1 s.
+    Ping {
+        peer: String,
+    },
+    /// Reachability report; `stun` are extra STUN servers to ask besides the coordinator's.
+    Netcheck {
+        stun: Vec<std::net::SocketAddr>,
+    },
+}
+
+/// `homeport netcheck`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Netcheck {
+    /// Whether any STUN server answered over UDP.
+    pub udp: bool,
+    /// (STUN server, our reflexive address as it saw it, or None when it did not answer).
+    pub stun: Vec<(std::net::SocketAddr, Option<std::net::SocketAddr>)>,
+    /// (peer, our address as that peer saw it in its last Pong).
+    pub seen_by_peers: Vec<(NodeName, std::net::SocketAddr)>,
+    /// "easy", "hard" or "unknown", with the reason.
+    pub mapping: String,
+    /// (relay address, BIND round-trip in ms).
+    pub relay: Option<(std::net::SocketAddr, f64)>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -41,8 +64,16 @@ pub struct Status {
 #[serde(tag = "result", rename_all = "lowercase")]
 pub enum Response {
     Status(Box<Status>),
+    /// `path`: "direct ADDR" or "relay ADDR".
+    Pong {
+        path: String,
+        rtt_ms: f64,
+    },
+    Netcheck(Box<Netcheck>),
     Ok,
-    Error { message: String },
+    Error {
+        message: String,
+    },
 }
 
 /// Sends one request to the daemon whose state dir is `state_dir`.

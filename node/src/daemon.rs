@@ -189,14 +189,20 @@ pub async fn run(
     let listener = tokio::net::UnixListener::bind(&sock_path)
         .with_context(|| format!("binding the control socket {}", sock_path.display()))?;
     std::fs::set_permissions(&sock_path, std::fs::Permissions::from_mode(0o600))?;
-    tokio::spawn(control_server(listener, shared.clone(), stop.clone()));
+    let (stun_tx, stun_rx) = tokio::sync::mpsc::unbounded_channel();
+    let stun_rx = Arc::new(tokio::sync::Mutex::new(stun_rx));
+    tokio::spawn(control_server(
+        listener,
+        shared.clone(),
+        stun_rx.clone(),
+        stop.clone(),
+    ));
     if let Some(addr) = cfg.metrics_listen {
         let l = tokio::net::TcpListener::bind(addr)
             .await
             .with_context(|| format!("binding --metrics-listen {addr}"))?;
         tokio::spawn(metrics_server(l, shared.clone(), stop.clone()));
     }
-    let (stun_tx, stun_rx) = tokio::sync::mpsc::unbounded_channel();
     std::thread::Builder::new()
         .name("side".into())
         .spawn(move || {
@@ -462,6 +468,7 @@ fn apply_message(shared: &Shared, maps: Option<&MapObserver>, mut msg: MapMessag
 async fn control_server(
     listener: tokio::net::UnixListener,
     shared: Arc<Shared>,
+    stun_rx: StunRx,
     stop: CancellationToken,
 ) {
     loop {
@@ -471,6 +478,7 @@ async fn control_server(
         };
         let shared = shared.clone();
         let stop = stop.clone();
+        let stun_rx = stun_rx.clone();
         tokio::spawn(async move {
             let (r, mut w) = s.into_split();
             let mut line = String::new();
@@ -483,6 +491,10 @@ async fn control_server(
                     stop.cancel();
                     Response::Ok
                 }
+                Ok(Request::Ping { peer }) => ping(&shared, &peer).await,
+                Ok(Request::Netcheck { stun }) => {
+                    Response::Netcheck(Box::new(netcheck(&shared, &stun_rx, stun).await))
+                }
                 Err(e) => Response::Error {
                     message: format!(
                         "bad request {:?}: {e}; expected {{\"cmd\":\"status\"|\"down\"}}",
@@ -494,6 +506,133 @@ async fn control_server(
             out.push('\n');
             let _ = w.write_all(out.as_bytes()).await;
         });
+    }
+}
+
+async fn ping(shared: &Shared, name: &str) -> Response {
+    let st = shared.status();
+    let Some(peer) = st.peers.iter().find(|p| p.name.as_str() == name) else {
+        let known: Vec<&str> = st.peers.iter().map(|p| p.name.as_str()).collect();
+        return Response::Error {
+            message: format!("no peer named {name:?}; peers: {}", known.join(", ")),
+        };
+    };
+    let sent = std::time::Instant::now();
+    let ok = shared
+        .dp
+        .lock()
+        .unwrap()
+        .as_ref()
+        .map(|d| d.ping(peer.id))
+        .unwrap_or(false);
+    if !ok {
+        return Response::Error {
+            message: "the data path is not running".into(),
+        };
+    }
+    for _ in 0..50 {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        let pong = shared
+            .dp
+            .lock()
+            .unwrap()
+            .as_ref()
+            .and_then(|d| d.last_pong(peer.id));
+        if let Some((from, rtt, at, via_relay)) = pong
+            && at >= sent
+        {
+            let path = if via_relay {
+                format!("relay {from}")
+            } else {
+                format!("direct {from}")
+            };
+            return Response::Pong {
+                path,
+                rtt_ms: rtt.as_secs_f64() * 1000.0,
+            };
+        }
+    }
+    Response::Error {
+        message: format!("no reply from {name} within 1 s"),
+    }
+}
+
+async fn netcheck(
+    shared: &Shared,
+    stun_rx: &StunRx,
+    extra: Vec<SocketAddr>,
+) -> crate::control::Netcheck {
+    let mut servers: Vec<SocketAddr> = shared
+        .map
+        .read()
+        .unwrap()
+        .as_ref()
+        .map(|m| m.relays.iter().filter_map(|r| r.stun).collect())
+        .unwrap_or_default();
+    for e in extra {
+        if !servers.contains(&e) {
+            servers.push(e);
+        }
+    }
+    let mut stun = vec![];
+    for s in servers {
+        stun.push((s, stun_query(shared, s, stun_rx).await));
+    }
+    let (seen_by_peers, relay) = {
+        let dp = shared.dp.lock().unwrap();
+        match dp.as_ref() {
+            Some(d) => (
+                d.observed(),
+                d.engine
+                    .relay_rtt()
+                    .map(|(a, r)| (a, r.as_secs_f64() * 1000.0)),
+            ),
+            None => (vec![], None),
+        }
+    };
+    let mut seen: Vec<SocketAddr> = stun.iter().filter_map(|(_, a)| *a).collect();
+    seen.extend(
+        seen_by_peers
+            .iter()
+            .map(|(_, a)| *a)
+            .filter(|a| !a.ip().is_private()),
+    );
+    seen.sort();
+    seen.dedup();
+    let answered = stun.iter().filter(|(_, a)| a.is_some()).count() + seen_by_peers.len();
+    let mapping = if answered < 2 {
+        "unknown: only one outside view of this node (pass --stun HOST:PORT for a second STUN server)".to_string()
+    } else if seen.len() <= 1 {
+        "easy: one mapping for all destinations (endpoint-independent), direct paths work"
+            .to_string()
+    } else {
+        format!(
+            "hard: a different mapping per destination ({}), direct paths need the other side to be easy; the relay carries the rest",
+            seen.iter()
+                .map(|a| a.to_string())
+                .collect::<Vec<_>>()
+                .join(", ")
+        )
+    };
+    crate::control::Netcheck {
+        udp: stun.iter().any(|(_, a)| a.is_some()),
+        stun,
+        seen_by_peers,
+        mapping,
+        relay,
+    }
+}
+
+trait IsPrivate {
+    fn is_private(&self) -> bool;
+}
+
+impl IsPrivate for IpAddr {
+    fn is_private(&self) -> bool {
+        match self {
+            IpAddr::V4(a) => a.is_private() || a.is_loopback(),
+            IpAddr::V6(a) => a.is_loopback() || (a.segments()[0] & 0xfe00) == 0xfc00,
+        }
     }
 }
 
@@ -546,7 +685,7 @@ async fn endpoint_reporter(
     url: String,
     cred: String,
     shared: Arc<Shared>,
-    mut stun_rx: tokio::sync::mpsc::UnboundedReceiver<(SocketAddr, Vec<u8>)>,
+    stun_rx: StunRx,
     stop: CancellationToken,
 ) {
     let mut reported: Option<Vec<Endpoint>> = None;
@@ -562,7 +701,7 @@ async fn endpoint_reporter(
             .map(|m| m.relays.iter().filter_map(|r| r.stun).collect())
             .unwrap_or_default();
         for server in servers {
-            if let Some(addr) = stun_query(&shared, server, &mut stun_rx).await
+            if let Some(addr) = stun_query(&shared, server, &stun_rx).await
                 && !eps.iter().any(|e| e.addr == addr)
             {
                 eps.push(Endpoint {
@@ -658,11 +797,10 @@ async fn probe_asker(
 const PROBE_ASK_EVERY: Duration = Duration::from_secs(10);
 
 /// One STUN Binding transaction from the WireGuard socket. Three tries, 300 ms apart.
-async fn stun_query(
-    shared: &Shared,
-    server: SocketAddr,
-    rx: &mut tokio::sync::mpsc::UnboundedReceiver<(SocketAddr, Vec<u8>)>,
-) -> Option<SocketAddr> {
+type StunRx = Arc<tokio::sync::Mutex<tokio::sync::mpsc::UnboundedReceiver<(SocketAddr, Vec<u8>)>>>;
+
+async fn stun_query(shared: &Shared, server: SocketAddr, rx: &StunRx) -> Option<SocketAddr> {
+    let mut rx = rx.lock().await;
     let txid: [u8; 12] = rand::random();
     let req = crate::stun::binding_request(txid);
     for _ in 0..3 {

@@ -246,6 +246,29 @@ impl Datapath {
         send_one(&self.socket, &self.state, to, data);
     }
 
+    /// `homeport ping`: one probe on the path in use.
+    pub fn ping(&self, peer: NodeId) -> bool {
+        self.engine.ping(peer, Instant::now(), &mut |to, b| {
+            send_one(&self.socket, &self.state, to, b)
+        })
+    }
+
+    /// The last Pong from `peer`: (from, rtt, when, via relay).
+    pub fn last_pong(&self, peer: NodeId) -> Option<(SocketAddr, Duration, Instant, bool)> {
+        let t = self.engine.snapshot();
+        t.peer_by_id(peer)
+            .and_then(|p| p.path.lock().unwrap().last_pong)
+    }
+
+    /// Our address as each peer last saw it (from their Pongs).
+    pub fn observed(&self) -> Vec<(NodeName, SocketAddr)> {
+        let t = self.engine.snapshot();
+        t.peers
+            .iter()
+            .filter_map(|p| Some((p.name.clone(), p.path.lock().unwrap().observed?)))
+            .collect()
+    }
+
     /// "Probe me now" from a peer, relayed by the coordinator.
     pub fn probe_now(&self, peer: NodeId, endpoints: &[SocketAddr]) {
         self.engine

@@ -124,6 +124,10 @@ pub struct PathState {
     next_probe: Option<Instant>,
     /// When a packet from this peer last arrived through the relay.
     pub relay_rx: Option<Instant>,
+    /// The last Pong: (from, round-trip time, when, through the relay).
+    pub last_pong: Option<(SocketAddr, Duration, Instant, bool)>,
+    /// Our address as this peer saw it in its last Pong (our NAT mapping towards it).
+    pub observed: Option<SocketAddr>,
     /// Fast probing lasts until then.
     search_until: Option<Instant>,
 }
@@ -290,6 +294,8 @@ pub struct RelayClient {
     last_bind: Option<Instant>,
     /// When the relay last confirmed our binding.
     pub bound: Option<Instant>,
+    /// BIND → BOUND round-trip time.
+    pub rtt: Option<Duration>,
 }
 
 /// The relay binding is refreshed this often; the relay forgets bindings after 60 s, and NAT
@@ -489,6 +495,7 @@ impl Engine {
                         mac: ring::hmac::Key::new(ring::hmac::HMAC_SHA256, shared.as_bytes()),
                         last_bind: None,
                         bound: None,
+                        rtt: None,
                     }
                 });
             }
@@ -712,6 +719,7 @@ impl Engine {
                     tracing::info!(relay = %from, "bound to the relay");
                 }
                 r.bound = Some(now);
+                r.rtt = r.last_bind.map(|b| now.saturating_duration_since(b));
                 return Decap::Done;
             }
         }
@@ -725,6 +733,9 @@ impl Engine {
             return Decap::Drop(DropReason::UnknownPeer);
         };
         if homeport_proto::disco::classify(payload) == homeport_proto::disco::DatagramKind::Disco {
+            if disco::sender(payload) == Some(key) {
+                self.handle_disco_via(t, from, payload, now, send, true);
+            }
             return Decap::Done;
         }
         self.decap_peer(t, &peer, from, payload, out, now, send, true)
@@ -940,6 +951,18 @@ impl Engine {
         now: Instant,
         send: &mut dyn FnMut(SocketAddr, &[u8]),
     ) -> bool {
+        self.handle_disco_via(t, from, d, now, send, false)
+    }
+
+    fn handle_disco_via(
+        &self,
+        t: &PeerTable,
+        from: SocketAddr,
+        d: &[u8],
+        now: Instant,
+        send: &mut dyn FnMut(SocketAddr, &[u8]),
+        via_relay: bool,
+    ) -> bool {
         let Some(sender) = disco::sender(d) else {
             return false;
         };
@@ -953,6 +976,15 @@ impl Engine {
         let me = self.public.to_bytes();
         let mut out = [0u8; disco::MAX_DISCO];
         match msg {
+            disco::DiscoMsg::Ping { tx } if via_relay => {
+                let n = disco::seal(
+                    &peer.disco,
+                    &me,
+                    &disco::DiscoMsg::Pong { tx, observed: from },
+                    &mut out,
+                );
+                self.send_via_relay(peer, &out[..n], send);
+            }
             disco::DiscoMsg::Ping { tx } => {
                 let n = disco::seal(
                     &peer.disco,
@@ -979,7 +1011,7 @@ impl Engine {
                     send(from, &out[..n]);
                 }
             }
-            disco::DiscoMsg::Pong { tx, .. } => {
+            disco::DiscoMsg::Pong { tx, observed } => {
                 let mut p = peer.path.lock().unwrap();
                 let Some(i) = p
                     .pending
@@ -990,6 +1022,11 @@ impl Engine {
                 };
                 let (_, _, sent) = p.pending.swap_remove(i);
                 let rtt = now.saturating_duration_since(sent);
+                p.last_pong = Some((from, rtt, now, via_relay));
+                if via_relay {
+                    return true;
+                }
+                p.observed = Some(observed);
                 let better = match p.direct {
                     None => true,
                     Some((a, _, _)) if a == from => true,
@@ -1028,6 +1065,49 @@ impl Engine {
             ps.search(now);
         }
         self.probe(p, now, send);
+    }
+
+    /// `homeport ping`: one Ping on the path in use (the direct path, else every candidate and
+    /// the relay). Replies show up in the peer's `last_pong`.
+    pub fn ping(
+        &self,
+        peer: NodeId,
+        now: Instant,
+        send: &mut dyn FnMut(SocketAddr, &[u8]),
+    ) -> bool {
+        let t = self.snapshot();
+        let Some(peer) = t.peer_by_id(peer) else {
+            return false;
+        };
+        let me = self.public.to_bytes();
+        let mut out = [0u8; disco::MAX_DISCO];
+        let relay = self.relay_bound(now);
+        let mut p = peer.path.lock().unwrap();
+        let targets: Vec<SocketAddr> = match (p.direct_alive(now), p.endpoint) {
+            (true, Some(e)) => vec![e],
+            _ => p.candidates.clone(),
+        };
+        let direct_alive = p.direct_alive(now);
+        for to in targets {
+            let tx: [u8; 12] = rand::random();
+            p.pending.push((to, tx, now));
+            let n = disco::seal(&peer.disco, &me, &disco::DiscoMsg::Ping { tx }, &mut out);
+            send(to, &out[..n]);
+        }
+        if let (Some(r), false) = (relay, direct_alive) {
+            let tx: [u8; 12] = rand::random();
+            p.pending.push((r, tx, now));
+            let n = disco::seal(&peer.disco, &me, &disco::DiscoMsg::Ping { tx }, &mut out);
+            drop(p);
+            self.send_via_relay(peer, &out[..n], send);
+        }
+        true
+    }
+
+    /// Round-trip time of the last relay binding, when bound.
+    pub fn relay_rtt(&self) -> Option<(SocketAddr, Duration)> {
+        let r = self.relay.lock().unwrap();
+        r.as_ref().and_then(|r| Some((r.addr, r.rtt?)))
     }
 
     /// Sends a Ping to each candidate of `peer` and schedules the next round.
