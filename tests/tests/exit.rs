@@ -1,0 +1,727 @@
+//! Publishing end to end (issue 5), in network namespaces with the real binaries: a coordinator and
+//! `homeport-exit up` on the VPS (198.51.100.10), `homeport up` on a home server behind double NAT
+//! (carrier-grade NAT: an ISP NAT plus the home router's NAT), and a viewer on the internet
+//! (192.0.2.50) that connects to the VPS like to any server.
+//!
+//! Each test builds its own lab and checks what a user would: the bytes arrive intact, the home server
+//! sees the viewer's real address, allow-lists and scanner bans hold, rule changes and exit restarts
+//! take effect at once, the audit log tells what happened, and the home opens no port to the world.
+//!
+//! Needs root, `ip`, `nft`, `conntrack`, `curl`, `python3` and the debug binaries
+//! (`cargo build --bins`).
+
+use anyhow::{Context, Result, ensure};
+use homeport_tests::{
+    Coordinator, Lab, NatKind, Node, VIEWER_IP, VPS_IP, bin, require_root_and, run, wait_for,
+    wait_until,
+};
+use sha2::{Digest, Sha256};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+const TOOLS: &[&str] = &["conntrack", "curl", "python3"];
+/// The carrier's public address: what the whole home looks like from the internet.
+const CARRIER_WAN: &str = "203.0.113.2";
+/// The home node's TUN (see `Lab::start_node`).
+const HOME_TUN: &str = "hp0";
+
+/// A published-port lab: internet, VPS with coordinator and exit, home behind CGNAT with its node.
+struct PubLab {
+    lab: Lab,
+    coord: Coordinator,
+    key: String,
+    exit: Node,
+    home: Node,
+    exit_flags: Vec<String>,
+}
+
+impl PubLab {
+    /// Builds the topology, starts coordinator, exit (with `exit_flags`) and home node, and waits
+    /// until the home reaches the exit over the mesh.
+    fn new(exit_flags: &[&str]) -> Result<PubLab> {
+        let mut lab = Lab::new()?;
+        lab.internet()?;
+        let carrier = lab.isp("carrier", NatKind::Easy)?;
+        ensure!(
+            carrier.wan_ip == CARRIER_WAN,
+            "carrier at {}",
+            carrier.wan_ip
+        );
+        let router = lab.router_behind(&carrier, "router", "10.10.1", NatKind::Easy)?;
+        let home_ip = lab.host_behind(&router, "home")?;
+        ensure!(home_ip == "10.10.1.2", "home at {home_ip}");
+        let coord = lab.start_coordinator("vps", VPS_IP)?;
+        let key = coord.authkey(true)?;
+        let exit = lab.start_exit("vps", &coord, &key, "vps", exit_flags)?;
+        let home = lab.start_node("home", &coord, &key, "home")?;
+        let exit_ip = exit.ip()?;
+        wait_until(
+            &format!("home to ping the exit's mesh address {exit_ip}"),
+            Duration::from_secs(30),
+            || lab.ping("home", &exit_ip),
+        )?;
+        Ok(PubLab {
+            lab,
+            coord,
+            key,
+            exit,
+            home,
+            exit_flags: exit_flags.iter().map(|s| s.to_string()).collect(),
+        })
+    }
+
+    /// `publish add --exit vps ARGS…`; returns the rule id.
+    fn publish(&self, args: &[&str]) -> Result<i64> {
+        let mut full = vec!["publish", "add", "--exit", "vps"];
+        full.extend_from_slice(args);
+        let out = self.coord.admin(&full)?;
+        out.trim()
+            .parse()
+            .with_context(|| format!("`publish add` printed {out:?}, expected the rule id"))
+    }
+
+    /// The exit's table as `nft -j` JSON (None when it does not exist).
+    fn table_json(&self) -> Option<serde_json::Value> {
+        let out = self
+            .lab
+            .exec(
+                "vps",
+                &["nft", "-j", "list", "table", "inet", "homeport_exit"],
+            )
+            .ok()?;
+        serde_json::from_str(&out).ok()
+    }
+
+    /// Waits until the exit's table has a DNAT rule for public `port`.
+    fn wait_installed(&self, port: u16) -> Result<()> {
+        wait_until(
+            &format!("the exit to install a DNAT rule for port {port}"),
+            Duration::from_secs(15),
+            || {
+                self.table_json()
+                    .is_some_and(|t| !dnat_rules(&t, port).is_empty())
+            },
+        )
+    }
+
+    /// The audit log as JSON records (`homeport-exit log --json`).
+    fn audit(&self) -> Result<Vec<serde_json::Value>> {
+        let out = run(Command::new(bin("homeport-exit")?)
+            .args(["log", "--json", "--state-dir"])
+            .arg(&self.exit.state_dir))?;
+        out.lines()
+            .map(|l| serde_json::from_str(l).with_context(|| format!("audit line {l:?}")))
+            .collect()
+    }
+
+    /// Waits until an audit record satisfies `f`; returns it.
+    fn wait_audit(
+        &self,
+        what: &str,
+        timeout: Duration,
+        f: impl Fn(&serde_json::Value) -> bool,
+    ) -> Result<serde_json::Value> {
+        let r = wait_for(what, timeout, || {
+            self.audit().ok().and_then(|a| a.into_iter().find(|r| f(r)))
+        });
+        if r.is_err() {
+            eprintln!("audit log now:\n{:#?}", self.audit());
+        }
+        r
+    }
+
+    /// Starts the Plex stand-in (deploy/plex-standin.py) at home on 0.0.0.0:32400 serving `dir`;
+    /// it logs `client=IP:PORT` for every request.
+    fn start_plex(&mut self, dir: &Path) -> Result<homeport_tests::ProcId> {
+        let script = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .parent()
+            .context("workspace")?
+            .join("deploy/plex-standin.py");
+        let p = self.lab.spawn(
+            "home",
+            "plex",
+            &[
+                "python3",
+                script.to_str().context("path")?,
+                dir.to_str().context("path")?,
+                "--bind",
+                "0.0.0.0",
+                "--port",
+                "32400",
+            ],
+        )?;
+        wait_until(
+            "the Plex stand-in to listen",
+            Duration::from_secs(10),
+            || self.lab.log(p).contains("serving"),
+        )?;
+        Ok(p)
+    }
+
+    /// `curl` from the viewer: GET `url` into `out` with extra `args`; returns the HTTP status.
+    fn viewer_get(&self, url: &str, out: &Path, args: &[&str], max_secs: u32) -> Result<u16> {
+        let max = max_secs.to_string();
+        let mut full = vec![
+            "curl",
+            "-sS",
+            "--max-time",
+            &max,
+            "-o",
+            out.to_str().context("path")?,
+            "-w",
+            "%{http_code}",
+        ];
+        full.extend_from_slice(args);
+        full.push(url);
+        let code = self.lab.exec("viewer", &full)?;
+        code.trim()
+            .parse()
+            .with_context(|| format!("curl printed {code:?}"))
+    }
+
+    /// Waits until the viewer gets HTTP 200 for `url` (the published path works end to end).
+    fn wait_viewer_ok(&self, url: &str, timeout: Duration) -> Result<()> {
+        let out = self.lab.dir().join("probe.out");
+        wait_until(&format!("the viewer to get {url}"), timeout, || {
+            matches!(self.viewer_get(url, &out, &[], 3), Ok(200))
+        })
+    }
+}
+
+/// DNAT rules of the exit's table that match public `port` (one per address family expected).
+fn dnat_rules(table: &serde_json::Value, port: u16) -> Vec<serde_json::Value> {
+    let Some(items) = table["nftables"].as_array() else {
+        return vec![];
+    };
+    items
+        .iter()
+        .filter_map(|i| i.get("rule"))
+        .filter(|r| {
+            let expr = r["expr"].as_array().cloned().unwrap_or_default();
+            let has_dnat = expr.iter().any(|e| e.get("dnat").is_some());
+            let matches_port = expr.iter().any(|e| {
+                let m = &e["match"];
+                m["left"]["payload"]["field"] == "dport" && m["right"] == port
+            });
+            has_dnat && matches_port
+        })
+        .cloned()
+        .collect()
+}
+
+/// What a TCP connect from `host` to `ip:port` gets within `timeout_s`: "connected", "refused",
+/// "timeout" or "error …".
+fn tcp_connect(lab: &Lab, host: &str, ip: &str, port: u16, timeout_s: f64) -> String {
+    let script = r#"
+import socket, sys
+s = socket.socket(); s.settimeout(float(sys.argv[3]))
+try:
+    s.connect((sys.argv[1], int(sys.argv[2]))); print("connected")
+except socket.timeout:
+    print("timeout")
+except ConnectionRefusedError:
+    print("refused")
+except OSError as e:
+    print("error", e)
+"#;
+    lab.exec(
+        host,
+        &[
+            "python3",
+            "-c",
+            script,
+            ip,
+            &port.to_string(),
+            &timeout_s.to_string(),
+        ],
+    )
+    .map(|s| s.trim().to_string())
+    .unwrap_or_else(|e| format!("error {e:#}"))
+}
+
+/// Writes `mib` MiB of deterministic pseudo-random bytes to `path`; returns their sha256.
+fn write_random_file(path: &Path, mib: usize) -> Result<String> {
+    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+    let mut data = vec![0u8; mib << 20];
+    for chunk in data.chunks_mut(8) {
+        // xorshift64*
+        x ^= x >> 12;
+        x ^= x << 25;
+        x ^= x >> 27;
+        let v = x.wrapping_mul(0x2545_f491_4f6c_dd1d).to_le_bytes();
+        chunk.copy_from_slice(&v[..chunk.len()]);
+    }
+    std::fs::write(path, &data).with_context(|| format!("writing {}", path.display()))?;
+    Ok(sha256(&data))
+}
+
+fn sha256(data: &[u8]) -> String {
+    hex::encode(Sha256::digest(data))
+}
+
+fn sha256_file(path: &Path) -> Result<String> {
+    Ok(sha256(
+        &std::fs::read(path).with_context(|| format!("reading {}", path.display()))?,
+    ))
+}
+
+fn media_dir(lab: &Lab) -> Result<PathBuf> {
+    let d = lab.dir().join("media");
+    std::fs::create_dir_all(&d)?;
+    Ok(d)
+}
+
+/// 1. A 20 MiB download and a range request through the VPS reach the home server intact, and the
+///    home server logs the viewer's real address; the audit log records the connection with its
+///    bytes when it ends.
+#[test]
+fn http_through_the_exit_keeps_the_viewers_address() -> Result<()> {
+    if !require_root_and(TOOLS) {
+        return Ok(());
+    }
+    let mut p = PubLab::new(&[])?;
+    let media = media_dir(&p.lab)?;
+    let file = media.join("file");
+    let sum = write_random_file(&file, 20)?;
+    let plex = p.start_plex(&media)?;
+    p.publish(&["--port", "32400", "--to", "home:32400"])?;
+    p.wait_installed(32400)?;
+    let url = format!("http://{VPS_IP}:32400/file");
+    p.wait_viewer_ok(&url, Duration::from_secs(20))?;
+
+    let got = p.lab.dir().join("got");
+    let t = Instant::now();
+    let code = p.viewer_get(&url, &got, &[], 120)?;
+    eprintln!("20 MiB through the exit in {:?}", t.elapsed());
+    assert_eq!(code, 200);
+    assert_eq!(
+        sha256_file(&got)?,
+        sum,
+        "the download differs from the file at home"
+    );
+
+    // A player seeking: a range request in the middle of the file.
+    let part = p.lab.dir().join("part");
+    let code = p.viewer_get(&url, &part, &["-r", "5000000-6048575"], 30)?;
+    assert_eq!(code, 206, "range request status");
+    let whole = std::fs::read(&file)?;
+    assert_eq!(
+        sha256_file(&part)?,
+        sha256(&whole[5_000_000..=6_048_575]),
+        "the range differs from the file at home"
+    );
+
+    // The home server saw the viewer's own address, never the VPS's or a mesh address.
+    let log = p.lab.log(plex);
+    let clients: Vec<&str> = log
+        .lines()
+        .filter_map(|l| l.split_whitespace().find(|w| w.starts_with("client=")))
+        .collect();
+    assert!(!clients.is_empty(), "the stand-in logged no request: {log}");
+    assert!(
+        clients
+            .iter()
+            .all(|c| c.starts_with(&format!("client={VIEWER_IP}:"))),
+        "every request must come from the viewer's real address: {log}"
+    );
+    assert!(
+        log.contains("bytes=5000000-6048575/20971520 sent=1048576"),
+        "the range request: {log}"
+    );
+    Ok(())
+}
+
+/// 2. A published UDP port: datagrams from the viewer are echoed by a server at home, which sees the
+///    viewer's address.
+#[test]
+fn udp_through_the_exit_echoes_and_keeps_the_viewers_address() -> Result<()> {
+    if !require_root_and(TOOLS) {
+        return Ok(());
+    }
+    let mut p = PubLab::new(&[])?;
+    const PORT: u16 = 27015;
+    let server = format!(
+        r#"
+import socket
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.bind(("0.0.0.0", {PORT}))
+print("ready", flush=True)
+while True:
+    data, addr = s.recvfrom(2048)
+    print(f"from={{addr[0]}}:{{addr[1]}} len={{len(data)}}", flush=True)
+    s.sendto(data, addr)
+"#
+    );
+    let echo = p
+        .lab
+        .spawn("home", "udp-echo", &["python3", "-c", &server])?;
+    wait_until("the echo server", Duration::from_secs(10), || {
+        p.lab.log(echo).contains("ready")
+    })?;
+    p.publish(&[
+        "--port",
+        &PORT.to_string(),
+        "--proto",
+        "udp",
+        "--to",
+        &format!("home:{PORT}"),
+    ])?;
+    p.wait_installed(PORT)?;
+
+    // N datagrams from one socket; prints how many came back unchanged.
+    let client = format!(
+        r#"
+import socket, sys
+n = int(sys.argv[1])
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.settimeout(2)
+s.connect(("{VPS_IP}", {PORT}))
+got = 0
+for i in range(n):
+    msg = b"homeport %d " % i + bytes(range(256)) * 4
+    s.send(msg)
+    try:
+        while True:
+            if s.recv(4096) == msg:
+                got += 1
+                break
+    except socket.timeout:
+        pass
+print(got)
+"#
+    );
+    let send = |n: usize| -> usize {
+        p.lab
+            .exec("viewer", &["python3", "-c", &client, &n.to_string()])
+            .ok()
+            .and_then(|s| s.trim().parse().ok())
+            .unwrap_or(0)
+    };
+    let first = wait_for("the first UDP echo", Duration::from_secs(20), || {
+        (send(1) == 1).then_some(())
+    });
+    if first.is_err() {
+        eprintln!(
+            "home conntrack: {:?}\nvps conntrack: {:?}",
+            p.lab.conntrack("home", &["-p", "udp"]),
+            p.lab.conntrack("vps", &["-p", "udp"])
+        );
+    }
+    first?;
+    assert_eq!(send(20), 20, "every datagram is echoed");
+    let log = p.lab.log(echo);
+    let froms: Vec<&str> = log.lines().filter(|l| l.starts_with("from=")).collect();
+    assert!(froms.len() >= 21, "{log}");
+    assert!(
+        froms
+            .iter()
+            .all(|l| l.starts_with(&format!("from={VIEWER_IP}:"))),
+        "the echo server must see the viewer's address: {log}"
+    );
+    Ok(())
+}
+
+/// 3. An allow-list without the viewer: a source in the list gets through, the viewer gets nothing
+///    (its SYNs are dropped, so it times out), and the audit log names it with `not-in-allow-list`.
+#[test]
+fn allow_list_drops_the_viewer_and_the_audit_log_says_why() -> Result<()> {
+    if !require_root_and(TOOLS) {
+        return Ok(());
+    }
+    let mut p = PubLab::new(&[])?;
+    let media = media_dir(&p.lab)?;
+    write_random_file(&media.join("file"), 1)?;
+    let plex = p.start_plex(&media)?;
+    let id = p.publish(&[
+        "--port",
+        "32400",
+        "--to",
+        "home:32400",
+        "--allow",
+        "203.0.113.0/24",
+    ])?;
+    p.wait_installed(32400)?;
+    // The carrier (203.0.113.2) is in the list: the rule works for it.
+    wait_until(
+        "an allowed source (the carrier, 203.0.113.2) to connect",
+        Duration::from_secs(20),
+        || tcp_connect(&p.lab, "carrier", VPS_IP, 32400, 2.0) == "connected",
+    )?;
+    // The viewer is not: nothing comes back, not even a reset.
+    let t = Instant::now();
+    assert_eq!(tcp_connect(&p.lab, "viewer", VPS_IP, 32400, 3.0), "timeout");
+    let code = p.viewer_get(
+        &format!("http://{VPS_IP}:32400/file"),
+        &p.lab.dir().join("denied"),
+        &[],
+        2,
+    );
+    assert!(code.is_err(), "curl must fail, got {code:?}");
+    assert!(
+        !p.lab.log(plex).contains(VIEWER_IP),
+        "the home server must never see the viewer: {}",
+        p.lab.log(plex)
+    );
+    let rec = p.wait_audit(
+        "an audit line with the viewer and not-in-allow-list",
+        Duration::from_secs(10),
+        |r| r["source"] == VIEWER_IP && r["verdict"] == "not-in-allow-list",
+    )?;
+    eprintln!("denial logged {:?} after the attempt: {rec}", t.elapsed());
+    assert_eq!(rec["rule"], id);
+    assert_eq!(rec["port"], 32400);
+    assert_eq!(rec["proto"], "tcp");
+    assert!(rec["packets"].as_u64().unwrap_or(0) >= 1, "{rec}");
+    Ok(())
+}
+
+/// 4. A scanner: the viewer probes closed ports of the VPS and is banned from the published port for
+///    `--ban-seconds`, then gets through again.
+#[test]
+fn closed_port_scanner_is_banned_then_forgiven() -> Result<()> {
+    if !require_root_and(TOOLS) {
+        return Ok(());
+    }
+    let mut p = PubLab::new(&["--ban-seconds", "3", "--ban-after", "1"])?;
+    let media = media_dir(&p.lab)?;
+    write_random_file(&media.join("file"), 1)?;
+    p.start_plex(&media)?;
+    let id = p.publish(&["--port", "32400", "--to", "home:32400"])?;
+    p.wait_installed(32400)?;
+    let url = format!("http://{VPS_IP}:32400/file");
+    p.wait_viewer_ok(&url, Duration::from_secs(20))?;
+
+    // SYNs to a few closed ports, and the sockets closed at once so the kernel sends no retransmits
+    // (every probe would renew the ban).
+    let scan = format!(
+        r#"
+import socket, time
+socks = []
+for port in (1, 2, 3, 4, 5, 1234):
+    s = socket.socket(); s.setblocking(False)
+    s.connect_ex(("{VPS_IP}", port)); socks.append(s)
+time.sleep(0.2)
+for s in socks: s.close()
+"#
+    );
+    p.lab.exec("viewer", &["python3", "-c", &scan])?;
+    let scanned = Instant::now();
+    let banned = p.lab.exec(
+        "vps",
+        &["nft", "list", "set", "inet", "homeport_exit", "banned4"],
+    )?;
+    assert!(
+        banned.contains(VIEWER_IP),
+        "the viewer is not banned: {banned}"
+    );
+    assert_eq!(
+        tcp_connect(&p.lab, "viewer", VPS_IP, 32400, 1.0),
+        "timeout",
+        "a banned viewer must get nothing from the published port"
+    );
+    assert!(
+        scanned.elapsed() < Duration::from_millis(2500),
+        "the check took too long to prove the ban ({:?})",
+        scanned.elapsed()
+    );
+    wait_until(
+        "the ban to expire and the viewer to connect again",
+        Duration::from_secs(15),
+        || tcp_connect(&p.lab, "viewer", VPS_IP, 32400, 1.0) == "connected",
+    )?;
+    let back = scanned.elapsed();
+    eprintln!("the viewer got through again {back:?} after the scan");
+    assert!(
+        back >= Duration::from_secs(2),
+        "the ban lasted only {back:?}"
+    );
+    p.wait_viewer_ok(&url, Duration::from_secs(5))?;
+    let rec = p.wait_audit(
+        "an audit line with the viewer banned",
+        Duration::from_secs(10),
+        |r| r["source"] == VIEWER_IP && r["verdict"] == "banned",
+    )?;
+    assert_eq!(rec["rule"], id);
+    Ok(())
+}
+
+/// 5. Removing the rule closes the port at once, adding it opens it again, and an exit restart with
+///    the same state dir brings the published port back with exactly one DNAT rule.
+#[test]
+fn rule_changes_and_exit_restart_take_effect_without_duplicates() -> Result<()> {
+    if !require_root_and(TOOLS) {
+        return Ok(());
+    }
+    // Probing a closed port counts toward a ban; polling the removed port must not ban the viewer.
+    let mut p = PubLab::new(&["--ban-after", "100"])?;
+    let media = media_dir(&p.lab)?;
+    write_random_file(&media.join("file"), 1)?;
+    p.start_plex(&media)?;
+    let id = p.publish(&["--port", "32400", "--to", "home:32400"])?;
+    p.wait_installed(32400)?;
+    let url = format!("http://{VPS_IP}:32400/file");
+    p.wait_viewer_ok(&url, Duration::from_secs(20))?;
+    let fresh = dnat_rules(&p.table_json().context("no table")?, 32400);
+    eprintln!("DNAT rules for 32400 on a fresh exit: {fresh:?}");
+
+    p.coord.admin(&["publish", "remove", &id.to_string()])?;
+    let t = Instant::now();
+    wait_until(
+        "the removed port to stop answering",
+        Duration::from_secs(10),
+        || tcp_connect(&p.lab, "viewer", VPS_IP, 32400, 0.5) != "connected",
+    )?;
+    let gone = t.elapsed();
+    eprintln!("port closed {gone:?} after `publish remove`");
+    assert!(gone < Duration::from_secs(3), "took {gone:?}");
+    assert!(
+        p.table_json()
+            .is_some_and(|t| dnat_rules(&t, 32400).is_empty())
+    );
+
+    p.publish(&["--port", "32400", "--to", "home:32400"])?;
+    let t = Instant::now();
+    p.wait_viewer_ok(&url, Duration::from_secs(10))?;
+    eprintln!("port open again {:?} after `publish add`", t.elapsed());
+
+    // Restart the exit (SIGTERM, then the same command line and state dir).
+    let st = p.lab.stop(p.exit.proc)?;
+    assert!(st.success(), "the exit exited with {st}");
+    assert!(
+        p.table_json().is_none(),
+        "a stopped exit leaves no table behind"
+    );
+    let flags: Vec<&str> = p.exit_flags.iter().map(String::as_str).collect();
+    let exit_ip = p.exit.ip()?;
+    let t = Instant::now();
+    p.exit = p.lab.start_exit("vps", &p.coord, &p.key, "vps", &flags)?;
+    assert_eq!(p.exit.ip()?, exit_ip, "the exit keeps its mesh address");
+    p.wait_viewer_ok(&url, Duration::from_secs(20))?;
+    eprintln!(
+        "published port back {:?} after the exit restart",
+        t.elapsed()
+    );
+    let table = p.table_json().context("no table after the restart")?;
+    let rules = dnat_rules(&table, 32400);
+    assert_eq!(
+        rules.len(),
+        fresh.len(),
+        "DNAT rules for 32400 after the restart: {rules:?}"
+    );
+    let v4: Vec<_> = rules
+        .iter()
+        .filter(|r| r.to_string().contains(&p.home.ip().unwrap_or_default()))
+        .collect();
+    assert_eq!(
+        v4.len(),
+        1,
+        "exactly one IPv4 DNAT rule for 32400: {rules:?}"
+    );
+    let tables = p.lab.exec("vps", &["nft", "list", "tables"])?;
+    assert_eq!(
+        tables.matches("homeport_exit").count(),
+        1,
+        "one table: {tables}"
+    );
+    Ok(())
+}
+
+/// 6. The home opens nothing to the world. In the home namespace the node's only socket that could
+///    receive anything from outside is its WireGuard UDP socket (bound to 0.0.0.0:<port>, as every
+///    WireGuard implementation does: it is the transport; it answers only authenticated WireGuard
+///    messages and disco probes signed with mesh keys, and the NATs in front of it only pass what
+///    answers packets the node sent). It has no TCP listener at all. A viewer aiming at the home's
+///    public (carrier) address reaches nothing at home on any port, even with a server listening at
+///    home on 0.0.0.0:32400; and garbage sent to the WireGuard port from the home's own LAN gets no
+///    answer.
+#[test]
+fn home_node_listens_on_nothing_outside_the_mesh() -> Result<()> {
+    if !require_root_and(TOOLS) {
+        return Ok(());
+    }
+    let mut p = PubLab::new(&[])?;
+    let media = media_dir(&p.lab)?;
+    write_random_file(&media.join("file"), 1)?;
+    let plex = p.start_plex(&media)?;
+    let pid = p.lab.pid(p.home.proc);
+    let status: serde_json::Value = serde_json::from_str(&p.home.cli(&["status", "--json"])?)?;
+    let wg_port = status["self"]["listen_port"]
+        .as_u64()
+        .context("listen_port in status")?;
+    let mine = format!("pid={pid},");
+
+    let tcp = p.lab.exec("home", &["ss", "-Hlntp"])?;
+    let tcp_mine: Vec<&str> = tcp.lines().filter(|l| l.contains(&mine)).collect();
+    assert!(
+        tcp_mine.is_empty(),
+        "the home node must not listen on TCP: {tcp_mine:?}"
+    );
+    let udp = p.lab.exec("home", &["ss", "-Hlnup"])?;
+    let udp_mine: Vec<&str> = udp.lines().filter(|l| l.contains(&mine)).collect();
+    assert!(!udp_mine.is_empty(), "no WireGuard socket? {udp}");
+    for l in &udp_mine {
+        let local = l.split_whitespace().nth(3).unwrap_or_default();
+        assert!(
+            local.ends_with(&format!(":{wg_port}")),
+            "a UDP socket of the node other than WireGuard's port {wg_port}: {l}"
+        );
+    }
+
+    // Count everything from the viewer that arrives at home other than through the mesh.
+    p.lab.exec_stdin(
+        "home",
+        &["nft", "-f", "-"],
+        format!(
+            "table inet test_watch {{\n  chain pre {{\n    type filter hook prerouting priority -300; policy accept;\n    \
+             ip saddr {VIEWER_IP} iifname != \"{HOME_TUN}\" counter\n  }}\n}}\n"
+        )
+        .as_bytes(),
+    )?;
+    let mut ports = vec![32400u16, 22, 80, 443, 8443];
+    ports.push(wg_port as u16);
+    for port in &ports {
+        let r = tcp_connect(&p.lab, "viewer", CARRIER_WAN, *port, 1.0);
+        assert_ne!(r, "connected", "viewer → {CARRIER_WAN}:{port}");
+    }
+    // UDP at the node's (likely) NAT mapping and garbage in the shape of a WireGuard handshake.
+    let udp_probe = r#"
+import socket, sys, os
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.settimeout(1)
+for msg in (b"hello", b"\x01\x00\x00\x00" + os.urandom(144), b"\x04\x00\x00\x00" + os.urandom(60)):
+    s.sendto(msg, (sys.argv[1], int(sys.argv[2])))
+try:
+    data, addr = s.recvfrom(4096); print("answered", addr, len(data))
+except socket.timeout:
+    print("nothing")
+"#;
+    let wg = wg_port.to_string();
+    let r = p
+        .lab
+        .exec("viewer", &["python3", "-c", udp_probe, CARRIER_WAN, &wg])?;
+    assert_eq!(r.trim(), "nothing", "viewer → {CARRIER_WAN}:{wg}/udp");
+    let counter = p.lab.exec(
+        "home",
+        &["nft", "-j", "list", "table", "inet", "test_watch"],
+    )?;
+    let v: serde_json::Value = serde_json::from_str(&counter)?;
+    let packets: Vec<u64> = v["nftables"]
+        .as_array()
+        .context("nft json")?
+        .iter()
+        .filter_map(|i| i.get("rule"))
+        .flat_map(|r| r["expr"].as_array().cloned().unwrap_or_default())
+        .filter_map(|e| e["counter"]["packets"].as_u64())
+        .collect();
+    assert_eq!(
+        packets,
+        vec![0],
+        "packets from the viewer reached the home outside the mesh: {counter}"
+    );
+    assert!(!p.lab.log(plex).contains("client="), "{}", p.lab.log(plex));
+    // From inside the home LAN (the router), where nothing filters: garbage gets no answer.
+    let r = p
+        .lab
+        .exec("router", &["python3", "-c", udp_probe, "10.10.1.2", &wg])?;
+    assert_eq!(r.trim(), "nothing", "router → home:{wg}/udp");
+    Ok(())
+}
