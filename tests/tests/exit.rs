@@ -10,7 +10,7 @@
 //! Needs root, `ip`, `nft`, `conntrack`, `curl`, `python3` and the debug binaries
 //! (`cargo build --bins`).
 
-use anyhow::{Context, Result, ensure};
+use anyhow::{Context, Result, bail, ensure};
 use homeport_tests::{
     Coordinator, Lab, NatKind, Node, VIEWER_IP, VPS_IP, bin, require_root_and, run, wait_for,
     wait_until,
@@ -189,6 +189,18 @@ impl PubLab {
     }
 }
 
+/// Runs a test body on a fresh [`PubLab`] (skipping without root and tools, except under CI). An
+/// error panics while the lab is still alive, so its drop prints every process's log.
+fn with_lab(exit_flags: &[&str], body: fn(&mut PubLab) -> Result<()>) {
+    if !require_root_and(TOOLS) {
+        return;
+    }
+    let mut p = PubLab::new(exit_flags).expect("building the lab");
+    if let Err(e) = body(&mut p) {
+        panic!("{e:#}");
+    }
+}
+
 /// DNAT rules of the exit's table that match public `port` (one per address family expected).
 fn dnat_rules(table: &serde_json::Value, port: u16) -> Vec<serde_json::Value> {
     let Some(items) = table["nftables"].as_array() else {
@@ -276,11 +288,11 @@ fn media_dir(lab: &Lab) -> Result<PathBuf> {
 ///    home server logs the viewer's real address; the audit log records the connection with its
 ///    bytes when it ends.
 #[test]
-fn http_through_the_exit_keeps_the_viewers_address() -> Result<()> {
-    if !require_root_and(TOOLS) {
-        return Ok(());
-    }
-    let mut p = PubLab::new(&[])?;
+fn http_through_the_exit_keeps_the_viewers_address() {
+    with_lab(&[], http_through_the_exit_keeps_the_viewers_address_body);
+}
+
+fn http_through_the_exit_keeps_the_viewers_address_body(p: &mut PubLab) -> Result<()> {
     let media = media_dir(&p.lab)?;
     let file = media.join("file");
     let sum = write_random_file(&file, 20)?;
@@ -332,103 +344,156 @@ fn http_through_the_exit_keeps_the_viewers_address() -> Result<()> {
     Ok(())
 }
 
-/// 2. A published UDP port: datagrams from the viewer are echoed by a server at home, which sees the
-///    viewer's address.
+/// 2. Published UDP ports: datagrams from the viewer are echoed by servers at home, which see the
+///    viewer's address, and every answer comes back from the VPS's address (the home's own public
+///    address never shows). Two servers: one bound to the home's mesh address (its replies are
+///    sourced from the mesh address by construction) and one bound to 0.0.0.0, the way most UDP
+///    servers (game servers, Python's socketserver, …) bind: the kernel picks the source of its
+///    replies by route, so the node must still carry them back through the exit.
 #[test]
-fn udp_through_the_exit_echoes_and_keeps_the_viewers_address() -> Result<()> {
-    if !require_root_and(TOOLS) {
-        return Ok(());
-    }
-    let mut p = PubLab::new(&[])?;
-    const PORT: u16 = 27015;
+fn udp_through_the_exit_echoes_and_keeps_the_viewers_address() {
+    with_lab(
+        &[],
+        udp_through_the_exit_echoes_and_keeps_the_viewers_address_body,
+    );
+}
+
+/// A UDP echo server on `bind:port` at home that logs `from=IP:PORT` per datagram.
+fn start_udp_echo(p: &mut PubLab, bind: &str, port: u16) -> Result<homeport_tests::ProcId> {
     let server = format!(
         r#"
 import socket
 s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-s.bind(("0.0.0.0", {PORT}))
+s.bind(("{bind}", {port}))
 print("ready", flush=True)
 while True:
-    data, addr = s.recvfrom(2048)
+    data, addr = s.recvfrom(4096)
     print(f"from={{addr[0]}}:{{addr[1]}} len={{len(data)}}", flush=True)
     s.sendto(data, addr)
 "#
     );
-    let echo = p
-        .lab
-        .spawn("home", "udp-echo", &["python3", "-c", &server])?;
+    let echo = p.lab.spawn(
+        "home",
+        &format!("udp-echo-{port}"),
+        &["python3", "-c", &server],
+    )?;
     wait_until("the echo server", Duration::from_secs(10), || {
         p.lab.log(echo).contains("ready")
     })?;
-    p.publish(&[
-        "--port",
-        &PORT.to_string(),
-        "--proto",
-        "udp",
-        "--to",
-        &format!("home:{PORT}"),
-    ])?;
-    p.wait_installed(PORT)?;
+    Ok(echo)
+}
 
-    // N datagrams from one socket; prints how many came back unchanged.
+/// Sends `n` datagrams from one unconnected viewer socket to the VPS's `port`; returns how many
+/// came back unchanged from the VPS's address, and every other source that sent anything.
+fn udp_exchange(lab: &Lab, port: u16, n: usize) -> (usize, Vec<String>) {
     let client = format!(
         r#"
-import socket, sys
+import socket, sys, json
 n = int(sys.argv[1])
 s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.settimeout(2)
-s.connect(("{VPS_IP}", {PORT}))
-got = 0
+s.bind(("0.0.0.0", 0))
+got, others = 0, []
 for i in range(n):
     msg = b"homeport %d " % i + bytes(range(256)) * 4
-    s.send(msg)
+    s.sendto(msg, ("{VPS_IP}", {port}))
     try:
         while True:
-            if s.recv(4096) == msg:
+            data, addr = s.recvfrom(4096)
+            if addr != ("{VPS_IP}", {port}):
+                others.append("%s:%d" % addr)
+            elif data == msg:
                 got += 1
                 break
     except socket.timeout:
         pass
-print(got)
+print(json.dumps({{"got": got, "others": sorted(set(others))}}))
 "#
     );
-    let send = |n: usize| -> usize {
-        p.lab
-            .exec("viewer", &["python3", "-c", &client, &n.to_string()])
-            .ok()
-            .and_then(|s| s.trim().parse().ok())
-            .unwrap_or(0)
-    };
-    let first = wait_for("the first UDP echo", Duration::from_secs(20), || {
-        (send(1) == 1).then_some(())
-    });
-    if first.is_err() {
-        eprintln!(
-            "home conntrack: {:?}\nvps conntrack: {:?}",
-            p.lab.conntrack("home", &["-p", "udp"]),
-            p.lab.conntrack("vps", &["-p", "udp"])
+    let out = lab.exec("viewer", &["python3", "-c", &client, &n.to_string()]);
+    let v: serde_json::Value = out
+        .ok()
+        .and_then(|o| serde_json::from_str(o.trim()).ok())
+        .unwrap_or_default();
+    let others = v["others"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(|x| x.as_str().map(str::to_string))
+                .collect()
+        })
+        .unwrap_or_default();
+    (v["got"].as_u64().unwrap_or(0) as usize, others)
+}
+
+fn udp_through_the_exit_echoes_and_keeps_the_viewers_address_body(p: &mut PubLab) -> Result<()> {
+    const MESH_BOUND: u16 = 27016;
+    const WILDCARD: u16 = 27015;
+    let home_ip = p.home.ip()?;
+    for (port, bind) in [(MESH_BOUND, home_ip.as_str()), (WILDCARD, "0.0.0.0")] {
+        let echo = start_udp_echo(p, bind, port)?;
+        p.publish(&[
+            "--port",
+            &port.to_string(),
+            "--proto",
+            "udp",
+            "--to",
+            &format!("home:{port}"),
+        ])?;
+        p.wait_installed(port)?;
+        let mut leaked = Vec::new();
+        let first = wait_for(
+            &format!("the first UDP echo from port {port} (server bound to {bind})"),
+            Duration::from_secs(20),
+            || {
+                let (got, others) = udp_exchange(&p.lab, port, 1);
+                leaked.extend(others);
+                (got == 1).then_some(())
+            },
+        );
+        if let Err(e) = first {
+            bail!(
+                "{e:#}\nanswers from elsewhere than the VPS: {leaked:?}\nthe echo server's log:\n{}\n\
+                 the home router's conntrack (replies leaving through the home's uplink?):\n{}",
+                p.lab.log(echo),
+                p.lab
+                    .conntrack(
+                        "router",
+                        &["-p", "udp", "--orig-port-src", &port.to_string()]
+                    )
+                    .unwrap_or_default()
+            );
+        }
+        let (got, others) = udp_exchange(&p.lab, port, 20);
+        assert_eq!(got, 20, "every datagram to {port} is echoed");
+        leaked.extend(others);
+        assert!(
+            leaked.is_empty(),
+            "the viewer heard from other addresses than the VPS: {leaked:?}"
+        );
+        let log = p.lab.log(echo);
+        let froms: Vec<&str> = log.lines().filter(|l| l.starts_with("from=")).collect();
+        assert!(froms.len() >= 21, "{log}");
+        assert!(
+            froms
+                .iter()
+                .all(|l| l.starts_with(&format!("from={VIEWER_IP}:"))),
+            "the echo server must see the viewer's address: {log}"
         );
     }
-    first?;
-    assert_eq!(send(20), 20, "every datagram is echoed");
-    let log = p.lab.log(echo);
-    let froms: Vec<&str> = log.lines().filter(|l| l.starts_with("from=")).collect();
-    assert!(froms.len() >= 21, "{log}");
-    assert!(
-        froms
-            .iter()
-            .all(|l| l.starts_with(&format!("from={VIEWER_IP}:"))),
-        "the echo server must see the viewer's address: {log}"
-    );
     Ok(())
 }
 
 /// 3. An allow-list without the viewer: a source in the list gets through, the viewer gets nothing
 ///    (its SYNs are dropped, so it times out), and the audit log names it with `not-in-allow-list`.
 #[test]
-fn allow_list_drops_the_viewer_and_the_audit_log_says_why() -> Result<()> {
-    if !require_root_and(TOOLS) {
-        return Ok(());
-    }
-    let mut p = PubLab::new(&[])?;
+fn allow_list_drops_the_viewer_and_the_audit_log_says_why() {
+    with_lab(
+        &[],
+        allow_list_drops_the_viewer_and_the_audit_log_says_why_body,
+    );
+}
+
+fn allow_list_drops_the_viewer_and_the_audit_log_says_why_body(p: &mut PubLab) -> Result<()> {
     let media = media_dir(&p.lab)?;
     write_random_file(&media.join("file"), 1)?;
     let plex = p.start_plex(&media)?;
@@ -478,11 +543,14 @@ fn allow_list_drops_the_viewer_and_the_audit_log_says_why() -> Result<()> {
 /// 4. A scanner: the viewer probes closed ports of the VPS and is banned from the published port for
 ///    `--ban-seconds`, then gets through again.
 #[test]
-fn closed_port_scanner_is_banned_then_forgiven() -> Result<()> {
-    if !require_root_and(TOOLS) {
-        return Ok(());
-    }
-    let mut p = PubLab::new(&["--ban-seconds", "3", "--ban-after", "1"])?;
+fn closed_port_scanner_is_banned_then_forgiven() {
+    with_lab(
+        &["--ban-seconds", "3", "--ban-after", "1"],
+        closed_port_scanner_is_banned_then_forgiven_body,
+    );
+}
+
+fn closed_port_scanner_is_banned_then_forgiven_body(p: &mut PubLab) -> Result<()> {
     let media = media_dir(&p.lab)?;
     write_random_file(&media.join("file"), 1)?;
     p.start_plex(&media)?;
@@ -548,12 +616,15 @@ for s in socks: s.close()
 /// 5. Removing the rule closes the port at once, adding it opens it again, and an exit restart with
 ///    the same state dir brings the published port back with exactly one DNAT rule.
 #[test]
-fn rule_changes_and_exit_restart_take_effect_without_duplicates() -> Result<()> {
-    if !require_root_and(TOOLS) {
-        return Ok(());
-    }
+fn rule_changes_and_exit_restart_take_effect_without_duplicates() {
     // Probing a closed port counts toward a ban; polling the removed port must not ban the viewer.
-    let mut p = PubLab::new(&["--ban-after", "100"])?;
+    with_lab(
+        &["--ban-after", "100"],
+        rule_changes_and_exit_restart_take_effect_without_duplicates_body,
+    );
+}
+
+fn rule_changes_and_exit_restart_take_effect_without_duplicates_body(p: &mut PubLab) -> Result<()> {
     let media = media_dir(&p.lab)?;
     write_random_file(&media.join("file"), 1)?;
     p.start_plex(&media)?;
@@ -585,6 +656,7 @@ fn rule_changes_and_exit_restart_take_effect_without_duplicates() -> Result<()> 
     eprintln!("port open again {:?} after `publish add`", t.elapsed());
 
     // Restart the exit (SIGTERM, then the same command line and state dir).
+    let exit_ip = p.exit.ip()?;
     let st = p.lab.stop(p.exit.proc)?;
     assert!(st.success(), "the exit exited with {st}");
     assert!(
@@ -592,7 +664,6 @@ fn rule_changes_and_exit_restart_take_effect_without_duplicates() -> Result<()> 
         "a stopped exit leaves no table behind"
     );
     let flags: Vec<&str> = p.exit_flags.iter().map(String::as_str).collect();
-    let exit_ip = p.exit.ip()?;
     let t = Instant::now();
     p.exit = p.lab.start_exit("vps", &p.coord, &p.key, "vps", &flags)?;
     assert_eq!(p.exit.ip()?, exit_ip, "the exit keeps its mesh address");
@@ -635,11 +706,11 @@ fn rule_changes_and_exit_restart_take_effect_without_duplicates() -> Result<()> 
 ///    home on 0.0.0.0:32400; and garbage sent to the WireGuard port from the home's own LAN gets no
 ///    answer.
 #[test]
-fn home_node_listens_on_nothing_outside_the_mesh() -> Result<()> {
-    if !require_root_and(TOOLS) {
-        return Ok(());
-    }
-    let mut p = PubLab::new(&[])?;
+fn home_node_listens_on_nothing_outside_the_mesh() {
+    with_lab(&[], home_node_listens_on_nothing_outside_the_mesh_body);
+}
+
+fn home_node_listens_on_nothing_outside_the_mesh_body(p: &mut PubLab) -> Result<()> {
     let media = media_dir(&p.lab)?;
     write_random_file(&media.join("file"), 1)?;
     let plex = p.start_plex(&media)?;
