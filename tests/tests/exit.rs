@@ -222,6 +222,43 @@ fn dnat_rules(table: &serde_json::Value, port: u16) -> Vec<serde_json::Value> {
         .collect()
 }
 
+/// Number of rules in an `nft -j` listing.
+fn rule_count(table: &serde_json::Value) -> usize {
+    table["nftables"]
+        .as_array()
+        .map(|a| a.iter().filter(|i| i.get("rule").is_some()).count())
+        .unwrap_or(0)
+}
+
+/// `rules` (DNAT rules of one port) are exactly one IPv4 rule to `home_v4` and at most one IPv6 rule.
+fn check_one_dnat_per_family(rules: &[serde_json::Value], home_v4: &str) -> Result<()> {
+    let family = |f: &str| {
+        rules
+            .iter()
+            .filter(|r| {
+                r["expr"]
+                    .as_array()
+                    .is_some_and(|e| e.iter().any(|x| x["dnat"]["family"] == f))
+            })
+            .collect::<Vec<_>>()
+    };
+    let v4 = family("ip");
+    let v6 = family("ip6");
+    ensure!(
+        v4.len() == 1
+            && v4[0]
+                .to_string()
+                .contains(&format!("\"addr\":\"{home_v4}\"")),
+        "expected exactly one IPv4 DNAT rule to {home_v4}: {rules:?}"
+    );
+    ensure!(v6.len() <= 1, "more than one IPv6 DNAT rule: {rules:?}");
+    ensure!(
+        v4.len() + v6.len() == rules.len(),
+        "DNAT rules of neither family: {rules:?}"
+    );
+    Ok(())
+}
+
 /// What a TCP connect from `host` to `ip:port` gets within `timeout_s`: "connected", "refused",
 /// "timeout" or "error …".
 fn tcp_connect(lab: &Lab, host: &str, ip: &str, port: u16, timeout_s: f64) -> String {
@@ -297,7 +334,17 @@ fn http_through_the_exit_keeps_the_viewers_address_body(p: &mut PubLab) -> Resul
     let file = media.join("file");
     let sum = write_random_file(&file, 20)?;
     let plex = p.start_plex(&media)?;
-    p.publish(&["--port", "32400", "--to", "home:32400"])?;
+    // Connections end in TIME_WAIT, which conntrack keeps for 2 minutes before the entry goes and
+    // the audit line is written; shorten that for the test.
+    p.lab.exec(
+        "vps",
+        &[
+            "sysctl",
+            "-qw",
+            "net.netfilter.nf_conntrack_tcp_timeout_time_wait=1",
+        ],
+    )?;
+    let id = p.publish(&["--port", "32400", "--to", "home:32400"])?;
     p.wait_installed(32400)?;
     let url = format!("http://{VPS_IP}:32400/file");
     p.wait_viewer_ok(&url, Duration::from_secs(20))?;
@@ -341,6 +388,27 @@ fn http_through_the_exit_keeps_the_viewers_address_body(p: &mut PubLab) -> Resul
         log.contains("bytes=5000000-6048575/20971520 sent=1048576"),
         "the range request: {log}"
     );
+
+    // The exit's audit log has the download, with the viewer's address and the bytes.
+    let t = Instant::now();
+    let rec = p.wait_audit(
+        "an audit line for the 20 MiB download",
+        Duration::from_secs(30),
+        |r| {
+            r["verdict"] == "allowed"
+                && r["bytes_out"].as_u64().unwrap_or(0) >= 20 << 20
+                && r["source"]
+                    .as_str()
+                    .is_some_and(|s| s.starts_with(&format!("{VIEWER_IP}:")))
+        },
+    )?;
+    eprintln!("audit line {:?} after the downloads: {rec}", t.elapsed());
+    assert_eq!(rec["rule"], id);
+    assert_eq!(rec["port"], 32400);
+    assert_eq!(rec["proto"], "tcp");
+    assert_eq!(rec["target"], "home:32400");
+    assert!(rec["bytes_in"].as_u64().unwrap_or(0) > 0, "{rec}");
+    assert!(rec["bytes_out"].as_u64().unwrap_or(0) < 22 << 20, "{rec}");
     Ok(())
 }
 
@@ -632,8 +700,9 @@ fn rule_changes_and_exit_restart_take_effect_without_duplicates_body(p: &mut Pub
     p.wait_installed(32400)?;
     let url = format!("http://{VPS_IP}:32400/file");
     p.wait_viewer_ok(&url, Duration::from_secs(20))?;
-    let fresh = dnat_rules(&p.table_json().context("no table")?, 32400);
-    eprintln!("DNAT rules for 32400 on a fresh exit: {fresh:?}");
+    let fresh_table = p.table_json().context("no table")?;
+    let fresh = dnat_rules(&fresh_table, 32400);
+    check_one_dnat_per_family(&fresh, &p.home.ip()?)?;
 
     p.coord.admin(&["publish", "remove", &id.to_string()])?;
     let t = Instant::now();
@@ -673,20 +742,11 @@ fn rule_changes_and_exit_restart_take_effect_without_duplicates_body(p: &mut Pub
         t.elapsed()
     );
     let table = p.table_json().context("no table after the restart")?;
-    let rules = dnat_rules(&table, 32400);
+    check_one_dnat_per_family(&dnat_rules(&table, 32400), &p.home.ip()?)?;
     assert_eq!(
-        rules.len(),
-        fresh.len(),
-        "DNAT rules for 32400 after the restart: {rules:?}"
-    );
-    let v4: Vec<_> = rules
-        .iter()
-        .filter(|r| r.to_string().contains(&p.home.ip().unwrap_or_default()))
-        .collect();
-    assert_eq!(
-        v4.len(),
-        1,
-        "exactly one IPv4 DNAT rule for 32400: {rules:?}"
+        rule_count(&table),
+        rule_count(&fresh_table),
+        "the restarted exit's table has as many rules as the first one had"
     );
     let tables = p.lab.exec("vps", &["nft", "list", "tables"])?;
     assert_eq!(
@@ -694,6 +754,25 @@ fn rule_changes_and_exit_restart_take_effect_without_duplicates_body(p: &mut Pub
         1,
         "one table: {tables}"
     );
+
+    // A crash (SIGKILL) leaves the table behind; the next start replaces it, never duplicates.
+    let pid = p.lab.pid(p.exit.proc).to_string();
+    homeport_tests::sh("kill", &["-KILL", &pid])?;
+    wait_until("the killed exit to be gone", Duration::from_secs(5), || {
+        p.lab.check_running(p.exit.proc).is_err()
+    })?;
+    let t = Instant::now();
+    p.exit = p.lab.start_exit("vps", &p.coord, &p.key, "vps", &flags)?;
+    p.wait_viewer_ok(&url, Duration::from_secs(20))?;
+    eprintln!(
+        "published port back {:?} after a SIGKILL restart",
+        t.elapsed()
+    );
+    let table = p
+        .table_json()
+        .context("no table after the SIGKILL restart")?;
+    check_one_dnat_per_family(&dnat_rules(&table, 32400), &p.home.ip()?)?;
+    assert_eq!(rule_count(&table), rule_count(&fresh_table));
     Ok(())
 }
 
