@@ -608,6 +608,89 @@ fn allow_list_drops_the_viewer_and_the_audit_log_says_why_body(p: &mut PubLab) -
     Ok(())
 }
 
+/// 3b. Per-source limits: `--max-conns 1` admits one open connection at a time, `--rate-per-minute 2`
+///     two new connections a minute; the excess gets nothing, and the audit log says which limit.
+#[test]
+fn connection_limits_drop_the_excess_and_the_audit_log_says_which() {
+    with_lab(
+        &[],
+        connection_limits_drop_the_excess_and_the_audit_log_says_which_body,
+    );
+}
+
+fn connection_limits_drop_the_excess_and_the_audit_log_says_which_body(
+    p: &mut PubLab,
+) -> Result<()> {
+    let media = media_dir(&p.lab)?;
+    write_random_file(&media.join("file"), 1)?;
+    p.start_plex(&media)?;
+    let conns = p.publish(&["--port", "32400", "--to", "home:32400", "--max-conns", "1"])?;
+    let rate = p.publish(&[
+        "--port",
+        "32401",
+        "--to",
+        "home:32400",
+        "--rate-per-minute",
+        "2",
+    ])?;
+    p.wait_installed(32400)?;
+    p.wait_installed(32401)?;
+    p.wait_viewer_ok(
+        &format!("http://{VPS_IP}:32400/file"),
+        Duration::from_secs(20),
+    )?;
+
+    // max-conns: one connection held open, a second one gets nothing; once the first closes, a
+    // new one is admitted.
+    let hold = format!(
+        r#"
+import socket, time
+s = socket.create_connection(("{VPS_IP}", 32400), timeout=5)
+print("holding", flush=True)
+time.sleep(60)
+"#
+    );
+    let holder = p.lab.spawn("viewer", "holder", &["python3", "-c", &hold])?;
+    wait_until("the first connection", Duration::from_secs(10), || {
+        p.lab.log(holder).contains("holding")
+    })?;
+    assert_eq!(
+        tcp_connect(&p.lab, "viewer", VPS_IP, 32400, 2.0),
+        "timeout",
+        "a second concurrent connection must get nothing"
+    );
+    p.lab.stop(holder)?;
+    wait_until(
+        "a new connection once the first closed",
+        Duration::from_secs(10),
+        || tcp_connect(&p.lab, "viewer", VPS_IP, 32400, 1.0) == "connected",
+    )?;
+
+    // rate: two new connections pass, the third within the minute does not.
+    assert_eq!(
+        tcp_connect(&p.lab, "viewer", VPS_IP, 32401, 3.0),
+        "connected"
+    );
+    assert_eq!(
+        tcp_connect(&p.lab, "viewer", VPS_IP, 32401, 3.0),
+        "connected"
+    );
+    assert_eq!(
+        tcp_connect(&p.lab, "viewer", VPS_IP, 32401, 2.0),
+        "timeout",
+        "the third new connection within a minute must get nothing"
+    );
+
+    for (id, verdict) in [(conns, "max-conns"), (rate, "rate")] {
+        p.wait_audit(
+            &format!("an audit line with the viewer and {verdict}"),
+            Duration::from_secs(10),
+            |r| r["source"] == VIEWER_IP && r["verdict"] == verdict && r["rule"] == id,
+        )?;
+    }
+    Ok(())
+}
+
 /// 4. A scanner: the viewer probes closed ports of the VPS and is banned from the published port for
 ///    `--ban-seconds`, then gets through again.
 #[test]
