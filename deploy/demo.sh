@@ -186,7 +186,7 @@ ok "sample.mp4 ($size_mb MiB of random bytes, sha256 ${sum_full:0:16}…) served
 
 # ---------------------------------------------------------------------------------------------------
 say "On the VPS: starting the coordinator"
-show "homeport-coordinator serve --listen 198.51.100.10:8443 --stun-listen 198.51.100.10:3478 --state-dir $S/coord"
+show "homeport-coordinator serve --listen 198.51.100.10:8443 --stun-listen 198.51.100.10:3478 --public-url https://198.51.100.10:8443 --state-dir $S/coord"
 start coord vps "$COORD" serve --listen 198.51.100.10:8443 --stun-listen 198.51.100.10:3478 \
   --public-url https://198.51.100.10:8443 --state-dir "$S/coord" --metrics-listen 198.51.100.10:9100
 get_pin() { alive "${pid[coord]}" "the coordinator"; PIN=$("$COORD" pin --state-dir "$S/coord" 2>/dev/null) && [ -n "$PIN" ]; }
