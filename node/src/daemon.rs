@@ -690,7 +690,28 @@ async fn endpoint_reporter(
 ) {
     let mut reported: Option<Vec<Endpoint>> = None;
     let mut was_connected = false;
+    let mut depth_measured: Option<tokio::time::Instant> = None;
     loop {
+        // How many NAT layers sit in front of us decides the TTL of hole-punching openers.
+        let stun_server = shared
+            .map
+            .read()
+            .unwrap()
+            .as_ref()
+            .and_then(|m| m.relays.iter().find_map(|r| r.stun));
+        if let Some(server) = stun_server
+            && depth_measured.is_none_or(|t| t.elapsed() > Duration::from_secs(300))
+        {
+            depth_measured = Some(tokio::time::Instant::now());
+            let d = tokio::task::spawn_blocking(move || nat_depth(server))
+                .await
+                .ok()
+                .flatten();
+            tracing::info!(opener_ttl = ?d, "NAT depth measured");
+            if let Some(dp) = shared.dp.lock().unwrap().as_ref() {
+                dp.set_open_ttl(d.unwrap_or(0));
+            }
+        }
         let mut eps = local_candidates(shared.listen_port, &shared);
         // STUN through the WireGuard socket, against the coordinator's STUN server(s).
         let servers: Vec<SocketAddr> = shared
@@ -766,9 +787,16 @@ async fn probe_asker(
         let want: Vec<homeport_proto::NodeId> = {
             let dp = shared.dp.lock().unwrap();
             let Some(dp) = dp.as_ref() else { continue };
+            if !dp.engine.nat_depth_known() {
+                continue;
+            }
             dp.status()
                 .into_iter()
-                .filter(|p| p.online && !matches!(p.path, PathInfo::Direct { .. }))
+                .filter(|p| {
+                    p.online
+                        && !matches!(p.path, PathInfo::Direct { .. })
+                        && dp.engine.has_public_candidate(p.id)
+                })
                 .map(|p| p.id)
                 .collect()
         };
@@ -781,6 +809,9 @@ async fn probe_asker(
                 continue;
             }
             asked.insert(id, now);
+            if let Some(dp) = shared.dp.lock().unwrap().as_ref() {
+                dp.start_attempt(id);
+            }
             let r = client
                 .post(format!("{url}{}", homeport_proto::api::PATH_PROBE))
                 .bearer_auth(&cred)
@@ -795,6 +826,56 @@ async fn probe_asker(
 }
 
 const PROBE_ASK_EVERY: Duration = Duration::from_secs(10);
+
+/// Traceroute towards `target` (a STUN server): the TTL that just leaves our outermost NAT,
+/// i.e. the hop number of the first router with a public address when private/CGNAT routers
+/// come before it; Some(0) when none do (no NAT in front of us); None when nothing answered.
+fn nat_depth(target: SocketAddr) -> Option<u8> {
+    use quinn_udp::{UdpSockRef, UdpSocketState};
+    let sock = std::net::UdpSocket::bind("0.0.0.0:0").ok()?;
+    let state = UdpSocketState::new(UdpSockRef::from(&sock)).ok()?;
+    state
+        .enable_transport_errors(UdpSockRef::from(&sock))
+        .ok()?;
+    sock.set_read_timeout(Some(Duration::from_millis(50)))
+        .ok()?;
+    let mut last_private = 0u8;
+    let mut buf = [0u8; 1500];
+    for ttl in 1..=8u8 {
+        sock.set_ttl(ttl as u32).ok()?;
+        let txid: [u8; 12] = rand::random();
+        let _ = sock.send_to(&crate::stun::binding_request(txid), target);
+        let deadline = std::time::Instant::now() + Duration::from_millis(400);
+        let mut hop = None;
+        while std::time::Instant::now() < deadline && hop.is_none() {
+            while let Ok(Some(e)) = state.recv_transport_error(UdpSockRef::from(&sock)) {
+                if let Some(a) = e.addr
+                    && a.ip() != target.ip()
+                {
+                    hop = Some(a.ip());
+                }
+            }
+            if hop.is_some() {
+                break;
+            }
+            if let Ok((n, from)) = sock.recv_from(&mut buf)
+                && from == target
+                && crate::stun::parse_binding_response(&buf[..n]).is_ok_and(|(id, _)| id == txid)
+            {
+                // Reached the STUN server itself.
+                return Some(if last_private == 0 { 0 } else { ttl });
+            }
+        }
+        match hop {
+            Some(ip) if crate::engine::is_public(ip) => {
+                return Some(if last_private == 0 { 0 } else { ttl });
+            }
+            Some(_) => last_private = ttl,
+            None => {}
+        }
+    }
+    None
+}
 
 /// One STUN Binding transaction from the WireGuard socket. Three tries, 300 ms apart.
 type StunRx = Arc<tokio::sync::Mutex<tokio::sync::mpsc::UnboundedReceiver<(SocketAddr, Vec<u8>)>>>;

@@ -217,6 +217,10 @@ impl Datapath {
                             engine.tick(Instant::now(), &mut |to, b| {
                                 send_one(&socket, &state, to, b)
                             });
+                            let (ttl, openers) = engine.take_openers();
+                            for (to, b) in openers {
+                                send_with_ttl(&socket, to, &b, ttl);
+                            }
                             std::thread::sleep(TICK);
                         }
                     })?,
@@ -244,6 +248,30 @@ impl Datapath {
     /// learn must be this socket's).
     pub fn send_raw(&self, to: SocketAddr, data: &[u8]) {
         send_one(&self.socket, &self.state, to, data);
+    }
+
+    /// Starts a hole-punching attempt towards `peer` (before asking it to probe us).
+    pub fn start_attempt(&self, peer: NodeId) -> bool {
+        let ok = self
+            .engine
+            .start_attempt(peer, Instant::now(), &mut |to, b| {
+                send_one(&self.socket, &self.state, to, b)
+            });
+        self.flush_openers();
+        ok
+    }
+
+    /// Sends queued NAT openers now (they must leave before we ask the peer to probe us).
+    fn flush_openers(&self) {
+        let (ttl, openers) = self.engine.take_openers();
+        for (to, b) in openers {
+            send_with_ttl(&self.socket, to, &b, ttl);
+        }
+    }
+
+    /// Sets the TTL of NAT openers (see `engine::OPEN_FIRST`).
+    pub fn set_open_ttl(&self, ttl: u8) {
+        self.engine.set_open_ttl(ttl);
     }
 
     /// `homeport ping`: one probe on the path in use.
@@ -275,6 +303,7 @@ impl Datapath {
             .probe_now(peer, endpoints, Instant::now(), &mut |to, b| {
                 send_one(&self.socket, &self.state, to, b)
             });
+        self.flush_openers();
     }
 
     pub fn status(&self) -> Vec<PeerStatus> {
@@ -339,6 +368,48 @@ fn send_one(socket: &UdpSocket, state: &UdpSocketState, to: SocketAddr, data: &[
     };
     if let Err(e) = state.try_send(UdpSockRef::from(socket), &t) {
         tracing::debug!(%to, error = %e, "UDP send failed");
+    }
+}
+
+/// Sends one datagram with its IP TTL set to `ttl` (an `IP_TTL` control message, so the
+/// socket's default TTL for everything else is untouched).
+fn send_with_ttl(socket: &UdpSocket, to: SocketAddr, data: &[u8], ttl: u8) {
+    use std::os::fd::AsRawFd;
+    tracing::debug!(%to, ttl, "NAT opener");
+    let SocketAddr::V4(v4) = to else { return };
+    // SAFETY: all pointers refer to live locals for the duration of the call; the control
+    // buffer is sized with CMSG_SPACE for one int.
+    unsafe {
+        let mut addr: libc::sockaddr_in = std::mem::zeroed();
+        addr.sin_family = libc::AF_INET as libc::sa_family_t;
+        addr.sin_port = v4.port().to_be();
+        addr.sin_addr.s_addr = u32::from(*v4.ip()).to_be();
+        let mut iov = libc::iovec {
+            iov_base: data.as_ptr() as *mut libc::c_void,
+            iov_len: data.len(),
+        };
+        let mut cbuf = [0u8; 64];
+        let space = libc::CMSG_SPACE(std::mem::size_of::<libc::c_int>() as u32) as usize;
+        let mut msg: libc::msghdr = std::mem::zeroed();
+        msg.msg_name = &mut addr as *mut _ as *mut libc::c_void;
+        msg.msg_namelen = std::mem::size_of::<libc::sockaddr_in>() as u32;
+        msg.msg_iov = &mut iov;
+        msg.msg_iovlen = 1;
+        msg.msg_control = cbuf.as_mut_ptr() as *mut libc::c_void;
+        msg.msg_controllen = space as _;
+        let c = libc::CMSG_FIRSTHDR(&msg);
+        (*c).cmsg_level = libc::IPPROTO_IP;
+        (*c).cmsg_type = libc::IP_TTL;
+        (*c).cmsg_len = libc::CMSG_LEN(std::mem::size_of::<libc::c_int>() as u32) as _;
+        let v: libc::c_int = ttl as libc::c_int;
+        std::ptr::copy_nonoverlapping(
+            &v as *const libc::c_int as *const u8,
+            libc::CMSG_DATA(c),
+            std::mem::size_of::<libc::c_int>(),
+        );
+        if libc::sendmsg(socket.as_raw_fd(), &msg, 0) < 0 {
+            tracing::warn!(%to, error = %std::io::Error::last_os_error(), "opener send failed");
+        }
     }
 }
 
@@ -619,5 +690,55 @@ fn udp_to_tun(
 fn write_tun(dev: &SyncDevice, gro: &mut GROTable, bufs: &mut [Vec<u8>]) {
     if let Err(e) = dev.send_multiple(gro, bufs, VIRTIO_NET_HDR_LEN) {
         tracing::debug!(error = %e, "TUN write failed");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::fd::AsRawFd;
+
+    /// The opener TTL really lands in the IP header (read back with IP_RECVTTL).
+    #[test]
+    fn send_with_ttl_sets_the_ttl() {
+        let rx = UdpSocket::bind("127.0.0.1:0").unwrap();
+        let tx = UdpSocket::bind("127.0.0.1:0").unwrap();
+        let on: libc::c_int = 1;
+        // SAFETY: plain setsockopt/recvmsg on live sockets with correctly sized buffers.
+        unsafe {
+            assert_eq!(
+                libc::setsockopt(
+                    rx.as_raw_fd(),
+                    libc::IPPROTO_IP,
+                    libc::IP_RECVTTL,
+                    &on as *const _ as *const libc::c_void,
+                    4
+                ),
+                0
+            );
+        }
+        send_with_ttl(&tx, rx.local_addr().unwrap(), b"x", 3);
+        let mut data = [0u8; 16];
+        let mut iov = libc::iovec {
+            iov_base: data.as_mut_ptr() as *mut libc::c_void,
+            iov_len: data.len(),
+        };
+        let mut cbuf = [0u64; 16];
+        let ttl = unsafe {
+            let mut msg: libc::msghdr = std::mem::zeroed();
+            msg.msg_iov = &mut iov;
+            msg.msg_iovlen = 1;
+            msg.msg_control = cbuf.as_mut_ptr() as *mut libc::c_void;
+            msg.msg_controllen = std::mem::size_of_val(&cbuf) as _;
+            assert!(libc::recvmsg(rx.as_raw_fd(), &mut msg, 0) > 0);
+            let c = libc::CMSG_FIRSTHDR(&msg);
+            assert!(!c.is_null());
+            assert_eq!(
+                ((*c).cmsg_level, (*c).cmsg_type),
+                (libc::IPPROTO_IP, libc::IP_TTL)
+            );
+            *(libc::CMSG_DATA(c) as *const libc::c_int)
+        };
+        assert_eq!(ttl, 3);
     }
 }

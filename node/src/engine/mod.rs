@@ -53,12 +53,23 @@ pub const ENDPOINT_STALE: Duration = Duration::from_secs(15);
 /// round trip once both sides probe, so fast probing finds the path in about a second.
 pub const PROBE_SEARCH: Duration = Duration::from_secs(1);
 pub const SEARCH_FAST_FOR: Duration = Duration::from_secs(10);
-/// Otherwise paths are re-probed this often: finds a better path and keeps NAT mappings warm
-/// (shortest common UDP NAT timeout is 30 s).
-pub const PROBE_KEEP: Duration = Duration::from_secs(5);
+/// Otherwise paths are re-probed this often: finds a better path, keeps NAT mappings warm
+/// (shortest common UDP NAT timeout is 30 s) and notices a dead path quickly.
+pub const PROBE_KEEP: Duration = Duration::from_secs(2);
 /// A direct path with no Pong or authenticated packet for this long is dead (two lost probes
-/// plus slack).
-pub const DIRECT_TTL: Duration = Duration::from_secs(12);
+/// plus slack); traffic moves to the relay then, so a broken NAT mapping costs at most this.
+pub const DIRECT_TTL: Duration = Duration::from_millis(5500);
+/// Before the first full-TTL probe of an attempt, low-TTL "openers" go out this long: they open
+/// our own NATs towards the peer's candidates but die before the peer's NAT. A full packet that
+/// reaches a Linux NAT before that NAT's own outbound packet leaves a conntrack entry there that
+/// forces the peer's mapping to another port ("conntrack clash"), so openers go first.
+pub const OPEN_FIRST: Duration = Duration::from_millis(400);
+/// After an attempt that found no direct path, full probes pause this long so any stale
+/// conntrack entries our probes left at the peer's NAT expire (Linux unreplied UDP: 30 s).
+pub const PROBE_QUIET: Duration = Duration::from_secs(35);
+/// `open_ttl` value while the NAT depth is not measured yet.
+pub const TTL_UNKNOWN: u8 = 255;
+
 /// Candidates probed per peer at most (bounds work and what a peer's map can make us send).
 const MAX_CANDIDATES: usize = 8;
 
@@ -130,6 +141,15 @@ pub struct PathState {
     pub observed: Option<SocketAddr>,
     /// Fast probing lasts until then.
     search_until: Option<Instant>,
+    /// Start of the current attempt (openers first, then full probes).
+    opened_at: Option<Instant>,
+    /// Full probes paused until then.
+    quiet_until: Option<Instant>,
+    /// The peer asked us (through the coordinator) to probe, or we asked it: it is sending its
+    /// own openers now.
+    peer_searching_until: Option<Instant>,
+    /// When the first opener of this attempt went to each candidate.
+    opened: Vec<(SocketAddr, Instant)>,
 }
 
 impl PathState {
@@ -298,9 +318,10 @@ pub struct RelayClient {
     pub rtt: Option<Duration>,
 }
 
-/// The relay binding is refreshed this often; the relay forgets bindings after 60 s, and NAT
-/// mappings towards it must not time out (30 s is the shortest common UDP timeout).
-pub const RELAY_REBIND: Duration = Duration::from_secs(20);
+/// The relay binding is refreshed this often: the relay forgets bindings after 60 s, NAT
+/// mappings towards it must not time out (30 s is the shortest common UDP timeout), and when
+/// our NAT gives us a new mapping the relay must learn it before the flow notices.
+pub const RELAY_REBIND: Duration = Duration::from_secs(4);
 /// A binding not confirmed for this long is not used.
 pub const RELAY_TTL: Duration = Duration::from_secs(60);
 
@@ -316,6 +337,12 @@ pub struct Engine {
     udp_out: FlowTable,
     last_reset: Mutex<Option<Instant>>,
     relay: Mutex<Option<RelayClient>>,
+    /// TTL of opener packets: hops to just past our outermost NAT. 0 = no NAT in front of us,
+    /// [`TTL_UNKNOWN`] = not measured yet.
+    open_ttl: std::sync::atomic::AtomicU8,
+    /// Opener packets for the IO shell to send with that TTL: (to, bytes).
+    openers: Mutex<Vec<(SocketAddr, Vec<u8>)>>,
+    started: Mutex<Option<Instant>>,
     /// Maps `Instant`s to unix time for relay bindings: (an instant, unix seconds then).
     clock_base: (Instant, u64),
 }
@@ -334,6 +361,9 @@ impl Engine {
             udp_out: FlowTable::new(filter::UDP_FLOW_CAP),
             last_reset: Mutex::new(None),
             relay: Mutex::new(None),
+            open_ttl: std::sync::atomic::AtomicU8::new(TTL_UNKNOWN),
+            openers: Mutex::new(Vec::new()),
+            started: Mutex::new(None),
             clock_base: (
                 Instant::now(),
                 std::time::SystemTime::now()
@@ -906,7 +936,16 @@ impl Engine {
         let mut buf = [0u8; 2048];
         for peer in &t.peers {
             let mut tunn = peer.tunn.lock().unwrap();
-            if peer.eager.swap(false, Ordering::Relaxed) && tunn.stats().0.is_none() {
+            let age = {
+                let mut st = self.started.lock().unwrap();
+                now.saturating_duration_since(*st.get_or_insert(now))
+            };
+            let relay_ready =
+                self.relay.lock().unwrap().is_none() || self.relay_bound(now).is_some();
+            if (relay_ready || age > Duration::from_secs(2))
+                && peer.eager.swap(false, Ordering::Relaxed)
+                && tunn.stats().0.is_none()
+            {
                 if let TunnResult::WriteToNetwork(b) =
                     tunn.format_handshake_initiation(&mut buf, false)
                 {
@@ -986,6 +1025,7 @@ impl Engine {
                 self.send_via_relay(peer, &out[..n], send);
             }
             disco::DiscoMsg::Ping { tx } => {
+                tracing::debug!(peer = %peer.name, %from, "probe received");
                 let n = disco::seal(
                     &peer.disco,
                     &me,
@@ -1063,8 +1103,63 @@ impl Engine {
                 ps.add_candidate(*e);
             }
             ps.search(now);
+            ps.peer_searching_until = Some(now + SEARCH_FAST_FOR);
+            if ps
+                .opened_at
+                .is_none_or(|o| now.saturating_duration_since(o) > SEARCH_FAST_FOR)
+            {
+                ps.opened_at = Some(now);
+                ps.opened.clear();
+            }
         }
         self.probe(p, now, send);
+    }
+
+    /// We are about to ask the coordinator to make `peer` probe us: start a fresh attempt so
+    /// our openers go out first. Returns false when the peer is unknown.
+    pub fn start_attempt(
+        &self,
+        peer: NodeId,
+        now: Instant,
+        send: &mut dyn FnMut(SocketAddr, &[u8]),
+    ) -> bool {
+        let t = self.snapshot();
+        let Some(p) = t.peer_by_id(peer) else {
+            return false;
+        };
+        {
+            let mut ps = p.path.lock().unwrap();
+            ps.search(now);
+            // The peer opens its side within a coordinator round trip of our ask.
+            ps.peer_searching_until = Some(now + SEARCH_FAST_FOR);
+            if ps
+                .opened_at
+                .is_none_or(|o| now.saturating_duration_since(o) > SEARCH_FAST_FOR)
+            {
+                ps.opened_at = Some(now);
+                ps.opened.clear();
+            }
+        }
+        self.probe(p, now, send);
+        true
+    }
+
+    /// Whether `peer` has a public candidate to punch towards.
+    pub fn has_public_candidate(&self, peer: NodeId) -> bool {
+        let t = self.snapshot();
+        t.peer_by_id(peer).is_some_and(|p| {
+            p.path
+                .lock()
+                .unwrap()
+                .candidates
+                .iter()
+                .any(|a| is_public(a.ip()))
+        })
+    }
+
+    /// The opener TTL is known (or there is no NAT to open).
+    pub fn nat_depth_known(&self) -> bool {
+        self.open_ttl.load(Ordering::Relaxed) != TTL_UNKNOWN
     }
 
     /// `homeport ping`: one Ping on the path in use (the direct path, else every candidate and
@@ -1114,6 +1209,11 @@ impl Engine {
     fn probe(&self, peer: &PeerState, now: Instant, send: &mut dyn FnMut(SocketAddr, &[u8])) {
         let me = self.public.to_bytes();
         let mut out = [0u8; disco::MAX_DISCO];
+        let ttl = self.open_ttl.load(Ordering::Relaxed);
+        let age = {
+            let mut st = self.started.lock().unwrap();
+            now.saturating_duration_since(*st.get_or_insert(now))
+        };
         let mut p = peer.path.lock().unwrap();
         let alive = p.direct_alive(now);
         let fast = p.search_until.is_some_and(|u| now < u);
@@ -1126,7 +1226,73 @@ impl Engine {
         );
         p.pending
             .retain(|(_, _, t)| now.saturating_duration_since(*t) < DIRECT_TTL);
-        let targets: Vec<SocketAddr> = p.candidates.clone();
+        if ttl == TTL_UNKNOWN && !alive && age < Duration::from_secs(3) {
+            // Wait briefly for the NAT depth: full probes now could poison the peer's NAT.
+            p.next_probe = Some(now + Duration::from_millis(250));
+            return;
+        }
+        let mut full = true;
+        if ttl != 0 && ttl != TTL_UNKNOWN && !alive {
+            if p.quiet_until.is_some_and(|q| now < q) {
+                full = false;
+            } else {
+                let start = *p.opened_at.get_or_insert(now);
+                let since = now.saturating_duration_since(start);
+                let peer_open = p.peer_searching_until.is_some_and(|u| now < u);
+                if since < OPEN_FIRST {
+                    full = false;
+                    p.next_probe = Some(start + OPEN_FIRST);
+                } else if !peer_open {
+                    // Full probes only while the peer is opening its side too.
+                    full = false;
+                } else if since > SEARCH_FAST_FOR + OPEN_FIRST {
+                    // This attempt failed: let stale NAT state expire before the next one.
+                    p.opened_at = None;
+                    p.opened.clear();
+                    p.quiet_until = Some(now + PROBE_QUIET);
+                    full = false;
+                }
+            }
+            let mut q = self.openers.lock().unwrap();
+            let public: Vec<SocketAddr> = p
+                .candidates
+                .iter()
+                .copied()
+                .filter(|a| is_public(a.ip()))
+                .collect();
+            for to in public {
+                if !p.opened.iter().any(|(a, _)| *a == to) {
+                    p.opened.push((to, now));
+                }
+                let tx: [u8; 12] = rand::random();
+                let n = disco::seal(&peer.disco, &me, &disco::DiscoMsg::Ping { tx }, &mut out);
+                if q.len() < 256 {
+                    q.push((to, out[..n].to_vec()));
+                }
+            }
+        }
+        let gated = ttl != 0 && ttl != TTL_UNKNOWN && !alive;
+        if alive {
+            p.opened_at = None;
+            p.quiet_until = None;
+            p.opened.clear();
+        }
+        if !full {
+            return;
+        }
+        // While punching, a full probe goes only where our opener went first (long enough ago
+        // to have passed our NATs).
+        let targets: Vec<SocketAddr> = p
+            .candidates
+            .iter()
+            .copied()
+            .filter(|c| {
+                !gated
+                    || p.opened
+                        .iter()
+                        .any(|(a, t)| a == c && now.saturating_duration_since(*t) >= OPEN_FIRST)
+            })
+            .collect();
         for to in targets {
             let tx: [u8; 12] = rand::random();
             if p.pending.len() >= 32 {
@@ -1134,8 +1300,20 @@ impl Engine {
             }
             p.pending.push((to, tx, now));
             let n = disco::seal(&peer.disco, &me, &disco::DiscoMsg::Ping { tx }, &mut out);
+            tracing::debug!(peer = %peer.name, %to, "probe");
             send(to, &out[..n]);
         }
+    }
+
+    /// Sets the opener TTL (see [`OPEN_FIRST`]): 0 when no NAT is in front of this node.
+    pub fn set_open_ttl(&self, ttl: u8) {
+        self.open_ttl.store(ttl, Ordering::Relaxed);
+    }
+
+    /// Opener packets to send with the opener TTL.
+    pub fn take_openers(&self) -> (u8, Vec<(SocketAddr, Vec<u8>)>) {
+        let v = std::mem::take(&mut *self.openers.lock().unwrap());
+        (self.open_ttl.load(Ordering::Relaxed), v)
     }
 
     /// Probes every peer whose next probe is due.
@@ -1156,6 +1334,27 @@ impl Engine {
 
 fn is_handshake_init(d: &[u8]) -> bool {
     d.len() >= 4 && d[0] == 1 && d[1..4] == [0, 0, 0]
+}
+
+/// A globally routable address (not private, CGNAT, loopback or link-local).
+pub fn is_public(ip: IpAddr) -> bool {
+    match ip {
+        IpAddr::V4(a) => {
+            let o = a.octets();
+            !(a.is_private()
+                || a.is_loopback()
+                || a.is_link_local()
+                || a.is_unspecified()
+                || (o[0] == 100 && (o[1] & 0xc0) == 64))
+        }
+        IpAddr::V6(a) => {
+            let s0 = a.segments()[0];
+            !(a.is_loopback()
+                || a.is_unspecified()
+                || (s0 & 0xfe00) == 0xfc00
+                || (s0 & 0xffc0) == 0xfe80)
+        }
+    }
 }
 
 /// True when `ip` belongs to any mesh node (ourselves or a peer).

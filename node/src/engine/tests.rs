@@ -682,6 +682,9 @@ fn natted_pair(hard: bool) -> (Node, Node, Nat, Nat) {
     });
     a.engine.apply_map(&ma, Instant::now());
     b.engine.apply_map(&mb, Instant::now());
+    // The simulated NATs model mapping and filtering, not Linux's conntrack clash: no openers.
+    a.engine.set_open_ttl(0);
+    b.engine.set_open_ttl(0);
     (a, b, na, nb)
 }
 
