@@ -108,6 +108,7 @@ pub struct Datapath {
     pub local_port: u16,
     pub counters: Arc<Counters>,
     routes: routes::PolicyRoutes,
+    published_udp: std::sync::Mutex<routes::PublishedUdp>,
     pub tun_name: String,
 }
 
@@ -236,12 +237,30 @@ impl Datapath {
             local_port,
             counters,
             routes,
+            published_udp: std::sync::Mutex::new(routes::PublishedUdp::new(
+                &cfg.tun_name,
+                cfg.addrs,
+            )),
             tun_name: cfg.tun_name.clone(),
         })
     }
 
     pub fn apply_map(&self, map: &NetworkMap) {
         self.engine.apply_map(map, Instant::now());
+        let me = map.self_node.id;
+        let ports: Vec<u16> = map
+            .publish
+            .iter()
+            .filter(|r| {
+                r.target == me
+                    && r.exit != me
+                    && r.proto == homeport_proto::publish::PublishProto::Udp
+            })
+            .map(|r| r.target_port)
+            .collect();
+        if let Err(e) = self.published_udp.lock().unwrap().set_ports(ports) {
+            tracing::warn!(error = %e, "could not install the published UDP reply rules");
+        }
     }
 
     /// Sends a raw datagram from the WireGuard socket (STUN requests: the reflexive address we
@@ -355,6 +374,7 @@ impl Datapath {
             let _ = t.join();
         }
         self.routes.remove();
+        self.published_udp.lock().unwrap().remove();
     }
 }
 

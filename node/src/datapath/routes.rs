@@ -82,3 +82,141 @@ impl PolicyRoutes {
         }
     }
 }
+
+/// Firewall mark of replies to published UDP flows (see [`PublishedUdp`]).
+pub const REPLY_MARK: u32 = 0x5280;
+
+/// Replies of UDP servers bound to 0.0.0.0 / [::] on a published port.
+///
+/// A UDP server that answers with `sendto` from a wildcard socket gets its source address from
+/// the main routing table (the LAN address, out of the home's uplink), not the mesh address
+/// the request arrived on, so the policy rule for the mesh address would miss it: the reply
+/// would leave through the home's own internet connection and reveal the home's public
+/// address. This table remembers viewers (address and port) whose datagrams arrived through
+/// the TUN on a published UDP port, marks replies to exactly those viewers from that port,
+/// routes marked packets into the TUN (`ip rule fwmark`) and rewrites their source to the
+/// mesh address, so they return through the exit like TCP replies do. The requests are not
+/// tracked (`notrack`): their conntrack entry would own the reply's tuple and force the source
+/// NAT onto another port.
+pub struct PublishedUdp {
+    tun: String,
+    addrs: MeshAddrs,
+    ports: Vec<u16>,
+    rules: bool,
+}
+
+const NFT_TABLE: &str = "homeport_node";
+
+fn nft(script: &str) -> Result<()> {
+    use std::io::Write;
+    let mut child = Command::new("nft")
+        .args(["-f", "-"])
+        .stdin(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .context("running nft (package nftables)")?;
+    child
+        .stdin
+        .take()
+        .context("nft stdin")?
+        .write_all(script.as_bytes())?;
+    let out = child.wait_with_output()?;
+    if !out.status.success() {
+        bail!("nft: {}", String::from_utf8_lossy(&out.stderr).trim());
+    }
+    Ok(())
+}
+
+impl PublishedUdp {
+    pub fn new(tun: &str, addrs: MeshAddrs) -> PublishedUdp {
+        PublishedUdp {
+            tun: tun.to_string(),
+            addrs,
+            ports: vec![],
+            rules: false,
+        }
+    }
+
+    /// Installs (or removes, for an empty list) the rules for these published UDP target ports.
+    /// Idempotent: the table is replaced as a whole.
+    pub fn set_ports(&mut self, mut ports: Vec<u16>) -> Result<()> {
+        ports.sort_unstable();
+        ports.dedup();
+        if ports == self.ports {
+            return Ok(());
+        }
+        if ports.is_empty() {
+            self.remove();
+            return Ok(());
+        }
+        let list = ports
+            .iter()
+            .map(|p| p.to_string())
+            .collect::<Vec<_>>()
+            .join(", ");
+        let (tun, v4, v6) = (&self.tun, self.addrs.ipv4, self.addrs.ipv6);
+        let script = format!(
+            "table inet {NFT_TABLE} {{}}\n\
+             delete table inet {NFT_TABLE}\n\
+             table inet {NFT_TABLE} {{\n\
+               set viewers4 {{ type ipv4_addr . inet_service; flags dynamic,timeout; timeout 180s; }}\n\
+               set viewers6 {{ type ipv6_addr . inet_service; flags dynamic,timeout; timeout 180s; }}\n\
+               chain raw_pre {{\n\
+                 type filter hook prerouting priority raw; policy accept;\n\
+                 iifname \"{tun}\" ip daddr {v4} udp dport {{ {list} }} notrack\n\
+                 iifname \"{tun}\" ip6 daddr {v6} udp dport {{ {list} }} notrack\n\
+               }}\n\
+               chain pre {{\n\
+                 type filter hook prerouting priority mangle; policy accept;\n\
+                 iifname \"{tun}\" ip daddr {v4} udp dport {{ {list} }} update @viewers4 {{ ip saddr . udp sport }}\n\
+                 iifname \"{tun}\" ip6 daddr {v6} udp dport {{ {list} }} update @viewers6 {{ ip6 saddr . udp sport }}\n\
+               }}\n\
+               chain out {{\n\
+                 type route hook output priority mangle; policy accept;\n\
+                 udp sport {{ {list} }} ip daddr . udp dport @viewers4 meta mark set {REPLY_MARK}\n\
+                 udp sport {{ {list} }} ip6 daddr . udp dport @viewers6 meta mark set {REPLY_MARK}\n\
+               }}\n\
+               chain post {{\n\
+                 type nat hook postrouting priority srcnat; policy accept;\n\
+                 oifname \"{tun}\" meta mark {REPLY_MARK} ip saddr != {v4} snat ip to {v4}\n\
+                 oifname \"{tun}\" meta mark {REPLY_MARK} ip6 saddr != {v6} snat ip6 to {v6}\n\
+               }}\n\
+             }}\n"
+        );
+        nft(&script)?;
+        if !self.rules {
+            let mark = REPLY_MARK.to_string();
+            let prio = (TABLE - 1).to_string();
+            let table = TABLE.to_string();
+            for fam in ["-4", "-6"] {
+                while ip(&[fam, "rule", "del", "priority", &prio]).is_ok() {}
+                if let Err(e) = ip(&[
+                    fam, "rule", "add", "fwmark", &mark, "lookup", &table, "priority", &prio,
+                ]) {
+                    tracing::warn!(error = %e, "fwmark rule for published UDP replies");
+                }
+            }
+            self.rules = true;
+        }
+        tracing::info!(ports = %list, "published UDP ports: replies routed back through the exit");
+        self.ports = ports;
+        Ok(())
+    }
+
+    pub fn remove(&mut self) {
+        if self.ports.is_empty() && !self.rules {
+            return;
+        }
+        let _ = nft(&format!(
+            "table inet {NFT_TABLE} {{}}\ndelete table inet {NFT_TABLE}\n"
+        ));
+        if self.rules {
+            let prio = (TABLE - 1).to_string();
+            for fam in ["-4", "-6"] {
+                let _ = ip(&[fam, "rule", "del", "priority", &prio]);
+            }
+        }
+        self.rules = false;
+        self.ports.clear();
+    }
+}
