@@ -41,6 +41,9 @@ const TUN_BATCH: usize = tun_rs::IDEAL_BATCH_SIZE;
 const SEG_ROOM: usize = 2048;
 /// Segments per GSO send (the kernel's UDP_MAX_SEGMENTS is 64).
 const MAX_GSO: usize = 64;
+/// Bytes per GSO send: one UDP datagram's payload limit (65535 − IP and UDP headers); more is
+/// refused with EMSGSIZE.
+const GSO_MAX_BYTES: usize = 65_000;
 
 /// What the daemon passes to start the data path.
 #[derive(Debug, Clone)]
@@ -139,8 +142,6 @@ impl Datapath {
         let bind: SocketAddr = ([0, 0, 0, 0], cfg.listen_port).into();
         sock.bind(&bind.into())
             .with_context(|| format!("binding the WireGuard UDP socket to {bind}"))?;
-        // Reads time out so the receive thread notices a stop.
-        sock.set_read_timeout(Some(Duration::from_millis(200)))?;
         let socket: UdpSocket = sock.into();
         let state = UdpSocketState::new(UdpSockRef::from(&socket))?;
         for size in [8 << 20, 4 << 20, 1 << 20] {
@@ -159,6 +160,9 @@ impl Datapath {
                 break;
             }
         }
+        // The socket stays non-blocking (quinn-udp's recvmmsg would otherwise wait for a full
+        // batch): the threads wait for readiness with poll(2) and retry sends that would block.
+        socket.set_nonblocking(true)?;
         let local_port = socket.local_addr()?.port();
         tracing::info!(
             port = local_port,
@@ -378,6 +382,36 @@ impl Datapath {
     }
 }
 
+/// Waits until `socket` is ready for `events` (POLLIN/POLLOUT) or `timeout_ms` passed.
+fn wait_ready(socket: &UdpSocket, events: libc::c_short, timeout_ms: i32) -> bool {
+    use std::os::fd::AsRawFd;
+    let mut p = libc::pollfd {
+        fd: socket.as_raw_fd(),
+        events,
+        revents: 0,
+    };
+    // SAFETY: one valid pollfd for the duration of the call.
+    unsafe { libc::poll(&mut p, 1, timeout_ms) > 0 }
+}
+
+/// Sends a transmit; when the socket buffer is full, waits for room (back-pressure) instead of
+/// dropping, for at most ~100 ms.
+fn send_transmit(
+    socket: &UdpSocket,
+    state: &UdpSocketState,
+    t: &Transmit<'_>,
+) -> std::io::Result<()> {
+    for _ in 0..10 {
+        match state.try_send(UdpSockRef::from(socket), t) {
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                wait_ready(socket, libc::POLLOUT, 10);
+            }
+            r => return r,
+        }
+    }
+    Err(std::io::ErrorKind::WouldBlock.into())
+}
+
 fn send_one(socket: &UdpSocket, state: &UdpSocketState, to: SocketAddr, data: &[u8]) {
     let t = Transmit {
         destination: to,
@@ -386,7 +420,7 @@ fn send_one(socket: &UdpSocket, state: &UdpSocketState, to: SocketAddr, data: &[
         segment_size: None,
         src_ip: None,
     };
-    if let Err(e) = state.try_send(UdpSockRef::from(socket), &t) {
+    if let Err(e) = send_transmit(socket, state, &t) {
         tracing::debug!(%to, error = %e, "UDP send failed");
     }
 }
@@ -470,6 +504,7 @@ impl GsoBatch {
                 && !self.closed
                 && self.count < self.max_segs
                 && len <= self.seg
+                && self.len + len <= GSO_MAX_BYTES
                 && self.len + SEG_ROOM <= self.buf.len())
     }
 
@@ -496,7 +531,7 @@ impl GsoBatch {
             segment_size: (self.count > 1).then_some(self.seg),
             src_ip: None,
         };
-        if let Err(e) = state.try_send(UdpSockRef::from(socket), &t) {
+        if let Err(e) = send_transmit(socket, state, &t) {
             tracing::debug!(to = ?self.dst, error = %e, "UDP send failed");
         }
         if self.count > 1 {
@@ -601,6 +636,9 @@ fn udp_to_tun(
     while !stop.load(Ordering::Relaxed) {
         let n = {
             let mut iovs: Vec<IoSliceMut> = rx.iter_mut().map(|b| IoSliceMut::new(b)).collect();
+            if !wait_ready(socket, libc::POLLIN, 200) {
+                continue;
+            }
             match state.recv(UdpSockRef::from(socket), &mut iovs, &mut meta) {
                 Ok(n) => n,
                 Err(e)
