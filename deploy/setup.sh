@@ -14,7 +14,7 @@ PACKAGES=(
   build-essential pkg-config curl ca-certificates
   iproute2 nftables conntrack
   wireguard-go wireguard-tools iperf3 coturn
-  tcpdump python3 procps systemd iputils-ping
+  tcpdump python3 procps systemd iputils-ping shellcheck
 )
 
 log() { printf 'setup: %s\n' "$*"; }

@@ -2,8 +2,10 @@
 # THE test command:  sudo ./deploy/test.sh [extra `cargo test` arguments, e.g. -p homeport-tests]
 #
 # 1. deploy/setup.sh (installs what is missing; needs root the first time)
-# 2. cargo build --workspace --bins   (the integration tests start these binaries from target/debug)
-# 3. cargo test --workspace --no-fail-fast
+# 2. cargo test -p homeport-node --features fake-time --lib fake_time   (engine timer tests on a
+#    mocked boringtun clock; run first and alone, since that feature must never reach a real binary)
+# 3. cargo build --workspace --bins   (the integration tests start these binaries from target/debug)
+# 4. cargo test --workspace --no-fail-fast
 # then prints a summary. Tests that need root and network namespaces skip with a notice when run
 # without root, except under CI=true, where anything missing is a failure (CI exports CI=true; so
 # does .ci/run).
@@ -44,6 +46,12 @@ if ! command -v cargo >/dev/null; then
 fi
 
 if [ "$setup_status" = ok ] || [ "$ci" = false ]; then
+  step "engine timer tests with fake time (cargo test -p homeport-node --features fake-time --lib fake_time)"
+  cargo test -p homeport-node --features fake-time --lib fake_time 2>&1 | tee "$work/fake-time.log"
+  [ "${PIPESTATUS[0]}" -eq 0 ] || test_status=FAILED
+fi
+
+if [ "$setup_status" = ok ] || [ "$ci" = false ]; then
   step "build (cargo build --workspace --bins)"
   cargo build --workspace --bins || build_status=FAILED
 else
@@ -55,8 +63,9 @@ if [ "$build_status" = ok ]; then
   # --no-fail-fast: every test binary runs, so the summary below is complete.
   cargo test --workspace --no-fail-fast "$@" 2>&1 | tee "$work/test.log"
   [ "${PIPESTATUS[0]}" -eq 0 ] || test_status=FAILED
+  cat "$work/fake-time.log" >>"$work/test.log" 2>/dev/null
 else
-  test_status=skipped
+  [ "$test_status" = FAILED ] || test_status=skipped
   : >"$work/test.log"
 fi
 

@@ -161,8 +161,13 @@ fn deploy_scripts_parse_and_pass_shellcheck() {
         read(".ci/run").contains("CI=true ./deploy/test.sh"),
         ".ci/run must run deploy/test.sh with CI=true"
     );
-    // shellcheck is optional (not in setup.sh's list): used when present.
-    if let Some(sc) = which("shellcheck") {
+    // shellcheck comes with setup.sh; under CI=true it must be there.
+    let sc = which("shellcheck");
+    assert!(
+        sc.is_some() || !in_ci(),
+        "shellcheck missing under CI=true (deploy/setup.sh installs it)"
+    );
+    if let Some(sc) = sc {
         let out = Command::new(sc)
             .current_dir(repo())
             .args(scripts)
