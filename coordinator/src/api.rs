@@ -70,6 +70,7 @@ pub fn app(state: AppState) -> Router {
         .route(api::PATH_MAP, get(map_stream))
         .route(api::PATH_ENDPOINTS, post(endpoints))
         .route(api::PATH_PROBE, post(probe))
+        .route(api::PATH_RELAY_TCP, get(relay_tcp))
         .route(api::PATH_OPENAPI, get(openapi))
         .merge(admin)
         .fallback(not_found)
@@ -660,4 +661,38 @@ mod tests {
         let e = normalize_tags(&["ok".into(), "no way".into()]).unwrap_err();
         assert!(e.detail.contains("tags[1]"), "{}", e.detail);
     }
+}
+
+/// `GET /api/v1/node/relay` with `Upgrade: homeport-relay`: the relay over this TLS connection,
+/// for nodes whose network blocks UDP. Authentication happens inside (the relay BIND proves the
+/// node key, as over UDP); a client that never binds gets nothing forwarded.
+async fn relay_tcp(State(st): State<AppState>, mut req: Request) -> Response {
+    let wants = req
+        .headers()
+        .get(axum::http::header::UPGRADE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.eq_ignore_ascii_case(api::RELAY_UPGRADE));
+    if !wants {
+        return ApiErr::bad_request(format!(
+            "this endpoint needs `Connection: Upgrade` and `Upgrade: {}`",
+            api::RELAY_UPGRADE
+        ))
+        .into_response();
+    }
+    let Some(relay) = st.mesh().relay() else {
+        return ApiErr::not_found("no relay runs on this coordinator".to_string()).into_response();
+    };
+    let on = hyper::upgrade::on(&mut req);
+    tokio::spawn(async move {
+        match on.await {
+            Ok(up) => relay.serve_stream(hyper_util::rt::TokioIo::new(up)).await,
+            Err(e) => tracing::debug!(error = %e, "relay upgrade failed"),
+        }
+    });
+    Response::builder()
+        .status(axum::http::StatusCode::SWITCHING_PROTOCOLS)
+        .header(axum::http::header::CONNECTION, "upgrade")
+        .header(axum::http::header::UPGRADE, api::RELAY_UPGRADE)
+        .body(axum::body::Body::empty())
+        .unwrap_or_default()
 }

@@ -205,6 +205,10 @@ impl Mesh {
         self.sync_relay();
     }
 
+    pub fn relay(&self) -> Option<std::sync::Arc<crate::relay::Relay>> {
+        self.relay.clone()
+    }
+
     fn sync_relay(&self) {
         if let Some(r) = &self.relay {
             r.set_authorized(self.nodes.values().map(|n| *n.public_key.as_bytes()));

@@ -29,7 +29,16 @@ pub struct Relay {
     /// Keys of registered, unrevoked nodes. Kept up to date by the mesh state.
     pub authorized: RwLock<HashSet<[u8; 32]>>,
     bindings: Mutex<Bindings>,
+    /// The UDP socket (set by [`serve`]).
+    udp: std::sync::OnceLock<Arc<UdpSocket>>,
+    /// Clients on the TCP/TLS fallback, by the pseudo address that stands for them in the
+    /// bindings (240.0.0.0/4, never a real source).
+    tcp: Mutex<HashMap<SocketAddr, tokio::sync::mpsc::Sender<Vec<u8>>>>,
+    next_tcp: std::sync::atomic::AtomicU32,
 }
+
+/// Frames queued per TCP client before new ones are dropped (like a full UDP buffer).
+const TCP_QUEUE: usize = 1024;
 
 #[derive(Default)]
 struct Bindings {
@@ -58,6 +67,9 @@ impl Relay {
             public,
             authorized: RwLock::new(HashSet::new()),
             bindings: Mutex::new(Bindings::default()),
+            udp: std::sync::OnceLock::new(),
+            tcp: Mutex::new(HashMap::new()),
+            next_tcp: std::sync::atomic::AtomicU32::new(1),
         })
     }
 
@@ -142,10 +154,100 @@ impl Relay {
     }
 }
 
+impl Relay {
+    /// Sends `b` to `to`: a UDP address, or a TCP client's pseudo address.
+    async fn deliver(&self, to: SocketAddr, b: &[u8]) {
+        let tcp = self.tcp.lock().unwrap().get(&to).cloned();
+        match tcp {
+            Some(tx) => {
+                let _ = tx.try_send(b.to_vec());
+            }
+            None => {
+                if let Some(u) = self.udp.get() {
+                    let _ = u.send_to(b, to).await;
+                }
+            }
+        }
+    }
+
+    /// Handles one datagram from `from` (UDP or a TCP client) and delivers what it produces.
+    async fn process(&self, from: SocketAddr, d: &[u8], out: &mut Vec<u8>) {
+        let unix = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0);
+        match self.handle(from, d, Instant::now(), unix) {
+            Action::Reply(to, b) => self.deliver(to, &b).await,
+            Action::Forward { to, from_key } => {
+                let payload = &d[RELAY_HEADER_LEN..];
+                out.resize(RELAY_HEADER_LEN + payload.len(), 0);
+                let h = homeport_proto::relay::write_header(out, RELAY_RECV, &from_key);
+                out[h..h + payload.len()].copy_from_slice(payload);
+                self.deliver(to, &out[..h + payload.len()]).await;
+            }
+            Action::Drop(why) => tracing::trace!(%from, why, "relay: dropped"),
+        }
+    }
+
+    /// Serves one client of the TCP/TLS fallback until it disconnects: length-prefixed relay
+    /// datagrams both ways. It must BIND like a UDP client; the binding points at a pseudo
+    /// address that routes to this connection.
+    pub async fn serve_stream<S>(self: Arc<Self>, stream: S)
+    where
+        S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + 'static,
+    {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let n = self
+            .next_tcp
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let pseudo = SocketAddr::from((
+            [
+                240 | ((n >> 24) as u8 & 0x0f),
+                (n >> 16) as u8,
+                (n >> 8) as u8,
+                n as u8,
+            ],
+            1,
+        ));
+        let (tx, mut rx) = tokio::sync::mpsc::channel::<Vec<u8>>(TCP_QUEUE);
+        self.tcp.lock().unwrap().insert(pseudo, tx);
+        let (mut r, mut w) = tokio::io::split(stream);
+        let writer = tokio::spawn(async move {
+            while let Some(b) = rx.recv().await {
+                let mut frame = Vec::with_capacity(2 + b.len());
+                frame.extend_from_slice(&(b.len() as u16).to_be_bytes());
+                frame.extend_from_slice(&b);
+                if w.write_all(&frame).await.is_err() {
+                    break;
+                }
+            }
+        });
+        tracing::debug!(%pseudo, "relay: TCP client connected");
+        let mut buf = vec![0u8; 65536];
+        let mut out = Vec::with_capacity(65536 + RELAY_HEADER_LEN);
+        loop {
+            let mut len = [0u8; 2];
+            if r.read_exact(&mut len).await.is_err() {
+                break;
+            }
+            let len = u16::from_be_bytes(len) as usize;
+            if r.read_exact(&mut buf[..len]).await.is_err() {
+                break;
+            }
+            self.process(pseudo, &buf[..len], &mut out).await;
+        }
+        self.tcp.lock().unwrap().remove(&pseudo);
+        writer.abort();
+        tracing::debug!(%pseudo, "relay: TCP client gone");
+    }
+}
+
 /// Serves STUN and the relay on one UDP socket until `shutdown`.
 pub async fn serve(sock: UdpSocket, relay: Arc<Relay>, shutdown: CancellationToken) {
+    let sock = Arc::new(sock);
+    let _ = relay.udp.set(sock.clone());
     let mut buf = vec![0u8; 65536];
-    let mut out = vec![0u8; 65536 + RELAY_HEADER_LEN];
+    let mut out = Vec::with_capacity(65536 + RELAY_HEADER_LEN);
     loop {
         let (n, from) = tokio::select! {
             r = sock.recv_from(&mut buf) => match r {
@@ -159,22 +261,7 @@ pub async fn serve(sock: UdpSocket, relay: Arc<Relay>, shutdown: CancellationTok
         };
         let d = &buf[..n];
         if d.len() >= 4 && d[..4] == RELAY_MAGIC {
-            let unix = SystemTime::now()
-                .duration_since(UNIX_EPOCH)
-                .map(|d| d.as_secs())
-                .unwrap_or(0);
-            match relay.handle(from, d, Instant::now(), unix) {
-                Action::Reply(to, b) => {
-                    let _ = sock.send_to(&b, to).await;
-                }
-                Action::Forward { to, from_key } => {
-                    let payload = &d[RELAY_HEADER_LEN..];
-                    let h = homeport_proto::relay::write_header(&mut out, RELAY_RECV, &from_key);
-                    out[h..h + payload.len()].copy_from_slice(payload);
-                    let _ = sock.send_to(&out[..h + payload.len()], to).await;
-                }
-                Action::Drop(why) => tracing::trace!(%from, why, "relay: dropped"),
-            }
+            relay.process(from, d, &mut out).await;
         } else if let Some(resp) = crate::stun::answer(d, from) {
             let _ = sock.send_to(&resp, from).await;
         }

@@ -212,6 +212,12 @@ pub async fn run(
                 }
             }
         })?;
+    tokio::spawn(tcp_relay_keeper(
+        client.clone(),
+        coordinator.clone(),
+        shared.clone(),
+        stop.clone(),
+    ));
     tokio::spawn(probe_asker(
         client.clone(),
         coordinator.clone(),
@@ -822,6 +828,97 @@ async fn probe_asker(
                 tracing::debug!(error = %error_chain(&e), "probe request failed");
             }
         }
+    }
+}
+
+/// Keeps the relay's TCP/TLS fallback up while UDP to the relay goes unanswered: the node then
+/// still reaches every peer (through the coordinator's HTTPS port, which it reaches anyway).
+async fn tcp_relay_keeper(
+    client: reqwest::Client,
+    url: String,
+    shared: Arc<Shared>,
+    stop: CancellationToken,
+) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_secs(2)) => {}
+            _ = stop.cancelled() => return,
+        }
+        let relay = {
+            let dp = shared.dp.lock().unwrap();
+            match dp.as_ref() {
+                Some(d) if !d.tcp_relay_active() => {
+                    d.engine.relay_udp_failing(std::time::Instant::now())
+                }
+                _ => None,
+            }
+        };
+        let Some(relay) = relay else { continue };
+        let resp = client
+            .get(format!("{url}{}", homeport_proto::api::PATH_RELAY_TCP))
+            .header(reqwest::header::CONNECTION, "upgrade")
+            .header(reqwest::header::UPGRADE, homeport_proto::api::RELAY_UPGRADE)
+            .send()
+            .await;
+        let up = match resp {
+            Ok(r) if r.status() == reqwest::StatusCode::SWITCHING_PROTOCOLS => {
+                match r.upgrade().await {
+                    Ok(u) => u,
+                    Err(e) => {
+                        tracing::warn!(error = %error_chain(&e), "relay over TCP: upgrade failed");
+                        continue;
+                    }
+                }
+            }
+            Ok(r) => {
+                tracing::warn!(status = %r.status(), "relay over TCP refused");
+                continue;
+            }
+            Err(e) => {
+                tracing::debug!(error = %error_chain(&e), "relay over TCP: no connection");
+                continue;
+            }
+        };
+        tracing::warn!(%relay, "UDP to the relay is blocked: relaying over TCP/TLS to the coordinator");
+        let (tx, mut rx) = tokio::sync::mpsc::channel::<Vec<u8>>(1024);
+        if let Some(d) = shared.dp.lock().unwrap().as_ref() {
+            d.set_tcp_relay(Some((relay, tx)));
+        }
+        let (mut r, mut w) = tokio::io::split(up);
+        let writer = tokio::spawn(async move {
+            while let Some(b) = rx.recv().await {
+                let mut frame = Vec::with_capacity(2 + b.len());
+                frame.extend_from_slice(&(b.len() as u16).to_be_bytes());
+                frame.extend_from_slice(&b);
+                if w.write_all(&frame).await.is_err() {
+                    break;
+                }
+            }
+        });
+        let mut buf = vec![0u8; 65536];
+        loop {
+            let mut len = [0u8; 2];
+            let ok = tokio::select! {
+                r = r.read_exact(&mut len) => r.is_ok(),
+                _ = stop.cancelled() => false,
+            };
+            if !ok {
+                break;
+            }
+            let n = u16::from_be_bytes(len) as usize;
+            if r.read_exact(&mut buf[..n]).await.is_err() {
+                break;
+            }
+            if let Some(d) = shared.dp.lock().unwrap().as_ref() {
+                d.relay_input(relay, &buf[..n]);
+            }
+        }
+        writer.abort();
+        if let Some(d) = shared.dp.lock().unwrap().as_ref() {
+            d.set_tcp_relay(None);
+        }
+        tracing::warn!("relay over TCP/TLS ended");
     }
 }
 

@@ -17,6 +17,11 @@ pub const PATH_MAP: &str = "/api/v1/node/map";
 pub const PATH_ENDPOINTS: &str = "/api/v1/node/endpoints";
 pub const PATH_PROBE: &str = "/api/v1/node/probe";
 pub const PATH_OPENAPI: &str = "/api/v1/openapi.json";
+/// The relay over TCP/TLS for networks that block UDP: `GET` with `Connection: Upgrade` and
+/// `Upgrade: homeport-relay`; after `101 Switching Protocols` both sides exchange relay datagrams
+/// (the UDP relay's framing, see `relay`) each prefixed with its length as a big-endian u16.
+pub const PATH_RELAY_TCP: &str = "/api/v1/node/relay";
+pub const RELAY_UPGRADE: &str = "homeport-relay";
 pub const PATH_ADMIN_AUTHKEYS: &str = "/api/v1/admin/authkeys";
 pub const PATH_ADMIN_NODES: &str = "/api/v1/admin/nodes";
 pub const PATH_ADMIN_PUBLISH: &str = "/api/v1/admin/publish";

@@ -281,3 +281,54 @@ fn stun_client_against_coturn_reports_the_reflexive_address() -> Result<()> {
     );
     Ok(())
 }
+
+#[test]
+fn udp_blocked_to_the_vps_falls_back_to_the_relay_over_tcp() -> Result<()> {
+    if !require_root_and(&["ping"]) {
+        return Ok(());
+    }
+    let mut lab = Lab::new()?;
+    lab.internet()?;
+    // Home's ISP drops every UDP datagram to the VPS (STUN, relay); TCP (the coordinator's
+    // HTTPS port) passes. Both sides are behind hard NATs, so no direct path exists either.
+    let c1 = lab.isp("c1", NatKind::Hard)?;
+    lab.host_behind(&c1, "home")?;
+    lab.exec_stdin(
+        "c1",
+        &["nft", "-f", "-"],
+        format!(
+            "table inet block {{\n chain drop_udp {{\n  type filter hook forward priority 0;\n  ip daddr {VPS_IP} meta l4proto udp drop\n }}\n}}\n"
+        )
+        .as_bytes(),
+    )?;
+    let c2 = lab.isp("c2", NatKind::Hard)?;
+    lab.host_behind(&c2, "laptop")?;
+    let coord = lab.start_coordinator("vps", VPS_IP)?;
+    let key = coord.authkey(true)?;
+    let home = lab.start_node("home", &coord, &key, "home")?;
+    let laptop = lab.start_node("laptop", &coord, &key, "laptop")?;
+    let home_ip = home.ip()?;
+    let laptop_ip = laptop.ip()?;
+    wait_until("laptop to reach home", Duration::from_secs(30), || {
+        lab.ping("laptop", &home_ip)
+    })?;
+    assert!(lab.ping("home", &laptop_ip), "and back");
+    let p = peer_path(&home, "laptop")?;
+    assert_eq!(p["kind"], "relay", "{p}");
+    assert!(
+        p["reason"].as_str().unwrap_or_default().contains("TCP"),
+        "status says the relay runs over TCP because UDP is blocked: {p}"
+    );
+    // A bulk transfer works over it too.
+    let out = lab.exec(
+        "laptop",
+        &[
+            "ping", "-q", "-c", "50", "-i", "0.02", "-s", "1200", &home_ip,
+        ],
+    )?;
+    assert!(
+        out.contains(" 0% packet loss") || out.contains(" 2% packet loss"),
+        "{out}"
+    );
+    Ok(())
+}

@@ -113,6 +113,41 @@ pub struct Datapath {
     routes: routes::PolicyRoutes,
     published_udp: std::sync::Mutex<routes::PublishedUdp>,
     pub tun_name: String,
+    dev: Arc<SyncDevice>,
+    gro: std::sync::Mutex<(GROTable, Vec<Vec<u8>>)>,
+}
+
+/// The relay's TCP/TLS fallback, shared by every send site (one data path per process).
+static TCP_RELAY: TcpRelay = TcpRelay {
+    active: std::sync::atomic::AtomicBool::new(false),
+    link: std::sync::RwLock::new(None),
+};
+
+/// Datagrams for the relay's address go into this channel (to the TCP/TLS connection the daemon
+/// keeps) instead of the UDP socket while it is active.
+pub struct TcpRelay {
+    active: std::sync::atomic::AtomicBool,
+    link: std::sync::RwLock<Option<(SocketAddr, tokio::sync::mpsc::Sender<Vec<u8>>)>>,
+}
+
+impl TcpRelay {
+    /// Sends `data` (one or more `seg`-sized datagrams) over the TCP relay when `to` is the
+    /// relay and the fallback is active. Returns false when the caller should use UDP.
+    fn divert(&self, to: SocketAddr, data: &[u8], seg: usize) -> bool {
+        if !self.active.load(Ordering::Relaxed) {
+            return false;
+        }
+        let link = self.link.read().unwrap();
+        match link.as_ref() {
+            Some((addr, tx)) if *addr == to => {
+                for d in data.chunks(seg.max(1)) {
+                    let _ = tx.try_send(d.to_vec());
+                }
+                true
+            }
+            _ => false,
+        }
+    }
 }
 
 impl Datapath {
@@ -246,6 +281,11 @@ impl Datapath {
                 cfg.addrs,
             )),
             tun_name: cfg.tun_name.clone(),
+            dev,
+            gro: std::sync::Mutex::new((
+                GROTable::new(),
+                vec![Vec::with_capacity(VIRTIO_NET_HDR_LEN + 65535)],
+            )),
         })
     }
 
@@ -271,6 +311,40 @@ impl Datapath {
     /// learn must be this socket's).
     pub fn send_raw(&self, to: SocketAddr, data: &[u8]) {
         send_one(&self.socket, &self.state, to, data);
+    }
+
+    /// Switches the relay's transport to the TCP/TLS fallback (`Some`) or back to UDP (`None`).
+    pub fn set_tcp_relay(&self, link: Option<(SocketAddr, tokio::sync::mpsc::Sender<Vec<u8>>)>) {
+        let on = link.is_some();
+        *TCP_RELAY.link.write().unwrap() = link;
+        TCP_RELAY.active.store(on, Ordering::Relaxed);
+    }
+
+    /// Whether the relay runs over the TCP/TLS fallback.
+    pub fn tcp_relay_active(&self) -> bool {
+        TCP_RELAY.active.load(Ordering::Relaxed)
+    }
+
+    /// A relay datagram that arrived over the TCP/TLS fallback.
+    pub fn relay_input(&self, relay: SocketAddr, frame: &[u8]) {
+        let t = self.engine.snapshot();
+        let mut g = self.gro.lock().unwrap();
+        let (gro, bufs) = &mut *g;
+        let out = &mut bufs[0];
+        out.resize(VIRTIO_NET_HDR_LEN + frame.len().max(148), 0);
+        out[..VIRTIO_NET_HDR_LEN].fill(0);
+        let r = self.engine.handle_relay(
+            &t,
+            relay,
+            frame,
+            &mut out[VIRTIO_NET_HDR_LEN..],
+            Instant::now(),
+            &mut |to, b| send_one(&self.socket, &self.state, to, b),
+        );
+        if let Decap::ToTun { len } = r {
+            out.truncate(VIRTIO_NET_HDR_LEN + len);
+            write_tun(&self.dev, gro, &mut bufs[..1]);
+        }
     }
 
     /// Starts a hole-punching attempt towards `peer` (before asking it to probe us).
@@ -347,7 +421,9 @@ impl Datapath {
                     path: match (path.endpoint, relay) {
                         (Some(addr), _) if fresh => PathInfo::Direct { addr },
                         (_, Some(_)) => PathInfo::Relay {
-                            reason: if path.candidates.is_empty() {
+                            reason: if TCP_RELAY.active.load(Ordering::Relaxed) {
+                                "UDP to the relay is blocked here: relayed over TCP/TLS to the coordinator".into()
+                            } else if path.candidates.is_empty() {
                                 "the peer reported no direct candidates".into()
                             } else if path.direct.is_some() {
                                 "the direct path stopped answering".into()
@@ -413,6 +489,9 @@ fn send_transmit(
 }
 
 fn send_one(socket: &UdpSocket, state: &UdpSocketState, to: SocketAddr, data: &[u8]) {
+    if TCP_RELAY.divert(to, data, data.len()) {
+        return;
+    }
     let t = Transmit {
         destination: to,
         ecn: None,
@@ -522,6 +601,15 @@ impl GsoBatch {
 
     fn flush(&mut self, socket: &UdpSocket, state: &UdpSocketState, counters: &Counters) {
         if self.count == 0 {
+            return;
+        }
+        if let Some(dst) = self.dst
+            && TCP_RELAY.divert(dst, &self.buf[..self.len], self.seg)
+        {
+            self.len = 0;
+            self.count = 0;
+            self.closed = false;
+            self.dst = None;
             return;
         }
         let t = Transmit {

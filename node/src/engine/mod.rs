@@ -316,6 +316,8 @@ pub struct RelayClient {
     pub bound: Option<Instant>,
     /// BIND → BOUND round-trip time.
     pub rtt: Option<Duration>,
+    /// BINDs sent since the last BOUND.
+    unanswered: u32,
 }
 
 /// The relay binding is refreshed this often: the relay forgets bindings after 60 s, NAT
@@ -526,6 +528,7 @@ impl Engine {
                         last_bind: None,
                         bound: None,
                         rtt: None,
+                        unanswered: 0,
                     }
                 });
             }
@@ -749,6 +752,7 @@ impl Engine {
                     tracing::info!(relay = %from, "bound to the relay");
                 }
                 r.bound = Some(now);
+                r.unanswered = 0;
                 r.rtt = r.last_bind.map(|b| now.saturating_duration_since(b));
                 return Decap::Done;
             }
@@ -838,6 +842,7 @@ impl Engine {
             return;
         }
         r.last_bind = Some(now);
+        r.unanswered = r.unanswered.saturating_add(1);
         let unix = self.clock_base.1 + now.saturating_duration_since(self.clock_base.0).as_secs();
         let me = self.public.to_bytes();
         let mut msg = [0u8; 4 + 1 + 32 + 8 + 32];
@@ -1197,6 +1202,17 @@ impl Engine {
             self.send_via_relay(peer, &out[..n], send);
         }
         true
+    }
+
+    /// The relay's address when it does not answer over UDP (three BINDs unanswered and no
+    /// live binding): UDP to it is probably blocked and the TCP/TLS fallback should carry it.
+    pub fn relay_udp_failing(&self, now: Instant) -> Option<SocketAddr> {
+        let r = self.relay.lock().unwrap();
+        let r = r.as_ref()?;
+        let bound = r
+            .bound
+            .is_some_and(|b| now.saturating_duration_since(b) < RELAY_TTL);
+        (!bound && r.unanswered >= 3).then_some(r.addr)
     }
 
     /// Round-trip time of the last relay binding, when bound.
