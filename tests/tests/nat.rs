@@ -127,8 +127,7 @@ fn double_nat_and_easy_nat_reach_a_direct_path() -> Result<()> {
     // The home NATs' mappings change mid-flow (conntrack flushed on both layers). The far side's
     // next packets then reach the flushed NAT first, and Linux gives home a new port towards it:
     // the old direct path is dead. The flow must survive: within 5 s it runs over the relay (the
-    // direct path's liveness timeout). (A direct path needs the stale NAT state to expire first:
-    // Linux keeps unreplied UDP entries 30 s; see the closing notes of issue 4.)
+    // direct path's liveness timeout).
     let ping = lab.spawn(
         "laptop",
         "flood",
@@ -168,6 +167,23 @@ fn double_nat_and_easy_nat_reach_a_direct_path() -> Result<()> {
         received >= 280,
         "the flow survived the mapping change: {received}/400 answered"
     );
+    // Once the stale NAT state expired (both sides stay silent towards each other's old
+    // addresses for 35 s after a failed attempt), a direct path is found again.
+    let again = wait_until("a direct path again", Duration::from_secs(90), || {
+        peer_path(&laptop, "home").is_ok_and(|p| p["kind"] == "direct")
+    });
+    if let Err(e) = again {
+        for h in ["carrier", "isp2", "router"] {
+            eprintln!(
+                "--- conntrack {h}:\n{}",
+                lab.conntrack(h, &["-p", "udp"]).unwrap_or_default()
+            );
+        }
+        eprintln!("--- home log:\n{}", lab.log(home.proc));
+        eprintln!("--- laptop log:\n{}", lab.log(laptop.proc));
+        return Err(e);
+    }
+    eprintln!("direct again {:?} after the NAT change", t.elapsed());
     Ok(())
 }
 

@@ -57,8 +57,9 @@ pub const SEARCH_FAST_FOR: Duration = Duration::from_secs(10);
 /// (shortest common UDP NAT timeout is 30 s) and notices a dead path quickly.
 pub const PROBE_KEEP: Duration = Duration::from_secs(2);
 /// A direct path with no Pong or authenticated packet for this long is dead (two lost probes
-/// plus slack); traffic moves to the relay then, so a broken NAT mapping costs at most this.
-pub const DIRECT_TTL: Duration = Duration::from_millis(5500);
+/// plus slack); traffic moves to the relay then, so a broken NAT mapping costs at most this
+/// (the NAT-change test wants traffic back within 5 s).
+pub const DIRECT_TTL: Duration = Duration::from_millis(4500);
 /// Before the first full-TTL probe of an attempt, low-TTL "openers" go out this long: they open
 /// our own NATs towards the peer's candidates but die before the peer's NAT. A full packet that
 /// reaches a Linux NAT before that NAT's own outbound packet leaves a conntrack entry there that
@@ -1109,10 +1110,8 @@ impl Engine {
             }
             ps.search(now);
             ps.peer_searching_until = Some(now + SEARCH_FAST_FOR);
-            if ps
-                .opened_at
-                .is_none_or(|o| now.saturating_duration_since(o) > SEARCH_FAST_FOR)
-            {
+            // A new attempt only when none runs (an attempt ends by success or by its quiet time).
+            if ps.opened_at.is_none() && ps.quiet_until.is_none_or(|q| now >= q) {
                 ps.opened_at = Some(now);
                 ps.opened.clear();
             }
@@ -1137,10 +1136,8 @@ impl Engine {
             ps.search(now);
             // The peer opens its side within a coordinator round trip of our ask.
             ps.peer_searching_until = Some(now + SEARCH_FAST_FOR);
-            if ps
-                .opened_at
-                .is_none_or(|o| now.saturating_duration_since(o) > SEARCH_FAST_FOR)
-            {
+            // A new attempt only when none runs (an attempt ends by success or by its quiet time).
+            if ps.opened_at.is_none() && ps.quiet_until.is_none_or(|q| now >= q) {
                 ps.opened_at = Some(now);
                 ps.opened.clear();
             }
@@ -1250,22 +1247,25 @@ impl Engine {
         let mut full = true;
         if ttl != 0 && ttl != TTL_UNKNOWN && !alive {
             if p.quiet_until.is_some_and(|q| now < q) {
-                full = false;
+                // Total silence towards the peer's candidates, openers included: our NAT's
+                // entries towards them must expire too, or it keeps the port it picked in the
+                // clash.
+                return;
             } else {
                 let start = *p.opened_at.get_or_insert(now);
                 let since = now.saturating_duration_since(start);
                 let peer_open = p.peer_searching_until.is_some_and(|u| now < u);
-                if since < OPEN_FIRST {
-                    full = false;
-                    p.next_probe = Some(start + OPEN_FIRST);
-                } else if !peer_open {
-                    // Full probes only while the peer is opening its side too.
-                    full = false;
-                } else if since > SEARCH_FAST_FOR + OPEN_FIRST {
+                if since > SEARCH_FAST_FOR + OPEN_FIRST {
                     // This attempt failed: let stale NAT state expire before the next one.
                     p.opened_at = None;
                     p.opened.clear();
                     p.quiet_until = Some(now + PROBE_QUIET);
+                    return;
+                } else if since < OPEN_FIRST {
+                    full = false;
+                    p.next_probe = Some(start + OPEN_FIRST);
+                } else if !peer_open {
+                    // Full probes only while the peer is opening its side too.
                     full = false;
                 }
             }
