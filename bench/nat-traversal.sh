@@ -29,12 +29,19 @@ link() { # link A A_CIDR B B_CIDR IFA IFB
   ip -n "$P-$1" link set "$5" up; ip -n "$P-$3" link set "$6" up
 }
 nat() { x "$1" nft -f - <<EOF
-table ip nat { chain post { type nat hook postrouting priority srcnat; oifname "$2" masquerade; } }
+table ip nat {
+  chain post {
+    type nat hook postrouting priority srcnat;
+    oifname "$2" masquerade
+  }
+}
 EOF
 }
 
+n_lab=0
 lab_up() {
   down
+  n_lab=$((n_lab + 1)); c="$s/coord$n_lab"
   for h in net vps carrier router home isp2 laptop; do ip netns add "$P-$h"; ip -n "$P-$h" link set lo up; done
   for h in net carrier router isp2; do x $h sysctl -qw net.ipv4.ip_forward=1; done
   link net 198.51.100.1/24 vps 198.51.100.10/24 n0 v0
@@ -51,9 +58,9 @@ lab_up() {
   x laptop ip route add default via 100.64.9.1
   nat carrier c0; nat router r0; nat isp2 i0
   x vps "$BIN/homeport-coordinator" serve --listen 198.51.100.10:8443 --stun-listen 198.51.100.10:3478 \
-    --state-dir "$s/coord" >"$s/coord.log" 2>&1 &
-  for _ in $(seq 100); do PIN=$("$BIN/homeport-coordinator" pin --state-dir "$s/coord" 2>/dev/null) && break; sleep 0.1; done
-  KEY=$("$BIN/homeport-coordinator" authkey create --reusable --state-dir "$s/coord")
+    --state-dir "$c" >"$c.log" 2>&1 &
+  for _ in $(seq 100); do PIN=$("$BIN/homeport-coordinator" pin --state-dir "$c" 2>/dev/null) && break; sleep 0.1; done
+  KEY=$("$BIN/homeport-coordinator" authkey create --reusable --state-dir "$c")
 }
 
 nodes_up() { # $1 = run dir
@@ -64,7 +71,7 @@ nodes_up() { # $1 = run dir
 }
 
 path_kind() { "$BIN/homeport" status --json --state-dir "$1/laptop" 2>/dev/null |
-  python3 -c 'import json,sys; print(json.load(sys.stdin)["peers"][0]["path"]["kind"])' 2>/dev/null || echo none; }
+  python3 -c 'import json,sys; print([p for p in json.load(sys.stdin)["peers"] if p["name"] == "home"][0]["path"]["kind"])' 2>/dev/null || echo none; }
 
 times=()
 for r in $(seq "$rounds"); do
@@ -95,7 +102,13 @@ direct=$(iperf_mbps "$HOME_IP"); echo "direct: $direct Mbit/s ($(path_kind "$d")
 # Relayed: the two ISPs cannot exchange UDP directly, everything else is the same.
 lab_up; d="$s/relay"; mkdir -p "$d"
 x net nft -f - <<EOF
-table inet nodirect { chain f { type filter hook forward priority 0; ip saddr 203.0.113.0/24 ip daddr 192.0.2.128/30 meta l4proto udp drop; ip saddr 192.0.2.128/30 ip daddr 203.0.113.0/24 meta l4proto udp drop; } }
+table inet nodirect {
+  chain f {
+    type filter hook forward priority 0;
+    ip saddr 203.0.113.0/24 ip daddr 192.0.2.128/30 meta l4proto udp drop
+    ip saddr 192.0.2.128/30 ip daddr 203.0.113.0/24 meta l4proto udp drop
+  }
+}
 EOF
 nodes_up "$d"
 HOME_IP=""; for _ in $(seq 100); do HOME_IP=$("$BIN/homeport" ip --state-dir "$d/home" 2>/dev/null) && break; sleep 0.1; done

@@ -27,9 +27,12 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 use tun_rs::{GROTable, InterruptEvent, SyncDevice, VIRTIO_NET_HDR_LEN};
 
-/// TUN MTU: 1500 (typical underlay) − 20 (IPv4) − 8 (UDP) − 32 (WireGuard header and tag)
-/// − 20 spare for an IPv6 underlay or PPPoE. Same as wireguard-go's default.
-pub const DEFAULT_MTU: u16 = 1420;
+/// TUN MTU: 1500 (typical underlay) − 40 (IPv6, the larger IP header) − 8 (UDP) − 32
+/// (WireGuard header and tag) − 37 (relay header, so a full-size packet still fits in one
+/// datagram when the relay carries it) = 1383, rounded down to 1380. wireguard-go's 1420 has no
+/// room for the relay header: full-size packets through the relay would need fragmenting,
+/// which the socket refuses (DF), and bulk TCP through the relay would stall.
+pub const DEFAULT_MTU: u16 = 1380;
 
 /// Datagrams per recvmmsg (quinn-udp's batch on Linux).
 const UDP_BATCH: usize = 32;
