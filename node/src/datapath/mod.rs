@@ -756,7 +756,8 @@ fn udp_to_tun(
             let from = m.addr;
             for seg in buf[..m.len].chunks(stride) {
                 counters.udp_rx_datagrams.fetch_add(1, Ordering::Relaxed);
-                match classify(seg) {
+                let kind = classify(seg);
+                match kind {
                     DatagramKind::WireGuard => {}
                     DatagramKind::Disco => {
                         if !engine.handle_disco(&table, from, seg, now, &mut |to, b| {
@@ -766,34 +767,7 @@ fn udp_to_tun(
                         }
                         continue;
                     }
-                    DatagramKind::Relay => {
-                        let out = &mut tunbufs[k];
-                        out.resize(VIRTIO_NET_HDR_LEN + seg.len().max(148), 0);
-                        let r = engine.handle_relay(
-                            &table,
-                            from,
-                            seg,
-                            &mut out[VIRTIO_NET_HDR_LEN..],
-                            now,
-                            &mut |to, b| send_one(socket, state, to, b),
-                        );
-                        match r {
-                            Decap::ToTun { len } => {
-                                out.truncate(VIRTIO_NET_HDR_LEN + len);
-                                k += 1;
-                                if k == TUN_BATCH {
-                                    write_tun(dev, &mut gro, &mut tunbufs[..k]);
-                                    k = 0;
-                                }
-                            }
-                            Decap::Done => {}
-                            Decap::Drop(r) => {
-                                counters.dropped.fetch_add(1, Ordering::Relaxed);
-                                tracing::trace!(?r, %from, "dropped relay datagram");
-                            }
-                        }
-                        continue;
-                    }
+                    DatagramKind::Relay => {}
                     DatagramKind::Stun => {
                         let _ = side.send((from, seg.to_vec()));
                         continue;
@@ -803,16 +777,16 @@ fn udp_to_tun(
                         continue;
                     }
                 }
+                // A WireGuard datagram, directly or wrapped by the relay.
                 let out = &mut tunbufs[k];
                 out.resize(VIRTIO_NET_HDR_LEN + seg.len().max(148), 0);
-                let r = engine.decapsulate(
-                    &table,
-                    from,
-                    seg,
-                    &mut out[VIRTIO_NET_HDR_LEN..],
-                    now,
-                    &mut |to, b| send_one(socket, state, to, b),
-                );
+                let tun_out = &mut out[VIRTIO_NET_HDR_LEN..];
+                let send = &mut |to, b: &[u8]| send_one(socket, state, to, b);
+                let r = if kind == DatagramKind::Relay {
+                    engine.handle_relay(&table, from, seg, tun_out, now, send)
+                } else {
+                    engine.decapsulate(&table, from, seg, tun_out, now, send)
+                };
                 match r {
                     Decap::ToTun { len } => {
                         out.truncate(VIRTIO_NET_HDR_LEN + len);

@@ -176,6 +176,15 @@ impl PathState {
         true
     }
 
+    /// Starts a punching attempt unless one runs already (an attempt ends by success or by its
+    /// quiet time).
+    fn begin_attempt(&mut self, now: Instant) {
+        if self.opened_at.is_none() && self.quiet_until.is_none_or(|q| now >= q) {
+            self.opened_at = Some(now);
+            self.opened.clear();
+        }
+    }
+
     /// Starts fast probing now.
     fn search(&mut self, now: Instant) {
         self.search_until = Some(now + SEARCH_FAST_FOR);
@@ -1110,11 +1119,7 @@ impl Engine {
             }
             ps.search(now);
             ps.peer_searching_until = Some(now + SEARCH_FAST_FOR);
-            // A new attempt only when none runs (an attempt ends by success or by its quiet time).
-            if ps.opened_at.is_none() && ps.quiet_until.is_none_or(|q| now >= q) {
-                ps.opened_at = Some(now);
-                ps.opened.clear();
-            }
+            ps.begin_attempt(now);
         }
         self.probe(p, now, send);
     }
@@ -1136,11 +1141,7 @@ impl Engine {
             ps.search(now);
             // The peer opens its side within a coordinator round trip of our ask.
             ps.peer_searching_until = Some(now + SEARCH_FAST_FOR);
-            // A new attempt only when none runs (an attempt ends by success or by its quiet time).
-            if ps.opened_at.is_none() && ps.quiet_until.is_none_or(|q| now >= q) {
-                ps.opened_at = Some(now);
-                ps.opened.clear();
-            }
+            ps.begin_attempt(now);
         }
         self.probe(p, now, send);
         true
@@ -1293,20 +1294,22 @@ impl Engine {
             p.quiet_until = None;
             p.opened.clear();
         }
-        if !full {
-            return;
-        }
-        // While punching, a full probe goes only where our opener went first (long enough ago
-        // to have passed our NATs).
+        // While punching, a full probe to a public candidate goes only where our opener went
+        // first (long enough ago to have passed our NATs). A peer with only private candidates
+        // (a routed network without NAT in between) is probed directly: no NAT to spoil there.
+        let has_public = p.candidates.iter().any(|a| is_public(a.ip()));
         let targets: Vec<SocketAddr> = p
             .candidates
             .iter()
             .copied()
             .filter(|c| {
-                !gated
+                if !is_public(c.ip()) {
+                    return !has_public || full;
+                }
+                full && (!gated
                     || p.opened
                         .iter()
-                        .any(|(a, t)| a == c && now.saturating_duration_since(*t) >= OPEN_FIRST)
+                        .any(|(a, t)| a == c && now.saturating_duration_since(*t) >= OPEN_FIRST))
             })
             .collect();
         for to in targets {
