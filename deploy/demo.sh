@@ -219,6 +219,16 @@ done
 ok "mesh addresses: home $HOME_IP, vps $VPS_IP"
 wait_for 30 "a mesh ping home -> vps ($VPS_IP)" in_ns home ping -c 1 -W 1 "$VPS_IP"
 ok "home pings the VPS over the WireGuard mesh"
+# The relay carries the first packets; hole punching finds the direct path within seconds.
+end=$((SECONDS + 15))
+path=""
+while ((SECONDS < end)); do
+  path=$("$HP" status --json --state-dir "$S/home" 2>/dev/null |
+    python3 -c 'import json,sys; print([p for p in json.load(sys.stdin)["peers"] if p["name"] == "vps"][0]["path"]["kind"])' 2>/dev/null || true)
+  [ "$path" = direct ] && break
+  sleep 0.3
+done
+ok "path home -> vps: ${path:-unknown}"
 show "homeport-coordinator nodes"
 "$COORD" nodes --state-dir "$S/coord" | sed 's/^/    /' || fail "nodes failed"
 
