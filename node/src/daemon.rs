@@ -1033,29 +1033,17 @@ fn render_metrics(st: &Status) -> String {
         "# TYPE homeport_node_connected gauge\nhomeport_node_connected {}",
         st.me.connected as u8
     );
-    let _ = writeln!(o, "# TYPE homeport_node_peer_rx_bytes_total counter");
-    for p in &st.peers {
-        let _ = writeln!(
-            o,
-            "homeport_node_peer_rx_bytes_total{{peer=\"{}\"}} {}",
-            p.name, p.rx_bytes
-        );
-    }
-    let _ = writeln!(o, "# TYPE homeport_node_peer_tx_bytes_total counter");
-    for p in &st.peers {
-        let _ = writeln!(
-            o,
-            "homeport_node_peer_tx_bytes_total{{peer=\"{}\"}} {}",
-            p.name, p.tx_bytes
-        );
-    }
-    let _ = writeln!(o, "# TYPE homeport_node_peer_handshakes_total counter");
-    for p in &st.peers {
-        let _ = writeln!(
-            o,
-            "homeport_node_peer_handshakes_total{{peer=\"{}\"}} {}",
-            p.name, p.handshakes
-        );
+    type Counter = fn(&crate::datapath::PeerStatus) -> u64;
+    let counters: [(&str, Counter); 3] = [
+        ("homeport_node_peer_rx_bytes_total", |p| p.rx_bytes),
+        ("homeport_node_peer_tx_bytes_total", |p| p.tx_bytes),
+        ("homeport_node_peer_handshakes_total", |p| p.handshakes),
+    ];
+    for (name, value) in counters {
+        let _ = writeln!(o, "# TYPE {name} counter");
+        for p in &st.peers {
+            let _ = writeln!(o, "{name}{{peer=\"{}\"}} {}", p.name, value(p));
+        }
     }
     let _ = writeln!(o, "# TYPE homeport_node_peer_path gauge");
     for p in &st.peers {

@@ -1110,18 +1110,7 @@ impl Engine {
         now: Instant,
         send: &mut dyn FnMut(SocketAddr, &[u8]),
     ) {
-        let t = self.snapshot();
-        let Some(p) = t.peer_by_id(peer) else { return };
-        {
-            let mut ps = p.path.lock().unwrap();
-            for e in endpoints {
-                ps.add_candidate(*e);
-            }
-            ps.search(now);
-            ps.peer_searching_until = Some(now + SEARCH_FAST_FOR);
-            ps.begin_attempt(now);
-        }
-        self.probe(p, now, send);
+        self.attempt(peer, endpoints, now, send);
     }
 
     /// We are about to ask the coordinator to make `peer` probe us: start a fresh attempt so
@@ -1132,14 +1121,28 @@ impl Engine {
         now: Instant,
         send: &mut dyn FnMut(SocketAddr, &[u8]),
     ) -> bool {
+        self.attempt(peer, &[], now, send)
+    }
+
+    /// Both sides probe now: `peer` asked us (through the coordinator), or we are asking it;
+    /// either way it opens its side within a coordinator round trip.
+    fn attempt(
+        &self,
+        peer: NodeId,
+        endpoints: &[SocketAddr],
+        now: Instant,
+        send: &mut dyn FnMut(SocketAddr, &[u8]),
+    ) -> bool {
         let t = self.snapshot();
         let Some(p) = t.peer_by_id(peer) else {
             return false;
         };
         {
             let mut ps = p.path.lock().unwrap();
+            for e in endpoints {
+                ps.add_candidate(*e);
+            }
             ps.search(now);
-            // The peer opens its side within a coordinator round trip of our ask.
             ps.peer_searching_until = Some(now + SEARCH_FAST_FOR);
             ps.begin_attempt(now);
         }
