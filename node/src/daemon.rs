@@ -51,7 +51,15 @@ struct Shared {
     map: RwLock<Option<NetworkMap>>,
     connected: AtomicBool,
     tun: String,
-    listen_port: u16,
+    /// The WireGuard socket's port (it moves when stale NAT state pins a lost path).
+    listen_port: std::sync::atomic::AtomicU16,
+    /// The port is fixed by `--listen-port`: never moved.
+    fixed_port: bool,
+    /// Wakes the endpoint reporter at once (after the socket moved).
+    report_now: tokio::sync::Notify,
+    /// Bumped after every endpoint report that followed a socket move: peers are then asked to
+    /// probe again at once, so they learn our new address and open towards it together.
+    reported_after_move: std::sync::atomic::AtomicU64,
     public_key: homeport_proto::PublicKey,
     state: StateDir,
 }
@@ -79,7 +87,7 @@ impl Shared {
                 public_key: self.public_key,
                 addrs: self.reg.addrs,
                 tun: self.tun.clone(),
-                listen_port: self.listen_port,
+                listen_port: self.listen_port.load(Ordering::Relaxed),
                 coordinator: self.reg.coordinator.clone(),
                 connected: self.connected.load(Ordering::Relaxed),
                 map_version,
@@ -153,7 +161,8 @@ pub async fn run(
         },
         side_tx,
     )?;
-    let listen_port = dp.local_port;
+    let listen_port = dp.local_port();
+    dp.engine.set_rebind_allowed(cfg.listen_port.is_none());
     if reg.listen_port != listen_port {
         let mut r = reg.clone();
         r.listen_port = listen_port;
@@ -178,7 +187,10 @@ pub async fn run(
         map: RwLock::new(last),
         connected: AtomicBool::new(false),
         tun: cfg.tun.clone(),
-        listen_port,
+        listen_port: std::sync::atomic::AtomicU16::new(listen_port),
+        fixed_port: cfg.listen_port.is_some(),
+        report_now: tokio::sync::Notify::new(),
+        reported_after_move: std::sync::atomic::AtomicU64::new(0),
         public_key,
         state: st,
     });
@@ -225,6 +237,19 @@ pub async fn run(
         shared.clone(),
         stop.clone(),
     ));
+    {
+        // The engine's request to move the socket is acted on within a tick: until then the
+        // peers' traffic is on the relay.
+        let (shared, stop) = (shared.clone(), stop.clone());
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    _ = tokio::time::sleep(crate::engine::TICK) => rebind_if_asked(&shared),
+                    _ = stop.cancelled() => return,
+                }
+            }
+        });
+    }
     tokio::spawn(endpoint_reporter(
         client.clone(),
         coordinator.clone(),
@@ -696,6 +721,7 @@ async fn endpoint_reporter(
 ) {
     let mut reported: Option<Vec<Endpoint>> = None;
     let mut was_connected = false;
+    let mut moved = false;
     let mut depth_measured: Option<tokio::time::Instant> = None;
     loop {
         // How many NAT layers sit in front of us decides the TTL of hole-punching openers.
@@ -718,7 +744,7 @@ async fn endpoint_reporter(
                 dp.set_open_ttl(d.unwrap_or(0));
             }
         }
-        let mut eps = local_candidates(shared.listen_port, &shared);
+        let mut eps = local_candidates(shared.listen_port.load(Ordering::Relaxed), &shared);
         // STUN through the WireGuard socket, against the coordinator's STUN server(s).
         let servers: Vec<SocketAddr> = shared
             .map
@@ -752,6 +778,9 @@ async fn endpoint_reporter(
                 Ok(resp) if resp.status().is_success() => {
                     tracing::info!(endpoints = ?eps.iter().map(|e| e.addr).collect::<Vec<_>>(), "endpoints reported");
                     reported = Some(eps);
+                    if std::mem::take(&mut moved) {
+                        shared.reported_after_move.fetch_add(1, Ordering::Relaxed);
+                    }
                 }
                 Ok(resp) => tracing::warn!(status = %resp.status(), "endpoint report refused"),
                 Err(e) => tracing::debug!(error = %error_chain(&e), "endpoint report failed"),
@@ -765,9 +794,38 @@ async fn endpoint_reporter(
         };
         tokio::select! {
             _ = tokio::time::sleep(wait) => {}
+            _ = shared.report_now.notified() => moved = true,
             _ = stop.cancelled() => return,
         }
     }
+}
+
+/// Moves the WireGuard socket to a fresh port when the engine asks (a direct path that worked
+/// from this port cannot be found again: stale NAT state pins it), then has the new address
+/// learned by STUN and reported at once.
+fn rebind_if_asked(shared: &Shared) {
+    let port = {
+        let dp = shared.dp.lock().unwrap();
+        let Some(dp) = dp.as_ref() else { return };
+        if !dp.engine.take_rebind(std::time::Instant::now()) || shared.fixed_port {
+            return;
+        }
+        match dp.rebind() {
+            Ok(p) => p,
+            Err(e) => {
+                tracing::warn!(error = %format!("{e:#}"), "could not move the WireGuard socket");
+                return;
+            }
+        }
+    };
+    let old = shared.listen_port.swap(port, Ordering::Relaxed);
+    tracing::info!(old, new = port, "WireGuard socket moved to a fresh port");
+    let mut r = shared.reg.clone();
+    r.listen_port = port;
+    if let Err(e) = shared.state.save_registration(&r) {
+        tracing::warn!(error = %e, "could not save the new port");
+    }
+    shared.report_now.notify_one();
 }
 
 /// Asks the coordinator to make peers without a direct path probe us now, so both sides probe
@@ -782,10 +840,17 @@ async fn probe_asker(
 ) {
     let mut asked: std::collections::HashMap<homeport_proto::NodeId, tokio::time::Instant> =
         Default::default();
+    let mut moves_seen = 0;
     loop {
         tokio::select! {
             _ = tokio::time::sleep(Duration::from_secs(1)) => {}
             _ = stop.cancelled() => return,
+        }
+        let moves = shared.reported_after_move.load(Ordering::Relaxed);
+        if moves != moves_seen {
+            // Our new address is at the coordinator: ask every peer again now.
+            moves_seen = moves;
+            asked.clear();
         }
         if !shared.connected.load(Ordering::Relaxed) {
             continue;

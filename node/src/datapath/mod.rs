@@ -21,6 +21,7 @@ use quinn_udp::{RecvMeta, Transmit, UdpSockRef, UdpSocketState};
 use serde::{Deserialize, Serialize};
 use std::io::IoSliceMut;
 use std::net::{SocketAddr, UdpSocket};
+use std::os::fd::AsRawFd;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::thread::JoinHandle;
@@ -111,7 +112,8 @@ pub struct Datapath {
     stop: Arc<AtomicBool>,
     intr: Arc<InterruptEvent>,
     threads: Vec<JoinHandle<()>>,
-    pub local_port: u16,
+    /// The WireGuard socket's port (changes on [`Datapath::rebind`]).
+    local_port: std::sync::atomic::AtomicU16,
     pub counters: Arc<Counters>,
     routes: routes::PolicyRoutes,
     published_udp: std::sync::Mutex<routes::PublishedUdp>,
@@ -176,31 +178,7 @@ impl Datapath {
         let dev = Arc::new(dev);
         let routes = routes::PolicyRoutes::install(&cfg.tun_name, cfg.addrs)?;
 
-        let sock = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::DGRAM, None)?;
-        let bind: SocketAddr = ([0, 0, 0, 0], cfg.listen_port).into();
-        sock.bind(&bind.into())
-            .with_context(|| format!("binding the WireGuard UDP socket to {bind}"))?;
-        let socket: UdpSocket = sock.into();
-        let state = UdpSocketState::new(UdpSockRef::from(&socket))?;
-        for size in [8 << 20, 4 << 20, 1 << 20] {
-            if state
-                .set_recv_buffer_size(UdpSockRef::from(&socket), size)
-                .is_ok()
-            {
-                break;
-            }
-        }
-        for size in [8 << 20, 4 << 20, 1 << 20] {
-            if state
-                .set_send_buffer_size(UdpSockRef::from(&socket), size)
-                .is_ok()
-            {
-                break;
-            }
-        }
-        // The socket stays non-blocking (quinn-udp's recvmmsg would otherwise wait for a full
-        // batch): the threads wait for readiness with poll(2) and retry sends that would block.
-        socket.set_nonblocking(true)?;
+        let (socket, state) = wireguard_socket(cfg.listen_port)?;
         let local_port = socket.local_addr()?.port();
         tracing::info!(
             port = local_port,
@@ -276,7 +254,7 @@ impl Datapath {
             stop,
             intr,
             threads,
-            local_port,
+            local_port: std::sync::atomic::AtomicU16::new(local_port),
             counters,
             routes,
             published_udp: std::sync::Mutex::new(routes::PublishedUdp::new(
@@ -290,6 +268,31 @@ impl Datapath {
                 vec![Vec::with_capacity(VIRTIO_NET_HDR_LEN + 65535)],
             )),
         })
+    }
+
+    /// The WireGuard socket's UDP port.
+    pub fn local_port(&self) -> u16 {
+        self.local_port.load(Ordering::Relaxed)
+    }
+
+    /// Moves the WireGuard socket to a fresh port, for when stale NAT state is tied to the old
+    /// one (see [`Engine::take_rebind`]). The new socket takes the old one's descriptor number
+    /// (dup2), so every thread's next syscall uses it without any handover; datagrams still
+    /// queued on the old socket are lost, as on any path change. Returns the new port.
+    pub fn rebind(&self) -> Result<u16> {
+        let (new, _) = wireguard_socket(0)?;
+        // SAFETY: both descriptors are open and owned by live sockets; dup2 atomically makes
+        // the old number refer to the new socket and closes the old one. `new` keeps its own
+        // descriptor, which is closed when it drops.
+        if unsafe { libc::dup2(new.as_raw_fd(), self.socket.as_raw_fd()) } < 0 {
+            return Err(std::io::Error::last_os_error())
+                .context("dup2 of the new WireGuard socket");
+        }
+        drop(new);
+        let port = self.socket.local_addr()?.port();
+        self.local_port.store(port, Ordering::Relaxed);
+        self.engine.rebound(Instant::now());
+        Ok(port)
     }
 
     pub fn apply_map(&self, map: &NetworkMap) {
@@ -461,9 +464,39 @@ impl Datapath {
     }
 }
 
+/// A non-blocking UDP socket for WireGuard on `port` (0: any free port), with large buffers and
+/// quinn-udp's options (GRO, ECN, packet info) set.
+fn wireguard_socket(port: u16) -> Result<(UdpSocket, UdpSocketState)> {
+    let sock = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::DGRAM, None)?;
+    let bind: SocketAddr = ([0, 0, 0, 0], port).into();
+    sock.bind(&bind.into())
+        .with_context(|| format!("binding the WireGuard UDP socket to {bind}"))?;
+    let socket: UdpSocket = sock.into();
+    let state = UdpSocketState::new(UdpSockRef::from(&socket))?;
+    for size in [8 << 20, 4 << 20, 1 << 20] {
+        if state
+            .set_recv_buffer_size(UdpSockRef::from(&socket), size)
+            .is_ok()
+        {
+            break;
+        }
+    }
+    for size in [8 << 20, 4 << 20, 1 << 20] {
+        if state
+            .set_send_buffer_size(UdpSockRef::from(&socket), size)
+            .is_ok()
+        {
+            break;
+        }
+    }
+    // The socket stays non-blocking (quinn-udp's recvmmsg would otherwise wait for a full
+    // batch): the threads wait for readiness with poll(2) and retry sends that would block.
+    socket.set_nonblocking(true)?;
+    Ok((socket, state))
+}
+
 /// Waits until `socket` is ready for `events` (POLLIN/POLLOUT) or `timeout_ms` passed.
 fn wait_ready(socket: &UdpSocket, events: libc::c_short, timeout_ms: i32) -> bool {
-    use std::os::fd::AsRawFd;
     let mut p = libc::pollfd {
         fd: socket.as_raw_fd(),
         events,
@@ -510,7 +543,6 @@ fn send_one(socket: &UdpSocket, state: &UdpSocketState, to: SocketAddr, data: &[
 /// Sends one datagram with its IP TTL set to `ttl` (an `IP_TTL` control message, so the
 /// socket's default TTL for everything else is untouched).
 fn send_with_ttl(socket: &UdpSocket, to: SocketAddr, data: &[u8], ttl: u8) {
-    use std::os::fd::AsRawFd;
     tracing::debug!(%to, ttl, "NAT opener");
     let SocketAddr::V4(v4) = to else { return };
     // SAFETY: all pointers refer to live locals for the duration of the call; the control
@@ -819,7 +851,6 @@ fn write_tun(dev: &SyncDevice, gro: &mut GROTable, bufs: &mut [Vec<u8>]) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::os::fd::AsRawFd;
 
     /// The opener TTL really lands in the IP header (read back with IP_RECVTTL).
     #[test]

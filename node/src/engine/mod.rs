@@ -68,6 +68,15 @@ pub const OPEN_FIRST: Duration = Duration::from_millis(400);
 /// After an attempt that found no direct path, full probes pause this long so any stale
 /// conntrack entries our probes left at the peer's NAT expire (Linux unreplied UDP: 30 s).
 pub const PROBE_QUIET: Duration = Duration::from_secs(35);
+/// A node behind NAT moves its WireGuard socket to a fresh port at most this often. Moving is
+/// how a lost direct path is recovered when stale NAT state pins it (see [`Engine::take_rebind`]);
+/// it also breaks every other peer's direct path for a moment, so it must stay rare. A minute is
+/// longer than Linux's unreplied-UDP conntrack timeout (30 s): a second move within it would
+/// not find cleaner NAT state than the first.
+pub const REBIND_MIN_EVERY: Duration = Duration::from_secs(60);
+/// After asking the daemon to move the socket, punching towards that peer pauses this long so
+/// the attempt restarts from the new port, not the old one (the daemon polls every second).
+pub const REBIND_WAIT: Duration = Duration::from_secs(3);
 /// `open_ttl` value while the NAT depth is not measured yet.
 pub const TTL_UNKNOWN: u8 = 255;
 
@@ -151,6 +160,9 @@ pub struct PathState {
     peer_searching_until: Option<Instant>,
     /// When the first opener of this attempt went to each candidate.
     opened: Vec<(SocketAddr, Instant)>,
+    /// A direct path to this peer was confirmed since our socket was bound: if a later attempt
+    /// fails, our NAT state (not the peers' NAT types) is the likely cause.
+    direct_worked: bool,
 }
 
 impl PathState {
@@ -181,6 +193,16 @@ impl PathState {
     fn begin_attempt(&mut self, now: Instant) {
         if self.opened_at.is_none() && self.quiet_until.is_none_or(|q| now >= q) {
             self.opened_at = Some(now);
+            self.opened.clear();
+        }
+    }
+
+    /// A new public address of the peer ends our quiet time at once: the quiet time lets stale
+    /// NAT state about the peer's *old* addresses expire, and none of it concerns a new one.
+    fn end_quiet(&mut self, now: Instant) {
+        if self.quiet_until.is_some_and(|q| now < q) {
+            self.quiet_until = None;
+            self.opened_at = None;
             self.opened.clear();
         }
     }
@@ -328,6 +350,8 @@ pub struct RelayClient {
     pub rtt: Option<Duration>,
     /// BINDs sent since the last BOUND.
     unanswered: u32,
+    /// Our socket moved: BIND at the next tick, before the relay's binding goes stale.
+    rebind_now: bool,
 }
 
 /// The relay binding is refreshed this often: the relay forgets bindings after 60 s, NAT
@@ -336,6 +360,16 @@ pub struct RelayClient {
 pub const RELAY_REBIND: Duration = Duration::from_secs(4);
 /// A binding not confirmed for this long is not used.
 pub const RELAY_TTL: Duration = Duration::from_secs(60);
+
+/// Whether and when the IO shell should move the WireGuard socket to a fresh port.
+#[derive(Debug, Default)]
+struct Rebind {
+    /// The port is ours to change (not fixed by `--listen-port`) and a NAT is in front of us.
+    allowed: bool,
+    /// Asked for because of the path to this peer.
+    wanted: Option<NodeId>,
+    last: Option<Instant>,
+}
 
 pub struct Engine {
     secret: x25519::StaticSecret,
@@ -355,6 +389,7 @@ pub struct Engine {
     /// Opener packets for the IO shell to send with that TTL: (to, bytes).
     openers: Mutex<Vec<(SocketAddr, Vec<u8>)>>,
     started: Mutex<Option<Instant>>,
+    rebind: Mutex<Rebind>,
     /// Maps `Instant`s to unix time for relay bindings: (an instant, unix seconds then).
     clock_base: (Instant, u64),
 }
@@ -376,6 +411,7 @@ impl Engine {
             open_ttl: std::sync::atomic::AtomicU8::new(TTL_UNKNOWN),
             openers: Mutex::new(Vec::new()),
             started: Mutex::new(None),
+            rebind: Mutex::new(Rebind::default()),
             clock_base: (
                 Instant::now(),
                 std::time::SystemTime::now()
@@ -456,10 +492,16 @@ impl Engine {
                         path.endpoint = candidates.first().copied();
                     }
                     let mut changed = false;
+                    let mut new_public = false;
                     for c in candidates {
-                        changed |= path.add_candidate(c);
+                        let added = path.add_candidate(c);
+                        changed |= added;
+                        new_public |= added && is_public(c.ip());
                     }
                     if changed && !path.direct_alive(now) {
+                        if new_public {
+                            path.end_quiet(now);
+                        }
                         path.search(now);
                     }
                     drop(path);
@@ -539,6 +581,7 @@ impl Engine {
                         bound: None,
                         rtt: None,
                         unanswered: 0,
+                        rebind_now: false,
                     }
                 });
             }
@@ -823,6 +866,12 @@ impl Engine {
 
     /// Sends a handshake initiation to every direct target and, while no direct path is alive,
     /// through the relay as well: whichever path answers first carries the session.
+    ///
+    /// While the relay carries the peer, initiations go to its public addresses only once a
+    /// direct path is alive: a full-size packet that reaches the peer's NAT before the peer
+    /// opened it (or that keeps hitting a NAT which just lost its mapping) leaves conntrack
+    /// entries there that push the peer onto another port. Punching (openers first) finds the
+    /// direct path; handshakes then follow it.
     pub fn send_handshake(
         &self,
         peer: &PeerState,
@@ -830,10 +879,14 @@ impl Engine {
         now: Instant,
         send: &mut dyn FnMut(SocketAddr, &[u8]),
     ) {
+        let relayed =
+            self.relay_bound(now).is_some() && !peer.path.lock().unwrap().direct_alive(now);
         for to in peer.handshake_targets(now) {
-            send(to, pkt);
+            if !relayed || !is_public(to.ip()) {
+                send(to, pkt);
+            }
         }
-        if self.relay_bound(now).is_some() && !peer.path.lock().unwrap().direct_alive(now) {
+        if relayed {
             self.send_via_relay(peer, pkt, send);
         }
     }
@@ -848,9 +901,10 @@ impl Engine {
         let recently = r
             .last_bind
             .is_some_and(|b| now.saturating_duration_since(b) < Duration::from_secs(2));
-        if fresh || recently {
+        if (fresh || recently) && !r.rebind_now {
             return;
         }
+        r.rebind_now = false;
         r.last_bind = Some(now);
         r.unanswered = r.unanswered.saturating_add(1);
         let unix = self.clock_base.1 + now.saturating_duration_since(self.clock_base.0).as_secs();
@@ -1094,6 +1148,7 @@ impl Engine {
                         tracing::info!(peer = %peer.name, %from, ?rtt, "direct path");
                     }
                     p.direct = Some((from, rtt, now));
+                    p.direct_worked = true;
                     p.endpoint = Some(from);
                 }
             }
@@ -1140,7 +1195,9 @@ impl Engine {
         {
             let mut ps = p.path.lock().unwrap();
             for e in endpoints {
-                ps.add_candidate(*e);
+                if ps.add_candidate(*e) && is_public(e.ip()) {
+                    ps.end_quiet(now);
+                }
             }
             ps.search(now);
             ps.peer_searching_until = Some(now + SEARCH_FAST_FOR);
@@ -1260,10 +1317,20 @@ impl Engine {
                 let since = now.saturating_duration_since(start);
                 let peer_open = p.peer_searching_until.is_some_and(|u| now < u);
                 if since > SEARCH_FAST_FOR + OPEN_FIRST {
-                    // This attempt failed: let stale NAT state expire before the next one.
                     p.opened_at = None;
                     p.opened.clear();
-                    p.quiet_until = Some(now + PROBE_QUIET);
+                    if p.direct_worked && self.want_rebind(peer.id, now) {
+                        // A direct path worked from this socket and no longer can be found:
+                        // our NAT lost its mapping, and Linux NATs keep stale entries about the
+                        // old port alive for as long as anything is sent (they pick a new port
+                        // for us towards the peer while STUN still sees the old one). Waiting
+                        // cannot fix that; a fresh port can.
+                        tracing::info!(peer = %peer.name, "direct path lost; moving to a fresh port");
+                        p.quiet_until = Some(now + REBIND_WAIT);
+                    } else {
+                        // This attempt failed: let stale NAT state expire before the next one.
+                        p.quiet_until = Some(now + PROBE_QUIET);
+                    }
                     return;
                 } else if since < OPEN_FIRST {
                     full = false;
@@ -1324,6 +1391,69 @@ impl Engine {
             let n = disco::seal(&peer.disco, &me, &disco::DiscoMsg::Ping { tx }, &mut out);
             tracing::debug!(peer = %peer.name, %to, "probe");
             send(to, &out[..n]);
+        }
+    }
+
+    /// Whether the IO shell may move our socket to a fresh port ([`Engine::take_rebind`]): false
+    /// when the port is fixed by configuration.
+    pub fn set_rebind_allowed(&self, allowed: bool) {
+        self.rebind.lock().unwrap().allowed = allowed;
+    }
+
+    /// Asks for a fresh port unless that is not allowed, or a move happened recently. Returns
+    /// whether one was asked for.
+    fn want_rebind(&self, peer: NodeId, now: Instant) -> bool {
+        let ttl = self.open_ttl.load(Ordering::Relaxed);
+        let mut r = self.rebind.lock().unwrap();
+        let behind_nat = ttl != 0 && ttl != TTL_UNKNOWN;
+        if !r.allowed
+            || !behind_nat
+            || r.last
+                .is_some_and(|l| now.saturating_duration_since(l) < REBIND_MIN_EVERY)
+        {
+            return false;
+        }
+        r.wanted = Some(peer);
+        r.last = Some(now);
+        true
+    }
+
+    /// Whether the IO shell should move the WireGuard socket to a fresh port now (asked once;
+    /// afterwards call [`Engine::rebound`]). A request is dropped when the direct path it was
+    /// for came back meanwhile (the peer moved instead): moving then would only break it again.
+    pub fn take_rebind(&self, now: Instant) -> bool {
+        let mut r = self.rebind.lock().unwrap();
+        let Some(id) = r.wanted.take() else {
+            return false;
+        };
+        let t = self.snapshot();
+        let back = t
+            .peer_by_id(id)
+            .is_some_and(|p| p.path.lock().unwrap().direct_alive(now));
+        if back {
+            r.last = None;
+        }
+        !back
+    }
+
+    /// Our socket moved to a fresh port: every direct path is unconfirmed from it, punching
+    /// starts over (no quiet time: no stale NAT state concerns the new port), and the relay
+    /// learns the new address at the next tick.
+    pub fn rebound(&self, now: Instant) {
+        let t = self.snapshot();
+        for peer in &t.peers {
+            let mut p = peer.path.lock().unwrap();
+            p.direct = None;
+            p.direct_worked = false;
+            p.last_rx = None;
+            p.pending.clear();
+            p.opened_at = None;
+            p.opened.clear();
+            p.quiet_until = None;
+            p.search(now);
+        }
+        if let Some(r) = self.relay.lock().unwrap().as_mut() {
+            r.rebind_now = true;
         }
     }
 

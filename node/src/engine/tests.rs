@@ -706,3 +706,171 @@ fn hard_nats_find_no_direct_path() {
     let (a, b, mut na, mut nb) = natted_pair(true);
     assert_eq!(run_natted(&a, &b, &mut na, &mut nb, 10), None);
 }
+
+/// Runs `a` alone for `secs` of fake time from `start` (its peer unreachable), in 50 ms steps;
+/// returns what it sent: (to, bytes), and the openers it queued.
+fn run_alone(a: &Node, start: Instant, secs: u64) -> (Vec<(SocketAddr, Vec<u8>)>, Vec<SocketAddr>) {
+    let mut sent = vec![];
+    let mut openers = vec![];
+    let mut now = start;
+    while now.duration_since(start) < Duration::from_secs(secs) {
+        now += Duration::from_millis(50);
+        a.engine.tick(now, &mut |to, d| sent.push((to, d.to_vec())));
+        openers.extend(a.engine.take_openers().1.into_iter().map(|(to, _)| to));
+    }
+    (sent, openers)
+}
+
+/// A pair through two easy NATs with a confirmed direct path; then `a` is told it sits behind
+/// NAT (opener TTL 2) so its punching is gated as in a real deployment.
+fn pair_with_direct_path() -> (Node, Node, Instant) {
+    let (a, b, mut na, mut nb) = natted_pair(false);
+    run_natted(&a, &b, &mut na, &mut nb, 10).expect("a direct path first");
+    a.engine.set_open_ttl(2);
+    // run_natted steps its own clock from a real Instant; continue well after it.
+    (a, b, Instant::now() + Duration::from_secs(20))
+}
+
+#[test]
+fn a_lost_direct_path_that_cannot_be_found_again_asks_for_a_fresh_port() {
+    let (a, _b, t0) = pair_with_direct_path();
+    a.engine.set_rebind_allowed(true);
+    // The peer's NAT answers nothing any more: the direct path dies (4.5 s), an attempt runs and
+    // fails (about 10 s), and then the engine asks for a fresh port instead of waiting.
+    let (_, _) = run_alone(&a, t0, 8);
+    let t8 = t0 + Duration::from_secs(8);
+    assert!(
+        !a.engine.take_rebind(t8),
+        "not while the attempt still runs"
+    );
+    let (_, _) = run_alone(&a, t8, 12);
+    let t20 = t0 + Duration::from_secs(20);
+    assert!(
+        a.engine.take_rebind(t20),
+        "a fresh port after the failed attempt"
+    );
+    assert!(!a.engine.take_rebind(t20), "asked once");
+    // After the move: no quiet time, no direct path claimed from the new port, punching starts
+    // over at once (openers towards the peer's public address).
+    let t1 = t0 + Duration::from_secs(21);
+    a.engine.rebound(t1);
+    {
+        let t = a.engine.snapshot();
+        let p = t.peers[0].path.lock().unwrap();
+        assert!(p.direct.is_none() && p.last_rx.is_none() && p.quiet_until.is_none());
+        assert!(!p.direct_worked);
+    }
+    let (_, openers) = run_alone(&a, t1, 2);
+    assert!(
+        openers
+            .iter()
+            .any(|o| o.ip() == "203.0.113.3".parse::<IpAddr>().unwrap()),
+        "openers towards the peer right after the move: {openers:?}"
+    );
+    // A second failure within REBIND_MIN_EVERY does not move the socket again (no direct path
+    // worked from the new port either).
+    let (_, _) = run_alone(&a, t1 + Duration::from_secs(2), 30);
+    assert!(!a.engine.take_rebind(t1 + Duration::from_secs(32)));
+}
+
+#[test]
+fn no_move_when_the_direct_path_came_back_before_the_socket_could_move() {
+    let (a, _b, t0) = pair_with_direct_path();
+    a.engine.set_rebind_allowed(true);
+    let (_, _) = run_alone(&a, t0, 20);
+    // The peer moved to a fresh port and its packets arrive again (the path is back) before
+    // the IO shell acted on the request: moving now would only break the path again.
+    let t = a.engine.snapshot();
+    let t20 = t0 + Duration::from_secs(20);
+    t.peers[0].saw("203.0.113.3:45555".parse().unwrap(), t20);
+    assert!(!a.engine.take_rebind(t20));
+}
+
+#[test]
+fn a_fixed_port_waits_out_stale_nat_state_in_silence_instead() {
+    let (a, _b, t0) = pair_with_direct_path();
+    a.engine.set_rebind_allowed(false);
+    let (_, _) = run_alone(&a, t0, 20);
+    assert!(!a.engine.take_rebind(t0 + Duration::from_secs(20)));
+    // Quiet time: nothing at all towards the peer's public address, openers included.
+    let (sent, openers) = run_alone(&a, t0 + Duration::from_secs(20), 20);
+    let peer_ip: IpAddr = "203.0.113.3".parse().unwrap();
+    assert!(
+        !sent.iter().any(|(to, _)| to.ip() == peer_ip)
+            && !openers.iter().any(|o| o.ip() == peer_ip),
+        "silence during the quiet time: {:?} {:?}",
+        sent.iter().map(|(to, d)| (to, d.len())).collect::<Vec<_>>(),
+        openers
+    );
+}
+
+#[test]
+fn a_new_public_address_of_the_peer_ends_the_quiet_time() {
+    let (a, b, t0) = pair_with_direct_path();
+    a.engine.set_rebind_allowed(false);
+    let (_, _) = run_alone(&a, t0, 20);
+    // The peer moved to a fresh port and reported it: our quiet time concerned its old address.
+    let moved: SocketAddr = "203.0.113.3:45555".parse().unwrap();
+    let mut m = map_for(&a, &[&b], PacketFilter::allow_all(), vec![]);
+    m.peers.get_mut(&b.id).unwrap().endpoints.push(Endpoint {
+        addr: moved,
+        kind: EndpointKind::Stun,
+    });
+    let t1 = t0 + Duration::from_secs(21);
+    a.engine.apply_map(&m, t1);
+    let (_, openers) = run_alone(&a, t1, 2);
+    assert!(
+        openers.contains(&moved),
+        "openers to the new address at once: {openers:?}"
+    );
+}
+
+#[test]
+fn handshakes_go_through_the_relay_not_to_public_addresses_until_a_direct_path_is_alive() {
+    let a = node(1, "home");
+    let b = node(2, "laptop");
+    let relay_key = PrivateKey::generate();
+    let relay: SocketAddr = "198.51.100.10:3478".parse().unwrap();
+    let public_b: SocketAddr = "203.0.113.3:40000".parse().unwrap();
+    let mut m = map_for(&a, &[&b], PacketFilter::allow_all(), vec![]);
+    m.peers.get_mut(&b.id).unwrap().endpoints.push(Endpoint {
+        addr: public_b,
+        kind: EndpointKind::Stun,
+    });
+    m.relays = vec![homeport_proto::map::RelayInfo {
+        udp: Some(relay),
+        stun: None,
+        public_key: Some(relay_key.public_key()),
+    }];
+    let now = Instant::now();
+    a.engine.apply_map(&m, now);
+    let t = a.engine.snapshot();
+    let mut bound = homeport_proto::relay::RELAY_MAGIC.to_vec();
+    bound.push(homeport_proto::relay::RELAY_BOUND);
+    let mut out = [0u8; 2048];
+    a.engine
+        .handle_relay(&t, relay, &bound, &mut out, now, &mut |_, _| {});
+    assert!(a.engine.relay_bound(now).is_some());
+    let mut sent = vec![];
+    a.engine
+        .send_handshake(&t.peers[0], &[1, 0, 0, 0, 9, 9], now, &mut |to, _| {
+            sent.push(to)
+        });
+    assert!(sent.contains(&relay), "through the relay: {sent:?}");
+    assert!(
+        sent.contains(&b.udp),
+        "and to the private (LAN) address: {sent:?}"
+    );
+    assert!(
+        !sent.contains(&public_b),
+        "never to the public address yet: {sent:?}"
+    );
+    // Once a direct path is alive, initiations follow it.
+    t.peers[0].saw(public_b, now);
+    let mut sent = vec![];
+    a.engine
+        .send_handshake(&t.peers[0], &[1, 0, 0, 0, 9, 9], now, &mut |to, _| {
+            sent.push(to)
+        });
+    assert_eq!(sent, vec![public_b]);
+}
