@@ -68,6 +68,11 @@ pub const OPEN_FIRST: Duration = Duration::from_millis(400);
 /// After an attempt that found no direct path, full probes pause this long so any stale
 /// conntrack entries our probes left at the peer's NAT expire (Linux unreplied UDP: 30 s).
 pub const PROBE_QUIET: Duration = Duration::from_secs(35);
+/// An attempt to get back a direct path that worked from this socket is given up after this
+/// long (instead of [`SEARCH_FAST_FOR`]): both NATs were open to each other moments ago, so when
+/// both sides probe a Pong comes back within a round trip. Four probe rounds without one mean
+/// stale NAT state pins the path, and only a fresh port helps ([`REBIND_MIN_EVERY`]).
+pub const LOST_PATH_ATTEMPT: Duration = Duration::from_secs(4);
 /// A node behind NAT moves its WireGuard socket to a fresh port at most this often. Moving is
 /// how a lost direct path is recovered when stale NAT state pins it (see [`Engine::take_rebind`]);
 /// it also breaks every other peer's direct path for a moment, so it must stay rare. A minute is
@@ -1316,7 +1321,12 @@ impl Engine {
                 let start = *p.opened_at.get_or_insert(now);
                 let since = now.saturating_duration_since(start);
                 let peer_open = p.peer_searching_until.is_some_and(|u| now < u);
-                if since > SEARCH_FAST_FOR + OPEN_FIRST {
+                let give_up = if p.direct_worked && self.rebind_possible(now) {
+                    LOST_PATH_ATTEMPT
+                } else {
+                    SEARCH_FAST_FOR
+                };
+                if since > give_up + OPEN_FIRST {
                     p.opened_at = None;
                     p.opened.clear();
                     if p.direct_worked && self.want_rebind(peer.id, now) {
@@ -1403,19 +1413,25 @@ impl Engine {
     /// Asks for a fresh port unless that is not allowed, or a move happened recently. Returns
     /// whether one was asked for.
     fn want_rebind(&self, peer: NodeId, now: Instant) -> bool {
-        let ttl = self.open_ttl.load(Ordering::Relaxed);
-        let mut r = self.rebind.lock().unwrap();
-        let behind_nat = ttl != 0 && ttl != TTL_UNKNOWN;
-        if !r.allowed
-            || !behind_nat
-            || r.last
-                .is_some_and(|l| now.saturating_duration_since(l) < REBIND_MIN_EVERY)
-        {
+        if !self.rebind_possible(now) {
             return false;
         }
+        let mut r = self.rebind.lock().unwrap();
         r.wanted = Some(peer);
         r.last = Some(now);
         true
+    }
+
+    /// A move to a fresh port is allowed now: the port is not fixed, a NAT is in front of us
+    /// and the last move was long enough ago.
+    fn rebind_possible(&self, now: Instant) -> bool {
+        let ttl = self.open_ttl.load(Ordering::Relaxed);
+        let r = self.rebind.lock().unwrap();
+        r.allowed
+            && ttl != 0
+            && ttl != TTL_UNKNOWN
+            && r.last
+                .is_none_or(|l| now.saturating_duration_since(l) >= REBIND_MIN_EVERY)
     }
 
     /// Whether the IO shell should move the WireGuard socket to a fresh port now (asked once;
