@@ -57,9 +57,15 @@ pub const SEARCH_FAST_FOR: Duration = Duration::from_secs(10);
 /// (shortest common UDP NAT timeout is 30 s) and notices a dead path quickly.
 pub const PROBE_KEEP: Duration = Duration::from_secs(2);
 /// A direct path with no Pong or authenticated packet for this long is dead (two lost probes
-/// plus slack); traffic moves to the relay then, so a broken NAT mapping costs at most this
-/// (the NAT-change test wants traffic back within 5 s).
+/// plus slack) even when nothing is sent on it; traffic moves to the relay then.
 pub const DIRECT_TTL: Duration = Duration::from_millis(4500);
+/// While we send on a direct path and hear nothing back for this long, the path is suspect and
+/// probed every tick. A live peer answers within a round trip: TCP acknowledgements, replies, or
+/// at least the Pongs (a saturated uplink delays our probes, never the peer's answers to data).
+pub const SUSPECT_AFTER: Duration = Duration::from_secs(1);
+/// A suspect path with no Pong or packet for this long (four probe rounds) is dead: a NAT that
+/// lost its mapping costs a running stream about two seconds before the relay carries it.
+pub const SUSPECT_GRACE: Duration = Duration::from_secs(1);
 /// Before the first full-TTL probe of an attempt, low-TTL "openers" go out this long: they open
 /// our own NATs towards the peer's candidates but die before the peer's NAT. A full packet that
 /// reaches a Linux NAT before that NAT's own outbound packet leaves a conntrack entry there that
@@ -150,6 +156,10 @@ pub struct PathState {
     next_probe: Option<Instant>,
     /// When a packet from this peer last arrived through the relay.
     pub relay_rx: Option<Instant>,
+    /// When we last sent data on the direct path.
+    last_tx: Option<Instant>,
+    /// Since when we send on the direct path and hear nothing ([`SUSPECT_AFTER`]).
+    suspect_since: Option<Instant>,
     /// The last Pong: (from, round-trip time, when, through the relay).
     pub last_pong: Option<(SocketAddr, Duration, Instant, bool)>,
     /// Our address as this peer saw it in its last Pong (our NAT mapping towards it).
@@ -173,13 +183,44 @@ pub struct PathState {
 impl PathState {
     /// A direct path is in use and alive.
     pub fn direct_alive(&self, now: Instant) -> bool {
-        let pong = self
-            .direct
-            .is_some_and(|(_, _, t)| now.saturating_duration_since(t) < DIRECT_TTL);
-        let rx = self
-            .last_rx
-            .is_some_and(|t| now.saturating_duration_since(t) < DIRECT_TTL);
-        pong || rx
+        let Some(heard) = self.heard() else {
+            return false;
+        };
+        if now.saturating_duration_since(heard) >= DIRECT_TTL {
+            return false;
+        }
+        if self
+            .suspect_since
+            .is_some_and(|s| now.saturating_duration_since(s) >= SUSPECT_GRACE)
+        {
+            return false;
+        }
+        // The peer sends through the relay: it lost the direct path (its side of a NAT change
+        // shows first there); answer the same way until it is heard directly again.
+        !self.relay_rx.is_some_and(|r| r > heard)
+    }
+
+    /// When the peer was last heard on the direct path (a Pong or an authenticated packet).
+    fn heard(&self) -> Option<Instant> {
+        let pong = self.direct.map(|(_, _, t)| t);
+        match (pong, self.last_rx) {
+            (Some(a), Some(b)) => Some(a.max(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
+    /// A direct path in use is suspect when we keep sending on it and hear nothing back.
+    fn check_suspect(&mut self, now: Instant) -> bool {
+        let sending = self
+            .last_tx
+            .is_some_and(|t| now.saturating_duration_since(t) < SUSPECT_AFTER);
+        let silent = self
+            .heard()
+            .is_some_and(|h| now.saturating_duration_since(h) >= SUSPECT_AFTER);
+        if self.suspect_since.is_none() && sending && silent && self.direct_alive(now) {
+            self.suspect_since = Some(now);
+        }
+        self.suspect_since.is_some() && self.direct_alive(now)
     }
 
     fn add_candidate(&mut self, a: SocketAddr) -> bool {
@@ -287,6 +328,7 @@ impl PeerState {
             p.add_candidate(from);
         }
         p.last_rx = Some(now);
+        p.suspect_since = None;
     }
 
     /// Seconds since the last handshake, bytes (rx, tx).
@@ -361,8 +403,9 @@ pub struct RelayClient {
 
 /// The relay binding is refreshed this often: the relay forgets bindings after 60 s, NAT
 /// mappings towards it must not time out (30 s is the shortest common UDP timeout), and when
-/// our NAT gives us a new mapping the relay must learn it before the flow notices.
-pub const RELAY_REBIND: Duration = Duration::from_secs(4);
+/// our NAT gives us a new mapping the relay must learn it by the time a stream's peer finds
+/// the direct path dead ([`SUSPECT_AFTER`] + [`SUSPECT_GRACE`]) and turns to the relay.
+pub const RELAY_REBIND: Duration = Duration::from_secs(2);
 /// A binding not confirmed for this long is not used.
 pub const RELAY_TTL: Duration = Duration::from_secs(60);
 
@@ -650,8 +693,12 @@ impl Engine {
                 }
                 peer.tx_bytes.fetch_add(pkt.len() as u64, Ordering::Relaxed);
                 let (direct, endpoint) = {
-                    let p = peer.path.lock().unwrap();
-                    (p.direct_alive(now), p.endpoint)
+                    let mut p = peer.path.lock().unwrap();
+                    let direct = p.direct_alive(now);
+                    if direct {
+                        p.last_tx = Some(now);
+                    }
+                    (direct, p.endpoint)
                 };
                 if !direct && let Some(relay) = self.relay_bound(now) {
                     // No direct path (yet): the relay carries the packet.
@@ -1154,6 +1201,7 @@ impl Engine {
                     }
                     p.direct = Some((from, rtt, now));
                     p.direct_worked = true;
+                    p.suspect_since = None;
                     p.endpoint = Some(from);
                 }
             }
@@ -1297,7 +1345,9 @@ impl Engine {
         let alive = p.direct_alive(now);
         let fast = p.search_until.is_some_and(|u| now < u);
         p.next_probe = Some(
-            now + if !alive && fast {
+            now + if p.check_suspect(now) {
+                TICK
+            } else if !alive && fast {
                 PROBE_SEARCH
             } else {
                 PROBE_KEEP
@@ -1487,12 +1537,12 @@ impl Engine {
     /// Probes every peer whose next probe is due.
     fn probe_due(&self, t: &PeerTable, now: Instant, send: &mut dyn FnMut(SocketAddr, &[u8])) {
         for peer in &t.peers {
-            let due = peer
-                .path
-                .lock()
-                .unwrap()
-                .next_probe
-                .is_none_or(|n| now >= n);
+            let due = {
+                let mut p = peer.path.lock().unwrap();
+                // A newly suspect path is probed at once, not at its next keep-alive round.
+                let newly_suspect = p.suspect_since.is_none() && p.check_suspect(now);
+                newly_suspect || p.next_probe.is_none_or(|n| now >= n)
+            };
             if due {
                 self.probe(peer, now, send);
             }

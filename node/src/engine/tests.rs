@@ -875,3 +875,100 @@ fn handshakes_go_through_the_relay_not_to_public_addresses_until_a_direct_path_i
         });
     assert_eq!(sent, vec![public_b]);
 }
+
+/// `a` with one peer `b` whose direct path was confirmed at `t0`.
+fn direct_pair_at(t0: Instant) -> (Node, Node, SocketAddr) {
+    let a = node(1, "home");
+    let b = node(2, "laptop");
+    a.engine
+        .apply_map(&map_for(&a, &[&b], PacketFilter::allow_all(), vec![]), t0);
+    let t = a.engine.snapshot();
+    {
+        let mut p = t.peers[0].path.lock().unwrap();
+        p.direct = Some((b.udp, Duration::from_millis(1), t0));
+        p.endpoint = Some(b.udp);
+        p.last_rx = Some(t0);
+    }
+    a.engine.set_open_ttl(0);
+    let to = b.udp;
+    (a, b, to)
+}
+
+#[test]
+fn a_stream_that_hears_nothing_back_leaves_the_direct_path_in_about_two_seconds() {
+    let t0 = Instant::now();
+    let (a, _b, to) = direct_pair_at(t0);
+    let t = a.engine.snapshot();
+    let mut now = t0;
+    let mut probes_while_suspect = 0;
+    let dead_at = loop {
+        now += Duration::from_millis(50);
+        // We keep sending on the direct path (a stream); nothing comes back.
+        t.peers[0].path.lock().unwrap().last_tx = Some(now);
+        let mut sent = 0;
+        a.engine
+            .tick(now, &mut |dst, _| sent += (dst == to) as usize);
+        let since = now.duration_since(t0);
+        if since > SUSPECT_AFTER + Duration::from_millis(250) {
+            probes_while_suspect += sent;
+        }
+        if !t.peers[0].path.lock().unwrap().direct_alive(now) {
+            break since;
+        }
+        assert!(since < DIRECT_TTL, "still direct after {since:?}");
+    };
+    assert!(
+        dead_at >= SUSPECT_AFTER + SUSPECT_GRACE && dead_at <= Duration::from_millis(2600),
+        "dead after {dead_at:?}"
+    );
+    assert!(
+        probes_while_suspect >= 3,
+        "probed every tick while suspect: {probes_while_suspect}"
+    );
+    // A late answer brings the path back at once, without a new punching attempt.
+    t.peers[0].saw(to, now);
+    assert!(t.peers[0].path.lock().unwrap().direct_alive(now));
+}
+
+#[test]
+fn an_idle_direct_path_is_not_suspected() {
+    let t0 = Instant::now();
+    let (a, _b, _) = direct_pair_at(t0);
+    let t = a.engine.snapshot();
+    let mut now = t0;
+    while now.duration_since(t0) < Duration::from_secs(4) {
+        now += Duration::from_millis(50);
+        a.engine.tick(now, &mut |_, _| {});
+    }
+    assert!(t.peers[0].path.lock().unwrap().direct_alive(now));
+    assert!(
+        !t.peers[0]
+            .path
+            .lock()
+            .unwrap()
+            .direct_alive(t0 + DIRECT_TTL)
+    );
+}
+
+#[test]
+fn a_peer_that_turned_to_the_relay_is_answered_through_it() {
+    let t0 = Instant::now();
+    let (a, _b, to) = direct_pair_at(t0);
+    let t = a.engine.snapshot();
+    let p = &t.peers[0];
+    p.path.lock().unwrap().relay_rx = Some(t0 + Duration::from_millis(100));
+    assert!(
+        !p.path
+            .lock()
+            .unwrap()
+            .direct_alive(t0 + Duration::from_millis(150))
+    );
+    // Heard directly again: direct again.
+    p.saw(to, t0 + Duration::from_millis(200));
+    assert!(
+        p.path
+            .lock()
+            .unwrap()
+            .direct_alive(t0 + Duration::from_millis(250))
+    );
+}
