@@ -55,11 +55,13 @@ struct Shared {
     listen_port: std::sync::atomic::AtomicU16,
     /// The port is fixed by `--listen-port`: never moved.
     fixed_port: bool,
-    /// Wakes the endpoint reporter at once (after the socket moved).
+    /// Wakes the endpoint reporter at once (a new map stream, or the socket moved).
     report_now: tokio::sync::Notify,
-    /// Bumped after every endpoint report that followed a socket move: peers are then asked to
-    /// probe again at once, so they learn our new address and open towards it together.
-    reported_after_move: std::sync::atomic::AtomicU64,
+    /// Bumped after every endpoint report that [`Shared::report_now`] asked for: peers are then
+    /// asked to probe at once, so they learn our (new) address and open towards it together.
+    fresh_report: std::sync::atomic::AtomicU64,
+    /// Wakes the probe asker after a fresh report.
+    ask_now: tokio::sync::Notify,
     public_key: homeport_proto::PublicKey,
     state: StateDir,
 }
@@ -190,7 +192,8 @@ pub async fn run(
         listen_port: std::sync::atomic::AtomicU16::new(listen_port),
         fixed_port: cfg.listen_port.is_some(),
         report_now: tokio::sync::Notify::new(),
-        reported_after_move: std::sync::atomic::AtomicU64::new(0),
+        fresh_report: std::sync::atomic::AtomicU64::new(0),
+        ask_now: tokio::sync::Notify::new(),
         public_key,
         state: st,
     });
@@ -443,8 +446,14 @@ async fn map_stream(
             if msg.is_keepalive() {
                 continue;
             }
+            let full = msg.full;
             if let Err(e) = apply_message(shared, maps, msg) {
                 return StreamEnd::Closed(e.to_string());
+            }
+            if full {
+                // A (re)connected stream: report our endpoints now (STUN needs the map's
+                // servers), and have peers probe us as soon as they are known.
+                shared.report_now.notify_one();
             }
         }
     }
@@ -721,7 +730,7 @@ async fn endpoint_reporter(
 ) {
     let mut reported: Option<Vec<Endpoint>> = None;
     let mut was_connected = false;
-    let mut moved = false;
+    let mut asked_for = false;
     let mut depth_measured: Option<tokio::time::Instant> = None;
     loop {
         // How many NAT layers sit in front of us decides the TTL of hole-punching openers.
@@ -731,19 +740,16 @@ async fn endpoint_reporter(
             .unwrap()
             .as_ref()
             .and_then(|m| m.relays.iter().find_map(|r| r.stun));
-        if let Some(server) = stun_server
-            && depth_measured.is_none_or(|t| t.elapsed() > Duration::from_secs(300))
-        {
-            depth_measured = Some(tokio::time::Instant::now());
-            let d = tokio::task::spawn_blocking(move || nat_depth(server))
-                .await
-                .ok()
-                .flatten();
-            tracing::info!(opener_ttl = ?d, "NAT depth measured");
-            if let Some(dp) = shared.dp.lock().unwrap().as_ref() {
-                dp.set_open_ttl(d.unwrap_or(0));
+        // Measured alongside STUN below: both take a round trip.
+        let depth = match stun_server {
+            Some(server)
+                if depth_measured.is_none_or(|t| t.elapsed() > Duration::from_secs(300)) =>
+            {
+                depth_measured = Some(tokio::time::Instant::now());
+                Some(tokio::task::spawn_blocking(move || nat_depth(server)))
             }
-        }
+            _ => None,
+        };
         let mut eps = local_candidates(shared.listen_port.load(Ordering::Relaxed), &shared);
         // STUN through the WireGuard socket, against the coordinator's STUN server(s).
         let servers: Vec<SocketAddr> = shared
@@ -753,14 +759,28 @@ async fn endpoint_reporter(
             .as_ref()
             .map(|m| m.relays.iter().filter_map(|r| r.stun).collect())
             .unwrap_or_default();
+        let mut reflexive = None;
         for server in servers {
-            if let Some(addr) = stun_query(&shared, server, &stun_rx).await
-                && !eps.iter().any(|e| e.addr == addr)
-            {
-                eps.push(Endpoint {
-                    addr,
-                    kind: EndpointKind::Stun,
-                });
+            if let Some(addr) = stun_query(&shared, server, &stun_rx).await {
+                reflexive.get_or_insert(addr);
+                if !eps.iter().any(|e| e.addr == addr) {
+                    eps.push(Endpoint {
+                        addr,
+                        kind: EndpointKind::Stun,
+                    });
+                }
+            }
+        }
+        if let Some(addr) = reflexive
+            && let Some(dp) = shared.dp.lock().unwrap().as_ref()
+        {
+            dp.engine.set_reflexive(Some(addr));
+        }
+        if let Some(depth) = depth {
+            let d = depth.await.ok().flatten();
+            tracing::info!(opener_ttl = ?d, "NAT depth measured");
+            if let Some(dp) = shared.dp.lock().unwrap().as_ref() {
+                dp.set_open_ttl(d.unwrap_or(0));
             }
         }
         let connected = shared.connected.load(Ordering::Relaxed);
@@ -778,8 +798,9 @@ async fn endpoint_reporter(
                 Ok(resp) if resp.status().is_success() => {
                     tracing::info!(endpoints = ?eps.iter().map(|e| e.addr).collect::<Vec<_>>(), "endpoints reported");
                     reported = Some(eps);
-                    if std::mem::take(&mut moved) {
-                        shared.reported_after_move.fetch_add(1, Ordering::Relaxed);
+                    if std::mem::take(&mut asked_for) {
+                        shared.fresh_report.fetch_add(1, Ordering::Relaxed);
+                        shared.ask_now.notify_one();
                     }
                 }
                 Ok(resp) => tracing::warn!(status = %resp.status(), "endpoint report refused"),
@@ -794,7 +815,7 @@ async fn endpoint_reporter(
         };
         tokio::select! {
             _ = tokio::time::sleep(wait) => {}
-            _ = shared.report_now.notified() => moved = true,
+            _ = shared.report_now.notified() => asked_for = true,
             _ = stop.cancelled() => return,
         }
     }
@@ -840,16 +861,17 @@ async fn probe_asker(
 ) {
     let mut asked: std::collections::HashMap<homeport_proto::NodeId, tokio::time::Instant> =
         Default::default();
-    let mut moves_seen = 0;
+    let mut reports_seen = 0;
     loop {
         tokio::select! {
             _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+            _ = shared.ask_now.notified() => {}
             _ = stop.cancelled() => return,
         }
-        let moves = shared.reported_after_move.load(Ordering::Relaxed);
-        if moves != moves_seen {
-            // Our new address is at the coordinator: ask every peer again now.
-            moves_seen = moves;
+        let reports = shared.fresh_report.load(Ordering::Relaxed);
+        if reports != reports_seen {
+            // Our (new) address is at the coordinator: ask every peer again now.
+            reports_seen = reports;
             asked.clear();
         }
         if !shared.connected.load(Ordering::Relaxed) {
@@ -989,54 +1011,92 @@ async fn tcp_relay_keeper(
 
 const PROBE_ASK_EVERY: Duration = Duration::from_secs(10);
 
-/// Traceroute towards `target` (a STUN server): the TTL that just leaves our outermost NAT,
-/// i.e. the hop number of the first router with a public address when private/CGNAT routers
-/// come before it; Some(0) when none do (no NAT in front of us); None when nothing answered.
-fn nat_depth(target: SocketAddr) -> Option<u8> {
-    use quinn_udp::{UdpSockRef, UdpSocketState};
-    let sock = std::net::UdpSocket::bind("0.0.0.0:0").ok()?;
-    let state = UdpSocketState::new(UdpSockRef::from(&sock)).ok()?;
-    state
-        .enable_transport_errors(UdpSockRef::from(&sock))
-        .ok()?;
-    sock.set_read_timeout(Some(Duration::from_millis(50)))
-        .ok()?;
+/// Hops probed when measuring the NAT depth (home router + carrier NAT + a few ISP routers).
+const NAT_DEPTH_MAX_TTL: u8 = 8;
+/// How long the NAT depth measurement waits for hops that do not answer (silent routers).
+const NAT_DEPTH_WAIT: Duration = Duration::from_millis(400);
+
+/// What one TTL-limited probe towards the STUN server met.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Hop {
+    /// Nothing yet (or a router that sends no ICMP).
+    Silent,
+    /// An ICMP time-exceeded from this router.
+    Router(IpAddr),
+    /// The STUN server itself answered.
+    Target,
+}
+
+/// The opener TTL from a traceroute's hops (index 0 = TTL 1): the hop number of the first
+/// public router or of the target when private/CGNAT routers come before it; Some(0) when none
+/// do (no NAT in front of us). None while undecided: a lower hop is still `Silent` and `done`
+/// is false, or nothing public was reached.
+fn nat_depth_from_hops(hops: &[Hop], done: bool) -> Option<u8> {
     let mut last_private = 0u8;
-    let mut buf = [0u8; 1500];
-    for ttl in 1..=8u8 {
-        sock.set_ttl(ttl as u32).ok()?;
-        let txid: [u8; 12] = rand::random();
-        let _ = sock.send_to(&crate::stun::binding_request(txid), target);
-        let deadline = std::time::Instant::now() + Duration::from_millis(400);
-        let mut hop = None;
-        while std::time::Instant::now() < deadline && hop.is_none() {
-            while let Ok(Some(e)) = state.recv_transport_error(UdpSockRef::from(&sock)) {
-                if let Some(a) = e.addr
-                    && a.ip() != target.ip()
-                {
-                    hop = Some(a.ip());
-                }
-            }
-            if hop.is_some() {
-                break;
-            }
-            if let Ok((n, from)) = sock.recv_from(&mut buf)
-                && from == target
-                && crate::stun::parse_binding_response(&buf[..n]).is_ok_and(|(id, _)| id == txid)
-            {
-                // Reached the STUN server itself.
-                return Some(if last_private == 0 { 0 } else { ttl });
-            }
-        }
+    for (i, hop) in hops.iter().enumerate() {
+        let ttl = i as u8 + 1;
         match hop {
-            Some(ip) if crate::engine::is_public(ip) => {
+            Hop::Target => return Some(if last_private == 0 { 0 } else { ttl }),
+            Hop::Router(ip) if crate::engine::is_public(*ip) => {
                 return Some(if last_private == 0 { 0 } else { ttl });
             }
-            Some(_) => last_private = ttl,
-            None => {}
+            Hop::Router(_) => last_private = ttl,
+            Hop::Silent if !done => return None,
+            Hop::Silent => {}
         }
     }
     None
+}
+
+/// Traceroute towards `target` (a STUN server), every TTL at once from its own socket, so it
+/// takes one round trip rather than one per hop: the TTL that just leaves our outermost NAT
+/// (see [`nat_depth_from_hops`]); None when nothing answered.
+fn nat_depth(target: SocketAddr) -> Option<u8> {
+    use quinn_udp::{UdpSockRef, UdpSocketState};
+    let mut probes = vec![];
+    for ttl in 1..=NAT_DEPTH_MAX_TTL {
+        let sock = std::net::UdpSocket::bind("0.0.0.0:0").ok()?;
+        let state = UdpSocketState::new(UdpSockRef::from(&sock)).ok()?;
+        state
+            .enable_transport_errors(UdpSockRef::from(&sock))
+            .ok()?;
+        sock.set_nonblocking(true).ok()?;
+        sock.set_ttl(ttl as u32).ok()?;
+        let txid: [u8; 12] = rand::random();
+        let _ = sock.send_to(&crate::stun::binding_request(txid), target);
+        probes.push((sock, state, txid));
+    }
+    let mut hops = vec![Hop::Silent; probes.len()];
+    let deadline = std::time::Instant::now() + NAT_DEPTH_WAIT;
+    let mut buf = [0u8; 1500];
+    loop {
+        for (i, (sock, state, txid)) in probes.iter().enumerate() {
+            if hops[i] != Hop::Silent {
+                continue;
+            }
+            while let Ok(Some(e)) = state.recv_transport_error(UdpSockRef::from(sock)) {
+                if let Some(a) = e.addr
+                    && a.ip() != target.ip()
+                {
+                    hops[i] = Hop::Router(a.ip());
+                }
+            }
+            if let Ok((n, from)) = sock.recv_from(&mut buf)
+                && from == target
+                && crate::stun::parse_binding_response(&buf[..n]).is_ok_and(|(id, _)| id == *txid)
+            {
+                hops[i] = Hop::Target;
+            }
+        }
+        let done = std::time::Instant::now() >= deadline;
+        if let Some(d) = nat_depth_from_hops(&hops, done) {
+            return Some(d);
+        }
+        if done {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
 }
 
 /// One STUN Binding transaction from the WireGuard socket. Three tries, 300 ms apart.
@@ -1129,4 +1189,42 @@ fn render_metrics(st: &Status) -> String {
         );
     }
     o
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{Hop, nat_depth_from_hops};
+
+    fn r(ip: &str) -> Hop {
+        Hop::Router(ip.parse().unwrap())
+    }
+
+    #[test]
+    fn nat_depth_is_the_first_public_hop_after_private_ones() {
+        // Home router, carrier NAT, then the ISP's public router: openers need TTL 3.
+        let hops = [
+            r("10.10.1.1"),
+            r("100.64.0.1"),
+            r("203.0.113.1"),
+            Hop::Target,
+        ];
+        assert_eq!(nat_depth_from_hops(&hops, false), Some(3));
+        // No private router before the public internet: no NAT to open.
+        let hops = [r("198.51.100.1"), Hop::Target];
+        assert_eq!(nat_depth_from_hops(&hops, false), Some(0));
+        // The STUN server right behind one NAT whose routers stay silent.
+        let hops = [r("192.168.1.1"), Hop::Target];
+        assert_eq!(nat_depth_from_hops(&hops, false), Some(2));
+    }
+
+    #[test]
+    fn nat_depth_waits_for_lower_hops_then_skips_silent_ones() {
+        // TTL 2 has not answered yet: a private router there would change the answer.
+        let hops = [r("10.0.0.1"), Hop::Silent, r("203.0.113.1")];
+        assert_eq!(nat_depth_from_hops(&hops, false), None);
+        // Out of time: a silent router counts as neither.
+        assert_eq!(nat_depth_from_hops(&hops, true), Some(3));
+        // Nothing answered at all.
+        assert_eq!(nat_depth_from_hops(&[Hop::Silent; 8], true), None);
+    }
 }

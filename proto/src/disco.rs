@@ -8,7 +8,20 @@
 //! Layout: `MAGIC(4) | sender public key (32) | nonce (12) | sealed(body) | tag (16)` where the
 //! body is sealed with ChaCha20-Poly1305 under SHA-256("homeport disco v1" | X25519 shared secret
 //! of sender and receiver keys), the header (magic, key, nonce) as associated data.
-//! Body: `type(1) | tx id (12) | [for Pong: observed source address: family(1) ip(4|16) port(2)]`.
+//! Body: `type(1) | tx id (12) | ...` where `...` is
+//! - Ping: nothing;
+//! - Pong: the observed source address of the Ping (`address` below);
+//! - Ready (sent through the relay during hole punching): the sender's own reflexive address
+//!   (family 0 when unknown), then a count (at most [`READY_MAX_OPENED`]) and that many
+//!   addresses the sender has just sent NAT openers to.
+//!
+//! `address` = `family(1: 0, 4 or 6) | ip(0, 4 or 16) | port(2, absent for family 0)`.
+//!
+//! Ready exists because of Linux NATs: a probe that reaches a NAT before the host behind it sent
+//! anything to the prober's address leaves a conntrack entry that forces the host onto another
+//! port towards the prober. So a node sends full probes to a peer only once the peer said (Ready)
+//! that it opened its NAT towards the node's *current* address; and the Ready carries the
+//! sender's own address, so a peer that moved is found through the relay at once.
 
 /// First four bytes of every disco packet.
 pub const DISCO_MAGIC: [u8; 4] = [0xF1, b'h', b'p', b'd'];
@@ -16,6 +29,9 @@ pub const DISCO_HEADER_LEN: usize = 4 + 32 + 12;
 
 pub const DISCO_PING: u8 = 1;
 pub const DISCO_PONG: u8 = 2;
+pub const DISCO_READY: u8 = 3;
+/// Addresses one Ready lists at most (a peer has at most 8 candidates, of which few public).
+pub const READY_MAX_OPENED: usize = 4;
 
 /// What a datagram on the WireGuard socket is, judged from its first bytes alone.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -242,6 +242,9 @@ impl Datapath {
                             for (to, b) in openers {
                                 send_with_ttl(&socket, to, &b, ttl);
                             }
+                            for (to, b) in engine.take_after_openers() {
+                                send_one(&socket, &state, to, &b);
+                            }
                             std::thread::sleep(TICK);
                         }
                     })?,
@@ -369,6 +372,9 @@ impl Datapath {
         let (ttl, openers) = self.engine.take_openers();
         for (to, b) in openers {
             send_with_ttl(&self.socket, to, &b, ttl);
+        }
+        for (to, b) in self.engine.take_after_openers() {
+            send_one(&self.socket, &self.state, to, &b);
         }
     }
 

@@ -3,13 +3,43 @@
 //! accepts, so a forged probe can never redirect a peer's traffic.
 
 use boringtun::x25519;
-use homeport_proto::disco::{DISCO_HEADER_LEN, DISCO_MAGIC, DISCO_PING, DISCO_PONG};
+use homeport_proto::disco::{
+    DISCO_HEADER_LEN, DISCO_MAGIC, DISCO_PING, DISCO_PONG, DISCO_READY, READY_MAX_OPENED,
+};
 use ring::aead::{Aad, CHACHA20_POLY1305, LessSafeKey, Nonce, UnboundKey};
 use sha2::{Digest, Sha256};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
-/// Largest disco packet: header + type + tx + v6 address + tag.
-pub const MAX_DISCO: usize = DISCO_HEADER_LEN + 1 + 12 + 19 + 16;
+/// Largest encoded address: family, IPv6, port.
+const MAX_ADDR: usize = 1 + 16 + 2;
+/// Largest disco packet: header + type + tx + a Ready's addresses + tag.
+pub const MAX_DISCO: usize =
+    DISCO_HEADER_LEN + 1 + 12 + MAX_ADDR + 1 + READY_MAX_OPENED * MAX_ADDR + 16;
+
+/// Addresses a Ready lists (at most [`READY_MAX_OPENED`]; no allocation).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Opened {
+    n: u8,
+    addrs: [Option<SocketAddr>; READY_MAX_OPENED],
+}
+
+impl Opened {
+    /// Adds `a`; false when full.
+    pub fn push(&mut self, a: SocketAddr) -> bool {
+        let Some(slot) = self.addrs.get_mut(self.n as usize) else {
+            return false;
+        };
+        *slot = Some(a);
+        self.n += 1;
+        true
+    }
+    pub fn iter(&self) -> impl Iterator<Item = SocketAddr> + '_ {
+        self.addrs[..self.n as usize].iter().flatten().copied()
+    }
+    pub fn contains(&self, a: SocketAddr) -> bool {
+        self.iter().any(|x| x == a)
+    }
+}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum DiscoMsg {
@@ -21,6 +51,54 @@ pub enum DiscoMsg {
         tx: [u8; 12],
         observed: SocketAddr,
     },
+    /// Hole punching (through the relay): "my reflexive address is `me`; I just sent openers to
+    /// `opened`" — the receiver may now send full probes to the sender if its own address is
+    /// among them, and opens towards `me`.
+    Ready {
+        tx: [u8; 12],
+        me: Option<SocketAddr>,
+        opened: Opened,
+    },
+}
+
+/// Writes `a` at `out[0..]`; returns its length.
+fn put_addr(out: &mut [u8], a: Option<SocketAddr>) -> usize {
+    let Some(a) = a else {
+        out[0] = 0;
+        return 1;
+    };
+    let n = match a.ip() {
+        IpAddr::V4(ip) => {
+            out[0] = 4;
+            out[1..5].copy_from_slice(&ip.octets());
+            5
+        }
+        IpAddr::V6(ip) => {
+            out[0] = 6;
+            out[1..17].copy_from_slice(&ip.octets());
+            17
+        }
+    };
+    out[n..n + 2].copy_from_slice(&a.port().to_be_bytes());
+    n + 2
+}
+
+/// Reads an address written by [`put_addr`]: (address, bytes used).
+fn get_addr(b: &[u8]) -> Option<(Option<SocketAddr>, usize)> {
+    let (ip, at) = match b.first()? {
+        0 => return Some((None, 1)),
+        4 => (
+            IpAddr::V4(Ipv4Addr::from(<[u8; 4]>::try_from(b.get(1..5)?).ok()?)),
+            5,
+        ),
+        6 => (
+            IpAddr::V6(Ipv6Addr::from(<[u8; 16]>::try_from(b.get(1..17)?).ok()?)),
+            17,
+        ),
+        _ => return None,
+    };
+    let port = u16::from_be_bytes(b.get(at..at + 2)?.try_into().ok()?);
+    Some((Some(SocketAddr::new(ip, port)), at + 2))
 }
 
 /// The symmetric key two nodes share for disco.
@@ -50,20 +128,18 @@ pub fn seal(key: &LessSafeKey, sender: &[u8; 32], msg: &DiscoMsg, out: &mut [u8]
             out[n] = DISCO_PONG;
             out[n + 1..n + 13].copy_from_slice(tx);
             n += 13;
-            match observed.ip() {
-                IpAddr::V4(a) => {
-                    out[n] = 4;
-                    out[n + 1..n + 5].copy_from_slice(&a.octets());
-                    n += 5;
-                }
-                IpAddr::V6(a) => {
-                    out[n] = 6;
-                    out[n + 1..n + 17].copy_from_slice(&a.octets());
-                    n += 17;
-                }
+            n += put_addr(&mut out[n..], Some(*observed));
+        }
+        DiscoMsg::Ready { tx, me, opened } => {
+            out[n] = DISCO_READY;
+            out[n + 1..n + 13].copy_from_slice(tx);
+            n += 13;
+            n += put_addr(&mut out[n..], *me);
+            out[n] = opened.n;
+            n += 1;
+            for a in opened.iter() {
+                n += put_addr(&mut out[n..], Some(a));
             }
-            out[n..n + 2].copy_from_slice(&observed.port().to_be_bytes());
-            n += 2;
         }
     }
     let (head, body) = out.split_at_mut(DISCO_HEADER_LEN);
@@ -105,23 +181,28 @@ pub fn open(key: &LessSafeKey, d: &[u8], scratch: &mut [u8]) -> Option<DiscoMsg>
     match plain[0] {
         DISCO_PING => Some(DiscoMsg::Ping { tx }),
         DISCO_PONG => {
-            let rest = &plain[13..];
-            let (ip, port_at) = match rest.first()? {
-                4 => (
-                    IpAddr::V4(Ipv4Addr::from(<[u8; 4]>::try_from(rest.get(1..5)?).ok()?)),
-                    5,
-                ),
-                6 => (
-                    IpAddr::V6(Ipv6Addr::from(<[u8; 16]>::try_from(rest.get(1..17)?).ok()?)),
-                    17,
-                ),
-                _ => return None,
-            };
-            let port = u16::from_be_bytes(rest.get(port_at..port_at + 2)?.try_into().ok()?);
+            let (observed, _) = get_addr(&plain[13..])?;
             Some(DiscoMsg::Pong {
                 tx,
-                observed: SocketAddr::new(ip, port),
+                observed: observed?,
             })
+        }
+        DISCO_READY => {
+            let mut rest = &plain[13..];
+            let (me, used) = get_addr(rest)?;
+            rest = &rest[used..];
+            let count = *rest.first()? as usize;
+            rest = &rest[1..];
+            if count > READY_MAX_OPENED {
+                return None;
+            }
+            let mut opened = Opened::default();
+            for _ in 0..count {
+                let (a, used) = get_addr(rest)?;
+                opened.push(a?);
+                rest = &rest[used..];
+            }
+            Some(DiscoMsg::Ready { tx, me, opened })
         }
         _ => None,
     }
@@ -150,6 +231,23 @@ mod tests {
             DiscoMsg::Pong {
                 tx: [9; 12],
                 observed: "[2001:db8::1]:5".parse().unwrap(),
+            },
+            DiscoMsg::Ready {
+                tx: [1; 12],
+                me: None,
+                opened: Opened::default(),
+            },
+            DiscoMsg::Ready {
+                tx: [2; 12],
+                me: Some("[2001:db8::1]:5".parse().unwrap()),
+                opened: {
+                    let mut o = Opened::default();
+                    for a in ["203.0.113.2:1", "[2001:db8::2]:2", "192.0.2.1:3", "[::1]:4"] {
+                        assert!(o.push(a.parse().unwrap()));
+                    }
+                    assert!(!o.push("192.0.2.9:9".parse().unwrap()));
+                    o
+                },
             },
         ] {
             let n = seal(&ka, &pa, &msg, &mut out);

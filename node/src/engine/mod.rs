@@ -88,6 +88,11 @@ pub const REBIND_MIN_EVERY: Duration = Duration::from_secs(60);
 /// After asking the daemon to move the socket, punching towards that peer pauses this long so
 /// the attempt restarts from the new port, not the old one (the daemon polls every second).
 pub const REBIND_WAIT: Duration = Duration::from_secs(3);
+/// At start, while a relay is configured but not bound yet, nothing goes to a peer's public
+/// addresses for up to this long (the relay answers within a round trip): an early handshake
+/// sent straight at a peer's NAT before the peer opened it spoils that NAT for the punching
+/// that follows. After this, a relay that never answers is not waited for.
+pub const RELAY_WAIT: Duration = Duration::from_secs(2);
 /// `open_ttl` value while the NAT depth is not measured yet.
 pub const TTL_UNKNOWN: u8 = 255;
 
@@ -175,6 +180,10 @@ pub struct PathState {
     peer_searching_until: Option<Instant>,
     /// When the first opener of this attempt went to each candidate.
     opened: Vec<(SocketAddr, Instant)>,
+    /// The peer's last Ready: the addresses it had just opened its NAT towards, and when it
+    /// arrived. Once a peer has sent one, full probes go to it only when our own address is
+    /// among them (see `homeport_proto::disco`).
+    peer_opened: Option<(disco::Opened, Instant)>,
     /// A direct path to this peer was confirmed since our socket was bound: if a later attempt
     /// fails, our NAT state (not the peers' NAT types) is the likely cause.
     direct_worked: bool,
@@ -436,6 +445,12 @@ pub struct Engine {
     open_ttl: std::sync::atomic::AtomicU8,
     /// Opener packets for the IO shell to send with that TTL: (to, bytes).
     openers: Mutex<Vec<(SocketAddr, Vec<u8>)>>,
+    /// Datagrams to send (normal TTL) right after the queued openers: the Ready messages that
+    /// tell peers what we just opened must not overtake the openers themselves.
+    after_openers: Mutex<Vec<(SocketAddr, Vec<u8>)>>,
+    /// Our reflexive address (from STUN, through the WireGuard socket), for Ready messages and
+    /// to know whether a peer opened towards us.
+    reflexive: Mutex<Option<SocketAddr>>,
     started: Mutex<Option<Instant>>,
     rebind: Mutex<Rebind>,
     /// Maps `Instant`s to unix time for relay bindings: (an instant, unix seconds then).
@@ -458,6 +473,8 @@ impl Engine {
             relay: Mutex::new(None),
             open_ttl: std::sync::atomic::AtomicU8::new(TTL_UNKNOWN),
             openers: Mutex::new(Vec::new()),
+            after_openers: Mutex::new(Vec::new()),
+            reflexive: Mutex::new(None),
             started: Mutex::new(None),
             rebind: Mutex::new(Rebind::default()),
             clock_base: (
@@ -700,7 +717,16 @@ impl Engine {
                     }
                     (direct, p.endpoint)
                 };
-                if !direct && let Some(relay) = self.relay_bound(now) {
+                let route = if direct {
+                    None
+                } else {
+                    self.without_direct(now)
+                };
+                if route == Some(None) {
+                    // Not straight at the peer's NAT before the relay is bound (RELAY_WAIT).
+                    return Encap::Drop(DropReason::NoRoute);
+                }
+                if let Some(Some(relay)) = route {
                     // No direct path (yet): the relay carries the packet.
                     let h = homeport_proto::relay::RELAY_HEADER_LEN;
                     if out.len() < len + h {
@@ -903,6 +929,23 @@ impl Engine {
         send(addr, &buf[..h + pkt.len()]);
     }
 
+    /// How packets without a live direct path reach `peer`'s public addresses: `Some(relay)`
+    /// through the relay, `Some(None)` not at all yet (the relay is about to bind), `None`
+    /// directly (no relay, or one that never answered).
+    fn without_direct(&self, now: Instant) -> Option<Option<SocketAddr>> {
+        if let Some(r) = self.relay_bound(now) {
+            return Some(Some(r));
+        }
+        let configured = self.relay.lock().unwrap().is_some();
+        (configured && self.age(now) < RELAY_WAIT).then_some(None)
+    }
+
+    /// Time since the engine first ran.
+    fn age(&self, now: Instant) -> Duration {
+        let mut st = self.started.lock().unwrap();
+        now.saturating_duration_since(*st.get_or_insert(now))
+    }
+
     /// The relay address when a binding is confirmed.
     pub fn relay_bound(&self, now: Instant) -> Option<SocketAddr> {
         self.relay
@@ -931,15 +974,21 @@ impl Engine {
         now: Instant,
         send: &mut dyn FnMut(SocketAddr, &[u8]),
     ) {
-        let relayed =
-            self.relay_bound(now).is_some() && !peer.path.lock().unwrap().direct_alive(now);
+        let route = if peer.path.lock().unwrap().direct_alive(now) {
+            None
+        } else {
+            self.without_direct(now)
+        };
         for to in peer.handshake_targets(now) {
-            if !relayed || !is_public(to.ip()) {
+            if route.is_none() || !is_public(to.ip()) {
                 send(to, pkt);
             }
         }
-        if relayed {
-            self.send_via_relay(peer, pkt, send);
+        match route {
+            Some(Some(_)) => self.send_via_relay(peer, pkt, send),
+            // Sent at the next tick once the relay is bound (see the eager handshake).
+            Some(None) => peer.eager.store(true, Ordering::Relaxed),
+            None => {}
         }
     }
 
@@ -1057,13 +1106,10 @@ impl Engine {
         let mut buf = [0u8; 2048];
         for peer in &t.peers {
             let mut tunn = peer.tunn.lock().unwrap();
-            let age = {
-                let mut st = self.started.lock().unwrap();
-                now.saturating_duration_since(*st.get_or_insert(now))
-            };
+            let age = self.age(now);
             let relay_ready =
                 self.relay.lock().unwrap().is_none() || self.relay_bound(now).is_some();
-            if (relay_ready || age > Duration::from_secs(2))
+            if (relay_ready || age > RELAY_WAIT)
                 && peer.eager.swap(false, Ordering::Relaxed)
                 && tunn.stats().0.is_none()
             {
@@ -1085,10 +1131,16 @@ impl Engine {
                         self.send_handshake(peer, pkt, now, send);
                     } else {
                         let direct = peer.path.lock().unwrap().direct_alive(now);
-                        match (direct, self.relay_bound(now), peer.endpoint()) {
-                            (false, Some(_), _) => self.send_via_relay(peer, pkt, send),
-                            (_, _, Some(to)) => send(to, pkt),
-                            _ => {}
+                        let route = if direct {
+                            None
+                        } else {
+                            self.without_direct(now)
+                        };
+                        match (route, peer.endpoint()) {
+                            (Some(Some(_)), _) => self.send_via_relay(peer, pkt, send),
+                            (Some(None), _) => {}
+                            (None, Some(to)) => send(to, pkt),
+                            (None, None) => {}
                         }
                     }
                 }
@@ -1203,6 +1255,30 @@ impl Engine {
                     p.direct_worked = true;
                     p.suspect_since = None;
                     p.endpoint = Some(from);
+                }
+            }
+            disco::DiscoMsg::Ready { me, opened, .. } => {
+                let mut p = peer.path.lock().unwrap();
+                let mine = *self.reflexive.lock().unwrap();
+                let newly_for_us = mine.is_some_and(|m| {
+                    opened.contains(m) && !p.peer_opened.is_some_and(|(o, _)| o.contains(m))
+                });
+                p.peer_opened = Some((opened, now));
+                if p.direct_alive(now) {
+                    return true;
+                }
+                // The peer is punching: join in (our openers towards it and our own Ready go
+                // out at the next tick), towards its current address too.
+                if let Some(me) = me
+                    && is_public(me.ip())
+                    && p.add_candidate(me)
+                {
+                    p.end_quiet(now);
+                }
+                p.peer_searching_until = Some(now + SEARCH_FAST_FOR);
+                p.begin_attempt(now);
+                if newly_for_us || p.opened_at == Some(now) {
+                    p.next_probe = Some(now);
                 }
             }
         }
@@ -1337,10 +1413,7 @@ impl Engine {
         let me = self.public.to_bytes();
         let mut out = [0u8; disco::MAX_DISCO];
         let ttl = self.open_ttl.load(Ordering::Relaxed);
-        let age = {
-            let mut st = self.started.lock().unwrap();
-            now.saturating_duration_since(*st.get_or_insert(now))
-        };
+        let age = self.age(now);
         let mut p = peer.path.lock().unwrap();
         let alive = p.direct_alive(now);
         let fast = p.search_until.is_some_and(|u| now < u);
@@ -1371,6 +1444,7 @@ impl Engine {
                 let start = *p.opened_at.get_or_insert(now);
                 let since = now.saturating_duration_since(start);
                 let peer_open = p.peer_searching_until.is_some_and(|u| now < u);
+                let ready = self.peer_ready_for_us(&p, now);
                 let give_up = if p.direct_worked && self.rebind_possible(now) {
                     LOST_PATH_ATTEMPT
                 } else {
@@ -1392,6 +1466,11 @@ impl Engine {
                         p.quiet_until = Some(now + PROBE_QUIET);
                     }
                     return;
+                } else if ready == Some(false) {
+                    // The peer has not opened towards our current address (yet).
+                    full = false;
+                } else if ready == Some(true) {
+                    // It said so itself: no need to wait out OPEN_FIRST.
                 } else if since < OPEN_FIRST {
                     full = false;
                     p.next_probe = Some(start + OPEN_FIRST);
@@ -1407,6 +1486,15 @@ impl Engine {
                 .copied()
                 .filter(|a| is_public(a.ip()))
                 .collect();
+            // The Ready lists the newest candidates (learned ones come last).
+            let mut opened = disco::Opened::default();
+            for to in public
+                .iter()
+                .rev()
+                .take(homeport_proto::disco::READY_MAX_OPENED)
+            {
+                opened.push(*to);
+            }
             for to in public {
                 if !p.opened.iter().any(|(a, _)| *a == to) {
                     p.opened.push((to, now));
@@ -1415,6 +1503,26 @@ impl Engine {
                 let n = disco::seal(&peer.disco, &me, &disco::DiscoMsg::Ping { tx }, &mut out);
                 if q.len() < 256 {
                     q.push((to, out[..n].to_vec()));
+                }
+            }
+            drop(q);
+            if let Some(relay) = self.relay_bound(now) {
+                let msg = disco::DiscoMsg::Ready {
+                    tx: rand::random(),
+                    me: *self.reflexive.lock().unwrap(),
+                    opened,
+                };
+                let n = disco::seal(&peer.disco, &me, &msg, &mut out);
+                let mut frame = vec![0u8; homeport_proto::relay::RELAY_HEADER_LEN + n];
+                let h = homeport_proto::relay::write_header(
+                    &mut frame,
+                    homeport_proto::relay::RELAY_SEND,
+                    peer.key.as_bytes(),
+                );
+                frame[h..h + n].copy_from_slice(&out[..n]);
+                let mut after = self.after_openers.lock().unwrap();
+                if after.len() < 256 {
+                    after.push((relay, frame));
                 }
             }
         }
@@ -1437,9 +1545,12 @@ impl Engine {
                     return !has_public || full;
                 }
                 full && (!gated
-                    || p.opened
-                        .iter()
-                        .any(|(a, t)| a == c && now.saturating_duration_since(*t) >= OPEN_FIRST))
+                    || match self.peer_ready_for_us(&p, now) {
+                        Some(ready) => ready,
+                        None => p.opened.iter().any(|(a, t)| {
+                            a == c && now.saturating_duration_since(*t) >= OPEN_FIRST
+                        }),
+                    })
             })
             .collect();
         for to in targets {
@@ -1521,11 +1632,32 @@ impl Engine {
         if let Some(r) = self.relay.lock().unwrap().as_mut() {
             r.rebind_now = true;
         }
+        // Unknown until STUN answers from the new port.
+        *self.reflexive.lock().unwrap() = None;
     }
 
     /// Sets the opener TTL (see [`OPEN_FIRST`]): 0 when no NAT is in front of this node.
     pub fn set_open_ttl(&self, ttl: u8) {
         self.open_ttl.store(ttl, Ordering::Relaxed);
+    }
+
+    /// Whether `peer` opened its NAT towards our current address (its last Ready, within
+    /// [`SEARCH_FAST_FOR`], lists it). None when that cannot be told: the peer never sent a
+    /// Ready (an older node: the OPEN_FIRST timing rule applies), or our address is unknown.
+    fn peer_ready_for_us(&self, p: &PathState, now: Instant) -> Option<bool> {
+        let mine = (*self.reflexive.lock().unwrap())?;
+        let (opened, at) = p.peer_opened.as_ref()?;
+        Some(now.saturating_duration_since(*at) < SEARCH_FAST_FOR && opened.contains(mine))
+    }
+
+    /// Our reflexive address as STUN reports it through the WireGuard socket.
+    pub fn set_reflexive(&self, addr: Option<SocketAddr>) {
+        *self.reflexive.lock().unwrap() = addr;
+    }
+
+    /// Datagrams to send right after the openers from [`Engine::take_openers`] (normal TTL).
+    pub fn take_after_openers(&self) -> Vec<(SocketAddr, Vec<u8>)> {
+        std::mem::take(&mut *self.after_openers.lock().unwrap())
     }
 
     /// Opener packets to send with the opener TTL.
