@@ -972,3 +972,88 @@ fn a_peer_that_turned_to_the_relay_is_answered_through_it() {
             .direct_alive(t0 + Duration::from_millis(250))
     );
 }
+
+/// A Ready from `from` to `to`, sealed with their disco key.
+fn ready_from(from: &Node, to: &Node, me: Option<SocketAddr>, opened: &[&str]) -> Vec<u8> {
+    let k = disco::key(from.key.secret(), to.key.public_key().as_bytes());
+    let mut o = disco::Opened::default();
+    for a in opened {
+        o.push(a.parse().unwrap());
+    }
+    let msg = disco::DiscoMsg::Ready {
+        tx: [3; 12],
+        me,
+        opened: o,
+    };
+    let mut out = [0u8; disco::MAX_DISCO];
+    let n = disco::seal(&k, from.key.public_key().as_bytes(), &msg, &mut out);
+    out[..n].to_vec()
+}
+
+#[test]
+fn full_probes_wait_until_the_peer_opened_towards_our_current_address() {
+    let a = node(1, "home");
+    let b = node(2, "laptop");
+    let public_b: SocketAddr = "192.0.2.130:40000".parse().unwrap();
+    let mut m = map_for(&a, &[&b], PacketFilter::allow_all(), vec![]);
+    m.peers.get_mut(&b.id).unwrap().endpoints = vec![Endpoint {
+        addr: public_b,
+        kind: EndpointKind::Stun,
+    }];
+    let relayed: SocketAddr = "198.51.100.10:3478".parse().unwrap();
+    m.relays = vec![homeport_proto::map::RelayInfo {
+        udp: Some(relayed),
+        stun: None,
+        public_key: Some(PrivateKey::generate().public_key()),
+    }];
+    let t0 = Instant::now();
+    a.engine.apply_map(&m, t0);
+    a.engine.set_open_ttl(3);
+    a.engine
+        .set_reflexive(Some("203.0.113.2:41844".parse().unwrap()));
+    let t = a.engine.snapshot();
+    let mut bound = homeport_proto::relay::RELAY_MAGIC.to_vec();
+    bound.push(homeport_proto::relay::RELAY_BOUND);
+    let mut buf = [0u8; 2048];
+    a.engine
+        .handle_relay(&t, relayed, &bound, &mut buf, t0, &mut |_, _| {});
+    let full_probes = |now: Instant| {
+        let mut sent = vec![];
+        a.engine.tick(now, &mut |to, d| sent.push((to, d.to_vec())));
+        sent.iter().filter(|(to, _)| *to == public_b).count()
+    };
+    // The peer punches, but opened only towards our old address (its map is behind): it moved
+    // to a new port too, and says so.
+    let moved: SocketAddr = "192.0.2.130:56278".parse().unwrap();
+    let r = ready_from(&b, &a, Some(moved), &["203.0.113.2:58450"]);
+    assert!(a.engine.handle_disco(&t, relayed, &r, t0, &mut |_, _| {}));
+    let mut now = t0;
+    let mut full = 0;
+    for _ in 0..20 {
+        now += Duration::from_millis(250);
+        full += full_probes(now);
+        // The relay's binding stays fresh.
+        a.engine
+            .handle_relay(&t, relayed, &bound, &mut buf, now, &mut |_, _| {});
+    }
+    assert_eq!(
+        full, 0,
+        "no full probe may reach the peer's NAT before it opened towards us"
+    );
+    let (_, openers) = a.engine.take_openers();
+    assert!(
+        openers.iter().any(|(to, _)| *to == moved),
+        "openers towards the peer's new address, learned from its Ready"
+    );
+    // Now it opened towards our current address: full probes at the next tick.
+    let r = ready_from(&b, &a, Some(moved), &["203.0.113.2:41844"]);
+    assert!(a.engine.handle_disco(&t, relayed, &r, now, &mut |_, _| {}));
+    now += Duration::from_millis(250);
+    let mut sent = vec![];
+    a.engine.tick(now, &mut |to, d| sent.push((to, d.to_vec())));
+    assert!(
+        sent.iter().any(|(to, _)| *to == moved || *to == public_b),
+        "full probes once the peer is ready: {:?}",
+        sent.iter().map(|(to, _)| to).collect::<Vec<_>>()
+    );
+}
