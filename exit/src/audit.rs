@@ -914,4 +914,67 @@ mod tests {
             "{human}"
         );
     }
+
+    /// A flood of denials (one line per spoofed source) cannot grow the log past
+    /// (keep + 1) × max-bytes: the file rotates, the oldest rotated file goes, and every file
+    /// stays 0600.
+    #[test]
+    fn a_flood_of_denials_rotates_the_log_within_its_bound() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let rot = Rotation {
+            max_bytes: 4096,
+            keep: 2,
+        };
+        let a = Audit::open_rotating(dir.path(), rot).unwrap();
+        a.set_rules(&[rule(7, PublishProto::Tcp, 32400, Guards::default())]);
+        let mut lines = 0u64;
+        for i in 0..2000u32 {
+            let src = IpAddr::from([10, (i >> 16) as u8, (i >> 8) as u8, i as u8]);
+            lines += a
+                .on_deny_counts(&[(DenyReason::NotInAllowList, 7, src, 1)])
+                .len() as u64;
+        }
+        assert_eq!(lines, 2000);
+        let cur = dir.path().join(AUDIT_FILE);
+        let rotated = rotated_files(&cur);
+        assert_eq!(
+            rotated,
+            vec![rotated_path(&cur, 2), rotated_path(&cur, 1)],
+            "keeps exactly 2 rotated files, oldest first"
+        );
+        let mut total = 0;
+        for p in rotated.iter().chain([&cur]) {
+            let m = std::fs::metadata(p).unwrap();
+            assert!(
+                m.len() <= rot.max_bytes,
+                "{} has {} bytes",
+                p.display(),
+                m.len()
+            );
+            assert_eq!(m.permissions().mode() & 0o777, 0o600, "{}", p.display());
+            total += m.len();
+            // Whole JSON lines only: a line never straddles two files.
+            for l in std::fs::read_to_string(p).unwrap().lines() {
+                serde_json::from_str::<AuditRecord>(l).unwrap();
+            }
+        }
+        assert!(total <= 3 * rot.max_bytes);
+        // The newest lines are in the current file; the last one is the last source.
+        let last = std::fs::read_to_string(&cur).unwrap();
+        assert!(last.trim_end().ends_with("\"packets\":1}"));
+        assert!(last.contains("\"10.0.7.207\""), "{last}");
+        // A reopened audit (exit restart) goes on with the current file's size.
+        drop(a);
+        let len = std::fs::metadata(&cur).unwrap().len();
+        let a = Audit::open_rotating(dir.path(), rot).unwrap();
+        a.set_rules(&[rule(7, PublishProto::Tcp, 32400, Guards::default())]);
+        while std::fs::metadata(&cur).unwrap().len() >= len {
+            let src = IpAddr::from([10, 9, 9, 9]);
+            a.on_deny_counts(&[(DenyReason::Rate, 7, src, 1)]);
+            a.on_deny_counts(&[(DenyReason::Rate, 7, src, 0)]);
+        }
+        assert!(std::fs::metadata(rotated_path(&cur, 1)).unwrap().len() <= rot.max_bytes);
+        assert!(!rotated_path(&cur, 3).exists());
+    }
 }
