@@ -980,3 +980,141 @@ except socket.timeout:
     assert_eq!(r.trim(), "nothing", "router → home:{wg}/udp");
     Ok(())
 }
+
+/// 7. Stopping the exit leaves the VPS as it was. A clean stop (SIGTERM) puts the sysctls it
+///    changed back (IPv4 forwarding was off on this VPS) and removes its table. After a SIGKILL
+///    the table stays until `homeport-exit cleanup` (systemd's ExecStopPost) runs, and in that gap
+///    a viewer connecting to the published port gets nothing: no packet DNATed to the home's mesh
+///    address leaves the VPS towards the internet (counted on the internet router), and the home
+///    server sees no request. Then `cleanup` restores forwarding and removes the table.
+#[test]
+fn stopping_the_exit_restores_the_vps_and_leaks_nothing() {
+    with_lab(
+        &[],
+        stopping_the_exit_restores_the_vps_and_leaks_nothing_body,
+    );
+}
+
+fn stopping_the_exit_restores_the_vps_and_leaks_nothing_body(p: &mut PubLab) -> Result<()> {
+    let sysctl = |p: &PubLab, k: &str| -> Result<String> {
+        Ok(p.lab.exec("vps", &["sysctl", "-n", k])?.trim().to_string())
+    };
+    let saved_path = p.exit.state_dir.join("sysctl-before.json");
+    let saved: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(&saved_path).with_context(|| format!("reading {}", saved_path.display()))?,
+    )?;
+    ensure!(
+        saved["net/ipv4/ip_forward"] == "0",
+        "the VPS did not forward before the exit: {saved}"
+    );
+    let loose_before = saved["net/netfilter/nf_conntrack_tcp_loose"]
+        .as_str()
+        .context("tcp_loose not saved")?
+        .to_string();
+    ensure!(sysctl(p, "net.ipv4.ip_forward")? == "1");
+    ensure!(sysctl(p, "net.netfilter.nf_conntrack_tcp_loose")? == "0");
+
+    let media = media_dir(&p.lab)?;
+    write_random_file(&media.join("file"), 1)?;
+    let plex = p.start_plex(&media)?;
+    p.publish(&["--port", "32400", "--to", "home:32400"])?;
+    p.wait_installed(32400)?;
+    let url = format!("http://{VPS_IP}:32400/file");
+    p.wait_viewer_ok(&url, Duration::from_secs(20))?;
+
+    // Whatever reaches the internet router addressed to the home's mesh address has leaked.
+    let home_mesh = p.home.ip()?;
+    p.lab.exec(
+        "net",
+        &[
+            "nft",
+            &format!(
+                "add table inet leak; add chain inet leak pre {{ type filter hook prerouting priority -400; }}; add rule inet leak pre ip daddr {home_mesh} counter"
+            ),
+        ],
+    )?;
+    let leaked = |p: &PubLab| -> Result<u64> {
+        let l = p
+            .lab
+            .exec("net", &["nft", "-j", "list", "table", "inet", "leak"])?;
+        Ok(l.split("\"packets\": ")
+            .nth(1)
+            .and_then(|r| r.split(|c: char| !c.is_ascii_digit()).next())
+            .and_then(|n| n.parse().ok())
+            .unwrap_or(0))
+    };
+    let requests = |p: &PubLab| p.lab.log(plex).matches("client=").count();
+
+    // Clean stop.
+    let st = p.lab.stop(p.exit.proc)?;
+    ensure!(st.success(), "the exit exited with {st}");
+    ensure!(
+        sysctl(p, "net.ipv4.ip_forward")? == "0",
+        "forwarding not restored"
+    );
+    ensure!(sysctl(p, "net.netfilter.nf_conntrack_tcp_loose")? == loose_before);
+    ensure!(
+        !saved_path.exists(),
+        "the saved sysctls outlive a clean stop"
+    );
+    ensure!(p.table_json().is_none(), "a stopped exit leaves no table");
+    let seen = requests(p);
+    let r = tcp_connect(&p.lab, "viewer", VPS_IP, 32400, 1.0);
+    ensure!(r != "connected", "connected to a stopped exit: {r}");
+    ensure!(leaked(p)? == 0, "packets for the mesh left the stopped VPS");
+
+    // Killed: the table stays, the TUN is gone.
+    let flags: Vec<&str> = p.exit_flags.iter().map(String::as_str).collect();
+    p.exit = p.lab.start_exit("vps", &p.coord, &p.key, "vps", &flags)?;
+    p.wait_viewer_ok(&url, Duration::from_secs(20))?;
+    let seen_before_kill = requests(p);
+    ensure!(seen_before_kill > seen);
+    let pid = p.lab.pid(p.exit.proc).to_string();
+    homeport_tests::sh("kill", &["-KILL", &pid])?;
+    wait_until("the killed exit to be gone", Duration::from_secs(5), || {
+        p.lab.check_running(p.exit.proc).is_err()
+    })?;
+    ensure!(
+        p.table_json().is_some(),
+        "expected the killed exit's table to stay"
+    );
+    let out = p.lab.dir().join("gap.out");
+    for _ in 0..3 {
+        let code = p.viewer_get(&url, &out, &[], 2).unwrap_or(0);
+        ensure!(code != 200, "the viewer got an answer with the exit down");
+    }
+    let udp = p.lab.exec(
+        "viewer",
+        &["python3", "-c", &format!("import socket; s=socket.socket(socket.AF_INET, socket.SOCK_DGRAM); [s.sendto(b'x', ('{VPS_IP}', 32400)) for _ in range(5)]")],
+    );
+    ensure!(udp.is_ok(), "{udp:?}");
+    std::thread::sleep(Duration::from_millis(500));
+    ensure!(
+        leaked(p)? == 0,
+        "packets DNATed to the home's mesh address {home_mesh} left the VPS while the exit was down"
+    );
+    ensure!(
+        requests(p) == seen_before_kill,
+        "the home got a request with the exit down"
+    );
+
+    // What systemd runs after the kill.
+    let cleanup = p.lab.exec(
+        "vps",
+        &[
+            bin("homeport-exit")?.to_str().context("path")?,
+            "cleanup",
+            "--state-dir",
+            p.exit.state_dir.to_str().context("path")?,
+        ],
+    )?;
+    eprintln!("cleanup: {cleanup}");
+    ensure!(
+        sysctl(p, "net.ipv4.ip_forward")? == "0",
+        "cleanup did not restore forwarding"
+    );
+    ensure!(sysctl(p, "net.netfilter.nf_conntrack_tcp_loose")? == loose_before);
+    ensure!(p.table_json().is_none(), "cleanup left the table");
+    ensure!(!saved_path.exists());
+    Ok(())
+}
