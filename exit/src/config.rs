@@ -346,4 +346,47 @@ mod tests {
         assert!(c.keep_open.contains(&"udp:41641".parse().unwrap()));
         assert!(!s.nft_config("hpx0", None).edge_protection);
     }
+
+    #[test]
+    fn audit_rotation_from_flags_and_file() {
+        let p = Path::new("/nonexistent/exit.toml");
+        let d = resolve_publish(ExitArgs::default(), &toml::Table::new(), p).unwrap();
+        assert_eq!(d.audit, crate::audit::Rotation::default());
+        assert_eq!((d.audit.max_bytes, d.audit.keep), (64 << 20, 4));
+        let file: toml::Table = toml::from_str("audit-max-bytes = \"1M\"\naudit-keep = 2").unwrap();
+        let f = resolve_publish(ExitArgs::default(), &file, p).unwrap();
+        assert_eq!((f.audit.max_bytes, f.audit.keep), (1 << 20, 2));
+        let file: toml::Table = toml::from_str("audit-max-bytes = 5000").unwrap();
+        assert_eq!(
+            resolve_publish(ExitArgs::default(), &file, p)
+                .unwrap()
+                .audit
+                .max_bytes,
+            5000
+        );
+        let flags = ExitArgs {
+            audit_max_bytes: Some(parse_size("64KiB").unwrap()),
+            ..ExitArgs::default()
+        };
+        assert_eq!(
+            resolve_publish(flags, &file, p).unwrap().audit.max_bytes,
+            64 << 10
+        );
+        for ok in [
+            ("4096", 4096),
+            ("2k", 2048),
+            ("3MB", 3 << 20),
+            ("1G", 1 << 30),
+        ] {
+            assert_eq!(parse_size(ok.0), Ok(ok.1), "{}", ok.0);
+        }
+        for bad in ["", "12", "x", "-5M", "10T", "1023"] {
+            assert!(parse_size(bad).unwrap_err().contains("e.g. 64M"), "{bad}");
+        }
+        let file: toml::Table = toml::from_str("audit-max-bytes = \"tiny\"").unwrap();
+        let e = resolve_publish(ExitArgs::default(), &file, p)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("audit-max-bytes") && e.contains("64M"), "{e}");
+    }
 }
