@@ -242,7 +242,7 @@ pub fn resolve_publish(a: ExitArgs, file: &toml::Table, path: &Path) -> Result<P
             )
         })?,
         (None, Some(v)) => {
-            let n = v
+            v
                 .as_integer()
                 .and_then(|n| u64::try_from(n).ok())
                 .filter(|n| *n >= MIN_AUDIT_MAX_BYTES)
@@ -254,8 +254,7 @@ pub fn resolve_publish(a: ExitArgs, file: &toml::Table, path: &Path) -> Result<P
                             "bytes (at least {MIN_AUDIT_MAX_BYTES}) or a string such as \"64M\""
                         ),
                     )
-                })?;
-            n
+                })?
         }
     };
     let audit_keep = num("audit-keep", a.audit_keep, crate::audit::DEFAULT_AUDIT_KEEP)?;
