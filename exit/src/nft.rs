@@ -1001,13 +1001,19 @@ impl serde::Serialize for Batch {
     }
 }
 
-/// Sets `"size": n` on every `meter` statement inside `v` and writes each `notrack` statement
-/// of a rule as nft reads it.
+/// Sets `"size": n` on every `meter` statement inside `v`, writes each `notrack` statement
+/// of a rule as nft reads it, and puts synproxy flags in a fixed order.
 fn fix_for_nft(v: &mut serde_json::Value, n: u32) {
     match v {
         serde_json::Value::Object(o) => {
             if let Some(serde_json::Value::Object(m)) = o.get_mut("meter") {
                 m.insert("size".into(), n.into());
+            }
+            // Flags come from a HashSet: sort them, so the same ruleset is the same JSON.
+            if let Some(serde_json::Value::Array(f)) =
+                o.get_mut("synproxy").and_then(|s| s.get_mut("flags"))
+            {
+                f.sort_by(|a, b| a.as_str().cmp(&b.as_str()));
             }
             if let Some(serde_json::Value::Array(expr)) = o.get_mut("expr") {
                 for st in expr.iter_mut().filter(|st| st.as_str() == Some("notrack")) {
