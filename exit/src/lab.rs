@@ -269,49 +269,6 @@ impl Lab {
         }
     }
 
-    /// A TCP server in `home` on 100.96.0.2:`port` that sends `bytes` zero bytes to every
-    /// connection and closes it.
-    pub fn serve_bulk(&self, port: u16, bytes: usize) {
-        let l = Lab::in_ns(&self.home, move || {
-            TcpListener::bind(format!("100.96.0.2:{port}")).expect("bind in home")
-        });
-        std::thread::spawn(move || {
-            for conn in l.incoming() {
-                let Ok(mut conn) = conn else { return };
-                std::thread::spawn(move || {
-                    use std::io::Write;
-                    let buf = vec![0u8; 64 << 10];
-                    let mut left = bytes;
-                    while left > 0 {
-                        let n = left.min(buf.len());
-                        if conn.write_all(&buf[..n]).is_err() {
-                            return;
-                        }
-                        left -= n;
-                    }
-                });
-            }
-        });
-    }
-
-    /// Downloads from `dst` (a [`Lab::serve_bulk`] port) as viewer `src`: (bytes, seconds).
-    pub fn download(&self, src: IpAddr, dst: SocketAddr) -> Option<(usize, f64)> {
-        let mut c = self.connect_within(src, dst, Duration::from_secs(3))?;
-        c.set_read_timeout(Some(Duration::from_secs(20))).ok()?;
-        let t = std::time::Instant::now();
-        let mut buf = vec![0u8; 64 << 10];
-        let mut n = 0;
-        loop {
-            use std::io::Read;
-            match c.read(&mut buf) {
-                Ok(0) => break,
-                Ok(k) => n += k,
-                Err(_) => return None,
-            }
-        }
-        Some((n, t.elapsed().as_secs_f64()))
-    }
-
     /// Runs `args` in namespace `ns` (asserting success); returns stdout.
     pub fn run_in(ns: &str, args: &[&str]) -> String {
         let out = Command::new("ip")
