@@ -241,21 +241,17 @@ pub fn resolve_publish(a: ExitArgs, file: &toml::Table, path: &Path) -> Result<P
                 line_of(path, "audit-max-bytes")
             )
         })?,
-        (None, Some(v)) => {
-            v
-                .as_integer()
-                .and_then(|n| u64::try_from(n).ok())
-                .filter(|n| *n >= MIN_AUDIT_MAX_BYTES)
-                .ok_or_else(|| {
-                    bad(
-                        "audit-max-bytes",
-                        v,
-                        &format!(
-                            "bytes (at least {MIN_AUDIT_MAX_BYTES}) or a string such as \"64M\""
-                        ),
-                    )
-                })?
-        }
+        (None, Some(v)) => v
+            .as_integer()
+            .and_then(|n| u64::try_from(n).ok())
+            .filter(|n| *n >= MIN_AUDIT_MAX_BYTES)
+            .ok_or_else(|| {
+                bad(
+                    "audit-max-bytes",
+                    v,
+                    &format!("bytes (at least {MIN_AUDIT_MAX_BYTES}) or a string such as \"64M\""),
+                )
+            })?,
     };
     let audit_keep = num("audit-keep", a.audit_keep, crate::audit::DEFAULT_AUDIT_KEEP)?;
     if edge_protection

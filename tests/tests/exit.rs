@@ -1121,3 +1121,136 @@ fn stopping_the_exit_restores_the_vps_and_leaks_nothing_body(p: &mut PubLab) -> 
     ensure!(!saved_path.exists());
     Ok(())
 }
+
+/// 8. A flood of spoofed-source SYNs at the published port (hping3 --flood --rand-source, from the
+///    internet; the lab's routers do no reverse-path filtering): the exit's SYN proxy answers them
+///    with cookies and keeps no state, so the VPS's conntrack table does not fill and nothing
+///    reaches the home. During the flood a stream that was already running finishes intact, and a
+///    new viewer downloads the whole file; right after it another one does. Prints the rate sent and
+///    the download throughput with and without the flood.
+#[test]
+fn spoofed_syn_flood_at_a_published_port_leaves_viewers_and_streams_going() {
+    if !require_root_and(&["hping3"]) {
+        return;
+    }
+    with_lab(
+        &[],
+        spoofed_syn_flood_at_a_published_port_leaves_viewers_and_streams_going_body,
+    );
+}
+
+fn spoofed_syn_flood_at_a_published_port_leaves_viewers_and_streams_going_body(
+    p: &mut PubLab,
+) -> Result<()> {
+    let media = media_dir(&p.lab)?;
+    let sum = write_random_file(&media.join("file"), 20)?;
+    p.start_plex(&media)?;
+    p.publish(&["--port", "32400", "--to", "home:32400"])?;
+    p.wait_installed(32400)?;
+    let url = format!("http://{VPS_IP}:32400/file");
+    p.wait_viewer_ok(&url, Duration::from_secs(20))?;
+    for host in ["net", "vps"] {
+        for k in [
+            "net.ipv4.conf.all.rp_filter=0",
+            "net.ipv4.conf.default.rp_filter=0",
+        ] {
+            p.lab.exec(host, &["sysctl", "-qw", k])?;
+        }
+    }
+    let conntrack = |p: &PubLab| -> Result<u64> {
+        let n = p.lab.exec("vps", &["conntrack", "-C"])?;
+        n.trim()
+            .parse()
+            .with_context(|| format!("conntrack -C printed {n:?}"))
+    };
+    let download = |p: &PubLab, name: &str| -> Result<f64> {
+        let out = p.lab.dir().join(name);
+        let t = Instant::now();
+        let code = p.viewer_get(&url, &out, &[], 60)?;
+        let secs = t.elapsed().as_secs_f64();
+        ensure!(code == 200, "{name}: HTTP {code}");
+        ensure!(
+            sha256_file(&out)? == sum,
+            "{name}: the file arrived damaged"
+        );
+        Ok(20.0 * 8.0 * 1.048_576 / secs)
+    };
+    let unloaded = download(p, "unloaded")?;
+    let base = conntrack(p)?;
+
+    // A stream already running: 20 MiB at 2 MB/s takes ~10 s, through the whole flood.
+    let stream_out = p.lab.dir().join("stream");
+    let stream = p.lab.spawn(
+        "viewer",
+        "stream",
+        &[
+            "curl",
+            "-sS",
+            "--limit-rate",
+            "2M",
+            "--max-time",
+            "60",
+            "-o",
+            stream_out.to_str().context("path")?,
+            "-w",
+            "%{http_code}",
+            &url,
+        ],
+    )?;
+    std::thread::sleep(Duration::from_secs(1));
+
+    let flood = p.lab.spawn(
+        "viewer",
+        "hping3",
+        &[
+            "hping3",
+            "--flood",
+            "--rand-source",
+            "-S",
+            "-p",
+            "32400",
+            VPS_IP,
+        ],
+    )?;
+    let t0 = Instant::now();
+    std::thread::sleep(Duration::from_secs(2));
+    let during = conntrack(p)?;
+    let loaded = download(p, "during");
+    let during2 = conntrack(p)?;
+    // SIGINT: hping3 prints how many packets it sent.
+    homeport_tests::sh("kill", &["-INT", &p.lab.pid(flood).to_string()])?;
+    wait_until("hping3 to stop", Duration::from_secs(5), || {
+        p.lab.check_running(flood).is_err()
+    })?;
+    let secs = t0.elapsed().as_secs_f64();
+    let log = p.lab.log(flood);
+    let sent: u64 = log
+        .split_whitespace()
+        .zip(log.split_whitespace().skip(1))
+        .find(|(_, w)| *w == "packets")
+        .and_then(|(n, _)| n.parse().ok())
+        .with_context(|| format!("no packet count in hping3's output: {log}"))?;
+    let loaded = loaded?;
+    eprintln!(
+        "SYN flood at the published port: {sent} spoofed SYNs in {secs:.1} s ({:.0}/s); conntrack entries on the VPS {base} before, {during} and {during2} during; 20 MiB download {unloaded:.0} Mbit/s unloaded, {loaded:.0} Mbit/s during the flood",
+        sent as f64 / secs
+    );
+    ensure!(sent > 10_000, "hping3 sent only {sent} packets");
+    ensure!(
+        during < base + 200 && during2 < base + 200,
+        "the spoofed SYNs took conntrack entries on the VPS: {base} -> {during}, {during2}"
+    );
+    let after = download(p, "after")?;
+    eprintln!("right after the flood: {after:.0} Mbit/s");
+    wait_until(
+        "the running stream to finish",
+        Duration::from_secs(40),
+        || p.lab.check_running(stream).is_err(),
+    )?;
+    ensure!(
+        p.lab.log(stream).trim() == "200" && sha256_file(&stream_out)? == sum,
+        "the stream that was running during the flood did not finish intact: {}",
+        p.lab.log(stream)
+    );
+    Ok(())
+}
