@@ -2823,10 +2823,12 @@ mod lab_attacks {
         ];
         apply(&exec, &ruleset(&cfg(), &rules, &[])).unwrap();
         lab.serve(32400);
-        assert!(
-            lab.connect(ip("192.0.2.5"), sa("198.51.100.10:32400"))
-                .is_some()
-        );
+        // A stream that is running when the exit dies: its conntrack entry (and DNAT binding)
+        // outlives the TUN.
+        let mut running = lab
+            .connect(ip("192.0.2.6"), sa("198.51.100.10:32400"))
+            .expect("connects");
+        assert!(Lab::ask(&mut running, "before").is_some());
         // The viewer's side of the link counts what arrives for the mesh.
         Lab::run_in(
             &lab.viewer,
@@ -2860,6 +2862,10 @@ mod lab_attacks {
                 .and_then(|mut c| Lab::ask(&mut c, "x"));
             assert!(c.is_none(), "{dst} answered with the TUN gone");
         }
+        assert!(
+            Lab::ask(&mut running, "after").is_none(),
+            "the running stream was answered with the TUN gone"
+        );
         Lab::in_ns(&lab.viewer, || {
             let s = std::net::UdpSocket::bind("192.0.2.5:0").unwrap();
             for _ in 0..5 {
