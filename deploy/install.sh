@@ -159,10 +159,13 @@ fi
 # With an unknown public address the coordinator picks its own default; the join line shows a placeholder.
 put_config coordinator 0644 ${public_ip:+public-url="https://$public_ip:8443"} || true
 public_ip=${public_ip:-VPS_PUBLIC_IP}
-# The exit forwards published connections: IPv4 forwarding must survive reboots.
-printf '# homeport-exit forwards published ports to mesh nodes\nnet.ipv4.ip_forward = 1\n' \
-  >/etc/sysctl.d/60-homeport-exit.conf
-sysctl -q -w net.ipv4.ip_forward=1 || log "warning: could not set net.ipv4.ip_forward=1 now (set at next boot)"
+# Forwarding is not set here: homeport-exit turns it on while it runs and puts back the value it
+# found when it stops (ExecStopPost=homeport-exit cleanup, also after a crash). An older install's
+# persistent setting would keep the VPS forwarding while the exit is down: remove it.
+if [ -f /etc/sysctl.d/60-homeport-exit.conf ]; then
+  rm -f /etc/sysctl.d/60-homeport-exit.conf
+  log "removed /etc/sysctl.d/60-homeport-exit.conf (the exit manages forwarding itself now)"
+fi
 
 if ((!start)); then
   cat <<EOF

@@ -10,7 +10,10 @@
 //!   per (source, rule, reason) with the packets dropped since the last read.
 //!
 //! Every record is one JSON line in `<state-dir>/audit.jsonl` (mode 0600) and an INFO event
-//! with target `audit`.
+//! with target `audit`. The file rotates by size: before a line would take it over
+//! `--audit-max-bytes` it becomes `audit.jsonl.1` (`.1` becomes `.2`, and so on; the oldest
+//! beyond `--audit-keep` is deleted), so a flood of denials cannot fill the disk: the log takes
+//! at most (keep + 1) × max-bytes.
 
 use crate::nft::{self, DenyReason, Exec, L4};
 use anyhow::{Context, Result};
@@ -32,6 +35,75 @@ pub const AUDIT_FILE: &str = "audit.jsonl";
 /// How often the deny meters are read: often enough that a log reader sees an attack within
 /// seconds, rarely enough that listing the meters (one `nft` run each) costs nothing.
 pub const DENY_POLL: Duration = Duration::from_secs(3);
+/// Default size at which the audit log rotates: weeks of a busy Plex server's connections.
+pub const DEFAULT_AUDIT_MAX_BYTES: u64 = 64 << 20;
+/// Default number of rotated audit files kept.
+pub const DEFAULT_AUDIT_KEEP: u32 = 4;
+
+/// When the audit log rotates and how many old files it keeps.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Rotation {
+    pub max_bytes: u64,
+    pub keep: u32,
+}
+
+impl Default for Rotation {
+    fn default() -> Rotation {
+        Rotation {
+            max_bytes: DEFAULT_AUDIT_MAX_BYTES,
+            keep: DEFAULT_AUDIT_KEEP,
+        }
+    }
+}
+
+/// `audit.jsonl.N`: the N-th newest rotated audit file.
+pub fn rotated_path(current: &Path, n: u32) -> PathBuf {
+    let mut s = current.as_os_str().to_owned();
+    s.push(format!(".{n}"));
+    PathBuf::from(s)
+}
+
+/// The rotated audit files next to `current` that exist, oldest first.
+pub fn rotated_files(current: &Path) -> Vec<PathBuf> {
+    let Some(dir) = current.parent() else {
+        return Vec::new();
+    };
+    let Some(name) = current
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+    else {
+        return Vec::new();
+    };
+    let mut found: Vec<(u32, PathBuf)> = std::fs::read_dir(dir)
+        .map(|d| {
+            d.flatten()
+                .filter_map(|e| {
+                    let f = e.file_name().to_string_lossy().into_owned();
+                    let n: u32 = f.strip_prefix(&name)?.strip_prefix('.')?.parse().ok()?;
+                    Some((n, e.path()))
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    found.sort_by_key(|f| std::cmp::Reverse(f.0));
+    found.into_iter().map(|(_, p)| p).collect()
+}
+
+fn open_private_append(path: &Path) -> std::io::Result<std::fs::File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .mode(0o600)
+        .open(path)
+}
+
+/// The open audit file and its size.
+struct LogFile {
+    file: std::fs::File,
+    len: u64,
+}
+
 /// Open flows remembered at most (a lost DESTROY event must not grow memory forever).
 const MAX_OPEN_FLOWS: usize = 262_144;
 
@@ -280,8 +352,9 @@ struct OpenFlow {
 
 /// The audit log writer, the flow and denial trackers and the metrics.
 pub struct Audit {
-    file: Mutex<Option<std::fs::File>>,
+    file: Mutex<Option<LogFile>>,
     path: PathBuf,
+    rotation: Rotation,
     rules: Mutex<Vec<RuleInfo>>,
     stats: Mutex<BTreeMap<i64, RuleStats>>,
     open: Mutex<HashMap<(u64, SocketAddr), OpenFlow>>,
@@ -289,24 +362,29 @@ pub struct Audit {
 }
 
 impl Audit {
-    /// Opens (creates, 0600) `<state_dir>/audit.jsonl` for appending.
+    /// Opens (creates, 0600) `<state_dir>/audit.jsonl` for appending, with the default
+    /// rotation.
     pub fn open(state_dir: &Path) -> Result<Audit> {
-        use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+        Audit::open_rotating(state_dir, Rotation::default())
+    }
+
+    /// Opens (creates, 0600) `<state_dir>/audit.jsonl` for appending; it rotates as `rotation`
+    /// says.
+    pub fn open_rotating(state_dir: &Path, rotation: Rotation) -> Result<Audit> {
+        use std::os::unix::fs::PermissionsExt;
         std::fs::create_dir_all(state_dir)
             .with_context(|| format!("creating {}", state_dir.display()))?;
         let path = state_dir.join(AUDIT_FILE);
-        let f = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .mode(0o600)
-            .open(&path)
+        let f = open_private_append(&path)
             .with_context(|| format!("opening audit log {}", path.display()))?;
         // An older file may have been created with other permissions.
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))
             .with_context(|| format!("chmod 0600 {}", path.display()))?;
+        let len = f.metadata().map(|m| m.len()).unwrap_or(0);
         Ok(Audit {
-            file: Mutex::new(Some(f)),
+            file: Mutex::new(Some(LogFile { file: f, len })),
             path,
+            rotation,
             rules: Mutex::new(Vec::new()),
             stats: Mutex::new(BTreeMap::new()),
             open: Mutex::new(HashMap::new()),
@@ -341,11 +419,50 @@ impl Audit {
         };
         tracing::info!(target: "audit", "{line}");
         let mut f = self.file.lock().unwrap();
-        if let Some(file) = f.as_mut()
-            && let Err(e) = writeln!(file, "{line}")
+        let need = line.len() as u64 + 1;
+        if f.as_ref()
+            .is_some_and(|lf| lf.len > 0 && lf.len + need > self.rotation.max_bytes)
         {
-            tracing::warn!(error = %e, path = %self.path.display(), "writing the audit log failed");
+            match self.rotate() {
+                Ok(file) => *f = Some(LogFile { file, len: 0 }),
+                Err(e) => {
+                    tracing::warn!(error = %e, path = %self.path.display(), "rotating the audit log failed");
+                }
+            }
         }
+        if let Some(lf) = f.as_mut() {
+            match writeln!(lf.file, "{line}") {
+                Ok(()) => lf.len += need,
+                Err(e) => {
+                    tracing::warn!(error = %e, path = %self.path.display(), "writing the audit log failed")
+                }
+            }
+        }
+    }
+
+    /// `audit.jsonl` becomes `audit.jsonl.1` (and each `.N` becomes `.N+1`, the oldest beyond
+    /// `keep` is deleted); returns a new, empty `audit.jsonl`. Called with the file locked.
+    fn rotate(&self) -> std::io::Result<std::fs::File> {
+        let keep = self.rotation.keep;
+        for old in rotated_files(&self.path) {
+            let n: u32 = old
+                .to_string_lossy()
+                .rsplit('.')
+                .next()
+                .and_then(|n| n.parse().ok())
+                .unwrap_or(u32::MAX);
+            if n >= keep {
+                std::fs::remove_file(&old)?;
+            } else {
+                std::fs::rename(&old, rotated_path(&self.path, n + 1))?;
+            }
+        }
+        if keep > 0 {
+            std::fs::rename(&self.path, rotated_path(&self.path, 1))?;
+        } else {
+            std::fs::remove_file(&self.path)?;
+        }
+        open_private_append(&self.path)
     }
 
     /// Handles one conntrack event; returns the record written, if any.
@@ -796,5 +913,68 @@ mod tests {
             human.contains("rate") && human.contains("5 packets dropped"),
             "{human}"
         );
+    }
+
+    /// A flood of denials (one line per spoofed source) cannot grow the log past
+    /// (keep + 1) × max-bytes: the file rotates, the oldest rotated file goes, and every file
+    /// stays 0600.
+    #[test]
+    fn a_flood_of_denials_rotates_the_log_within_its_bound() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let rot = Rotation {
+            max_bytes: 4096,
+            keep: 2,
+        };
+        let a = Audit::open_rotating(dir.path(), rot).unwrap();
+        a.set_rules(&[rule(7, PublishProto::Tcp, 32400, Guards::default())]);
+        let mut lines = 0u64;
+        for i in 0..2000u32 {
+            let src = IpAddr::from([10, (i >> 16) as u8, (i >> 8) as u8, i as u8]);
+            lines += a
+                .on_deny_counts(&[(DenyReason::NotInAllowList, 7, src, 1)])
+                .len() as u64;
+        }
+        assert_eq!(lines, 2000);
+        let cur = dir.path().join(AUDIT_FILE);
+        let rotated = rotated_files(&cur);
+        assert_eq!(
+            rotated,
+            vec![rotated_path(&cur, 2), rotated_path(&cur, 1)],
+            "keeps exactly 2 rotated files, oldest first"
+        );
+        let mut total = 0;
+        for p in rotated.iter().chain([&cur]) {
+            let m = std::fs::metadata(p).unwrap();
+            assert!(
+                m.len() <= rot.max_bytes,
+                "{} has {} bytes",
+                p.display(),
+                m.len()
+            );
+            assert_eq!(m.permissions().mode() & 0o777, 0o600, "{}", p.display());
+            total += m.len();
+            // Whole JSON lines only: a line never straddles two files.
+            for l in std::fs::read_to_string(p).unwrap().lines() {
+                serde_json::from_str::<AuditRecord>(l).unwrap();
+            }
+        }
+        assert!(total <= 3 * rot.max_bytes);
+        // The newest lines are in the current file; the last one is the last source.
+        let last = std::fs::read_to_string(&cur).unwrap();
+        assert!(last.trim_end().ends_with("\"packets\":1}"));
+        assert!(last.contains("\"10.0.7.207\""), "{last}");
+        // A reopened audit (exit restart) goes on with the current file's size.
+        drop(a);
+        let len = std::fs::metadata(&cur).unwrap().len();
+        let a = Audit::open_rotating(dir.path(), rot).unwrap();
+        a.set_rules(&[rule(7, PublishProto::Tcp, 32400, Guards::default())]);
+        while std::fs::metadata(&cur).unwrap().len() >= len {
+            let src = IpAddr::from([10, 9, 9, 9]);
+            a.on_deny_counts(&[(DenyReason::Rate, 7, src, 1)]);
+            a.on_deny_counts(&[(DenyReason::Rate, 7, src, 0)]);
+        }
+        assert!(std::fs::metadata(rotated_path(&cur, 1)).unwrap().len() <= rot.max_bytes);
+        assert!(!rotated_path(&cur, 3).exists());
     }
 }

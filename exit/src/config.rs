@@ -13,7 +13,16 @@ pub const DEFAULT_BAN_SECONDS: u32 = 600;
 pub const DEFAULT_BAN_AFTER: u32 = 5;
 
 /// Keys of the config file the exit handles (beyond the node's own).
-pub const EXIT_KEYS: &[&str] = &["keep-open", "ban-seconds", "ban-after", "edge-protection"];
+pub const EXIT_KEYS: &[&str] = &[
+    "keep-open",
+    "ban-seconds",
+    "ban-after",
+    "edge-protection",
+    "audit-max-bytes",
+    "audit-keep",
+];
+/// Smallest `--audit-max-bytes`: a few records per file at least.
+pub const MIN_AUDIT_MAX_BYTES: u64 = 1024;
 
 /// The publisher's own flags of `homeport-exit up`.
 #[derive(clap::Args, Debug, Clone, Default)]
@@ -26,13 +35,51 @@ pub struct ExitArgs {
     /// Seconds a source that probed closed ports stays banned from published ports [default: 600]
     #[arg(long, value_name = "N")]
     pub ban_seconds: Option<u32>,
-    /// Closed-port probes within a minute that get a source banned (1 = the first) [default: 5]
+    /// Distinct closed ports a source probes within a minute that get it banned (1 = the first;
+    /// retries to one port count once; allow-listed sources are never banned) [default: 5]
     #[arg(long, value_name = "N")]
     pub ban_after: Option<u32>,
+    /// Size at which the audit log rotates (audit.jsonl becomes audit.jsonl.1), in bytes or with
+    /// a K, M or G suffix (binary units) [default: 64M]
+    #[arg(long, value_name = "BYTES", value_parser = parse_size)]
+    pub audit_max_bytes: Option<u64>,
+    /// Rotated audit files kept (audit.jsonl.1 … .N; older ones are deleted) [default: 4]
+    #[arg(long, value_name = "N")]
+    pub audit_keep: Option<u32>,
     /// Edge protection of the VPS (drop everything public but the keep-open ports): on or off
     /// [default: on]
     #[arg(long, value_name = "on|off", value_parser = parse_on_off)]
     pub edge_protection: Option<bool>,
+}
+
+/// `67108864`, `64M`, `64MiB`, `512K`, `1G` (binary units) as bytes, at least
+/// [`MIN_AUDIT_MAX_BYTES`].
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let bad = || {
+        format!(
+            "invalid size {s:?}: expected bytes (at least {MIN_AUDIT_MAX_BYTES}), optionally with a K, M or G suffix, e.g. 64M"
+        )
+    };
+    let t = s.trim();
+    let t = t
+        .strip_suffix("iB")
+        .or_else(|| {
+            t.strip_suffix('B')
+                .filter(|r| r.ends_with(['K', 'M', 'G', 'k', 'm', 'g']))
+        })
+        .unwrap_or(t);
+    let (num, mult) = match t.char_indices().last() {
+        Some((i, 'K' | 'k')) => (&t[..i], 1u64 << 10),
+        Some((i, 'M' | 'm')) => (&t[..i], 1 << 20),
+        Some((i, 'G' | 'g')) => (&t[..i], 1 << 30),
+        _ => (t, 1),
+    };
+    let n: u64 = num.trim().parse().map_err(|_| bad())?;
+    let n = n.checked_mul(mult).ok_or_else(bad)?;
+    if n < MIN_AUDIT_MAX_BYTES {
+        return Err(bad());
+    }
+    Ok(n)
 }
 
 fn parse_on_off(s: &str) -> Result<bool, String> {
@@ -50,6 +97,7 @@ pub struct PublishSettings {
     pub ban_seconds: u32,
     pub ban_after: u32,
     pub edge_protection: bool,
+    pub audit: crate::audit::Rotation,
 }
 
 impl PublishSettings {
@@ -79,6 +127,8 @@ impl PublishSettings {
             keep_open,
             ban_seconds: self.ban_seconds,
             ban_after: self.ban_after,
+            set_size: crate::nft::DEFAULT_SET_SIZE,
+            mtu: homeport_node::datapath::DEFAULT_MTU,
         }
     }
 }
@@ -181,6 +231,29 @@ pub fn resolve_publish(a: ExitArgs, file: &toml::Table, path: &Path) -> Result<P
             Some(v) => return Err(bad("edge-protection", v, "on or off")),
         },
     };
+    let audit_max_bytes = match (a.audit_max_bytes, file.get("audit-max-bytes")) {
+        (Some(n), _) => n,
+        (None, None) => crate::audit::DEFAULT_AUDIT_MAX_BYTES,
+        (None, Some(toml::Value::String(s))) => parse_size(s).map_err(|e| {
+            anyhow::anyhow!(
+                "{}:{}: audit-max-bytes: {e}",
+                path.display(),
+                line_of(path, "audit-max-bytes")
+            )
+        })?,
+        (None, Some(v)) => v
+            .as_integer()
+            .and_then(|n| u64::try_from(n).ok())
+            .filter(|n| *n >= MIN_AUDIT_MAX_BYTES)
+            .ok_or_else(|| {
+                bad(
+                    "audit-max-bytes",
+                    v,
+                    &format!("bytes (at least {MIN_AUDIT_MAX_BYTES}) or a string such as \"64M\""),
+                )
+            })?,
+    };
+    let audit_keep = num("audit-keep", a.audit_keep, crate::audit::DEFAULT_AUDIT_KEEP)?;
     if edge_protection
         && !keep_open.contains(&PortSpec {
             proto: L4::Tcp,
@@ -194,6 +267,10 @@ pub fn resolve_publish(a: ExitArgs, file: &toml::Table, path: &Path) -> Result<P
         ban_seconds,
         ban_after,
         edge_protection,
+        audit: crate::audit::Rotation {
+            max_bytes: audit_max_bytes,
+            keep: audit_keep,
+        },
     })
 }
 
@@ -224,6 +301,8 @@ mod tests {
             ban_seconds: Some(2),
             ban_after: Some(1),
             edge_protection: Some(true),
+            audit_max_bytes: None,
+            audit_keep: None,
         };
         let g = resolve_publish(flags, &file, p).unwrap();
         assert_eq!(g.keep_open, vec!["tcp:22".parse().unwrap()]);
@@ -261,5 +340,48 @@ mod tests {
         assert!(c.edge_protection);
         assert!(c.keep_open.contains(&"udp:41641".parse().unwrap()));
         assert!(!s.nft_config("hpx0", None).edge_protection);
+    }
+
+    #[test]
+    fn audit_rotation_from_flags_and_file() {
+        let p = Path::new("/nonexistent/exit.toml");
+        let d = resolve_publish(ExitArgs::default(), &toml::Table::new(), p).unwrap();
+        assert_eq!(d.audit, crate::audit::Rotation::default());
+        assert_eq!((d.audit.max_bytes, d.audit.keep), (64 << 20, 4));
+        let file: toml::Table = toml::from_str("audit-max-bytes = \"1M\"\naudit-keep = 2").unwrap();
+        let f = resolve_publish(ExitArgs::default(), &file, p).unwrap();
+        assert_eq!((f.audit.max_bytes, f.audit.keep), (1 << 20, 2));
+        let file: toml::Table = toml::from_str("audit-max-bytes = 5000").unwrap();
+        assert_eq!(
+            resolve_publish(ExitArgs::default(), &file, p)
+                .unwrap()
+                .audit
+                .max_bytes,
+            5000
+        );
+        let flags = ExitArgs {
+            audit_max_bytes: Some(parse_size("64KiB").unwrap()),
+            ..ExitArgs::default()
+        };
+        assert_eq!(
+            resolve_publish(flags, &file, p).unwrap().audit.max_bytes,
+            64 << 10
+        );
+        for ok in [
+            ("4096", 4096),
+            ("2k", 2048),
+            ("3MB", 3 << 20),
+            ("1G", 1 << 30),
+        ] {
+            assert_eq!(parse_size(ok.0), Ok(ok.1), "{}", ok.0);
+        }
+        for bad in ["", "12", "x", "-5M", "10T", "1023"] {
+            assert!(parse_size(bad).unwrap_err().contains("e.g. 64M"), "{bad}");
+        }
+        let file: toml::Table = toml::from_str("audit-max-bytes = \"tiny\"").unwrap();
+        let e = resolve_publish(ExitArgs::default(), &file, p)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("audit-max-bytes") && e.contains("64M"), "{e}");
     }
 }

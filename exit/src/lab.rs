@@ -21,6 +21,11 @@ static COUNTER: AtomicU32 = AtomicU32::new(0);
 
 /// False (after printing a notice) when the lab cannot run here and this is not CI.
 pub fn available(test: &str) -> bool {
+    available_with(test, &[])
+}
+
+/// Like [`available`], also needing `extra` tools (each answers `--version` or `-v`).
+pub fn available_with(test: &str, extra: &[&str]) -> bool {
     let ci = std::env::var("CI").map(|v| v == "true").unwrap_or(false);
     let root = unsafe { libc::geteuid() } == 0;
     let tools = [
@@ -35,11 +40,17 @@ pub fn available(test: &str) -> bool {
             .output()
             .map(|o| o.status.success())
             .unwrap_or(false)
+    }) && extra.iter().all(|t| {
+        // hping3 exits non-zero for --version; being runnable is enough.
+        Command::new(t).arg("--version").output().is_ok()
     });
     if root && tools {
         return true;
     }
-    let why = format!("{test}: needs root and ip, nft, conntrack (root={root}, tools={tools})");
+    let why = format!(
+        "{test}: needs root and ip, nft, conntrack {} (root={root}, tools={tools}; sudo ./deploy/setup.sh installs them)",
+        extra.join(", ")
+    );
     if ci {
         panic!("{why}; under CI=true this is a failure");
     }
@@ -53,7 +64,7 @@ pub struct Lab {
     pub home: String,
 }
 
-fn sh(args: &[&str]) {
+pub fn sh(args: &[&str]) {
     let out = Command::new(args[0])
         .args(&args[1..])
         .output()
@@ -181,7 +192,12 @@ impl Lab {
             "via",
             "fd7a:115c:a1e0::1",
         ]);
-        for k in ["net.ipv4.ip_forward=1", "net.ipv6.conf.all.forwarding=1"] {
+        for k in [
+            "net.ipv4.ip_forward=1",
+            "net.ipv6.conf.all.forwarding=1",
+            // What enable_forwarding sets on a real exit (the synproxy needs it).
+            "net.netfilter.nf_conntrack_tcp_loose=0",
+        ] {
             sh(&["ip", "netns", "exec", x, "sysctl", "-q", "-w", k]);
         }
         // Wait until both links carry v4 and v6 (a fresh veth needs a moment for IPv6).
@@ -236,6 +252,13 @@ impl Lab {
                         let mut w = conn.try_clone().unwrap();
                         for line in BufReader::new(conn).lines() {
                             let Ok(line) = line else { return };
+                            // `mss`: the segment size this socket uses (what the SYN it got
+                            // announced, after any clamp on the way).
+                            let line = if line == "mss" {
+                                format!("mss {}", tcp_maxseg(&w))
+                            } else {
+                                line
+                            };
                             if writeln!(w, "{peer} {line}").is_err() {
                                 return;
                             }
@@ -244,6 +267,21 @@ impl Lab {
                 }
             });
         }
+    }
+
+    /// Runs `args` in namespace `ns` (asserting success); returns stdout.
+    pub fn run_in(ns: &str, args: &[&str]) -> String {
+        let out = Command::new("ip")
+            .args(["netns", "exec", ns])
+            .args(args)
+            .output()
+            .expect("spawn");
+        assert!(
+            out.status.success(),
+            "{args:?} in {ns} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
     }
 
     /// Connects from viewer source `src` to `dst`; None when nothing answers within a second.
@@ -282,6 +320,23 @@ impl Lab {
         r.read_line(&mut s).ok()?;
         (!s.is_empty()).then(|| s.trim().to_string())
     }
+}
+
+/// TCP_MAXSEG of a connected socket.
+fn tcp_maxseg(s: &TcpStream) -> i32 {
+    use std::os::fd::AsRawFd;
+    let mut v: libc::c_int = 0;
+    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+    let rc = unsafe {
+        libc::getsockopt(
+            s.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_MAXSEG,
+            &mut v as *mut _ as *mut libc::c_void,
+            &mut len,
+        )
+    };
+    if rc == 0 { v } else { -1 }
 }
 
 impl Drop for Lab {

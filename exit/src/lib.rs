@@ -28,7 +28,10 @@ pub use config::{ExitArgs, ExitConfig};
 /// The exit serves `--metrics-listen` itself (publish metrics), so the node's own metrics
 /// server is not started.
 pub async fn run(mut cfg: ExitConfig, shutdown: CancellationToken) -> Result<()> {
-    let audit = Arc::new(audit::Audit::open(&cfg.up.state_dir)?);
+    let audit = Arc::new(audit::Audit::open_rotating(
+        &cfg.up.state_dir,
+        cfg.publish.audit,
+    )?);
     let nft_cfg = cfg.publish.nft_config(&cfg.up.tun, cfg.up.listen_port);
     let exec = nft::Exec::default();
     let stop = CancellationToken::new();

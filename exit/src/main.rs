@@ -25,6 +25,14 @@ enum Cmd {
     },
     /// Print the audit log of published connections
     Log(LogArgs),
+    /// Leave the VPS as it was after an exit that did not stop cleanly (killed): restore the
+    /// forwarding and conntrack sysctls it changed, delete the conntrack entries of published
+    /// flows and remove its nftables table. systemd runs this as ExecStopPost
+    Cleanup {
+        /// The exit's state dir (where it saved the sysctl values to restore)
+        #[arg(long, default_value = homeport_node::config::EXIT_DEFAULTS.state_dir)]
+        state_dir: std::path::PathBuf,
+    },
 }
 
 fn main() -> std::process::ExitCode {
@@ -33,6 +41,16 @@ fn main() -> std::process::ExitCode {
         Cmd::Log(args) => {
             homeport_exit::logcmd::print(&args, &mut std::io::stdout().lock(), &|| false)
         }
+        Cmd::Cleanup { state_dir } => homeport_exit::nft::cleanup(
+            &homeport_exit::nft::Exec::default(),
+            std::path::Path::new("/proc/sys"),
+            &state_dir,
+        )
+        .map(|did| {
+            for d in did {
+                println!("{d}");
+            }
+        }),
         Cmd::Up { up, exit } => {
             let rt = tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(2)

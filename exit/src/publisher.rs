@@ -99,7 +99,7 @@ impl Publisher {
         .await
         .context("nft task")??;
         if let Some(p) = &self.proc_sys {
-            nft::enable_forwarding(p)?;
+            nft::enable_forwarding(p, self.state_dir())?;
         }
         let old = self.applied.replace(planned.clone()).unwrap_or_default();
         self.audit.set_rules(&planned);
@@ -136,12 +136,42 @@ impl Publisher {
         Ok(())
     }
 
-    /// Removes the table.
+    /// Where the sysctl values to restore are kept: the state dir (the audit log's dir).
+    fn state_dir(&self) -> &std::path::Path {
+        self.audit
+            .path()
+            .parent()
+            .unwrap_or(std::path::Path::new("."))
+    }
+
+    /// Leaves the VPS as it was: the sysctls get their values from before the exit back, the
+    /// table goes, and so do the conntrack entries of published flows (their NAT bindings would
+    /// otherwise go on forwarding an established flow's packets, with the TUN gone, by the main
+    /// routing table).
     pub async fn remove(&mut self) -> Result<()> {
+        let mut errors = Vec::new();
+        if let Some(p) = &self.proc_sys {
+            match nft::restore_sysctls(p, self.state_dir()) {
+                Ok(true) => tracing::info!("forwarding and conntrack sysctls restored"),
+                Ok(false) => {}
+                Err(e) => errors.push(format!("{e:#}")),
+            }
+        }
         let exec = self.exec.clone();
-        tokio::task::spawn_blocking(move || nft::remove(&exec)).await??;
-        self.applied = None;
+        let installed = self.applied.take().unwrap_or_default();
+        let r = tokio::task::spawn_blocking(move || {
+            let r = nft::remove(&exec);
+            cut_flows(&exec, &installed);
+            r
+        })
+        .await?;
+        if let Err(e) = r {
+            errors.push(e.to_string());
+        }
         self.audit.set_rules(&[]);
+        if !errors.is_empty() {
+            anyhow::bail!("{}", errors.join("; "));
+        }
         tracing::info!("published ports removed");
         Ok(())
     }
