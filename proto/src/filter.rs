@@ -77,9 +77,11 @@ impl PortRange {
             Some((a, b)) => (a, b),
             None => (s, s),
         };
-        let first: u16 = a.trim().parse().map_err(|_| bad())?;
-        let last: u16 = b.trim().parse().map_err(|_| bad())?;
-        if first == 0 || first > last {
+        let a: u16 = a.trim().parse().map_err(|_| bad())?;
+        let b: u16 = b.trim().parse().map_err(|_| bad())?;
+        // "8100-8000" means the same ports as "8000-8100".
+        let (first, last) = (a.min(b), a.max(b));
+        if first == 0 {
             return Err(bad());
         }
         Ok(PortRange { first, last })

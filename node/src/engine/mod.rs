@@ -754,10 +754,7 @@ impl Engine {
             let Some(r) = r.as_mut().filter(|r| r.addr == from) else {
                 return Decap::Drop(DropReason::UnknownPeer);
             };
-            if d.len() >= 5
-                && d[..4] == homeport_proto::relay::RELAY_MAGIC
-                && d[4] == homeport_proto::relay::RELAY_BOUND
-            {
+            if homeport_proto::relay::kind(d) == Some(homeport_proto::relay::RELAY_BOUND) {
                 if r.bound.is_none() {
                     tracing::info!(relay = %from, "bound to the relay");
                 }
@@ -854,14 +851,11 @@ impl Engine {
         r.last_bind = Some(now);
         r.unanswered = r.unanswered.saturating_add(1);
         let unix = self.clock_base.1 + now.saturating_duration_since(self.clock_base.0).as_secs();
-        let me = self.public.to_bytes();
-        let mut msg = [0u8; 4 + 1 + 32 + 8 + 32];
-        msg[..4].copy_from_slice(&homeport_proto::relay::RELAY_MAGIC);
-        msg[4] = homeport_proto::relay::RELAY_BIND;
-        msg[5..37].copy_from_slice(&me);
-        msg[37..45].copy_from_slice(&unix.to_be_bytes());
-        let tag = ring::hmac::sign(&r.mac, &msg[5..45]);
-        msg[45..77].copy_from_slice(tag.as_ref());
+        let key = self.public.to_bytes();
+        let tag = ring::hmac::sign(&r.mac, &homeport_proto::relay::Bind::signed(&key, unix));
+        let mut mac = [0u8; 32];
+        mac.copy_from_slice(tag.as_ref());
+        let msg = homeport_proto::relay::Bind { key, unix, mac }.encode();
         send(r.addr, &msg);
     }
 
