@@ -398,9 +398,10 @@ async fn probe(
         )
     })?;
     if ask.peer == id {
-        return Err(ApiErr::bad_request(
-            "peer: a node cannot ask itself to probe",
-        ));
+        // 404, not 400: the body is well formed, there is just no such peer for this node.
+        return Err(ApiErr::not_found(format!(
+            "peer: node {id} is this node, not one of its peers"
+        )));
     }
     let mut mesh = st.mesh();
     let Some(peer) = mesh.node(ask.peer) else {

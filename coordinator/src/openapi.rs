@@ -140,12 +140,15 @@ pub fn document() -> Value {
     paths.insert(api::PATH_PROBE.into(), json!({"post": {
         "summary": "Ask the coordinator to tell a peer to probe this node now. Rate-limited per node.",
         "tags": ["node"], "security": node, "requestBody": body("ProbeAsk"),
-        "responses": {"204": {"description": "Forwarded (if the peer is online)"}, "400": err("Bad body, or the node itself"),
+        "responses": {"204": {"description": "Forwarded (if the peer is online)"}, "400": err("Bad body"),
             "401": bad_cred, "403": err("The access policy lets no traffic flow between the two nodes"),
-            "404": err("No such peer"), "413": too_large, "429": retry_after("Too many probe asks from this node")}}}));
+            "404": err("No such peer (or the node itself)"), "413": too_large, "429": retry_after("Too many probe asks from this node")}}}));
     paths.insert(api::PATH_RELAY_TCP.into(), json!({"get": {
         "summary": "The relay over TCP/TLS (for networks that block UDP): needs `Connection: Upgrade` and `Upgrade: homeport-relay`; the first frame must be a relay BIND (it authenticates the node)",
         "tags": ["node"],
+        "parameters": [{"name": "Upgrade", "in": "header", "required": true,
+            "schema": {"type": "string", "pattern": "^[Hh][Oo][Mm][Ee][Pp][Oo][Rr][Tt]-[Rr][Ee][Ll][Aa][Yy]$"},
+            "description": "homeport-relay (any case)"}],
         "responses": {"101": {"description": "Switched to the relay protocol"},
             "400": err("Not an upgrade request"), "404": err("No relay runs on this coordinator"),
             "503": retry_after("All TCP relay connections are in use")}}}));
