@@ -339,9 +339,10 @@ impl Relay {
     }
 
     /// Serves one client of the TCP/TLS fallback until it disconnects, goes idle or is replaced:
-    /// length-prefixed relay datagrams both ways. Its first frame must be a valid BIND, within
-    /// [`TCP_BIND_DEADLINE`]; until then only a [`BIND_LEN`] stack buffer is used. The binding
-    /// points at a pseudo address that routes to this connection.
+    /// length-prefixed relay datagrams both ways. It must send a valid BIND within
+    /// [`TCP_BIND_DEADLINE`] (an invalid one closes it); frames before it are dropped, and until
+    /// then only stack buffers of a few hundred bytes are used. The binding points at a pseudo
+    /// address that routes to this connection.
     pub async fn serve_stream<S>(self: Arc<Self>, stream: S, slot: TcpSlot)
     where
         S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + 'static,
@@ -362,13 +363,28 @@ impl Relay {
 
         let mut first = [0u8; BIND_LEN];
         let got = tokio::time::timeout(TCP_BIND_DEADLINE, async {
-            let mut len = [0u8; TCP_FRAME_HEADER];
-            r.read_exact(&mut len).await.ok()?;
-            if homeport_proto::relay::tcp_frame_len(len) != BIND_LEN {
-                return None;
+            // A node sends data as soon as its link is up, and its BIND when one is due (within
+            // a few seconds): frames before the BIND are dropped, read through this stack buffer,
+            // so nothing is allocated for a client that has not proved a key.
+            let mut scratch = [0u8; 256];
+            loop {
+                let mut len = [0u8; TCP_FRAME_HEADER];
+                r.read_exact(&mut len).await.ok()?;
+                let n = homeport_proto::relay::tcp_frame_len(len);
+                if n == BIND_LEN {
+                    r.read_exact(&mut first).await.ok()?;
+                    if homeport_proto::relay::kind(&first) == Some(RELAY_BIND) {
+                        return Some(());
+                    }
+                    continue;
+                }
+                let mut left = n;
+                while left > 0 {
+                    let k = left.min(scratch.len());
+                    r.read_exact(&mut scratch[..k]).await.ok()?;
+                    left -= k;
+                }
             }
-            r.read_exact(&mut first).await.ok()?;
-            Some(())
         })
         .await;
         if !matches!(got, Ok(Some(()))) {
@@ -378,7 +394,7 @@ impl Relay {
         let key = match self.handle(pseudo, &first, Instant::now(), unix_now()) {
             Action::Bound { key, .. } => key,
             other => {
-                tracing::debug!(%pseudo, ?other, "relay: TCP client's first frame is not a valid BIND; closed");
+                tracing::debug!(%pseudo, ?other, "relay: TCP client's BIND is not valid; closed");
                 return;
             }
         };
@@ -748,18 +764,34 @@ mod tests {
         let mut silent = tcp_client(&relay, 4096);
         assert!(!closed_within(&mut silent, TCP_BIND_DEADLINE - Duration::from_secs(1)).await);
         assert!(closed_within(&mut silent, Duration::from_secs(2)).await);
-        // Announces a 64 KiB first frame: closed at once, without reading (or allocating) it.
+        // Frames before a BIND (a 64 KiB one here) are read through and dropped: without a
+        // BIND the connection still ends at the deadline.
         let mut big = tcp_client(&relay, 4096);
-        big.write_all(&[0xff, 0xff, 1, 2, 3]).await.unwrap();
-        assert!(closed_within(&mut big, Duration::from_millis(100)).await);
-        // A BIND-sized frame that is not a valid BIND (unknown key): closed at once.
+        let started = tokio::time::Instant::now();
+        big.write_all(&framed(&send_msg(&[7; 32], &[0u8; 65000]))).await.unwrap();
+        assert!(closed_within(&mut big, TCP_BIND_DEADLINE + Duration::from_secs(1)).await);
+        assert!(started.elapsed() >= TCP_BIND_DEADLINE - Duration::from_secs(1));
+        // A BIND that is not valid (unknown key): closed at once.
         let mut stranger = tcp_client(&relay, 4096);
         stranger
             .write_all(&framed(&bind_msg(&key(), &relay.public, unix_now())))
             .await
             .unwrap();
         assert!(closed_within(&mut stranger, Duration::from_millis(100)).await);
-        tokio::task::yield_now().await;
+        // A node whose data frames precede its BIND is bound once the BIND comes.
+        let a = key();
+        relay.set_authorized([pk(&a)]);
+        let mut early = tcp_client(&relay, 1 << 17);
+        early.write_all(&framed(&send_msg(&[7; 32], &[1u8; 1400]))).await.unwrap();
+        early
+            .write_all(&framed(&bind_msg(&a, &relay.public, unix_now())))
+            .await
+            .unwrap();
+        let mut got = [0u8; 2 + BOUND.len()];
+        early.read_exact(&mut got).await.unwrap();
+        assert_eq!(&got[2..], &BOUND);
+        drop(early);
+        tokio::time::sleep(Duration::from_millis(10)).await;
         assert_eq!(relay.tcp_clients(), 0, "slots are given back");
     }
 
