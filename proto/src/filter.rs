@@ -137,6 +137,9 @@ mod tests {
                 last: 90
             }
         );
-        assert!(PortRange::parse("90-80").unwrap_err().contains("range"));
+        // Written high-low, a range means the same ports (the API spec cannot express order).
+        assert_eq!(PortRange::parse("90-80"), PortRange::parse("80-90"));
+        assert!(PortRange::parse("0-80").unwrap_err().contains("range"));
+        assert!(PortRange::parse("80-0").unwrap_err().contains("range"));
     }
 }
