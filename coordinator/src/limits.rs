@@ -52,5 +52,4 @@ impl Limits {
     pub fn probe_ask(&self, id: NodeId) -> Result<(), Duration> {
         check(&self.probes, id)
     }
-
 }

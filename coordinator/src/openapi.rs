@@ -28,12 +28,14 @@ fn arr(name: &str) -> Value {
 // schemathesis against them both ways: valid data accepted, invalid data refused).
 
 /// A port 1-65535 in decimal, leading zeros allowed (as Rust's parsers allow them).
-const PORT: &str = "0*(6553[0-5]|655[0-2][0-9]|65[0-4][0-9]{2}|6[0-4][0-9]{3}|[1-5][0-9]{4}|[1-9][0-9]{0,3})";
+const PORT: &str =
+    "0*(6553[0-5]|655[0-2][0-9]|65[0-4][0-9]{2}|6[0-4][0-9]{3}|[1-5][0-9]{4}|[1-9][0-9]{0,3})";
 /// An IPv4 octet without leading zeros.
 const OCTET: &str = "(25[0-5]|2[0-4][0-9]|1[0-9]{2}|[1-9]?[0-9])";
 /// The first octet of a usable endpoint address: not 0/8, 127/8 or 224.0.0.0 and above
 /// (multicast, reserved, broadcast).
-const OCTET_ENDPOINT: &str = "(22[0-3]|2[01][0-9]|1[3-9][0-9]|12[0-689]|1[01][0-9]|[1-9][0-9]|[1-9])";
+const OCTET_ENDPOINT: &str =
+    "(22[0-3]|2[01][0-9]|1[3-9][0-9]|12[0-689]|1[01][0-9]|[1-9][0-9]|[1-9])";
 const HEX: &str = "[0-9a-fA-F]{1,4}";
 
 fn ipv4() -> String {
@@ -86,9 +88,7 @@ fn cidr() -> String {
 }
 
 fn port_spec() -> String {
-    format!(
-        "^([Ii][Cc][Mm][Pp]|(([Tt][Cc][Pp]|[Uu][Dd][Pp]):)?(\\*|\\+?{PORT}(-\\+?{PORT})?))$"
-    )
+    format!("^([Ii][Cc][Mm][Pp]|(([Tt][Cc][Pp]|[Uu][Dd][Pp]):)?(\\*|\\+?{PORT}(-\\+?{PORT})?))$")
 }
 
 const SELECTOR: &str = "^(\\*|(tag:|node:)?[A-Za-z0-9_-]+)$";
@@ -116,7 +116,8 @@ pub fn document() -> Value {
     let admin = json!([{"adminToken": []}]);
     let node = json!([{"nodeCredential": []}]);
     let bad_token = err("Missing or wrong admin token");
-    let bad_cred = err("Missing or unknown node credential (the node was removed or registered again)");
+    let bad_cred =
+        err("Missing or unknown node credential (the node was removed or registered again)");
     let too_large = err("Body over 64 KiB");
     let mut paths = serde_json::Map::new();
     paths.insert(api::PATH_REGISTER.into(), json!({"post": {
@@ -168,9 +169,12 @@ pub fn document() -> Value {
         "delete": {"summary": "Revoke an auth key", "tags": ["admin"], "security": admin,
             "parameters": id_param(),
             "responses": {"204": {"description": "Revoked"}, "400": err("Bad id"), "401": bad_token, "404": err("No such key")}}}));
-    paths.insert(api::PATH_ADMIN_NODES.into(), json!({
+    paths.insert(
+        api::PATH_ADMIN_NODES.into(),
+        json!({
         "get": {"summary": "List nodes", "tags": ["admin"], "security": admin,
-            "responses": {"200": ok("All nodes", arr("NodeInfo")), "401": bad_token}}}));
+            "responses": {"200": ok("All nodes", arr("NodeInfo")), "401": bad_token}}}),
+    );
     paths.insert(format!("{}/{{name}}", api::PATH_ADMIN_NODES), json!({
         "delete": {"summary": "Remove a node: its credential stops working and its stream closes at once; its publish rules are removed",
             "tags": ["admin"], "security": admin,

@@ -95,7 +95,10 @@ struct TcpClient {
 #[derive(Debug, PartialEq, Eq)]
 pub enum Action {
     /// A BIND proved `key` from `to`: answer BOUND there.
-    Bound { to: SocketAddr, key: [u8; 32] },
+    Bound {
+        to: SocketAddr,
+        key: [u8; 32],
+    },
     /// Forward: write a RECV header for `from_key` followed by the payload to `to`.
     Forward {
         to: SocketAddr,
@@ -667,7 +670,12 @@ mod tests {
         );
         // The node's next BIND (a later time) is accepted.
         assert!(matches!(
-            relay.handle(home, &bind_msg(&a, &relay.public, unix + 20), now, unix + 20),
+            relay.handle(
+                home,
+                &bind_msg(&a, &relay.public, unix + 20),
+                now,
+                unix + 20
+            ),
             Action::Bound { .. }
         ));
     }
@@ -750,7 +758,9 @@ mod tests {
         pipe: usize,
     ) -> tokio::io::DuplexStream {
         let mut c = tcp_client(relay, pipe);
-        c.write_all(&framed(&bind_msg(k, &relay.public, unix))).await.unwrap();
+        c.write_all(&framed(&bind_msg(k, &relay.public, unix)))
+            .await
+            .unwrap();
         let mut got = [0u8; 2 + BOUND.len()];
         c.read_exact(&mut got).await.unwrap();
         assert_eq!(&got[2..], &BOUND);
@@ -768,7 +778,9 @@ mod tests {
         // BIND the connection still ends at the deadline.
         let mut big = tcp_client(&relay, 4096);
         let started = tokio::time::Instant::now();
-        big.write_all(&framed(&send_msg(&[7; 32], &[0u8; 65000]))).await.unwrap();
+        big.write_all(&framed(&send_msg(&[7; 32], &[0u8; 65000])))
+            .await
+            .unwrap();
         assert!(closed_within(&mut big, TCP_BIND_DEADLINE + Duration::from_secs(1)).await);
         assert!(started.elapsed() >= TCP_BIND_DEADLINE - Duration::from_secs(1));
         // A BIND that is not valid (unknown key): closed at once.
@@ -782,7 +794,10 @@ mod tests {
         let a = key();
         relay.set_authorized([pk(&a)]);
         let mut early = tcp_client(&relay, 1 << 17);
-        early.write_all(&framed(&send_msg(&[7; 32], &[1u8; 1400]))).await.unwrap();
+        early
+            .write_all(&framed(&send_msg(&[7; 32], &[1u8; 1400])))
+            .await
+            .unwrap();
         early
             .write_all(&framed(&bind_msg(&a, &relay.public, unix_now())))
             .await
@@ -803,9 +818,15 @@ mod tests {
         let mut first = tcp_bound(&relay, &a, unix_now(), 4096).await;
         // The next BIND carries a later time (a replayed one would be refused).
         let mut second = tcp_bound(&relay, &a, unix_now() + 1, 4096).await;
-        assert!(closed_within(&mut first, Duration::from_millis(100)).await, "replaced");
+        assert!(
+            closed_within(&mut first, Duration::from_millis(100)).await,
+            "replaced"
+        );
         assert!(!closed_within(&mut second, TCP_IDLE - Duration::from_secs(2)).await);
-        assert!(closed_within(&mut second, Duration::from_secs(5)).await, "idle");
+        assert!(
+            closed_within(&mut second, Duration::from_secs(5)).await,
+            "idle"
+        );
         tokio::task::yield_now().await;
         assert_eq!(relay.tcp_clients(), 0);
     }
@@ -813,7 +834,9 @@ mod tests {
     #[test]
     fn tcp_connections_are_capped() {
         let relay = Relay::new(key());
-        let slots: Vec<TcpSlot> = (0..MAX_TCP_CLIENTS).map(|_| relay.tcp_slot().unwrap()).collect();
+        let slots: Vec<TcpSlot> = (0..MAX_TCP_CLIENTS)
+            .map(|_| relay.tcp_slot().unwrap())
+            .collect();
         assert!(relay.tcp_slot().is_none());
         drop(slots);
         assert!(relay.tcp_slot().is_some());
@@ -836,7 +859,10 @@ mod tests {
             relay.process(from_b, &flood, &mut out).await;
             assert!(relay.tcp_queued_bytes() <= TCP_QUEUE_BYTES);
         }
-        assert!(relay.tcp_queued_bytes() > TCP_QUEUE_BYTES / 2, "the queue did fill");
+        assert!(
+            relay.tcp_queued_bytes() > TCP_QUEUE_BYTES / 2,
+            "the queue did fill"
+        );
         // The stalled client is cut, and its queue goes with it.
         tokio::time::sleep(TCP_WRITE_STALL + Duration::from_secs(1)).await;
         tokio::task::yield_now().await;

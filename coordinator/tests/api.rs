@@ -859,7 +859,11 @@ async fn every_admin_route_without_a_token_is_401() {
                 let body = Some(json!({}));
                 let (s, v) = send(app(t.st.clone()), req(m.clone(), &concrete, bearer, body)).await;
                 if admin_op {
-                    assert_eq!(s, StatusCode::UNAUTHORIZED, "{method} {path} with {bearer:?}: {v}");
+                    assert_eq!(
+                        s,
+                        StatusCode::UNAUTHORIZED,
+                        "{method} {path} with {bearer:?}: {v}"
+                    );
                     checked += 1;
                 } else if path.starts_with("/api/v1/admin") {
                     assert!(
@@ -870,13 +874,22 @@ async fn every_admin_route_without_a_token_is_401() {
             }
         }
     }
-    assert!(checked >= 2 * 10, "only {checked} admin operations found in the spec");
+    assert!(
+        checked >= 2 * 10,
+        "only {checked} admin operations found in the spec"
+    );
 }
 
 // ---- abuse of the node API ----
 
 /// Sends `method path` with `cred` and returns status, Retry-After and body.
-async fn send_full(t: &T, method: Method, path: &str, cred: &str, body: Value) -> (StatusCode, Option<u64>, Value) {
+async fn send_full(
+    t: &T,
+    method: Method,
+    path: &str,
+    cred: &str,
+    body: Value,
+) -> (StatusCode, Option<u64>, Value) {
     let resp = app(t.st.clone())
         .oneshot(req(method, path, Some(cred), Some(body)))
         .await
@@ -886,8 +899,14 @@ async fn send_full(t: &T, method: Method, path: &str, cred: &str, body: Value) -
         .headers()
         .get(header::RETRY_AFTER)
         .map(|v| v.to_str().unwrap().parse().unwrap());
-    let bytes = axum::body::to_bytes(resp.into_body(), 1 << 20).await.unwrap();
-    (status, retry, serde_json::from_slice(&bytes).unwrap_or(Value::Null))
+    let bytes = axum::body::to_bytes(resp.into_body(), 1 << 20)
+        .await
+        .unwrap();
+    (
+        status,
+        retry,
+        serde_json::from_slice(&bytes).unwrap_or(Value::Null),
+    )
 }
 
 #[tokio::test]
@@ -899,10 +918,23 @@ async fn endpoint_report_flood_is_rate_limited_per_node() {
     let report = json!({"endpoints": [{"addr": "198.51.100.7:41641", "kind": "stun"}]});
     let mut limited = None;
     for i in 0..50 {
-        let (s, retry, v) = send_full(&t, Method::POST, api::PATH_ENDPOINTS, &a.credential, report.clone()).await;
+        let (s, retry, v) = send_full(
+            &t,
+            Method::POST,
+            api::PATH_ENDPOINTS,
+            &a.credential,
+            report.clone(),
+        )
+        .await;
         if s == StatusCode::TOO_MANY_REQUESTS {
-            assert!(retry.is_some_and(|r| r >= 1), "429 without Retry-After: {v}");
-            assert!(v["detail"].as_str().unwrap().contains("endpoint reports"), "{v}");
+            assert!(
+                retry.is_some_and(|r| r >= 1),
+                "429 without Retry-After: {v}"
+            );
+            assert!(
+                v["detail"].as_str().unwrap().contains("endpoint reports"),
+                "{v}"
+            );
             limited = Some(i);
             break;
         }
@@ -924,16 +956,33 @@ async fn probe_ask_flood_is_rate_limited_per_node() {
     let ask = json!({"peer": b.node_id});
     let mut limited = None;
     for i in 0..200 {
-        let (s, retry, v) = send_full(&t, Method::POST, api::PATH_PROBE, &a.credential, ask.clone()).await;
+        let (s, retry, v) = send_full(
+            &t,
+            Method::POST,
+            api::PATH_PROBE,
+            &a.credential,
+            ask.clone(),
+        )
+        .await;
         if s == StatusCode::TOO_MANY_REQUESTS {
-            assert!(retry.is_some_and(|r| r >= 1), "429 without Retry-After: {v}");
+            assert!(
+                retry.is_some_and(|r| r >= 1),
+                "429 without Retry-After: {v}"
+            );
             limited = Some(i);
             break;
         }
         assert_eq!(s, StatusCode::NO_CONTENT, "{v}");
     }
     assert!(limited.expect("200 probe asks in a burst were all accepted") >= 10);
-    let (s, _, v) = send_full(&t, Method::POST, api::PATH_PROBE, &b.credential, json!({"peer": a.node_id})).await;
+    let (s, _, v) = send_full(
+        &t,
+        Method::POST,
+        api::PATH_PROBE,
+        &b.credential,
+        json!({"peer": a.node_id}),
+    )
+    .await;
     assert_eq!(s, StatusCode::NO_CONTENT, "{v}");
 }
 
@@ -957,7 +1006,9 @@ async fn unusable_endpoint_candidates_are_refused_by_name() {
             {"addr": "198.51.100.7:41641", "kind": "stun"},
             {"addr": bad, "kind": "local"},
         ]});
-        let (s, v) = t.node(Method::POST, api::PATH_ENDPOINTS, &a.credential, Some(body)).await;
+        let (s, v) = t
+            .node(Method::POST, api::PATH_ENDPOINTS, &a.credential, Some(body))
+            .await;
         assert_eq!(s, StatusCode::BAD_REQUEST, "{bad} was accepted");
         let d = v["detail"].as_str().unwrap();
         assert!(d.contains("endpoints[1]") && d.contains(why), "{bad}: {d}");
@@ -966,7 +1017,12 @@ async fn unusable_endpoint_candidates_are_refused_by_name() {
         .map(|i| json!({"addr": format!("198.51.100.{i}:41641"), "kind": "local"}))
         .collect();
     let (s, v) = t
-        .node(Method::POST, api::PATH_ENDPOINTS, &a.credential, Some(json!({"endpoints": many})))
+        .node(
+            Method::POST,
+            api::PATH_ENDPOINTS,
+            &a.credential,
+            Some(json!({"endpoints": many})),
+        )
         .await;
     assert_eq!(s, StatusCode::BAD_REQUEST);
     assert!(v["detail"].as_str().unwrap().contains("at most 32"), "{v}");
@@ -978,7 +1034,9 @@ async fn unusable_endpoint_candidates_are_refused_by_name() {
 #[tokio::test]
 async fn probe_ask_for_a_peer_the_policy_separates_is_403() {
     let t = setup().await;
-    let guests = t.authkey(json!({"reusable": true, "tags": ["guest"]})).await;
+    let guests = t
+        .authkey(json!({"reusable": true, "tags": ["guest"]}))
+        .await;
     let plain = t.authkey(json!({"reusable": true})).await;
     let home = t.register(&plain, "home").await;
     let tv = t.register(&guests, "tv").await;
@@ -996,17 +1054,32 @@ async fn probe_ask_for_a_peer_the_policy_separates_is_403() {
         .await;
     assert_eq!(s, StatusCode::OK, "{v}");
     let (s, v) = t
-        .node(Method::POST, api::PATH_PROBE, &tv.credential, Some(json!({"peer": laptop.node_id})))
+        .node(
+            Method::POST,
+            api::PATH_PROBE,
+            &tv.credential,
+            Some(json!({"peer": laptop.node_id})),
+        )
         .await;
     assert_eq!(s, StatusCode::FORBIDDEN, "{v}");
     assert!(v["detail"].as_str().unwrap().contains("policy"), "{v}");
     let (s, _) = t
-        .node(Method::POST, api::PATH_PROBE, &laptop.credential, Some(json!({"peer": tv.node_id})))
+        .node(
+            Method::POST,
+            api::PATH_PROBE,
+            &laptop.credential,
+            Some(json!({"peer": tv.node_id})),
+        )
         .await;
     assert_eq!(s, StatusCode::FORBIDDEN);
     // Either direction allowed is enough: home <-> tv both ways, and home is told to probe.
     let (s, v) = t
-        .node(Method::POST, api::PATH_PROBE, &tv.credential, Some(json!({"peer": home.node_id})))
+        .node(
+            Method::POST,
+            api::PATH_PROBE,
+            &tv.credential,
+            Some(json!({"peer": home.node_id})),
+        )
         .await;
     assert_eq!(s, StatusCode::NO_CONTENT, "{v}");
     loop {
@@ -1017,7 +1090,12 @@ async fn probe_ask_for_a_peer_the_policy_separates_is_403() {
         }
     }
     let (s, _) = t
-        .node(Method::POST, api::PATH_PROBE, &home.credential, Some(json!({"peer": tv.node_id})))
+        .node(
+            Method::POST,
+            api::PATH_PROBE,
+            &home.credential,
+            Some(json!({"peer": tv.node_id})),
+        )
         .await;
     assert_eq!(s, StatusCode::NO_CONTENT);
 }
@@ -1033,7 +1111,10 @@ async fn reusable_key_with_max_uses_stops_after_n() {
     assert_eq!(s, StatusCode::UNAUTHORIZED, "{v}");
     assert!(v["detail"].as_str().unwrap().contains("max-uses"), "{v}");
     let (_, keys) = t.admin(Method::GET, api::PATH_ADMIN_AUTHKEYS, None).await;
-    assert_eq!((keys[0]["max_uses"].clone(), keys[0]["uses"].clone()), (json!(2), json!(2)));
+    assert_eq!(
+        (keys[0]["max_uses"].clone(), keys[0]["uses"].clone()),
+        (json!(2), json!(2))
+    );
     // Concurrent registrations never exceed the limit.
     let key = t.authkey(json!({"reusable": true, "max_uses": 3})).await;
     let mut tasks = vec![];
@@ -1065,9 +1146,14 @@ async fn reusable_key_with_max_uses_stops_after_n() {
     // Refused shapes, each named.
     for (body, needle) in [
         (json!({"reusable": true, "max_uses": 0}), "out of range"),
-        (json!({"reusable": true, "max_uses": 1_000_001}), "out of range"),
+        (
+            json!({"reusable": true, "max_uses": 1_000_001}),
+            "out of range",
+        ),
     ] {
-        let (s, v) = t.admin(Method::POST, api::PATH_ADMIN_AUTHKEYS, Some(body)).await;
+        let (s, v) = t
+            .admin(Method::POST, api::PATH_ADMIN_AUTHKEYS, Some(body))
+            .await;
         assert_eq!(s, StatusCode::BAD_REQUEST, "{v}");
         assert!(v["detail"].as_str().unwrap().contains(needle), "{v}");
     }
@@ -1083,7 +1169,10 @@ async fn exhausted_address_pool_is_a_clear_409() {
     let pk = PrivateKey::generate().public_key().to_base64();
     let (s, v) = t.register_raw(&key, &pk, "three").await;
     assert_eq!(s, StatusCode::CONFLICT, "{v}");
-    assert!(v["detail"].as_str().unwrap().contains("no free address"), "{v}");
+    assert!(
+        v["detail"].as_str().unwrap().contains("no free address"),
+        "{v}"
+    );
     // The coordinator still serves.
     let (s, nodes) = t.admin(Method::GET, api::PATH_ADMIN_NODES, None).await;
     assert_eq!((s, nodes.as_array().unwrap().len()), (StatusCode::OK, 2));

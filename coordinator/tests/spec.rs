@@ -48,7 +48,13 @@ impl Server {
         let config = dir.path().join("coordinator.toml");
         std::fs::write(&config, "# empty: flags only\n").unwrap();
         let mut child = Command::new(BIN)
-            .args(["serve", "--listen", "127.0.0.1:0", "--stun-listen", "127.0.0.1:0"])
+            .args([
+                "serve",
+                "--listen",
+                "127.0.0.1:0",
+                "--stun-listen",
+                "127.0.0.1:0",
+            ])
             .arg("--state-dir")
             .arg(dir.path().join("state"))
             .arg("--config")
@@ -127,8 +133,20 @@ impl Server {
     }
 }
 
-async fn call(c: &reqwest::Client, method: reqwest::Method, url: &str, bearer: &str, body: Value) -> Value {
-    let r = c.request(method, url).bearer_auth(bearer).json(&body).send().await.unwrap();
+async fn call(
+    c: &reqwest::Client,
+    method: reqwest::Method,
+    url: &str,
+    bearer: &str,
+    body: Value,
+) -> Value {
+    let r = c
+        .request(method, url)
+        .bearer_auth(bearer)
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
     let status = r.status();
     let v: Value = r.json().await.unwrap_or(Value::Null);
     assert!(status.is_success(), "{url}: {status} {v}");
@@ -143,7 +161,11 @@ async fn schemathesis_finds_no_server_error_and_no_mismatch() {
         eprintln!("SKIP {msg}");
         if let Some(log) = std::env::var_os("HOMEPORT_TEST_SKIP_LOG") {
             use std::io::Write;
-            if let Ok(mut f) = std::fs::OpenOptions::new().append(true).create(true).open(log) {
+            if let Ok(mut f) = std::fs::OpenOptions::new()
+                .append(true)
+                .create(true)
+                .open(log)
+            {
                 let _ = writeln!(f, "{msg}");
             }
         }
