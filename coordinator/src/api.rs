@@ -463,10 +463,10 @@ async fn authkey_create(
                 "expires_secs: must be at least 1 (or absent for a key that never expires)",
             ));
         }
-        Some(s) if s > crate::openapi::MAX_EXPIRES_SECS => {
+        Some(s) if s > api::MAX_EXPIRES_SECS => {
             return Err(ApiErr::bad_request(format!(
                 "expires_secs: {s} is more than 100 years; expected 1-{}",
-                crate::openapi::MAX_EXPIRES_SECS
+                api::MAX_EXPIRES_SECS
             )));
         }
         Some(s) => Some(now() + s as i64),

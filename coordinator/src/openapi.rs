@@ -246,7 +246,7 @@ pub fn document() -> Value {
                         "probe_requests": {"type": "array", "items": {"type": "object"}}}},
                 "AuthKeyCreate": {"type": "object", "additionalProperties": false, "properties": {
                     "reusable": {"type": "boolean", "description": "Any number of registrations (default: one)"},
-                    "expires_secs": {"type": "integer", "format": "int64", "minimum": 1, "maximum": MAX_EXPIRES_SECS, "nullable": true,
+                    "expires_secs": {"type": "integer", "format": "int64", "minimum": 1, "maximum": api::MAX_EXPIRES_SECS, "nullable": true,
                         "description": "Lifetime in seconds (at most 100 years); null or absent: never expires"},
                     "tags": tags,
                     "max_uses": {"type": "integer", "format": "int64", "minimum": 1, "maximum": api::MAX_AUTHKEY_USES, "nullable": true,
@@ -281,6 +281,3 @@ pub fn document() -> Value {
         }
     })
 }
-
-/// The longest auth key lifetime accepted: 100 years.
-pub const MAX_EXPIRES_SECS: u64 = 100 * 365 * 24 * 3600 + 25 * 24 * 3600;

@@ -138,6 +138,9 @@ pub struct AuthKeyCreate {
 /// The largest `max_uses` of an auth key.
 pub const MAX_AUTHKEY_USES: u64 = 1_000_000;
 
+/// The longest auth key lifetime (`expires_secs`): 100 years.
+pub const MAX_EXPIRES_SECS: u64 = 100 * 365 * 24 * 3600 + 25 * 24 * 3600;
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct AuthKeyCreated {
     pub id: i64,
