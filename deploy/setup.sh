@@ -9,14 +9,18 @@
 # wireguard-tools, coturn as a STUN server, iperf3), tcpdump, python3, ping, systemd (systemd-analyze)
 # and hping3 (spoofed-source SYN floods in the exit's lab tests).
 # Rust comes from rustup (minimal profile, stable) only if no cargo is found.
+# schemathesis (PyPI, pinned) goes into its own virtualenv under /opt, linked as /usr/local/bin/schemathesis:
+# coordinator/tests/spec.rs checks the API against its OpenAPI document with it.
 set -euo pipefail
 
 PACKAGES=(
   build-essential pkg-config curl ca-certificates
   iproute2 nftables conntrack
   wireguard-go wireguard-tools iperf3 coturn
-  tcpdump python3 procps systemd iputils-ping shellcheck hping3
+  tcpdump python3 python3-venv procps systemd iputils-ping shellcheck hping3
 )
+SCHEMATHESIS_VERSION=4.32.5
+SCHEMATHESIS_VENV=/opt/homeport-schemathesis
 
 log() { printf 'setup: %s\n' "$*"; }
 die() { printf 'setup: error: %s\n' "$*" >&2; exit 1; }
@@ -72,6 +76,18 @@ else
   command -v cargo >/dev/null || die "rustup finished but cargo is still not on PATH"
   log "cargo: $(cargo --version)"
 fi
+# schemathesis for the API spec test, pinned, in its own virtualenv (Debian's python refuses pip installs).
+st_installed() { "$SCHEMATHESIS_VENV/bin/schemathesis" --version 2>/dev/null | grep -qF "$SCHEMATHESIS_VERSION"; }
+if st_installed; then
+  log "schemathesis: $SCHEMATHESIS_VERSION"
+else
+  [ "$(id -u)" -eq 0 ] || die "schemathesis $SCHEMATHESIS_VERSION is missing — run this script as root (sudo $0)"
+  log "installing schemathesis $SCHEMATHESIS_VERSION (PyPI) into $SCHEMATHESIS_VENV"
+  python3 -m venv "$SCHEMATHESIS_VENV"
+  "$SCHEMATHESIS_VENV/bin/pip" install --quiet --disable-pip-version-check "schemathesis==$SCHEMATHESIS_VERSION"
+  st_installed || die "schemathesis $SCHEMATHESIS_VERSION did not install into $SCHEMATHESIS_VENV"
+fi
+ln -sf "$SCHEMATHESIS_VENV/bin/schemathesis" /usr/local/bin/schemathesis 2>/dev/null || true
 # The TUN device the nodes use; a missing one is a kernel/container problem that no package fixes.
 [ -c /dev/net/tun ] || log "warning: /dev/net/tun is missing: homeport nodes cannot create their interface here"
 log "done"

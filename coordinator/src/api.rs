@@ -37,8 +37,7 @@ pub const MAX_BODY: usize = 64 * 1024;
 /// so that network delay never makes a node miss one.
 pub const KEEPALIVE_EVERY: Duration = Duration::from_secs(10);
 
-/// Most endpoint candidates a node may report; real nodes have a handful.
-pub const MAX_ENDPOINTS: usize = 64;
+pub use homeport_proto::api::MAX_ENDPOINTS;
 
 /// Marks a request that came over the local admin socket (trusted by file permissions).
 #[derive(Debug, Clone, Copy)]
@@ -64,7 +63,13 @@ pub fn app(state: AppState) -> Router {
             &format!("{}/{{id}}", api::PATH_ADMIN_PUBLISH),
             delete(publish_remove),
         )
-        .route(api::PATH_ADMIN_POLICY, get(policy_get).put(policy_set));
+        .route(api::PATH_ADMIN_POLICY, get(policy_get).put(policy_set))
+        // Every admin route needs an admin, whatever its handler takes: a route added later
+        // cannot forget it.
+        .route_layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            require_admin,
+        ));
     Router::new()
         .route(api::PATH_REGISTER, post(register))
         .route(api::PATH_MAP, get(map_stream))
@@ -202,6 +207,10 @@ impl FromRequestParts<AppState> for Admin {
     }
 }
 
+async fn require_admin(_: Admin, req: Request, next: Next) -> Response {
+    next.run(req).await
+}
+
 // ---- node API ----
 
 async fn register(
@@ -335,6 +344,16 @@ async fn endpoints(
     NodeAuth(id): NodeAuth,
     JsonBody(rep): JsonBody<EndpointReport>,
 ) -> ApiResult<StatusCode> {
+    st.limits.endpoint_report(id).map_err(|wait| {
+        ApiErr::too_many(
+            format!(
+                "endpoint reports: at most {} at once and one per {} s after that; retry after the Retry-After seconds",
+                crate::limits::ENDPOINT_BURST,
+                crate::limits::ENDPOINT_EVERY.as_secs()
+            ),
+            wait,
+        )
+    })?;
     if rep.endpoints.len() > MAX_ENDPOINTS {
         return Err(ApiErr::bad_request(format!(
             "endpoints: {} candidates reported; at most {MAX_ENDPOINTS} are accepted",
@@ -342,9 +361,14 @@ async fn endpoints(
         )));
     }
     for (i, e) in rep.endpoints.iter().enumerate() {
-        if e.addr.port() == 0 || e.addr.ip().is_unspecified() || e.addr.ip().is_multicast() {
+        if e.kind == homeport_proto::map::EndpointKind::Unknown {
             return Err(ApiErr::bad_request(format!(
-                "endpoints[{i}]: {} is not a usable address; expected a unicast IP and a port 1-65535",
+                "endpoints[{i}].kind: expected \"local\", \"stun\" or \"static\""
+            )));
+        }
+        if let Some(why) = api::endpoint_problem(e.addr) {
+            return Err(ApiErr::bad_request(format!(
+                "endpoints[{i}]: {} is {why}; expected a unicast address (not unspecified, loopback, multicast or broadcast) and a port 1-65535",
                 e.addr
             )));
         }
@@ -363,16 +387,33 @@ async fn probe(
     NodeAuth(id): NodeAuth,
     JsonBody(ask): JsonBody<ProbeAsk>,
 ) -> ApiResult<StatusCode> {
+    st.limits.probe_ask(id).map_err(|wait| {
+        ApiErr::too_many(
+            format!(
+                "probe asks: at most {} at once and {} per second after that; retry after the Retry-After seconds",
+                crate::limits::PROBE_BURST,
+                1000 / crate::limits::PROBE_EVERY.as_millis().max(1)
+            ),
+            wait,
+        )
+    })?;
     if ask.peer == id {
-        return Err(ApiErr::bad_request(
-            "peer: a node cannot ask itself to probe",
-        ));
+        // 404, not 400: the body is well formed, there is just no such peer for this node.
+        return Err(ApiErr::not_found(format!(
+            "peer: node {id} is this node, not one of its peers"
+        )));
     }
     let mut mesh = st.mesh();
-    if mesh.node(ask.peer).is_none() {
+    let Some(peer) = mesh.node(ask.peer) else {
         return Err(ApiErr::not_found(format!(
             "peer: no node with id {}",
             ask.peer
+        )));
+    };
+    if !mesh.may_talk(id, ask.peer) {
+        return Err(ApiErr::forbidden(format!(
+            "peer: the access policy lets no traffic flow between this node and node {} ({}) in either direction, so they have no path to open",
+            ask.peer, peer.name
         )));
     }
     // An offline peer simply does not hear it; the asker's probes still open its own NAT.
@@ -390,7 +431,7 @@ async fn openapi() -> Json<serde_json::Value> {
 pub fn normalize_tags(tags: &[String]) -> ApiResult<Vec<String>> {
     let mut out: Vec<String> = Vec::new();
     for (i, t) in tags.iter().enumerate() {
-        let t = t.trim();
+        let t = t.as_str();
         let bare = t.strip_prefix("tag:").unwrap_or(t);
         let ok = !bare.is_empty()
             && bare.len() <= 63
@@ -422,17 +463,28 @@ async fn authkey_create(
                 "expires_secs: must be at least 1 (or absent for a key that never expires)",
             ));
         }
-        Some(s) => Some(
-            i64::try_from(s)
-                .ok()
-                .and_then(|s| now().checked_add(s))
-                .ok_or_else(|| ApiErr::bad_request("expires_secs: too large"))?,
-        ),
+        Some(s) if s > api::MAX_EXPIRES_SECS => {
+            return Err(ApiErr::bad_request(format!(
+                "expires_secs: {s} is more than 100 years; expected 1-{}",
+                api::MAX_EXPIRES_SECS
+            )));
+        }
+        Some(s) => Some(now() + s as i64),
+    };
+    let max_uses = match req.max_uses {
+        None => None,
+        Some(n @ 1..=api::MAX_AUTHKEY_USES) => Some(n as i64),
+        Some(n) => {
+            return Err(ApiErr::bad_request(format!(
+                "max_uses: {n} is out of range; expected 1-{} (or absent for no limit)",
+                api::MAX_AUTHKEY_USES
+            )));
+        }
     };
     let _w = st.write_lock.lock().await;
     let (id, key) = st
         .store
-        .create_authkey(req.reusable, &tags, expires_at)
+        .create_authkey(req.reusable, &tags, expires_at, max_uses)
         .await?;
     tracing::info!(id, reusable = req.reusable, ?tags, "auth key created");
     Ok((StatusCode::CREATED, Json(AuthKeyCreated { id, key })))
@@ -451,6 +503,8 @@ async fn authkey_list(_: Admin, State(st): State<AppState>) -> ApiResult<Json<Ve
                 expires_at: r.expires_at,
                 used: r.used,
                 revoked: r.revoked,
+                max_uses: r.max_uses.map(|m| m as u64),
+                uses: r.uses.max(0) as u64,
             })
             .collect(),
     ))
@@ -535,10 +589,9 @@ pub fn validate_publish(req: &PublishRequest, mesh: &crate::mesh::Mesh) -> ApiRe
         ))
     };
     let (tname, tport) = req.to.rsplit_once(':').ok_or_else(bad_to)?;
-    let tport: u16 = tport
-        .trim()
-        .parse()
-        .ok()
+    let tport: u16 = Some(tport)
+        .filter(|p| !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()))
+        .and_then(|p| p.parse().ok())
         .filter(|&p| p != 0)
         .ok_or_else(bad_to)?;
     let mut allow = Vec::new();
@@ -682,10 +735,26 @@ async fn relay_tcp(State(st): State<AppState>, mut req: Request) -> Response {
     let Some(relay) = st.mesh().relay() else {
         return ApiErr::not_found("no relay runs on this coordinator".to_string()).into_response();
     };
+    let Some(slot) = relay.tcp_slot() else {
+        let mut e = ApiErr::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "relay_full",
+            format!(
+                "the TCP relay serves at most {} connections and all are in use; retry later or use the UDP relay",
+                crate::relay::MAX_TCP_CLIENTS
+            ),
+        );
+        e.retry_after = Some(30);
+        return e.into_response();
+    };
     let on = hyper::upgrade::on(&mut req);
     tokio::spawn(async move {
         match on.await {
-            Ok(up) => relay.serve_stream(hyper_util::rt::TokioIo::new(up)).await,
+            Ok(up) => {
+                relay
+                    .serve_stream(hyper_util::rt::TokioIo::new(up), slot)
+                    .await
+            }
             Err(e) => tracing::debug!(error = %e, "relay upgrade failed"),
         }
     });

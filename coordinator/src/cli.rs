@@ -129,6 +129,9 @@ pub enum AuthkeyCmd {
         /// Tag given to nodes registering with this key (repeatable), used by policy as tag:NAME
         #[arg(long = "tag", value_name = "TAG")]
         tags: Vec<String>,
+        /// Allow exactly up to N registrations (with --reusable; default: no limit)
+        #[arg(long, value_name = "N", requires = "reusable")]
+        max_uses: Option<u64>,
     },
     /// List keys
     List {
@@ -311,12 +314,13 @@ pub async fn admin(cmd: Cmd) -> anyhow::Result<()> {
                     reusable,
                     expires,
                     tags,
+                    max_uses,
                 } => {
                     let r: AuthKeyCreated = c
                         .json(
                             Method::POST,
                             api::PATH_ADMIN_AUTHKEYS,
-                            Some(&json!({"reusable": reusable, "expires_secs": expires, "tags": tags})),
+                            Some(&json!({"reusable": reusable, "expires_secs": expires, "tags": tags, "max_uses": max_uses})),
                         )
                         .await?;
                     println!("{}", r.key);
@@ -336,13 +340,19 @@ pub async fn admin(cmd: Cmd) -> anyhow::Result<()> {
                                 "expired"
                             } else if k.used && !k.reusable {
                                 "used"
+                            } else if k.max_uses.is_some_and(|m| k.uses >= m) {
+                                "used up"
                             } else {
                                 "valid"
                             };
                             vec![
                                 k.id.to_string(),
                                 format!("{}…", k.prefix),
-                                if k.reusable { "reusable" } else { "single-use" }.into(),
+                                match (k.reusable, k.max_uses) {
+                                    (false, _) => "single-use".into(),
+                                    (true, None) => "reusable".into(),
+                                    (true, Some(m)) => format!("reusable {}/{m}", k.uses),
+                                },
                                 state.into(),
                                 match k.expires_at {
                                     Some(e) if e > now => format!(
@@ -551,6 +561,8 @@ mod tests {
             "b",
             "--expires",
             "1h",
+            "--max-uses",
+            "3",
             "--state-dir",
             "/tmp/x",
         ])
@@ -563,9 +575,11 @@ mod tests {
                         reusable,
                         expires,
                         tags,
+                        max_uses,
                     },
             } => {
                 assert!(reusable);
+                assert_eq!(max_uses, Some(3));
                 assert_eq!(expires, Some(3600));
                 assert_eq!(tags, vec!["a", "b"]);
                 assert_eq!(conn.state_dir, PathBuf::from("/tmp/x"));

@@ -12,6 +12,8 @@ pub struct ApiErr {
     pub status: StatusCode,
     pub code: &'static str,
     pub detail: String,
+    /// Seconds for a `Retry-After` header (429, 503).
+    pub retry_after: Option<u64>,
 }
 
 impl ApiErr {
@@ -20,7 +22,17 @@ impl ApiErr {
             status,
             code,
             detail: detail.into(),
+            retry_after: None,
         }
+    }
+    /// 429 with `Retry-After` (whole seconds, at least 1).
+    pub fn too_many(detail: impl Into<String>, retry_after: std::time::Duration) -> Self {
+        let mut e = Self::new(StatusCode::TOO_MANY_REQUESTS, "rate_limited", detail);
+        e.retry_after = Some(retry_after.as_secs_f64().ceil().max(1.0) as u64);
+        e
+    }
+    pub fn forbidden(detail: impl Into<String>) -> Self {
+        Self::new(StatusCode::FORBIDDEN, "forbidden", detail)
     }
     pub fn bad_request(detail: impl Into<String>) -> Self {
         Self::new(StatusCode::BAD_REQUEST, "bad_request", detail)
@@ -64,14 +76,19 @@ impl From<serde_json::Error> for ApiErr {
 
 impl IntoResponse for ApiErr {
     fn into_response(self) -> Response {
-        (
+        let mut r = (
             self.status,
             Json(ApiError {
                 error: self.code.to_string(),
                 detail: self.detail,
             }),
         )
-            .into_response()
+            .into_response();
+        if let Some(s) = self.retry_after {
+            r.headers_mut()
+                .insert(axum::http::header::RETRY_AFTER, s.into());
+        }
+        r
     }
 }
 

@@ -1,11 +1,14 @@
 //! homeport coordinator: the HTTPS node and admin API, storage, map streams with deltas, STUN,
 //! and the admin CLI. `main` only parses arguments and calls [`run`] or [`cli::admin`].
 
+#![recursion_limit = "256"]
+
 pub mod api;
 pub mod cli;
 pub mod client;
 pub mod config;
 pub mod error;
+pub mod limits;
 pub mod mesh;
 pub mod openapi;
 pub mod relay;

@@ -468,6 +468,21 @@ impl Mesh {
         Some(rule)
     }
 
+    /// True when the policy lets some traffic flow between `a` and `b` in either direction (no
+    /// policy: always). Nodes that may not talk have no path worth opening.
+    pub fn may_talk(&self, a: NodeId, b: NodeId) -> bool {
+        let (Some(na), Some(nb)) = (self.nodes.get(&a), self.nodes.get(&b)) else {
+            return false;
+        };
+        let Some(policy) = &self.policy else {
+            return true;
+        };
+        policy.rules.iter().any(|r| {
+            (any_matches(&r.from, na) && any_matches(&r.to, nb))
+                || (any_matches(&r.from, nb) && any_matches(&r.to, na))
+        })
+    }
+
     /// Tells `peer` to probe `from` now. False when `peer` has no open stream.
     pub fn probe(&mut self, from: NodeId, peer: NodeId) -> bool {
         let Some(f) = self.nodes.get(&from) else {

@@ -24,30 +24,135 @@ fn arr(name: &str) -> Value {
     json!({"type": "array", "items": r(name)})
 }
 
+// The patterns below state exactly what the server accepts (coordinator/tests/spec.rs runs
+// schemathesis against them both ways: valid data accepted, invalid data refused).
+
+/// A port 1-65535 in decimal, leading zeros allowed (as Rust's parsers allow them).
+const PORT: &str =
+    "0*(6553[0-5]|655[0-2][0-9]|65[0-4][0-9]{2}|6[0-4][0-9]{3}|[1-5][0-9]{4}|[1-9][0-9]{0,3})";
+/// An IPv4 octet without leading zeros.
+const OCTET: &str = "(25[0-5]|2[0-4][0-9]|1[0-9]{2}|[1-9]?[0-9])";
+/// The first octet of a usable endpoint address: not 0/8, 127/8 or 224.0.0.0 and above
+/// (multicast, reserved, broadcast).
+const OCTET_ENDPOINT: &str =
+    "(22[0-3]|2[01][0-9]|1[3-9][0-9]|12[0-689]|1[01][0-9]|[1-9][0-9]|[1-9])";
+const HEX: &str = "[0-9a-fA-F]{1,4}";
+
+fn ipv4() -> String {
+    format!("{OCTET}(\\.{OCTET}){{3}}")
+}
+
+/// Every textual IPv6 form (without an embedded IPv4 tail).
+fn ipv6() -> String {
+    let h = HEX;
+    [
+        format!("({h}:){{7}}{h}"),
+        format!("({h}:){{1,7}}:"),
+        format!("({h}:){{1,6}}:{h}"),
+        format!("({h}:){{1,5}}(:{h}){{1,2}}"),
+        format!("({h}:){{1,4}}(:{h}){{1,3}}"),
+        format!("({h}:){{1,3}}(:{h}){{1,4}}"),
+        format!("({h}:){{1,2}}(:{h}){{1,5}}"),
+        format!("{h}:(:{h}){{1,6}}"),
+        format!(":((:{h}){{1,7}}|:)"),
+    ]
+    .join("|")
+}
+
+/// IPv6 addresses in 2000::/3 (global unicast): the first group is written out and is
+/// 2000-3fff.
+fn ipv6_global() -> String {
+    let (h, f) = (HEX, "[23][0-9a-fA-F]{3}");
+    let mut alts = vec![format!("{f}(:{h}){{7}}"), format!("{f}(:{h}){{0,6}}::")];
+    for k in 1..=6 {
+        alts.push(format!("{f}(:{h}){{{}}}::{h}(:{h}){{0,{}}}", k - 1, 6 - k));
+    }
+    alts.join("|")
+}
+
+/// `ip:port` / `[ipv6]:port` of a usable endpoint candidate.
+fn endpoint_addr() -> String {
+    format!(
+        "^({OCTET_ENDPOINT}(\\.{OCTET}){{3}}|\\[({})\\]):{PORT}$",
+        ipv6_global()
+    )
+}
+
+/// An address or a network (`address/length`).
+fn cidr() -> String {
+    format!(
+        "^({v4}(/(3[0-2]|[12]?[0-9]))?|({v6})(/(12[0-8]|1[01][0-9]|[1-9]?[0-9]))?)$",
+        v4 = ipv4(),
+        v6 = ipv6()
+    )
+}
+
+fn port_spec() -> String {
+    format!("^([Ii][Cc][Mm][Pp]|(([Tt][Cc][Pp]|[Uu][Dd][Pp]):)?(\\*|\\+?{PORT}(-\\+?{PORT})?))$")
+}
+
+const SELECTOR: &str = "^(\\*|(tag:|node:)?[A-Za-z0-9_-]+)$";
+const TAG: &str = "^(tag:)?[A-Za-z0-9_-]{1,63}$";
+/// What `hostname` must contain: an ASCII letter or digit among the first 63 characters of its
+/// first label (the node name is made from them).
+const HOSTNAME: &str = "^[^.]{0,62}[A-Za-z0-9]";
+/// Standard base64 of 32 bytes: 43 characters (the last one with its low two bits zero) and `=`.
+const KEY: &str = "^[A-Za-z0-9+/]{42}[AEIMQUYcgkosw048]=$";
+const ID_MAX: i64 = i64::MAX;
+
+fn id_param() -> Value {
+    json!([{"name": "id", "in": "path", "required": true,
+        "schema": {"type": "integer", "format": "int64", "minimum": 1, "maximum": ID_MAX}}])
+}
+
+fn retry_after(desc: &str) -> Value {
+    let mut e = err(desc);
+    e["headers"] = json!({"Retry-After": {"description": "Seconds to wait before trying again", "required": true,
+        "schema": {"type": "integer", "minimum": 1}}});
+    e
+}
+
 pub fn document() -> Value {
     let admin = json!([{"adminToken": []}]);
     let node = json!([{"nodeCredential": []}]);
+    let bad_token = err("Missing or wrong admin token");
+    let bad_cred =
+        err("Missing or unknown node credential (the node was removed or registered again)");
+    let too_large = err("Body over 64 KiB");
     let mut paths = serde_json::Map::new();
     paths.insert(api::PATH_REGISTER.into(), json!({"post": {
         "summary": "Register a node (or re-register the same public key) with an auth key",
         "tags": ["node"],
         "requestBody": body("RegisterRequest"),
         "responses": {"200": ok("Registered; the credential is shown only here", r("RegisterResponse")),
-            "400": err("Bad body (names the field)"), "401": err("Unknown, revoked, expired or used auth key"),
-            "413": err("Body over 64 KiB")}}}));
+            "400": err("Bad body (names the field)"), "401": err("Unknown, revoked, expired or used-up auth key"),
+            "409": err("The mesh prefix has no free address left"), "413": too_large}}}));
     paths.insert(api::PATH_MAP.into(), json!({"get": {
         "summary": "The node's map stream: NDJSON, one MapMessage per line; first full, then deltas, keepalives at least every 15 s",
         "tags": ["node"], "security": node,
         "responses": {"200": {"description": "Stream of MapMessage lines", "content": {"application/x-ndjson": {"schema": r("MapMessage")}}},
-            "401": err("Missing or unknown credential (node removed)")}}}));
+            "401": bad_cred}}}));
     paths.insert(api::PATH_ENDPOINTS.into(), json!({"post": {
-        "summary": "Report the node's endpoint candidates (replaces the previous report)",
+        "summary": "Report the node's endpoint candidates (replaces the previous report). Rate-limited per node.",
         "tags": ["node"], "security": node, "requestBody": body("EndpointReport"),
-        "responses": {"204": {"description": "Stored and sent to peers"}, "400": err("Bad candidate"), "401": err("Bad credential")}}}));
+        "responses": {"204": {"description": "Stored and sent to peers"}, "400": err("Bad candidate (names it) or too many"),
+            "401": bad_cred, "413": too_large,
+            "429": retry_after("Too many reports from this node")}}}));
     paths.insert(api::PATH_PROBE.into(), json!({"post": {
-        "summary": "Ask the coordinator to tell a peer to probe this node now",
+        "summary": "Ask the coordinator to tell a peer to probe this node now. Rate-limited per node.",
         "tags": ["node"], "security": node, "requestBody": body("ProbeAsk"),
-        "responses": {"204": {"description": "Forwarded (if the peer is online)"}, "401": err("Bad credential"), "404": err("No such peer")}}}));
+        "responses": {"204": {"description": "Forwarded (if the peer is online)"}, "400": err("Bad body"),
+            "401": bad_cred, "403": err("The access policy lets no traffic flow between the two nodes"),
+            "404": err("No such peer (or the node itself)"), "413": too_large, "429": retry_after("Too many probe asks from this node")}}}));
+    paths.insert(api::PATH_RELAY_TCP.into(), json!({"get": {
+        "summary": "The relay over TCP/TLS (for networks that block UDP): needs `Connection: Upgrade` and `Upgrade: homeport-relay`; the first frame must be a relay BIND (it authenticates the node)",
+        "tags": ["node"],
+        "parameters": [{"name": "Upgrade", "in": "header", "required": true,
+            "schema": {"type": "string", "pattern": "^[Hh][Oo][Mm][Ee][Pp][Oo][Rr][Tt]-[Rr][Ee][Ll][Aa][Yy]$"},
+            "description": "homeport-relay (any case)"}],
+        "responses": {"101": {"description": "Switched to the relay protocol"},
+            "400": err("Not an upgrade request"), "404": err("No relay runs on this coordinator"),
+            "503": retry_after("All TCP relay connections are in use")}}}));
     paths.insert(
         api::PATH_OPENAPI.into(),
         json!({"get": {
@@ -56,47 +161,63 @@ pub fn document() -> Value {
     );
     paths.insert(api::PATH_ADMIN_AUTHKEYS.into(), json!({
         "post": {"summary": "Create an auth key", "tags": ["admin"], "security": admin, "requestBody": body("AuthKeyCreate"),
-            "responses": {"201": ok("The key (shown once)", r("AuthKeyCreated")), "400": err("Bad tag or lifetime"), "401": err("Bad admin token")}},
+            "responses": {"201": ok("The key (shown once)", r("AuthKeyCreated")), "400": err("Bad tag, lifetime or max_uses"),
+                "401": bad_token, "413": too_large}},
         "get": {"summary": "List auth keys", "tags": ["admin"], "security": admin,
-            "responses": {"200": ok("All keys (hashed; only a prefix is shown)", arr("AuthKeyInfo")), "401": err("Bad admin token")}}}));
+            "responses": {"200": ok("All keys (hashed; only a prefix is shown)", arr("AuthKeyInfo")), "401": bad_token}}}));
     paths.insert(format!("{}/{{id}}", api::PATH_ADMIN_AUTHKEYS), json!({
         "delete": {"summary": "Revoke an auth key", "tags": ["admin"], "security": admin,
-            "parameters": [{"name": "id", "in": "path", "required": true, "schema": {"type": "integer"}}],
-            "responses": {"204": {"description": "Revoked"}, "400": err("Bad id"), "401": err("Bad admin token"), "404": err("No such key")}}}));
-    paths.insert(api::PATH_ADMIN_NODES.into(), json!({
+            "parameters": id_param(),
+            "responses": {"204": {"description": "Revoked"}, "400": err("Bad id"), "401": bad_token, "404": err("No such key")}}}));
+    paths.insert(
+        api::PATH_ADMIN_NODES.into(),
+        json!({
         "get": {"summary": "List nodes", "tags": ["admin"], "security": admin,
-            "responses": {"200": ok("All nodes", arr("NodeInfo")), "401": err("Bad admin token")}}}));
+            "responses": {"200": ok("All nodes", arr("NodeInfo")), "401": bad_token}}}),
+    );
     paths.insert(format!("{}/{{name}}", api::PATH_ADMIN_NODES), json!({
         "delete": {"summary": "Remove a node: its credential stops working and its stream closes at once; its publish rules are removed",
             "tags": ["admin"], "security": admin,
             "parameters": [{"name": "name", "in": "path", "required": true, "schema": {"type": "string"}}],
-            "responses": {"204": {"description": "Removed"}, "401": err("Bad admin token"), "404": err("No such node")}}}));
+            "responses": {"204": {"description": "Removed"}, "401": bad_token, "404": err("No such node")}}}));
     paths.insert(api::PATH_ADMIN_PUBLISH.into(), json!({
         "post": {"summary": "Publish a port on an exit node to a target node", "tags": ["admin"], "security": admin,
             "requestBody": body("PublishRequest"),
             "responses": {"201": ok("The stored rule", r("PublishRule")), "400": err("Bad port, proto, to or allow entry"),
-                "401": err("Bad admin token"), "404": err("Unknown exit or target node"), "409": err("Port already published on that exit")}},
+                "401": bad_token, "404": err("Unknown exit or target node"), "409": err("Port already published on that exit"),
+                "413": too_large}},
         "get": {"summary": "List publish rules", "tags": ["admin"], "security": admin,
-            "responses": {"200": ok("All rules", arr("PublishRule")), "401": err("Bad admin token")}}}));
+            "responses": {"200": ok("All rules", arr("PublishRule")), "401": bad_token}}}));
     paths.insert(format!("{}/{{id}}", api::PATH_ADMIN_PUBLISH), json!({
         "delete": {"summary": "Remove a publish rule", "tags": ["admin"], "security": admin,
-            "parameters": [{"name": "id", "in": "path", "required": true, "schema": {"type": "integer"}}],
-            "responses": {"204": {"description": "Removed"}, "400": err("Bad id"), "401": err("Bad admin token"), "404": err("No such rule")}}}));
+            "parameters": id_param(),
+            "responses": {"204": {"description": "Removed"}, "400": err("Bad id"), "401": bad_token, "404": err("No such rule")}}}));
     paths.insert(api::PATH_ADMIN_POLICY.into(), json!({
         "get": {"summary": "The access policy ({\"rules\":[]} = none: every node may reach every node)", "tags": ["admin"], "security": admin,
-            "responses": {"200": ok("The policy", r("Policy")), "401": err("Bad admin token")}},
+            "responses": {"200": ok("The policy", r("Policy")), "401": bad_token}},
         "put": {"summary": "Replace the access policy (no rules = allow all)", "tags": ["admin"], "security": admin, "requestBody": body("Policy"),
-            "responses": {"200": ok("The stored policy", r("Policy")), "400": err("Names the bad rule, selector or port"), "401": err("Bad admin token")}}}));
+            "responses": {"200": ok("The stored policy", r("Policy")), "400": err("Names the bad rule, selector or port"),
+                "401": bad_token, "413": too_large}}}));
 
-    let key =
-        json!({"type": "string", "description": "WireGuard public key, 44 characters of base64"});
+    let key = json!({"type": "string", "pattern": KEY,
+        "description": "WireGuard public key: 44 characters of standard base64 encoding 32 bytes"});
+    let id = json!({"type": "integer", "format": "int64", "minimum": 1, "maximum": ID_MAX});
+    let u32_opt = json!({"type": "integer", "format": "int64", "minimum": 1, "maximum": u32::MAX, "nullable": true});
+    let port = json!({"type": "integer", "minimum": 1, "maximum": 65535});
+    let name = json!({"type": "string", "pattern": "^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$"});
     let addrs = json!({"type": "object", "required": ["ipv4", "ipv6"], "properties": {"ipv4": {"type": "string", "format": "ipv4"}, "ipv6": {"type": "string", "format": "ipv6"}}});
-    let endpoint = json!({"type": "object", "required": ["addr", "kind"], "properties": {"addr": {"type": "string", "description": "ip:port"}, "kind": {"type": "string", "enum": ["local", "stun", "static"]}}});
+    let endpoint = json!({"type": "object", "required": ["addr", "kind"], "properties": {
+        "addr": {"type": "string", "pattern": endpoint_addr(),
+            "description": "ip:port or [ipv6]:port: a unicast IPv4 address outside 0.0.0.0/8, 127.0.0.0/8 and 224.0.0.0/3 (multicast, reserved, broadcast), or a global unicast IPv6 address (2000::/3); port 1-65535"},
+        "kind": {"type": "string", "enum": ["local", "stun", "static"]}}});
     let strings = json!({"type": "array", "items": {"type": "string"}});
+    let tags = json!({"type": "array", "items": {"type": "string", "pattern": TAG}});
+    let selectors = json!({"type": "array", "minItems": 1, "items": {"type": "string", "pattern": SELECTOR,
+        "description": "\"*\", \"tag:NAME\", \"node:NAME\" or a node name"}});
     json!({
         "openapi": "3.0.3",
         "info": {"title": "homeport coordinator API", "version": env!("CARGO_PKG_VERSION"),
-            "description": "Node API (credential from register) and admin API (admin token over HTTPS, no token over the local admin socket). Every error is an ApiError."},
+            "description": "Node API (credential from register) and admin API (admin token over HTTPS, no token over the local admin socket). Every error is an ApiError. Every constraint the server enforces is stated here."},
         "paths": Value::Object(paths),
         "components": {
             "securitySchemes": {
@@ -108,36 +229,54 @@ pub fn document() -> Value {
                 "MeshAddrs": addrs,
                 "Endpoint": endpoint,
                 "RegisterRequest": {"type": "object", "required": ["authkey", "public_key", "hostname"], "additionalProperties": false,
-                    "properties": {"authkey": {"type": "string"}, "public_key": key, "hostname": {"type": "string"}, "capver": {"type": "integer"}}},
-                "RegisterResponse": {"type": "object", "properties": {"node_id": {"type": "integer"}, "name": {"type": "string"}, "addrs": r("MeshAddrs"),
+                    "properties": {"authkey": {"type": "string"}, "public_key": key,
+                        "hostname": {"type": "string", "pattern": HOSTNAME,
+                            "description": "The node name is made from its first label: letters and digits kept (lowercased), other characters become '-', at most 63"},
+                        "capver": {"type": "integer", "format": "int64", "minimum": 0, "maximum": u32::MAX}}},
+                "RegisterResponse": {"type": "object", "required": ["node_id", "name", "addrs", "prefix_v4", "prefix_v6", "credential", "capver"],
+                    "properties": {"node_id": id, "name": name, "addrs": r("MeshAddrs"),
                     "prefix_v4": {"type": "string"}, "prefix_v6": {"type": "string"}, "credential": {"type": "string"}, "capver": {"type": "integer"}}},
-                "EndpointReport": {"type": "object", "required": ["endpoints"], "additionalProperties": false, "properties": {"endpoints": arr("Endpoint")}},
-                "ProbeAsk": {"type": "object", "required": ["peer"], "additionalProperties": false, "properties": {"peer": {"type": "integer"}}},
+                "EndpointReport": {"type": "object", "required": ["endpoints"], "additionalProperties": false,
+                    "properties": {"endpoints": {"type": "array", "maxItems": api::MAX_ENDPOINTS, "items": r("Endpoint")}}},
+                "ProbeAsk": {"type": "object", "required": ["peer"], "additionalProperties": false, "properties": {"peer": id}},
                 "MapMessage": {"type": "object", "description": "See homeport_proto::map::MapMessage for the delta rule of each field",
                     "properties": {"version": {"type": "integer"}, "full": {"type": "boolean"}, "self_node": {"type": "object"},
                         "peers": {"type": "array", "items": {"type": "object"}}, "peers_removed": {"type": "array", "items": {"type": "integer"}},
                         "filter": {"type": "object"}, "publish": arr("PublishRule"), "relays": {"type": "array", "items": {"type": "object"}},
                         "probe_requests": {"type": "array", "items": {"type": "object"}}}},
-                "AuthKeyCreate": {"type": "object", "additionalProperties": false, "properties": {"reusable": {"type": "boolean"},
-                    "expires_secs": {"type": "integer", "minimum": 1}, "tags": strings}},
-                "AuthKeyCreated": {"type": "object", "properties": {"id": {"type": "integer"}, "key": {"type": "string"}}},
-                "AuthKeyInfo": {"type": "object", "properties": {"id": {"type": "integer"}, "prefix": {"type": "string"}, "reusable": {"type": "boolean"},
+                "AuthKeyCreate": {"type": "object", "additionalProperties": false, "properties": {
+                    "reusable": {"type": "boolean", "description": "Any number of registrations (default: one)"},
+                    "expires_secs": {"type": "integer", "format": "int64", "minimum": 1, "maximum": api::MAX_EXPIRES_SECS, "nullable": true,
+                        "description": "Lifetime in seconds (at most 100 years); null or absent: never expires"},
+                    "tags": tags,
+                    "max_uses": {"type": "integer", "format": "int64", "minimum": 1, "maximum": api::MAX_AUTHKEY_USES, "nullable": true,
+                        "description": "How many registrations the key allows, whatever `reusable` says; null or absent: one, or no limit when reusable"}}},
+                "AuthKeyCreated": {"type": "object", "required": ["id", "key"], "properties": {"id": id, "key": {"type": "string"}}},
+                "AuthKeyInfo": {"type": "object", "required": ["id", "prefix", "reusable", "tags", "created_at", "expires_at", "used", "revoked", "max_uses", "uses"],
+                    "properties": {"id": id, "prefix": {"type": "string"}, "reusable": {"type": "boolean"},
                     "tags": strings, "created_at": {"type": "integer"}, "expires_at": {"type": "integer", "nullable": true},
-                    "used": {"type": "boolean"}, "revoked": {"type": "boolean"}}},
-                "NodeInfo": {"type": "object", "properties": {"id": {"type": "integer"}, "name": {"type": "string"}, "public_key": key,
+                    "used": {"type": "boolean"}, "revoked": {"type": "boolean"},
+                    "max_uses": {"type": "integer", "nullable": true}, "uses": {"type": "integer", "minimum": 0}}},
+                "NodeInfo": {"type": "object", "required": ["id", "name", "public_key", "addrs", "tags", "online", "last_seen", "endpoints", "created_at"],
+                    "properties": {"id": id, "name": name, "public_key": key,
                     "addrs": r("MeshAddrs"), "tags": strings, "online": {"type": "boolean"}, "last_seen": {"type": "integer", "nullable": true},
                     "endpoints": arr("Endpoint"), "created_at": {"type": "integer"}}},
                 "PublishRequest": {"type": "object", "required": ["exit", "port", "to"], "additionalProperties": false,
-                    "properties": {"exit": {"type": "string"}, "port": {"type": "integer", "minimum": 1, "maximum": 65535},
-                        "proto": {"type": "string", "enum": ["tcp", "udp"], "default": "tcp"}, "to": {"type": "string", "description": "NODE:PORT"},
-                        "allow": {"type": "array", "items": {"type": "string", "description": "CIDR or address"}},
-                        "rate_per_minute": {"type": "integer", "minimum": 1}, "max_conns": {"type": "integer", "minimum": 1}}},
-                "PublishRule": {"type": "object", "properties": {"id": {"type": "integer"}, "exit": {"type": "integer"}, "exit_name": {"type": "string"},
-                    "proto": {"type": "string"}, "port": {"type": "integer"}, "target": {"type": "integer"}, "target_name": {"type": "string"},
-                    "target_ipv4": {"type": "string"}, "target_ipv6": {"type": "string"}, "target_port": {"type": "integer"},
+                    "properties": {"exit": {"type": "string", "description": "Name of the exit node"}, "port": port,
+                        "proto": {"type": "string", "pattern": "^([Tt][Cc][Pp]|[Uu][Dd][Pp])$", "default": "tcp"},
+                        "to": {"type": "string", "pattern": format!("^[\\s\\S]*:{PORT}$"), "description": "NODE:PORT, e.g. home:32400"},
+                        "allow": {"type": "array", "items": {"type": "string", "pattern": cidr(), "description": "An address or a network (CIDR)"}},
+                        "rate_per_minute": u32_opt, "max_conns": u32_opt}},
+                "PublishRule": {"type": "object", "required": ["id", "exit", "exit_name", "proto", "port", "target", "target_name", "target_ipv4", "target_ipv6", "target_port", "guards"],
+                    "properties": {"id": id, "exit": id, "exit_name": name,
+                    "proto": {"type": "string", "enum": ["tcp", "udp"]}, "port": port, "target": id, "target_name": name,
+                    "target_ipv4": {"type": "string", "format": "ipv4"}, "target_ipv6": {"type": "string", "format": "ipv6"}, "target_port": port,
                     "guards": {"type": "object", "properties": {"allow": strings, "rate_per_minute": {"type": "integer"}, "max_conns": {"type": "integer"}}}}},
                 "Policy": {"type": "object", "additionalProperties": false, "properties": {"rules": {"type": "array", "items": {"type": "object",
-                    "required": ["from", "to"], "properties": {"from": strings, "to": strings, "ports": strings}}}}}
+                    "required": ["from", "to"], "additionalProperties": false,
+                    "properties": {"from": selectors, "to": selectors,
+                        "ports": {"type": "array", "items": {"type": "string", "pattern": port_spec(),
+                            "description": "\"*\", a port or range (8000-8100), optionally tcp:/udp:, or icmp; default [\"*\"]"}}}}}}}
             }
         }
     })

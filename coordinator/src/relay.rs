@@ -1,44 +1,77 @@
-//! The UDP relay, sharing the STUN socket (one port to open on the VPS). It forwards opaque
-//! WireGuard datagrams between nodes identified by their keys and never decrypts them.
-//! Framing and the BIND proof are described in [`homeport_proto::relay`].
+//! The UDP relay, sharing the STUN socket (one port to open on the VPS), and its TCP/TLS
+//! fallback. It forwards opaque WireGuard datagrams between nodes identified by their keys and
+//! never decrypts them. Framing and the BIND proof are encoded and decoded in
+//! [`homeport_proto::relay`] only.
 //!
 //! Only registered, unrevoked nodes may bind: a BIND carries an HMAC under the X25519 secret
 //! shared by the node key and the relay key, so it proves possession of the node's private key.
 //! A removed node's key leaves the authorized set at once, and its datagrams stop at the next one.
+//!
+//! Abuse limits: a BIND's time must grow per key (no replay); the HMAC key derived for a node
+//! key is cached, so a flood of BINDs for known keys costs one HMAC each, not an X25519 operation;
+//! over TCP, nothing but a stack buffer of [`BIND_LEN`] bytes exists before the first frame
+//! proved a key, that frame must come within [`TCP_BIND_DEADLINE`], one connection per key
+//! (a new one replaces the old), at most [`MAX_TCP_CLIENTS`] connections, an idle connection
+//! ends after [`TCP_IDLE`], and each connection's outbound queue holds at most
+//! [`TCP_QUEUE_BYTES`] (a client that stops reading is cut after [`TCP_WRITE_STALL`]).
 
 use homeport_proto::relay::{
-    RELAY_BIND, RELAY_BOUND, RELAY_HEADER_LEN, RELAY_MAGIC, RELAY_RECV, RELAY_SEND,
+    BIND_LEN, BOUND, Bind, RELAY_BIND, RELAY_HEADER_LEN, RELAY_RECV, RELAY_SEND, TCP_FRAME_HEADER,
 };
 use std::collections::{HashMap, HashSet};
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use tokio::net::UdpSocket;
 use tokio_util::sync::CancellationToken;
 use x25519_dalek::{PublicKey, StaticSecret};
 
-/// A BIND whose timestamp is further than this from our clock is refused (replay window).
-const BIND_SKEW_SECS: u64 = 120;
+/// A BIND whose timestamp is further than this from our clock is refused; within the window,
+/// the time must also be later than the key's last accepted BIND. BIND times are milliseconds:
+/// a node that moves its socket binds again at once, within the second of its last BIND.
+const BIND_SKEW_MS: u64 = 120_000;
 /// Bindings not refreshed for this long are forgotten (nodes re-bind every 20 s).
 const BINDING_TTL: Duration = Duration::from_secs(60);
-const BIND_LEN: usize = 4 + 1 + 32 + 8 + 32;
+/// A TCP client must prove its key within this time of the upgrade (a node sends its BIND at
+/// once; a slow link still manages in well under a second).
+pub const TCP_BIND_DEADLINE: Duration = Duration::from_secs(10);
+/// A TCP client that sends nothing for this long is dropped: nodes re-bind every 20 s, so a live
+/// one is never idle this long.
+pub const TCP_IDLE: Duration = Duration::from_secs(60);
+/// Most TCP relay connections at once (bound or not). Each costs a 64 KiB read buffer and up to
+/// [`TCP_QUEUE_BYTES`] of queue once bound: 512 of them stay under ~160 MiB.
+pub const MAX_TCP_CLIENTS: usize = 512;
+/// Bytes queued towards one TCP client before further datagrams for it are dropped (like a full
+/// UDP socket buffer): about 170 full-size WireGuard packets, enough for a burst.
+pub const TCP_QUEUE_BYTES: usize = 256 * 1024;
+/// A TCP client whose socket takes no data for this long is cut (it stopped reading).
+pub const TCP_WRITE_STALL: Duration = Duration::from_secs(10);
 
 pub struct Relay {
     secret: StaticSecret,
     pub public: PublicKey,
     /// Keys of registered, unrevoked nodes. Kept up to date by the mesh state.
     pub authorized: RwLock<HashSet<[u8; 32]>>,
+    /// Per authorized key: its cached HMAC key and the time of its last accepted BIND.
+    keys: Mutex<HashMap<[u8; 32], KeyState>>,
     bindings: Mutex<Bindings>,
     /// The UDP socket (set by [`serve`]).
     udp: std::sync::OnceLock<Arc<UdpSocket>>,
     /// Clients on the TCP/TLS fallback, by the pseudo address that stands for them in the
     /// bindings (240.0.0.0/4, never a real source).
-    tcp: Mutex<HashMap<SocketAddr, tokio::sync::mpsc::Sender<Vec<u8>>>>,
-    next_tcp: std::sync::atomic::AtomicU32,
+    tcp: Mutex<TcpClients>,
+    next_tcp: AtomicU32,
+    tcp_open: Arc<AtomicUsize>,
+    /// X25519 operations done for BINDs (each is ~50 µs; the cache keeps this to one per key).
+    x25519_ops: AtomicU64,
 }
 
-/// Frames queued per TCP client before new ones are dropped (like a full UDP buffer).
-const TCP_QUEUE: usize = 1024;
+#[derive(Default)]
+struct KeyState {
+    mac: Option<ring::hmac::Key>,
+    last_bind: Option<u64>,
+}
 
 #[derive(Default)]
 struct Bindings {
@@ -46,17 +79,46 @@ struct Bindings {
     by_addr: HashMap<SocketAddr, [u8; 32]>,
 }
 
+#[derive(Default)]
+struct TcpClients {
+    by_addr: HashMap<SocketAddr, TcpClient>,
+    by_key: HashMap<[u8; 32], SocketAddr>,
+}
+
+struct TcpClient {
+    /// Whole frames (length prefix included) for the writer.
+    tx: tokio::sync::mpsc::UnboundedSender<Vec<u8>>,
+    queued: Arc<AtomicUsize>,
+    close: CancellationToken,
+}
+
 /// What to do with one datagram.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Action {
-    /// Send these bytes to that address.
-    Reply(SocketAddr, Vec<u8>),
+    /// A BIND proved `key` from `to`: answer BOUND there.
+    Bound {
+        to: SocketAddr,
+        key: [u8; 32],
+    },
     /// Forward: write a RECV header for `from_key` followed by the payload to `to`.
     Forward {
         to: SocketAddr,
         from_key: [u8; 32],
     },
     Drop(&'static str),
+}
+
+/// One of the [`MAX_TCP_CLIENTS`] TCP relay slots; freed on drop.
+pub struct TcpSlot(Arc<AtomicUsize>);
+
+impl Drop for TcpSlot {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+fn is_pseudo(a: SocketAddr) -> bool {
+    matches!(a.ip(), IpAddr::V4(v4) if v4.octets()[0] & 0xf0 == 240)
 }
 
 impl Relay {
@@ -66,53 +128,131 @@ impl Relay {
             secret,
             public,
             authorized: RwLock::new(HashSet::new()),
+            keys: Mutex::new(HashMap::new()),
             bindings: Mutex::new(Bindings::default()),
             udp: std::sync::OnceLock::new(),
-            tcp: Mutex::new(HashMap::new()),
-            next_tcp: std::sync::atomic::AtomicU32::new(1),
+            tcp: Mutex::new(TcpClients::default()),
+            next_tcp: AtomicU32::new(1),
+            tcp_open: Arc::new(AtomicUsize::new(0)),
+            x25519_ops: AtomicU64::new(0),
         })
     }
 
+    /// Replaces the set of keys that may bind. A key that leaves it loses its binding, its
+    /// cached HMAC key and its TCP connection at once.
     pub fn set_authorized(&self, keys: impl IntoIterator<Item = [u8; 32]>) {
         let keys: HashSet<[u8; 32]> = keys.into_iter().collect();
-        let mut b = self.bindings.lock().unwrap();
-        let gone: Vec<[u8; 32]> = b
-            .by_key
-            .keys()
-            .filter(|k| !keys.contains(*k))
-            .copied()
-            .collect();
-        for k in gone {
-            if let Some((a, _)) = b.by_key.remove(&k) {
-                b.by_addr.remove(&a);
+        {
+            let mut b = self.bindings.lock().unwrap();
+            let gone: Vec<[u8; 32]> = b
+                .by_key
+                .keys()
+                .filter(|k| !keys.contains(*k))
+                .copied()
+                .collect();
+            for k in gone {
+                if let Some((a, _)) = b.by_key.remove(&k) {
+                    b.by_addr.remove(&a);
+                }
+            }
+        }
+        self.keys.lock().unwrap().retain(|k, _| keys.contains(k));
+        {
+            let mut t = self.tcp.lock().unwrap();
+            let gone: Vec<[u8; 32]> = t
+                .by_key
+                .keys()
+                .filter(|k| !keys.contains(*k))
+                .copied()
+                .collect();
+            for k in gone {
+                if let Some(a) = t.by_key.remove(&k)
+                    && let Some(c) = t.by_addr.remove(&a)
+                {
+                    c.close.cancel();
+                }
             }
         }
         *self.authorized.write().unwrap() = keys;
     }
 
-    /// Decides what to do with datagram `d` from `from`. `unix_now` is the wall clock (seconds).
-    pub fn handle(&self, from: SocketAddr, d: &[u8], now: Instant, unix_now: u64) -> Action {
-        if d.len() < 5 || d[..4] != RELAY_MAGIC {
-            return Action::Drop("not a relay datagram");
+    /// X25519 operations done so far for BIND proofs.
+    pub fn x25519_ops(&self) -> u64 {
+        self.x25519_ops.load(Ordering::Relaxed)
+    }
+
+    /// Open TCP relay connections.
+    pub fn tcp_clients(&self) -> usize {
+        self.tcp_open.load(Ordering::Acquire)
+    }
+
+    /// Bytes queued towards TCP clients, in total.
+    pub fn tcp_queued_bytes(&self) -> usize {
+        self.tcp
+            .lock()
+            .unwrap()
+            .by_addr
+            .values()
+            .map(|c| c.queued.load(Ordering::Acquire))
+            .sum()
+    }
+
+    /// Takes a TCP relay slot, or None when [`MAX_TCP_CLIENTS`] are open.
+    pub fn tcp_slot(&self) -> Option<TcpSlot> {
+        let mut cur = self.tcp_open.load(Ordering::Acquire);
+        loop {
+            if cur >= MAX_TCP_CLIENTS {
+                return None;
+            }
+            match self.tcp_open.compare_exchange_weak(
+                cur,
+                cur + 1,
+                Ordering::AcqRel,
+                Ordering::Acquire,
+            ) {
+                Ok(_) => return Some(TcpSlot(self.tcp_open.clone())),
+                Err(now) => cur = now,
+            }
         }
-        match d[4] {
-            RELAY_BIND => {
-                if d.len() != BIND_LEN {
-                    return Action::Drop("bad BIND length");
-                }
-                let key: [u8; 32] = d[5..37].try_into().expect("length checked");
-                if !self.authorized.read().unwrap().contains(&key) {
-                    return Action::Drop("BIND from an unknown or revoked node");
-                }
-                let t = u64::from_be_bytes(d[37..45].try_into().expect("length checked"));
-                if t.abs_diff(unix_now) > BIND_SKEW_SECS {
-                    return Action::Drop("BIND timestamp outside the replay window");
-                }
-                let shared = self.secret.diffie_hellman(&PublicKey::from(key));
-                let mac = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, shared.as_bytes());
-                if ring::hmac::verify(&mac, &d[5..45], &d[45..77]).is_err() {
-                    return Action::Drop("BIND with a bad proof");
-                }
+    }
+
+    fn check_bind(&self, d: &[u8], unix_now: u64) -> Result<[u8; 32], &'static str> {
+        let Some(bind) = Bind::decode(d) else {
+            return Err("bad BIND length");
+        };
+        if !self.authorized.read().unwrap().contains(&bind.key) {
+            return Err("BIND from an unknown or revoked node");
+        }
+        if bind.unix.abs_diff(unix_now) > BIND_SKEW_MS {
+            return Err("BIND timestamp outside the replay window");
+        }
+        let mut keys = self.keys.lock().unwrap();
+        let st = keys.entry(bind.key).or_default();
+        if st.last_bind.is_some_and(|last| bind.unix <= last) {
+            return Err("BIND replayed: its time is not after the key's last BIND");
+        }
+        let mac = st.mac.get_or_insert_with(|| {
+            self.x25519_ops.fetch_add(1, Ordering::Relaxed);
+            let shared = self.secret.diffie_hellman(&PublicKey::from(bind.key));
+            ring::hmac::Key::new(ring::hmac::HMAC_SHA256, shared.as_bytes())
+        });
+        if ring::hmac::verify(mac, &Bind::signed(&bind.key, bind.unix), &bind.mac).is_err() {
+            return Err("BIND with a bad proof");
+        }
+        st.last_bind = Some(bind.unix);
+        Ok(bind.key)
+    }
+
+    /// Decides what to do with datagram `d` from `from`. `unix_now` is the wall clock
+    /// (milliseconds since the epoch).
+    pub fn handle(&self, from: SocketAddr, d: &[u8], now: Instant, unix_now: u64) -> Action {
+        match homeport_proto::relay::kind(d) {
+            None => Action::Drop("not a relay datagram"),
+            Some(RELAY_BIND) => {
+                let key = match self.check_bind(d, unix_now) {
+                    Ok(k) => k,
+                    Err(why) => return Action::Drop(why),
+                };
                 let mut b = self.bindings.lock().unwrap();
                 if let Some((old, _)) = b.by_key.insert(key, (from, now))
                     && old != from
@@ -120,15 +260,12 @@ impl Relay {
                     b.by_addr.remove(&old);
                 }
                 b.by_addr.insert(from, key);
-                let mut ok = RELAY_MAGIC.to_vec();
-                ok.push(RELAY_BOUND);
-                Action::Reply(from, ok)
+                Action::Bound { to: from, key }
             }
-            RELAY_SEND => {
-                if d.len() < RELAY_HEADER_LEN {
+            Some(RELAY_SEND) => {
+                let Some((_, dst, _)) = homeport_proto::relay::parse(d) else {
                     return Action::Drop("short SEND");
-                }
-                let dst: [u8; 32] = d[5..37].try_into().expect("length checked");
+                };
                 let b = self.bindings.lock().unwrap();
                 let Some(src) = b.by_addr.get(&from).copied() else {
                     return Action::Drop("SEND from an address that is not bound");
@@ -138,6 +275,9 @@ impl Relay {
                 };
                 if *src_addr != from || now.saturating_duration_since(*src_at) > BINDING_TTL {
                     return Action::Drop("SEND from a stale binding");
+                }
+                if dst == src {
+                    return Action::Drop("SEND to itself");
                 }
                 match b.by_key.get(&dst) {
                     Some((to, at)) if now.saturating_duration_since(*at) <= BINDING_TTL => {
@@ -149,35 +289,50 @@ impl Relay {
                     _ => Action::Drop("SEND to a node that is not bound"),
                 }
             }
-            _ => Action::Drop("unknown relay message type"),
+            Some(_) => Action::Drop("unknown relay message type"),
         }
     }
 }
 
+/// Milliseconds since the epoch (the unit of BIND times).
+fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
 impl Relay {
-    /// Sends `b` to `to`: a UDP address, or a TCP client's pseudo address.
+    /// Sends `b` to `to`: a UDP address, or a TCP client's pseudo address (queued within the
+    /// client's byte budget; dropped beyond it).
     async fn deliver(&self, to: SocketAddr, b: &[u8]) {
-        let tcp = self.tcp.lock().unwrap().get(&to).cloned();
-        match tcp {
-            Some(tx) => {
-                let _ = tx.try_send(b.to_vec());
+        if is_pseudo(to) {
+            let t = self.tcp.lock().unwrap();
+            let Some(c) = t.by_addr.get(&to) else { return };
+            let need = TCP_FRAME_HEADER + b.len();
+            if c.queued.load(Ordering::Acquire) + need > TCP_QUEUE_BYTES {
+                tracing::trace!(%to, "relay: TCP client queue full; dropped");
+                return;
             }
-            None => {
-                if let Some(u) = self.udp.get() {
-                    let _ = u.send_to(b, to).await;
-                }
+            let mut f = Vec::with_capacity(need);
+            if homeport_proto::relay::tcp_frame(&mut f, b).is_none() {
+                return;
             }
+            c.queued.fetch_add(need, Ordering::AcqRel);
+            if c.tx.send(f).is_err() {
+                c.queued.fetch_sub(need, Ordering::AcqRel);
+            }
+            return;
+        }
+        if let Some(u) = self.udp.get() {
+            let _ = u.send_to(b, to).await;
         }
     }
 
     /// Handles one datagram from `from` (UDP or a TCP client) and delivers what it produces.
     async fn process(&self, from: SocketAddr, d: &[u8], out: &mut Vec<u8>) {
-        let unix = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map(|d| d.as_secs())
-            .unwrap_or(0);
-        match self.handle(from, d, Instant::now(), unix) {
-            Action::Reply(to, b) => self.deliver(to, &b).await,
+        match self.handle(from, d, Instant::now(), unix_now()) {
+            Action::Bound { to, .. } => self.deliver(to, &BOUND).await,
             Action::Forward { to, from_key } => {
                 let payload = &d[RELAY_HEADER_LEN..];
                 out.resize(RELAY_HEADER_LEN + payload.len(), 0);
@@ -189,17 +344,18 @@ impl Relay {
         }
     }
 
-    /// Serves one client of the TCP/TLS fallback until it disconnects: length-prefixed relay
-    /// datagrams both ways. It must BIND like a UDP client; the binding points at a pseudo
+    /// Serves one client of the TCP/TLS fallback until it disconnects, goes idle or is replaced:
+    /// length-prefixed relay datagrams both ways. It must send a valid BIND within
+    /// [`TCP_BIND_DEADLINE`] (an invalid one closes it); frames before it are dropped, and until
+    /// then only stack buffers of a few hundred bytes are used. The binding points at a pseudo
     /// address that routes to this connection.
-    pub async fn serve_stream<S>(self: Arc<Self>, stream: S)
+    pub async fn serve_stream<S>(self: Arc<Self>, stream: S, slot: TcpSlot)
     where
         S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + 'static,
     {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        let n = self
-            .next_tcp
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let _slot = slot;
+        let n = self.next_tcp.fetch_add(1, Ordering::Relaxed);
         let pseudo = SocketAddr::from((
             [
                 240 | ((n >> 24) as u8 & 0x0f),
@@ -209,35 +365,130 @@ impl Relay {
             ],
             1,
         ));
-        let (tx, mut rx) = tokio::sync::mpsc::channel::<Vec<u8>>(TCP_QUEUE);
-        self.tcp.lock().unwrap().insert(pseudo, tx);
         let (mut r, mut w) = tokio::io::split(stream);
-        let writer = tokio::spawn(async move {
-            while let Some(b) = rx.recv().await {
-                let mut frame = Vec::with_capacity(2 + b.len());
-                frame.extend_from_slice(&(b.len() as u16).to_be_bytes());
-                frame.extend_from_slice(&b);
-                if w.write_all(&frame).await.is_err() {
-                    break;
+
+        let mut first = [0u8; BIND_LEN];
+        let got = tokio::time::timeout(TCP_BIND_DEADLINE, async {
+            // A node sends data as soon as its link is up, and its BIND when one is due (within
+            // a few seconds): frames before the BIND are dropped, read through this stack buffer,
+            // so nothing is allocated for a client that has not proved a key.
+            let mut scratch = [0u8; 256];
+            loop {
+                let mut len = [0u8; TCP_FRAME_HEADER];
+                r.read_exact(&mut len).await.ok()?;
+                let n = homeport_proto::relay::tcp_frame_len(len);
+                if n == BIND_LEN {
+                    r.read_exact(&mut first).await.ok()?;
+                    if homeport_proto::relay::kind(&first) == Some(RELAY_BIND) {
+                        return Some(());
+                    }
+                    continue;
+                }
+                let mut left = n;
+                while left > 0 {
+                    let k = left.min(scratch.len());
+                    r.read_exact(&mut scratch[..k]).await.ok()?;
+                    left -= k;
                 }
             }
-        });
-        tracing::debug!(%pseudo, "relay: TCP client connected");
-        let mut buf = vec![0u8; 65536];
-        let mut out = Vec::with_capacity(65536 + RELAY_HEADER_LEN);
-        loop {
-            let mut len = [0u8; 2];
-            if r.read_exact(&mut len).await.is_err() {
-                break;
-            }
-            let len = u16::from_be_bytes(len) as usize;
-            if r.read_exact(&mut buf[..len]).await.is_err() {
-                break;
-            }
-            self.process(pseudo, &buf[..len], &mut out).await;
+        })
+        .await;
+        if !matches!(got, Ok(Some(()))) {
+            tracing::debug!(%pseudo, "relay: TCP client sent no BIND in time; closed");
+            return;
         }
-        self.tcp.lock().unwrap().remove(&pseudo);
+        let key = match self.handle(pseudo, &first, Instant::now(), unix_now()) {
+            Action::Bound { key, .. } => key,
+            other => {
+                tracing::debug!(%pseudo, ?other, "relay: TCP client's BIND is not valid; closed");
+                return;
+            }
+        };
+
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Vec<u8>>();
+        let queued = Arc::new(AtomicUsize::new(0));
+        let close = CancellationToken::new();
+        {
+            let mut t = self.tcp.lock().unwrap();
+            if let Some(old) = t.by_key.insert(key, pseudo)
+                && let Some(c) = t.by_addr.remove(&old)
+            {
+                tracing::debug!(old = %old, new = %pseudo, "relay: TCP client replaced by a new connection for its key");
+                c.close.cancel();
+            }
+            t.by_addr.insert(
+                pseudo,
+                TcpClient {
+                    tx,
+                    queued: queued.clone(),
+                    close: close.clone(),
+                },
+            );
+        }
+        let writer = {
+            let close = close.clone();
+            tokio::spawn(async move {
+                loop {
+                    let f = tokio::select! {
+                        f = rx.recv() => match f { Some(f) => f, None => break },
+                        _ = close.cancelled() => break,
+                    };
+                    match tokio::time::timeout(TCP_WRITE_STALL, w.write_all(&f)).await {
+                        Ok(Ok(())) => {
+                            queued.fetch_sub(f.len(), Ordering::AcqRel);
+                        }
+                        _ => {
+                            tracing::debug!("relay: TCP client stopped reading; closed");
+                            close.cancel();
+                            break;
+                        }
+                    }
+                }
+            })
+        };
+        // Revoked between the BIND and the registration above: set_authorized missed it.
+        if self.authorized.read().unwrap().contains(&key) {
+            tracing::debug!(%pseudo, "relay: TCP client bound");
+            self.deliver(pseudo, &BOUND).await;
+            let mut buf = vec![0u8; homeport_proto::relay::TCP_FRAME_MAX];
+            let mut out = Vec::with_capacity(buf.len() + RELAY_HEADER_LEN);
+            loop {
+                let frame = tokio::select! {
+                    _ = close.cancelled() => break,
+                    f = tokio::time::timeout(TCP_IDLE, async {
+                        let mut len = [0u8; TCP_FRAME_HEADER];
+                        r.read_exact(&mut len).await?;
+                        let n = homeport_proto::relay::tcp_frame_len(len);
+                        r.read_exact(&mut buf[..n]).await?;
+                        Ok::<usize, std::io::Error>(n)
+                    }) => f,
+                };
+                let Ok(Ok(n)) = frame else { break };
+                let d = &buf[..n];
+                if Bind::decode(d).is_some_and(|b| b.key != key) {
+                    tracing::trace!(%pseudo, "relay: BIND for another key on a bound TCP connection; dropped");
+                    continue;
+                }
+                self.process(pseudo, d, &mut out).await;
+            }
+        }
+        close.cancel();
         writer.abort();
+        {
+            let mut t = self.tcp.lock().unwrap();
+            t.by_addr.remove(&pseudo);
+            if t.by_key.get(&key) == Some(&pseudo) {
+                t.by_key.remove(&key);
+            }
+        }
+        {
+            let mut b = self.bindings.lock().unwrap();
+            if b.by_addr.remove(&pseudo).is_some()
+                && b.by_key.get(&key).is_some_and(|(a, _)| *a == pseudo)
+            {
+                b.by_key.remove(&key);
+            }
+        }
         tracing::debug!(%pseudo, "relay: TCP client gone");
     }
 }
@@ -260,7 +511,12 @@ pub async fn serve(sock: UdpSocket, relay: Arc<Relay>, shutdown: CancellationTok
             _ = shutdown.cancelled() => return,
         };
         let d = &buf[..n];
-        if d.len() >= 4 && d[..4] == RELAY_MAGIC {
+        if is_pseudo(from) {
+            // 240.0.0.0/4 stands for TCP clients in the bindings: a (spoofed) UDP source there
+            // must not act as one.
+            continue;
+        }
+        if homeport_proto::relay::kind(d).is_some() {
             relay.process(from, d, &mut out).await;
         } else if let Some(resp) = crate::stun::answer(d, from) {
             let _ = sock.send_to(&resp, from).await;
@@ -271,18 +527,21 @@ pub async fn serve(sock: UdpSocket, relay: Arc<Relay>, shutdown: CancellationTok
 #[cfg(test)]
 mod tests {
     use super::*;
+    use homeport_proto::relay::tcp_frame;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
     fn bind_msg(node: &StaticSecret, relay: &PublicKey, unix: u64) -> Vec<u8> {
-        let pk = PublicKey::from(node).to_bytes();
-        let mut m = RELAY_MAGIC.to_vec();
-        m.push(RELAY_BIND);
-        m.extend_from_slice(&pk);
-        m.extend_from_slice(&unix.to_be_bytes());
+        let key = PublicKey::from(node).to_bytes();
         let shared = node.diffie_hellman(relay);
         let k = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, shared.as_bytes());
-        let tag = ring::hmac::sign(&k, &m[5..45]);
-        m.extend_from_slice(tag.as_ref());
-        m
+        let tag = ring::hmac::sign(&k, &Bind::signed(&key, unix));
+        Bind {
+            key,
+            unix,
+            mac: tag.as_ref().try_into().unwrap(),
+        }
+        .encode()
+        .to_vec()
     }
 
     fn send_msg(dst: &[u8; 32], payload: &[u8]) -> Vec<u8> {
@@ -292,15 +551,19 @@ mod tests {
         m
     }
 
+    fn key() -> StaticSecret {
+        StaticSecret::random_from_rng(rand::rngs::OsRng)
+    }
+
+    fn pk(k: &StaticSecret) -> [u8; 32] {
+        PublicKey::from(k).to_bytes()
+    }
+
     #[test]
     fn binds_forwards_and_refuses_strangers() {
-        let relay = Relay::new(StaticSecret::random_from_rng(rand::rngs::OsRng));
-        let a = StaticSecret::random_from_rng(rand::rngs::OsRng);
-        let b = StaticSecret::random_from_rng(rand::rngs::OsRng);
-        let (pa, pb) = (
-            PublicKey::from(&a).to_bytes(),
-            PublicKey::from(&b).to_bytes(),
-        );
+        let relay = Relay::new(key());
+        let (a, b) = (key(), key());
+        let (pa, pb) = (pk(&a), pk(&b));
         relay.set_authorized([pa, pb]);
         let (aa, ab): (SocketAddr, SocketAddr) = (
             "203.0.113.2:1000".parse().unwrap(),
@@ -308,8 +571,9 @@ mod tests {
         );
         let now = Instant::now();
         let unix = 1_800_000_000;
-        assert!(
-            matches!(relay.handle(aa, &bind_msg(&a, &relay.public, unix), now, unix), Action::Reply(to, _) if to == aa)
+        assert_eq!(
+            relay.handle(aa, &bind_msg(&a, &relay.public, unix), now, unix),
+            Action::Bound { to: aa, key: pa }
         );
         // b is not bound yet: nothing to forward to.
         assert_eq!(
@@ -318,7 +582,7 @@ mod tests {
         );
         assert!(matches!(
             relay.handle(ab, &bind_msg(&b, &relay.public, unix), now, unix),
-            Action::Reply(..)
+            Action::Bound { .. }
         ));
         assert_eq!(
             relay.handle(aa, &send_msg(&pb, b"x"), now, unix),
@@ -327,17 +591,22 @@ mod tests {
                 from_key: pa
             }
         );
-        // A stranger cannot bind, a replayed/old BIND is refused, a forged proof is refused.
-        let c = StaticSecret::random_from_rng(rand::rngs::OsRng);
+        // A stranger cannot bind, an old BIND is refused, a forged proof is refused.
+        let c = key();
         assert!(matches!(
             relay.handle(aa, &bind_msg(&c, &relay.public, unix), now, unix),
             Action::Drop(_)
         ));
         assert!(matches!(
-            relay.handle(aa, &bind_msg(&a, &relay.public, unix - 1000), now, unix),
+            relay.handle(
+                aa,
+                &bind_msg(&a, &relay.public, unix - 1_000_000),
+                now,
+                unix
+            ),
             Action::Drop(_)
         ));
-        let mut forged = bind_msg(&a, &relay.public, unix);
+        let mut forged = bind_msg(&a, &relay.public, unix + 1);
         forged[60] ^= 1;
         assert_eq!(
             relay.handle(ab, &forged, now, unix),
@@ -367,5 +636,246 @@ mod tests {
         ] {
             assert!(matches!(relay.handle(aa, g, now, unix), Action::Drop(_)));
         }
+    }
+
+    #[test]
+    fn captured_bind_replayed_from_another_address_is_refused() {
+        let relay = Relay::new(key());
+        let (a, b) = (key(), key());
+        relay.set_authorized([pk(&a), pk(&b)]);
+        let home: SocketAddr = "203.0.113.2:1000".parse().unwrap();
+        let thief: SocketAddr = "192.0.2.66:4000".parse().unwrap();
+        let now = Instant::now();
+        let unix = 1_800_000_000;
+        let captured = bind_msg(&a, &relay.public, unix);
+        assert!(matches!(
+            relay.handle(home, &captured, now, unix),
+            Action::Bound { .. }
+        ));
+        // Replayed within the clock window, from the thief's address: refused, and the binding
+        // (where a's traffic goes) stays at home.
+        assert_eq!(
+            relay.handle(thief, &captured, now, unix + 5),
+            Action::Drop("BIND replayed: its time is not after the key's last BIND")
+        );
+        relay.handle(
+            "203.0.113.3:2000".parse().unwrap(),
+            &bind_msg(&b, &relay.public, unix),
+            now,
+            unix,
+        );
+        assert_eq!(
+            relay.handle(
+                "203.0.113.3:2000".parse().unwrap(),
+                &send_msg(&pk(&a), b"x"),
+                now,
+                unix
+            ),
+            Action::Forward {
+                to: home,
+                from_key: pk(&b)
+            }
+        );
+        // The node's next BIND (a later time) is accepted.
+        assert!(matches!(
+            relay.handle(
+                home,
+                &bind_msg(&a, &relay.public, unix + 20),
+                now,
+                unix + 20
+            ),
+            Action::Bound { .. }
+        ));
+    }
+
+    #[test]
+    fn bind_flood_for_a_known_key_costs_one_x25519_operation() {
+        let relay = Relay::new(key());
+        let a = key();
+        relay.set_authorized([pk(&a)]);
+        let from: SocketAddr = "192.0.2.66:4000".parse().unwrap();
+        let now = Instant::now();
+        let unix = 1_800_000_000;
+        for i in 0..1000u64 {
+            let mut m = bind_msg(&a, &relay.public, unix + i % 100);
+            m[50] ^= 0xff; // a bad proof: the flooder does not hold the key
+            assert_eq!(
+                relay.handle(from, &m, now, unix),
+                Action::Drop("BIND with a bad proof")
+            );
+        }
+        assert_eq!(relay.x25519_ops(), 1, "one derivation, then cached");
+        assert!(matches!(
+            relay.handle(from, &bind_msg(&a, &relay.public, unix), now, unix),
+            Action::Bound { .. }
+        ));
+        assert_eq!(relay.x25519_ops(), 1);
+        // Revocation drops the cached key: a re-authorized key derives afresh.
+        relay.set_authorized([]);
+        relay.set_authorized([pk(&a)]);
+        relay.handle(from, &bind_msg(&a, &relay.public, unix + 1), now, unix);
+        assert_eq!(relay.x25519_ops(), 2);
+    }
+
+    #[test]
+    fn send_to_itself_is_dropped() {
+        let relay = Relay::new(key());
+        let a = key();
+        relay.set_authorized([pk(&a)]);
+        let from: SocketAddr = "203.0.113.2:1000".parse().unwrap();
+        let (now, unix) = (Instant::now(), 1_800_000_000);
+        relay.handle(from, &bind_msg(&a, &relay.public, unix), now, unix);
+        assert_eq!(
+            relay.handle(from, &send_msg(&pk(&a), b"loop"), now, unix),
+            Action::Drop("SEND to itself")
+        );
+    }
+
+    fn framed(d: &[u8]) -> Vec<u8> {
+        let mut f = Vec::new();
+        tcp_frame(&mut f, d).unwrap();
+        f
+    }
+
+    /// Starts serve_stream on one end of an in-memory pipe of `pipe` bytes; returns the other.
+    fn tcp_client(relay: &Arc<Relay>, pipe: usize) -> tokio::io::DuplexStream {
+        let (c, s) = tokio::io::duplex(pipe);
+        let slot = relay.tcp_slot().expect("a free slot");
+        tokio::spawn(relay.clone().serve_stream(s, slot));
+        c
+    }
+
+    /// True when the server closed the stream (EOF) within `within`; frames before it are read.
+    async fn closed_within(c: &mut tokio::io::DuplexStream, within: Duration) -> bool {
+        let mut buf = [0u8; 4096];
+        let t = tokio::time::Instant::now() + within;
+        loop {
+            match tokio::time::timeout_at(t, c.read(&mut buf)).await {
+                Ok(Ok(0)) | Ok(Err(_)) => return true,
+                Ok(Ok(_)) => continue,
+                Err(_) => return false,
+            }
+        }
+    }
+
+    /// A TCP client bound as `k` with a BIND made at `unix`.
+    async fn tcp_bound(
+        relay: &Arc<Relay>,
+        k: &StaticSecret,
+        unix: u64,
+        pipe: usize,
+    ) -> tokio::io::DuplexStream {
+        let mut c = tcp_client(relay, pipe);
+        c.write_all(&framed(&bind_msg(k, &relay.public, unix)))
+            .await
+            .unwrap();
+        let mut got = [0u8; 2 + BOUND.len()];
+        c.read_exact(&mut got).await.unwrap();
+        assert_eq!(&got[2..], &BOUND);
+        c
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn tcp_client_must_bind_first_within_the_deadline() {
+        let relay = Relay::new(key());
+        // Silent: closed at the deadline, not before.
+        let mut silent = tcp_client(&relay, 4096);
+        assert!(!closed_within(&mut silent, TCP_BIND_DEADLINE - Duration::from_secs(1)).await);
+        assert!(closed_within(&mut silent, Duration::from_secs(2)).await);
+        // Frames before a BIND (a 64 KiB one here) are read through and dropped: without a
+        // BIND the connection still ends at the deadline.
+        let mut big = tcp_client(&relay, 4096);
+        let started = tokio::time::Instant::now();
+        big.write_all(&framed(&send_msg(&[7; 32], &[0u8; 65000])))
+            .await
+            .unwrap();
+        assert!(closed_within(&mut big, TCP_BIND_DEADLINE + Duration::from_secs(1)).await);
+        assert!(started.elapsed() >= TCP_BIND_DEADLINE - Duration::from_secs(1));
+        // A BIND that is not valid (unknown key): closed at once.
+        let mut stranger = tcp_client(&relay, 4096);
+        stranger
+            .write_all(&framed(&bind_msg(&key(), &relay.public, unix_now())))
+            .await
+            .unwrap();
+        assert!(closed_within(&mut stranger, Duration::from_millis(100)).await);
+        // A node whose data frames precede its BIND is bound once the BIND comes.
+        let a = key();
+        relay.set_authorized([pk(&a)]);
+        let mut early = tcp_client(&relay, 1 << 17);
+        early
+            .write_all(&framed(&send_msg(&[7; 32], &[1u8; 1400])))
+            .await
+            .unwrap();
+        early
+            .write_all(&framed(&bind_msg(&a, &relay.public, unix_now())))
+            .await
+            .unwrap();
+        let mut got = [0u8; 2 + BOUND.len()];
+        early.read_exact(&mut got).await.unwrap();
+        assert_eq!(&got[2..], &BOUND);
+        drop(early);
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        assert_eq!(relay.tcp_clients(), 0, "slots are given back");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn tcp_one_connection_per_key_and_idle_ones_end() {
+        let relay = Relay::new(key());
+        let a = key();
+        relay.set_authorized([pk(&a)]);
+        let mut first = tcp_bound(&relay, &a, unix_now(), 4096).await;
+        // The next BIND carries a later time (a replayed one would be refused).
+        let mut second = tcp_bound(&relay, &a, unix_now() + 1, 4096).await;
+        assert!(
+            closed_within(&mut first, Duration::from_millis(100)).await,
+            "replaced"
+        );
+        assert!(!closed_within(&mut second, TCP_IDLE - Duration::from_secs(2)).await);
+        assert!(
+            closed_within(&mut second, Duration::from_secs(5)).await,
+            "idle"
+        );
+        tokio::task::yield_now().await;
+        assert_eq!(relay.tcp_clients(), 0);
+    }
+
+    #[test]
+    fn tcp_connections_are_capped() {
+        let relay = Relay::new(key());
+        let slots: Vec<TcpSlot> = (0..MAX_TCP_CLIENTS)
+            .map(|_| relay.tcp_slot().unwrap())
+            .collect();
+        assert!(relay.tcp_slot().is_none());
+        drop(slots);
+        assert!(relay.tcp_slot().is_some());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn tcp_client_that_never_reads_cannot_pin_memory() {
+        let relay = Relay::new(key());
+        let (a, b) = (key(), key());
+        relay.set_authorized([pk(&a), pk(&b)]);
+        // a: over TCP, never reads (a 4 KiB pipe fills at once). b: over UDP, floods a.
+        let sink = tcp_bound(&relay, &a, unix_now(), 4096).await;
+        let from_b: SocketAddr = "203.0.113.3:2000".parse().unwrap();
+        let mut out = Vec::new();
+        relay
+            .process(from_b, &bind_msg(&b, &relay.public, unix_now()), &mut out)
+            .await;
+        let flood = send_msg(&pk(&a), &[0u8; 1400]);
+        for _ in 0..5000 {
+            relay.process(from_b, &flood, &mut out).await;
+            assert!(relay.tcp_queued_bytes() <= TCP_QUEUE_BYTES);
+        }
+        assert!(
+            relay.tcp_queued_bytes() > TCP_QUEUE_BYTES / 2,
+            "the queue did fill"
+        );
+        // The stalled client is cut, and its queue goes with it.
+        tokio::time::sleep(TCP_WRITE_STALL + Duration::from_secs(1)).await;
+        tokio::task::yield_now().await;
+        assert_eq!(relay.tcp_queued_bytes(), 0);
+        assert_eq!(relay.tcp_clients(), 0);
+        drop(sink);
     }
 }

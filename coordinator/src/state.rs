@@ -21,6 +21,8 @@ pub struct Inner {
     pub write_lock: tokio::sync::Mutex<()>,
     pub admin_token_hash: Option<String>,
     pub metrics: Metrics,
+    /// Per-node rate limits of the node API.
+    pub limits: crate::limits::Limits,
 }
 
 impl std::ops::Deref for AppState {
@@ -95,6 +97,7 @@ impl AppState {
                 write_lock: tokio::sync::Mutex::new(()),
                 admin_token_hash: Some(admin_token_hash),
                 metrics: Metrics::default(),
+                limits: Default::default(),
             })),
             first,
         ))

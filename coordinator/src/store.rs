@@ -38,6 +38,8 @@ pub struct AuthKeyRow {
     pub expires_at: Option<i64>,
     pub used: bool,
     pub revoked: bool,
+    pub max_uses: Option<i64>,
+    pub uses: i64,
 }
 
 /// The result of a registration.
@@ -57,6 +59,8 @@ fn authkey_row(r: &AnyRow) -> Result<AuthKeyRow, sqlx::Error> {
         expires_at: r.try_get("expires_at")?,
         used: r.try_get::<i64, _>("used")? != 0,
         revoked: r.try_get::<i64, _>("revoked")? != 0,
+        max_uses: r.try_get("max_uses")?,
+        uses: r.try_get("uses")?,
     })
 }
 
@@ -171,14 +175,15 @@ impl Store {
         reusable: bool,
         tags: &[String],
         expires_at: Option<i64>,
+        max_uses: Option<i64>,
     ) -> ApiResult<(i64, String)> {
         let key = random_token("hpk_");
         let prefix: String = key.chars().take(12).collect();
         let mut tx = self.pool.begin().await?;
         let id = next_id(&mut tx, "authkeys").await?;
         sqlx::query(
-            "INSERT INTO authkeys (id, hash, prefix, reusable, tags, created_at, expires_at, used, revoked) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, 0, 0)",
+            "INSERT INTO authkeys (id, hash, prefix, reusable, tags, created_at, expires_at, used, revoked, max_uses, uses) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, 0, 0, $8, 0)",
         )
         .bind(id)
         .bind(homeport_proto::api::token_hash(&key))
@@ -187,6 +192,7 @@ impl Store {
         .bind(serde_json::to_string(tags)?)
         .bind(now())
         .bind(expires_at)
+        .bind(max_uses)
         .execute(&mut *tx)
         .await?;
         tx.commit().await?;
@@ -195,7 +201,7 @@ impl Store {
 
     pub async fn list_authkeys(&self) -> ApiResult<Vec<AuthKeyRow>> {
         let rows = sqlx::query(
-            "SELECT id, prefix, reusable, tags, created_at, expires_at, used, revoked FROM authkeys ORDER BY id",
+            "SELECT id, prefix, reusable, tags, created_at, expires_at, used, revoked, max_uses, uses FROM authkeys ORDER BY id",
         )
         .fetch_all(&self.pool)
         .await?;
@@ -244,7 +250,7 @@ impl Store {
         let now = now();
         let mut tx = self.pool.begin().await?;
         let key = sqlx::query(
-            "SELECT id, prefix, reusable, tags, created_at, expires_at, used, revoked FROM authkeys WHERE hash = $1",
+            "SELECT id, prefix, reusable, tags, created_at, expires_at, used, revoked, max_uses, uses FROM authkeys WHERE hash = $1",
         )
         .bind(homeport_proto::api::token_hash(authkey))
         .fetch_optional(&mut *tx)
@@ -267,18 +273,27 @@ impl Store {
                 key.id, key.prefix
             )));
         }
-        // Atomic claim: a single-use key is consumed by exactly one registration.
+        // Atomic claim: a single-use key is consumed by exactly one registration, a key with
+        // max_uses by at most that many.
         let claimed = sqlx::query(
-            "UPDATE authkeys SET used = 1 WHERE id = $1 AND (reusable = 1 OR used = 0)",
+            "UPDATE authkeys SET used = 1, uses = uses + 1 WHERE id = $1 \
+             AND ((max_uses IS NOT NULL AND uses < max_uses) \
+                  OR (max_uses IS NULL AND (reusable = 1 OR used = 0)))",
         )
         .bind(key.id)
         .execute(&mut *tx)
         .await?;
         if claimed.rows_affected() == 0 {
-            return Err(ApiErr::unauthorized(format!(
-                "authkey: single-use auth key {} ({}…) was already used; create a new one or a --reusable one",
-                key.id, key.prefix
-            )));
+            return Err(ApiErr::unauthorized(match key.max_uses {
+                Some(max) => format!(
+                    "authkey: auth key {} ({}…) was used {max} times, its --max-uses; create a new one",
+                    key.id, key.prefix
+                ),
+                _ => format!(
+                    "authkey: single-use auth key {} ({}…) was already used; create a new one or a --reusable one",
+                    key.id, key.prefix
+                ),
+            }));
         }
         let credential = random_token("hpn_");
         let cred_hash = homeport_proto::api::token_hash(&credential);

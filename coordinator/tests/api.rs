@@ -42,11 +42,15 @@ async fn fresh_db(dir: &std::path::Path) -> String {
 }
 
 async fn setup() -> T {
+    setup_with(None).await
+}
+
+async fn setup_with(prefix_v4: Option<&str>) -> T {
     let dir = tempfile::tempdir().unwrap();
     let url = fresh_db(dir.path()).await;
     let (st, first) = AppState::open(StateOptions {
         database_url: url,
-        prefix_v4: None,
+        prefix_v4: prefix_v4.map(|p| p.parse().unwrap()),
         prefix_v6: Some("fd7a:115c:a1e0::/64".parse().unwrap()),
         relays: vec![],
     })
@@ -822,4 +826,354 @@ async fn state_survives_reopen() {
     let e = AppState::open(other).await.err().unwrap().to_string();
     assert!(e.contains("prefix-v4"), "{e}");
     let _ = NodeId(0);
+}
+
+/// Every admin operation in the served spec answers 401 without a token and with a wrong one,
+/// and no other method on an admin path does anything but 401 or 405 — walked from the spec, so
+/// a new admin route is checked without editing this test.
+#[tokio::test]
+async fn every_admin_route_without_a_token_is_401() {
+    let t = setup().await;
+    let (s, spec) = send(
+        app(t.st.clone()),
+        req(Method::GET, api::PATH_OPENAPI, None, None),
+    )
+    .await;
+    assert_eq!(s, StatusCode::OK);
+    let mut checked = 0;
+    for (path, ops) in spec["paths"].as_object().unwrap() {
+        let concrete = path.replace("{id}", "1").replace("{name}", "home");
+        for method in ["GET", "POST", "PUT", "DELETE", "PATCH"] {
+            let op = &ops[method.to_ascii_lowercase()];
+            let admin_op = op["security"]
+                .as_array()
+                .is_some_and(|s| s.iter().any(|r| r.get("adminToken").is_some()));
+            if path.starts_with("/api/v1/admin") {
+                assert!(
+                    op.is_null() || admin_op,
+                    "{method} {path} is under /api/v1/admin but its spec does not require the admin token"
+                );
+            }
+            let m: Method = method.parse().unwrap();
+            for bearer in [None, Some("hpa_wrong")] {
+                let body = Some(json!({}));
+                let (s, v) = send(app(t.st.clone()), req(m.clone(), &concrete, bearer, body)).await;
+                if admin_op {
+                    assert_eq!(
+                        s,
+                        StatusCode::UNAUTHORIZED,
+                        "{method} {path} with {bearer:?}: {v}"
+                    );
+                    checked += 1;
+                } else if path.starts_with("/api/v1/admin") {
+                    assert!(
+                        s == StatusCode::UNAUTHORIZED || s == StatusCode::METHOD_NOT_ALLOWED,
+                        "{method} {path} (not in the spec) answered {s}: {v}"
+                    );
+                }
+            }
+        }
+    }
+    assert!(
+        checked >= 2 * 10,
+        "only {checked} admin operations found in the spec"
+    );
+}
+
+// ---- abuse of the node API ----
+
+/// Sends `method path` with `cred` and returns status, Retry-After and body.
+async fn send_full(
+    t: &T,
+    method: Method,
+    path: &str,
+    cred: &str,
+    body: Value,
+) -> (StatusCode, Option<u64>, Value) {
+    let resp = app(t.st.clone())
+        .oneshot(req(method, path, Some(cred), Some(body)))
+        .await
+        .unwrap();
+    let status = resp.status();
+    let retry = resp
+        .headers()
+        .get(header::RETRY_AFTER)
+        .map(|v| v.to_str().unwrap().parse().unwrap());
+    let bytes = axum::body::to_bytes(resp.into_body(), 1 << 20)
+        .await
+        .unwrap();
+    (
+        status,
+        retry,
+        serde_json::from_slice(&bytes).unwrap_or(Value::Null),
+    )
+}
+
+#[tokio::test]
+async fn endpoint_report_flood_is_rate_limited_per_node() {
+    let t = setup().await;
+    let key = t.authkey(json!({"reusable": true})).await;
+    let a = t.register(&key, "a").await;
+    let b = t.register(&key, "b").await;
+    let report = json!({"endpoints": [{"addr": "198.51.100.7:41641", "kind": "stun"}]});
+    let mut limited = None;
+    for i in 0..50 {
+        let (s, retry, v) = send_full(
+            &t,
+            Method::POST,
+            api::PATH_ENDPOINTS,
+            &a.credential,
+            report.clone(),
+        )
+        .await;
+        if s == StatusCode::TOO_MANY_REQUESTS {
+            assert!(
+                retry.is_some_and(|r| r >= 1),
+                "429 without Retry-After: {v}"
+            );
+            assert!(
+                v["detail"].as_str().unwrap().contains("endpoint reports"),
+                "{v}"
+            );
+            limited = Some(i);
+            break;
+        }
+        assert_eq!(s, StatusCode::NO_CONTENT, "{v}");
+    }
+    let at = limited.expect("50 reports in a burst were all accepted");
+    assert!(at >= 5, "limited after only {at} reports");
+    // Another node's budget is its own.
+    let (s, _, v) = send_full(&t, Method::POST, api::PATH_ENDPOINTS, &b.credential, report).await;
+    assert_eq!(s, StatusCode::NO_CONTENT, "{v}");
+}
+
+#[tokio::test]
+async fn probe_ask_flood_is_rate_limited_per_node() {
+    let t = setup().await;
+    let key = t.authkey(json!({"reusable": true})).await;
+    let a = t.register(&key, "a").await;
+    let b = t.register(&key, "b").await;
+    let ask = json!({"peer": b.node_id});
+    let mut limited = None;
+    for i in 0..200 {
+        let (s, retry, v) = send_full(
+            &t,
+            Method::POST,
+            api::PATH_PROBE,
+            &a.credential,
+            ask.clone(),
+        )
+        .await;
+        if s == StatusCode::TOO_MANY_REQUESTS {
+            assert!(
+                retry.is_some_and(|r| r >= 1),
+                "429 without Retry-After: {v}"
+            );
+            limited = Some(i);
+            break;
+        }
+        assert_eq!(s, StatusCode::NO_CONTENT, "{v}");
+    }
+    assert!(limited.expect("200 probe asks in a burst were all accepted") >= 10);
+    let (s, _, v) = send_full(
+        &t,
+        Method::POST,
+        api::PATH_PROBE,
+        &b.credential,
+        json!({"peer": a.node_id}),
+    )
+    .await;
+    assert_eq!(s, StatusCode::NO_CONTENT, "{v}");
+}
+
+#[tokio::test]
+async fn unusable_endpoint_candidates_are_refused_by_name() {
+    let t = setup().await;
+    let key = t.authkey(json!({"reusable": true})).await;
+    let a = t.register(&key, "a").await;
+    for (bad, why) in [
+        ("0.0.0.0:41641", "unspecified"),
+        ("127.0.0.1:41641", "loopback"),
+        ("224.0.0.251:5353", "multicast"),
+        ("255.255.255.255:41641", "broadcast"),
+        ("198.51.100.7:0", "port 0"),
+        ("[::]:41641", "unspecified"),
+        ("[::1]:41641", "loopback"),
+        ("[ff02::1]:41641", "multicast"),
+        ("[::ffff:127.0.0.1]:41641", "loopback"),
+    ] {
+        let body = json!({"endpoints": [
+            {"addr": "198.51.100.7:41641", "kind": "stun"},
+            {"addr": bad, "kind": "local"},
+        ]});
+        let (s, v) = t
+            .node(Method::POST, api::PATH_ENDPOINTS, &a.credential, Some(body))
+            .await;
+        assert_eq!(s, StatusCode::BAD_REQUEST, "{bad} was accepted");
+        let d = v["detail"].as_str().unwrap();
+        assert!(d.contains("endpoints[1]") && d.contains(why), "{bad}: {d}");
+    }
+    let many: Vec<Value> = (1..=33)
+        .map(|i| json!({"addr": format!("198.51.100.{i}:41641"), "kind": "local"}))
+        .collect();
+    let (s, v) = t
+        .node(
+            Method::POST,
+            api::PATH_ENDPOINTS,
+            &a.credential,
+            Some(json!({"endpoints": many})),
+        )
+        .await;
+    assert_eq!(s, StatusCode::BAD_REQUEST);
+    assert!(v["detail"].as_str().unwrap().contains("at most 32"), "{v}");
+    // Nothing bad was stored: the node has no endpoints.
+    let (_, nodes) = t.admin(Method::GET, api::PATH_ADMIN_NODES, None).await;
+    assert_eq!(nodes[0]["endpoints"], json!([]));
+}
+
+#[tokio::test]
+async fn probe_ask_for_a_peer_the_policy_separates_is_403() {
+    let t = setup().await;
+    let guests = t
+        .authkey(json!({"reusable": true, "tags": ["guest"]}))
+        .await;
+    let plain = t.authkey(json!({"reusable": true})).await;
+    let home = t.register(&plain, "home").await;
+    let tv = t.register(&guests, "tv").await;
+    let laptop = t.register(&plain, "laptop").await;
+    let mut sh = t.open_map(&home.credential).await;
+    sh.next(SEC).await.unwrap();
+    // Guests may reach home; nothing may reach the laptop from guests or the other way.
+    let (s, v) = t
+        .admin(
+            Method::PUT,
+            api::PATH_ADMIN_POLICY,
+            Some(json!({"rules": [{"from": ["tag:guest"], "to": ["node:home"], "ports": ["tcp:32400"]},
+                                  {"from": ["node:home"], "to": ["node:laptop"]}]})),
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    let (s, v) = t
+        .node(
+            Method::POST,
+            api::PATH_PROBE,
+            &tv.credential,
+            Some(json!({"peer": laptop.node_id})),
+        )
+        .await;
+    assert_eq!(s, StatusCode::FORBIDDEN, "{v}");
+    assert!(v["detail"].as_str().unwrap().contains("policy"), "{v}");
+    let (s, _) = t
+        .node(
+            Method::POST,
+            api::PATH_PROBE,
+            &laptop.credential,
+            Some(json!({"peer": tv.node_id})),
+        )
+        .await;
+    assert_eq!(s, StatusCode::FORBIDDEN);
+    // Either direction allowed is enough: home <-> tv both ways, and home is told to probe.
+    let (s, v) = t
+        .node(
+            Method::POST,
+            api::PATH_PROBE,
+            &tv.credential,
+            Some(json!({"peer": home.node_id})),
+        )
+        .await;
+    assert_eq!(s, StatusCode::NO_CONTENT, "{v}");
+    loop {
+        let m = sh.next(SEC).await.unwrap();
+        if let Some(p) = m.probe_requests.first() {
+            assert_eq!(p.from, tv.node_id);
+            break;
+        }
+    }
+    let (s, _) = t
+        .node(
+            Method::POST,
+            api::PATH_PROBE,
+            &home.credential,
+            Some(json!({"peer": tv.node_id})),
+        )
+        .await;
+    assert_eq!(s, StatusCode::NO_CONTENT);
+}
+
+#[tokio::test]
+async fn reusable_key_with_max_uses_stops_after_n() {
+    let t = setup().await;
+    let key = t.authkey(json!({"reusable": true, "max_uses": 2})).await;
+    t.register(&key, "one").await;
+    t.register(&key, "two").await;
+    let pk = PrivateKey::generate().public_key().to_base64();
+    let (s, v) = t.register_raw(&key, &pk, "three").await;
+    assert_eq!(s, StatusCode::UNAUTHORIZED, "{v}");
+    assert!(v["detail"].as_str().unwrap().contains("max-uses"), "{v}");
+    let (_, keys) = t.admin(Method::GET, api::PATH_ADMIN_AUTHKEYS, None).await;
+    assert_eq!(
+        (keys[0]["max_uses"].clone(), keys[0]["uses"].clone()),
+        (json!(2), json!(2))
+    );
+    // Concurrent registrations never exceed the limit.
+    let key = t.authkey(json!({"reusable": true, "max_uses": 3})).await;
+    let mut tasks = vec![];
+    for i in 0..10 {
+        let st = t.st.clone();
+        let key = key.clone();
+        tasks.push(tokio::spawn(async move {
+            let pk = PrivateKey::generate().public_key().to_base64();
+            send(
+                app(st),
+                req(
+                    Method::POST,
+                    api::PATH_REGISTER,
+                    None,
+                    Some(json!({"authkey": key, "public_key": pk, "hostname": format!("race{i}")})),
+                ),
+            )
+            .await
+            .0
+        }));
+    }
+    let mut ok = 0;
+    for task in tasks {
+        if task.await.unwrap() == StatusCode::OK {
+            ok += 1;
+        }
+    }
+    assert_eq!(ok, 3);
+    // Refused shapes, each named.
+    for (body, needle) in [
+        (json!({"reusable": true, "max_uses": 0}), "out of range"),
+        (
+            json!({"reusable": true, "max_uses": 1_000_001}),
+            "out of range",
+        ),
+    ] {
+        let (s, v) = t
+            .admin(Method::POST, api::PATH_ADMIN_AUTHKEYS, Some(body))
+            .await;
+        assert_eq!(s, StatusCode::BAD_REQUEST, "{v}");
+        assert!(v["detail"].as_str().unwrap().contains(needle), "{v}");
+    }
+}
+
+#[tokio::test]
+async fn exhausted_address_pool_is_a_clear_409() {
+    // A /30 holds two nodes (.1 and .2; .0 and .3 are network and broadcast).
+    let t = setup_with(Some("100.96.0.0/30")).await;
+    let key = t.authkey(json!({"reusable": true})).await;
+    t.register(&key, "one").await;
+    t.register(&key, "two").await;
+    let pk = PrivateKey::generate().public_key().to_base64();
+    let (s, v) = t.register_raw(&key, &pk, "three").await;
+    assert_eq!(s, StatusCode::CONFLICT, "{v}");
+    assert!(
+        v["detail"].as_str().unwrap().contains("no free address"),
+        "{v}"
+    );
+    // The coordinator still serves.
+    let (s, nodes) = t.admin(Method::GET, api::PATH_ADMIN_NODES, None).await;
+    assert_eq!((s, nodes.as_array().unwrap().len()), (StatusCode::OK, 2));
 }

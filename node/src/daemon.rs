@@ -783,6 +783,9 @@ async fn endpoint_reporter(
                 dp.set_open_ttl(d.unwrap_or(0));
             }
         }
+        // What the coordinator would refuse (and the whole report with it).
+        eps.retain(|e| homeport_proto::api::endpoint_problem(e.addr).is_none());
+        eps.truncate(homeport_proto::api::MAX_ENDPOINTS);
         let connected = shared.connected.load(Ordering::Relaxed);
         // Report on change, and again after every reconnection (the coordinator may be new).
         if connected && (reported.as_ref() != Some(&eps) || !was_connected) {
@@ -974,10 +977,12 @@ async fn tcp_relay_keeper(
         }
         let (mut r, mut w) = tokio::io::split(up);
         let writer = tokio::spawn(async move {
+            let mut frame = Vec::with_capacity(homeport_proto::relay::TCP_FRAME_MAX + 2);
             while let Some(b) = rx.recv().await {
-                let mut frame = Vec::with_capacity(2 + b.len());
-                frame.extend_from_slice(&(b.len() as u16).to_be_bytes());
-                frame.extend_from_slice(&b);
+                frame.clear();
+                if homeport_proto::relay::tcp_frame(&mut frame, &b).is_none() {
+                    continue;
+                }
                 if w.write_all(&frame).await.is_err() {
                     break;
                 }
@@ -985,7 +990,7 @@ async fn tcp_relay_keeper(
         });
         let mut buf = vec![0u8; 65536];
         loop {
-            let mut len = [0u8; 2];
+            let mut len = [0u8; homeport_proto::relay::TCP_FRAME_HEADER];
             let ok = tokio::select! {
                 r = r.read_exact(&mut len) => r.is_ok(),
                 _ = stop.cancelled() => false,
@@ -993,7 +998,7 @@ async fn tcp_relay_keeper(
             if !ok {
                 break;
             }
-            let n = u16::from_be_bytes(len) as usize;
+            let n = homeport_proto::relay::tcp_frame_len(len);
             if r.read_exact(&mut buf[..n]).await.is_err() {
                 break;
             }

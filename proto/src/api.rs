@@ -72,6 +72,37 @@ pub struct RegisterResponse {
     pub capver: u32,
 }
 
+/// Most endpoint candidates one report may carry; a real node has a handful.
+pub const MAX_ENDPOINTS: usize = 32;
+
+/// Why `addr` cannot be an endpoint candidate (a peer could never reach it there, or it would
+/// point peers' probes at the peers themselves or at many hosts at once), or None when it can.
+/// IPv4-mapped IPv6 addresses are judged as the IPv4 address they carry.
+pub fn endpoint_problem(addr: std::net::SocketAddr) -> Option<&'static str> {
+    use std::net::IpAddr;
+    if addr.port() == 0 {
+        return Some("port 0");
+    }
+    match addr.ip().to_canonical() {
+        IpAddr::V4(ip) if ip.is_unspecified() => Some("an unspecified address"),
+        IpAddr::V4(ip) if ip.is_loopback() => Some("a loopback address"),
+        IpAddr::V4(ip) if ip.is_multicast() => Some("a multicast address"),
+        IpAddr::V4(ip) if ip.is_broadcast() => Some("the broadcast address"),
+        IpAddr::V4(ip) if ip.octets()[0] == 0 => Some("in 0.0.0.0/8 (\"this network\")"),
+        IpAddr::V4(ip) if ip.octets()[0] >= 240 => Some("in the reserved 240.0.0.0/4"),
+        IpAddr::V6(ip) if ip.is_unspecified() => Some("an unspecified address"),
+        IpAddr::V6(ip) if ip.is_loopback() => Some("a loopback address"),
+        // ff00::/8, link-local (ff02::) and every other scope.
+        IpAddr::V6(ip) if ip.is_multicast() => Some("a multicast address"),
+        // Link-local, unique-local, mapped, documentation-less odd ranges: a peer elsewhere
+        // cannot reach them (and nodes report IPv6 candidates from 2000::/3 only).
+        IpAddr::V6(ip) if ip.segments()[0] & 0xe000 != 0x2000 => {
+            Some("not a global unicast IPv6 address (2000::/3)")
+        }
+        _ => None,
+    }
+}
+
 /// `POST /api/v1/node/endpoints`: the node's current candidates (replaces the previous report).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -98,7 +129,17 @@ pub struct AuthKeyCreate {
     pub expires_secs: Option<u64>,
     #[serde(default)]
     pub tags: Vec<String>,
+    /// How many registrations the key allows (1..=[`MAX_AUTHKEY_USES`]), whatever `reusable`
+    /// says; None = one, or no limit when reusable.
+    #[serde(default)]
+    pub max_uses: Option<u64>,
 }
+
+/// The largest `max_uses` of an auth key.
+pub const MAX_AUTHKEY_USES: u64 = 1_000_000;
+
+/// The longest auth key lifetime (`expires_secs`): 100 years.
+pub const MAX_EXPIRES_SECS: u64 = 100 * 365 * 24 * 3600 + 25 * 24 * 3600;
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct AuthKeyCreated {
@@ -119,6 +160,12 @@ pub struct AuthKeyInfo {
     pub expires_at: Option<i64>,
     pub used: bool,
     pub revoked: bool,
+    /// The key's limit of registrations (reusable keys only); None = no limit.
+    #[serde(default)]
+    pub max_uses: Option<u64>,
+    /// Registrations made with the key.
+    #[serde(default)]
+    pub uses: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -133,4 +180,36 @@ pub struct NodeInfo {
     pub last_seen: Option<i64>,
     pub endpoints: Vec<Endpoint>,
     pub created_at: i64,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn endpoint_problems() {
+        for bad in [
+            "0.0.0.0:1",
+            "127.0.0.1:51820",
+            "224.0.0.1:5",
+            "239.1.2.3:5",
+            "255.255.255.255:5",
+            "198.51.100.1:0",
+            "[::]:1",
+            "[::1]:1",
+            "[ff02::1]:1",
+            "[ff0e::1]:1",
+            "[::ffff:127.0.0.1]:1",
+            "[::ffff:255.255.255.255]:1",
+            "0.1.2.3:1",
+            "240.0.0.1:1",
+            "[fe80::1]:1",
+            "[fd00::1]:1",
+        ] {
+            assert!(endpoint_problem(bad.parse().unwrap()).is_some(), "{bad}");
+        }
+        for good in ["198.51.100.1:51820", "10.0.0.2:1", "[2001:db8::1]:41641"] {
+            assert_eq!(endpoint_problem(good.parse().unwrap()), None, "{good}");
+        }
+    }
 }

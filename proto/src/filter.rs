@@ -77,9 +77,11 @@ impl PortRange {
             Some((a, b)) => (a, b),
             None => (s, s),
         };
-        let first: u16 = a.trim().parse().map_err(|_| bad())?;
-        let last: u16 = b.trim().parse().map_err(|_| bad())?;
-        if first == 0 || first > last {
+        let a: u16 = a.trim().parse().map_err(|_| bad())?;
+        let b: u16 = b.trim().parse().map_err(|_| bad())?;
+        // "8100-8000" means the same ports as "8000-8100".
+        let (first, last) = (a.min(b), a.max(b));
+        if first == 0 {
             return Err(bad());
         }
         Ok(PortRange { first, last })
@@ -135,6 +137,9 @@ mod tests {
                 last: 90
             }
         );
-        assert!(PortRange::parse("90-80").unwrap_err().contains("range"));
+        // Written high-low, a range means the same ports (the API spec cannot express order).
+        assert_eq!(PortRange::parse("90-80"), PortRange::parse("80-90"));
+        assert!(PortRange::parse("0-80").unwrap_err().contains("range"));
+        assert!(PortRange::parse("80-0").unwrap_err().contains("range"));
     }
 }

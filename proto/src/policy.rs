@@ -118,6 +118,13 @@ impl Policy {
                     "rules[{i}]: `from` and `to` must each name at least one selector"
                 ));
             }
+            for s in r.from.iter().chain(r.to.iter()).chain(r.ports.iter()) {
+                if s.chars().any(char::is_whitespace) {
+                    return Err(format!(
+                        "rules[{i}]: {s:?} contains spaces; write selectors and port specs without them"
+                    ));
+                }
+            }
             for s in r.from.iter().chain(r.to.iter()) {
                 Selector::parse(s).map_err(|e| format!("rules[{i}]: {e}"))?;
             }

@@ -453,7 +453,7 @@ pub struct Engine {
     reflexive: Mutex<Option<SocketAddr>>,
     started: Mutex<Option<Instant>>,
     rebind: Mutex<Rebind>,
-    /// Maps `Instant`s to unix time for relay bindings: (an instant, unix seconds then).
+    /// Maps `Instant`s to unix time for relay bindings: (an instant, unix milliseconds then).
     clock_base: (Instant, u64),
 }
 
@@ -481,7 +481,7 @@ impl Engine {
                 Instant::now(),
                 std::time::SystemTime::now()
                     .duration_since(std::time::UNIX_EPOCH)
-                    .map(|d| d.as_secs())
+                    .map(|d| d.as_millis() as u64)
                     .unwrap_or(0),
             ),
         }
@@ -875,10 +875,7 @@ impl Engine {
             let Some(r) = r.as_mut().filter(|r| r.addr == from) else {
                 return Decap::Drop(DropReason::UnknownPeer);
             };
-            if d.len() >= 5
-                && d[..4] == homeport_proto::relay::RELAY_MAGIC
-                && d[4] == homeport_proto::relay::RELAY_BOUND
-            {
+            if homeport_proto::relay::kind(d) == Some(homeport_proto::relay::RELAY_BOUND) {
                 if r.bound.is_none() {
                     tracing::info!(relay = %from, "bound to the relay");
                 }
@@ -1008,15 +1005,13 @@ impl Engine {
         r.rebind_now = false;
         r.last_bind = Some(now);
         r.unanswered = r.unanswered.saturating_add(1);
-        let unix = self.clock_base.1 + now.saturating_duration_since(self.clock_base.0).as_secs();
-        let me = self.public.to_bytes();
-        let mut msg = [0u8; 4 + 1 + 32 + 8 + 32];
-        msg[..4].copy_from_slice(&homeport_proto::relay::RELAY_MAGIC);
-        msg[4] = homeport_proto::relay::RELAY_BIND;
-        msg[5..37].copy_from_slice(&me);
-        msg[37..45].copy_from_slice(&unix.to_be_bytes());
-        let tag = ring::hmac::sign(&r.mac, &msg[5..45]);
-        msg[45..77].copy_from_slice(tag.as_ref());
+        let unix =
+            self.clock_base.1 + now.saturating_duration_since(self.clock_base.0).as_millis() as u64;
+        let key = self.public.to_bytes();
+        let tag = ring::hmac::sign(&r.mac, &homeport_proto::relay::Bind::signed(&key, unix));
+        let mut mac = [0u8; 32];
+        mac.copy_from_slice(tag.as_ref());
+        let msg = homeport_proto::relay::Bind { key, unix, mac }.encode();
         send(r.addr, &msg);
     }
 
