@@ -336,7 +336,7 @@ fn published_flow_enters_only_via_exit_and_replies_return_to_it() {
         packet::TCP_SYN,
     );
     // Home would need a flow for that; force it through the exit's peer directly.
-    home.engine.flows.touch(
+    home.engine.flows.inbound(
         FlowKey::new(
             packet::PROTO_TCP,
             Ipv4Addr::new(192, 0, 2, 99).into(),
@@ -344,6 +344,7 @@ fn published_flow_enters_only_via_exit_and_replies_return_to_it() {
             5555,
         ),
         exit.id,
+        false,
         now,
     );
     net.send(&home, &sneaky, now);
@@ -706,3 +707,5 @@ fn hard_nats_find_no_direct_path() {
     let (a, b, mut na, mut nb) = natted_pair(true);
     assert_eq!(run_natted(&a, &b, &mut na, &mut nb, 10), None);
 }
+
+mod attacks;
