@@ -836,6 +836,12 @@ fn udp_to_tun(
         for (m, buf) in meta.iter().zip(rx.iter()).take(n) {
             let stride = if m.stride == 0 { m.len } else { m.stride };
             let from = m.addr;
+            if stride == 0 {
+                // An empty datagram (anyone can send one): nothing to split or decode.
+                counters.udp_rx_datagrams.fetch_add(1, Ordering::Relaxed);
+                counters.dropped.fetch_add(1, Ordering::Relaxed);
+                continue;
+            }
             for seg in buf[..m.len].chunks(stride) {
                 counters.udp_rx_datagrams.fetch_add(1, Ordering::Relaxed);
                 let kind = classify(seg);
