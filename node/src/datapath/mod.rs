@@ -920,6 +920,8 @@ const HANDSHAKE_INIT_LEN: usize = 148;
 /// Initiations waiting for the handshake thread at most. A real peer sends one every 5 s at
 /// most; under a flood the excess is dropped here, before any work, and the peer's retry gets in.
 const HANDSHAKE_QUEUE: usize = 256;
+/// Nice value of the handshake thread (the data path threads keep 0).
+const HANDSHAKE_NICE: libc::c_int = 10;
 
 /// The handshake thread: initiations from the receive thread. mac1 is checked first and under
 /// load they get cookie replies (see [`Engine::decapsulate`]); the responses and any packets
@@ -932,6 +934,16 @@ fn handshakes(
     counters: &Counters,
     rx: std::sync::mpsc::Receiver<(SocketAddr, [u8; HANDSHAKE_INIT_LEN])>,
 ) {
+    // Below the data path threads: under a flood on a busy machine the scheduler serves the
+    // tunnel first, handshakes with what is left (a real peer retries every 5 s).
+    // SAFETY: setpriority on our own thread id; no memory is touched.
+    unsafe {
+        libc::setpriority(
+            libc::PRIO_PROCESS,
+            libc::gettid() as libc::id_t,
+            HANDSHAKE_NICE,
+        );
+    }
     let mut out = vec![0u8; 2048];
     while !stop.load(Ordering::Relaxed) {
         let (from, d) = match rx.recv_timeout(std::time::Duration::from_millis(200)) {
