@@ -6,7 +6,8 @@
 #
 # Installs (Debian packages): the build toolchain, the network tools the lab tests and the demo drive
 # (iproute2, nftables, conntrack), the standard peers the tests compare against (wireguard-go,
-# wireguard-tools, coturn as a STUN server, iperf3), tcpdump, python3, ping and systemd (systemd-analyze).
+# wireguard-tools, coturn as a STUN server, iperf3), tcpdump, python3, ping, systemd (systemd-analyze) and
+# hping3 (the data-plane flood tests).
 # Rust comes from rustup (minimal profile, stable) only if no cargo is found.
 set -euo pipefail
 
@@ -14,7 +15,7 @@ PACKAGES=(
   build-essential pkg-config curl ca-certificates
   iproute2 nftables conntrack
   wireguard-go wireguard-tools iperf3 coturn
-  tcpdump python3 procps systemd iputils-ping shellcheck
+  tcpdump python3 procps systemd iputils-ping shellcheck hping3
 )
 
 log() { printf 'setup: %s\n' "$*"; }
