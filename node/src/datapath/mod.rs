@@ -248,10 +248,6 @@ impl Datapath {
                 counters.clone(),
                 stun.clone(),
             );
-            let side = StunSide {
-                gate: stun,
-                tx: side,
-            };
             let (hs_tx, hs_rx) = std::sync::mpsc::sync_channel(HANDSHAKE_QUEUE);
             {
                 let (engine, socket, state, stop, counters) = (
@@ -269,14 +265,16 @@ impl Datapath {
                         })?,
                 );
             }
-            let side = (side, hs_tx);
+            let side = Side {
+                stun_gate: stun,
+                stun_tx: side,
+                handshake_tx: hs_tx,
+            };
             threads.push(
                 std::thread::Builder::new()
                     .name("udp→tun".into())
                     .spawn(move || {
-                        udp_to_tun(
-                            &engine, &dev, &socket, &state, &stop, &counters, side.0, side.1,
-                        )
+                        udp_to_tun(&engine, &dev, &socket, &state, &stop, &counters, side)
                     })?,
             );
         }
@@ -797,8 +795,7 @@ fn udp_to_tun(
     state: &UdpSocketState,
     stop: &AtomicBool,
     counters: &Counters,
-    side: StunSide,
-    handshake_tx: std::sync::mpsc::SyncSender<(SocketAddr, [u8; HANDSHAKE_INIT_LEN])>,
+    side: Side,
 ) {
     let mut rx: Vec<Vec<u8>> = (0..UDP_BATCH).map(|_| vec![0u8; GRO_BUF]).collect();
     let mut meta = vec![RecvMeta::default(); UDP_BATCH];
@@ -852,7 +849,7 @@ fn udp_to_tun(
                         // thread a copy each, never a hash or a Diffie-Hellman.
                         let mut d = [0u8; HANDSHAKE_INIT_LEN];
                         d.copy_from_slice(seg);
-                        if handshake_tx.try_send((from, d)).is_err() {
+                        if side.handshake_tx.try_send((from, d)).is_err() {
                             counters.dropped.fetch_add(1, Ordering::Relaxed);
                         }
                         continue;
@@ -870,8 +867,8 @@ fn udp_to_tun(
                     DatagramKind::Stun => {
                         // Only answers from a server we asked, and only as many as the queue
                         // holds: junk at the port costs a comparison, never memory.
-                        let queued = side.gate.expects(from, now)
-                            && side.tx.try_send((from, seg.to_vec())).is_ok();
+                        let queued = side.stun_gate.expects(from, now)
+                            && side.stun_tx.try_send((from, seg.to_vec())).is_ok();
                         if !queued {
                             counters.stun_dropped.fetch_add(1, Ordering::Relaxed);
                         }
@@ -962,10 +959,13 @@ fn handshakes(
     }
 }
 
-/// Where STUN answers go from the receive thread.
-struct StunSide {
-    gate: Arc<crate::stun::StunGate>,
-    tx: SideChannel,
+/// Where the receive thread hands off what it does not decrypt itself.
+struct Side {
+    /// STUN answers: only from servers asked recently, into a bounded queue.
+    stun_gate: Arc<crate::stun::StunGate>,
+    stun_tx: SideChannel,
+    /// Handshake initiations, to the handshake thread.
+    handshake_tx: std::sync::mpsc::SyncSender<(SocketAddr, [u8; HANDSHAKE_INIT_LEN])>,
 }
 
 fn write_tun(dev: &SyncDevice, gro: &mut GROTable, bufs: &mut [Vec<u8>]) {

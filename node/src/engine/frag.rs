@@ -12,7 +12,7 @@
 
 use super::packet::{Frag, PacketInfo};
 use homeport_proto::NodeId;
-use std::hash::{BuildHasher, Hash, Hasher};
+use std::hash::BuildHasher;
 use std::net::IpAddr;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
@@ -62,10 +62,8 @@ impl Fragments {
     }
 
     fn index(&self, src: IpAddr, dst: IpAddr, id: u32) -> usize {
-        let mut h = self.hasher.build_hasher();
-        (src, dst, id).hash(&mut h);
         // Two candidate slots: i and i ^ 1.
-        (h.finish() as usize) % FRAG_SLOTS
+        (self.hasher.hash_one((src, dst, id)) as usize) % FRAG_SLOTS
     }
 
     /// The first fragment of a datagram was admitted: its later fragments may pass.
