@@ -7,7 +7,7 @@
 # Installs (Debian packages): the build toolchain, the network tools the lab tests and the demo drive
 # (iproute2, nftables, conntrack), the standard peers the tests compare against (wireguard-go,
 # wireguard-tools, coturn as a STUN server, iperf3), tcpdump, python3, ping, systemd (systemd-analyze)
-# and hping3 (spoofed-source SYN floods in the exit's lab tests).
+# and hping3 (spoofed-source SYN floods in the exit's lab tests, handshake floods in the data-plane tests).
 # Rust comes from rustup (minimal profile, stable) only if no cargo is found.
 # schemathesis (PyPI, pinned) goes into its own virtualenv under /opt, linked as /usr/local/bin/schemathesis:
 # coordinator/tests/spec.rs checks the API against its OpenAPI document with it.

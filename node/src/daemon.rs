@@ -150,7 +150,7 @@ pub async fn run(
     };
     let port = cfg.listen_port.unwrap_or(reg.listen_port);
     let public_key = key.public_key();
-    let (side_tx, side_rx) = std::sync::mpsc::channel();
+    let (side_tx, side_rx) = std::sync::mpsc::sync_channel(crate::stun::STUN_QUEUE);
     let dp = Datapath::start(
         &DatapathConfig {
             tun_name: cfg.tun.clone(),
@@ -204,7 +204,7 @@ pub async fn run(
     let listener = tokio::net::UnixListener::bind(&sock_path)
         .with_context(|| format!("binding the control socket {}", sock_path.display()))?;
     std::fs::set_permissions(&sock_path, std::fs::Permissions::from_mode(0o600))?;
-    let (stun_tx, stun_rx) = tokio::sync::mpsc::unbounded_channel();
+    let (stun_tx, stun_rx) = tokio::sync::mpsc::channel(crate::stun::STUN_QUEUE);
     let stun_rx = Arc::new(tokio::sync::Mutex::new(stun_rx));
     tokio::spawn(control_server(
         listener,
@@ -222,7 +222,7 @@ pub async fn run(
         .name("side".into())
         .spawn(move || {
             while let Ok(m) = side_rx.recv() {
-                if stun_tx.send(m).is_err() {
+                if stun_tx.blocking_send(m).is_err() {
                     break;
                 }
             }
@@ -1105,7 +1105,7 @@ fn nat_depth(target: SocketAddr) -> Option<u8> {
 }
 
 /// One STUN Binding transaction from the WireGuard socket. Three tries, 300 ms apart.
-type StunRx = Arc<tokio::sync::Mutex<tokio::sync::mpsc::UnboundedReceiver<(SocketAddr, Vec<u8>)>>>;
+type StunRx = Arc<tokio::sync::Mutex<tokio::sync::mpsc::Receiver<(SocketAddr, Vec<u8>)>>>;
 
 async fn stun_query(shared: &Shared, server: SocketAddr, rx: &StunRx) -> Option<SocketAddr> {
     let mut rx = rx.lock().await;
@@ -1133,7 +1133,10 @@ async fn metrics_server(l: tokio::net::TcpListener, shared: Arc<Shared>, stop: C
             r = l.accept() => match r { Ok(s) => s, Err(_) => continue },
             _ = stop.cancelled() => return,
         };
-        let body = render_metrics(&shared.status());
+        let mut body = render_metrics(&shared.status());
+        if let Some(dp) = shared.dp.lock().unwrap().as_ref() {
+            body.push_str(&dp.render_metrics());
+        }
         tokio::spawn(async move {
             let mut req = [0u8; 1024];
             let _ = tokio::time::timeout(

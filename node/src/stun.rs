@@ -6,6 +6,8 @@
 
 use bytecodec::{DecodeExt, EncodeExt};
 use std::net::SocketAddr;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
 use stun_codec::rfc5389::{Attribute, attributes::Software, methods::BINDING};
 use stun_codec::{Message, MessageClass, MessageDecoder, MessageEncoder, TransactionId};
 
@@ -67,9 +69,74 @@ pub fn binding_response(txid: [u8; 12], reflexive: SocketAddr) -> Vec<u8> {
         .expect("encoding a binding response cannot fail")
 }
 
+/// STUN-looking datagrams queued for the daemon at most: a STUN transaction needs one answer,
+/// and a few more cover retries to several servers. Beyond that they are dropped and counted.
+pub const STUN_QUEUE: usize = 16;
+/// Answers are taken only from a server we sent a request to this recently: a transaction
+/// lasts 3 tries 300 ms apart, so 3 s is ample; anything else on the port is junk.
+pub const STUN_ANSWER_WINDOW: Duration = Duration::from_secs(3);
+/// Servers remembered at once (the coordinator's and a `netcheck --stun` one, with room).
+const STUN_SERVERS: usize = 8;
+
+/// Which STUN servers were asked recently: the data path lets their answers through to the
+/// daemon and drops every other STUN-looking datagram. Fixed size; no allocation.
+#[derive(Debug, Default)]
+pub struct StunGate {
+    asked: Mutex<[Option<(SocketAddr, Instant)>; STUN_SERVERS]>,
+}
+
+impl StunGate {
+    /// A request went to `server` now.
+    pub fn asked(&self, server: SocketAddr, now: Instant) {
+        let mut a = self.asked.lock().unwrap();
+        let slot = a
+            .iter()
+            .position(|e| e.is_some_and(|(s, _)| s == server))
+            .or_else(|| a.iter().position(|e| e.is_none()))
+            .unwrap_or_else(|| {
+                // The oldest.
+                (0..STUN_SERVERS)
+                    .min_by_key(|&i| a[i].map(|(_, t)| t))
+                    .unwrap_or(0)
+            });
+        a[slot] = Some((server, now));
+    }
+
+    /// Whether a datagram from `from` may be an answer we wait for.
+    pub fn expects(&self, from: SocketAddr, now: Instant) -> bool {
+        self.asked.lock().unwrap().iter().any(|e| {
+            e.is_some_and(|(s, t)| {
+                s == from && now.saturating_duration_since(t) < STUN_ANSWER_WINDOW
+            })
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_servers_asked_recently_may_answer() {
+        let g = StunGate::default();
+        let now = Instant::now();
+        let server: SocketAddr = "198.51.100.10:3478".parse().unwrap();
+        assert!(!g.expects(server, now), "nobody asked yet");
+        g.asked(server, now);
+        assert!(g.expects(server, now + Duration::from_secs(1)));
+        assert!(!g.expects("198.51.100.11:3478".parse().unwrap(), now));
+        assert!(!g.expects("198.51.100.10:3479".parse().unwrap(), now));
+        assert!(!g.expects(server, now + STUN_ANSWER_WINDOW));
+        // Many servers: the oldest is forgotten, the table does not grow.
+        for i in 0..20u16 {
+            g.asked(
+                SocketAddr::from(([192, 0, 2, 1], 1000 + i)),
+                now + Duration::from_millis(i.into()),
+            );
+        }
+        assert!(g.expects(SocketAddr::from(([192, 0, 2, 1], 1019)), now));
+        assert!(!g.expects(SocketAddr::from(([192, 0, 2, 1], 1000)), now));
+    }
 
     #[test]
     fn request_is_a_stun_datagram() {

@@ -100,10 +100,14 @@ pub struct Counters {
     pub udp_rx_datagrams: AtomicU64,
     pub dropped: AtomicU64,
     pub gso_sends: AtomicU64,
+    /// STUN-looking datagrams dropped: not from a server asked recently, or the queue to the
+    /// daemon was full.
+    pub stun_dropped: AtomicU64,
 }
 
-/// Non-WireGuard datagrams that arrived on the WireGuard socket (STUN answers), for the daemon.
-pub type SideChannel = std::sync::mpsc::Sender<(SocketAddr, Vec<u8>)>;
+/// STUN answers that arrived on the WireGuard socket, for the daemon: a bounded queue
+/// ([`crate::stun::STUN_QUEUE`]); the data path never blocks on it and drops what does not fit.
+pub type SideChannel = std::sync::mpsc::SyncSender<(SocketAddr, Vec<u8>)>;
 
 pub struct Datapath {
     pub engine: Arc<Engine>,
@@ -115,6 +119,7 @@ pub struct Datapath {
     /// The WireGuard socket's port (changes on [`Datapath::rebind`]).
     local_port: std::sync::atomic::AtomicU16,
     pub counters: Arc<Counters>,
+    stun: Arc<crate::stun::StunGate>,
     routes: routes::PolicyRoutes,
     published_udp: std::sync::Mutex<routes::PublishedUdp>,
     pub tun_name: String,
@@ -191,6 +196,7 @@ impl Datapath {
         let stop = Arc::new(AtomicBool::new(false));
         let intr = Arc::new(InterruptEvent::new()?);
         let counters = Arc::new(Counters::default());
+        let stun = Arc::new(crate::stun::StunGate::default());
         let mut threads = vec![];
         {
             let (engine, dev, socket, state, stop, intr, counters) = (
@@ -211,14 +217,37 @@ impl Datapath {
             );
         }
         {
-            let (engine, dev, socket, state, stop, counters) = (
+            let (engine, dev, socket, state, stop, counters, stun) = (
                 engine.clone(),
                 dev.clone(),
                 socket.clone(),
                 state.clone(),
                 stop.clone(),
                 counters.clone(),
+                stun.clone(),
             );
+            let (hs_tx, hs_rx) = std::sync::mpsc::sync_channel(HANDSHAKE_QUEUE);
+            {
+                let (engine, socket, state, stop, counters) = (
+                    engine.clone(),
+                    socket.clone(),
+                    state.clone(),
+                    stop.clone(),
+                    counters.clone(),
+                );
+                threads.push(
+                    std::thread::Builder::new()
+                        .name("handshakes".into())
+                        .spawn(move || {
+                            handshakes(&engine, &socket, &state, &stop, &counters, hs_rx)
+                        })?,
+                );
+            }
+            let side = Side {
+                stun_gate: stun,
+                stun_tx: side,
+                handshake_tx: hs_tx,
+            };
             threads.push(
                 std::thread::Builder::new()
                     .name("udp→tun".into())
@@ -259,6 +288,7 @@ impl Datapath {
             threads,
             local_port: std::sync::atomic::AtomicU16::new(local_port),
             counters,
+            stun,
             routes,
             published_udp: std::sync::Mutex::new(routes::PublishedUdp::new(
                 &cfg.tun_name,
@@ -319,7 +349,56 @@ impl Datapath {
     /// Sends a raw datagram from the WireGuard socket (STUN requests: the reflexive address we
     /// learn must be this socket's).
     pub fn send_raw(&self, to: SocketAddr, data: &[u8]) {
+        if homeport_proto::disco::classify(data) == DatagramKind::Stun {
+            // Its answer may come back now (see [`crate::stun::StunGate`]).
+            self.stun.asked(to, Instant::now());
+        }
         send_one(&self.socket, &self.state, to, data);
+    }
+
+    /// The data path's own Prometheus metrics (text format).
+    pub fn render_metrics(&self) -> String {
+        let c = &self.counters;
+        let f = &self.engine.flows;
+        let rows: [(&str, &str, u64); 6] = [
+            (
+                "homeport_node_udp_rx_datagrams_total",
+                "Datagrams received on the WireGuard port.",
+                c.udp_rx_datagrams.load(Ordering::Relaxed),
+            ),
+            (
+                "homeport_node_dropped_total",
+                "Packets and datagrams the data path dropped.",
+                c.dropped.load(Ordering::Relaxed),
+            ),
+            (
+                "homeport_node_stun_dropped_total",
+                "STUN-looking datagrams dropped: from no server asked recently, or queue full.",
+                c.stun_dropped.load(Ordering::Relaxed),
+            ),
+            (
+                "homeport_node_handshake_cookies_total",
+                "Handshake initiations answered with a cookie (under load) instead of processed.",
+                self.engine.cookies_sent(),
+            ),
+            (
+                "homeport_node_published_flows_evicted_total",
+                "Unconfirmed published flows evicted to make room for new ones.",
+                f.evicted.load(Ordering::Relaxed),
+            ),
+            (
+                "homeport_node_published_flows_refused_total",
+                "New published flows not tracked: the table was full of confirmed flows.",
+                f.refused.load(Ordering::Relaxed),
+            ),
+        ];
+        let mut o = String::new();
+        for (name, help, v) in rows {
+            o.push_str(&format!(
+                "# HELP {name} {help}\n# TYPE {name} counter\n{name} {v}\n"
+            ));
+        }
+        o
     }
 
     /// Switches the relay's transport to the TCP/TLS fallback (`Some`) or back to UDP (`None`).
@@ -754,7 +833,7 @@ fn udp_to_tun(
     state: &UdpSocketState,
     stop: &AtomicBool,
     counters: &Counters,
-    side: SideChannel,
+    side: Side,
 ) {
     let mut rx: Vec<Vec<u8>> = (0..UDP_BATCH).map(|_| vec![0u8; GRO_BUF]).collect();
     let mut meta = vec![RecvMeta::default(); UDP_BATCH];
@@ -792,10 +871,27 @@ fn udp_to_tun(
         for (m, buf) in meta.iter().zip(rx.iter()).take(n) {
             let stride = if m.stride == 0 { m.len } else { m.stride };
             let from = m.addr;
+            if stride == 0 {
+                // An empty datagram (anyone can send one): nothing to split or decode.
+                counters.udp_rx_datagrams.fetch_add(1, Ordering::Relaxed);
+                counters.dropped.fetch_add(1, Ordering::Relaxed);
+                continue;
+            }
             for seg in buf[..m.len].chunks(stride) {
                 counters.udp_rx_datagrams.fetch_add(1, Ordering::Relaxed);
                 let kind = classify(seg);
                 match kind {
+                    DatagramKind::WireGuard if seg.len() == HANDSHAKE_INIT_LEN && seg[0] == 1 => {
+                        // Handshake initiations (the only message anyone can send unasked, and
+                        // the costly one) go to their own thread, so a flood of them costs this
+                        // thread a copy each, never a hash or a Diffie-Hellman.
+                        let mut d = [0u8; HANDSHAKE_INIT_LEN];
+                        d.copy_from_slice(seg);
+                        if side.handshake_tx.try_send((from, d)).is_err() {
+                            counters.dropped.fetch_add(1, Ordering::Relaxed);
+                        }
+                        continue;
+                    }
                     DatagramKind::WireGuard => {}
                     DatagramKind::Disco => {
                         if !engine.handle_disco(&table, from, seg, now, &mut |to, b| {
@@ -807,7 +903,13 @@ fn udp_to_tun(
                     }
                     DatagramKind::Relay => {}
                     DatagramKind::Stun => {
-                        let _ = side.send((from, seg.to_vec()));
+                        // Only answers from a server we asked, and only as many as the queue
+                        // holds: junk at the port costs a comparison, never memory.
+                        let queued = side.stun_gate.expects(from, now)
+                            && side.stun_tx.try_send((from, seg.to_vec())).is_ok();
+                        if !queued {
+                            counters.stun_dropped.fetch_add(1, Ordering::Relaxed);
+                        }
                         continue;
                     }
                     DatagramKind::Unknown => {
@@ -846,6 +948,62 @@ fn udp_to_tun(
             write_tun(dev, &mut gro, &mut tunbufs[..k]);
         }
     }
+}
+
+/// Size of a WireGuard handshake initiation.
+const HANDSHAKE_INIT_LEN: usize = 148;
+/// Initiations waiting for the handshake thread at most. A real peer sends one every 5 s at
+/// most; under a flood the excess is dropped here, before any work, and the peer's retry gets in.
+const HANDSHAKE_QUEUE: usize = 256;
+/// Nice value of the handshake thread (the data path threads keep 0).
+const HANDSHAKE_NICE: libc::c_int = 10;
+
+/// The handshake thread: initiations from the receive thread. mac1 is checked first and under
+/// load they get cookie replies (see [`Engine::decapsulate`]); the responses and any packets
+/// queued for the session go out on the socket from here.
+fn handshakes(
+    engine: &Engine,
+    socket: &UdpSocket,
+    state: &UdpSocketState,
+    stop: &AtomicBool,
+    counters: &Counters,
+    rx: std::sync::mpsc::Receiver<(SocketAddr, [u8; HANDSHAKE_INIT_LEN])>,
+) {
+    // Below the data path threads: under a flood on a busy machine the scheduler serves the
+    // tunnel first, handshakes with what is left (a real peer retries every 5 s).
+    // SAFETY: setpriority on our own thread id; no memory is touched.
+    unsafe {
+        libc::setpriority(
+            libc::PRIO_PROCESS,
+            libc::gettid() as libc::id_t,
+            HANDSHAKE_NICE,
+        );
+    }
+    let mut out = vec![0u8; 2048];
+    while !stop.load(Ordering::Relaxed) {
+        let (from, d) = match rx.recv_timeout(std::time::Duration::from_millis(200)) {
+            Ok(m) => m,
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => continue,
+            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => return,
+        };
+        let table = engine.snapshot();
+        let r = engine.decapsulate(&table, from, &d, &mut out, Instant::now(), &mut |to, b| {
+            send_one(socket, state, to, b)
+        });
+        if let Decap::Drop(r) = r {
+            counters.dropped.fetch_add(1, Ordering::Relaxed);
+            tracing::trace!(?r, %from, "dropped handshake initiation");
+        }
+    }
+}
+
+/// Where the receive thread hands off what it does not decrypt itself.
+struct Side {
+    /// STUN answers: only from servers asked recently, into a bounded queue.
+    stun_gate: Arc<crate::stun::StunGate>,
+    stun_tx: SideChannel,
+    /// Handshake initiations, to the handshake thread.
+    handshake_tx: std::sync::mpsc::SyncSender<(SocketAddr, [u8; HANDSHAKE_INIT_LEN])>,
 }
 
 fn write_tun(dev: &SyncDevice, gro: &mut GROTable, bufs: &mut [Vec<u8>]) {

@@ -18,6 +18,8 @@
 
 pub mod disco;
 pub mod filter;
+pub mod flows;
+pub mod frag;
 pub mod packet;
 
 use boringtun::noise::errors::WireGuardError;
@@ -376,6 +378,8 @@ pub struct PeerTable {
     publish_in: Vec<PublishAdmit>,
     /// Rules this node is the exit of: replies from `peer` (the target) to public addresses.
     publish_out: Vec<PublishAdmit>,
+    /// The mesh's address ranges: never a public source, whoever claims them.
+    mesh_prefixes: Option<(ipnet::Ipv4Net, ipnet::Ipv6Net)>,
 }
 
 impl PeerTable {
@@ -391,6 +395,14 @@ impl PeerTable {
     }
     fn is_self(&self, ip: IpAddr) -> bool {
         self.self_addrs.is_some_and(|a| a.contains(ip))
+    }
+    /// In the mesh's ranges (assigned to a node or not), or any node's address.
+    fn in_mesh(&self, ip: IpAddr) -> bool {
+        let in_prefix = self.mesh_prefixes.is_some_and(|(v4, v6)| match ip {
+            IpAddr::V4(a) => v4.contains(&a),
+            IpAddr::V6(a) => v6.contains(&a),
+        });
+        in_prefix || is_mesh(self, ip)
     }
 }
 
@@ -435,7 +447,11 @@ pub struct Engine {
     table: RwLock<Arc<PeerTable>>,
     next_index: AtomicU32,
     /// Published flows this node is the target of: public (proto, ip, port, our port) → exit.
-    pub flows: FlowTable,
+    pub flows: flows::PublishedFlows,
+    /// Fragmented datagrams whose first fragment was admitted.
+    frags: frag::Fragments,
+    /// Handshake initiations answered with a cookie reply (under load).
+    cookies: AtomicU64,
     /// UDP flows this node opened towards peers, so their replies pass a restrictive filter.
     udp_out: FlowTable,
     last_reset: Mutex<Option<Instant>>,
@@ -467,7 +483,9 @@ impl Engine {
             public,
             table: RwLock::new(Arc::new(PeerTable::default())),
             next_index: AtomicU32::new(1),
-            flows: FlowTable::new(filter::PUBLISH_FLOW_CAP),
+            flows: flows::PublishedFlows::new(filter::PUBLISH_FLOW_CAP),
+            frags: frag::Fragments::new(),
+            cookies: AtomicU64::new(0),
             udp_out: FlowTable::new(filter::UDP_FLOW_CAP),
             last_reset: Mutex::new(None),
             relay: Mutex::new(None),
@@ -487,6 +505,11 @@ impl Engine {
         }
     }
 
+    /// Handshake initiations answered with a cookie reply so far.
+    pub fn cookies_sent(&self) -> u64 {
+        self.cookies.load(Ordering::Relaxed)
+    }
+
     pub fn public_key(&self) -> PublicKey {
         PublicKey::from(self.public)
     }
@@ -503,6 +526,7 @@ impl Engine {
         let me = map.self_node.id;
         let mut t = PeerTable {
             self_addrs: Some(map.self_node.addrs),
+            mesh_prefixes: Some((map.self_node.prefix_v4, map.self_node.prefix_v6)),
             filter: CompiledFilter::compile(&map.filter),
             ..Default::default()
         };
@@ -653,7 +677,7 @@ impl Engine {
         }
         // Flows through exits that are gone (or no longer exits for us) end now.
         let exits: Vec<NodeId> = t.publish_in.iter().map(|r| r.peer).collect();
-        self.flows.retain(|_, v| exits.contains(&v.peer));
+        self.flows.retain(|_, peer| exits.contains(&peer));
         *self.table.write().unwrap() = Arc::new(t);
     }
 
@@ -682,7 +706,7 @@ impl Engine {
                     return Encap::Drop(DropReason::Malformed);
                 };
                 let key = FlowKey::new(info.proto, info.dst, info.dst_port, info.src_port);
-                match self.flows.get(&key, now).and_then(|f| t.peer_by_id(f.peer)) {
+                match self.flows.reply(&key, now).and_then(|p| t.peer_by_id(p)) {
                     Some(p) => p,
                     None => return Encap::Drop(DropReason::NoRoute),
                 }
@@ -692,6 +716,7 @@ impl Engine {
             // Remember UDP flows we open so the peer's replies pass our own filter.
             if let Some(info) = packet::parse(pkt)
                 && info.proto == packet::PROTO_UDP
+                && !matches!(info.frag, packet::Frag::Later { .. })
             {
                 let key = FlowKey::new(info.proto, info.dst, info.dst_port, info.src_port);
                 self.udp_out.touch(key, peer.id, now);
@@ -765,23 +790,35 @@ impl Engine {
         now: Instant,
         send: &mut dyn FnMut(SocketAddr, &[u8]),
     ) -> Decap {
-        let peer = match Tunn::parse_incoming_packet(datagram) {
-            Ok(Packet::HandshakeInit(h)) => {
+        // mac1 first (a keyed hash: cheap), and cookies under load, before any X25519 work:
+        // a flood of initiations costs a hash each, not a Diffie-Hellman each (WireGuard §5.3).
+        let packet = match self
+            .rate_limiter
+            .verify_packet(Some(from.ip()), datagram, out)
+        {
+            Ok(p) => p,
+            Err(TunnResult::WriteToNetwork(cookie)) => {
+                self.cookies.fetch_add(1, Ordering::Relaxed);
+                send(from, cookie);
+                return Decap::Done;
+            }
+            Err(TunnResult::Err(e)) => return Decap::Drop(DropReason::WireGuard(e)),
+            Err(_) => return Decap::Drop(DropReason::Malformed),
+        };
+        let peer = match packet {
+            Packet::HandshakeInit(h) => {
                 match parse_handshake_anon(&self.secret, &self.public, &h) {
                     Ok(half) => t.by_key.get(&half.peer_static_public).map(|i| &t.peers[*i]),
                     Err(e) => return Decap::Drop(DropReason::WireGuard(e)),
                 }
             }
-            Ok(Packet::HandshakeResponse(h)) => {
+            Packet::HandshakeResponse(h) => {
                 t.by_index.get(&(h.receiver_idx >> 8)).map(|i| &t.peers[*i])
             }
-            Ok(Packet::PacketCookieReply(c)) => {
+            Packet::PacketCookieReply(c) => {
                 t.by_index.get(&(c.receiver_idx >> 8)).map(|i| &t.peers[*i])
             }
-            Ok(Packet::PacketData(d)) => {
-                t.by_index.get(&(d.receiver_idx >> 8)).map(|i| &t.peers[*i])
-            }
-            Err(e) => return Decap::Drop(DropReason::WireGuard(e)),
+            Packet::PacketData(d) => t.by_index.get(&(d.receiver_idx >> 8)).map(|i| &t.peers[*i]),
         };
         let Some(peer) = peer else {
             return Decap::Drop(DropReason::UnknownPeer);
@@ -1015,7 +1052,8 @@ impl Engine {
         send(r.addr, &msg);
     }
 
-    /// The inbound checks on a decrypted packet from `peer`.
+    /// The inbound checks on a decrypted packet from `peer`. A fragmented datagram is decided
+    /// on its first fragment; later fragments follow that decision (see [`frag`]).
     fn admit(
         &self,
         t: &PeerTable,
@@ -1024,22 +1062,44 @@ impl Engine {
         now: Instant,
     ) -> Result<(), DropReason> {
         let info = packet::parse(pkt).ok_or(DropReason::Malformed)?;
+        if let packet::Frag::Later { .. } = info.frag {
+            return if self.frags.admits_later(peer.id, &info, now) {
+                Ok(())
+            } else {
+                Err(DropReason::Filtered)
+            };
+        }
+        self.admit_whole(t, peer, pkt, &info, now)?;
+        self.frags.admitted_first(peer.id, &info, now);
+        Ok(())
+    }
+
+    /// The checks on a whole datagram or a first fragment (which holds the transport header).
+    fn admit_whole(
+        &self,
+        t: &PeerTable,
+        peer: &PeerState,
+        pkt: &[u8],
+        info: &PacketInfo,
+        now: Instant,
+    ) -> Result<(), DropReason> {
         if peer.addrs.contains(info.src) {
             if t.is_self(info.dst) {
-                return self.filter_in(t, peer, &info, now);
+                return self.filter_in(t, peer, pkt, info, now);
             }
             // We are an exit: the target's reply to a published flow, to a public address.
             let is_reply = t.publish_out.iter().any(|r| {
                 r.peer == peer.id && r.proto == info.proto && r.target_port == info.src_port
             });
-            return if is_reply && !is_mesh(t, info.dst) {
+            return if is_reply && !t.in_mesh(info.dst) {
                 Ok(())
             } else {
                 Err(DropReason::NotForThisNode)
             };
         }
-        // A public source: only from an exit of a rule we are the target of, only to its port.
-        if !t.is_self(info.dst) {
+        // A public source: only from an exit of a rule we are the target of, only to its port,
+        // and never a mesh address (an exit must not pass itself off as another node).
+        if !t.is_self(info.dst) || t.in_mesh(info.src) {
             return Err(DropReason::SourceNotAllowed);
         }
         let ok = t
@@ -1050,7 +1110,7 @@ impl Engine {
             return Err(DropReason::SourceNotAllowed);
         }
         let key = FlowKey::new(info.proto, info.src, info.src_port, info.dst_port);
-        self.flows.touch(key, peer.id, now);
+        self.flows.inbound(key, peer.id, info.opens_tcp(), now);
         Ok(())
     }
 
@@ -1058,6 +1118,7 @@ impl Engine {
         &self,
         t: &PeerTable,
         peer: &PeerState,
+        pkt: &[u8],
         info: &PacketInfo,
         now: Instant,
     ) -> Result<(), DropReason> {
@@ -1073,7 +1134,21 @@ impl Engine {
                     .get(&key, now)
                     .is_none_or(|fl| fl.peer != peer.id)
             }
-            packet::PROTO_ICMP | packet::PROTO_ICMPV6 => info.is_echo_request(),
+            packet::PROTO_ICMP | packet::PROTO_ICMPV6 => {
+                if info.is_echo_request() {
+                    true
+                } else if info.is_echo_reply() {
+                    false
+                } else if quotes_our_packet_to(t, peer, pkt, info) {
+                    // An error about a packet we sent this peer (unreachable, packet too big,
+                    // time exceeded): part of a flow that is ours, so allowed.
+                    false
+                } else {
+                    // Any other ICMP (redirects, router advertisements, errors about packets
+                    // we never sent) opens nothing and informs nothing we need.
+                    return Err(DropReason::Filtered);
+                }
+            }
             _ => true,
         };
         if !opening || f.allows(info) {
@@ -1700,6 +1775,18 @@ pub fn is_public(ip: IpAddr) -> bool {
                 || (s0 & 0xffc0) == 0xfe80)
         }
     }
+}
+
+/// An ICMP error from `peer` that quotes a packet we sent to it (source ours, destination its).
+fn quotes_our_packet_to(t: &PeerTable, peer: &PeerState, pkt: &[u8], info: &PacketInfo) -> bool {
+    packet::quoted(pkt, info).is_some_and(|(src, dst, proto, _, _)| {
+        t.is_self(src)
+            && peer.addrs.contains(dst)
+            && matches!(
+                proto,
+                packet::PROTO_TCP | packet::PROTO_UDP | packet::PROTO_ICMP | packet::PROTO_ICMPV6
+            )
+    })
 }
 
 /// True when `ip` belongs to any mesh node (ourselves or a peer).

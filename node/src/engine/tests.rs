@@ -336,7 +336,7 @@ fn published_flow_enters_only_via_exit_and_replies_return_to_it() {
         packet::TCP_SYN,
     );
     // Home would need a flow for that; force it through the exit's peer directly.
-    home.engine.flows.touch(
+    home.engine.flows.inbound(
         FlowKey::new(
             packet::PROTO_TCP,
             Ipv4Addr::new(192, 0, 2, 99).into(),
@@ -344,6 +344,7 @@ fn published_flow_enters_only_via_exit_and_replies_return_to_it() {
             5555,
         ),
         exit.id,
+        false,
         now,
     );
     net.send(&home, &sneaky, now);
@@ -1057,3 +1058,5 @@ fn full_probes_wait_until_the_peer_opened_towards_our_current_address() {
         sent.iter().map(|(to, _)| to).collect::<Vec<_>>()
     );
 }
+
+mod attacks;
