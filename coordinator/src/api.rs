@@ -145,6 +145,15 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for JsonBody<T> {
                 ApiErr::bad_request(r.body_text())
             }
         })?;
+        // Every request body of this API is a JSON object; serde would also take an array as
+        // the fields of a struct in order (`[]` as an empty policy), which the spec forbids.
+        if bytes.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
+            return Err(ApiErr::new(
+                StatusCode::BAD_REQUEST,
+                "invalid_body",
+                "expected a JSON object as the request body".to_string(),
+            ));
+        }
         match Json::<T>::from_bytes(&bytes) {
             Ok(Json(v)) => Ok(JsonBody(v)),
             Err(rej) => Err(ApiErr::new(

@@ -1177,3 +1177,25 @@ async fn exhausted_address_pool_is_a_clear_409() {
     let (s, nodes) = t.admin(Method::GET, api::PATH_ADMIN_NODES, None).await;
     assert_eq!((s, nodes.as_array().unwrap().len()), (StatusCode::OK, 2));
 }
+
+#[tokio::test]
+async fn a_body_that_is_not_a_json_object_is_400() {
+    // serde takes a JSON array as a struct's fields in order: `[]` was stored as an empty
+    // policy (allow all). Every body of this API is an object.
+    let t = setup().await;
+    for body in [json!([]), json!([[]]), json!("rules"), json!(7)] {
+        let (s, v) = t
+            .admin(Method::PUT, api::PATH_ADMIN_POLICY, Some(body.clone()))
+            .await;
+        assert_eq!(s, StatusCode::BAD_REQUEST, "{body} -> {v}");
+        assert!(v["detail"].as_str().unwrap().contains("JSON object"), "{v}");
+    }
+    let (s, _) = t
+        .admin(
+            Method::PUT,
+            api::PATH_ADMIN_POLICY,
+            Some(json!({"rules": []})),
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK);
+}
