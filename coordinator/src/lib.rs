@@ -2,6 +2,7 @@
 //! and the admin CLI. `main` only parses arguments and calls [`run`] or [`cli::admin`].
 
 pub mod api;
+pub mod challenge;
 pub mod cli;
 pub mod client;
 pub mod config;

@@ -28,12 +28,17 @@ pub fn document() -> Value {
     let admin = json!([{"adminToken": []}]);
     let node = json!([{"nodeCredential": []}]);
     let mut paths = serde_json::Map::new();
+    paths.insert(api::PATH_CHALLENGE.into(), json!({"post": {
+        "summary": "A fresh single-use challenge (valid 60 s) and the coordinator key that register proves the node key against",
+        "tags": ["node"],
+        "responses": {"200": ok("The challenge", r("RegisterChallenge"))}}}));
     paths.insert(api::PATH_REGISTER.into(), json!({"post": {
-        "summary": "Register a node (or re-register the same public key) with an auth key",
+        "summary": "Register a node (or re-register the same public key: a new credential, name, addresses and tags unchanged) with an auth key and a proof of possession of the node's private key",
         "tags": ["node"],
         "requestBody": body("RegisterRequest"),
         "responses": {"200": ok("Registered; the credential is shown only here", r("RegisterResponse")),
-            "400": err("Bad body (names the field)"), "401": err("Unknown, revoked, expired or used auth key"),
+            "400": err("Bad body (names the field)"),
+            "401": err("bad_proof (missing or wrong proof), bad_challenge (unknown, used or expired challenge), or an unknown, revoked, expired or used auth key"),
             "413": err("Body over 64 KiB")}}}));
     paths.insert(api::PATH_MAP.into(), json!({"get": {
         "summary": "The node's map stream: NDJSON, one MapMessage per line; first full, then deltas, keepalives at least every 15 s",
@@ -93,7 +98,14 @@ pub fn document() -> Value {
     let addrs = json!({"type": "object", "required": ["ipv4", "ipv6"], "properties": {"ipv4": {"type": "string", "format": "ipv4"}, "ipv6": {"type": "string", "format": "ipv6"}}});
     let endpoint = json!({"type": "object", "required": ["addr", "kind"], "properties": {"addr": {"type": "string", "description": "ip:port"}, "kind": {"type": "string", "enum": ["local", "stun", "static"]}}});
     let strings = json!({"type": "array", "items": {"type": "string"}});
-    json!({
+    let register_request = json!({"type": "object", "required": ["authkey", "public_key", "hostname", "challenge", "proof"], "additionalProperties": false,
+        "properties": {"authkey": {"type": "string"}, "public_key": key, "hostname": {"type": "string"}, "capver": {"type": "integer"},
+            "previous_ipv4": {"type": "string", "format": "ipv4"},
+            "challenge": {"type": "string", "description": "From POST /api/v1/node/challenge (base64url, 32 bytes)"},
+            "proof": {"type": "string", "description": "base64url HMAC-SHA256, see homeport_proto::register"}}});
+    let register_challenge = json!({"type": "object", "required": ["challenge", "coordinator_key", "expires_in"],
+        "properties": {"challenge": {"type": "string"}, "coordinator_key": key, "expires_in": {"type": "integer"}}});
+    let mut doc = json!({
         "openapi": "3.0.3",
         "info": {"title": "homeport coordinator API", "version": env!("CARGO_PKG_VERSION"),
             "description": "Node API (credential from register) and admin API (admin token over HTTPS, no token over the local admin socket). Every error is an ApiError."},
@@ -107,8 +119,7 @@ pub fn document() -> Value {
                 "ApiError": {"type": "object", "required": ["error", "detail"], "properties": {"error": {"type": "string"}, "detail": {"type": "string"}}},
                 "MeshAddrs": addrs,
                 "Endpoint": endpoint,
-                "RegisterRequest": {"type": "object", "required": ["authkey", "public_key", "hostname"], "additionalProperties": false,
-                    "properties": {"authkey": {"type": "string"}, "public_key": key, "hostname": {"type": "string"}, "capver": {"type": "integer"}}},
+                "RegisterRequest": register_request,
                 "RegisterResponse": {"type": "object", "properties": {"node_id": {"type": "integer"}, "name": {"type": "string"}, "addrs": r("MeshAddrs"),
                     "prefix_v4": {"type": "string"}, "prefix_v6": {"type": "string"}, "credential": {"type": "string"}, "capver": {"type": "integer"}}},
                 "EndpointReport": {"type": "object", "required": ["endpoints"], "additionalProperties": false, "properties": {"endpoints": arr("Endpoint")}},
@@ -140,5 +151,8 @@ pub fn document() -> Value {
                     "required": ["from", "to"], "properties": {"from": strings, "to": strings, "ports": strings}}}}}
             }
         }
-    })
+    });
+    // Added here: one more entry in the literal above exceeds json!'s macro recursion limit.
+    doc["components"]["schemas"]["RegisterChallenge"] = register_challenge;
+    doc
 }
