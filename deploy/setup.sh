@@ -6,7 +6,8 @@
 #
 # Installs (Debian packages): the build toolchain, the network tools the lab tests and the demo drive
 # (iproute2, nftables, conntrack), the standard peers the tests compare against (wireguard-go,
-# wireguard-tools, coturn as a STUN server, iperf3), tcpdump, python3, ping and systemd (systemd-analyze).
+# wireguard-tools, coturn as a STUN server, iperf3), tcpdump, python3 (with python3-cryptography for
+# bench/register-peers.py), ping and systemd (systemd-analyze).
 # Rust comes from rustup (minimal profile, stable) only if no cargo is found.
 set -euo pipefail
 
@@ -14,7 +15,7 @@ PACKAGES=(
   build-essential pkg-config curl ca-certificates
   iproute2 nftables conntrack
   wireguard-go wireguard-tools iperf3 coturn
-  tcpdump python3 procps systemd iputils-ping shellcheck
+  tcpdump python3 python3-cryptography procps systemd iputils-ping shellcheck
 )
 
 log() { printf 'setup: %s\n' "$*"; }
