@@ -2,6 +2,7 @@
 //! HTTPS listener and the admin unix socket both serve it (the socket marks its requests
 //! [`LocalAdmin`] so they need no token).
 
+use crate::challenge::Redeem;
 use crate::error::{ApiErr, ApiResult};
 use crate::mesh::NodeRec;
 use crate::state::AppState;
@@ -19,11 +20,10 @@ use homeport_proto::api::{
     self, AuthKeyCreate, AuthKeyCreated, AuthKeyInfo, EndpointReport, NodeInfo, ProbeAsk,
     RegisterRequest, RegisterResponse,
 };
-use homeport_proto::register::{self, RegisterChallenge};
-use crate::challenge::Redeem;
 use homeport_proto::map::MapMessage;
 use homeport_proto::policy::Policy;
 use homeport_proto::publish::{Guards, PublishProto, PublishRequest, PublishRule};
+use homeport_proto::register::{self, RegisterChallenge};
 use homeport_proto::{CAPABILITY_VERSION, NodeId, NodeName};
 use ipnet::IpNet;
 use serde::de::DeserializeOwned;
@@ -238,7 +238,8 @@ fn check_proof(st: &AppState, req: &RegisterRequest) -> ApiResult<()> {
             ),
         ));
     };
-    let bad_challenge = |detail: String| ApiErr::new(StatusCode::UNAUTHORIZED, "bad_challenge", detail);
+    let bad_challenge =
+        |detail: String| ApiErr::new(StatusCode::UNAUTHORIZED, "bad_challenge", detail);
     let bytes = register::decode_challenge(ch).map_err(|e| bad_challenge(e.to_string()))?;
     let redeemed = st
         .challenges
@@ -283,7 +284,14 @@ async fn register(
     let _w = st.write_lock.lock().await;
     let reg = st
         .store
-        .register(&req.authkey, req.public_key, name, v4, v6, req.previous_ipv4)
+        .register(
+            &req.authkey,
+            req.public_key,
+            name,
+            v4,
+            v6,
+            req.previous_ipv4,
+        )
         .await?;
     let mut rec = reg.node;
     {

@@ -55,7 +55,9 @@ impl Challenges {
 
     fn expire(&mut self, now: Instant) {
         while let Some((b, at)) = self.order.front().copied() {
-            if now.saturating_duration_since(at) <= CHALLENGE_TTL && self.order.len() <= 2 * MAX_OUTSTANDING {
+            if now.saturating_duration_since(at) <= CHALLENGE_TTL
+                && self.order.len() <= 2 * MAX_OUTSTANDING
+            {
                 break;
             }
             self.order.pop_front();

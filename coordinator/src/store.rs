@@ -327,10 +327,10 @@ impl Store {
                 .filter(|p| !used.contains(&p.ipv4))
                 .or_else(|| allocate(prefix_v4, prefix_v6, &used))
                 .ok_or_else(|| {
-                ApiErr::conflict(format!(
-                    "the mesh prefix {prefix_v4} has no free address left"
-                ))
-            })?;
+                    ApiErr::conflict(format!(
+                        "the mesh prefix {prefix_v4} has no free address left"
+                    ))
+                })?;
             let id = next_id(&mut tx, "nodes").await?;
             sqlx::query(
                 "INSERT INTO nodes (id, name, public_key, ipv4, ipv6, tags, credential_hash, authkey_id, created_at, last_seen, endpoints) \

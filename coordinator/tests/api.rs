@@ -7,8 +7,8 @@ use futures::StreamExt;
 use homeport_coordinator::api::local_app;
 use homeport_coordinator::{AppState, StateOptions, app};
 use homeport_proto::api::{self, RegisterRequest, RegisterResponse};
-use homeport_proto::register::RegisterChallenge;
 use homeport_proto::map::{MapMessage, NetworkMap};
+use homeport_proto::register::RegisterChallenge;
 use homeport_proto::{NodeId, PrivateKey};
 use serde_json::{Value, json};
 use std::time::Duration;
@@ -147,7 +147,8 @@ impl T {
     /// Registers as the holder of `node` (with a valid proof).
     async fn register_raw(&self, key: &str, node: &PrivateKey, host: &str) -> (StatusCode, Value) {
         let body = self.proven(key, node, host).await;
-        self.register_body(serde_json::to_value(&body).unwrap()).await
+        self.register_body(serde_json::to_value(&body).unwrap())
+            .await
     }
     async fn register(&self, key: &str, host: &str) -> RegisterResponse {
         let (s, v) = self.register_raw(key, &PrivateKey::generate(), host).await;
@@ -270,9 +271,7 @@ async fn hijack_with_guest_key_and_home_public_key_is_refused() {
     let mut stream = t.open_map(&home.credential).await;
     assert!(stream.next(SEC).await.unwrap().full);
 
-    let guest = t
-        .authkey(json!({"reusable": true, "tags": ["tv"]}))
-        .await;
+    let guest = t.authkey(json!({"reusable": true, "tags": ["tv"]})).await;
     let home_pub = home_key.public_key().to_base64();
     let thief = PrivateKey::generate();
     let mut refused = vec![];
@@ -328,22 +327,37 @@ async fn register_needs_a_fresh_single_use_challenge() {
         .await;
     assert_eq!(s, StatusCode::UNAUTHORIZED, "{v}");
     assert_eq!(v["error"], "bad_proof");
-    assert!(v["detail"].as_str().unwrap().contains(api::PATH_CHALLENGE), "{v}");
+    assert!(
+        v["detail"].as_str().unwrap().contains(api::PATH_CHALLENGE),
+        "{v}"
+    );
 
     // A proof over other fields (the hostname changed after proving): bad_proof.
     let mut body = t.proven(&key, &node, "a").await;
     body.hostname = "b".into();
     let (s, v) = t.register_body(serde_json::to_value(&body).unwrap()).await;
-    assert_eq!((s, v["error"].as_str()), (StatusCode::UNAUTHORIZED, Some("bad_proof")), "{v}");
+    assert_eq!(
+        (s, v["error"].as_str()),
+        (StatusCode::UNAUTHORIZED, Some("bad_proof")),
+        "{v}"
+    );
 
     // A challenge never issued: bad_challenge.
     let mut body = t.proven(&key, &node, "a").await;
     body.challenge = Some(homeport_proto::register::encode_challenge(&[1; 32]));
     let (s, v) = t.register_body(serde_json::to_value(&body).unwrap()).await;
-    assert_eq!((s, v["error"].as_str()), (StatusCode::UNAUTHORIZED, Some("bad_challenge")), "{v}");
+    assert_eq!(
+        (s, v["error"].as_str()),
+        (StatusCode::UNAUTHORIZED, Some("bad_challenge")),
+        "{v}"
+    );
     body.challenge = Some("not base64!".into());
     let (s, v) = t.register_body(serde_json::to_value(&body).unwrap()).await;
-    assert_eq!((s, v["error"].as_str()), (StatusCode::UNAUTHORIZED, Some("bad_challenge")), "{v}");
+    assert_eq!(
+        (s, v["error"].as_str()),
+        (StatusCode::UNAUTHORIZED, Some("bad_challenge")),
+        "{v}"
+    );
 
     // A good registration, then the very same request replayed: the challenge is spent.
     let body = serde_json::to_value(t.proven(&key, &node, "a").await).unwrap();
@@ -352,7 +366,10 @@ async fn register_needs_a_fresh_single_use_challenge() {
     let (s, v) = t.register_body(body).await;
     assert_eq!(s, StatusCode::UNAUTHORIZED, "{v}");
     assert_eq!(v["error"], "bad_challenge");
-    assert!(v["detail"].as_str().unwrap().contains("already used"), "{v}");
+    assert!(
+        v["detail"].as_str().unwrap().contains("already used"),
+        "{v}"
+    );
 
     // A challenge whose proof failed is spent too (no guessing against one challenge).
     let mut body = t.proven(&key, &node, "a").await;
@@ -362,7 +379,11 @@ async fn register_needs_a_fresh_single_use_challenge() {
     assert_eq!(s, StatusCode::UNAUTHORIZED);
     body.proof = good;
     let (s, v) = t.register_body(serde_json::to_value(&body).unwrap()).await;
-    assert_eq!((s, v["error"].as_str()), (StatusCode::UNAUTHORIZED, Some("bad_challenge")), "{v}");
+    assert_eq!(
+        (s, v["error"].as_str()),
+        (StatusCode::UNAUTHORIZED, Some("bad_challenge")),
+        "{v}"
+    );
 }
 
 /// 16 registrations race for one single-use key: exactly one node is created.
@@ -372,7 +393,9 @@ async fn single_use_key_survives_a_16_way_race() {
     let key = t.authkey(json!({})).await;
     let mut bodies = vec![];
     for i in 0..16 {
-        let b = t.proven(&key, &PrivateKey::generate(), &format!("n{i}")).await;
+        let b = t
+            .proven(&key, &PrivateKey::generate(), &format!("n{i}"))
+            .await;
         bodies.push(serde_json::to_value(b).unwrap());
     }
     let tasks: Vec<_> = bodies
@@ -380,7 +403,11 @@ async fn single_use_key_survives_a_16_way_race() {
         .map(|b| {
             let st = t.st.clone();
             tokio::spawn(async move {
-                send(app(st), req(Method::POST, api::PATH_REGISTER, None, Some(b))).await
+                send(
+                    app(st),
+                    req(Method::POST, api::PATH_REGISTER, None, Some(b)),
+                )
+                .await
             })
         })
         .collect();
@@ -391,7 +418,10 @@ async fn single_use_key_survives_a_16_way_race() {
             ok += 1;
         } else {
             assert_eq!(s, StatusCode::UNAUTHORIZED, "{v}");
-            assert!(v["detail"].as_str().unwrap().contains("already used"), "{v}");
+            assert!(
+                v["detail"].as_str().unwrap().contains("already used"),
+                "{v}"
+            );
         }
     }
     assert_eq!(ok, 1);
@@ -429,7 +459,10 @@ async fn single_use_key_survives_a_16_way_race() {
             ok += 1;
         }
     }
-    assert_eq!(ok, 1, "exactly one store registration with a single-use key");
+    assert_eq!(
+        ok, 1,
+        "exactly one store registration with a single-use key"
+    );
 }
 
 #[tokio::test]
@@ -439,31 +472,58 @@ async fn ids_are_never_reused_after_deletion() {
     let vps = t.register(&key, "vps").await;
     let a = t.register(&key, "a").await;
     let (s, _) = t
-        .admin(Method::DELETE, &format!("{}/a", api::PATH_ADMIN_NODES), None)
+        .admin(
+            Method::DELETE,
+            &format!("{}/a", api::PATH_ADMIN_NODES),
+            None,
+        )
         .await;
     assert_eq!(s, StatusCode::NO_CONTENT);
     let b = t.register(&key, "b").await;
-    assert!(b.node_id.0 > a.node_id.0, "{:?} after {:?}", b.node_id, a.node_id);
+    assert!(
+        b.node_id.0 > a.node_id.0,
+        "{:?} after {:?}",
+        b.node_id,
+        a.node_id
+    );
 
     let rule = json!({"exit": "vps", "port": 8080, "to": "b:80"});
-    let (s, r1) = t.admin(Method::POST, api::PATH_ADMIN_PUBLISH, Some(rule.clone())).await;
+    let (s, r1) = t
+        .admin(Method::POST, api::PATH_ADMIN_PUBLISH, Some(rule.clone()))
+        .await;
     assert_eq!(s, StatusCode::CREATED, "{r1}");
     let id1 = r1["id"].as_i64().unwrap();
     let (s, _) = t
-        .admin(Method::DELETE, &format!("{}/{id1}", api::PATH_ADMIN_PUBLISH), None)
+        .admin(
+            Method::DELETE,
+            &format!("{}/{id1}", api::PATH_ADMIN_PUBLISH),
+            None,
+        )
         .await;
     assert_eq!(s, StatusCode::NO_CONTENT);
-    let (s, r2) = t.admin(Method::POST, api::PATH_ADMIN_PUBLISH, Some(rule)).await;
+    let (s, r2) = t
+        .admin(Method::POST, api::PATH_ADMIN_PUBLISH, Some(rule))
+        .await;
     assert_eq!(s, StatusCode::CREATED, "{r2}");
     assert!(r2["id"].as_i64().unwrap() > id1, "{r2} after {id1}");
 
     // Auth keys are revoked, not deleted; ids still only grow.
     let (_, list) = t.admin(Method::GET, api::PATH_ADMIN_AUTHKEYS, None).await;
     let k1 = list[0]["id"].as_i64().unwrap();
-    t.admin(Method::DELETE, &format!("{}/{k1}", api::PATH_ADMIN_AUTHKEYS), None).await;
+    t.admin(
+        Method::DELETE,
+        &format!("{}/{k1}", api::PATH_ADMIN_AUTHKEYS),
+        None,
+    )
+    .await;
     t.authkey(json!({})).await;
     let (_, list) = t.admin(Method::GET, api::PATH_ADMIN_AUTHKEYS, None).await;
-    assert!(list.as_array().unwrap().last().unwrap()["id"].as_i64().unwrap() > k1);
+    assert!(
+        list.as_array().unwrap().last().unwrap()["id"]
+            .as_i64()
+            .unwrap()
+            > k1
+    );
     let _ = vps;
 }
 
@@ -495,8 +555,18 @@ async fn a_removed_node_joins_again_with_its_previous_address() {
     let node = PrivateKey::generate();
     let (_, v) = t.register_raw(&key, &node, "home").await;
     let first: RegisterResponse = serde_json::from_value(v).unwrap();
-    t.admin(Method::DELETE, &format!("{}/a", api::PATH_ADMIN_NODES), None).await;
-    t.admin(Method::DELETE, &format!("{}/home", api::PATH_ADMIN_NODES), None).await;
+    t.admin(
+        Method::DELETE,
+        &format!("{}/a", api::PATH_ADMIN_NODES),
+        None,
+    )
+    .await;
+    t.admin(
+        Method::DELETE,
+        &format!("{}/home", api::PATH_ADMIN_NODES),
+        None,
+    )
+    .await;
     let ch = t.challenge().await;
     let mut body = RegisterRequest {
         authkey: key.clone(),
@@ -512,7 +582,10 @@ async fn a_removed_node_joins_again_with_its_previous_address() {
     assert_eq!(s, StatusCode::OK, "{v}");
     let again: RegisterResponse = serde_json::from_value(v).unwrap();
     assert_ne!(again.node_id, first.node_id);
-    assert_eq!(again.addrs, first.addrs, "100.96.0.1 was free, .2 is the previous one");
+    assert_eq!(
+        again.addrs, first.addrs,
+        "100.96.0.1 was free, .2 is the previous one"
+    );
 }
 
 #[tokio::test]

@@ -52,7 +52,10 @@ impl Server {
         let stderr = Arc::new(Mutex::new(String::new()));
         let out = child.stdout.take().unwrap();
         let err = child.stderr.take().unwrap();
-        for pipe in [Box::new(out) as Box<dyn std::io::Read + Send>, Box::new(err)] {
+        for pipe in [
+            Box::new(out) as Box<dyn std::io::Read + Send>,
+            Box::new(err),
+        ] {
             let sink = stderr.clone();
             std::thread::spawn(move || {
                 for line in BufReader::new(pipe).lines().map_while(Result::ok) {
@@ -339,7 +342,10 @@ fn admin_token_goes_to_a_0600_file_and_never_to_the_log() {
     let file = s.state().join("admin.token");
     assert_eq!(mode(&file), 0o600);
     let log = s.stderr.lock().unwrap().clone();
-    assert!(log.contains("admin.token"), "the log says where the token is:\n{log}");
+    assert!(
+        log.contains("admin.token"),
+        "the log says where the token is:\n{log}"
+    );
     assert!(!log.contains(&token), "the token is in the log:\n{log}");
     assert!(!log.contains("hpa_"), "a token is in the log:\n{log}");
     assert!(s.terminate().success());
@@ -355,7 +361,13 @@ fn admin_token_goes_to_a_0600_file_and_never_to_the_log() {
     let before = std::fs::read_to_string(&file).unwrap();
     let mut again = Command::new(BIN);
     again
-        .args(["serve", "--listen", "127.0.0.1:0", "--stun-listen", "127.0.0.1:0"])
+        .args([
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--stun-listen",
+            "127.0.0.1:0",
+        ])
         .arg("--state-dir")
         .arg(s.state())
         .arg("--config")
@@ -374,7 +386,8 @@ fn admin_token_goes_to_a_0600_file_and_never_to_the_log() {
         libc::kill(child.id() as i32, libc::SIGTERM);
     }
     let out = child.wait_with_output().unwrap();
-    let text = String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    let text =
+        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
     assert!(!text.contains("hpa_"), "{text}");
     assert_eq!(std::fs::read_to_string(&file).unwrap(), before);
 }
@@ -491,7 +504,10 @@ async fn tls_pin_remote_admin_and_map_stream() {
     // No token at all: says where one comes from.
     fails_with(&remote(&["nodes"]).output().unwrap(), "--token-file");
     // The token is not accepted on the command line.
-    let o = remote(&["nodes"]).args(["--token", &token]).output().unwrap();
+    let o = remote(&["nodes"])
+        .args(["--token", &token])
+        .output()
+        .unwrap();
     assert!(!o.status.success());
     assert!(
         String::from_utf8_lossy(&o.stderr).contains("--token"),
@@ -575,7 +591,14 @@ async fn tls_pin_remote_admin_and_map_stream() {
     let relays = full.relays.unwrap();
     assert_eq!(
         relays[0].public_key,
-        Some(std::fs::read_to_string(s.state().join("relay.key")).unwrap().trim().parse::<PrivateKey>().unwrap().public_key()),
+        Some(
+            std::fs::read_to_string(s.state().join("relay.key"))
+                .unwrap()
+                .trim()
+                .parse::<PrivateKey>()
+                .unwrap()
+                .public_key()
+        ),
         "the relay key is the coordinator key registrations prove against"
     );
     assert_eq!(

@@ -278,8 +278,8 @@ pub fn parse_config(text: &str, path: &Path, extra_keys: &[&str]) -> Result<toml
         }
         let ok = match norm.as_str() {
             "listen-port" => v.as_integer().is_some_and(|p| (0..=65535).contains(&p)),
-            "coordinator" | "pin" | "authkey" | "authkey-file" | "hostname" | "state-dir" | "tun"
-            | "metrics-listen" => v.is_str(),
+            "coordinator" | "pin" | "authkey" | "authkey-file" | "hostname" | "state-dir"
+            | "tun" | "metrics-listen" => v.is_str(),
             "log-format" => matches!(v.as_str(), Some("text") | Some("json")),
             _ => true,
         };

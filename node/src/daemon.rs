@@ -10,8 +10,8 @@ use homeport_proto::api::{
     ApiError, EndpointReport, PATH_CHALLENGE, PATH_ENDPOINTS, PATH_MAP, PATH_REGISTER,
     RegisterRequest, RegisterResponse,
 };
-use homeport_proto::register::RegisterChallenge;
 use homeport_proto::map::{Endpoint, EndpointKind, MAP_KEEPALIVE_SECS, MapMessage, NetworkMap};
+use homeport_proto::register::RegisterChallenge;
 use homeport_proto::{CAPABILITY_VERSION, PrivateKey};
 use std::net::{IpAddr, SocketAddr};
 use std::os::unix::fs::PermissionsExt;
@@ -404,7 +404,11 @@ async fn register_once(
     };
     body.proof = match homeport_proto::register::prove(key, &ch.coordinator_key, &body) {
         Ok(p) => Some(p),
-        Err(e) => return Ok(Err(anyhow::anyhow!("the coordinator's challenge is unusable: {e}"))),
+        Err(e) => {
+            return Ok(Err(anyhow::anyhow!(
+                "the coordinator's challenge is unusable: {e}"
+            )));
+        }
     };
     let resp = client
         .post(format!("{url}{PATH_REGISTER}"))

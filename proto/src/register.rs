@@ -44,13 +44,13 @@ pub struct RegisterChallenge {
 /// Why a proof was not accepted.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ProofError {
-    #[error("challenge: {0:?} is not 32 bytes in base64url without padding (as sent by POST /api/v1/node/challenge)")]
+    #[error(
+        "challenge: {0:?} is not 32 bytes in base64url without padding (as sent by POST /api/v1/node/challenge)"
+    )]
     BadChallenge(String),
     #[error("proof: not 32 bytes in base64url without padding")]
     Malformed,
-    #[error(
-        "public_key: a low-order key cannot prove anything; use the node's real WireGuard key"
-    )]
+    #[error("public_key: a low-order key cannot prove anything; use the node's real WireGuard key")]
     WeakKey,
     #[error(
         "proof: does not match; it must be HMAC-SHA256 under the X25519 secret of the node's private key and the coordinator key, over this challenge and every field of the request"
@@ -163,7 +163,10 @@ pub fn verify(
         &[&transcript(challenge, &coord_pub, req)],
     );
     // Constant time: the comparison must not tell an attacker how many bytes were right.
-    let diff = want.iter().zip(proof.iter()).fold(0u8, |a, (x, y)| a | (x ^ y));
+    let diff = want
+        .iter()
+        .zip(proof.iter())
+        .fold(0u8, |a, (x, y)| a | (x ^ y));
     if diff == 0 {
         Ok(())
     } else {

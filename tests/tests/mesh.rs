@@ -279,9 +279,11 @@ fn refused_node_exits_78_keeps_its_key_and_rejoins_with_the_same_address() -> Re
             state.to_str().context("utf-8")?,
         ],
     )?;
-    wait_until("the keyless restart to exit", Duration::from_secs(10), || {
-        lab.check_running(p).is_err()
-    })?;
+    wait_until(
+        "the keyless restart to exit",
+        Duration::from_secs(10),
+        || lab.check_running(p).is_err(),
+    )?;
     let log = lab.log(p);
     assert_eq!(lab.stop(p)?.code(), Some(78), "{log}");
     assert!(log.contains("--authkey-file"), "{log}");
