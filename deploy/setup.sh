@@ -7,7 +7,8 @@
 # Installs (Debian packages): the build toolchain, the network tools the lab tests and the demo drive
 # (iproute2, nftables, conntrack), the standard peers the tests compare against (wireguard-go,
 # wireguard-tools, coturn as a STUN server, iperf3), tcpdump, python3 (with python3-cryptography for
-# bench/register-peers.py), ping and systemd (systemd-analyze).
+# bench/register-peers.py), ping, systemd (systemd-analyze) and postgresql (the coordinator tests run a
+# throwaway cluster in a temp dir; the packaged service is disabled).
 # Rust comes from rustup (minimal profile, stable) only if no cargo is found.
 set -euo pipefail
 
@@ -15,7 +16,7 @@ PACKAGES=(
   build-essential pkg-config curl ca-certificates
   iproute2 nftables conntrack
   wireguard-go wireguard-tools iperf3 coturn
-  tcpdump python3 python3-cryptography procps systemd iputils-ping shellcheck
+  tcpdump python3 python3-cryptography procps systemd iputils-ping shellcheck postgresql
 )
 
 log() { printf 'setup: %s\n' "$*"; }
@@ -44,11 +45,14 @@ if ((${#missing[@]})); then
   apt-get update -qq
   apt-get install -y -qq --no-install-recommends "${missing[@]}"
   restore_policy; trap - EXIT
-  # The package enables coturn's unit; we only want its binary (a standard STUN server for the tests).
-  if [[ " ${missing[*]} " == *" coturn "* ]] && command -v systemctl >/dev/null; then
-    systemctl disable coturn >/dev/null 2>&1 || true
-    if [ -d /run/systemd/system ]; then systemctl stop coturn >/dev/null 2>&1 || true; fi
-  fi
+  # The packages enable coturn's and postgresql's units; only their binaries are wanted (a standard STUN
+  # server, and initdb/pg_ctl for throwaway test clusters).
+  for svc in coturn postgresql; do
+    if [[ " ${missing[*]} " == *" $svc "* ]] && command -v systemctl >/dev/null; then
+      systemctl disable "$svc" >/dev/null 2>&1 || true
+      if [ -d /run/systemd/system ]; then systemctl stop "$svc" >/dev/null 2>&1 || true; fi
+    fi
+  done
 else
   log "Debian packages: all present"
 fi

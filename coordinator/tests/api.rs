@@ -45,6 +45,10 @@ async fn fresh_db(dir: &std::path::Path) -> String {
 async fn setup() -> T {
     let dir = tempfile::tempdir().unwrap();
     let url = fresh_db(dir.path()).await;
+    setup_on(dir, url).await
+}
+
+async fn setup_on(dir: tempfile::TempDir, url: String) -> T {
     let (st, first) = AppState::open(StateOptions {
         database_url: url,
         prefix_v4: None,
@@ -389,7 +393,156 @@ async fn register_needs_a_fresh_single_use_challenge() {
 /// 16 registrations race for one single-use key: exactly one node is created.
 #[tokio::test]
 async fn single_use_key_survives_a_16_way_race() {
-    let t = setup().await;
+    race_16_registrations_for_one_single_use_key(&setup().await).await;
+}
+
+/// The same race on PostgreSQL, where transactions really run side by side (SQLite serialises
+/// writers, so only PostgreSQL shows a claim that is not one conditional UPDATE letting several
+/// through). A throwaway cluster in a temp dir (deploy/setup.sh installs postgresql).
+#[tokio::test]
+async fn single_use_key_survives_a_16_way_race_on_postgres() {
+    let Some(pg) = ThrowawayPostgres::start() else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let url = fresh_postgres_db(&pg.url()).await;
+    race_16_registrations_for_one_single_use_key(&setup_on(dir, url).await).await;
+}
+
+async fn fresh_postgres_db(base: &str) -> String {
+    use rand::Rng;
+    sqlx::any::install_default_drivers();
+    let db = format!("hp_test_{:016x}", rand::thread_rng().r#gen::<u64>());
+    let admin = sqlx::AnyPool::connect(&format!("{base}/postgres"))
+        .await
+        .unwrap();
+    sqlx::query(&format!("CREATE DATABASE {db}"))
+        .execute(&admin)
+        .await
+        .unwrap();
+    admin.close().await;
+    format!("{base}/{db}")
+}
+
+/// A PostgreSQL cluster in a temp dir on a free loopback port, stopped on drop. As root it runs
+/// as the `postgres` user (initdb refuses root). None (a skip notice) when PostgreSQL is not
+/// installed, except under CI=true, where that is a failure.
+struct ThrowawayPostgres {
+    dir: tempfile::TempDir,
+    bin: std::path::PathBuf,
+    port: u16,
+}
+
+impl ThrowawayPostgres {
+    fn start() -> Option<ThrowawayPostgres> {
+        let bin = std::fs::read_dir("/usr/lib/postgresql").ok().and_then(|d| {
+            d.filter_map(|e| e.ok().map(|e| e.path().join("bin")))
+                .find(|b| b.join("initdb").is_file())
+        });
+        let Some(bin) = bin else {
+            let ci = std::env::var("CI").is_ok_and(|v| v == "true" || v == "1");
+            assert!(
+                !ci,
+                "PostgreSQL (initdb) is missing under CI=true: deploy/setup.sh installs postgresql"
+            );
+            eprintln!("skipped: PostgreSQL is not installed (deploy/setup.sh installs it)");
+            return None;
+        };
+        let dir = tempfile::tempdir().unwrap();
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let pg = ThrowawayPostgres { dir, bin, port };
+        if is_root() {
+            let st = std::process::Command::new("chown")
+                .args(["-R", "postgres"])
+                .arg(pg.dir.path())
+                .status()
+                .unwrap();
+            assert!(st.success(), "chown postgres failed");
+        }
+        let data = pg.dir.path().join("data");
+        let opts = format!(
+            "-p {} -k {} -c listen_addresses=127.0.0.1 -c fsync=off",
+            pg.port,
+            pg.dir.path().display()
+        );
+        pg.run(
+            "initdb",
+            &[
+                "-D",
+                data.to_str().unwrap(),
+                "-A",
+                "trust",
+                "-U",
+                "postgres",
+            ],
+        );
+        let log = pg.dir.path().join("log");
+        pg.run(
+            "pg_ctl",
+            &[
+                "-D",
+                data.to_str().unwrap(),
+                "-o",
+                &opts,
+                "-l",
+                log.to_str().unwrap(),
+                "-w",
+                "start",
+            ],
+        );
+        Some(pg)
+    }
+
+    fn run(&self, program: &str, args: &[&str]) {
+        let exe = self.bin.join(program);
+        let mut cmd = if is_root() {
+            let mut c = std::process::Command::new("runuser");
+            c.args(["-u", "postgres", "--"]).arg(&exe);
+            c
+        } else {
+            std::process::Command::new(&exe)
+        };
+        let out = cmd.args(args).output().unwrap();
+        assert!(
+            out.status.success(),
+            "{program} failed: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    fn url(&self) -> String {
+        format!("postgres://postgres@127.0.0.1:{}", self.port)
+    }
+}
+
+impl Drop for ThrowawayPostgres {
+    fn drop(&mut self) {
+        let data = self.dir.path().join("data");
+        let exe = self.bin.join("pg_ctl");
+        let args = ["-D", data.to_str().unwrap_or(""), "-m", "immediate", "stop"];
+        let _ = if is_root() {
+            std::process::Command::new("runuser")
+                .args(["-u", "postgres", "--"])
+                .arg(&exe)
+                .args(args)
+                .output()
+        } else {
+            std::process::Command::new(&exe).args(args).output()
+        };
+    }
+}
+
+fn is_root() -> bool {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    unsafe { libc::geteuid() == 0 }
+}
+
+async fn race_16_registrations_for_one_single_use_key(t: &T) {
     let key = t.authkey(json!({})).await;
     let mut bodies = vec![];
     for i in 0..16 {
@@ -435,7 +588,7 @@ async fn single_use_key_survives_a_16_way_race() {
         let m = t.st.mesh();
         (m.prefix_v4, m.prefix_v6)
     };
-    let tasks: Vec<_> = (0..16)
+    let tasks: Vec<_> = (0..16u8)
         .map(|i| {
             let store = t.st.store.clone();
             let key = key.clone();
@@ -447,7 +600,8 @@ async fn single_use_key_survives_a_16_way_race() {
                         format!("s{i}").parse().unwrap(),
                         v4,
                         v6,
-                        None,
+                        // Distinct names and addresses: nothing but the key claim can collide.
+                        Some(std::net::Ipv4Addr::new(100, 96, 1, i)),
                     )
                     .await
             })
