@@ -433,9 +433,11 @@ async fn register_once(
         .into()));
     }
     if status.is_client_error() {
-        return Ok(Err(anyhow::anyhow!(
-            "the coordinator refused registration ({why})"
-        )));
+        // A bad hostname or a full address pool does not heal by restarting either.
+        return Ok(Err(Refused(format!(
+            "the coordinator refused registration ({why}); fix what it names, then start again"
+        ))
+        .into()));
     }
     Err(format!("register: {why}"))
 }
