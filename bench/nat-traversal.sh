@@ -61,11 +61,12 @@ lab_up() {
     --state-dir "$c" >"$c.log" 2>&1 &
   for _ in $(seq 100); do PIN=$("$BIN/homeport-coordinator" pin --state-dir "$c" 2>/dev/null) && break; sleep 0.1; done
   KEY=$("$BIN/homeport-coordinator" authkey create --reusable --state-dir "$c")
+  export HOMEPORT_AUTHKEY=$KEY   # never in argv: every local user can read that
 }
 
 nodes_up() { # $1 = run dir
   for h in home laptop; do
-    x $h "$BIN/homeport" up --coordinator https://198.51.100.10:8443 --pin "$PIN" --authkey "$KEY" \
+    x $h "$BIN/homeport" up --coordinator https://198.51.100.10:8443 --pin "$PIN" \
       --hostname $h --state-dir "$1/$h" --tun $P-t >"$1/$h.log" 2>&1 &
   done
 }

@@ -198,14 +198,16 @@ show "homeport-coordinator authkey create --reusable"
 KEY=$("$COORD" authkey create --reusable --state-dir "$S/coord") || fail "authkey create failed"
 [ -n "$KEY" ] || fail "authkey create printed nothing"
 ok "auth key: ${KEY:0:12}…"
+# Keys go in a private file, never on a command line (every local user can read argv).
+(umask 077; printf '%s\n' "$KEY" >"$S/authkey")
 
 # ---------------------------------------------------------------------------------------------------
 say "Joining the mesh: the exit on the VPS, the node at home"
-show "homeport-exit up --coordinator https://198.51.100.10:8443 --pin $PIN --authkey … --hostname vps"
-start exit vps "$EXIT" up --coordinator https://198.51.100.10:8443 --pin "$PIN" --authkey "$KEY" \
+show "homeport-exit up --coordinator https://198.51.100.10:8443 --pin $PIN --authkey-file $S/authkey --hostname vps"
+start exit vps "$EXIT" up --coordinator https://198.51.100.10:8443 --pin "$PIN" --authkey-file "$S/authkey" \
   --hostname vps --state-dir "$S/exit"
-show "homeport up --coordinator https://198.51.100.10:8443 --pin $PIN --authkey … --hostname home   (at home)"
-start home home "$HP" up --coordinator https://198.51.100.10:8443 --pin "$PIN" --authkey "$KEY" \
+show "homeport up --coordinator https://198.51.100.10:8443 --pin $PIN --authkey-file $S/authkey --hostname home   (at home)"
+start home home "$HP" up --coordinator https://198.51.100.10:8443 --pin "$PIN" --authkey-file "$S/authkey" \
   --hostname home --state-dir "$S/home"
 end=$((SECONDS + 30))
 until HOME_IP=$("$HP" ip -4 --state-dir "$S/home" 2>/dev/null) && [ -n "$HOME_IP" ]; do
@@ -297,7 +299,7 @@ ${B}Next, for real${N} (see README.md and docs/plex.md):
       sudo ./deploy/install.sh vps
     It starts homeport-coordinator and homeport-exit and prints the line to run at home.
   On the home server (same build), with what install.sh vps printed:
-      sudo ./deploy/install.sh home --coordinator https://<VPS IP>:8443 --pin <pin> --authkey <key>
+      sudo ./deploy/install.sh home --coordinator https://<VPS IP>:8443 --pin <pin> --authkey-file <file with the key>
   Back on the VPS:
       sudo homeport-coordinator publish add --exit vps --port 32400 --to home:32400
   Then point Plex at it: docs/plex.md.

@@ -5,8 +5,10 @@
 #   sudo ./deploy/install.sh vps  [--public-ip IP] [--hostname vps]
 #       The VPS: homeport-coordinator (control plane) + homeport-exit (publishes ports), both joined.
 #       Prints the exact command for the home server, with a fresh auth key.
-#   sudo ./deploy/install.sh home [--coordinator URL --pin PIN --authkey KEY] [--hostname NAME]
-#       A home server (or any machine): the homeport node, joined to the coordinator.
+#   sudo ./deploy/install.sh home [--coordinator URL --pin PIN --authkey-file FILE] [--hostname NAME]
+#       A home server (or any machine): the homeport node, joined to the coordinator. FILE holds the auth
+#       key (first line); it is copied to /etc/homeport/node.authkey (0600). Run it again with a new
+#       --authkey-file to re-join after the coordinator refused the node (same key and address).
 #
 # Common options: --bin-dir DIR (default: target/release of this checkout), --no-start (install only).
 # Binaries go to /usr/local/bin, configs to /etc/homeport/ (an existing config is never overwritten),
@@ -16,7 +18,7 @@ set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 root=$(cd "$here/.." && pwd)
 
-usage() { sed -n '2,13p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,15p' "$0" | sed 's/^# \{0,1\}//'; }
 die() { printf 'install: error: %s\n' "$*" >&2; exit 1; }
 log() { printf 'install: %s\n' "$*"; }
 
@@ -29,6 +31,15 @@ case $role in
 esac
 
 bin_dir=$root/target/release public_ip='' hostname='' coordinator='' pin='' authkey='' start=1
+# Secrets never go on a command line (every local user can read argv): auth keys come from files.
+read_key() { # read_key FILE: the first line of FILE, trimmed
+  [ -r "$1" ] || die "--authkey-file $1: cannot read it"
+  local k; k=$(head -n1 -- "$1" | tr -d '[:space:]')
+  [ -n "$k" ] || die "--authkey-file $1: empty; expected a key from 'homeport-coordinator authkey create' on its first line"
+  printf '%s' "$k"
+}
+# write_key DST KEY: DST (mode 0600) holds KEY; printf is a shell builtin, so the key is in no argv.
+write_key() { install -m 0600 /dev/null "$1"; printf '%s\n' "$2" >"$1"; }
 while (($#)); do
   case $1 in
     --bin-dir) bin_dir=${2:?--bin-dir needs a directory}; shift ;;
@@ -36,7 +47,8 @@ while (($#)); do
     --hostname) hostname=${2:?--hostname needs a name}; shift ;;
     --coordinator) coordinator=${2:?--coordinator needs a URL}; shift ;;
     --pin) pin=${2:?--pin needs the pin}; shift ;;
-    --authkey) authkey=${2:?--authkey needs a key}; shift ;;
+    --authkey-file) authkey=$(read_key "${2:?--authkey-file needs a file}"); shift ;;
+    --authkey) die "--authkey KEY would show the key to every local user (argv); put it in a file and pass --authkey-file FILE" ;;
     --no-start) start=0 ;;
     -h|--help) usage; exit 0 ;;
     *) die "unknown option '$1' for $role (see: $0 --help)" ;;
@@ -45,7 +57,7 @@ while (($#)); do
 done
 [ "$(id -u)" -eq 0 ] || die "run as root: sudo $0 $role …"
 if [ "$role" = vps ] && [ -n "$coordinator$pin$authkey" ]; then
-  die "--coordinator/--pin/--authkey are for 'home'; 'vps' runs its own coordinator"
+  die "--coordinator/--pin/--authkey-file are for 'home'; 'vps' runs its own coordinator"
 fi
 if [ "$role" = home ] && [ -n "$public_ip" ]; then die "--public-ip is for 'vps'"; fi
 if [ -n "$coordinator" ] && [[ $coordinator != https://* ]]; then
@@ -117,14 +129,18 @@ PY
 
 # ---- home: the node ---------------------------------------------------------------------------------
 if [ "$role" = home ]; then
-  if put_config node 0600 coordinator="$coordinator" pin="$pin" authkey="$authkey" hostname="${hostname:-$(hostname -s)}"; then
-    if [ -z "$coordinator" ] || [ -z "$pin" ] || [ -z "$authkey" ]; then
-      log "fill in coordinator, pin and authkey in /etc/homeport/node.toml (install.sh vps on the VPS prints them),"
-      log "then: systemctl enable --now homeport"
+  if [ -n "$authkey" ]; then
+    write_key /etc/homeport/node.authkey "$authkey"
+    log "auth key: /etc/homeport/node.authkey (0600)"
+  fi
+  if put_config node 0600 coordinator="$coordinator" pin="$pin" authkey-file=/etc/homeport/node.authkey hostname="${hostname:-$(hostname -s)}"; then
+    if [ -z "$coordinator" ] || [ -z "$pin" ] || [ ! -s /etc/homeport/node.authkey ]; then
+      log "fill in coordinator and pin in /etc/homeport/node.toml and the auth key in /etc/homeport/node.authkey"
+      log "(install.sh vps on the VPS prints them), then: systemctl enable --now homeport"
       start=0
     fi
-  elif [ -n "$coordinator$pin$authkey" ]; then
-    log "note: --coordinator/--pin/--authkey were not applied because /etc/homeport/node.toml exists; edit it"
+  elif [ -n "$coordinator$pin" ]; then
+    log "note: --coordinator/--pin were not applied because /etc/homeport/node.toml exists; edit it"
   fi
   if ((start)); then
     systemctl enable --now homeport.service
@@ -172,8 +188,8 @@ if ((!start)); then
 install: installed; not started. To start:
   systemctl enable --now homeport-coordinator
   homeport-coordinator pin                                   # the TLS pin nodes join with
-  homeport-coordinator authkey create                        # a key for the exit, then put pin + key
-  \$EDITOR /etc/homeport/exit.toml                           # into exit.toml
+  homeport-coordinator pin                                   # put it into /etc/homeport/exit.toml
+  homeport-coordinator authkey create >/etc/homeport/exit.authkey   # a key for the exit (umask 077)
   systemctl enable --now homeport-exit
 EOF
   exit 0
@@ -190,9 +206,9 @@ if [ -r /var/lib/homeport-coordinator/listen.addr ]; then
   port=$(sed -E 's/.*:([0-9]+)\s*$/\1/' /var/lib/homeport-coordinator/listen.addr)
 fi
 if [ ! -e /etc/homeport/exit.toml ]; then
-  exit_key=$(homeport-coordinator authkey create --expires 1h)
+  write_key /etc/homeport/exit.authkey "$(homeport-coordinator authkey create --expires 1h)"
   # The exit joins the coordinator on this same machine over loopback (the pin, not the address, is checked).
-  put_config exit 0600 coordinator="https://127.0.0.1:$port" pin="$pin" authkey="$exit_key" hostname="${hostname:-vps}"
+  put_config exit 0600 coordinator="https://127.0.0.1:$port" pin="$pin" authkey-file=/etc/homeport/exit.authkey hostname="${hostname:-vps}"
 fi
 systemctl enable --now homeport-exit.service
 exit_name=$(grep -E '^hostname' /etc/homeport/exit.toml | cut -d'"' -f2)
@@ -207,10 +223,13 @@ cat <<EOF
 Done: homeport-coordinator and homeport-exit ("${exit_name:-vps}") run on this VPS.
 Open in the provider's firewall: TCP $port (API), UDP 3478 (STUN), and each port you publish (TCP 32400 for Plex).
 
-Next, on the home server (auth key valid for 24 h, single use):
-  sudo homeport up --coordinator $url --pin $pin --authkey $home_key --hostname home
-or, to install it as a service from a checkout there:
-  sudo ./deploy/install.sh home --coordinator $url --pin $pin --authkey $home_key --hostname home
+Next, on the home server. First put this auth key (valid for 24 h, single use) into a private file:
+  sudo sh -c 'umask 077; cat >/root/homeport.authkey'      # paste the line below, then Ctrl-D
+  $home_key
+then either run the node in the foreground:
+  sudo homeport up --coordinator $url --pin $pin --authkey-file /root/homeport.authkey --hostname home
+or install it as a service from a checkout there:
+  sudo ./deploy/install.sh home --coordinator $url --pin $pin --authkey-file /root/homeport.authkey --hostname home
 
 Then, here on the VPS, publish Plex and check:
   sudo homeport-coordinator publish add --exit ${exit_name:-vps} --port 32400 --to home:32400

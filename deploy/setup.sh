@@ -6,8 +6,10 @@
 #
 # Installs (Debian packages): the build toolchain, the network tools the lab tests and the demo drive
 # (iproute2, nftables, conntrack), the standard peers the tests compare against (wireguard-go,
-# wireguard-tools, coturn as a STUN server, iperf3), tcpdump, python3, ping, systemd (systemd-analyze)
-# and hping3 (spoofed-source SYN floods in the exit's lab tests, handshake floods in the data-plane tests).
+# wireguard-tools, coturn as a STUN server, iperf3), tcpdump, python3 (with python3-cryptography for
+# bench/register-peers.py), ping, systemd (systemd-analyze), hping3 (spoofed-source SYN floods in the
+# exit's lab tests, handshake floods in the data-plane tests) and postgresql (the coordinator tests run a
+# throwaway cluster in a temp dir; the packaged service is disabled).
 # Rust comes from rustup (minimal profile, stable) only if no cargo is found.
 # schemathesis (PyPI, pinned) goes into its own virtualenv under /opt, linked as /usr/local/bin/schemathesis:
 # coordinator/tests/spec.rs checks the API against its OpenAPI document with it.
@@ -17,7 +19,8 @@ PACKAGES=(
   build-essential pkg-config curl ca-certificates
   iproute2 nftables conntrack
   wireguard-go wireguard-tools iperf3 coturn
-  tcpdump python3 python3-venv procps systemd iputils-ping shellcheck hping3
+  tcpdump python3 python3-venv python3-cryptography procps systemd iputils-ping shellcheck hping3
+  postgresql
 )
 SCHEMATHESIS_VERSION=4.32.5
 SCHEMATHESIS_VENV=/opt/homeport-schemathesis
@@ -48,11 +51,14 @@ if ((${#missing[@]})); then
   apt-get update -qq
   apt-get install -y -qq --no-install-recommends "${missing[@]}"
   restore_policy; trap - EXIT
-  # The package enables coturn's unit; we only want its binary (a standard STUN server for the tests).
-  if [[ " ${missing[*]} " == *" coturn "* ]] && command -v systemctl >/dev/null; then
-    systemctl disable coturn >/dev/null 2>&1 || true
-    if [ -d /run/systemd/system ]; then systemctl stop coturn >/dev/null 2>&1 || true; fi
-  fi
+  # The packages enable coturn's and postgresql's units; only their binaries are wanted (a standard STUN
+  # server, and initdb/pg_ctl for throwaway test clusters).
+  for svc in coturn postgresql; do
+    if [[ " ${missing[*]} " == *" $svc "* ]] && command -v systemctl >/dev/null; then
+      systemctl disable "$svc" >/dev/null 2>&1 || true
+      if [ -d /run/systemd/system ]; then systemctl stop "$svc" >/dev/null 2>&1 || true; fi
+    fi
+  done
 else
   log "Debian packages: all present"
 fi

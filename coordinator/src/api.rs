@@ -2,6 +2,7 @@
 //! HTTPS listener and the admin unix socket both serve it (the socket marks its requests
 //! [`LocalAdmin`] so they need no token).
 
+use crate::challenge::Redeem;
 use crate::error::{ApiErr, ApiResult};
 use crate::mesh::NodeRec;
 use crate::state::AppState;
@@ -22,6 +23,7 @@ use homeport_proto::api::{
 use homeport_proto::map::MapMessage;
 use homeport_proto::policy::Policy;
 use homeport_proto::publish::{Guards, PublishProto, PublishRequest, PublishRule};
+use homeport_proto::register::{self, RegisterChallenge};
 use homeport_proto::{CAPABILITY_VERSION, NodeId, NodeName};
 use ipnet::IpNet;
 use serde::de::DeserializeOwned;
@@ -71,6 +73,7 @@ pub fn app(state: AppState) -> Router {
             require_admin,
         ));
     Router::new()
+        .route(api::PATH_CHALLENGE, post(challenge))
         .route(api::PATH_REGISTER, post(register))
         .route(api::PATH_MAP, get(map_stream))
         .route(api::PATH_ENDPOINTS, post(endpoints))
@@ -205,7 +208,7 @@ impl FromRequestParts<AppState> for Admin {
         }
         let tok = bearer(parts).ok_or_else(|| {
             ApiErr::unauthorized(
-                "missing `Authorization: Bearer <admin token>` (printed once on the coordinator's first start)",
+                "missing `Authorization: Bearer <admin token>` (the coordinator wrote it to <state-dir>/admin.token on its first start)",
             )
         })?;
         if st.admin_token_hash.as_deref() == Some(api::token_hash(tok).as_str()) {
@@ -222,10 +225,70 @@ async fn require_admin(_: Admin, req: Request, next: Next) -> Response {
 
 // ---- node API ----
 
+async fn challenge(State(st): State<AppState>) -> Json<RegisterChallenge> {
+    use rand::RngCore;
+    let mut b = [0u8; register::CHALLENGE_LEN];
+    rand::rngs::OsRng.fill_bytes(&mut b);
+    st.challenges
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .issue(b, Instant::now());
+    Json(RegisterChallenge {
+        challenge: register::encode_challenge(&b),
+        coordinator_key: st.identity.public_key(),
+        expires_in: register::CHALLENGE_TTL_SECS,
+    })
+}
+
+/// Checks that the caller holds the private key of `req.public_key` (401 otherwise), consuming
+/// the challenge either way.
+fn check_proof(st: &AppState, req: &RegisterRequest) -> ApiResult<()> {
+    let (Some(ch), Some(_)) = (req.challenge.as_deref(), req.proof.as_deref()) else {
+        return Err(ApiErr::new(
+            StatusCode::UNAUTHORIZED,
+            "bad_proof",
+            format!(
+                "challenge, proof: registration must prove possession of the node's private key: \
+                 get a challenge from POST {} and send it with `proof` (capability version {} or later; \
+                 update the node)",
+                api::PATH_CHALLENGE,
+                CAPABILITY_VERSION
+            ),
+        ));
+    };
+    let bad_challenge =
+        |detail: String| ApiErr::new(StatusCode::UNAUTHORIZED, "bad_challenge", detail);
+    let bytes = register::decode_challenge(ch).map_err(|e| bad_challenge(e.to_string()))?;
+    let redeemed = st
+        .challenges
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .redeem(&bytes, Instant::now());
+    match redeemed {
+        Redeem::Ok => {}
+        Redeem::Unknown => {
+            return Err(bad_challenge(format!(
+                "challenge: unknown or already used; each challenge from POST {} works once",
+                api::PATH_CHALLENGE
+            )));
+        }
+        Redeem::Expired => {
+            return Err(bad_challenge(format!(
+                "challenge: expired (a challenge is valid for {} s); get a new one from POST {}",
+                register::CHALLENGE_TTL_SECS,
+                api::PATH_CHALLENGE
+            )));
+        }
+    }
+    register::verify(st.identity.secret(), &bytes, req)
+        .map_err(|e| ApiErr::new(StatusCode::UNAUTHORIZED, "bad_proof", e.to_string()))
+}
+
 async fn register(
     State(st): State<AppState>,
     JsonBody(req): JsonBody<RegisterRequest>,
 ) -> ApiResult<Json<RegisterResponse>> {
+    check_proof(&st, &req)?;
     let name = NodeName::sanitize(&req.hostname).ok_or_else(|| {
         ApiErr::bad_request(format!(
             "hostname: {:?} has no usable characters; use letters, digits and '-'",
@@ -239,7 +302,14 @@ async fn register(
     let _w = st.write_lock.lock().await;
     let reg = st
         .store
-        .register(&req.authkey, req.public_key, name, v4, v6)
+        .register(
+            &req.authkey,
+            req.public_key,
+            name,
+            v4,
+            v6,
+            req.previous_ipv4,
+        )
         .await?;
     let mut rec = reg.node;
     {
@@ -251,7 +321,7 @@ async fn register(
         }
         mesh.upsert_node(rec.clone());
     }
-    tracing::info!(node = %rec.id, name = %rec.name, key = %rec.public_key.short(), ipv4 = %rec.addrs.ipv4, "node registered");
+    tracing::info!(node = %rec.id, name = %rec.name, key = %rec.public_key.short(), ipv4 = %rec.addrs.ipv4, again = reg.existing, "node registered");
     Ok(Json(RegisterResponse {
         node_id: rec.id,
         name: rec.name,

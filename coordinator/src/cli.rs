@@ -1,5 +1,5 @@
 //! Command line: `serve`, `pin`, and the admin commands (over `<state-dir>/admin.sock`, or a
-//! remote coordinator with `--url --token --pin`).
+//! remote coordinator with `--url --token-file --pin`).
 
 use crate::client::AdminClient;
 use crate::config::{DEFAULT_STATE_DIR, ServeArgs};
@@ -18,10 +18,13 @@ use std::path::PathBuf;
     version,
     about = "homeport coordinator: node registration, map streams, publish rules, policy, STUN",
     long_about = "homeport coordinator: node registration, map streams, publish rules, policy, STUN.\n\n\
-        Start it with `homeport-coordinator serve`; on first start it creates a self-signed certificate \
-        and prints the admin token and the `homeport up` line for nodes. The admin commands talk to the \
+        Start it with `homeport-coordinator serve`; on first start it creates a self-signed certificate, \
+        writes the admin token to <state-dir>/admin.token (shown once when started on a terminal) and logs the \
+        `homeport up` line for nodes. The admin commands talk to the \
         running coordinator over <state-dir>/admin.sock (root or the service user), or to a remote one \
-        with --url https://HOST:PORT --token TOKEN --pin PIN."
+        with --url https://HOST:PORT --token-file FILE --pin PIN (or the token in HOMEPORT_ADMIN_TOKEN; \
+        on the VPS itself <state-dir>/admin.token is read). The token is never taken on the command line, \
+        where every local user could read it."
 )]
 pub struct Cli {
     #[command(subcommand)]
@@ -83,34 +86,63 @@ pub struct ConnArgs {
     /// State directory of the local coordinator (its admin.sock is used)
     #[arg(long, value_name = "DIR", default_value = DEFAULT_STATE_DIR, global = true)]
     pub state_dir: PathBuf,
-    /// Remote coordinator, e.g. https://198.51.100.10:8443 (instead of the local socket)
-    #[arg(long, value_name = "URL", global = true, requires = "token")]
+    /// Remote coordinator, e.g. https://198.51.100.10:8443 (instead of the local socket); the
+    /// admin token comes from --token-file, else HOMEPORT_ADMIN_TOKEN, else <state-dir>/admin.token
+    #[arg(long, value_name = "URL", global = true)]
     pub url: Option<String>,
-    /// Admin token for --url
-    #[arg(
-        long,
-        value_name = "TOKEN",
-        env = "HOMEPORT_ADMIN_TOKEN",
-        global = true,
-        hide_env_values = true
-    )]
-    pub token: Option<String>,
+    /// File holding the admin token for --url (first line; the coordinator writes it to
+    /// <state-dir>/admin.token on first start)
+    #[arg(long, value_name = "PATH", global = true)]
+    pub token_file: Option<PathBuf>,
     /// Pin of the remote coordinator's certificate (from `homeport-coordinator pin`); without
     /// it the certificate must be valid for the system's CAs
     #[arg(long, value_name = "PIN", global = true)]
     pub pin: Option<String>,
 }
 
+/// The environment variable remote admin reads the admin token from.
+pub const ADMIN_TOKEN_ENV: &str = "HOMEPORT_ADMIN_TOKEN";
+
+/// Reads a token from the first line of `p`.
+pub fn read_token_file(p: &std::path::Path) -> anyhow::Result<String> {
+    let s = std::fs::read_to_string(p)
+        .with_context(|| format!("cannot read the admin token file {}", p.display()))?;
+    let t = s.lines().next().unwrap_or("").trim().to_string();
+    if t.is_empty() {
+        bail!(
+            "{}: empty; expected the admin token (hpa_...) on its first line",
+            p.display()
+        );
+    }
+    Ok(t)
+}
+
 impl ConnArgs {
+    /// The admin token for --url: --token-file, else $HOMEPORT_ADMIN_TOKEN, else
+    /// `<state-dir>/admin.token` (on the VPS itself).
+    pub fn token(&self) -> anyhow::Result<String> {
+        if let Some(p) = &self.token_file {
+            return read_token_file(p);
+        }
+        if let Ok(t) = std::env::var(ADMIN_TOKEN_ENV)
+            && !t.trim().is_empty()
+        {
+            return Ok(t.trim().to_string());
+        }
+        let p = self.state_dir.join(crate::server::ADMIN_TOKEN_FILE);
+        if p.exists() {
+            return read_token_file(&p);
+        }
+        bail!(
+            "--url needs the admin token: pass --token-file PATH or set {ADMIN_TOKEN_ENV} \
+             (the coordinator wrote it to <state-dir>/{} on its first start)",
+            crate::server::ADMIN_TOKEN_FILE
+        )
+    }
+
     pub fn client(&self) -> anyhow::Result<AdminClient> {
         match &self.url {
-            Some(url) => {
-                let token = self
-                    .token
-                    .as_deref()
-                    .context("--url needs --token (or HOMEPORT_ADMIN_TOKEN)")?;
-                AdminClient::remote(url, token, self.pin.as_deref())
-            }
+            Some(url) => AdminClient::remote(url, &self.token()?, self.pin.as_deref()),
             None => Ok(AdminClient::local(self.state_dir.clone())),
         }
     }

@@ -74,7 +74,7 @@ impl AdminClient {
                         }
                         Err(e) => bail!(
                             "cannot reach the coordinator at {}: {e}; is `homeport-coordinator serve --state-dir {}` running? \
-                             (for a remote coordinator use --url, --token and --pin)",
+                             (for a remote coordinator use --url, --token-file and --pin)",
                             socket.display(),
                             state_dir.display()
                         ),

@@ -4,6 +4,7 @@
 #![recursion_limit = "256"]
 
 pub mod api;
+pub mod challenge;
 pub mod cli;
 pub mod client;
 pub mod config;

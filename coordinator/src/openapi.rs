@@ -120,12 +120,17 @@ pub fn document() -> Value {
         err("Missing or unknown node credential (the node was removed or registered again)");
     let too_large = err("Body over 64 KiB");
     let mut paths = serde_json::Map::new();
+    paths.insert(api::PATH_CHALLENGE.into(), json!({"post": {
+        "summary": "A fresh single-use challenge (valid 60 s) and the coordinator key that register proves the node key against",
+        "tags": ["node"],
+        "responses": {"200": ok("The challenge", r("RegisterChallenge"))}}}));
     paths.insert(api::PATH_REGISTER.into(), json!({"post": {
-        "summary": "Register a node (or re-register the same public key) with an auth key",
+        "summary": "Register a node (or re-register the same public key: a new credential, name, addresses and tags unchanged) with an auth key and a proof of possession of the node's private key",
         "tags": ["node"],
         "requestBody": body("RegisterRequest"),
         "responses": {"200": ok("Registered; the credential is shown only here", r("RegisterResponse")),
-            "400": err("Bad body (names the field)"), "401": err("Unknown, revoked, expired or used-up auth key"),
+            "400": err("Bad body (names the field)"),
+            "401": err("bad_proof (missing or wrong proof), bad_challenge (unknown, used or expired challenge), or an unknown, revoked, expired or used-up auth key"),
             "409": err("The mesh prefix has no free address left"), "413": too_large}}}));
     paths.insert(api::PATH_MAP.into(), json!({"get": {
         "summary": "The node's map stream: NDJSON, one MapMessage per line; first full, then deltas, keepalives at least every 15 s",
@@ -214,7 +219,19 @@ pub fn document() -> Value {
     let tags = json!({"type": "array", "items": {"type": "string", "pattern": TAG}});
     let selectors = json!({"type": "array", "minItems": 1, "items": {"type": "string", "pattern": SELECTOR,
         "description": "\"*\", \"tag:NAME\", \"node:NAME\" or a node name"}});
-    json!({
+    let b64_32 = "^[A-Za-z0-9_-]{42}[AEIMQUYcgkosw048]$";
+    let register_request = json!({"type": "object", "required": ["authkey", "public_key", "hostname", "challenge", "proof"], "additionalProperties": false,
+        "properties": {"authkey": {"type": "string"}, "public_key": key,
+            "hostname": {"type": "string", "pattern": HOSTNAME,
+                "description": "The node name is made from its first label: letters and digits kept (lowercased), other characters become '-', at most 63"},
+            "capver": {"type": "integer", "format": "int64", "minimum": 0, "maximum": u32::MAX},
+            "previous_ipv4": {"type": "string", "format": "ipv4", "nullable": true,
+                "description": "The address this key had before it was removed: given back if still free"},
+            "challenge": {"type": "string", "pattern": b64_32, "description": "From POST /api/v1/node/challenge: 32 bytes, base64url without padding"},
+            "proof": {"type": "string", "pattern": b64_32, "description": "HMAC-SHA256 (base64url without padding), see homeport_proto::register"}}});
+    let register_challenge = json!({"type": "object", "required": ["challenge", "coordinator_key", "expires_in"],
+        "properties": {"challenge": {"type": "string", "pattern": b64_32}, "coordinator_key": key, "expires_in": {"type": "integer", "minimum": 1}}});
+    let mut doc = json!({
         "openapi": "3.0.3",
         "info": {"title": "homeport coordinator API", "version": env!("CARGO_PKG_VERSION"),
             "description": "Node API (credential from register) and admin API (admin token over HTTPS, no token over the local admin socket). Every error is an ApiError. Every constraint the server enforces is stated here."},
@@ -228,11 +245,7 @@ pub fn document() -> Value {
                 "ApiError": {"type": "object", "required": ["error", "detail"], "properties": {"error": {"type": "string"}, "detail": {"type": "string"}}},
                 "MeshAddrs": addrs,
                 "Endpoint": endpoint,
-                "RegisterRequest": {"type": "object", "required": ["authkey", "public_key", "hostname"], "additionalProperties": false,
-                    "properties": {"authkey": {"type": "string"}, "public_key": key,
-                        "hostname": {"type": "string", "pattern": HOSTNAME,
-                            "description": "The node name is made from its first label: letters and digits kept (lowercased), other characters become '-', at most 63"},
-                        "capver": {"type": "integer", "format": "int64", "minimum": 0, "maximum": u32::MAX}}},
+                "RegisterRequest": register_request,
                 "RegisterResponse": {"type": "object", "required": ["node_id", "name", "addrs", "prefix_v4", "prefix_v6", "credential", "capver"],
                     "properties": {"node_id": id, "name": name, "addrs": r("MeshAddrs"),
                     "prefix_v4": {"type": "string"}, "prefix_v6": {"type": "string"}, "credential": {"type": "string"}, "capver": {"type": "integer"}}},
@@ -279,5 +292,8 @@ pub fn document() -> Value {
                             "description": "\"*\", a port or range (8000-8100), optionally tcp:/udp:, or icmp; default [\"*\"]"}}}}}}}
             }
         }
-    })
+    });
+    // Added here: one more entry in the literal above exceeds json!'s macro recursion limit.
+    doc["components"]["schemas"]["RegisterChallenge"] = register_challenge;
+    doc
 }

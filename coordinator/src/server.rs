@@ -19,6 +19,8 @@ pub const ADMIN_SOCKET: &str = "admin.sock";
 pub const LISTEN_ADDR_FILE: &str = "listen.addr";
 pub const STUN_ADDR_FILE: &str = "stun.addr";
 pub const METRICS_ADDR_FILE: &str = "metrics.addr";
+/// The admin token, written once on first start (0600); only its hash is in the database.
+pub const ADMIN_TOKEN_FILE: &str = "admin.token";
 
 /// A TLS handshake that takes longer than this is a stuck or hostile client.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -114,7 +116,10 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
     };
 
     let host = reachable_ip(&cfg).await;
-    let relay = crate::relay::Relay::new(load_relay_key(&dir)?);
+    // One long-term X25519 key: relay BINDs and registrations both prove node keys against it
+    // (under differently derived MAC keys, see homeport_proto::register).
+    let identity = load_relay_key(&dir)?;
+    let relay = crate::relay::Relay::new(identity.secret().clone());
     let db_url = cfg.database_url();
     if cfg.database_url.is_none() {
         // Create the file ourselves so it is 0600 from the start (WAL side files follow it).
@@ -133,6 +138,7 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
             stun: Some(SocketAddr::new(host, stun_bound.port())),
             public_key: Some(homeport_proto::PublicKey::from(relay.public)),
         }],
+        identity: Some(identity),
     })
     .await?;
 
@@ -203,18 +209,27 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
     )?;
 
     let join = format!(
-        "homeport up --coordinator {} --pin {} --authkey <KEY from: homeport-coordinator authkey create>",
+        "homeport up --coordinator {} --pin {} --authkey-file <FILE holding a key from: homeport-coordinator authkey create>",
         join_url(&cfg, bound, host),
         tls.pin
     );
     tracing::info!(listen = %bound, stun = %stun_bound, pin = %tls.pin, state_dir = %dir.display(), "coordinator ready");
     tracing::info!("join a node with: {join}");
     if let Some(token) = &first.admin_token {
-        eprintln!(
-            "\nhomeport coordinator: first start.\n\
-             Admin token (shown only now; remote admin: --url https://HOST:PORT --token TOKEN --pin PIN):\n  {token}\n\
-             Join a node:\n  {join}\n"
-        );
+        // Never into the log (journald keeps it, readable by the adm group): a 0600 file, and
+        // the terminal of whoever started the coordinator by hand.
+        let token_path = dir.join(ADMIN_TOKEN_FILE);
+        crate::tls::write_private(&token_path, format!("{token}\n").as_bytes())?;
+        tracing::info!(file = %token_path.display(), "first start: admin token written (mode 0600)");
+        use std::io::IsTerminal;
+        if std::io::stdout().is_terminal() {
+            println!(
+                "\nhomeport coordinator: first start.\n\
+                 Admin token (shown only now; also in {}; remote admin: --url https://HOST:PORT --token-file FILE --pin PIN):\n  {token}\n\
+                 Join a node:\n  {join}\n",
+                token_path.display()
+            );
+        }
     }
     let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]);
 
@@ -297,7 +312,7 @@ async fn serve_https(
 
 /// The relay's X25519 key, created on first start and kept (`relay.key`, 0600) so nodes'
 /// maps stay valid across restarts.
-fn load_relay_key(dir: &std::path::Path) -> anyhow::Result<x25519_dalek::StaticSecret> {
+fn load_relay_key(dir: &std::path::Path) -> anyhow::Result<homeport_proto::PrivateKey> {
     let p = dir.join("relay.key");
     match std::fs::read_to_string(&p) {
         Ok(s) => {
@@ -305,12 +320,12 @@ fn load_relay_key(dir: &std::path::Path) -> anyhow::Result<x25519_dalek::StaticS
                 .trim()
                 .parse()
                 .map_err(|e| anyhow::anyhow!("{}: {e}", p.display()))?;
-            Ok(k.secret().clone())
+            Ok(k)
         }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
             let k = homeport_proto::PrivateKey::generate();
             crate::tls::write_private(&p, format!("{}\n", k.to_base64()).as_bytes())?;
-            Ok(k.secret().clone())
+            Ok(k)
         }
         Err(e) => Err(e).with_context(|| format!("reading {}", p.display())),
     }

@@ -23,6 +23,11 @@ pub struct Inner {
     pub metrics: Metrics,
     /// Per-node rate limits of the node API.
     pub limits: crate::limits::Limits,
+    /// The coordinator's long-term X25519 key (the relay key on a real server): registrations
+    /// prove possession of the node key against it.
+    pub identity: homeport_proto::PrivateKey,
+    /// Outstanding registration challenges.
+    pub challenges: Mutex<crate::challenge::Challenges>,
 }
 
 impl std::ops::Deref for AppState {
@@ -40,6 +45,9 @@ pub struct StateOptions {
     pub prefix_v4: Option<Ipv4Net>,
     pub prefix_v6: Option<Ipv6Net>,
     pub relays: Vec<RelayInfo>,
+    /// The key registrations prove against (the server passes the relay key); a fresh one when
+    /// None.
+    pub identity: Option<homeport_proto::PrivateKey>,
 }
 
 /// What [`AppState::open`] created on a first start.
@@ -98,6 +106,10 @@ impl AppState {
                 admin_token_hash: Some(admin_token_hash),
                 metrics: Metrics::default(),
                 limits: Default::default(),
+                identity: opts
+                    .identity
+                    .unwrap_or_else(homeport_proto::PrivateKey::generate),
+                challenges: Mutex::new(crate::challenge::Challenges::default()),
             })),
             first,
         ))

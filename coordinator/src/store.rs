@@ -47,6 +47,8 @@ pub struct AuthKeyRow {
 pub struct Registered {
     pub node: NodeRec,
     pub credential: String,
+    /// The key was already registered: only the credential changed.
+    pub existing: bool,
 }
 
 fn authkey_row(r: &AnyRow) -> Result<AuthKeyRow, sqlx::Error> {
@@ -107,15 +109,19 @@ pub fn random_token(prefix: &str) -> String {
     )
 }
 
+/// The next id of `table`, never handed out before (not even for a row since deleted, so an id
+/// in an old log line, audit record or script always means the same thing). The counter lives in
+/// `id_seq` and is bumped inside the inserting transaction.
 async fn next_id(tx: &mut Transaction<'_, Any>, table: &str) -> Result<i64, sqlx::Error> {
-    // CAST keeps the type BIGINT on both databases (Postgres would widen MAX(bigint)+1 fine, but
-    // SQLite reports an expression without a declared type).
-    let row = sqlx::query(&format!(
-        "SELECT CAST(COALESCE(MAX(id), 0) + 1 AS BIGINT) AS next FROM {table}"
-    ))
-    .fetch_one(&mut **tx)
-    .await?;
-    row.try_get("next")
+    sqlx::query("UPDATE id_seq SET last = last + 1 WHERE name = $1")
+        .bind(table)
+        .execute(&mut **tx)
+        .await?;
+    let row = sqlx::query("SELECT last FROM id_seq WHERE name = $1")
+        .bind(table)
+        .fetch_one(&mut **tx)
+        .await?;
+    row.try_get("last")
 }
 
 impl Store {
@@ -246,6 +252,7 @@ impl Store {
         name: NodeName,
         prefix_v4: Ipv4Net,
         prefix_v6: Ipv6Net,
+        previous_ipv4: Option<Ipv4Addr>,
     ) -> ApiResult<Registered> {
         let now = now();
         let mut tx = self.pool.begin().await?;
@@ -299,24 +306,22 @@ impl Store {
         let cred_hash = homeport_proto::api::token_hash(&credential);
         let tags_json = serde_json::to_string(&key.tags)?;
 
-        let existing = sqlx::query(&format!(
+        let existing_row = sqlx::query(&format!(
             "SELECT {NODE_COLS} FROM nodes WHERE public_key = $1"
         ))
         .bind(public_key.to_base64())
         .fetch_optional(&mut *tx)
         .await?;
-        let node = if let Some(row) = existing {
-            let mut n = node_row(&row)?;
-            sqlx::query(
-                "UPDATE nodes SET credential_hash = $1, tags = $2, authkey_id = $3 WHERE id = $4",
-            )
-            .bind(&cred_hash)
-            .bind(&tags_json)
-            .bind(key.id)
-            .bind(n.id.0)
-            .execute(&mut *tx)
-            .await?;
-            n.tags = key.tags.clone();
+        let existing = existing_row.is_some();
+        let node = if let Some(row) = existing_row {
+            // Same key, proven by the caller: a new credential only. Name, addresses and tags
+            // stay as they are; an auth key's tags apply only to the node it first creates.
+            let n = node_row(&row)?;
+            sqlx::query("UPDATE nodes SET credential_hash = $1 WHERE id = $2")
+                .bind(&cred_hash)
+                .bind(n.id.0)
+                .execute(&mut *tx)
+                .await?;
             n
         } else {
             let names: BTreeSet<String> = sqlx::query("SELECT name FROM nodes")
@@ -332,11 +337,15 @@ impl Store {
                 .iter()
                 .filter_map(|r| r.try_get::<String, _>("ipv4").ok()?.parse().ok())
                 .collect();
-            let addrs = allocate(prefix_v4, prefix_v6, &used).ok_or_else(|| {
-                ApiErr::conflict(format!(
-                    "the mesh prefix {prefix_v4} has no free address left"
-                ))
-            })?;
+            let preferred = previous_ipv4.and_then(|a| host_addrs(prefix_v4, prefix_v6, a));
+            let addrs = preferred
+                .filter(|p| !used.contains(&p.ipv4))
+                .or_else(|| allocate(prefix_v4, prefix_v6, &used))
+                .ok_or_else(|| {
+                    ApiErr::conflict(format!(
+                        "the mesh prefix {prefix_v4} has no free address left"
+                    ))
+                })?;
             let id = next_id(&mut tx, "nodes").await?;
             sqlx::query(
                 "INSERT INTO nodes (id, name, public_key, ipv4, ipv6, tags, credential_hash, authkey_id, created_at, last_seen, endpoints) \
@@ -367,7 +376,11 @@ impl Store {
             }
         };
         tx.commit().await?;
-        Ok(Registered { node, credential })
+        Ok(Registered {
+            node,
+            credential,
+            existing,
+        })
     }
 
     pub async fn set_endpoints(&self, id: NodeId, endpoints: &[Endpoint]) -> ApiResult<()> {
@@ -536,6 +549,24 @@ pub fn unique_name(base: &NodeName, taken: &BTreeSet<String>) -> NodeName {
     unreachable!("an unbounded counter finds a free name")
 }
 
+/// The addresses of host `ipv4` in the mesh prefixes, when it is a host address of `v4` (not the
+/// network or broadcast address) that `v6` has room for.
+pub fn host_addrs(v4: Ipv4Net, v6: Ipv6Net, ipv4: Ipv4Addr) -> Option<MeshAddrs> {
+    if !v4.contains(&ipv4) || ipv4 == v4.network() || ipv4 == v4.broadcast() {
+        return None;
+    }
+    let h = (u32::from(ipv4) - u32::from(v4.network())) as u128;
+    let v6_hosts: u128 = if v6.prefix_len() == 0 {
+        u128::MAX
+    } else {
+        (1u128 << (128 - v6.prefix_len())) - 1
+    };
+    (h <= v6_hosts).then(|| MeshAddrs {
+        ipv4,
+        ipv6: Ipv6Addr::from(u128::from(v6.network()) + h),
+    })
+}
+
 /// The lowest free host number h (skipping the network address and the v4 broadcast), giving
 /// prefix_v4 + h and prefix_v6 + h.
 pub fn allocate(v4: Ipv4Net, v6: Ipv6Net, used: &BTreeSet<Ipv4Addr>) -> Option<MeshAddrs> {
@@ -614,6 +645,17 @@ mod tests {
         );
         used.insert(Ipv4Addr::new(100, 96, 0, 2));
         assert!(allocate(v4, v6, &used).is_none(), ".3 is the broadcast");
+    }
+
+    #[test]
+    fn a_previous_address_is_a_host_of_the_prefix() {
+        let v4: Ipv4Net = "100.96.0.0/24".parse().unwrap();
+        let v6: Ipv6Net = "fd00::/64".parse().unwrap();
+        let a = host_addrs(v4, v6, Ipv4Addr::new(100, 96, 0, 9)).unwrap();
+        assert_eq!(a.ipv6, "fd00::9".parse::<Ipv6Addr>().unwrap());
+        assert!(host_addrs(v4, v6, Ipv4Addr::new(100, 96, 0, 0)).is_none());
+        assert!(host_addrs(v4, v6, Ipv4Addr::new(100, 96, 0, 255)).is_none());
+        assert!(host_addrs(v4, v6, Ipv4Addr::new(10, 0, 0, 9)).is_none());
     }
 
     #[test]

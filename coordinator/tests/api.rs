@@ -6,8 +6,9 @@ use axum::http::{Method, Request, StatusCode, header};
 use futures::StreamExt;
 use homeport_coordinator::api::local_app;
 use homeport_coordinator::{AppState, StateOptions, app};
-use homeport_proto::api::{self, RegisterResponse};
+use homeport_proto::api::{self, RegisterRequest, RegisterResponse};
 use homeport_proto::map::{MapMessage, NetworkMap};
+use homeport_proto::register::RegisterChallenge;
 use homeport_proto::{NodeId, PrivateKey};
 use serde_json::{Value, json};
 use std::time::Duration;
@@ -48,11 +49,16 @@ async fn setup() -> T {
 async fn setup_with(prefix_v4: Option<&str>) -> T {
     let dir = tempfile::tempdir().unwrap();
     let url = fresh_db(dir.path()).await;
+    setup_on(dir, url, prefix_v4).await
+}
+
+async fn setup_on(dir: tempfile::TempDir, url: String, prefix_v4: Option<&str>) -> T {
     let (st, first) = AppState::open(StateOptions {
         database_url: url,
         prefix_v4: prefix_v4.map(|p| p.parse().unwrap()),
         prefix_v6: Some("fd7a:115c:a1e0::/64".parse().unwrap()),
         relays: vec![],
+        identity: None,
     })
     .await
     .unwrap();
@@ -114,21 +120,46 @@ impl T {
         assert_eq!(s, StatusCode::CREATED, "{v}");
         v["key"].as_str().unwrap().to_string()
     }
-    async fn register_raw(&self, key: &str, public_key: &str, host: &str) -> (StatusCode, Value) {
+    /// A fresh registration challenge (what a node asks for before register).
+    async fn challenge(&self) -> RegisterChallenge {
+        let (s, v) = send(
+            app(self.st.clone()),
+            req(Method::POST, api::PATH_CHALLENGE, None, None),
+        )
+        .await;
+        assert_eq!(s, StatusCode::OK, "{v}");
+        serde_json::from_value(v).unwrap()
+    }
+    /// The register body a node holding `node` sends, with a fresh challenge and its proof.
+    async fn proven(&self, key: &str, node: &PrivateKey, host: &str) -> RegisterRequest {
+        let ch = self.challenge().await;
+        let mut r = RegisterRequest {
+            authkey: key.to_string(),
+            public_key: node.public_key(),
+            hostname: host.to_string(),
+            capver: homeport_proto::CAPABILITY_VERSION,
+            previous_ipv4: None,
+            challenge: Some(ch.challenge),
+            proof: None,
+        };
+        r.proof = Some(homeport_proto::register::prove(node, &ch.coordinator_key, &r).unwrap());
+        r
+    }
+    async fn register_body(&self, body: Value) -> (StatusCode, Value) {
         send(
             app(self.st.clone()),
-            req(
-                Method::POST,
-                api::PATH_REGISTER,
-                None,
-                Some(json!({"authkey": key, "public_key": public_key, "hostname": host})),
-            ),
+            req(Method::POST, api::PATH_REGISTER, None, Some(body)),
         )
         .await
     }
+    /// Registers as the holder of `node` (with a valid proof).
+    async fn register_raw(&self, key: &str, node: &PrivateKey, host: &str) -> (StatusCode, Value) {
+        let body = self.proven(key, node, host).await;
+        self.register_body(serde_json::to_value(&body).unwrap())
+            .await
+    }
     async fn register(&self, key: &str, host: &str) -> RegisterResponse {
-        let pk = PrivateKey::generate().public_key().to_base64();
-        let (s, v) = self.register_raw(key, &pk, host).await;
+        let (s, v) = self.register_raw(key, &PrivateKey::generate(), host).await;
         assert_eq!(s, StatusCode::OK, "{v}");
         serde_json::from_value(v).unwrap()
     }
@@ -176,13 +207,13 @@ impl MapStream {
 const SEC: Duration = Duration::from_secs(1);
 
 #[tokio::test]
-async fn register_good_key_and_reregister() {
+async fn register_good_key_and_reregister_keeps_name_addrs_and_tags() {
     let t = setup().await;
     let key = t
         .authkey(json!({"reusable": true, "tags": ["tag:home", "servers"]}))
         .await;
-    let pk = PrivateKey::generate().public_key().to_base64();
-    let (s, v) = t.register_raw(&key, &pk, "Home-Server.lan").await;
+    let home = PrivateKey::generate();
+    let (s, v) = t.register_raw(&key, &home, "Home-Server.lan").await;
     assert_eq!(s, StatusCode::OK, "{v}");
     let r: RegisterResponse = serde_json::from_value(v).unwrap();
     assert_eq!(r.name.as_str(), "home-server");
@@ -191,15 +222,21 @@ async fn register_good_key_and_reregister() {
     assert_eq!(r.prefix_v4.to_string(), "100.96.0.0/16");
     assert!(r.credential.len() > 32);
 
-    // Same key again: same id and addresses, fresh credential; the old one stops working.
-    let (s, v) = t.register_raw(&key, &pk, "renamed").await;
-    assert_eq!(s, StatusCode::OK);
+    // The same key again, by its holder, with another auth key (other tags) and another
+    // hostname: same id, name, addresses and tags; only the credential is new and the old one
+    // stops working.
+    let guest = t.authkey(json!({"reusable": true, "tags": ["tv"]})).await;
+    let (s, v) = t.register_raw(&guest, &home, "renamed").await;
+    assert_eq!(s, StatusCode::OK, "{v}");
     let r2: RegisterResponse = serde_json::from_value(v).unwrap();
     assert_eq!(
         (r2.node_id, r2.addrs, r2.name.clone()),
         (r.node_id, r.addrs, r.name.clone())
     );
     assert_ne!(r2.credential, r.credential);
+    let (_, nodes) = t.admin(Method::GET, api::PATH_ADMIN_NODES, None).await;
+    assert_eq!(nodes[0]["tags"], json!(["home", "servers"]), "{nodes}");
+    assert_eq!(nodes[0]["name"], "home-server");
     let (s, _) = t
         .node(
             Method::POST,
@@ -225,15 +262,505 @@ async fn register_good_key_and_reregister() {
     assert_eq!(other.addrs.ipv4.to_string(), "100.96.0.2");
     let (_, nodes) = t.admin(Method::GET, api::PATH_ADMIN_NODES, None).await;
     assert_eq!(nodes.as_array().unwrap().len(), 2);
-    assert_eq!(nodes[0]["tags"], json!(["home", "servers"]));
+    assert_eq!(nodes[1]["tags"], json!(["home", "servers"]));
+}
+
+/// The attack of issue 11: a guest with any auth key and the home node's public key (which every
+/// peer sees) asks for a credential for `home`. It must be refused, and home must keep its
+/// name, tags, credential and map stream.
+#[tokio::test]
+async fn hijack_with_guest_key_and_home_public_key_is_refused() {
+    let t = setup().await;
+    let owner = t.authkey(json!({"tags": ["home"]})).await;
+    let home_key = PrivateKey::generate();
+    let (s, v) = t.register_raw(&owner, &home_key, "home").await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    let home: RegisterResponse = serde_json::from_value(v).unwrap();
+    let mut stream = t.open_map(&home.credential).await;
+    assert!(stream.next(SEC).await.unwrap().full);
+
+    let guest = t.authkey(json!({"reusable": true, "tags": ["tv"]})).await;
+    let home_pub = home_key.public_key().to_base64();
+    let thief = PrivateKey::generate();
+    let mut refused = vec![];
+    // 1. The request from the issue, verbatim: no challenge, no proof.
+    refused.push(
+        t.register_body(json!({"authkey": guest, "public_key": home_pub, "hostname": "x"}))
+            .await,
+    );
+    // 2. A fresh challenge, proven with the thief's own key while claiming home's public key.
+    let mut body = t.proven(&guest, &thief, "x").await;
+    body.public_key = home_key.public_key();
+    refused.push(t.register_body(serde_json::to_value(&body).unwrap()).await);
+    // 3. A proof of the right shape but made up.
+    let mut body = t.proven(&guest, &thief, "x").await;
+    body.public_key = home_key.public_key();
+    body.proof = Some("A".repeat(43));
+    refused.push(t.register_body(serde_json::to_value(&body).unwrap()).await);
+    for (s, v) in &refused {
+        assert_eq!(*s, StatusCode::UNAUTHORIZED, "{v}");
+        assert_eq!(v["error"], "bad_proof", "{v}");
+        assert!(v["detail"].as_str().unwrap().contains("proof"), "{v}");
+    }
+
+    // Home is untouched: name, tags, addresses, credential and its open map stream.
+    let (_, nodes) = t.admin(Method::GET, api::PATH_ADMIN_NODES, None).await;
+    assert_eq!(nodes.as_array().unwrap().len(), 1, "{nodes}");
+    assert_eq!(nodes[0]["name"], "home");
+    assert_eq!(nodes[0]["tags"], json!(["home"]));
+    assert_eq!(nodes[0]["online"], true);
+    let (s, _) = t
+        .node(
+            Method::POST,
+            api::PATH_ENDPOINTS,
+            &home.credential,
+            Some(json!({"endpoints": []})),
+        )
+        .await;
+    assert_eq!(s, StatusCode::NO_CONTENT, "home's credential still works");
+    let later = t.register(&guest, "tv").await;
+    let d = stream.next(SEC).await.expect("home's stream is still open");
+    assert!(d.peers.iter().any(|p| p.id == later.node_id), "{d:?}");
+}
+
+#[tokio::test]
+async fn register_needs_a_fresh_single_use_challenge() {
+    let t = setup().await;
+    let key = t.authkey(json!({"reusable": true})).await;
+    let node = PrivateKey::generate();
+
+    // Without challenge or proof: 401 bad_proof naming what to do.
+    let (s, v) = t
+        .register_body(json!({"authkey": key, "public_key": node.public_key(), "hostname": "a"}))
+        .await;
+    assert_eq!(s, StatusCode::UNAUTHORIZED, "{v}");
+    assert_eq!(v["error"], "bad_proof");
+    assert!(
+        v["detail"].as_str().unwrap().contains(api::PATH_CHALLENGE),
+        "{v}"
+    );
+
+    // A proof over other fields (the hostname changed after proving): bad_proof.
+    let mut body = t.proven(&key, &node, "a").await;
+    body.hostname = "b".into();
+    let (s, v) = t.register_body(serde_json::to_value(&body).unwrap()).await;
+    assert_eq!(
+        (s, v["error"].as_str()),
+        (StatusCode::UNAUTHORIZED, Some("bad_proof")),
+        "{v}"
+    );
+
+    // A challenge never issued: bad_challenge.
+    let mut body = t.proven(&key, &node, "a").await;
+    body.challenge = Some(homeport_proto::register::encode_challenge(&[1; 32]));
+    let (s, v) = t.register_body(serde_json::to_value(&body).unwrap()).await;
+    assert_eq!(
+        (s, v["error"].as_str()),
+        (StatusCode::UNAUTHORIZED, Some("bad_challenge")),
+        "{v}"
+    );
+    body.challenge = Some("not base64!".into());
+    let (s, v) = t.register_body(serde_json::to_value(&body).unwrap()).await;
+    assert_eq!(
+        (s, v["error"].as_str()),
+        (StatusCode::UNAUTHORIZED, Some("bad_challenge")),
+        "{v}"
+    );
+
+    // A good registration, then the very same request replayed: the challenge is spent.
+    let body = serde_json::to_value(t.proven(&key, &node, "a").await).unwrap();
+    let (s, v) = t.register_body(body.clone()).await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    let (s, v) = t.register_body(body).await;
+    assert_eq!(s, StatusCode::UNAUTHORIZED, "{v}");
+    assert_eq!(v["error"], "bad_challenge");
+    assert!(
+        v["detail"].as_str().unwrap().contains("already used"),
+        "{v}"
+    );
+
+    // A challenge whose proof failed is spent too (no guessing against one challenge).
+    let mut body = t.proven(&key, &node, "a").await;
+    let good = body.proof.clone();
+    body.proof = Some("A".repeat(43));
+    let (s, _) = t.register_body(serde_json::to_value(&body).unwrap()).await;
+    assert_eq!(s, StatusCode::UNAUTHORIZED);
+    body.proof = good;
+    let (s, v) = t.register_body(serde_json::to_value(&body).unwrap()).await;
+    assert_eq!(
+        (s, v["error"].as_str()),
+        (StatusCode::UNAUTHORIZED, Some("bad_challenge")),
+        "{v}"
+    );
+}
+
+/// 16 registrations race for one single-use key: exactly one node is created.
+#[tokio::test]
+async fn single_use_key_survives_a_16_way_race() {
+    race_16_registrations_for_one_single_use_key(&setup().await).await;
+}
+
+/// The same race on PostgreSQL, where transactions really run side by side (SQLite serialises
+/// writers, so only PostgreSQL shows a claim that is not one conditional UPDATE letting several
+/// through). A throwaway cluster in a temp dir (deploy/setup.sh installs postgresql).
+#[tokio::test]
+async fn single_use_key_survives_a_16_way_race_on_postgres() {
+    let Some(pg) = ThrowawayPostgres::start() else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let url = fresh_postgres_db(&pg.url()).await;
+    race_16_registrations_for_one_single_use_key(&setup_on(dir, url, None).await).await;
+}
+
+async fn fresh_postgres_db(base: &str) -> String {
+    use rand::Rng;
+    sqlx::any::install_default_drivers();
+    let db = format!("hp_test_{:016x}", rand::thread_rng().r#gen::<u64>());
+    let admin = sqlx::AnyPool::connect(&format!("{base}/postgres"))
+        .await
+        .unwrap();
+    sqlx::query(&format!("CREATE DATABASE {db}"))
+        .execute(&admin)
+        .await
+        .unwrap();
+    admin.close().await;
+    format!("{base}/{db}")
+}
+
+/// A PostgreSQL cluster in a temp dir on a free loopback port, stopped on drop. As root it runs
+/// as the `postgres` user (initdb refuses root). None (a skip notice) when PostgreSQL is not
+/// installed, except under CI=true, where that is a failure.
+struct ThrowawayPostgres {
+    dir: tempfile::TempDir,
+    bin: std::path::PathBuf,
+    port: u16,
+}
+
+impl ThrowawayPostgres {
+    fn start() -> Option<ThrowawayPostgres> {
+        let bin = std::fs::read_dir("/usr/lib/postgresql").ok().and_then(|d| {
+            d.filter_map(|e| e.ok().map(|e| e.path().join("bin")))
+                .find(|b| b.join("initdb").is_file())
+        });
+        let Some(bin) = bin else {
+            let ci = std::env::var("CI").is_ok_and(|v| v == "true" || v == "1");
+            assert!(
+                !ci,
+                "PostgreSQL (initdb) is missing under CI=true: deploy/setup.sh installs postgresql"
+            );
+            eprintln!("skipped: PostgreSQL is not installed (deploy/setup.sh installs it)");
+            return None;
+        };
+        let dir = tempfile::tempdir().unwrap();
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let pg = ThrowawayPostgres { dir, bin, port };
+        if is_root() {
+            let st = std::process::Command::new("chown")
+                .args(["-R", "postgres"])
+                .arg(pg.dir.path())
+                .status()
+                .unwrap();
+            assert!(st.success(), "chown postgres failed");
+        }
+        let data = pg.dir.path().join("data");
+        let opts = format!(
+            "-p {} -k {} -c listen_addresses=127.0.0.1 -c fsync=off",
+            pg.port,
+            pg.dir.path().display()
+        );
+        pg.run(
+            "initdb",
+            &[
+                "-D",
+                data.to_str().unwrap(),
+                "-A",
+                "trust",
+                "-U",
+                "postgres",
+            ],
+        );
+        let log = pg.dir.path().join("log");
+        pg.run(
+            "pg_ctl",
+            &[
+                "-D",
+                data.to_str().unwrap(),
+                "-o",
+                &opts,
+                "-l",
+                log.to_str().unwrap(),
+                "-w",
+                "start",
+            ],
+        );
+        Some(pg)
+    }
+
+    fn run(&self, program: &str, args: &[&str]) {
+        let exe = self.bin.join(program);
+        let mut cmd = if is_root() {
+            let mut c = std::process::Command::new("runuser");
+            c.args(["-u", "postgres", "--"]).arg(&exe);
+            c
+        } else {
+            std::process::Command::new(&exe)
+        };
+        let out = cmd.args(args).output().unwrap();
+        assert!(
+            out.status.success(),
+            "{program} failed: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    fn url(&self) -> String {
+        format!("postgres://postgres@127.0.0.1:{}", self.port)
+    }
+}
+
+impl Drop for ThrowawayPostgres {
+    fn drop(&mut self) {
+        let data = self.dir.path().join("data");
+        let exe = self.bin.join("pg_ctl");
+        let args = ["-D", data.to_str().unwrap_or(""), "-m", "immediate", "stop"];
+        let _ = if is_root() {
+            std::process::Command::new("runuser")
+                .args(["-u", "postgres", "--"])
+                .arg(&exe)
+                .args(args)
+                .output()
+        } else {
+            std::process::Command::new(&exe).args(args).output()
+        };
+    }
+}
+
+fn is_root() -> bool {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    unsafe { libc::geteuid() == 0 }
+}
+
+async fn race_16_registrations_for_one_single_use_key(t: &T) {
+    let key = t.authkey(json!({})).await;
+    let mut bodies = vec![];
+    for i in 0..16 {
+        let b = t
+            .proven(&key, &PrivateKey::generate(), &format!("n{i}"))
+            .await;
+        bodies.push(serde_json::to_value(b).unwrap());
+    }
+    let tasks: Vec<_> = bodies
+        .into_iter()
+        .map(|b| {
+            let st = t.st.clone();
+            tokio::spawn(async move {
+                send(
+                    app(st),
+                    req(Method::POST, api::PATH_REGISTER, None, Some(b)),
+                )
+                .await
+            })
+        })
+        .collect();
+    let mut ok = 0;
+    for h in tasks {
+        let (s, v) = h.await.unwrap();
+        if s == StatusCode::OK {
+            ok += 1;
+        } else {
+            assert_eq!(s, StatusCode::UNAUTHORIZED, "{v}");
+            assert!(
+                v["detail"].as_str().unwrap().contains("already used"),
+                "{v}"
+            );
+        }
+    }
+    assert_eq!(ok, 1);
+    let (_, nodes) = t.admin(Method::GET, api::PATH_ADMIN_NODES, None).await;
+    assert_eq!(nodes.as_array().unwrap().len(), 1);
+
+    // The same race straight against the store (no API write lock): the conditional UPDATE
+    // alone lets one through.
+    let key = t.authkey(json!({})).await;
+    let (v4, v6) = {
+        let m = t.st.mesh();
+        (m.prefix_v4, m.prefix_v6)
+    };
+    let tasks: Vec<_> = (0..16u8)
+        .map(|i| {
+            let store = t.st.store.clone();
+            let key = key.clone();
+            tokio::spawn(async move {
+                store
+                    .register(
+                        &key,
+                        PrivateKey::generate().public_key(),
+                        format!("s{i}").parse().unwrap(),
+                        v4,
+                        v6,
+                        // Distinct names and addresses: nothing but the key claim can collide.
+                        Some(std::net::Ipv4Addr::new(100, 96, 1, i)),
+                    )
+                    .await
+            })
+        })
+        .collect();
+    let mut ok = 0;
+    for h in tasks {
+        if h.await.unwrap().is_ok() {
+            ok += 1;
+        }
+    }
+    assert_eq!(
+        ok, 1,
+        "exactly one store registration with a single-use key"
+    );
+}
+
+#[tokio::test]
+async fn ids_are_never_reused_after_deletion() {
+    let t = setup().await;
+    let key = t.authkey(json!({"reusable": true})).await;
+    let vps = t.register(&key, "vps").await;
+    let a = t.register(&key, "a").await;
+    let (s, _) = t
+        .admin(
+            Method::DELETE,
+            &format!("{}/a", api::PATH_ADMIN_NODES),
+            None,
+        )
+        .await;
+    assert_eq!(s, StatusCode::NO_CONTENT);
+    let b = t.register(&key, "b").await;
+    assert!(
+        b.node_id.0 > a.node_id.0,
+        "{:?} after {:?}",
+        b.node_id,
+        a.node_id
+    );
+
+    let rule = json!({"exit": "vps", "port": 8080, "to": "b:80"});
+    let (s, r1) = t
+        .admin(Method::POST, api::PATH_ADMIN_PUBLISH, Some(rule.clone()))
+        .await;
+    assert_eq!(s, StatusCode::CREATED, "{r1}");
+    let id1 = r1["id"].as_i64().unwrap();
+    let (s, _) = t
+        .admin(
+            Method::DELETE,
+            &format!("{}/{id1}", api::PATH_ADMIN_PUBLISH),
+            None,
+        )
+        .await;
+    assert_eq!(s, StatusCode::NO_CONTENT);
+    let (s, r2) = t
+        .admin(Method::POST, api::PATH_ADMIN_PUBLISH, Some(rule))
+        .await;
+    assert_eq!(s, StatusCode::CREATED, "{r2}");
+    assert!(r2["id"].as_i64().unwrap() > id1, "{r2} after {id1}");
+
+    // Auth keys are revoked, not deleted; ids still only grow.
+    let (_, list) = t.admin(Method::GET, api::PATH_ADMIN_AUTHKEYS, None).await;
+    let k1 = list[0]["id"].as_i64().unwrap();
+    t.admin(
+        Method::DELETE,
+        &format!("{}/{k1}", api::PATH_ADMIN_AUTHKEYS),
+        None,
+    )
+    .await;
+    t.authkey(json!({})).await;
+    let (_, list) = t.admin(Method::GET, api::PATH_ADMIN_AUTHKEYS, None).await;
+    assert!(
+        list.as_array().unwrap().last().unwrap()["id"]
+            .as_i64()
+            .unwrap()
+            > k1
+    );
+    let _ = vps;
+}
+
+#[tokio::test]
+async fn ids_keep_growing_across_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let opts = StateOptions {
+        database_url: fresh_db(dir.path()).await,
+        ..Default::default()
+    };
+    let (st, _) = AppState::open(opts.clone()).await.unwrap();
+    let (id, _) = st
+        .store
+        .create_authkey(false, &[], None, None)
+        .await
+        .unwrap();
+    sqlx::query("DELETE FROM authkeys")
+        .execute(&st.store.pool)
+        .await
+        .unwrap();
+    st.store.pool.close().await;
+    drop(st);
+    let (st, _) = AppState::open(opts).await.unwrap();
+    let (id2, _) = st
+        .store
+        .create_authkey(false, &[], None, None)
+        .await
+        .unwrap();
+    assert!(id2 > id, "{id2} after {id}: the counter is in the database");
+}
+
+#[tokio::test]
+async fn a_removed_node_joins_again_with_its_previous_address() {
+    let t = setup().await;
+    let key = t.authkey(json!({"reusable": true})).await;
+    t.register(&key, "a").await;
+    let node = PrivateKey::generate();
+    let (_, v) = t.register_raw(&key, &node, "home").await;
+    let first: RegisterResponse = serde_json::from_value(v).unwrap();
+    t.admin(
+        Method::DELETE,
+        &format!("{}/a", api::PATH_ADMIN_NODES),
+        None,
+    )
+    .await;
+    t.admin(
+        Method::DELETE,
+        &format!("{}/home", api::PATH_ADMIN_NODES),
+        None,
+    )
+    .await;
+    let ch = t.challenge().await;
+    let mut body = RegisterRequest {
+        authkey: key.clone(),
+        public_key: node.public_key(),
+        hostname: "home".into(),
+        capver: homeport_proto::CAPABILITY_VERSION,
+        previous_ipv4: Some(first.addrs.ipv4),
+        challenge: Some(ch.challenge),
+        proof: None,
+    };
+    body.proof = Some(homeport_proto::register::prove(&node, &ch.coordinator_key, &body).unwrap());
+    let (s, v) = t.register_body(serde_json::to_value(&body).unwrap()).await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    let again: RegisterResponse = serde_json::from_value(v).unwrap();
+    assert_ne!(again.node_id, first.node_id);
+    assert_eq!(
+        again.addrs, first.addrs,
+        "100.96.0.1 was free, .2 is the previous one"
+    );
 }
 
 #[tokio::test]
 async fn register_rejects_bad_keys() {
     let t = setup().await;
     let pk = || PrivateKey::generate().public_key().to_base64();
+    let node = PrivateKey::generate;
 
-    let (s, v) = t.register_raw("hpk_nonsense", &pk(), "a").await;
+    let (s, v) = t.register_raw("hpk_nonsense", &node(), "a").await;
     assert_eq!(s, StatusCode::UNAUTHORIZED);
     assert_eq!(v["error"], "unauthorized");
     assert!(v["detail"].as_str().unwrap().contains("authkey"));
@@ -251,7 +778,7 @@ async fn register_rejects_bad_keys() {
         )
         .await;
     assert_eq!(s, StatusCode::NO_CONTENT);
-    let (s, v) = t.register_raw(&key, &pk(), "a").await;
+    let (s, v) = t.register_raw(&key, &node(), "a").await;
     assert_eq!(s, StatusCode::UNAUTHORIZED);
     assert!(v["detail"].as_str().unwrap().contains("revoked"), "{v}");
     let (s, _) = t
@@ -277,14 +804,14 @@ async fn register_rejects_bad_keys() {
         .execute(&t.st.store.pool)
         .await
         .unwrap();
-    let (s, v) = t.register_raw(&key, &pk(), "a").await;
+    let (s, v) = t.register_raw(&key, &node(), "a").await;
     assert_eq!(s, StatusCode::UNAUTHORIZED);
     assert!(v["detail"].as_str().unwrap().contains("expired"), "{v}");
 
     // Single use: the second registration fails and leaves nothing behind.
     let key = t.authkey(json!({})).await;
     t.register(&key, "first").await;
-    let (s, v) = t.register_raw(&key, &pk(), "second").await;
+    let (s, v) = t.register_raw(&key, &node(), "second").await;
     assert_eq!(s, StatusCode::UNAUTHORIZED);
     assert!(
         v["detail"].as_str().unwrap().contains("already used"),
@@ -299,7 +826,9 @@ async fn register_rejects_bad_keys() {
 
     // Bad public key: 400 naming the field.
     let key = t.authkey(json!({"reusable": true})).await;
-    let (s, v) = t.register_raw(&key, "abc", "a").await;
+    let (s, v) = t
+        .register_body(json!({"authkey": key, "public_key": "abc", "hostname": "a"}))
+        .await;
     assert_eq!(s, StatusCode::BAD_REQUEST);
     assert!(v["detail"].as_str().unwrap().contains("public_key"), "{v}");
     assert!(
@@ -335,7 +864,7 @@ async fn register_rejects_bad_keys() {
     .await;
     assert_eq!(s, StatusCode::BAD_REQUEST);
     assert!(v["detail"].as_str().unwrap().contains("public_key"), "{v}");
-    let (s, v) = t.register_raw(&key, &pk(), "...").await;
+    let (s, v) = t.register_raw(&key, &node(), "...").await;
     assert_eq!(s, StatusCode::BAD_REQUEST);
     assert!(v["detail"].as_str().unwrap().contains("hostname"), "{v}");
 
@@ -785,6 +1314,7 @@ async fn openapi_covers_every_endpoint() {
     assert_eq!(s, StatusCode::OK);
     assert!(v["openapi"].as_str().unwrap().starts_with("3."));
     for p in [
+        api::PATH_CHALLENGE,
         api::PATH_REGISTER,
         api::PATH_MAP,
         api::PATH_ENDPOINTS,
@@ -1106,8 +1636,7 @@ async fn reusable_key_with_max_uses_stops_after_n() {
     let key = t.authkey(json!({"reusable": true, "max_uses": 2})).await;
     t.register(&key, "one").await;
     t.register(&key, "two").await;
-    let pk = PrivateKey::generate().public_key().to_base64();
-    let (s, v) = t.register_raw(&key, &pk, "three").await;
+    let (s, v) = t.register_raw(&key, &PrivateKey::generate(), "three").await;
     assert_eq!(s, StatusCode::UNAUTHORIZED, "{v}");
     assert!(v["detail"].as_str().unwrap().contains("max-uses"), "{v}");
     let (_, keys) = t.admin(Method::GET, api::PATH_ADMIN_AUTHKEYS, None).await;
@@ -1166,8 +1695,7 @@ async fn exhausted_address_pool_is_a_clear_409() {
     let key = t.authkey(json!({"reusable": true})).await;
     t.register(&key, "one").await;
     t.register(&key, "two").await;
-    let pk = PrivateKey::generate().public_key().to_base64();
-    let (s, v) = t.register_raw(&key, &pk, "three").await;
+    let (s, v) = t.register_raw(&key, &PrivateKey::generate(), "three").await;
     assert_eq!(s, StatusCode::CONFLICT, "{v}");
     assert!(
         v["detail"].as_str().unwrap().contains("no free address"),

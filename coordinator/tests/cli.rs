@@ -44,20 +44,27 @@ impl Server {
             .arg(&config)
             .args(extra)
             .env("RUST_LOG", "info")
-            .stdout(Stdio::null())
+            .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
             .unwrap();
+        // Everything the process writes (as journald would keep it), stdout and stderr.
         let stderr = Arc::new(Mutex::new(String::new()));
-        let pipe = child.stderr.take().unwrap();
-        let sink = stderr.clone();
-        std::thread::spawn(move || {
-            for line in BufReader::new(pipe).lines().map_while(Result::ok) {
-                let mut s = sink.lock().unwrap();
-                s.push_str(&line);
-                s.push('\n');
-            }
-        });
+        let out = child.stdout.take().unwrap();
+        let err = child.stderr.take().unwrap();
+        for pipe in [
+            Box::new(out) as Box<dyn std::io::Read + Send>,
+            Box::new(err),
+        ] {
+            let sink = stderr.clone();
+            std::thread::spawn(move || {
+                for line in BufReader::new(pipe).lines().map_while(Result::ok) {
+                    let mut s = sink.lock().unwrap();
+                    s.push_str(&line);
+                    s.push('\n');
+                }
+            });
+        }
         Server { child, dir, stderr }
     }
 
@@ -109,22 +116,11 @@ impl Server {
         }
     }
 
+    /// The admin token, from `<state-dir>/admin.token` (written on first start).
     fn admin_token(&self) -> String {
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            if let Some(t) = self
-                .stderr
-                .lock()
-                .unwrap()
-                .lines()
-                .map(str::trim)
-                .find(|l| l.starts_with("hpa_"))
-            {
-                return t.to_string();
-            }
-            assert!(Instant::now() < deadline, "admin token never printed");
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        let t = self.wait_file("admin.token");
+        assert!(t.starts_with("hpa_"), "{t:?}");
+        t
     }
 
     fn terminate(&mut self) -> std::process::ExitStatus {
@@ -308,6 +304,7 @@ fn cli_flow_and_file_modes() {
         "stun.addr",
         "coordinator.db",
         "admin.sock",
+        "admin.token",
     ] {
         assert_eq!(mode(&st.join(f)), 0o600, "{f}");
     }
@@ -333,6 +330,66 @@ fn cli_flow_and_file_modes() {
     assert!(t.elapsed() < Duration::from_secs(15));
     // pin still works from the files.
     assert_eq!(ok(&s.cli(&["pin"])).trim(), pin);
+}
+
+/// The admin token goes to a 0600 file, never into the output a service manager logs (stdout
+/// and stderr are not terminals here, as under systemd), and the database has only its hash.
+#[test]
+fn admin_token_goes_to_a_0600_file_and_never_to_the_log() {
+    let mut s = Server::start();
+    let token = s.admin_token();
+    s.pin();
+    let file = s.state().join("admin.token");
+    assert_eq!(mode(&file), 0o600);
+    let log = s.stderr.lock().unwrap().clone();
+    assert!(
+        log.contains("admin.token"),
+        "the log says where the token is:\n{log}"
+    );
+    assert!(!log.contains(&token), "the token is in the log:\n{log}");
+    assert!(!log.contains("hpa_"), "a token is in the log:\n{log}");
+    assert!(s.terminate().success());
+    for f in ["coordinator.db", "coordinator.db-wal"] {
+        if let Ok(b) = std::fs::read(s.state().join(f)) {
+            assert!(
+                !b.windows(token.len()).any(|w| w == token.as_bytes()),
+                "{f} holds the token in clear"
+            );
+        }
+    }
+    // A restart neither makes a new token nor prints one.
+    let before = std::fs::read_to_string(&file).unwrap();
+    let mut again = Command::new(BIN);
+    again
+        .args([
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--stun-listen",
+            "127.0.0.1:0",
+        ])
+        .arg("--state-dir")
+        .arg(s.state())
+        .arg("--config")
+        .arg(s.dir.path().join("coordinator.toml"))
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let child = again.spawn().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !s.state().join("admin.sock").exists() {
+        assert!(Instant::now() < deadline, "restart never came up");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // SAFETY: signalling our own child process.
+    unsafe {
+        libc::kill(child.id() as i32, libc::SIGTERM);
+    }
+    let out = child.wait_with_output().unwrap();
+    let text =
+        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    assert!(!text.contains("hpa_"), "{text}");
+    assert_eq!(std::fs::read_to_string(&file).unwrap(), before);
 }
 
 #[test]
@@ -411,19 +468,31 @@ async fn tls_pin_remote_admin_and_map_stream() {
             .is_err()
     );
 
-    // Remote admin CLI with token and pin.
+    // Remote admin CLI with a token file (or the environment) and pin; never a token in argv.
+    // --state-dir points elsewhere so the server's own admin.token is not the one found.
+    let files = tempfile::tempdir().unwrap();
+    let token_file = files.path().join("token");
+    std::fs::write(&token_file, format!("{token}\n")).unwrap();
+    let wrong_file = files.path().join("wrong");
+    std::fs::write(&wrong_file, "hpa_wrong\n").unwrap();
+    let tf = token_file.to_str().unwrap().to_string();
     let remote = |extra: &[&str]| {
         let mut cmd = Command::new(BIN);
-        cmd.args(extra).args(["--url", &base, "--pin", &pin]);
+        cmd.args(extra)
+            .args(["--url", &base, "--pin", &pin])
+            .arg("--state-dir")
+            .arg(files.path())
+            .env_remove("HOMEPORT_ADMIN_TOKEN");
         cmd
     };
     let key = ok(&remote(&["authkey", "create", "--reusable"])
-        .args(["--token", &token])
+        .args(["--token-file", &tf])
         .output()
         .unwrap());
     let key = key.trim().to_string();
     let o = remote(&["nodes", "--json"])
-        .args(["--token", "hpa_wrong"])
+        .arg("--token-file")
+        .arg(&wrong_file)
         .output()
         .unwrap();
     fails_with(&o, "wrong admin token");
@@ -432,16 +501,62 @@ async fn tls_pin_remote_admin_and_map_stream() {
         .output()
         .unwrap();
     assert!(ok(&o).starts_with("NAME"));
+    // No token at all: says where one comes from.
+    fails_with(&remote(&["nodes"]).output().unwrap(), "--token-file");
+    // The token is not accepted on the command line.
+    let o = remote(&["nodes"])
+        .args(["--token", &token])
+        .output()
+        .unwrap();
+    assert!(!o.status.success());
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("--token"),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    // On the VPS itself the CLI finds <state-dir>/admin.token.
+    let o = Command::new(BIN)
+        .args(["nodes", "--url", &base, "--pin", &pin])
+        .arg("--state-dir")
+        .arg(s.state())
+        .env_remove("HOMEPORT_ADMIN_TOKEN")
+        .output()
+        .unwrap();
+    assert!(ok(&o).starts_with("NAME"));
 
-    // A node registers and streams its map over real TLS; a later registration arrives at once.
+    // A node registers (challenge, then proof of its key) and streams its map over real TLS;
+    // a later registration arrives at once.
     let register = |host: &'static str| {
         let c = c.clone();
-        let body = serde_json::json!({
-            "authkey": key, "public_key": PrivateKey::generate().public_key(), "hostname": host,
-        });
-        let url = format!("{base}{}", api::PATH_REGISTER);
+        let key = key.clone();
+        let base = base.clone();
         async move {
-            let r = c.post(url).json(&body).send().await.unwrap();
+            let node = PrivateKey::generate();
+            let ch: homeport_proto::register::RegisterChallenge = c
+                .post(format!("{base}{}", api::PATH_CHALLENGE))
+                .send()
+                .await
+                .unwrap()
+                .json()
+                .await
+                .unwrap();
+            let mut body = api::RegisterRequest {
+                authkey: key,
+                public_key: node.public_key(),
+                hostname: host.into(),
+                capver: homeport_proto::CAPABILITY_VERSION,
+                previous_ipv4: None,
+                challenge: Some(ch.challenge),
+                proof: None,
+            };
+            body.proof =
+                Some(homeport_proto::register::prove(&node, &ch.coordinator_key, &body).unwrap());
+            let r = c
+                .post(format!("{base}{}", api::PATH_REGISTER))
+                .json(&body)
+                .send()
+                .await
+                .unwrap();
             assert_eq!(r.status(), 200);
             r.json::<api::RegisterResponse>().await.unwrap()
         }
@@ -475,6 +590,18 @@ async fn tls_pin_remote_admin_and_map_stream() {
     assert!(full.full);
     let relays = full.relays.unwrap();
     assert_eq!(
+        relays[0].public_key,
+        Some(
+            std::fs::read_to_string(s.state().join("relay.key"))
+                .unwrap()
+                .trim()
+                .parse::<PrivateKey>()
+                .unwrap()
+                .public_key()
+        ),
+        "the relay key is the coordinator key registrations prove against"
+    );
+    assert_eq!(
         relays[0].stun.unwrap().to_string(),
         s.wait_file("stun.addr"),
         "the map names the coordinator's STUN address"
@@ -484,7 +611,7 @@ async fn tls_pin_remote_admin_and_map_stream() {
     assert_eq!(d.peers[0].id, vps.node_id);
 
     let o = remote(&["nodes", "--json"])
-        .args(["--token", &token])
+        .args(["--token-file", &tf])
         .output()
         .unwrap();
     let nodes: Vec<api::NodeInfo> = serde_json::from_str(&ok(&o)).unwrap();
@@ -506,7 +633,7 @@ async fn tls_pin_remote_admin_and_map_stream() {
         "--to",
         "home:32400",
     ])
-    .args(["--token", &token])
+    .args(["--token-file", &tf])
     .output()
     .unwrap());
     let id: i64 = out.trim().parse().unwrap();

@@ -195,9 +195,28 @@ async fn schemathesis_finds_no_server_error_and_no_mismatch() {
     let mut creds = vec![];
     for host in ["st-a", "st-b"] {
         let k = PrivateKey::generate();
+        // Registration proves the node key over a fresh challenge.
+        let ch: homeport_proto::register::RegisterChallenge = client
+            .post(format!("{base}{}", api::PATH_CHALLENGE))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        let mut body = homeport_proto::api::RegisterRequest {
+            authkey: key.clone(),
+            public_key: k.public_key(),
+            hostname: host.to_string(),
+            capver: homeport_proto::CAPABILITY_VERSION,
+            previous_ipv4: None,
+            challenge: Some(ch.challenge),
+            proof: None,
+        };
+        body.proof = Some(homeport_proto::register::prove(&k, &ch.coordinator_key, &body).unwrap());
         let r = client
             .post(format!("{base}{}", api::PATH_REGISTER))
-            .json(&json!({"authkey": key, "public_key": k.public_key().to_base64(), "hostname": host}))
+            .json(&body)
             .send()
             .await
             .unwrap();

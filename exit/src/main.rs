@@ -66,11 +66,8 @@ fn main() -> std::process::ExitCode {
             })
         }
     };
-    match r {
-        Ok(()) => std::process::ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("error: {e:#}");
-            std::process::ExitCode::FAILURE
-        }
+    if let Err(e) = &r {
+        eprintln!("error: {e:#}");
     }
+    homeport_node::daemon::exit_code(&r)
 }

@@ -76,6 +76,13 @@ pub enum Cmd {
         #[command(flatten)]
         s: StateArg,
     },
+    /// Forget this node's registration and last map (the daemon must be stopped). The private
+    /// key stays, so the next `homeport up --authkey-file FILE` registers the same key again;
+    /// the node is removed from the mesh only by the coordinator's admin (`node remove NAME`)
+    Logout {
+        #[command(flatten)]
+        s: StateArg,
+    },
 }
 
 pub async fn status(state_dir: &std::path::Path) -> Result<Status> {
@@ -182,6 +189,28 @@ pub async fn run(cmd: Cmd) -> Result<()> {
                 Response::Error { message } => bail!("{message}"),
                 other => bail!("unexpected answer {other:?}"),
             }
+        }
+        Cmd::Logout { s } => {
+            if control::call(&s.state_dir, &Request::Status).await.is_ok() {
+                bail!(
+                    "the node daemon is running on {}; stop it first (`homeport down --state-dir {}`)",
+                    s.state_dir.display(),
+                    s.state_dir.display()
+                );
+            }
+            let st = crate::state::StateDir::open(&s.state_dir)?;
+            let removed = st.forget()?;
+            if removed.is_empty() {
+                println!("no registration in {}", s.state_dir.display());
+            } else {
+                for p in &removed {
+                    println!("removed {}", p.display());
+                }
+            }
+            println!(
+                "kept {} (this node's key); the coordinator's admin removes the node with `homeport-coordinator node remove NAME`",
+                st.path(crate::state::KEY_FILE).display()
+            );
         }
         Cmd::Down { s } => match control::call(&s.state_dir, &Request::Down).await? {
             Response::Ok => {

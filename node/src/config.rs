@@ -22,9 +22,11 @@ pub struct UpArgs {
     /// Pin of the coordinator's TLS key, as printed by `homeport-coordinator pin` (sha256/...)
     #[arg(long)]
     pub pin: Option<String>,
-    /// Pre-auth key for the first registration (not needed once registered)
-    #[arg(long)]
-    pub authkey: Option<String>,
+    /// File holding the pre-auth key for registration (first line; not needed once registered).
+    /// The key may instead come from the HOMEPORT_AUTHKEY environment variable; it is never
+    /// taken on the command line, where every local user could read it
+    #[arg(long, value_name = "PATH")]
+    pub authkey_file: Option<PathBuf>,
     /// Name of this node in the mesh (default: the machine's hostname)
     #[arg(long)]
     pub hostname: Option<String>,
@@ -77,7 +79,8 @@ pub const EXIT_DEFAULTS: RoleDefaults = RoleDefaults {
 pub struct UpConfig {
     pub coordinator: Option<String>,
     pub pin: Option<String>,
-    pub authkey: Option<String>,
+    /// Where the auth key comes from; read only when the node has to register.
+    pub authkey: Option<AuthKeySource>,
     pub hostname: String,
     pub state_dir: PathBuf,
     pub tun: String,
@@ -89,11 +92,61 @@ pub struct UpConfig {
     pub extra: toml::Table,
 }
 
+/// The environment variable `homeport up` reads an auth key from.
+pub const AUTHKEY_ENV: &str = "HOMEPORT_AUTHKEY";
+
+/// Where the auth key of a registration comes from.
+#[derive(Clone, PartialEq, Eq)]
+pub enum AuthKeySource {
+    /// `--authkey-file` or `authkey-file` in the config file.
+    File(PathBuf),
+    /// HOMEPORT_AUTHKEY, or `authkey` in the config file (itself a private file).
+    Value(String),
+}
+
+impl std::fmt::Debug for AuthKeySource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            AuthKeySource::File(p) => write!(f, "File({})", p.display()),
+            AuthKeySource::Value(_) => f.write_str("Value(<auth key>)"),
+        }
+    }
+}
+
+impl AuthKeySource {
+    /// The key: the first line of the file, or the value.
+    pub fn read(&self) -> Result<String> {
+        let k = match self {
+            AuthKeySource::Value(v) => v.trim().to_string(),
+            AuthKeySource::File(p) => std::fs::read_to_string(p)
+                .with_context(|| format!("--authkey-file {}: cannot read it", p.display()))?
+                .lines()
+                .next()
+                .unwrap_or("")
+                .trim()
+                .to_string(),
+        };
+        if k.is_empty() {
+            match self {
+                AuthKeySource::File(p) => bail!(
+                    "--authkey-file {}: empty; expected an auth key (hpk_...) from `homeport-coordinator authkey create` on its first line",
+                    p.display()
+                ),
+                AuthKeySource::Value(_) => bail!(
+                    "the auth key is empty; expected a key (hpk_...) from `homeport-coordinator authkey create`"
+                ),
+            }
+        }
+        Ok(k)
+    }
+}
+
 /// Keys the node itself understands in its config file.
 const NODE_KEYS: &[&str] = &[
     "coordinator",
     "pin",
     "authkey",
+    "authkey-file",
     "hostname",
     "state-dir",
     "tun",
@@ -152,7 +205,17 @@ impl UpArgs {
         Ok(UpConfig {
             coordinator: self.coordinator.or_else(|| get_str("coordinator")),
             pin: self.pin.or_else(|| get_str("pin")),
-            authkey: self.authkey.or_else(|| get_str("authkey")),
+            authkey: self
+                .authkey_file
+                .map(AuthKeySource::File)
+                .or_else(|| {
+                    std::env::var(AUTHKEY_ENV)
+                        .ok()
+                        .filter(|v| !v.trim().is_empty())
+                        .map(AuthKeySource::Value)
+                })
+                .or_else(|| get_str("authkey-file").map(|p| AuthKeySource::File(p.into())))
+                .or_else(|| get_str("authkey").map(AuthKeySource::Value)),
             hostname,
             state_dir: self
                 .state_dir
@@ -215,8 +278,8 @@ pub fn parse_config(text: &str, path: &Path, extra_keys: &[&str]) -> Result<toml
         }
         let ok = match norm.as_str() {
             "listen-port" => v.as_integer().is_some_and(|p| (0..=65535).contains(&p)),
-            "coordinator" | "pin" | "authkey" | "hostname" | "state-dir" | "tun"
-            | "metrics-listen" => v.is_str(),
+            "coordinator" | "pin" | "authkey" | "authkey-file" | "hostname" | "state-dir"
+            | "tun" | "metrics-listen" => v.is_str(),
             "log-format" => matches!(v.as_str(), Some("text") | Some("json")),
             _ => true,
         };
@@ -288,6 +351,32 @@ mod tests {
         assert_eq!(c.hostname, "h1");
         assert_eq!(c.listen_port, Some(5000));
         assert_eq!(c.state_dir, PathBuf::from("/var/lib/homeport"));
+    }
+
+    #[test]
+    fn authkey_comes_from_a_file_and_never_shows_in_debug() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("authkey");
+        std::fs::write(&p, "hpk_secret\n").unwrap();
+        let args = UpArgs {
+            authkey_file: Some(p.clone()),
+            config: Some(dir.path().join("none.toml")),
+            ..Default::default()
+        };
+        std::fs::write(dir.path().join("none.toml"), "").unwrap();
+        let c = args.resolve(&NODE_DEFAULTS, &[]).unwrap();
+        assert_eq!(c.authkey, Some(AuthKeySource::File(p.clone())));
+        assert_eq!(c.authkey.as_ref().unwrap().read().unwrap(), "hpk_secret");
+        let shown = format!("{:?}", AuthKeySource::Value("hpk_secret".into()));
+        assert!(!shown.contains("hpk_secret"), "{shown}");
+        std::fs::write(&p, "\n").unwrap();
+        let e = AuthKeySource::File(p).read().unwrap_err().to_string();
+        assert!(e.contains("empty") && e.contains("hpk_"), "{e}");
+        let e = AuthKeySource::File(dir.path().join("missing"))
+            .read()
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("--authkey-file"), "{e}");
     }
 
     #[test]

@@ -7,10 +7,11 @@ use crate::datapath::{DEFAULT_MTU, Datapath, DatapathConfig, PathInfo};
 use crate::state::{Registration, SOCK_FILE, StateDir};
 use anyhow::{Context, Result, bail};
 use homeport_proto::api::{
-    ApiError, EndpointReport, PATH_ENDPOINTS, PATH_MAP, PATH_REGISTER, RegisterRequest,
-    RegisterResponse,
+    ApiError, EndpointReport, PATH_CHALLENGE, PATH_ENDPOINTS, PATH_MAP, PATH_REGISTER,
+    RegisterRequest, RegisterResponse,
 };
 use homeport_proto::map::{Endpoint, EndpointKind, MAP_KEEPALIVE_SECS, MapMessage, NetworkMap};
+use homeport_proto::register::RegisterChallenge;
 use homeport_proto::{CAPABILITY_VERSION, PrivateKey};
 use std::net::{IpAddr, SocketAddr};
 use std::os::unix::fs::PermissionsExt;
@@ -31,6 +32,28 @@ const BACKOFF_MAX: Duration = Duration::from_secs(30);
 /// How often candidates are re-gathered (interfaces and STUN): NAT mappings and DHCP leases
 /// change on the scale of minutes; 20 s finds a change well before a user gives up.
 const ENDPOINT_REFRESH: Duration = Duration::from_secs(20);
+
+/// Exit status of a node the coordinator refuses (EX_CONFIG from sysexits.h): an admin has to
+/// act (a new auth key), so systemd must not restart it (`RestartPreventExitStatus=78`).
+pub const EXIT_REFUSED: u8 = 78;
+
+/// The coordinator refused this node (401): restarting will not help, an admin has to act. The
+/// private key and state are kept.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct Refused(pub String);
+
+/// The process exit code for the result of `run`: [`EXIT_REFUSED`] when the coordinator refused
+/// this node, 1 for any other failure.
+pub fn exit_code(r: &Result<()>) -> std::process::ExitCode {
+    match r {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) if e.downcast_ref::<Refused>().is_some() => {
+            std::process::ExitCode::from(EXIT_REFUSED)
+        }
+        Err(_) => std::process::ExitCode::FAILURE,
+    }
+}
 
 /// Sets up tracing for a daemon.
 pub fn init_logging(format: LogFormat) {
@@ -113,7 +136,7 @@ pub async fn run(
         .coordinator
         .clone()
         .or_else(|| stored.as_ref().map(|r| r.coordinator.clone()))
-        .context("no coordinator: pass --coordinator https://VPS:8443 (and --pin, --authkey) on the first start")?;
+        .context("no coordinator: pass --coordinator https://VPS:8443 (and --pin, --authkey-file) on the first start")?;
     let coordinator = coordinator.trim_end_matches('/').to_string();
     if !coordinator.starts_with("https://") {
         bail!(
@@ -128,11 +151,31 @@ pub async fn run(
     let client = http_client(&pin)?;
 
     let reg = match stored {
-        Some(r) if r.coordinator == coordinator => r,
-        _ => {
-            let authkey = cfg.authkey.clone().context(
-                "this node is not registered yet: pass --authkey KEY (from `homeport-coordinator authkey create`)",
-            )?;
+        Some(r) if r.coordinator == coordinator && !r.refused => r,
+        prev => {
+            let dir = cfg.state_dir.display();
+            let Some(source) = &cfg.authkey else {
+                if prev.as_ref().is_some_and(|r| r.refused) {
+                    return Err(Refused(format!(
+                        "the coordinator refused this node's credential earlier (removed by its admin?); \
+                         the private key and state in {dir} are kept. To join again with the same key and \
+                         address: homeport up --authkey-file FILE (a new key from `homeport-coordinator authkey create`, \
+                         or HOMEPORT_AUTHKEY); to forget the registration: homeport logout --state-dir {dir}"
+                    ))
+                    .into());
+                }
+                return Err(Refused(format!(
+                    "this node is not registered yet: pass --authkey-file FILE or set {} \
+                     (a key from `homeport-coordinator authkey create`)",
+                    crate::config::AUTHKEY_ENV
+                ))
+                .into());
+            };
+            let authkey = source.read()?;
+            let previous_ipv4 = prev
+                .as_ref()
+                .filter(|r| r.coordinator == coordinator)
+                .map(|r| r.addrs.ipv4);
             let r = register(
                 &client,
                 &coordinator,
@@ -140,6 +183,7 @@ pub async fn run(
                 &key,
                 &authkey,
                 &cfg.hostname,
+                previous_ipv4,
                 &shutdown,
             )
             .await?;
@@ -274,8 +318,17 @@ pub async fn run(
         dp.stop();
     }
     let _ = std::fs::remove_file(&sock_path);
-    if result.is_err() {
-        shared.state.forget();
+    if let Err(e) = &result
+        && e.downcast_ref::<Refused>().is_some()
+    {
+        // Keep the key and the registration (marked refused) so that `homeport up
+        // --authkey-file NEW` joins again with the same key and address.
+        let mut r = shared.reg.clone();
+        r.refused = true;
+        if let Err(e) = shared.state.save_registration(&r) {
+            tracing::warn!(error = %e, "cannot mark the registration as refused");
+        }
+        tracing::error!("{e}");
     }
     tracing::info!("homeport node stopped");
     result
@@ -290,6 +343,19 @@ fn http_client(pin: &str) -> Result<reqwest::Client> {
         .build()?)
 }
 
+/// Reads an error answer of the coordinator: its `detail`, or the status alone.
+async fn api_error(resp: reqwest::Response) -> String {
+    let status = resp.status();
+    match resp.json::<ApiError>().await {
+        Ok(e) => format!("{status} {}: {}", e.error, e.detail),
+        Err(_) => status.to_string(),
+    }
+}
+
+/// Registers this node's key, proving that it holds the private key: a fresh challenge from
+/// the coordinator (over the pinned TLS connection), then the register request with the proof.
+/// Retries while the coordinator is unreachable; a refusal (4xx) is final.
+#[allow(clippy::too_many_arguments)]
 async fn register(
     client: &reqwest::Client,
     url: &str,
@@ -297,27 +363,13 @@ async fn register(
     key: &PrivateKey,
     authkey: &str,
     hostname: &str,
+    previous_ipv4: Option<std::net::Ipv4Addr>,
     shutdown: &CancellationToken,
 ) -> Result<Registration> {
-    let body = RegisterRequest {
-        authkey: authkey.to_string(),
-        public_key: key.public_key(),
-        hostname: hostname.to_string(),
-        capver: CAPABILITY_VERSION,
-    };
     let mut backoff = BACKOFF_MIN;
     loop {
-        match client
-            .post(format!("{url}{PATH_REGISTER}"))
-            .json(&body)
-            .send()
-            .await
-        {
-            Ok(resp) if resp.status().is_success() => {
-                let r: RegisterResponse = resp
-                    .json()
-                    .await
-                    .context("reading the registration answer")?;
+        match register_once(client, url, key, authkey, hostname, previous_ipv4).await {
+            Ok(Ok(r)) => {
                 return Ok(Registration {
                     coordinator: url.to_string(),
                     pin: pin.to_string(),
@@ -328,19 +380,11 @@ async fn register(
                     prefix_v6: r.prefix_v6,
                     credential: r.credential,
                     listen_port: 0,
+                    refused: false,
                 });
             }
-            Ok(resp) if resp.status().is_client_error() => {
-                let status = resp.status();
-                let detail = resp
-                    .json::<ApiError>()
-                    .await
-                    .map(|e| e.detail)
-                    .unwrap_or_default();
-                bail!("the coordinator refused registration ({status}): {detail}");
-            }
-            Ok(resp) => tracing::warn!(status = %resp.status(), "registration failed; retrying"),
-            Err(e) => tracing::warn!(error = %error_chain(&e), "coordinator unreachable; retrying"),
+            Ok(Err(refusal)) => return Err(refusal),
+            Err(why) => tracing::warn!(reason = %why, "registration failed; retrying"),
         }
         tokio::select! {
             _ = tokio::time::sleep(backoff) => {}
@@ -348,6 +392,82 @@ async fn register(
         }
         backoff = (backoff * 2).min(BACKOFF_MAX);
     }
+}
+
+/// One registration attempt. Outer error: worth retrying (network, 5xx); inner error: refused.
+async fn register_once(
+    client: &reqwest::Client,
+    url: &str,
+    key: &PrivateKey,
+    authkey: &str,
+    hostname: &str,
+    previous_ipv4: Option<std::net::Ipv4Addr>,
+) -> std::result::Result<Result<RegisterResponse>, String> {
+    let resp = client
+        .post(format!("{url}{PATH_CHALLENGE}"))
+        .send()
+        .await
+        .map_err(|e| format!("coordinator unreachable: {}", error_chain(&e)))?;
+    if resp.status().is_server_error() {
+        return Err(format!("challenge: {}", api_error(resp).await));
+    }
+    if !resp.status().is_success() {
+        let why = api_error(resp).await;
+        return Ok(Err(anyhow::anyhow!(
+            "the coordinator gave no registration challenge ({why}); it may be older than this node (capability version {CAPABILITY_VERSION} needs POST {PATH_CHALLENGE})"
+        )));
+    }
+    let ch: RegisterChallenge = resp
+        .json()
+        .await
+        .map_err(|e| format!("reading the challenge: {}", error_chain(&e)))?;
+    let mut body = RegisterRequest {
+        authkey: authkey.to_string(),
+        public_key: key.public_key(),
+        hostname: hostname.to_string(),
+        capver: CAPABILITY_VERSION,
+        previous_ipv4,
+        challenge: Some(ch.challenge.clone()),
+        proof: None,
+    };
+    body.proof = match homeport_proto::register::prove(key, &ch.coordinator_key, &body) {
+        Ok(p) => Some(p),
+        Err(e) => {
+            return Ok(Err(anyhow::anyhow!(
+                "the coordinator's challenge is unusable: {e}"
+            )));
+        }
+    };
+    let resp = client
+        .post(format!("{url}{PATH_REGISTER}"))
+        .json(&body)
+        .send()
+        .await
+        .map_err(|e| format!("coordinator unreachable: {}", error_chain(&e)))?;
+    let status = resp.status();
+    if status.is_success() {
+        return Ok(resp
+            .json::<RegisterResponse>()
+            .await
+            .context("reading the registration answer"));
+    }
+    let why = api_error(resp).await;
+    if status == reqwest::StatusCode::UNAUTHORIZED {
+        return Ok(Err(Refused(format!(
+            "the coordinator refused registration ({why}); the private key is kept. \
+             Ask its admin for a new auth key (`homeport-coordinator authkey create`) and run \
+             homeport up --authkey-file FILE (or set HOMEPORT_AUTHKEY)"
+        ))
+        .into()));
+    }
+    if status.is_client_error() {
+        // A bad hostname or a full address pool does not heal by restarting either.
+        return Ok(Err(Refused(format!(
+            "the coordinator refused registration ({why}); fix what it names, then start again"
+        ))
+        .into()));
+    }
+    Err(format!("register: {why}"))
 }
 
 fn error_chain(e: &dyn std::error::Error) -> String {
@@ -363,7 +483,7 @@ fn error_chain(e: &dyn std::error::Error) -> String {
 
 enum StreamEnd {
     /// The coordinator does not know our credential any more: we were removed.
-    Revoked,
+    Revoked(String),
     Closed(String),
 }
 
@@ -380,8 +500,16 @@ async fn map_loop(
         let end = map_stream(client, url, cred, shared, maps, &mut backoff).await;
         shared.connected.store(false, Ordering::Relaxed);
         match end {
-            StreamEnd::Revoked => {
-                bail!("the coordinator revoked this node (removed by its admin); it left the mesh")
+            StreamEnd::Revoked(why) => {
+                return Err(Refused(format!(
+                    "the coordinator no longer accepts this node's credential ({why}): its admin removed it, \
+                     or this key registered again elsewhere. The node stops; its private key and state in {} are kept. \
+                     To join again with the same key and address: homeport up --authkey-file FILE \
+                     (a new key from `homeport-coordinator authkey create`, or HOMEPORT_AUTHKEY); \
+                     to forget the registration: homeport logout",
+                    shared.state.dir.display()
+                ))
+                .into());
             }
             StreamEnd::Closed(why) => {
                 tracing::warn!(reason = %why, retry_in = ?backoff, "map stream ended; reconnecting")
@@ -413,7 +541,7 @@ async fn map_stream(
         Err(e) => return StreamEnd::Closed(error_chain(&e)),
     };
     if resp.status() == reqwest::StatusCode::UNAUTHORIZED {
-        return StreamEnd::Revoked;
+        return StreamEnd::Revoked(api_error(resp).await);
     }
     if !resp.status().is_success() {
         return StreamEnd::Closed(format!("status {}", resp.status()));

@@ -29,6 +29,10 @@ pub struct Registration {
     /// The UDP port we listened on last time, reused so NAT mappings and firewall rules hold.
     #[serde(default)]
     pub listen_port: u16,
+    /// The coordinator answered 401 to this credential: it is kept (key, name, address) so that
+    /// `homeport up --authkey-file NEW` joins again as the same node, but not used.
+    #[serde(default)]
+    pub refused: bool,
 }
 
 pub struct StateDir {
@@ -83,10 +87,19 @@ impl StateDir {
         write_private(&self.path(MAP_FILE), &serde_json::to_vec(m)?)
     }
 
-    /// Forgets the registration and map (the coordinator revoked us).
-    pub fn forget(&self) {
-        let _ = std::fs::remove_file(self.path(REG_FILE));
-        let _ = std::fs::remove_file(self.path(MAP_FILE));
+    /// Forgets the registration and the map (`homeport logout`); the private key stays. Returns
+    /// the files removed.
+    pub fn forget(&self) -> Result<Vec<PathBuf>> {
+        let mut removed = vec![];
+        for f in [REG_FILE, MAP_FILE] {
+            let p = self.path(f);
+            match std::fs::remove_file(&p) {
+                Ok(()) => removed.push(p),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(e).with_context(|| format!("removing {}", p.display())),
+            }
+        }
+        Ok(removed)
     }
 }
 

@@ -13,6 +13,8 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 pub const PATH_REGISTER: &str = "/api/v1/node/register";
+/// `POST`, no body: a fresh single-use challenge for register (see `register`).
+pub const PATH_CHALLENGE: &str = "/api/v1/node/challenge";
 pub const PATH_MAP: &str = "/api/v1/node/map";
 pub const PATH_ENDPOINTS: &str = "/api/v1/node/endpoints";
 pub const PATH_PROBE: &str = "/api/v1/node/probe";
@@ -58,6 +60,18 @@ pub struct RegisterRequest {
     pub hostname: String,
     #[serde(default)]
     pub capver: u32,
+    /// The mesh IPv4 address this node had before (after it was removed and joins again): given
+    /// again when still free in the mesh prefix, so peers and rules that know it keep working.
+    /// Ignored when the key is still registered (its addresses never change).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub previous_ipv4: Option<std::net::Ipv4Addr>,
+    /// From `POST /api/v1/node/challenge`; single use. Required since capability version 2.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub challenge: Option<String>,
+    /// Proof of possession of the private key of `public_key`: see [`crate::register::prove`].
+    /// Required since capability version 2.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub proof: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

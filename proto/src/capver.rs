@@ -7,6 +7,9 @@
 //! History (newest last; never reuse or renumber):
 //! - 1 (2026-11-22): register, NDJSON map stream with full map then deltas, endpoint reports,
 //!   compiled packet filter, publish rules, disco probes, UDP relay framing.
+//! - 2 (2026-11-29): register proves possession of the node's private key (`POST
+//!   /api/v1/node/challenge`, then `challenge` and `proof` in the register body); a coordinator
+//!   at 2 refuses a register without them.
 
 /// This build's capability version.
-pub const CAPABILITY_VERSION: u32 = 1;
+pub const CAPABILITY_VERSION: u32 = 2;

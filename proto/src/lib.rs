@@ -14,6 +14,7 @@ pub mod map;
 pub mod names;
 pub mod policy;
 pub mod publish;
+pub mod register;
 pub mod relay;
 #[cfg(feature = "tls")]
 pub mod tls;

@@ -211,6 +211,9 @@ impl Lab {
     ) -> Result<Node> {
         let exe = bin(binary)?;
         let state_dir = self.dir().join(format!("{binary}-{hostname}"));
+        // The auth key goes in a 0600 file, as a user would do: never on the command line.
+        let key_file = self.dir().join(format!("{binary}-{hostname}.authkey"));
+        write_private(&key_file, authkey)?;
         let mut args = vec![
             exe.to_str()
                 .context("binary path is not UTF-8")?
@@ -220,8 +223,8 @@ impl Lab {
             coord.url.clone(),
             "--pin".into(),
             coord.pin.clone(),
-            "--authkey".into(),
-            authkey.into(),
+            "--authkey-file".into(),
+            key_file.to_str().context("lab dir is not UTF-8")?.into(),
             "--hostname".into(),
             hostname.into(),
             "--state-dir".into(),
@@ -247,4 +250,19 @@ impl Lab {
         )??;
         Ok(node)
     }
+}
+
+/// Writes `text` and a newline to `p` with mode 0600.
+pub fn write_private(p: &Path, text: &str) -> Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(p)
+        .with_context(|| format!("writing {}", p.display()))?;
+    writeln!(f, "{text}")?;
+    Ok(())
 }

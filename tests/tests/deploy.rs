@@ -127,6 +127,8 @@ fn systemd_units_are_notify_services_with_least_privilege() {
         } else {
             assert_eq!(caps, "CAP_NET_ADMIN", "{unit}");
             assert_eq!(v("DeviceAllow"), "/dev/net/tun rw", "{unit}");
+            // A node the coordinator refused exits 78 (it needs a new auth key): no restart loop.
+            assert_eq!(v("RestartPreventExitStatus"), "78", "{unit}");
             assert_eq!(
                 v("ReadWritePaths"),
                 format!("/var/lib/{}", v("StateDirectory")),

@@ -231,3 +231,88 @@ fn restart_keeps_address_and_coordinator_outage_keeps_traffic() -> Result<()> {
     }
     Ok(())
 }
+
+/// A node the coordinator refuses (its admin removed it) exits with status 78, keeps its private
+/// key and registration, says how to come back, and joins again with a new auth key as the same
+/// key and address. `homeport logout` is the only way its registration is forgotten.
+#[test]
+fn refused_node_exits_78_keeps_its_key_and_rejoins_with_the_same_address() -> Result<()> {
+    if !require_root() {
+        return Ok(());
+    }
+    let (mut lab, coord, nodes, _) = mesh_lab(2)?;
+    let ip2 = nodes[1].ip()?;
+    wait_ping(&lab, "n1", &ip2)?;
+    let state = nodes[1].state_dir.clone();
+    let key_file = state.join("private.key");
+    let key_before = std::fs::read_to_string(&key_file)?;
+
+    coord.admin(&["node", "remove", "n2"])?;
+    wait_until("n2's daemon to exit", Duration::from_secs(10), || {
+        lab.check_running(nodes[1].proc).is_err()
+    })?;
+    let status = lab.stop(nodes[1].proc)?;
+    let log = lab.log(nodes[1].proc);
+    assert_eq!(status.code(), Some(78), "{log}");
+    assert!(log.contains("homeport up --authkey-file"), "{log}");
+    assert_eq!(
+        std::fs::read_to_string(&key_file)?,
+        key_before,
+        "the private key is kept"
+    );
+    let reg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(state.join("node.json"))?)?;
+    assert_eq!(reg["refused"], true, "{reg}");
+
+    // Started again without a new key (what systemd would do without RestartPreventExitStatus):
+    // it exits 78 at once and says what to do.
+    let exe = homeport_tests::bin("homeport")?;
+    let p = lab.spawn(
+        "n2",
+        "n2-without-key",
+        &[
+            exe.to_str().context("utf-8")?,
+            "up",
+            "--tun",
+            "hp0",
+            "--state-dir",
+            state.to_str().context("utf-8")?,
+        ],
+    )?;
+    wait_until(
+        "the keyless restart to exit",
+        Duration::from_secs(10),
+        || lab.check_running(p).is_err(),
+    )?;
+    let log = lab.log(p);
+    assert_eq!(lab.stop(p)?.code(), Some(78), "{log}");
+    assert!(log.contains("--authkey-file"), "{log}");
+
+    // With a new auth key it joins again: the same key, the same address, reachable again.
+    let new_key = coord.authkey(false)?;
+    let n2 = lab.start_node("n2", &coord, &new_key, "n2")?;
+    assert_eq!(n2.ip()?, ip2, "the previous address is given back");
+    assert_eq!(std::fs::read_to_string(&key_file)?, key_before);
+    wait_ping(&lab, "n1", &ip2)?;
+
+    // logout refuses while the daemon runs, then forgets the registration and keeps the key.
+    let logout = || {
+        std::process::Command::new(&exe)
+            .args(["logout", "--state-dir"])
+            .arg(&state)
+            .output()
+    };
+    let o = logout()?;
+    assert!(!o.status.success());
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("homeport down"),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    lab.stop(n2.proc)?;
+    let o = logout()?;
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(!state.join("node.json").exists());
+    assert_eq!(std::fs::read_to_string(&key_file)?, key_before);
+    Ok(())
+}
