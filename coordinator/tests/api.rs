@@ -1649,16 +1649,17 @@ async fn reusable_key_with_max_uses_stops_after_n() {
     let mut tasks = vec![];
     for i in 0..10 {
         let st = t.st.clone();
-        let key = key.clone();
+        let body = t
+            .proven(&key, &PrivateKey::generate(), &format!("race{i}"))
+            .await;
         tasks.push(tokio::spawn(async move {
-            let pk = PrivateKey::generate().public_key().to_base64();
             send(
                 app(st),
                 req(
                     Method::POST,
                     api::PATH_REGISTER,
                     None,
-                    Some(json!({"authkey": key, "public_key": pk, "hostname": format!("race{i}")})),
+                    Some(serde_json::to_value(body).unwrap()),
                 ),
             )
             .await
