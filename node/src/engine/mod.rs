@@ -1183,8 +1183,11 @@ impl Engine {
                 && peer.eager.swap(false, Ordering::Relaxed)
                 && tunn.stats().0.is_none()
             {
+                // Forced: an initiation held back while the relay was binding (see
+                // `send_handshake`) counts as in progress for boringtun, which would otherwise
+                // wait its 5 s retry before sending another.
                 if let TunnResult::WriteToNetwork(b) =
-                    tunn.format_handshake_initiation(&mut buf, false)
+                    tunn.format_handshake_initiation(&mut buf, true)
                 {
                     let len = b.len();
                     drop(tunn);
