@@ -267,13 +267,7 @@ impl Datapath {
                             engine.tick(Instant::now(), &mut |to, b| {
                                 send_one(&socket, &state, to, b)
                             });
-                            let (ttl, openers) = engine.take_openers();
-                            for (to, b) in openers {
-                                send_with_ttl(&socket, to, &b, ttl);
-                            }
-                            for (to, b) in engine.take_after_openers() {
-                                send_one(&socket, &state, to, &b);
-                            }
+                            send_openers(&engine, &socket, &state);
                             std::thread::sleep(TICK);
                         }
                     })?,
@@ -448,13 +442,7 @@ impl Datapath {
 
     /// Sends queued NAT openers now (they must leave before we ask the peer to probe us).
     fn flush_openers(&self) {
-        let (ttl, openers) = self.engine.take_openers();
-        for (to, b) in openers {
-            send_with_ttl(&self.socket, to, &b, ttl);
-        }
-        for (to, b) in self.engine.take_after_openers() {
-            send_one(&self.socket, &self.state, to, &b);
-        }
+        send_openers(&self.engine, &self.socket, &self.state);
     }
 
     /// Sets the TTL of NAT openers (see `engine::OPEN_FIRST`).
@@ -546,6 +534,18 @@ impl Datapath {
         }
         self.routes.remove();
         self.published_udp.lock().unwrap().remove();
+    }
+}
+
+/// Sends the engine's queued NAT openers with their TTL, then what must follow them (the Ready
+/// messages that say they went out).
+fn send_openers(engine: &Engine, socket: &UdpSocket, state: &UdpSocketState) {
+    let (ttl, openers) = engine.take_openers();
+    for (to, b) in openers {
+        send_with_ttl(socket, to, &b, ttl);
+    }
+    for (to, b) in engine.take_after_openers() {
+        send_one(socket, state, to, &b);
     }
 }
 

@@ -208,7 +208,7 @@ impl PathState {
         }
         // The peer sends through the relay: it lost the direct path (its side of a NAT change
         // shows first there); answer the same way until it is heard directly again.
-        !self.relay_rx.is_some_and(|r| r > heard)
+        self.relay_rx.is_none_or(|r| r <= heard)
     }
 
     /// When the peer was last heard on the direct path (a Pong or an authenticated packet).
