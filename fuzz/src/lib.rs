@@ -101,8 +101,15 @@ fn secret(id: i64) -> StaticSecret {
     StaticSecret::from([id as u8; 32])
 }
 
+/// The public key of node `id` (0..16), computed once: a scalar multiplication per call would be
+/// most of a run's time.
 fn public(id: i64) -> [u8; 32] {
-    PublicKey::from(&secret(id)).to_bytes()
+    static KEYS: OnceLock<Vec<[u8; 32]>> = OnceLock::new();
+    KEYS.get_or_init(|| {
+        (0..16)
+            .map(|i| PublicKey::from(&secret(i)).to_bytes())
+            .collect()
+    })[id as usize]
 }
 
 fn private_key(id: i64) -> homeport_proto::PrivateKey {
@@ -449,10 +456,17 @@ pub fn disco_open(data: &[u8]) {
 const RELAY_NODES: [i64; 2] = [LAPTOP, VPS];
 
 fn relay_bind(node: i64, unix: u64) -> [u8; relay::BIND_LEN] {
+    static MACS: OnceLock<Vec<ring::hmac::Key>> = OnceLock::new();
+    let macs = MACS.get_or_init(|| {
+        (0..16)
+            .map(|i| {
+                let shared = secret(i).diffie_hellman(&PublicKey::from(public(9)));
+                ring::hmac::Key::new(ring::hmac::HMAC_SHA256, shared.as_bytes())
+            })
+            .collect()
+    });
     let key = public(node);
-    let shared = secret(node).diffie_hellman(&PublicKey::from(public(9)));
-    let k = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, shared.as_bytes());
-    let tag = ring::hmac::sign(&k, &relay::Bind::signed(&key, unix));
+    let tag = ring::hmac::sign(&macs[node as usize], &relay::Bind::signed(&key, unix));
     relay::Bind {
         key,
         unix,
@@ -498,17 +512,26 @@ fn check_relay_framing(d: &[u8]) {
 /// node `d[0] & 1` carrying `d[1..]`, 3 the relay magic then the bytes; bits 4-7 advance time
 /// by that many 8 s steps. A forward must go where the destination key was last bound, and
 /// come from where the sender's key was last bound.
+///
+/// One relay serves every run (its X25519 work is cached per key, as in the coordinator); each
+/// run starts a day after the last on both of its clocks, so no binding or BIND time of an
+/// earlier run is in force.
 pub fn relay_server_udp(data: &[u8]) {
     use homeport_coordinator::relay::Action;
-    let r = new_relay();
+    static RELAY: OnceLock<(Arc<homeport_coordinator::relay::Relay>, Instant, Mutex<u64>)> =
+        OnceLock::new();
+    let (r, base, runs) = RELAY.get_or_init(|| (new_relay(), Instant::now(), Mutex::new(0)));
+    let mut runs = runs.lock().unwrap_or_else(|e| e.into_inner());
+    *runs += 1;
+    const DAY: Duration = Duration::from_secs(86_400);
+    let mut now = *base + DAY * *runs as u32;
+    let mut unix: u64 = 1_800_000_000_000 + DAY.as_millis() as u64 * *runs;
     let froms: [SocketAddr; 4] = [
         "203.0.113.2:1000".parse().unwrap(),
         "203.0.113.3:2000".parse().unwrap(),
         "[2001:db8::3]:2000".parse().unwrap(),
         "192.0.2.66:4000".parse().unwrap(),
     ];
-    let mut now = Instant::now();
-    let mut unix: u64 = 1_800_000_000_000;
     let mut bound: HashMap<[u8; 32], SocketAddr> = HashMap::new();
     for (h, bytes) in records(data) {
         let step = Duration::from_secs(8) * (h >> 4) as u32;
@@ -572,11 +595,14 @@ pub fn relay_server_tcp(data: &[u8]) {
         let vps: SocketAddr = "198.51.100.20:41641".parse().unwrap();
         r.handle(vps, &relay_bind(VPS, unix), Instant::now(), unix);
     }
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .start_paused(true)
-        .build()
-        .unwrap();
+    static RT: OnceLock<tokio::runtime::Runtime> = OnceLock::new();
+    let rt = RT.get_or_init(|| {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .start_paused(true)
+            .build()
+            .unwrap()
+    });
     rt.block_on(async move {
         let (client, server) = tokio::io::duplex(stream.len().max(64));
         let slot = r.tcp_slot().expect("a free slot");
