@@ -131,7 +131,14 @@ fn name(s: &str) -> homeport_proto::NodeName {
     s.parse().unwrap()
 }
 
-fn rule(id: i64, exit: i64, proto: PublishProto, port: u16, target: i64, tport: u16) -> PublishRule {
+fn rule(
+    id: i64,
+    exit: i64,
+    proto: PublishProto,
+    port: u16,
+    target: i64,
+    tport: u16,
+) -> PublishRule {
     let names = ["", "home", "laptop", "vps", "nas"];
     PublishRule {
         id,
@@ -180,7 +187,10 @@ pub fn home_map() -> NetworkMap {
             prefix_v6: "fd7a:115c:a1e0::/64".parse().unwrap(),
             tags: vec![],
         },
-        peers: peers.into_iter().map(|p| (p.id, p)).collect::<BTreeMap<_, _>>(),
+        peers: peers
+            .into_iter()
+            .map(|p| (p.id, p))
+            .collect::<BTreeMap<_, _>>(),
         filter: PacketFilter {
             allow_all: false,
             rules: vec![
@@ -388,7 +398,11 @@ pub fn ip_filter(data: &[u8]) {
 
 fn check_parse(pkt: &[u8], info: Option<&PacketInfo>) {
     let Some(i) = info else { return };
-    assert_eq!(packet::dst_addr(pkt), Some(i.dst), "dst_addr disagrees with parse");
+    assert_eq!(
+        packet::dst_addr(pkt),
+        Some(i.dst),
+        "dst_addr disagrees with parse"
+    );
     if let Frag::Later { .. } = i.frag {
         assert_eq!((i.src_port, i.dst_port, i.l4_hdr), (0, 0, 0));
         return;
@@ -564,7 +578,11 @@ pub fn relay_server_udp(data: &[u8]) {
             Action::Forward { to, from_key } => {
                 let (_, dst, _) = relay::parse(&d).expect("a forwarded SEND parses");
                 assert_eq!(bound.get(&dst), Some(&to), "forwarded to a stale address");
-                assert_eq!(bound.get(&from_key), Some(&from), "forwarded for a stale sender");
+                assert_eq!(
+                    bound.get(&from_key),
+                    Some(&from),
+                    "forwarded for a stale sender"
+                );
                 assert_ne!(dst, from_key, "forwarded to itself");
             }
             Action::Drop(_) => {}
@@ -658,7 +676,10 @@ pub fn node_socket(data: &[u8]) {
             let Some(frame) = s.get(relay::TCP_FRAME_HEADER..relay::TCP_FRAME_HEADER + n) else {
                 break;
             };
-            check_decap(w.engine.handle_relay(&t, relay_addr, frame, &mut out, now, sink));
+            check_decap(
+                w.engine
+                    .handle_relay(&t, relay_addr, frame, &mut out, now, sink),
+            );
             s = &s[relay::TCP_FRAME_HEADER + n..];
         }
         return;
@@ -730,7 +751,11 @@ pub fn stun_server(data: &[u8]) {
     assert_eq!(classify(&resp), DatagramKind::Stun);
     let (tx, addr) = homeport_node::stun::parse_binding_response(&resp)
         .expect("the node decodes the coordinator's answer");
-    assert_eq!(&tx[..], &data[8..20], "the answer carries another transaction id");
+    assert_eq!(
+        &tx[..],
+        &data[8..20],
+        "the answer carries another transaction id"
+    );
     assert_eq!(addr, SocketAddr::new(peer.ip().to_canonical(), peer.port()));
 }
 
@@ -884,7 +909,10 @@ pub fn config_node(data: &[u8]) {
     };
     let resolved = args.resolve(&NODE_DEFAULTS, &[]);
     if parsed.is_err() {
-        assert!(resolved.is_err(), "resolve accepted a file parse_config refuses");
+        assert!(
+            resolved.is_err(),
+            "resolve accepted a file parse_config refuses"
+        );
     }
 }
 
@@ -1058,7 +1086,11 @@ fn ip_seeds(s: &mut Vec<(&'static str, &'static str, Vec<u8>)>) {
     const ACK: u8 = 0x10;
     // Control bytes: peer (0 laptop, 1 VPS, 2 NAS) | 4 for outbound | time steps << 3.
     let (lap, vps, nas, out) = (0u8, 1u8, 2u8, 4u8);
-    let recs = |v: &[(u8, Vec<u8>)]| v.iter().flat_map(|(h, p)| record(*h, p)).collect::<Vec<u8>>();
+    let recs = |v: &[(u8, Vec<u8>)]| {
+        v.iter()
+            .flat_map(|(h, p)| record(*h, p))
+            .collect::<Vec<u8>>()
+    };
     s.push((
         "ip_filter",
         "laptop-ssh-allowed-http-refused",
@@ -1066,7 +1098,10 @@ fn ip_seeds(s: &mut Vec<(&'static str, &'static str, Vec<u8>)>) {
             (lap, tcp("100.96.0.2", 40000, "100.96.0.1", 22, SYN)),
             (lap, tcp("100.96.0.2", 40001, "100.96.0.1", 80, SYN)),
             (lap, tcp("100.96.0.2", 40001, "100.96.0.1", 80, ACK)),
-            (lap, tcp("fd7a:115c:a1e0::2", 40002, "fd7a:115c:a1e0::1", 22, SYN)),
+            (
+                lap,
+                tcp("fd7a:115c:a1e0::2", 40002, "fd7a:115c:a1e0::1", 22, SYN),
+            ),
         ]),
     ));
     s.push((
@@ -1074,8 +1109,14 @@ fn ip_seeds(s: &mut Vec<(&'static str, &'static str, Vec<u8>)>) {
         "udp-out-and-reply",
         recs(&[
             (out, udp("100.96.0.1", 7000, "100.96.0.2", 9000, b"query")),
-            (lap | 1 << 3, udp("100.96.0.2", 9000, "100.96.0.1", 7000, b"answer")),
-            (lap, udp("100.96.0.2", 9001, "100.96.0.1", 7000, b"stranger")),
+            (
+                lap | 1 << 3,
+                udp("100.96.0.2", 9000, "100.96.0.1", 7000, b"answer"),
+            ),
+            (
+                lap,
+                udp("100.96.0.2", 9001, "100.96.0.1", 7000, b"stranger"),
+            ),
             (nas, udp("100.96.0.4", 1000, "100.96.0.1", 53, b"dns")),
         ]),
     ));
@@ -1084,12 +1125,18 @@ fn ip_seeds(s: &mut Vec<(&'static str, &'static str, Vec<u8>)>) {
         "published-viewer",
         recs(&[
             (vps, tcp("192.0.2.50", 50000, "100.96.0.1", 32400, SYN)),
-            (out | vps, tcp("100.96.0.1", 32400, "192.0.2.50", 50000, SYN | ACK)),
+            (
+                out | vps,
+                tcp("100.96.0.1", 32400, "192.0.2.50", 50000, SYN | ACK),
+            ),
             (vps, tcp("192.0.2.50", 50000, "100.96.0.1", 32400, ACK)),
             (vps, tcp("192.0.2.50", 50001, "100.96.0.1", 22, SYN)),
             (vps, tcp("100.96.0.2", 50002, "100.96.0.1", 32400, SYN)),
             (lap, tcp("192.0.2.51", 50003, "100.96.0.1", 32400, SYN)),
-            (vps, udp("2001:db8::50", 5000, "fd7a:115c:a1e0::1", 443, b"quic")),
+            (
+                vps,
+                udp("2001:db8::50", 5000, "fd7a:115c:a1e0::1", 443, b"quic"),
+            ),
             (nas, tcp("100.96.0.4", 80, "192.0.2.50", 50004, SYN | ACK)),
             (nas, tcp("100.96.0.4", 80, "100.96.0.2", 50005, SYN | ACK)),
         ]),
@@ -1128,7 +1175,10 @@ fn ip_seeds(s: &mut Vec<(&'static str, &'static str, Vec<u8>)>) {
         "icmp",
         recs(&[
             (lap, icmp("100.96.0.2", "100.96.0.1", 8, b"ping")),
-            (lap, icmp("fd7a:115c:a1e0::2", "fd7a:115c:a1e0::1", 128, b"ping6")),
+            (
+                lap,
+                icmp("fd7a:115c:a1e0::2", "fd7a:115c:a1e0::1", 128, b"ping6"),
+            ),
             (lap, icmp("100.96.0.2", "100.96.0.1", 3, &sent[..28])),
             (lap, icmp("100.96.0.2", "100.96.0.1", 5, &sent[..28])),
             (lap, icmp("100.96.0.2", "100.96.0.1", 0, b"pong")),
@@ -1170,7 +1220,11 @@ fn disco_seeds(s: &mut Vec<(&'static str, &'static str, Vec<u8>)>) {
     s.push((
         "disco",
         "sealed-ping",
-        [&[0u8][..], &seal_disco_body(&key, &public(LAPTOP), &body(1, &[]))].concat(),
+        [
+            &[0u8][..],
+            &seal_disco_body(&key, &public(LAPTOP), &body(1, &[])),
+        ]
+        .concat(),
     ));
 }
 
@@ -1216,7 +1270,13 @@ fn relay_seeds(s: &mut Vec<(&'static str, &'static str, Vec<u8>)>) {
     s.push((
         "relay_server_tcp",
         "bound-then-send",
-        [&[3u8][..], &frame(&send_vps), &frame(&send_self), &frame(&[1, 2, 3])].concat(),
+        [
+            &[3u8][..],
+            &frame(&send_vps),
+            &frame(&send_self),
+            &frame(&[1, 2, 3]),
+        ]
+        .concat(),
     ));
     s.push((
         "relay_server_tcp",
@@ -1243,8 +1303,12 @@ fn node_socket_seeds(s: &mut Vec<(&'static str, &'static str, Vec<u8>)>) {
     const BOUND: u8 = 4 << 2;
     let tx = [5u8; 12];
     let ping = [&[0u8, 1][..], &tx].concat();
-    let ready = [&[0u8, 3][..], &tx, &[4, 203, 0, 113, 2, 0xa2, 0x69, 1, 4, 198, 51, 100, 1, 0, 1]]
-        .concat();
+    let ready = [
+        &[0u8, 3][..],
+        &tx,
+        &[4, 203, 0, 113, 2, 0xa2, 0x69, 1, 4, 198, 51, 100, 1, 0, 1],
+    ]
+    .concat();
     let pong = [&[0u8, 2][..], &tx, &[4, 203, 0, 113, 1, 0xa2, 0x69]].concat();
     let mut wg_data = vec![0u8; 1 + 32 + 16];
     wg_data[1] = 4;

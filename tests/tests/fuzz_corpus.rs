@@ -58,7 +58,10 @@ fn every_target_passes_the_crashes_fuzzing_found() {
 #[test]
 fn committed_seeds_are_the_generated_ones() {
     for (target, name, bytes) in targets::seeds() {
-        let p = fuzz_dir().join("corpus").join(target).join(format!("seed-{name}"));
+        let p = fuzz_dir()
+            .join("corpus")
+            .join(target)
+            .join(format!("seed-{name}"));
         let on_disk = std::fs::read(&p).unwrap_or_default();
         assert!(
             on_disk == bytes,
