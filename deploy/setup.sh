@@ -10,7 +10,8 @@
 # bench/register-peers.py), ping, systemd (systemd-analyze), hping3 (spoofed-source SYN floods in the
 # exit's lab tests, handshake floods in the data-plane tests) and postgresql (the coordinator tests run a
 # throwaway cluster in a temp dir; the packaged service is disabled).
-# Rust comes from rustup (minimal profile, stable) only if no cargo is found.
+# Rust comes from rustup (minimal profile, stable) only if no cargo is found; cargo-fuzz (crates.io,
+# pinned) for the fuzz targets is added when missing.
 # schemathesis (PyPI, pinned) goes into its own virtualenv under /opt, linked as /usr/local/bin/schemathesis:
 # coordinator/tests/spec.rs checks the API against its OpenAPI document with it.
 set -euo pipefail
@@ -81,6 +82,20 @@ else
   . "$HOME/.cargo/env"
   command -v cargo >/dev/null || die "rustup finished but cargo is still not on PATH"
   log "cargo: $(cargo --version)"
+fi
+# Fuzzing (deploy/test.sh's fuzz step, fuzz/README.md): cargo-fuzz from crates.io, pinned. It builds
+# the targets with the stable toolchain (no sanitizer, so no -Z flags). Failing to get it does not
+# stop setup (every other test still runs); test.sh then reports the fuzz step as skipped, which is
+# a failure under CI=true.
+CARGO_FUZZ_VERSION=0.13.2
+cargo_dir=$(dirname "$(find_cargo)")
+export PATH="$cargo_dir:$PATH"
+if cargo fuzz --version 2>/dev/null | grep -qF "$CARGO_FUZZ_VERSION"; then
+  log "cargo-fuzz: $CARGO_FUZZ_VERSION"
+else
+  log "installing cargo-fuzz $CARGO_FUZZ_VERSION (crates.io)"
+  cargo install --quiet --locked cargo-fuzz --version "$CARGO_FUZZ_VERSION" \
+    || log "warning: could not install cargo-fuzz: the fuzz step of deploy/test.sh cannot run"
 fi
 # schemathesis for the API spec test, pinned, in its own virtualenv (Debian's python refuses pip installs).
 st_installed() { "$SCHEMATHESIS_VENV/bin/schemathesis" --version 2>/dev/null | grep -qF "$SCHEMATHESIS_VERSION"; }

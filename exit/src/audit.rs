@@ -264,7 +264,8 @@ pub enum CtKind {
     Destroy,
 }
 
-/// `SECS.FRACTION` as microseconds.
+/// `SECS.FRACTION` as microseconds; None when it does not fit (an i64 of microseconds spans
+/// ±292,000 years: anything beyond is not a clock reading).
 fn parse_micros(ts: &str) -> Option<i64> {
     let (s, f) = ts.split_once('.').unwrap_or((ts, ""));
     let secs: i64 = s.parse().ok()?;
@@ -275,7 +276,8 @@ fn parse_micros(ts: &str) -> Option<i64> {
     while frac.len() < 6 {
         frac.push('0');
     }
-    Some(secs * 1_000_000 + frac.parse::<i64>().ok()?)
+    secs.checked_mul(1_000_000)?
+        .checked_add(frac.parse::<i64>().ok()?)
 }
 
 /// Parses one event line; None for anything else (summaries, ICMP without ports, garbage).
@@ -529,13 +531,14 @@ impl Audit {
                     verdict: "allowed".into(),
                     bytes_in: Some(ev.bytes_orig.unwrap_or(0)),
                     bytes_out: Some(ev.bytes_reply.unwrap_or(0)),
-                    duration_s: Some(((end - start).max(0) / 100_000) as f64 / 10.0),
+                    duration_s: Some((end.saturating_sub(start).max(0) / 100_000) as f64 / 10.0),
                     packets: None,
                 };
                 drop(rules);
                 if let Some(s) = self.stats.lock().unwrap().get_mut(&rule_id) {
-                    s.bytes_in += rec.bytes_in.unwrap_or(0);
-                    s.bytes_out += rec.bytes_out.unwrap_or(0);
+                    // Counters of what conntrack reports: saturate rather than wrap.
+                    s.bytes_in = s.bytes_in.saturating_add(rec.bytes_in.unwrap_or(0));
+                    s.bytes_out = s.bytes_out.saturating_add(rec.bytes_out.unwrap_or(0));
                 }
                 self.write(&rec);
                 Some(rec)
@@ -838,6 +841,33 @@ mod tests {
         );
         assert!(parse_ct_event("[1.0] [NEW] ipv4 2 icmp 1 30 src=1.2.3.4 dst=5.6.7.8 type=8 code=0 id=1 src=5.6.7.8 dst=1.2.3.4 type=0 code=0 id=1").is_none());
         assert!(parse_ct_event("").is_none());
+    }
+
+    /// Found by the `conntrack` fuzz target: a timestamp whose microseconds overflow an i64
+    /// panicked (debug) or wrapped (release).
+    #[test]
+    fn absurd_timestamps_and_counters_are_refused_or_saturate_never_overflow() {
+        let huge = NEW.replace("[1700000000.500000]", "[17000000000012.000000]");
+        assert_eq!(parse_ct_event(&huge), None);
+        assert_eq!(parse_micros("9223372036854.775808"), None);
+        assert_eq!(parse_micros("-9223372036855.0"), None);
+        // The widest times that fit, start and end at either end, and byte counters at the top.
+        let dir = tempfile::tempdir().unwrap();
+        let a = Audit::open(dir.path()).unwrap();
+        a.set_rules(&sample());
+        let new = NEW.replace("[1700000000.500000]", "[-9223372036854.000000]");
+        assert!(a.on_ct_event(&parse_ct_event(&new).unwrap()).is_none());
+        let destroy = DESTROY
+            .replace("[1700000022.000000]", "[9223372036854.775807]")
+            .replace("bytes=420", "bytes=18446744073709551615");
+        let rec = a.on_ct_event(&parse_ct_event(&destroy).unwrap()).unwrap();
+        assert!(rec.duration_s.unwrap() > 0.0);
+        let again = destroy.replace("[9223372036854.775807]", "[1.0]");
+        a.on_ct_event(&parse_ct_event(&again).unwrap()).unwrap();
+        assert!(
+            a.render_metrics().contains("18446744073709551615"),
+            "bytes saturate"
+        );
     }
 
     #[test]

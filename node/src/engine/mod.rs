@@ -1052,6 +1052,21 @@ impl Engine {
         send(r.addr, &msg);
     }
 
+    /// The inbound checks that [`Engine::decapsulate`] applies to a packet decrypted from peer
+    /// `peer`, without the WireGuard session in front of them. Only for the fuzz targets in
+    /// `fuzz/`, which cannot forge WireGuard sessions.
+    #[doc(hidden)]
+    pub fn fuzz_admit(
+        &self,
+        t: &PeerTable,
+        peer: NodeId,
+        pkt: &[u8],
+        now: Instant,
+    ) -> Result<(), DropReason> {
+        let peer = t.peer_by_id(peer).ok_or(DropReason::UnknownPeer)?;
+        self.admit(t, peer, pkt, now)
+    }
+
     /// The inbound checks on a decrypted packet from `peer`. A fragmented datagram is decided
     /// on its first fragment; later fragments follow that decision (see [`frag`]).
     fn admit(

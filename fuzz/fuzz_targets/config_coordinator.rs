@@ -1,0 +1,3 @@
+#![no_main]
+// See homeport_fuzz::config_coordinator for the input format and what is checked.
+libfuzzer_sys::fuzz_target!(|data: &[u8]| homeport_fuzz::config_coordinator(data));

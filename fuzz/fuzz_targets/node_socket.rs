@@ -1,0 +1,3 @@
+#![no_main]
+// See homeport_fuzz::node_socket for the input format and what is checked.
+libfuzzer_sys::fuzz_target!(|data: &[u8]| homeport_fuzz::node_socket(data));
