@@ -937,7 +937,7 @@ pub fn config_exit(data: &[u8]) {
 // Seeds.
 
 /// The hand-made seeds committed under `fuzz/corpus/<target>/seed-<name>`: (target, name,
-/// bytes). Written by `cargo test -p homeport-tests --test fuzz_corpus -- --ignored write_seeds`.
+/// bytes). Written by `HOMEPORT_WRITE_SEEDS=1 cargo test -p homeport-tests --test fuzz_corpus committed_seeds`.
 pub fn seeds() -> Vec<(&'static str, &'static str, Vec<u8>)> {
     let mut s = Vec::new();
     ip_seeds(&mut s);

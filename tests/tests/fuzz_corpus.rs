@@ -36,7 +36,7 @@ fn every_target_passes_its_committed_seeds() {
         let seeds = files(&fuzz_dir().join("corpus").join(name), true);
         assert!(
             !seeds.is_empty(),
-            "fuzz/corpus/{name}/ has no seed-* files (write them: cargo test -p homeport-tests --test fuzz_corpus -- --ignored write_seeds)"
+            "fuzz/corpus/{name}/ has no seed-* files (write them: HOMEPORT_WRITE_SEEDS=1 cargo test -p homeport-tests --test fuzz_corpus committed_seeds)"
         );
         for f in seeds {
             eprintln!("{name}: {}", f.display());
@@ -55,31 +55,27 @@ fn every_target_passes_the_crashes_fuzzing_found() {
     }
 }
 
+/// The committed seeds are what `seeds()` makes. With `HOMEPORT_WRITE_SEEDS=1` this test writes
+/// them instead (after a change to `seeds()` or to a file a seed is made from, such as the example
+/// configs).
 #[test]
 fn committed_seeds_are_the_generated_ones() {
+    let write = std::env::var_os("HOMEPORT_WRITE_SEEDS").is_some_and(|v| v == "1");
     for (target, name, bytes) in targets::seeds() {
-        let p = fuzz_dir()
-            .join("corpus")
-            .join(target)
-            .join(format!("seed-{name}"));
+        let dir = fuzz_dir().join("corpus").join(target);
+        let p = dir.join(format!("seed-{name}"));
+        if write {
+            std::fs::create_dir_all(&dir).unwrap();
+            std::fs::write(&p, &bytes).unwrap();
+            continue;
+        }
         let on_disk = std::fs::read(&p).unwrap_or_default();
         assert!(
             on_disk == bytes,
             "{} differs from fuzz/src/lib.rs's seeds(): write them again with \
-             cargo test -p homeport-tests --test fuzz_corpus -- --ignored write_seeds",
+             HOMEPORT_WRITE_SEEDS=1 cargo test -p homeport-tests --test fuzz_corpus committed_seeds",
             p.display()
         );
-    }
-}
-
-/// Writes `fuzz/corpus/<target>/seed-<name>` from `seeds()`.
-#[test]
-#[ignore]
-fn write_seeds() {
-    for (target, name, bytes) in targets::seeds() {
-        let dir = fuzz_dir().join("corpus").join(target);
-        std::fs::create_dir_all(&dir).unwrap();
-        std::fs::write(dir.join(format!("seed-{name}")), bytes).unwrap();
     }
 }
 
