@@ -144,34 +144,26 @@ impl Relay {
         let keys: HashSet<[u8; 32]> = keys.into_iter().collect();
         {
             let mut b = self.bindings.lock().unwrap();
-            let gone: Vec<[u8; 32]> = b
-                .by_key
-                .keys()
-                .filter(|k| !keys.contains(*k))
-                .copied()
-                .collect();
-            for k in gone {
-                if let Some((a, _)) = b.by_key.remove(&k) {
-                    b.by_addr.remove(&a);
+            let Bindings { by_key, by_addr } = &mut *b;
+            by_key.retain(|k, (a, _)| {
+                let keep = keys.contains(k);
+                if !keep {
+                    by_addr.remove(a);
                 }
-            }
+                keep
+            });
         }
         self.keys.lock().unwrap().retain(|k, _| keys.contains(k));
         {
             let mut t = self.tcp.lock().unwrap();
-            let gone: Vec<[u8; 32]> = t
-                .by_key
-                .keys()
-                .filter(|k| !keys.contains(*k))
-                .copied()
-                .collect();
-            for k in gone {
-                if let Some(a) = t.by_key.remove(&k)
-                    && let Some(c) = t.by_addr.remove(&a)
-                {
+            let TcpClients { by_addr, by_key } = &mut *t;
+            by_key.retain(|k, a| {
+                let keep = keys.contains(k);
+                if !keep && let Some(c) = by_addr.remove(a) {
                     c.close.cancel();
                 }
-            }
+                keep
+            });
         }
         *self.authorized.write().unwrap() = keys;
     }
