@@ -1522,7 +1522,10 @@ impl Engine {
             return;
         }
         let mut full = true;
-        if ttl != 0 && ttl != TTL_UNKNOWN && !alive {
+        // Punching rules apply: a NAT is in front of us and no direct path is alive.
+        let gated = ttl != 0 && ttl != TTL_UNKNOWN && !alive;
+        let ready = self.peer_ready_for_us(&p, now);
+        if gated {
             if p.quiet_until.is_some_and(|q| now < q) {
                 // Total silence towards the peer's candidates, openers included: our NAT's
                 // entries towards them must expire too, or it keeps the port it picked in the
@@ -1532,7 +1535,6 @@ impl Engine {
                 let start = *p.opened_at.get_or_insert(now);
                 let since = now.saturating_duration_since(start);
                 let peer_open = p.peer_searching_until.is_some_and(|u| now < u);
-                let ready = self.peer_ready_for_us(&p, now);
                 let give_up = if p.direct_worked && self.rebind_possible(now) {
                     LOST_PATH_ATTEMPT
                 } else {
@@ -1614,7 +1616,6 @@ impl Engine {
                 }
             }
         }
-        let gated = ttl != 0 && ttl != TTL_UNKNOWN && !alive;
         if alive {
             p.opened_at = None;
             p.quiet_until = None;
@@ -1633,7 +1634,7 @@ impl Engine {
                     return !has_public || full;
                 }
                 full && (!gated
-                    || match self.peer_ready_for_us(&p, now) {
+                    || match ready {
                         Some(ready) => ready,
                         None => p.opened.iter().any(|(a, t)| {
                             a == c && now.saturating_duration_since(*t) >= OPEN_FIRST
