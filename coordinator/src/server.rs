@@ -24,8 +24,9 @@ pub const ADMIN_TOKEN_FILE: &str = "admin.token";
 
 /// A TLS handshake that takes longer than this is a stuck or hostile client.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
-/// Headers must arrive this fast once a connection is up (slowloris guard).
-const HEADER_TIMEOUT: Duration = Duration::from_secs(30);
+/// Headers must arrive this fast once a connection is up or idle between requests (slowloris
+/// guard; clients drop pooled connections before this, see `api::CLIENT_POOL_IDLE_SECS`).
+const HEADER_TIMEOUT: Duration = Duration::from_secs(homeport_proto::api::SERVER_IDLE_SECS);
 /// On shutdown, connections get this long to finish their current request.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
 

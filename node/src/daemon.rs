@@ -340,6 +340,9 @@ fn http_client(pin: &str) -> Result<reqwest::Client> {
     Ok(reqwest::Client::builder()
         .use_preconfigured_tls(tls)
         .connect_timeout(Duration::from_secs(5))
+        .pool_idle_timeout(Duration::from_secs(
+            homeport_proto::api::CLIENT_POOL_IDLE_SECS,
+        ))
         .build()?)
 }
 
