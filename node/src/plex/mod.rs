@@ -8,6 +8,8 @@
 
 pub mod api;
 pub mod plan;
+#[cfg(test)]
+mod tests;
 
 use crate::cli::StateArg;
 use crate::control::{self, Published, Request, Response};
