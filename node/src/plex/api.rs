@@ -298,7 +298,10 @@ mod tests {
         assert_eq!(xml_attr(xml, "PlexOnlineToken").as_deref(), Some("tok&en"));
         assert_eq!(xml_attr(xml, "MachineIdentifier").as_deref(), Some("abc"));
         assert_eq!(xml_attr(xml, "Token"), None);
-        assert_eq!(xml_attr("<Other PlexOnlineToken=\"x\"/>", "PlexOnlineToken"), None);
+        assert_eq!(
+            xml_attr("<Other PlexOnlineToken=\"x\"/>", "PlexOnlineToken"),
+            None
+        );
     }
 
     #[test]

@@ -285,11 +285,7 @@ async fn check_ports(plex: &api::Plex, url: &str, p: &Published) -> Vec<Finding>
     let mine = match plex.identity_at(url).await {
         Ok(id) => id,
         Err(e) => {
-            return vec![Finding::new(
-                Level::Problem,
-                "identity",
-                format!("{e:#}"),
-            )];
+            return vec![Finding::new(Level::Problem, "identity", format!("{e:#}"))];
         }
     };
     let mut out = Vec::new();

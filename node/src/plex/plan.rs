@@ -519,7 +519,11 @@ mod tests {
         assert_eq!(get(RELAY).unwrap(), "false");
         assert_eq!(get(REMOTE_ACCESS).unwrap(), "false");
         assert_eq!(get(MANUAL_PORT).unwrap(), "false");
-        assert_eq!(get(LAN_NETWORKS), None, "LAN networks only with --mesh-as-lan");
+        assert_eq!(
+            get(LAN_NETWORKS),
+            None,
+            "LAN networks only with --mesh-as-lan"
+        );
 
         let o = SetupOptions {
             plex_port: 32400,
@@ -535,10 +539,7 @@ mod tests {
             c[0].after,
             "http://198.51.100.10:32400,http://[2001:db8::10]:32400"
         );
-        assert_eq!(
-            c[1].after,
-            "10.10.1.0/24,100.96.0.0/16,fd7a:115c:a1e0::/64"
-        );
+        assert_eq!(c[1].after, "10.10.1.0/24,100.96.0.0/16,fd7a:115c:a1e0::/64");
     }
 
     #[test]
@@ -578,7 +579,10 @@ mod tests {
             },
         )
         .unwrap_err();
-        assert!(e.contains("publish add --exit EXIT --port 32400 --to home:32400"), "{e}");
+        assert!(
+            e.contains("publish add --exit EXIT --port 32400 --to home:32400"),
+            "{e}"
+        );
         assert!(e.contains("vps:32400/tcp -> 8096"), "{e}");
     }
 
@@ -586,7 +590,10 @@ mod tests {
     fn check_flags_vps_mesh_private_and_unforwarded_sessions_and_passes_real_viewers() {
         let p = published();
         let cur = prefs(&[
-            (CUSTOM_URLS, "http://198.51.100.10:32400,http://[2001:db8::10]:32400"),
+            (
+                CUSTOM_URLS,
+                "http://198.51.100.10:32400,http://[2001:db8::10]:32400",
+            ),
             (RELAY, "false"),
             (REMOTE_ACCESS, "false"),
         ]);

@@ -72,9 +72,9 @@ impl StandIn {
     }
 
     fn prefs(&self) -> serde_json::Value {
-        serde_json::from_slice(&std::fs::read(self.dir.path().join("prefs.json")).unwrap_or(
-            b"{}".to_vec(),
-        ))
+        serde_json::from_slice(
+            &std::fs::read(self.dir.path().join("prefs.json")).unwrap_or(b"{}".to_vec()),
+        )
         .unwrap()
     }
 
@@ -283,7 +283,10 @@ async fn plex_errors_name_the_cause() {
             .await
             .unwrap_err()
     );
-    assert!(e.contains("answered 400") && e.contains("NoSuchPref"), "{e}");
+    assert!(
+        e.contains("answered 400") && e.contains("NoSuchPref"),
+        "{e}"
+    );
     let e = format!(
         "{:#}",
         good.set_prefs(&[("RelayEnabled".into(), "maybe".into())])
