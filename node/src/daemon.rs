@@ -157,10 +157,12 @@ impl Shared {
                     port: r.port,
                     target_port: r.target_port,
                     exit_public,
-                    exit_mesh: exit.map(|p| p.addrs).unwrap_or(homeport_proto::map::MeshAddrs {
-                        ipv4: std::net::Ipv4Addr::UNSPECIFIED,
-                        ipv6: std::net::Ipv6Addr::UNSPECIFIED,
-                    }),
+                    exit_mesh: exit
+                        .map(|p| p.addrs)
+                        .unwrap_or(homeport_proto::map::MeshAddrs {
+                            ipv4: std::net::Ipv4Addr::UNSPECIFIED,
+                            ipv6: std::net::Ipv6Addr::UNSPECIFIED,
+                        }),
                     exit_online: exit.is_some_and(|p| p.online),
                 });
             }
