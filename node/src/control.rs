@@ -1,5 +1,5 @@
 //! The daemon's control socket `<state-dir>/homeport.sock` (mode 0600): one JSON request line,
-//! one JSON answer line. The CLI (`homeport status`, `ip`, `down`) speaks it.
+//! one JSON answer line. The CLI (`homeport status`, `ip`, `down`, `ping`, `netcheck`, `plex`) speaks it.
 
 use crate::datapath::PeerStatus;
 use homeport_proto::map::MeshAddrs;
