@@ -55,6 +55,9 @@ pub struct PublishedPort {
     pub exit_public: Vec<std::net::IpAddr>,
     pub exit_mesh: MeshAddrs,
     pub exit_online: bool,
+    /// The rule's allow-list (empty: everyone may connect).
+    #[serde(default)]
+    pub allow: Vec<ipnet::IpNet>,
 }
 
 /// A published flow this node is the target of, live in its flow table.

@@ -164,6 +164,7 @@ impl Shared {
                             ipv6: std::net::Ipv6Addr::UNSPECIFIED,
                         }),
                     exit_online: exit.is_some_and(|p| p.online),
+                    allow: r.guards.allow.clone(),
                 });
             }
         }

@@ -305,23 +305,38 @@ async fn check_ports(plex: &api::Plex, url: &str, p: &Published) -> Vec<Finding>
                         "another Plex server answers there (machineIdentifier {id}, this one is {mine})"
                     ),
                 ),
-                Ok(Err(e)) => Finding::new(
-                    Level::Problem,
+                Ok(Err(e)) => unreachable(r, subject, format!("{e:#}")),
+                Err(_) => unreachable(
+                    r,
                     subject,
-                    format!(
-                        "no answer through the exit: {e:#} (the VPS provider's firewall, an allow-list that leaves out this home's address, or the exit is down: `homeport status`, `homeport-exit log`)"
-                    ),
-                ),
-                Err(_) => Finding::new(
-                    Level::Problem,
-                    subject,
-                    format!(
-                        "no answer within {}s through the exit (the VPS provider's firewall, an allow-list that leaves out this home's address, or the exit is down: `homeport status`, `homeport-exit log`)",
-                        PORT_CHECK_TIMEOUT.as_secs()
-                    ),
+                    format!("no answer within {}s", PORT_CHECK_TIMEOUT.as_secs()),
                 ),
             });
         }
     }
     out
+}
+
+/// The published port did not answer this machine through the exit. With an allow-list on the
+/// rule that may be only because this home's own address is not in it: then a warning.
+fn unreachable(r: &crate::control::PublishedPort, subject: String, what: String) -> Finding {
+    if r.allow.is_empty() {
+        Finding::new(
+            Level::Problem,
+            subject,
+            format!(
+                "no answer through the exit: {what} (the VPS provider's firewall, or the exit is down: `homeport status`, `homeport-exit log`)"
+            ),
+        )
+    } else {
+        let allow: Vec<String> = r.allow.iter().map(|n| n.to_string()).collect();
+        Finding::new(
+            Level::Warn,
+            subject,
+            format!(
+                "no answer through the exit: {what}; the rule allows only {}, which may leave out this home's own address, so this check cannot tell (`homeport-exit log` on the VPS shows the verdict)",
+                allow.join(", ")
+            ),
+        )
+    }
 }

@@ -463,6 +463,7 @@ mod tests {
                     ipv6: "fd7a:115c:a1e0::1".parse().unwrap(),
                 },
                 exit_online: true,
+                allow: vec![],
             }],
             flows: vec![LiveFlow {
                 proto: "tcp".into(),

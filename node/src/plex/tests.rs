@@ -110,6 +110,7 @@ fn published(port: u16) -> Published {
                 ipv6: "fd7a:115c:a1e0::1".parse().unwrap(),
             },
             exit_online: true,
+            allow: vec![],
         }],
         flows: vec![LiveFlow {
             proto: "tcp".into(),
@@ -298,4 +299,35 @@ async fn plex_errors_name_the_cause() {
         good.identity_at(&plex.url()).await.unwrap(),
         "0123456789abcdef0123456789abcdef01234567"
     );
+}
+
+#[tokio::test]
+async fn a_published_port_that_does_not_answer_is_a_problem_unless_an_allow_list_may_explain_it() {
+    let Some(plex) = StandIn::start() else { return };
+    let token = plex.dir.path().join("token");
+    // The exit's address is 127.0.0.2 here: nothing answers there (the stand-in is on 127.0.0.1).
+    let mut p = published(plex.port);
+    p.rules[0].exit_public = vec!["127.0.0.2".parse().unwrap()];
+    let state = tempfile::tempdir().unwrap();
+    let _d = fake_daemon(state.path(), p.clone());
+    run(setup(target(&plex, state.path(), &token), false))
+        .await
+        .unwrap();
+    let client = api::Plex::new(&plex.url(), TOKEN.into()).unwrap();
+    let f = check_ports(&client, &plex.url(), &p).await;
+    assert_eq!(f.len(), 1);
+    assert_eq!(f[0].level, Level::Problem, "{f:?}");
+    assert!(f[0].message.contains("no answer through the exit"), "{f:?}");
+    let e = run(PlexCmd::Check {
+        t: target(&plex, state.path(), &token),
+        json: false,
+    })
+    .await
+    .unwrap_err();
+    assert_eq!(e.to_string(), "1 problem(s) found");
+
+    p.rules[0].allow = vec!["198.51.100.0/24".parse().unwrap()];
+    let f = check_ports(&client, &plex.url(), &p).await;
+    assert_eq!(f[0].level, Level::Warn, "{f:?}");
+    assert!(f[0].message.contains("198.51.100.0/24"), "{f:?}");
 }
