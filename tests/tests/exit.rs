@@ -6,7 +6,8 @@
 //! Each test builds its own lab and checks what a user would: the bytes arrive intact, the home server
 //! sees the viewer's real address (TCP and UDP), allow-lists, per-source limits and scanner bans hold,
 //! rule changes and exit restarts take effect at once without duplicate rules, the audit log tells
-//! what happened, and the home opens no port to the world.
+//! what happened, the home opens no port to the world, and `homeport plex setup`/`check` point the
+//! Plex stand-in at the VPS and tell a real viewer from a masquerading VPS.
 //!
 //! Needs root, `ip`, `nft`, `conntrack`, `curl`, `python3` and the debug binaries
 //! (`cargo build --bins`).
