@@ -122,6 +122,88 @@ impl Shared {
     }
 }
 
+impl Shared {
+    /// The rules that publish a port of this node, with each exit's public addresses, and the
+    /// live published flows (`homeport plex setup`/`check`).
+    fn published(&self) -> crate::control::Published {
+        use crate::control::{LiveFlow, PublishedPort};
+        let map = self.map.read().unwrap().clone();
+        let mut rules = Vec::new();
+        let (mut prefix_v4, mut prefix_v6) = (None, None);
+        let mut exit_names = std::collections::HashMap::new();
+        if let Some(m) = &map {
+            prefix_v4 = Some(m.self_node.prefix_v4);
+            prefix_v6 = Some(m.self_node.prefix_v6);
+            for p in m.peers.values() {
+                exit_names.insert(p.id, p.name.clone());
+            }
+            for r in m.publish.iter().filter(|r| r.target == m.self_node.id) {
+                let exit = m.peers.get(&r.exit);
+                let mut exit_public: Vec<std::net::IpAddr> = exit
+                    .map(|p| {
+                        p.endpoints
+                            .iter()
+                            .map(|e| e.addr.ip())
+                            .filter(|ip| crate::engine::is_public(*ip))
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                exit_public.sort();
+                exit_public.dedup();
+                rules.push(PublishedPort {
+                    rule: r.id,
+                    exit: r.exit_name.clone(),
+                    proto: r.proto,
+                    port: r.port,
+                    target_port: r.target_port,
+                    exit_public,
+                    exit_mesh: exit
+                        .map(|p| p.addrs)
+                        .unwrap_or(homeport_proto::map::MeshAddrs {
+                            ipv4: std::net::Ipv4Addr::UNSPECIFIED,
+                            ipv6: std::net::Ipv6Addr::UNSPECIFIED,
+                        }),
+                    exit_online: exit.is_some_and(|p| p.online),
+                    allow: r.guards.allow.clone(),
+                });
+            }
+        }
+        let now = std::time::Instant::now();
+        let flows = self
+            .dp
+            .lock()
+            .unwrap()
+            .as_ref()
+            .map(|d| d.engine.flows.snapshot(now))
+            .unwrap_or_default()
+            .into_iter()
+            .map(|(k, exit, confirmed, idle)| LiveFlow {
+                proto: match k.proto {
+                    crate::engine::packet::PROTO_TCP => "tcp".into(),
+                    crate::engine::packet::PROTO_UDP => "udp".into(),
+                    p => p.to_string(),
+                },
+                remote: std::net::SocketAddr::new(k.remote, k.remote_port),
+                local_port: k.local_port,
+                exit: exit_names
+                    .get(&exit)
+                    .map(|n| n.as_str().to_string())
+                    .unwrap_or_else(|| exit.to_string()),
+                confirmed,
+                idle_secs: idle.as_secs(),
+            })
+            .collect();
+        crate::control::Published {
+            me: self.reg.name.clone(),
+            addrs: self.reg.addrs,
+            prefix_v4,
+            prefix_v6,
+            rules,
+            flows,
+        }
+    }
+}
+
 /// Runs the node until `shutdown` is cancelled, `homeport down` is asked, or the coordinator
 /// revokes this node (an error).
 pub async fn run(
@@ -666,9 +748,10 @@ async fn control_server(
                 Ok(Request::Netcheck { stun }) => {
                     Response::Netcheck(Box::new(netcheck(&shared, &stun_rx, stun).await))
                 }
+                Ok(Request::Published) => Response::Published(Box::new(shared.published())),
                 Err(e) => Response::Error {
                     message: format!(
-                        "bad request {:?}: {e}; expected {{\"cmd\":\"status\"|\"down\"}}",
+                        "bad request {:?}: {e}; expected {{\"cmd\":\"status\"|\"down\"|\"ping\"|\"netcheck\"|\"published\"}}",
                         line.trim()
                     ),
                 },
