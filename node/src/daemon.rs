@@ -1137,13 +1137,16 @@ async fn probe_asker(
 
 /// Keeps the relay's TCP/TLS fallback up while UDP to the relay goes unanswered: the node then
 /// still reaches every peer (through the coordinator's HTTPS port, which it reaches anyway).
+/// Bytes of relay frames written to, and read from, the TCP/TLS fallback at once.
+const TCP_RELAY_BATCH: usize = 64 * 1024;
+
 async fn tcp_relay_keeper(
     client: reqwest::Client,
     url: String,
     shared: Arc<Shared>,
     stop: CancellationToken,
 ) {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt};
     loop {
         tokio::select! {
             _ = tokio::time::sleep(Duration::from_secs(2)) => {}
@@ -1189,27 +1192,43 @@ async fn tcp_relay_keeper(
         if let Some(d) = shared.dp.lock().unwrap().as_ref() {
             d.set_tcp_relay(Some((relay, tx)));
         }
-        let (mut r, mut w) = tokio::io::split(up);
+        let (r, mut w) = tokio::io::split(up);
         let writer = tokio::spawn(async move {
-            let mut frame = Vec::with_capacity(homeport_proto::relay::TCP_FRAME_MAX + 2);
+            // Datagrams queued meanwhile go out with the first one: one TLS record and one
+            // write per batch, not per datagram.
+            let mut batch =
+                Vec::with_capacity(TCP_RELAY_BATCH + homeport_proto::relay::TCP_FRAME_MAX);
             while let Some(b) = rx.recv().await {
-                frame.clear();
-                if homeport_proto::relay::tcp_frame(&mut frame, &b).is_none() {
-                    continue;
+                batch.clear();
+                let _ = homeport_proto::relay::tcp_frame(&mut batch, &b);
+                while batch.len() < TCP_RELAY_BATCH {
+                    let Ok(b) = rx.try_recv() else { break };
+                    let _ = homeport_proto::relay::tcp_frame(&mut batch, &b);
                 }
-                if w.write_all(&frame).await.is_err() {
+                if w.write_all(&batch).await.is_err() {
                     break;
                 }
             }
         });
+        let mut r = tokio::io::BufReader::with_capacity(TCP_RELAY_BATCH, r);
         let mut buf = vec![0u8; 65536];
         loop {
-            let mut len = [0u8; homeport_proto::relay::TCP_FRAME_HEADER];
-            let ok = tokio::select! {
-                r = r.read_exact(&mut len) => r.is_ok(),
-                _ = stop.cancelled() => false,
+            // The whole frames already read go to the data path at once (one TUN write for
+            // the batch); a frame cut by the buffer's end is read on its own.
+            let avail = tokio::select! {
+                a = r.fill_buf() => match a { Ok(a) if !a.is_empty() => a, _ => break },
+                _ = stop.cancelled() => break,
             };
-            if !ok {
+            let whole = homeport_proto::relay::tcp_frames_len(avail);
+            if whole > 0 {
+                if let Some(d) = shared.dp.lock().unwrap().as_ref() {
+                    d.relay_input_frames(relay, &avail[..whole]);
+                }
+                r.consume(whole);
+                continue;
+            }
+            let mut len = [0u8; homeport_proto::relay::TCP_FRAME_HEADER];
+            if r.read_exact(&mut len).await.is_err() {
                 break;
             }
             let n = homeport_proto::relay::tcp_frame_len(len);

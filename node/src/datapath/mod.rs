@@ -36,6 +36,8 @@ use tun_rs::{GROTable, InterruptEvent, SyncDevice, VIRTIO_NET_HDR_LEN};
 pub const DEFAULT_MTU: u16 = 1380;
 
 use homeport_udp::{BATCH as UDP_BATCH, GRO_BUF};
+/// Packets from the relay's TCP/TLS fallback written to the TUN with one call.
+const TUN_RELAY_BATCH: usize = 64;
 /// TUN packets per batch (tun-rs's ideal batch size).
 const TUN_BATCH: usize = tun_rs::IDEAL_BATCH_SIZE;
 /// Room per encapsulated datagram in the GSO send buffer: MTU + WireGuard overhead, rounded up.
@@ -406,23 +408,49 @@ impl Datapath {
 
     /// A relay datagram that arrived over the TCP/TLS fallback.
     pub fn relay_input(&self, relay: SocketAddr, frame: &[u8]) {
+        self.relay_input_each(relay, std::iter::once(frame));
+    }
+
+    /// Relay datagrams that arrived over the TCP/TLS fallback, as whole TCP frames: decrypted
+    /// into the TUN batch and written with one call per [`TUN_RELAY_BATCH`] packets, so tun-rs
+    /// can coalesce them (GRO) as it does for UDP.
+    pub fn relay_input_frames(&self, relay: SocketAddr, frames: &[u8]) {
+        self.relay_input_each(relay, homeport_proto::relay::tcp_frames(frames));
+    }
+
+    fn relay_input_each<'a>(&self, relay: SocketAddr, frames: impl Iterator<Item = &'a [u8]>) {
         let t = self.engine.snapshot();
         let mut g = self.gro.lock().unwrap();
         let (gro, bufs) = &mut *g;
-        let out = &mut bufs[0];
-        out.resize(VIRTIO_NET_HDR_LEN + frame.len().max(148), 0);
-        out[..VIRTIO_NET_HDR_LEN].fill(0);
-        let r = self.engine.handle_relay(
-            &t,
-            relay,
-            frame,
-            &mut out[VIRTIO_NET_HDR_LEN..],
-            Instant::now(),
-            &mut |to, b| send_one(&self.socket, &self.state, to, b),
-        );
-        if let Decap::ToTun { len } = r {
-            out.truncate(VIRTIO_NET_HDR_LEN + len);
-            write_tun(&self.dev, gro, &mut bufs[..1]);
+        let now = Instant::now();
+        let mut n = 0;
+        for frame in frames {
+            if n == bufs.len() {
+                if n < TUN_RELAY_BATCH {
+                    bufs.push(Vec::with_capacity(VIRTIO_NET_HDR_LEN + 65535));
+                } else {
+                    write_tun(&self.dev, gro, &mut bufs[..n]);
+                    n = 0;
+                }
+            }
+            let out = &mut bufs[n];
+            out.resize(VIRTIO_NET_HDR_LEN + frame.len().max(148), 0);
+            out[..VIRTIO_NET_HDR_LEN].fill(0);
+            let r = self.engine.handle_relay(
+                &t,
+                relay,
+                frame,
+                &mut out[VIRTIO_NET_HDR_LEN..],
+                now,
+                &mut |to, b| send_one(&self.socket, &self.state, to, b),
+            );
+            if let Decap::ToTun { len } = r {
+                out.truncate(VIRTIO_NET_HDR_LEN + len);
+                n += 1;
+            }
+        }
+        if n > 0 {
+            write_tun(&self.dev, gro, &mut bufs[..n]);
         }
     }
 
