@@ -151,10 +151,10 @@ mod tests {
         tcp_frame(&mut st, b"cut off").unwrap();
         st.truncate(st.len() - 2);
         assert_eq!(tcp_frames_len(&st), whole);
-        let got: Vec<&[u8]> = tcp_frames(&st).collect();
+        let got: Vec<&[u8]> = super::tcp_frames(&st).collect();
         assert_eq!(got, vec![&b"one"[..], &[][..], &[7u8; 300][..]]);
         assert_eq!(tcp_frames_len(&st[..1]), 0);
-        assert_eq!(tcp_frames(&[]).count(), 0);
+        assert_eq!(super::tcp_frames(&[]).count(), 0);
     }
 
     use super::*;
