@@ -1077,6 +1077,31 @@ fn edge(b: &mut Builder, cfg: &NftConfig, has_nobans: bool) {
             Statement::Accept(None),
         ],
     );
+    // Keep-open ports before the invalid-state drop: strict TCP tracking (which the synproxy
+    // needs) marks a connection conntrack never saw as invalid — an SSH session or a node's
+    // connection to the coordinator made before anything loaded conntrack here, or after a
+    // flush — and dropping it would hang that connection for good.
+    let mut keep = cfg.keep_open.clone();
+    keep.sort();
+    keep.dedup();
+    for l4 in [L4::Tcp, L4::Udp] {
+        let ports: Vec<Expression<'static>> = keep
+            .iter()
+            .filter(|p| p.proto == l4)
+            .map(|p| Expression::Number(p.port as u32))
+            .collect();
+        if ports.is_empty() {
+            continue;
+        }
+        b.rule(
+            c,
+            vec![
+                eq(meta(MetaKey::L4proto), s(l4.as_str())),
+                eq(payload(l4.as_str(), "dport"), anon_set(ports)),
+                Statement::Accept(None),
+            ],
+        );
+    }
     b.rule(
         c,
         vec![
@@ -1144,27 +1169,6 @@ fn edge(b: &mut Builder, cfg: &NftConfig, has_nobans: bool) {
             Statement::Accept(None),
         ],
     );
-    let mut keep = cfg.keep_open.clone();
-    keep.sort();
-    keep.dedup();
-    for l4 in [L4::Tcp, L4::Udp] {
-        let ports: Vec<Expression<'static>> = keep
-            .iter()
-            .filter(|p| p.proto == l4)
-            .map(|p| Expression::Number(p.port as u32))
-            .collect();
-        if ports.is_empty() {
-            continue;
-        }
-        b.rule(
-            c,
-            vec![
-                eq(meta(MetaKey::L4proto), s(l4.as_str())),
-                eq(payload(l4.as_str(), "dport"), anon_set(ports)),
-                Statement::Accept(None),
-            ],
-        );
-    }
     // Probes of closed ports: a new TCP connection attempt (a bare SYN, so stray ACKs of old
     // flows never ban anyone) or a new UDP flow, addressed to this host.
     b.rule(

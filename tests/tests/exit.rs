@@ -1389,3 +1389,70 @@ fn plex_check_sees_the_viewers_real_address_through_the_exit_body(p: &mut PubLab
     ensure!(err.contains("1 problem(s) found"), "{err}");
     Ok(())
 }
+
+#[test]
+fn keep_open_connections_survive_untracked_state() {
+    with_lab(&[], keep_open_connections_survive_untracked_state_body);
+}
+
+/// A connection to a keep-open port (SSH, the coordinator) that conntrack does not know is
+/// still carried: one made before the exit started (before anything loaded conntrack in a
+/// fresh network namespace), or after a conntrack flush. Strict TCP tracking (which the
+/// synproxy needs) marks its next packets invalid; edge protection must not drop them. Found
+/// when the demo's home node, which connected to the coordinator while the exit was starting,
+/// hung on its next request.
+fn keep_open_connections_survive_untracked_state_body(p: &mut PubLab) -> Result<()> {
+    let echo = r#"
+import socket, sys
+s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind((sys.argv[1], 22)); s.listen(1); print("listening", flush=True)
+c, _ = s.accept()
+while True:
+    d = c.recv(100)
+    if not d: break
+    c.sendall(d)
+"#;
+    let server = p
+        .lab
+        .spawn("vps", "echo-22", &["python3", "-c", echo, VPS_IP])?;
+    wait_until("the echo server to listen", Duration::from_secs(10), || {
+        p.lab.log(server).contains("listening")
+    })?;
+    let client = r#"
+import socket, sys, time
+s = socket.create_connection((sys.argv[1], 22), timeout=5)
+s.sendall(b"one"); print("first", s.recv(10).decode(), flush=True)
+while not open(sys.argv[2]).read(): time.sleep(0.05)
+try:
+    s.sendall(b"two"); print("second", s.recv(10).decode(), flush=True)
+except OSError as e:
+    print("second failed", e, flush=True)
+"#;
+    let go = p.lab.dir().join("flushed");
+    std::fs::write(&go, "")?;
+    let c = p.lab.spawn(
+        "viewer",
+        "client-22",
+        &[
+            "python3",
+            "-c",
+            client,
+            VPS_IP,
+            go.to_str().context("path")?,
+        ],
+    )?;
+    wait_until("the first exchange", Duration::from_secs(10), || {
+        p.lab.log(c).contains("first one")
+    })?;
+    p.lab.exec("vps", &["conntrack", "-F"])?;
+    std::fs::write(&go, "go")?;
+    wait_until("the second exchange", Duration::from_secs(15), || {
+        p.lab.log(c).contains("second")
+    })?;
+    let log = p.lab.log(c);
+    assert!(
+        log.contains("second two"),
+        "the connection to a keep-open port survives losing its conntrack entry: {log}"
+    );
+    Ok(())
+}
