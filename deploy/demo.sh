@@ -280,6 +280,17 @@ else
   info "note: the audit log does not show 192.0.2.50 yet"
 fi
 
+# ---------------------------------------------------------------------------------------------------
+say "Point Plex at the VPS, and check that it sees real viewers"
+(umask 077; echo demo-token >"$S/plex.token")   # the stand-in takes any token
+show "homeport plex setup --yes --token-file plex.token"
+in_ns home "$HP" plex setup --yes --token-file "$S/plex.token" --state-dir "$S/home" 2>&1 | sed 's/^/    /' \
+  || fail "homeport plex setup failed"
+show "homeport plex check"
+in_ns home "$HP" plex check --token-file "$S/plex.token" --state-dir "$S/home" 2>&1 | sed 's/^/    /' \
+  || fail "homeport plex check found a problem"
+ok "Plex's custom URL is the VPS, and the viewer it saw came in through the exit"
+
 printf '\n%sdemo OK%s: a server behind two NATs was published on a VPS, and saw its viewer'"'"'s real IP.\n' "$G" "$N"
 
 if ((keep)) && [ -t 0 ]; then
