@@ -75,6 +75,21 @@ struct UdpIo {
 }
 
 impl UdpIo {
+    /// Sends `data` (segments of `seg` bytes when given: one GSO send), waiting briefly for
+    /// room in the socket buffer (the relay's own thread only).
+    fn transmit(&self, to: SocketAddr, data: &[u8], seg: Option<usize>) {
+        let t = homeport_udp::Transmit {
+            destination: to,
+            ecn: None,
+            contents: data,
+            segment_size: seg,
+            src_ip: None,
+        };
+        if let Err(e) = homeport_udp::send(&self.socket, &self.state, &t) {
+            tracing::trace!(%to, error = %e, "relay: UDP send failed");
+        }
+    }
+
     /// Sends one datagram if the socket buffer has room now (dropped otherwise, as a router
     /// would: callers include async tasks, which must not wait).
     fn send_now(&self, to: SocketAddr, b: &[u8]) {
@@ -362,16 +377,18 @@ impl Relay {
     }
 
     /// Handles one received UDP datagram from `from`: `buf` holds segments of `stride` bytes
-    /// (a GRO run; the last may be shorter). SENDs are turned into RECVs in place, and each run
-    /// of consecutive segments bound for one destination leaves in one GSO send, so a batch
-    /// that came in with one syscall usually leaves with one.
-    fn handle_udp(
+    /// (a GRO run; the last may be shorter; 0: one segment). SENDs are turned into RECVs in
+    /// place, and each run of consecutive segments bound for one UDP destination is handed to
+    /// `udp_out(to, bytes, segment_size)` at once, so a batch that came in with one syscall
+    /// usually leaves with one GSO send. BOUND and STUN answers go to `udp_out` too; datagrams
+    /// for TCP clients are queued to them here. No IO of its own (the fuzz target drives it).
+    pub fn handle_batch(
         &self,
-        io: &UdpIo,
         from: SocketAddr,
         buf: &mut [u8],
         stride: usize,
         now: Instant,
+        udp_out: &mut dyn FnMut(SocketAddr, &[u8], Option<usize>),
     ) {
         if is_pseudo(from) {
             // 240.0.0.0/4 stands for TCP clients in the bindings: a (spoofed) UDP source there
@@ -395,8 +412,8 @@ impl Relay {
                         Some(to)
                     }
                     Action::Bound { to, .. } => {
-                        self.flush_run(io, buf, stride, run.take());
-                        io.send_now(to, &BOUND);
+                        self.flush_run(buf, stride, run.take(), udp_out);
+                        udp_out(to, &BOUND, None);
                         None
                     }
                     Action::Drop(why) => {
@@ -405,9 +422,9 @@ impl Relay {
                     }
                 }
             } else {
-                self.flush_run(io, buf, stride, run.take());
+                self.flush_run(buf, stride, run.take(), udp_out);
                 if let Some(resp) = crate::stun::answer(&buf[off..end], from) {
-                    io.send_now(from, &resp);
+                    udp_out(from, &resp, None);
                 }
                 None
             };
@@ -415,24 +432,24 @@ impl Relay {
                 match &mut run {
                     Some((dst, _, run_end)) if *dst == to && *run_end == off => *run_end = end,
                     _ => {
-                        self.flush_run(io, buf, stride, run.take());
+                        self.flush_run(buf, stride, run.take(), udp_out);
                         run = Some((to, off, end));
                     }
                 }
             }
             off = end;
         }
-        self.flush_run(io, buf, stride, run);
+        self.flush_run(buf, stride, run, udp_out);
     }
 
-    /// Sends a run of RECV segments of `buf` to its destination: one GSO send to a UDP
+    /// Sends a run of RECV segments of `buf` to its destination: one transmit to a UDP
     /// address, or one frame each to a TCP client.
     fn flush_run(
         &self,
-        io: &UdpIo,
         buf: &[u8],
         stride: usize,
         run: Option<(SocketAddr, usize, usize)>,
+        udp_out: &mut dyn FnMut(SocketAddr, &[u8], Option<usize>),
     ) {
         let Some((to, start, end)) = run else { return };
         let data = &buf[start..end];
@@ -442,16 +459,7 @@ impl Relay {
             }
             return;
         }
-        let t = homeport_udp::Transmit {
-            destination: to,
-            ecn: None,
-            contents: data,
-            segment_size: (data.len() > stride).then_some(stride),
-            src_ip: None,
-        };
-        if let Err(e) = homeport_udp::send(&io.socket, &io.state, &t) {
-            tracing::trace!(%to, error = %e, "relay: UDP send failed");
-        }
+        udp_out(to, data, (data.len() > stride).then_some(stride));
     }
 
     /// Serves one client of the TCP/TLS fallback until it disconnects, goes idle or is replaced:
@@ -672,7 +680,13 @@ fn udp_loop(relay: &Relay, io: &UdpIo, stop: &std::sync::atomic::AtomicBool) {
         };
         let now = Instant::now();
         for (m, buf) in meta[..n].iter().zip(bufs.iter_mut()) {
-            relay.handle_udp(io, m.addr, &mut buf[..m.len], m.stride, now);
+            relay.handle_batch(
+                m.addr,
+                &mut buf[..m.len],
+                m.stride,
+                now,
+                &mut |to, d, seg| io.transmit(to, d, seg),
+            );
         }
     }
 }
@@ -1074,7 +1088,33 @@ mod tests {
         stun[4..8].copy_from_slice(&[0x21, 0x12, 0xa4, 0x42]);
         stun[8..20].copy_from_slice(&[7; 12]);
         buf.extend_from_slice(&stun);
-        relay.handle_udp(&io, sa.local_addr().unwrap(), &mut buf, stride, now);
+        let mut sends = vec![];
+        relay.handle_batch(
+            sa.local_addr().unwrap(),
+            &mut buf,
+            stride,
+            now,
+            &mut |to, d, seg| {
+                sends.push((to, d.len(), seg));
+                io.transmit(to, d, seg)
+            },
+        );
+        let (a_at, b_at, c_at) = (
+            sa.local_addr().unwrap(),
+            sb.local_addr().unwrap(),
+            sc.local_addr().unwrap(),
+        );
+        assert_eq!(
+            sends[..3],
+            [
+                (b_at, 400, Some(200)),
+                (c_at, 200, None),
+                (b_at, 400, Some(200))
+            ],
+            "one send per run of one destination"
+        );
+        assert_eq!(sends.len(), 4);
+        assert_eq!(sends[3].0, a_at, "then the STUN answer");
 
         let recv = |s: &std::net::UdpSocket| {
             let mut d = [0u8; 2048];

@@ -525,7 +525,9 @@ fn check_relay_framing(d: &[u8]) {
 /// `d[0] & 1` made at the clock plus `d[1..3]` ms minus 32 s (so also replays), 2 a SEND to
 /// node `d[0] & 1` carrying `d[1..]`, 3 the relay magic then the bytes; bits 4-7 advance time
 /// by that many 8 s steps. A forward must go where the destination key was last bound, and
-/// come from where the sender's key was last bound.
+/// come from where the sender's key was last bound. Then all the datagrams go through once more
+/// as one GRO run (`Relay::handle_batch`): whatever leaves is a RECV, or a BOUND or STUN answer
+/// to the sender, and a GSO send holds more than one segment.
 ///
 /// One relay serves every run (its X25519 work is cached per key, as in the coordinator); each
 /// run starts a day after the last on both of its clocks, so no binding or BIND time of an
@@ -547,6 +549,7 @@ pub fn relay_server_udp(data: &[u8]) {
         "192.0.2.66:4000".parse().unwrap(),
     ];
     let mut bound: HashMap<[u8; 32], SocketAddr> = HashMap::new();
+    let mut batch: Vec<Vec<u8>> = vec![];
     for (h, bytes) in records(data) {
         let step = Duration::from_secs(8) * (h >> 4) as u32;
         now += step;
@@ -587,7 +590,36 @@ pub fn relay_server_udp(data: &[u8]) {
             }
             Action::Drop(_) => {}
         }
+        batch.push(d);
     }
+    // The same datagrams once more as one GRO run (cut to the first one's length, the last
+    // shorter), through the batched path the UDP socket takes.
+    let Some(stride) = batch.first().map(|d| d.len().max(1)) else {
+        return;
+    };
+    let mut run: Vec<u8> = vec![];
+    for d in &batch {
+        let mut d = d.clone();
+        d.resize(stride, 0);
+        run.extend_from_slice(&d);
+    }
+    if let Some(last) = batch.last() {
+        run.truncate(run.len() - stride + last.len().clamp(1, stride));
+    }
+    let from = froms[(data.len() & 3) as usize];
+    r.handle_batch(from, &mut run, stride, now, &mut |to, out, seg| {
+        if let Some(seg) = seg {
+            assert!(out.len() > seg, "a GSO send holds more than one segment");
+        }
+        for d in out.chunks(seg.unwrap_or(out.len()).max(1)) {
+            match relay::kind(d) {
+                Some(relay::RELAY_RECV) => {}
+                Some(relay::RELAY_BOUND) => assert_eq!(to, from, "BOUND to another address"),
+                Some(k) => panic!("relay sent a datagram of kind {k}"),
+                None => assert_eq!(to, from, "a STUN answer to another address"),
+            }
+        }
+    });
 }
 
 /// Byte 0: bit 0 = the stream starts with a valid BIND frame of the laptop (else the fuzzer's
