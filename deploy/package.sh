@@ -1,0 +1,71 @@
+#!/usr/bin/env bash
+# Build the Debian packages homeport-coordinator, homeport-exit and homeport (the node) into dist/.
+#
+#   ./deploy/package.sh                 release build of the three binaries, then the three .debs
+#   ./deploy/package.sh --dev           package the debug binaries that `cargo build --workspace --bins`
+#                                       made (no build: the tests use it, a release build takes ~15 min)
+#   Options: --deb-revision N (Debian revision, default 1), --out DIR (default dist/), --fast (quick
+#   compression). Prints the path of each .deb.
+#
+# Needs cargo-deb (crates.io) and help2man (the man pages, made from --help); deploy/setup.sh installs both.
+# Install on a machine (no Rust needed there): sudo apt install ./homeport-coordinator_*.deb … (README,
+# "Install from packages").
+set -euo pipefail
+
+here=$(cd "$(dirname "$0")" && pwd)
+root=$(cd "$here/.." && pwd)
+cd "$root"
+
+usage() { sed -n '2,13p' "$0" | sed 's/^# \{0,1\}//'; }
+die() { printf 'package: error: %s\n' "$*" >&2; exit 1; }
+log() { printf 'package: %s\n' "$*" >&2; }
+
+profile=release revision=1 out=$root/dist fast=()
+while (($#)); do
+  case $1 in
+    --dev) profile=dev ;;
+    --deb-revision) revision=${2:?--deb-revision needs a number, e.g. 2}; shift ;;
+    --out) out=${2:?--out needs a directory}; shift ;;
+    --fast) fast=(--fast) ;;
+    -h|--help) usage; exit 0 ;;
+    *) die "unknown option '$1' (accepted: --dev, --deb-revision N, --out DIR, --fast; see --help)" ;;
+  esac
+  shift
+done
+[[ $revision =~ ^[0-9][0-9a-z.+~]*$ ]] || die "--deb-revision '$revision': expected a Debian revision such as 1 or 2"
+
+cargo deb --version >/dev/null 2>&1 || die "cargo-deb is not installed: run deploy/setup.sh (or: cargo install --locked cargo-deb)"
+command -v help2man >/dev/null || die "help2man is not installed: run deploy/setup.sh (or: apt-get install help2man)"
+
+# crate:binary for each package (the package names are set in each crate's [package.metadata.deb]).
+crates=(homeport-coordinator:homeport-coordinator homeport-exit:homeport-exit homeport-node:homeport)
+target_dir=$(cargo metadata --format-version 1 --no-deps | python3 -c 'import json,sys; print(json.load(sys.stdin)["target_directory"])')
+if [ "$profile" = release ]; then
+  log "building the release binaries (cargo build --release)"
+  pkgs=()
+  for c in "${crates[@]}"; do pkgs+=(-p "${c%%:*}"); done
+  cargo build --release "${pkgs[@]}" --bins >&2 || die "cargo build --release failed"
+  bin_dir=$target_dir/release
+else
+  bin_dir=$target_dir/debug
+fi
+for c in "${crates[@]}"; do
+  [ -x "$bin_dir/${c#*:}" ] || die "$bin_dir/${c#*:} is missing: build it first (cargo build --workspace --bins for --dev)"
+done
+
+# Man pages from --help/--version. The crates' package metadata reads them from dist/.gen/.
+gen=$root/dist/.gen
+mkdir -p "$gen" "$out"
+for c in "${crates[@]}"; do
+  b=${c#*:}
+  help2man --no-info --no-discard-stderr --section 1 --output "$gen/$b.1" "$bin_dir/$b" \
+    || die "help2man could not run $bin_dir/$b --help"
+  gzip -9n -f "$gen/$b.1"
+done
+
+for c in "${crates[@]}"; do
+  crate=${c%%:*}
+  deb=$(cargo deb -p "$crate" --no-build --profile "$profile" --deb-revision "$revision" --output "$out" "${fast[@]}" 2>"$gen/$crate.log" | tail -n1) \
+    || die "cargo deb -p $crate failed: $(cat "$gen/$crate.log")"
+  printf '%s\n' "$deb"
+done
