@@ -58,7 +58,9 @@ gen=$root/dist/.gen
 mkdir -p "$gen" "$out"
 for c in "${crates[@]}"; do
   b=${c#*:}
-  help2man --no-info --no-discard-stderr --section 1 --output "$gen/$b.1" "$bin_dir/$b" \
+  # The whatis line: the first line of --help without its "homeport node: " prefix.
+  what=$("$bin_dir/$b" --help | head -n1 | sed -e 's/^[^:]*: //' -e 's/\.$//')
+  help2man --no-info --no-discard-stderr --section 1 --name "$what" --output "$gen/$b.1" "$bin_dir/$b" \
     || die "help2man could not run $bin_dir/$b --help"
   gzip -9n -f "$gen/$b.1"
 done
