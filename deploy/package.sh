@@ -8,6 +8,8 @@
 #   compression). Prints the path of each .deb.
 #
 # Needs cargo-deb (crates.io) and help2man (the man pages, made from --help); deploy/setup.sh installs both.
+# The packages hold the binaries, the units of deploy/systemd/, the example configs of deploy/config/ as
+# conffiles, man pages, bash/zsh/fish completions and the maintainer scripts of deploy/debian/PACKAGE/.
 # Install on a machine (no Rust needed there): sudo apt install ./homeport-coordinator_*.deb … (README,
 # "Install from packages").
 set -euo pipefail
@@ -16,7 +18,7 @@ here=$(cd "$(dirname "$0")" && pwd)
 root=$(cd "$here/.." && pwd)
 cd "$root"
 
-usage() { sed -n '2,13p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,14p' "$0" | sed 's/^# \{0,1\}//'; }
 die() { printf 'package: error: %s\n' "$*" >&2; exit 1; }
 log() { printf 'package: %s\n' "$*" >&2; }
 
@@ -53,7 +55,8 @@ for c in "${crates[@]}"; do
   [ -x "$bin_dir/${c#*:}" ] || die "$bin_dir/${c#*:} is missing: build it first (cargo build --workspace --bins for --dev)"
 done
 
-# Man pages from --help/--version. The crates' package metadata reads them from dist/.gen/.
+# Man pages from --help/--version, and shell completions. The crates' package metadata reads them from
+# dist/.gen/.
 gen=$root/dist/.gen
 mkdir -p "$gen" "$out"
 for c in "${crates[@]}"; do
@@ -63,6 +66,10 @@ for c in "${crates[@]}"; do
   help2man --no-info --no-discard-stderr --section 1 --name "$what" --output "$gen/$b.1" "$bin_dir/$b" \
     || die "help2man could not run $bin_dir/$b --help"
   gzip -9n -f "$gen/$b.1"
+  # Shell completions from clap (a hidden subcommand of each binary).
+  "$bin_dir/$b" completions bash >"$gen/$b.bash"
+  "$bin_dir/$b" completions zsh >"$gen/_$b"
+  "$bin_dir/$b" completions fish >"$gen/$b.fish"
 done
 
 for c in "${crates[@]}"; do

@@ -32,7 +32,12 @@ const PACKAGES: [(&str, &str, &str, &str); 3] = [
         "coordinator",
         "homeport-coordinator.service",
     ),
-    ("homeport-exit", "homeport-exit", "exit", "homeport-exit.service"),
+    (
+        "homeport-exit",
+        "homeport-exit",
+        "exit",
+        "homeport-exit.service",
+    ),
     ("homeport", "homeport", "node", "homeport.service"),
 ];
 
@@ -226,6 +231,9 @@ fn packages_hold_binaries_units_conffiles_and_maintainer_scripts() {
             format!("/usr/share/doc/{pkg}/changelog.Debian.gz"),
             format!("/usr/share/man/man1/{bin}.1.gz"),
             format!("/usr/share/lintian/overrides/{pkg}"),
+            format!("/usr/share/bash-completion/completions/{bin}"),
+            format!("/usr/share/zsh/vendor-completions/_{bin}"),
+            format!("/usr/share/fish/vendor_completions.d/{bin}.fish"),
         ] {
             assert_eq!(mode(&p).0, "-rw-r--r--", "{pkg}: {p}");
         }
@@ -238,14 +246,21 @@ fn packages_hold_binaries_units_conffiles_and_maintainer_scripts() {
         }
 
         // Control fields.
-        let field = |f: &str| run("dpkg-deb", &["--field", deb_str(deb), f]).trim().to_string();
+        let field = |f: &str| {
+            run("dpkg-deb", &["--field", deb_str(deb), f])
+                .trim()
+                .to_string()
+        };
         assert_eq!(field("Package"), pkg);
         assert_eq!(field("Version"), "0.1.0-1");
         assert_eq!(field("Section"), "net", "{pkg}");
         assert!(field("Maintainer").contains('@'), "{pkg}: Maintainer");
         let depends = field("Depends");
         assert!(depends.contains("libc6"), "{pkg}: Depends {depends}");
-        assert!(depends.contains("init-system-helpers"), "{pkg}: Depends {depends}");
+        assert!(
+            depends.contains("init-system-helpers"),
+            "{pkg}: Depends {depends}"
+        );
         let needs: &[&str] = match role {
             "exit" => &["nftables", "conntrack", "iproute2"],
             "node" => &["nftables", "iproute2"],
@@ -349,6 +364,16 @@ fn packages_extract_into_a_throwaway_root_with_a_working_layout() {
             version.contains("0.1.0"),
             "{pkg}: {bin} --version: {version}"
         );
+        // The bash completion names the binary's subcommands (clap's script, not an empty file).
+        let completion =
+            std::fs::read_to_string(r.join(format!("usr/share/bash-completion/completions/{bin}")))
+                .unwrap();
+        let sub = if role == "coordinator" { "serve" } else { "up" };
+        assert!(
+            completion.contains(&format!("complete -F _{}", bin.replace('-', "__")))
+                && completion.contains(sub),
+            "{pkg}: the bash completion is not clap's for {bin}:\n{completion:.300}"
+        );
         let copyright =
             std::fs::read_to_string(r.join(format!("usr/share/doc/{pkg}/copyright"))).unwrap();
         assert!(
@@ -430,7 +455,11 @@ fn dpkg(args: &[&str]) -> String {
         String::from_utf8_lossy(&o.stdout),
         String::from_utf8_lossy(&o.stderr)
     );
-    assert!(o.status.success(), "`dpkg {}` failed:\n{all}", args.join(" "));
+    assert!(
+        o.status.success(),
+        "`dpkg {}` failed:\n{all}",
+        args.join(" ")
+    );
     all
 }
 
@@ -507,11 +536,17 @@ fn packages_install_upgrade_keep_state_remove_and_purge_on_this_machine() {
             "{pkg}: the install prints no next step:\n{out}"
         );
         assert!(
-            out.contains(&format!("systemctl enable --now {}", unit.trim_end_matches(".service"))),
+            out.contains(&format!(
+                "systemctl enable --now {}",
+                unit.trim_end_matches(".service")
+            )),
             "{pkg}: the next step does not say how to start it:\n{out}"
         );
         let exe = format!("/usr/bin/{bin}");
-        assert!(run(&exe, &["--version"]).contains("0.1.0"), "{exe} --version");
+        assert!(
+            run(&exe, &["--version"]).contains("0.1.0"),
+            "{exe} --version"
+        );
         assert!(run(&exe, &["--help"]).contains("Usage:"), "{exe} --help");
         assert!(Path::new(&format!("/lib/systemd/system/{unit}")).is_file());
         assert!(Path::new(&format!("/etc/homeport/{role}.toml")).is_file());
@@ -548,7 +583,10 @@ fn packages_install_upgrade_keep_state_remove_and_purge_on_this_machine() {
         "coordinator = \"https://VPS_PUBLIC_IP:8443\"",
         "coordinator = \"https://203.0.113.7:8443\"",
     );
-    assert!(edited.contains("203.0.113.7"), "node.toml has no coordinator line to edit");
+    assert!(
+        edited.contains("203.0.113.7"),
+        "node.toml has no coordinator line to edit"
+    );
     std::fs::write("/etc/homeport/node.toml", &edited).unwrap();
 
     // ---- upgrade to the rebuilt packages: state and the edited config stay, nothing new printed.
@@ -566,14 +604,25 @@ fn packages_install_upgrade_keep_state_remove_and_purge_on_this_machine() {
     for (p, what) in state {
         assert_eq!(read(p), format!("{what}\n"), "{p} changed by the upgrade");
     }
-    assert_eq!(read("/etc/homeport/node.toml"), edited, "the upgrade lost the admin's edit");
+    assert_eq!(
+        read("/etc/homeport/node.toml"),
+        edited,
+        "the upgrade lost the admin's edit"
+    );
 
     // ---- remove: binaries and units go; state, configs and keys stay; the exit's nftables table
     // goes (prerm runs `homeport-exit cleanup`). The table stands in for a running exit's rules.
     run("nft", &["add", "table", "inet", "homeport_exit"]);
     run(
         "nft",
-        &["add", "chain", "inet", "homeport_exit", "prerouting", "{ type nat hook prerouting priority -100; }"],
+        &[
+            "add",
+            "chain",
+            "inet",
+            "homeport_exit",
+            "prerouting",
+            "{ type nat hook prerouting priority -100; }",
+        ],
     );
     assert!(nft_table_exists());
     let mut args = vec!["--remove"];
@@ -589,7 +638,10 @@ fn packages_install_upgrade_keep_state_remove_and_purge_on_this_machine() {
             "{pkg}: {}",
             dpkg_status(pkg)
         );
-        assert!(!Path::new(&format!("/usr/bin/{bin}")).exists(), "{bin} left");
+        assert!(
+            !Path::new(&format!("/usr/bin/{bin}")).exists(),
+            "{bin} left"
+        );
         assert!(
             !Path::new(&format!("/lib/systemd/system/{unit}")).exists(),
             "{unit} left by remove"
@@ -608,7 +660,11 @@ fn packages_install_upgrade_keep_state_remove_and_purge_on_this_machine() {
     args.extend(PACKAGES.iter().map(|p| p.0));
     dpkg(&args);
     for (pkg, ..) in PACKAGES {
-        assert!(absent(&dpkg_status(pkg)), "{pkg} after purge: {}", dpkg_status(pkg));
+        assert!(
+            absent(&dpkg_status(pkg)),
+            "{pkg} after purge: {}",
+            dpkg_status(pkg)
+        );
     }
     for p in STATE_PATHS {
         assert!(
