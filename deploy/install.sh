@@ -11,8 +11,9 @@
 #       key (first line); it is copied to /etc/homeport/node.authkey (0600). Run it again with a new
 #       --authkey-file to re-join after the coordinator refused the node (same key and address).
 #
-# Common options: --bin-dir DIR (binaries from DIR, not packages; default target/release), --no-start.
-# With packages in dist/ (homeport-coordinator, homeport-exit and homeport for vps; homeport for home):
+# Common options: --bin-dir DIR (binaries from DIR, not packages; default target/release), --no-start,
+# --packages DIR (the .debs of deploy/package.sh in DIR; default dist/ of this checkout when it has them).
+# With packages (homeport-coordinator, homeport-exit and homeport for vps; homeport for home):
 # `apt-get install ./dist/….deb` puts binaries in /usr/bin, units in /lib/systemd/system. Otherwise
 # binaries go to /usr/local/bin, units to /etc/systemd/system/, docs to /usr/local/share/doc/homeport/.
 # Configs: /etc/homeport/ (an edited config is never overwritten; the packages' example is filled in).
@@ -21,7 +22,7 @@ set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 root=$(cd "$here/.." && pwd)
 
-usage() { sed -n '2,18p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,19p' "$0" | sed 's/^# \{0,1\}//'; }
 die() { printf 'install: error: %s\n' "$*" >&2; exit 1; }
 log() { printf 'install: %s\n' "$*"; }
 
@@ -33,7 +34,7 @@ case $role in
   *) die "unknown role '$role': accepted are 'vps' (coordinator + exit) and 'home' (a node)" ;;
 esac
 
-bin_dir='' public_ip='' hostname='' coordinator='' pin='' authkey='' start=1
+bin_dir='' pkg_dir='' public_ip='' hostname='' coordinator='' pin='' authkey='' start=1
 # Secrets never go on a command line (every local user can read argv): auth keys come from files.
 read_key() { # read_key FILE: the first line of FILE, trimmed
   [ -r "$1" ] || die "--authkey-file $1: cannot read it"
@@ -46,6 +47,7 @@ write_key() { install -m 0600 /dev/null "$1"; printf '%s\n' "$2" >"$1"; }
 while (($#)); do
   case $1 in
     --bin-dir) bin_dir=${2:?--bin-dir needs a directory}; shift ;;
+    --packages) pkg_dir=${2:?--packages needs the directory with the .deb files}; shift ;;
     --public-ip) public_ip=${2:?--public-ip needs an address}; shift ;;
     --hostname) hostname=${2:?--hostname needs a name}; shift ;;
     --coordinator) coordinator=${2:?--coordinator needs a URL}; shift ;;
@@ -85,16 +87,21 @@ fi
 # newest_deb PKG: the newest dist/PKG_*.deb of this machine's architecture, or nothing.
 newest_deb() {
   local arch; arch=$(dpkg --print-architecture 2>/dev/null) || return 0
-  find "$root/dist" -maxdepth 1 -name "$1_*_$arch.deb" 2>/dev/null | sort -V | tail -n1
+  find "${pkg_dir:-$root/dist}" -maxdepth 1 -name "$1_*_$arch.deb" 2>/dev/null | sort -V | tail -n1
 }
 debs=()
+if [ -n "$bin_dir" ] && [ -n "$pkg_dir" ]; then die "--bin-dir and --packages exclude each other"; fi
+if [ -n "$pkg_dir" ]; then
+  [ -d "$pkg_dir" ] || die "--packages $pkg_dir: no such directory"
+  pkg_dir=$(cd "$pkg_dir" && pwd)   # apt-get takes a .deb by a path with a slash
+fi
 if [ -z "$bin_dir" ]; then
   for b in "${bins[@]}"; do
     d=$(newest_deb "$b")
     [ -n "$d" ] && debs+=("$d")
   done
-  if ((${#debs[@]} && ${#debs[@]} < ${#bins[@]})); then
-    die "dist/ has only some of the packages ${bins[*]}: run deploy/package.sh, or pass --bin-dir target/release"
+  if { [ -n "$pkg_dir" ] || ((${#debs[@]})); } && ((${#debs[@]} < ${#bins[@]})); then
+    die "${pkg_dir:-dist/} lacks some of the packages ${bins[*]} (has: ${debs[*]:-none}): run deploy/package.sh, or pass --bin-dir target/release"
   fi
 fi
 if ((${#debs[@]})); then

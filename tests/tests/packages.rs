@@ -75,6 +75,7 @@ fn cargo() -> PathBuf {
 
 /// The .deb files of one build, by package name.
 struct Build {
+    dir: PathBuf,
     debs: BTreeMap<&'static str, PathBuf>,
 }
 
@@ -121,7 +122,7 @@ fn package(revision: &str) -> Build {
         "packages revision {revision} built in {:.1} s",
         start.elapsed().as_secs_f64()
     );
-    Build { debs }
+    Build { dir: out, debs }
 }
 
 /// Both builds (revision 1, and revision 2 for the upgrade), made once per test run: package.sh
@@ -672,10 +673,86 @@ fn packages_install_upgrade_keep_state_remove_and_purge_on_this_machine() {
             "{p} is left after purge"
         );
     }
+    let cycle = start.elapsed();
+
+    // ---- deploy/install.sh with packages: it installs them and fills in the example configs they
+    // ship (vps: the coordinator's public URL; home: coordinator, pin, hostname, the auth key).
+    let key = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(key.path(), "KEY-FROM-THE-VPS\n").unwrap();
+    let install = |args: &[&str]| {
+        let o = Command::new(repo().join("deploy/install.sh"))
+            .args(args)
+            .args(["--no-start", "--packages", r1.dir.to_str().unwrap()])
+            .output()
+            .unwrap();
+        let all = format!(
+            "{}{}",
+            String::from_utf8_lossy(&o.stdout),
+            String::from_utf8_lossy(&o.stderr)
+        );
+        assert!(o.status.success(), "install.sh {}: {all}", args.join(" "));
+        all
+    };
+    install(&["vps", "--public-ip", "203.0.113.7"]);
+    install(&[
+        "home",
+        "--coordinator",
+        "https://203.0.113.7:8443",
+        "--pin",
+        "PIN-OF-THE-VPS",
+        "--authkey-file",
+        key.path().to_str().unwrap(),
+        "--hostname",
+        "testhome",
+    ]);
+    for (pkg, bin, ..) in PACKAGES {
+        assert_eq!(
+            dpkg_status(pkg),
+            "install ok installed 0.1.0-1",
+            "install.sh"
+        );
+        assert!(
+            Path::new(&format!("/usr/local/bin/{bin}"))
+                .symlink_metadata()
+                .is_err(),
+            "install.sh copied {bin} to /usr/local/bin although it had packages"
+        );
+    }
+    let coordinator = read("/etc/homeport/coordinator.toml");
+    assert!(
+        coordinator.contains("\npublic-url = \"https://203.0.113.7:8443\"\n"),
+        "install.sh vps did not fill in the packaged coordinator.toml:\n{coordinator}"
+    );
+    let node = read("/etc/homeport/node.toml");
+    for line in [
+        "coordinator = \"https://203.0.113.7:8443\"",
+        "pin = \"PIN-OF-THE-VPS\"",
+        "hostname = \"testhome\"",
+        "authkey-file = \"/etc/homeport/node.authkey\"",
+    ] {
+        assert!(
+            node.lines().any(|l| l == line),
+            "install.sh home did not write `{line}` into the packaged node.toml:\n{node}"
+        );
+    }
+    let m = |p: &str| Path::new(p).metadata().unwrap().permissions().mode() & 0o777;
+    assert_eq!(m("/etc/homeport/node.toml"), 0o600);
+    assert_eq!(m("/etc/homeport/node.authkey"), 0o600);
+    assert_eq!(read("/etc/homeport/node.authkey"), "KEY-FROM-THE-VPS\n");
+    let mut args = vec!["--purge"];
+    args.extend(PACKAGES.iter().map(|p| p.0));
+    dpkg(&args);
+    for p in STATE_PATHS {
+        assert!(
+            Path::new(p).symlink_metadata().is_err(),
+            "{p} is left after purging what install.sh installed"
+        );
+    }
     let _ = writeln!(
         std::io::stderr(),
-        "dpkg: install {:.1} s, whole install/upgrade/remove/purge {:.1} s",
+        "dpkg: install {:.1} s, install/upgrade/remove/purge {:.1} s, with install.sh {:.1} s",
         installed_at.as_secs_f64(),
+        cycle.as_secs_f64(),
         start.elapsed().as_secs_f64()
     );
 }
