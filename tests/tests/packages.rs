@@ -3,7 +3,8 @@
 //! conffiles, maintainer scripts, man pages, copyright), extract into a throwaway root, and on this
 //! machine install, upgrade, remove and purge the way a Debian admin expects: an install starts
 //! nothing, state survives upgrade and remove and is gone after purge, remove takes the exit's
-//! nftables table away.
+//! nftables table away. Under systemd (simulated in a private mount namespace with logging fakes),
+//! the scripts enable and start nothing on a first install, restart on upgrade and stop on remove.
 //!
 //! The machine test refuses to run where homeport is installed for real (it would purge it), and a
 //! guard purges what it installed even when it fails half way.
@@ -14,7 +15,7 @@ use std::io::Write;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::sync::OnceLock;
+use std::sync::{Mutex, OnceLock};
 use std::time::Instant;
 
 fn repo() -> PathBuf {
@@ -387,6 +388,9 @@ fn packages_extract_into_a_throwaway_root_with_a_working_layout() {
 
 // ---- install, upgrade, remove, purge on this machine -------------------------------------------
 
+/// The tests that run maintainer scripts on this machine take turns (a purge deletes auth key files).
+static MACHINE: Mutex<()> = Mutex::new(());
+
 /// Everything the packages leave on a machine until purge; the guard deletes these.
 const STATE_PATHS: [&str; 5] = [
     "/etc/homeport",
@@ -520,6 +524,7 @@ fn packages_install_upgrade_keep_state_remove_and_purge_on_this_machine() {
         );
     }
     let (r1, r2) = builds();
+    let _turn = MACHINE.lock().unwrap_or_else(|e| e.into_inner());
     let _guard = Purge;
     let start = Instant::now();
     let all = |b: &'static Build| -> Vec<&'static str> {
@@ -755,4 +760,155 @@ fn packages_install_upgrade_keep_state_remove_and_purge_on_this_machine() {
         cycle.as_secs_f64(),
         start.elapsed().as_secs_f64()
     );
+}
+
+// ---- the maintainer scripts under systemd -------------------------------------------------------
+
+/// Runs `deploy/debian/PKG/SCRIPT args…` as dpkg would on a machine with systemd: in a private mount
+/// namespace where /run/systemd/system exists and /var/lib is an empty tmpfs, with deb-systemd-helper,
+/// deb-systemd-invoke, systemctl and homeport-exit replaced by fakes that log their arguments.
+/// `installed`/`enabled` are what the fake deb-systemd-helper answers to debian-installed/was-enabled.
+/// Returns (the calls, the script's output).
+fn run_script(
+    pkg: &str,
+    script: &str,
+    args: &[&str],
+    installed: bool,
+    enabled: bool,
+) -> (String, String) {
+    let dir = tempfile::tempdir().unwrap();
+    let bin = dir.path().join("bin");
+    std::fs::create_dir(&bin).unwrap();
+    let log = dir.path().join("calls");
+    std::fs::write(&log, "").unwrap();
+    for fake in [
+        "deb-systemd-helper",
+        "deb-systemd-invoke",
+        "systemctl",
+        "homeport-exit",
+    ] {
+        let p = bin.join(fake);
+        std::fs::write(
+            &p,
+            format!(
+                "#!/bin/sh\necho \"{fake} $*\" >>\"$FAKE_LOG\"\n\
+                 case \"$1 $2\" in\n\
+                 \"debian-installed \"*) [ \"$FAKE_INSTALLED\" = yes ] ;;\n\
+                 \"--quiet was-enabled\") [ \"$FAKE_ENABLED\" = yes ] ;;\n\
+                 *) exit 0 ;;\nesac\n"
+            ),
+        )
+        .unwrap();
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o755)).unwrap();
+    }
+    let path = format!(
+        "{}:{}",
+        bin.display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    let yes = |b: bool| if b { "yes" } else { "no" };
+    let o = Command::new("unshare")
+        .args([
+            "--mount",
+            "--propagation",
+            "private",
+            "sh",
+            "-c",
+            "mount -t tmpfs tmpfs /run && mkdir -p /run/systemd/system \
+             && mount -t tmpfs tmpfs /var/lib && exec sh \"$0\" \"$@\"",
+        ])
+        .arg(repo().join(format!("deploy/debian/{pkg}/{script}")))
+        .args(args)
+        .env("PATH", path)
+        .env("FAKE_LOG", &log)
+        .env("FAKE_INSTALLED", yes(installed))
+        .env("FAKE_ENABLED", yes(enabled))
+        .env_remove("DPKG_ROOT")
+        .output()
+        .unwrap();
+    let out = format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    assert!(
+        o.status.success(),
+        "{pkg} {script} {}: {out}",
+        args.join(" ")
+    );
+    (std::fs::read_to_string(&log).unwrap(), out)
+}
+
+#[test]
+fn maintainer_scripts_start_nothing_on_install_restart_on_upgrade_and_stop_on_remove() {
+    if !require_root_and(&["unshare", "mount"]) {
+        return;
+    }
+    let _turn = MACHINE.lock().unwrap_or_else(|e| e.into_inner());
+    for p in IN_USE_PATHS {
+        assert!(
+            Path::new(p).symlink_metadata().is_err(),
+            "refusing to run: {p} exists (homeport is installed here); the scripts' purge would touch it"
+        );
+    }
+    for (pkg, _, _, unit) in PACKAGES {
+        // First install: nothing enabled or started, the next step printed.
+        let (calls, out) = run_script(pkg, "postinst", &["configure", ""], false, false);
+        assert!(
+            calls.contains("systemctl --system daemon-reload"),
+            "{pkg}: {calls}"
+        );
+        assert!(
+            !calls.contains("deb-systemd-invoke") && !calls.contains(" enable "),
+            "{pkg}: a first install enables or starts {unit}:\n{calls}"
+        );
+        assert!(out.contains("installed, not started"), "{pkg}: {out}");
+
+        // Upgrade of an enabled, running service: it stays enabled and is restarted.
+        let (calls, out) = run_script(pkg, "postinst", &["configure", "0.1.0-1"], true, true);
+        assert!(
+            calls.contains(&format!("deb-systemd-helper enable {unit}")),
+            "{pkg}: {calls}"
+        );
+        assert!(
+            calls.contains(&format!("deb-systemd-invoke try-restart {unit}")),
+            "{pkg}: the upgrade does not restart {unit}:\n{calls}"
+        );
+        assert!(!calls.contains("invoke start"), "{pkg}: {calls}");
+        assert!(!out.contains("installed, not started"), "{pkg}: {out}");
+
+        // Upgrade of a service the admin did not enable: not enabled (try-restart leaves a stopped one).
+        let (calls, _) = run_script(pkg, "postinst", &["configure", "0.1.0-1"], true, false);
+        assert!(
+            !calls.contains(" enable "),
+            "{pkg}: the upgrade enables {unit}:\n{calls}"
+        );
+
+        // The old package's prerm during an upgrade stops nothing (the new postinst restarts).
+        let (calls, _) = run_script(pkg, "prerm", &["upgrade", "0.1.0-2"], true, true);
+        assert!(calls.is_empty(), "{pkg}: prerm upgrade ran {calls}");
+
+        // remove stops the service; the exit also removes its rules.
+        let (calls, _) = run_script(pkg, "prerm", &["remove"], true, true);
+        assert!(
+            calls.contains(&format!("deb-systemd-invoke stop {unit}")),
+            "{pkg}: remove does not stop {unit}:\n{calls}"
+        );
+        if pkg == "homeport-exit" {
+            assert!(
+                calls.contains("homeport-exit cleanup --state-dir /var/lib/homeport-exit"),
+                "remove does not clean up the exit's rules:\n{calls}"
+            );
+        }
+        let (calls, _) = run_script(pkg, "postrm", &["remove"], true, true);
+        assert!(
+            calls.contains(&format!("deb-systemd-helper mask {unit}")),
+            "{pkg}: {calls}"
+        );
+        let (calls, _) = run_script(pkg, "postrm", &["purge"], true, true);
+        assert!(
+            calls.contains(&format!("deb-systemd-helper purge {unit}")),
+            "{pkg}: {calls}"
+        );
+    }
 }
