@@ -386,6 +386,77 @@ fn packages_extract_into_a_throwaway_root_with_a_working_layout() {
     }
 }
 
+/// `dpkg --root` into an empty directory, the maintainer scripts run outside it with DPKG_ROOT set
+/// (--force-script-chrootless): they make the state dirs there, leave the machine's systemd and files
+/// alone, and purge deletes the state they made.
+#[test]
+fn packages_install_upgrade_and_purge_in_a_throwaway_root() {
+    if !have_tools() || !require_root_and(&[]) {
+        return;
+    }
+    // A script that ignored DPKG_ROOT would act on this machine: same refusal as the machine tests.
+    refuse_if_homeport_is_installed();
+    let (r1, r2) = builds();
+    let _turn = MACHINE.lock().unwrap_or_else(|e| e.into_inner());
+    let root = tempfile::tempdir().unwrap();
+    let r = root.path();
+    std::fs::create_dir_all(r.join("var/lib/dpkg/info")).unwrap();
+    std::fs::create_dir_all(r.join("var/lib/dpkg/updates")).unwrap();
+    std::fs::write(r.join("var/lib/dpkg/status"), "").unwrap();
+    let root_arg = format!("--root={}", r.display());
+    // The throwaway root has no libc6, nftables…: --force-depends.
+    let dpkg_root = |action: &str, what: Vec<&str>| {
+        let mut args = vec![
+            root_arg.as_str(),
+            "--force-script-chrootless",
+            "--force-depends",
+            "--log=/dev/null",
+            action,
+        ];
+        args.extend(what);
+        dpkg(&args)
+    };
+    let debs = |b: &'static Build| PACKAGES.iter().map(|p| deb_str(&b.debs[p.0])).collect();
+    let names = || PACKAGES.iter().map(|p| p.0).collect::<Vec<_>>();
+
+    let out = dpkg_root("--install", debs(r1));
+    assert!(out.contains("installed, not started"), "{out}");
+    for dir in ["var/lib/homeport", "var/lib/homeport-exit"] {
+        let m = r
+            .join(dir)
+            .metadata()
+            .unwrap_or_else(|e| panic!("{dir}: {e}"));
+        assert_eq!(m.permissions().mode() & 0o777, 0o700, "{dir}");
+        std::fs::write(r.join(dir).join("wg.key"), "key\n").unwrap();
+    }
+    for (_, bin, role, unit) in PACKAGES {
+        assert!(r.join(format!("usr/bin/{bin}")).is_file());
+        assert!(r.join(format!("lib/systemd/system/{unit}")).is_file());
+        assert!(r.join(format!("etc/homeport/{role}.toml")).is_file());
+    }
+    dpkg_root("--install", debs(r2));
+    dpkg_root("--remove", names());
+    for dir in ["var/lib/homeport", "var/lib/homeport-exit"] {
+        assert_eq!(
+            std::fs::read_to_string(r.join(dir).join("wg.key")).unwrap(),
+            "key\n",
+            "{dir}/wg.key lost by upgrade or remove"
+        );
+    }
+    dpkg_root("--purge", names());
+    for dir in [
+        "var/lib/homeport",
+        "var/lib/homeport-exit",
+        "etc/homeport",
+        "usr/bin/homeport",
+    ] {
+        assert!(
+            r.join(dir).symlink_metadata().is_err(),
+            "{dir} is left in the throwaway root after purge"
+        );
+    }
+}
+
 // ---- install, upgrade, remove, purge on this machine -------------------------------------------
 
 /// The tests that run maintainer scripts on this machine take turns (a purge deletes auth key files).
@@ -506,23 +577,7 @@ fn packages_install_upgrade_keep_state_remove_and_purge_on_this_machine() {
     if !have_tools() || !require_root_and(&["dpkg-query"]) {
         return;
     }
-    for (pkg, ..) in PACKAGES {
-        let status = dpkg_status(pkg);
-        assert!(
-            absent(&status),
-            "refusing to run: package {pkg} is on this machine ({status}); this test installs and purges \
-             homeport's packages, which would delete a real install's keys and database. Run it on a \
-             machine without homeport, or `dpkg --purge {pkg}` first if it is a leftover"
-        );
-    }
-    for p in IN_USE_PATHS {
-        assert!(
-            Path::new(p).symlink_metadata().is_err(),
-            "refusing to run: {p} exists, so homeport is installed here (from a checkout or a package); \
-             this test purges homeport's packages and state, which would delete it. Run it on a machine \
-             without homeport, or remove {p} first if it is a leftover"
-        );
-    }
+    refuse_if_homeport_is_installed();
     let (r1, r2) = builds();
     let _turn = MACHINE.lock().unwrap_or_else(|e| e.into_inner());
     let _guard = Purge;
@@ -530,7 +585,6 @@ fn packages_install_upgrade_keep_state_remove_and_purge_on_this_machine() {
     let all = |b: &'static Build| -> Vec<&'static str> {
         PACKAGES.iter().map(|p| deb_str(&b.debs[p.0])).collect()
     };
-
     // ---- install: files in place, state dirs made, nothing started, the next step printed.
     let mut args = vec!["--install"];
     args.extend(all(r1));
@@ -762,6 +816,28 @@ fn packages_install_upgrade_keep_state_remove_and_purge_on_this_machine() {
     );
 }
 
+/// Panics when homeport is installed on this machine: the tests that run the maintainer scripts
+/// here would purge it.
+fn refuse_if_homeport_is_installed() {
+    for (pkg, ..) in PACKAGES {
+        let status = dpkg_status(pkg);
+        assert!(
+            absent(&status),
+            "refusing to run: package {pkg} is on this machine ({status}); this test installs and purges \
+             homeport's packages, which would delete a real install's keys and database. Run it on a \
+             machine without homeport, or `dpkg --purge {pkg}` first if it is a leftover"
+        );
+    }
+    for p in IN_USE_PATHS {
+        assert!(
+            Path::new(p).symlink_metadata().is_err(),
+            "refusing to run: {p} exists, so homeport is installed here (from a checkout or a package); \
+             this test purges homeport's packages and state, which would delete it. Run it on a machine \
+             without homeport, or remove {p} first if it is a leftover"
+        );
+    }
+}
+
 // ---- the maintainer scripts under systemd -------------------------------------------------------
 
 /// Runs `deploy/debian/PKG/SCRIPT args…` as dpkg would on a machine with systemd: in a private mount
@@ -844,13 +920,8 @@ fn maintainer_scripts_start_nothing_on_install_restart_on_upgrade_and_stop_on_re
     if !require_root_and(&["unshare", "mount"]) {
         return;
     }
+    refuse_if_homeport_is_installed();
     let _turn = MACHINE.lock().unwrap_or_else(|e| e.into_inner());
-    for p in IN_USE_PATHS {
-        assert!(
-            Path::new(p).symlink_metadata().is_err(),
-            "refusing to run: {p} exists (homeport is installed here); the scripts' purge would touch it"
-        );
-    }
     for (pkg, _, _, unit) in PACKAGES {
         // First install: nothing enabled or started, the next step printed.
         let (calls, out) = run_script(pkg, "postinst", &["configure", ""], false, false);
