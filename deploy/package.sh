@@ -16,6 +16,7 @@ set -euo pipefail
 
 here=$(cd "$(dirname "$0")" && pwd)
 root=$(cd "$here/.." && pwd)
+caller=$PWD
 cd "$root"
 
 usage() { sed -n '2,14p' "$0" | sed 's/^# \{0,1\}//'; }
@@ -27,21 +28,24 @@ while (($#)); do
   case $1 in
     --dev) profile=dev ;;
     --deb-revision) revision=${2:?--deb-revision needs a number, e.g. 2}; shift ;;
-    --out) out=${2:?--out needs a directory}; shift ;;
+    --out) out=${2:?--out needs a directory}; shift; [[ $out == /* ]] || out=$caller/$out ;;
     --fast) fast=(--fast) ;;
     -h|--help) usage; exit 0 ;;
     *) die "unknown option '$1' (accepted: --dev, --deb-revision N, --out DIR, --fast; see --help)" ;;
   esac
   shift
 done
-[[ $revision =~ ^[0-9][0-9a-z.+~]*$ ]] || die "--deb-revision '$revision': expected a Debian revision such as 1 or 2"
-
-cargo deb --version >/dev/null 2>&1 || die "cargo-deb is not installed: run deploy/setup.sh (or: cargo install --locked cargo-deb)"
-command -v help2man >/dev/null || die "help2man is not installed: run deploy/setup.sh (or: apt-get install help2man)"
+[[ $revision =~ ^[0-9][0-9a-z.+~]*$ ]] \
+  || die "--deb-revision '$revision': expected a Debian revision such as 1 or 2"
+cargo deb --version >/dev/null 2>&1 \
+  || die "cargo-deb is not installed: run deploy/setup.sh (or: cargo install --locked cargo-deb)"
+command -v help2man >/dev/null \
+  || die "help2man is not installed: run deploy/setup.sh (or: apt-get install help2man)"
 
 # crate:binary for each package (the package names are set in each crate's [package.metadata.deb]).
 crates=(homeport-coordinator:homeport-coordinator homeport-exit:homeport-exit homeport-node:homeport)
-target_dir=$(cargo metadata --format-version 1 --no-deps | python3 -c 'import json,sys; print(json.load(sys.stdin)["target_directory"])')
+target_dir=$(cargo metadata --format-version 1 --no-deps \
+  | python3 -c 'import json,sys; print(json.load(sys.stdin)["target_directory"])')
 if [ "$profile" = release ]; then
   log "building the release binaries (cargo build --release)"
   pkgs=()
@@ -52,7 +56,8 @@ else
   bin_dir=$target_dir/debug
 fi
 for c in "${crates[@]}"; do
-  [ -x "$bin_dir/${c#*:}" ] || die "$bin_dir/${c#*:} is missing: build it first (cargo build --workspace --bins for --dev)"
+  [ -x "$bin_dir/${c#*:}" ] \
+    || die "$bin_dir/${c#*:} is missing: build it first (cargo build --workspace --bins for --dev)"
 done
 
 # Man pages from --help/--version, and shell completions. The crates' package metadata reads them from
@@ -74,7 +79,8 @@ done
 
 for c in "${crates[@]}"; do
   crate=${c%%:*}
-  deb=$(cargo deb -p "$crate" --no-build --profile "$profile" --deb-revision "$revision" --output "$out" "${fast[@]}" 2>"$gen/$crate.log" | tail -n1) \
+  deb=$(cargo deb -p "$crate" --no-build --profile "$profile" --deb-revision "$revision" \
+        --output "$out" "${fast[@]}" 2>"$gen/$crate.log" | tail -n1) \
     || die "cargo deb -p $crate failed: $(cat "$gen/$crate.log")"
   printf '%s\n' "$deb"
 done
