@@ -5,6 +5,8 @@
 //! nothing, state survives upgrade and remove and is gone after purge, remove takes the exit's
 //! nftables table away. Under systemd (simulated in a private mount namespace with logging fakes),
 //! the scripts enable and start nothing on a first install, restart on upgrade and stop on remove.
+//! deploy/install.sh installs the packages (and fills in the configs they ship), and from a checkout
+//! without packages points the units' /usr/bin paths at /usr/local.
 //!
 //! The machine test refuses to run where homeport is installed for real (it would purge it), and a
 //! guard purges what it installed even when it fails half way.
@@ -473,7 +475,7 @@ const STATE_PATHS: [&str; 5] = [
 
 /// If any of these exists before the test, homeport is in real use here (from a package or a
 /// checkout's deploy/install.sh) and the test must not purge it.
-const IN_USE_PATHS: [&str; 8] = [
+const IN_USE_PATHS: [&str; 10] = [
     "/etc/homeport",
     "/var/lib/homeport",
     "/var/lib/homeport-exit",
@@ -482,6 +484,15 @@ const IN_USE_PATHS: [&str; 8] = [
     "/usr/local/bin/homeport",
     "/usr/local/bin/homeport-exit",
     "/usr/local/bin/homeport-coordinator",
+    "/usr/local/share/doc/homeport",
+    "/etc/systemd/system/homeport.service",
+];
+
+/// What `deploy/install.sh home --bin-dir …` (from a checkout, no packages) writes; the guard deletes it.
+const CHECKOUT_INSTALL_FILES: [&str; 3] = [
+    "/usr/local/bin/homeport",
+    "/etc/systemd/system/homeport.service",
+    "/usr/local/share/doc/homeport",
 ];
 
 /// dpkg's word for a package that is not on the machine (never was, or purged).
@@ -517,6 +528,9 @@ impl Drop for Purge {
         let _ = Command::new("dpkg").arg("--purge").args(&pkgs).output();
         for p in STATE_PATHS {
             let _ = std::fs::remove_dir_all(p);
+        }
+        for p in CHECKOUT_INSTALL_FILES {
+            let _ = std::fs::remove_file(p).or_else(|_| std::fs::remove_dir_all(p));
         }
         let _ = Command::new("nft")
             .args(["delete", "table", "inet", "homeport_exit"])
@@ -738,10 +752,9 @@ fn packages_install_upgrade_keep_state_remove_and_purge_on_this_machine() {
     // ship (vps: the coordinator's public URL; home: coordinator, pin, hostname, the auth key).
     let key = tempfile::NamedTempFile::new().unwrap();
     std::fs::write(key.path(), "KEY-FROM-THE-VPS\n").unwrap();
-    let install = |args: &[&str]| {
+    let install_with = |args: &[&str]| {
         let o = Command::new(repo().join("deploy/install.sh"))
             .args(args)
-            .args(["--no-start", "--packages", r1.dir.to_str().unwrap()])
             .output()
             .unwrap();
         let all = format!(
@@ -751,6 +764,11 @@ fn packages_install_upgrade_keep_state_remove_and_purge_on_this_machine() {
         );
         assert!(o.status.success(), "install.sh {}: {all}", args.join(" "));
         all
+    };
+    let install = |args: &[&str]| {
+        let mut args = args.to_vec();
+        args.extend(["--no-start", "--packages", r1.dir.to_str().unwrap()]);
+        install_with(&args)
     };
     install(&["vps", "--public-ip", "203.0.113.7"]);
     install(&[
@@ -807,6 +825,39 @@ fn packages_install_upgrade_keep_state_remove_and_purge_on_this_machine() {
             "{p} is left after purging what install.sh installed"
         );
     }
+
+    // ---- deploy/install.sh from a checkout (--bin-dir, no packages): the units name /usr/bin for
+    // the packages; install.sh points them at /usr/local.
+    let bin_dir = homeport_tests::bin_dir();
+    install_with(&["home", "--bin-dir", bin_dir.to_str().unwrap(), "--no-start"]);
+    assert!(
+        absent(&dpkg_status("homeport")),
+        "install.sh --bin-dir installed the package"
+    );
+    let unit = read("/etc/systemd/system/homeport.service");
+    assert!(
+        unit.contains("\nExecStart=/usr/local/bin/homeport up --config /etc/homeport/node.toml\n"),
+        "install.sh did not point the unit at /usr/local/bin:\n{unit}"
+    );
+    for doc in unit
+        .lines()
+        .filter_map(|l| l.strip_prefix("Documentation="))
+    {
+        for file in doc
+            .split_whitespace()
+            .filter_map(|d| d.strip_prefix("file:"))
+        {
+            assert!(
+                Path::new(file).is_file(),
+                "the unit documents {file}, which install.sh did not install"
+            );
+        }
+    }
+    assert!(run("/usr/local/bin/homeport", &["--version"]).contains("0.1.0"));
+    for p in CHECKOUT_INSTALL_FILES {
+        let _ = std::fs::remove_file(p).or_else(|_| std::fs::remove_dir_all(p));
+    }
+    let _ = std::fs::remove_dir_all("/etc/homeport");
     let _ = writeln!(
         std::io::stderr(),
         "dpkg: install {:.1} s, install/upgrade/remove/purge {:.1} s, with install.sh {:.1} s",
