@@ -23,13 +23,13 @@ usage() { sed -n '2,14p' "$0" | sed 's/^# \{0,1\}//'; }
 die() { printf 'package: error: %s\n' "$*" >&2; exit 1; }
 log() { printf 'package: %s\n' "$*" >&2; }
 
-profile=release revision=1 out=$root/dist fast=()
+profile=release revision=1 out=$root/dist fast=() zip=(-Zxz)
 while (($#)); do
   case $1 in
     --dev) profile=dev ;;
     --deb-revision) revision=${2:?--deb-revision needs a number, e.g. 2}; shift ;;
     --out) out=${2:?--out needs a directory}; shift; [[ $out == /* ]] || out=$caller/$out ;;
-    --fast) fast=(--fast) ;;
+    --fast) fast=(--fast) zip=(-Zgzip -z1) ;;
     -h|--help) usage; exit 0 ;;
     *) die "unknown option '$1' (accepted: --dev, --deb-revision N, --out DIR, --fast; see --help)" ;;
   esac
@@ -82,5 +82,13 @@ for c in "${crates[@]}"; do
   deb=$(cargo deb -p "$crate" --no-build --profile "$profile" --deb-revision "$revision" \
         --output "$out" "${fast[@]}" 2>"$gen/$crate.log" | tail -n1) \
     || die "cargo deb -p $crate failed: $(cat "$gen/$crate.log")"
+  # cargo-deb writes no md5sums: add them, so that `dpkg --verify` (and debsums) can check the files.
+  tree=$(mktemp -d) && chmod 0755 "$tree"
+  dpkg-deb --raw-extract "$deb" "$tree"
+  (cd "$tree" && find . -path ./DEBIAN -prune -o -type f -printf '%P\0' | LC_ALL=C sort -z \
+    | xargs -0 --no-run-if-empty md5sum >DEBIAN/md5sums)
+  chmod 0644 "$tree/DEBIAN/md5sums"
+  dpkg-deb --root-owner-group "${zip[@]}" --build "$tree" "$deb" >/dev/null
+  rm -rf "$tree"
   printf '%s\n' "$deb"
 done
