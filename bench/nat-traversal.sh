@@ -3,7 +3,8 @@
 #   1. time from both nodes started to the first direct path through a double NAT (home behind a
 #      carrier NAT and a home router, laptop behind another NAT): median of ROUNDS (default 10)
 #   2. relayed vs direct throughput on that same topology (direct UDP between the two ISPs
-#      blocked for the relayed run, so the coordinator's relay carries it)
+#      blocked for the relayed run, so the coordinator's relay carries it), and over the relay's
+#      TCP/TLS fallback (no UDP at all between the networks)
 # Usage (root, project root, after `cargo build --release --bins`): bench/nat-traversal.sh [ROUNDS]
 set -eu
 rounds=${1:-10}
@@ -116,3 +117,19 @@ HOME_IP=""; for _ in $(seq 100); do HOME_IP=$("$BIN/homeport" ip --state-dir "$d
 for _ in $(seq 100); do x laptop ping -c 1 -W 1 "$HOME_IP" >/dev/null 2>&1 && break; sleep 0.1; done
 relayed=$(iperf_mbps "$HOME_IP"); echo "relayed: $relayed Mbit/s ($(path_kind "$d"))"
 python3 -c "print(f'ratio relayed/direct: {$relayed/$direct:.2f}')"
+# Relayed over TCP/TLS: no UDP crosses between the networks at all (not even to the VPS), so
+# both nodes fall back to the coordinator's relay over TCP/TLS.
+lab_up; d="$s/tcprelay"; mkdir -p "$d"
+x net nft -f - <<EOF
+table inet noudp {
+  chain f {
+    type filter hook forward priority 0;
+    meta l4proto udp drop
+  }
+}
+EOF
+nodes_up "$d"
+HOME_IP=""; for _ in $(seq 100); do HOME_IP=$("$BIN/homeport" ip --state-dir "$d/home" 2>/dev/null) && break; sleep 0.1; done
+for _ in $(seq 300); do x laptop ping -c 1 -W 1 "$HOME_IP" >/dev/null 2>&1 && break; sleep 0.1; done
+tcp=$(iperf_mbps "$HOME_IP"); echo "relayed over TCP/TLS: $tcp Mbit/s ($(path_kind "$d"))"
+python3 -c "print(f'ratio tcp-relayed/direct: {$tcp/$direct:.2f}')"

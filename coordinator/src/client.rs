@@ -37,7 +37,11 @@ impl AdminClient {
     pub fn remote(url: &str, token: &str, pin: Option<&str>) -> anyhow::Result<AdminClient> {
         crate::config::check_public_url(url)
             .map_err(|e| anyhow::anyhow!("--url {url:?}: expected {e}"))?;
-        let mut b = reqwest::Client::builder().timeout(Duration::from_secs(30));
+        let mut b = reqwest::Client::builder()
+            .timeout(Duration::from_secs(30))
+            .pool_idle_timeout(Duration::from_secs(
+                homeport_proto::api::CLIENT_POOL_IDLE_SECS,
+            ));
         if let Some(pin) = pin {
             let cfg = homeport_proto::tls::pinned_client_config(pin)
                 .map_err(|e| anyhow::anyhow!("--pin: {e}"))?;

@@ -23,7 +23,6 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
-use tokio::net::UdpSocket;
 use tokio_util::sync::CancellationToken;
 use x25519_dalek::{PublicKey, StaticSecret};
 
@@ -45,6 +44,8 @@ pub const MAX_TCP_CLIENTS: usize = 512;
 /// Bytes queued towards one TCP client before further datagrams for it are dropped (like a full
 /// UDP socket buffer): about 170 full-size WireGuard packets, enough for a burst.
 pub const TCP_QUEUE_BYTES: usize = 256 * 1024;
+/// Bytes of queued frames written to a TCP client at once.
+const TCP_WRITE_BATCH: usize = 64 * 1024;
 /// A TCP client whose socket takes no data for this long is cut (it stopped reading).
 pub const TCP_WRITE_STALL: Duration = Duration::from_secs(10);
 
@@ -57,7 +58,7 @@ pub struct Relay {
     keys: Mutex<HashMap<[u8; 32], KeyState>>,
     bindings: Mutex<Bindings>,
     /// The UDP socket (set by [`serve`]).
-    udp: std::sync::OnceLock<Arc<UdpSocket>>,
+    udp: std::sync::OnceLock<Arc<UdpIo>>,
     /// Clients on the TCP/TLS fallback, by the pseudo address that stands for them in the
     /// bindings (240.0.0.0/4, never a real source).
     tcp: Mutex<TcpClients>,
@@ -65,6 +66,29 @@ pub struct Relay {
     tcp_open: Arc<AtomicUsize>,
     /// X25519 operations done for BINDs (each is ~50 µs; the cache keeps this to one per key).
     x25519_ops: AtomicU64,
+}
+
+/// The relay's UDP socket: non-blocking, batched (see `homeport_udp`).
+struct UdpIo {
+    socket: std::net::UdpSocket,
+    state: homeport_udp::UdpSocketState,
+}
+
+impl UdpIo {
+    /// Sends one datagram if the socket buffer has room now (dropped otherwise, as a router
+    /// would: callers include async tasks, which must not wait).
+    fn send_now(&self, to: SocketAddr, b: &[u8]) {
+        let t = homeport_udp::Transmit {
+            destination: to,
+            ecn: None,
+            contents: b,
+            segment_size: None,
+            src_ip: None,
+        };
+        if let Err(e) = homeport_udp::try_send(&self.socket, &self.state, &t) {
+            tracing::trace!(%to, error = %e, "relay: UDP send failed");
+        }
+    }
 }
 
 #[derive(Default)]
@@ -295,9 +319,10 @@ fn unix_now() -> u64 {
 }
 
 impl Relay {
-    /// Sends `b` to `to`: a UDP address, or a TCP client's pseudo address (queued within the
-    /// client's byte budget; dropped beyond it).
-    async fn deliver(&self, to: SocketAddr, b: &[u8]) {
+    /// Sends `b` to `to`: a UDP address (dropped when the socket buffer is full, as a router
+    /// would), or a TCP client's pseudo address (queued within the client's byte budget;
+    /// dropped beyond it).
+    fn deliver(&self, to: SocketAddr, b: &[u8]) {
         if is_pseudo(to) {
             let t = self.tcp.lock().unwrap();
             let Some(c) = t.by_addr.get(&to) else { return };
@@ -317,22 +342,115 @@ impl Relay {
             return;
         }
         if let Some(u) = self.udp.get() {
-            let _ = u.send_to(b, to).await;
+            u.send_now(to, b);
         }
     }
 
-    /// Handles one datagram from `from` (UDP or a TCP client) and delivers what it produces.
-    async fn process(&self, from: SocketAddr, d: &[u8], out: &mut Vec<u8>) {
+    /// Handles one datagram from a TCP client and delivers what it produces.
+    fn process(&self, from: SocketAddr, d: &[u8], out: &mut Vec<u8>) {
         match self.handle(from, d, Instant::now(), unix_now()) {
-            Action::Bound { to, .. } => self.deliver(to, &BOUND).await,
+            Action::Bound { to, .. } => self.deliver(to, &BOUND),
             Action::Forward { to, from_key } => {
                 let payload = &d[RELAY_HEADER_LEN..];
                 out.resize(RELAY_HEADER_LEN + payload.len(), 0);
                 let h = homeport_proto::relay::write_header(out, RELAY_RECV, &from_key);
                 out[h..h + payload.len()].copy_from_slice(payload);
-                self.deliver(to, &out[..h + payload.len()]).await;
+                self.deliver(to, &out[..h + payload.len()]);
             }
             Action::Drop(why) => tracing::trace!(%from, why, "relay: dropped"),
+        }
+    }
+
+    /// Handles one received UDP datagram from `from`: `buf` holds segments of `stride` bytes
+    /// (a GRO run; the last may be shorter). SENDs are turned into RECVs in place, and each run
+    /// of consecutive segments bound for one destination leaves in one GSO send, so a batch
+    /// that came in with one syscall usually leaves with one.
+    fn handle_udp(
+        &self,
+        io: &UdpIo,
+        from: SocketAddr,
+        buf: &mut [u8],
+        stride: usize,
+        now: Instant,
+    ) {
+        if is_pseudo(from) {
+            // 240.0.0.0/4 stands for TCP clients in the bindings: a (spoofed) UDP source there
+            // must not act as one.
+            return;
+        }
+        let stride = if stride == 0 { buf.len() } else { stride };
+        if stride == 0 {
+            return;
+        }
+        // The run being built: destination and byte range in `buf`.
+        let mut run: Option<(SocketAddr, usize, usize)> = None;
+        let mut off = 0;
+        while off < buf.len() {
+            let end = (off + stride).min(buf.len());
+            let seg = &mut buf[off..end];
+            let forward = if homeport_proto::relay::kind(seg).is_some() {
+                match self.handle(from, seg, now, unix_now_if_bind(seg)) {
+                    Action::Forward { to, from_key } => {
+                        homeport_proto::relay::write_header(seg, RELAY_RECV, &from_key);
+                        Some(to)
+                    }
+                    Action::Bound { to, .. } => {
+                        self.flush_run(io, buf, stride, run.take());
+                        io.send_now(to, &BOUND);
+                        None
+                    }
+                    Action::Drop(why) => {
+                        tracing::trace!(%from, why, "relay: dropped");
+                        None
+                    }
+                }
+            } else {
+                self.flush_run(io, buf, stride, run.take());
+                if let Some(resp) = crate::stun::answer(&buf[off..end], from) {
+                    io.send_now(from, &resp);
+                }
+                None
+            };
+            if let Some(to) = forward {
+                match &mut run {
+                    Some((dst, _, run_end)) if *dst == to && *run_end == off => *run_end = end,
+                    _ => {
+                        self.flush_run(io, buf, stride, run.take());
+                        run = Some((to, off, end));
+                    }
+                }
+            }
+            off = end;
+        }
+        self.flush_run(io, buf, stride, run);
+    }
+
+    /// Sends a run of RECV segments of `buf` to its destination: one GSO send to a UDP
+    /// address, or one frame each to a TCP client.
+    fn flush_run(
+        &self,
+        io: &UdpIo,
+        buf: &[u8],
+        stride: usize,
+        run: Option<(SocketAddr, usize, usize)>,
+    ) {
+        let Some((to, start, end)) = run else { return };
+        let data = &buf[start..end];
+        if is_pseudo(to) {
+            for seg in data.chunks(stride) {
+                self.deliver(to, seg);
+            }
+            return;
+        }
+        let t = homeport_udp::Transmit {
+            destination: to,
+            ecn: None,
+            contents: data,
+            segment_size: (data.len() > stride).then_some(stride),
+            src_ip: None,
+        };
+        if let Err(e) = homeport_udp::send(&io.socket, &io.state, &t) {
+            tracing::trace!(%to, error = %e, "relay: UDP send failed");
         }
     }
 
@@ -420,14 +538,25 @@ impl Relay {
         let writer = {
             let close = close.clone();
             tokio::spawn(async move {
+                // Frames queued meanwhile go out with the first one: one TLS record and one
+                // write per batch, not per datagram.
+                let mut batch = Vec::with_capacity(TCP_WRITE_BATCH);
                 loop {
                     let f = tokio::select! {
                         f = rx.recv() => match f { Some(f) => f, None => break },
                         _ = close.cancelled() => break,
                     };
-                    match tokio::time::timeout(TCP_WRITE_STALL, w.write_all(&f)).await {
+                    batch.clear();
+                    batch.extend_from_slice(&f);
+                    while batch.len() < TCP_WRITE_BATCH {
+                        match rx.try_recv() {
+                            Ok(f) => batch.extend_from_slice(&f),
+                            Err(_) => break,
+                        }
+                    }
+                    match tokio::time::timeout(TCP_WRITE_STALL, w.write_all(&batch)).await {
                         Ok(Ok(())) => {
-                            queued.fetch_sub(f.len(), Ordering::AcqRel);
+                            queued.fetch_sub(batch.len(), Ordering::AcqRel);
                         }
                         _ => {
                             tracing::debug!("relay: TCP client stopped reading; closed");
@@ -441,7 +570,7 @@ impl Relay {
         // Revoked between the BIND and the registration above: set_authorized missed it.
         if self.authorized.read().unwrap().contains(&key) {
             tracing::debug!(%pseudo, "relay: TCP client bound");
-            self.deliver(pseudo, &BOUND).await;
+            self.deliver(pseudo, &BOUND);
             let mut buf = vec![0u8; homeport_proto::relay::TCP_FRAME_MAX];
             let mut out = Vec::with_capacity(buf.len() + RELAY_HEADER_LEN);
             loop {
@@ -461,7 +590,7 @@ impl Relay {
                     tracing::trace!(%pseudo, "relay: BIND for another key on a bound TCP connection; dropped");
                     continue;
                 }
-                self.process(pseudo, d, &mut out).await;
+                self.process(pseudo, d, &mut out);
             }
         }
         close.cancel();
@@ -485,33 +614,65 @@ impl Relay {
     }
 }
 
-/// Serves STUN and the relay on one UDP socket until `shutdown`.
-pub async fn serve(sock: UdpSocket, relay: Arc<Relay>, shutdown: CancellationToken) {
-    let sock = Arc::new(sock);
-    let _ = relay.udp.set(sock.clone());
-    let mut buf = vec![0u8; 65536];
-    let mut out = Vec::with_capacity(65536 + RELAY_HEADER_LEN);
-    loop {
-        let (n, from) = tokio::select! {
-            r = sock.recv_from(&mut buf) => match r {
-                Ok(x) => x,
+/// The wall clock for [`Relay::handle`]: read only for BINDs (the only messages that carry a
+/// time), not for every forwarded datagram.
+fn unix_now_if_bind(d: &[u8]) -> u64 {
+    if homeport_proto::relay::kind(d) == Some(RELAY_BIND) {
+        unix_now()
+    } else {
+        0
+    }
+}
+
+/// Serves STUN and the relay on one UDP socket until `shutdown`, on a thread of its own:
+/// up to [`homeport_udp::BATCH`] GRO runs per recvmmsg, forwarded with GSO, no allocation
+/// per datagram.
+pub async fn serve(
+    sock: std::net::UdpSocket,
+    relay: Arc<Relay>,
+    shutdown: CancellationToken,
+) -> std::io::Result<()> {
+    let (socket, state) = homeport_udp::prepare(sock)?;
+    let io = Arc::new(UdpIo { socket, state });
+    let _ = relay.udp.set(io.clone());
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let thread = {
+        let stop = stop.clone();
+        std::thread::Builder::new()
+            .name("relay-udp".into())
+            .spawn(move || udp_loop(&relay, &io, &stop))?
+    };
+    shutdown.cancelled().await;
+    stop.store(true, Ordering::Release);
+    let _ = tokio::task::spawn_blocking(move || thread.join()).await;
+    Ok(())
+}
+
+fn udp_loop(relay: &Relay, io: &UdpIo, stop: &std::sync::atomic::AtomicBool) {
+    use homeport_udp::{BATCH, GRO_BUF, RecvMeta};
+    let mut bufs: Vec<Vec<u8>> = (0..BATCH).map(|_| vec![0u8; GRO_BUF]).collect();
+    let mut meta = [RecvMeta::default(); BATCH];
+    while !stop.load(Ordering::Acquire) {
+        if !homeport_udp::wait_ready(&io.socket, libc::POLLIN, 200) {
+            continue;
+        }
+        let n = {
+            let mut it = bufs.iter_mut();
+            let mut iovs: [std::io::IoSliceMut; BATCH] = std::array::from_fn(|_| {
+                std::io::IoSliceMut::new(it.next().expect("BATCH buffers"))
+            });
+            match homeport_udp::recv(&io.socket, &io.state, &mut iovs, &mut meta) {
+                Ok(n) => n,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
                 Err(e) => {
                     tracing::trace!(error = %e, "relay recv");
                     continue;
                 }
-            },
-            _ = shutdown.cancelled() => return,
+            }
         };
-        let d = &buf[..n];
-        if is_pseudo(from) {
-            // 240.0.0.0/4 stands for TCP clients in the bindings: a (spoofed) UDP source there
-            // must not act as one.
-            continue;
-        }
-        if homeport_proto::relay::kind(d).is_some() {
-            relay.process(from, d, &mut out).await;
-        } else if let Some(resp) = crate::stun::answer(d, from) {
-            let _ = sock.send_to(&resp, from).await;
+        let now = Instant::now();
+        for (m, buf) in meta[..n].iter().zip(bufs.iter_mut()) {
+            relay.handle_udp(io, m.addr, &mut buf[..m.len], m.stride, now);
         }
     }
 }
@@ -851,12 +1012,10 @@ mod tests {
         let sink = tcp_bound(&relay, &a, unix_now(), 4096).await;
         let from_b: SocketAddr = "203.0.113.3:2000".parse().unwrap();
         let mut out = Vec::new();
-        relay
-            .process(from_b, &bind_msg(&b, &relay.public, unix_now()), &mut out)
-            .await;
+        relay.process(from_b, &bind_msg(&b, &relay.public, unix_now()), &mut out);
         let flood = send_msg(&pk(&a), &[0u8; 1400]);
         for _ in 0..5000 {
-            relay.process(from_b, &flood, &mut out).await;
+            relay.process(from_b, &flood, &mut out);
             assert!(relay.tcp_queued_bytes() <= TCP_QUEUE_BYTES);
         }
         assert!(
@@ -869,5 +1028,77 @@ mod tests {
         assert_eq!(relay.tcp_queued_bytes(), 0);
         assert_eq!(relay.tcp_clients(), 0);
         drop(sink);
+    }
+
+    /// A GRO run of SENDs becomes RECVs for the sender's key, in order, one GSO send per run of
+    /// one destination; a dropped SEND splits a run; a STUN request in the batch is answered.
+    #[test]
+    fn a_gro_run_of_sends_is_forwarded_in_order_as_recvs() {
+        let relay = Relay::new(key());
+        let (a, b, c) = (key(), key(), key());
+        relay.set_authorized([pk(&a), pk(&b), pk(&c)]);
+        let (rs, rstate) = homeport_udp::bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let io = UdpIo {
+            socket: rs,
+            state: rstate,
+        };
+        let sock = || {
+            let s = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+            s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+            s
+        };
+        let (sa, sb, sc) = (sock(), sock(), sock());
+        let now = Instant::now();
+        for (k, s) in [(&a, &sa), (&b, &sb), (&c, &sc)] {
+            let from = s.local_addr().unwrap();
+            let act = relay.handle(
+                from,
+                &bind_msg(k, &relay.public, unix_now()),
+                now,
+                unix_now(),
+            );
+            assert!(matches!(act, Action::Bound { .. }), "{act:?}");
+        }
+        // Six 200-byte segments from a: to b, b, c, (an unbound key: dropped), b, b; then a
+        // STUN request as the run's shorter last segment.
+        let stride = 200;
+        let nobody = key();
+        let mut buf = vec![];
+        for (i, dst) in [&b, &b, &c, &nobody, &b, &b].iter().enumerate() {
+            let seg = send_msg(&pk(dst), &[i as u8; 200 - RELAY_HEADER_LEN]);
+            assert_eq!(seg.len(), stride);
+            buf.extend_from_slice(&seg);
+        }
+        let mut stun = vec![0u8; 20];
+        stun[1] = 1; // binding request
+        stun[4..8].copy_from_slice(&[0x21, 0x12, 0xa4, 0x42]);
+        stun[8..20].copy_from_slice(&[7; 12]);
+        buf.extend_from_slice(&stun);
+        relay.handle_udp(&io, sa.local_addr().unwrap(), &mut buf, stride, now);
+
+        let recv = |s: &std::net::UdpSocket| {
+            let mut d = [0u8; 2048];
+            let (n, from) = s.recv_from(&mut d).unwrap();
+            assert_eq!(from, io.socket.local_addr().unwrap());
+            d[..n].to_vec()
+        };
+        for want in [0u8, 1, 4, 5] {
+            let d = recv(&sb);
+            let (kind, k, payload) = homeport_proto::relay::parse(&d).unwrap();
+            assert_eq!((kind, k), (RELAY_RECV, pk(&a)), "b gets RECVs from a's key");
+            assert_eq!(payload, &[want; 200 - RELAY_HEADER_LEN][..], "in order");
+        }
+        let d = recv(&sc);
+        assert_eq!(
+            homeport_proto::relay::parse(&d).unwrap().2,
+            &[2u8; 200 - RELAY_HEADER_LEN][..]
+        );
+        let d = recv(&sa);
+        assert_eq!(&d[..2], &[0x01, 0x01], "a gets a STUN binding success");
+        assert_eq!(&d[8..20], &[7; 12], "for its transaction");
+        let mut d = [0u8; 2048];
+        sb.set_read_timeout(Some(Duration::from_millis(300)))
+            .unwrap();
+        assert!(sb.recv_from(&mut d).is_err(), "nothing more for b");
     }
 }

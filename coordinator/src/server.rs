@@ -11,7 +11,7 @@ use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::time::Duration;
-use tokio::net::{TcpListener, UdpSocket, UnixListener};
+use tokio::net::{TcpListener, UnixListener};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -24,8 +24,9 @@ pub const ADMIN_TOKEN_FILE: &str = "admin.token";
 
 /// A TLS handshake that takes longer than this is a stuck or hostile client.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
-/// Headers must arrive this fast once a connection is up (slowloris guard).
-const HEADER_TIMEOUT: Duration = Duration::from_secs(30);
+/// Headers must arrive this fast once a connection is up or idle between requests (slowloris
+/// guard; clients drop pooled connections before this, see `api::CLIENT_POOL_IDLE_SECS`).
+const HEADER_TIMEOUT: Duration = Duration::from_secs(homeport_proto::api::SERVER_IDLE_SECS);
 /// On shutdown, connections get this long to finish their current request.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -102,8 +103,7 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
         .await
         .with_context(|| format!("cannot listen on {} (--listen)", cfg.listen))?;
     let bound = listener.local_addr()?;
-    let stun_sock = UdpSocket::bind(cfg.stun_listen)
-        .await
+    let stun_sock = std::net::UdpSocket::bind(cfg.stun_listen)
         .with_context(|| format!("cannot listen on UDP {} (--stun-listen)", cfg.stun_listen))?;
     let stun_bound = stun_sock.local_addr()?;
     let metrics_listener = match cfg.metrics_listen {
@@ -156,7 +156,14 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
         shutdown.clone(),
     ));
     state.mesh().set_relay(relay.clone());
-    tasks.spawn(crate::relay::serve(stun_sock, relay, shutdown.clone()));
+    {
+        let sd = shutdown.clone();
+        tasks.spawn(async move {
+            if let Err(e) = crate::relay::serve(stun_sock, relay, sd).await {
+                tracing::error!(error = %e, "the STUN/relay UDP socket failed; STUN and the relay are down");
+            }
+        });
+    }
     {
         let app = crate::api::local_app(state.clone());
         let sd = shutdown.clone();

@@ -248,7 +248,14 @@ async fn schemathesis_finds_no_server_error_and_no_mismatch() {
         // 101 and then a binary stream): covered by the relay tests in coordinator/src/relay.rs.
         .args(["--exclude-path", api::PATH_RELAY_TCP])
         .args(["--checks", "all"])
-        .args(["--max-examples", "40", "--seed", "1", "--workers", "2"])
+        // One worker: hypothesis in several threads trips a CPython 3.11 bug ("AST constructor
+        // recursion depth mismatch") that schemathesis reports as an error of the API.
+        .args(["--max-examples", "40", "--seed", "1", "--workers", "1"])
+        // A request sent on a pooled connection just as the server closes it for idleness (after
+        // api::SERVER_IDLE_SECS) fails with no answer; a client retries that, as the node's does
+        // not need to (it drops idle connections first). A server that drops connections on a
+        // request fails the retries too, and its panics are caught in the log below.
+        .args(["--request-retries", "2"])
         .args(["--request-timeout", "10", "--max-time", "90"])
         .arg("--report-dir")
         .arg(&report)
@@ -259,19 +266,26 @@ async fn schemathesis_finds_no_server_error_and_no_mismatch() {
         .unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
     eprintln!("schemathesis ran for {:.0?}:\n{stdout}", t.elapsed());
+    let log = server.stderr.lock().unwrap().clone();
+    let trouble: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("panicked") || l.contains("ERROR"))
+        .collect();
+    let mut tail: Vec<&str> = log.lines().rev().take(30).collect();
+    tail.reverse();
     assert!(
         out.status.success(),
-        "schemathesis found problems (exit {}):\n{stdout}\n{}\nserver log tail:\n{}",
+        "schemathesis found problems (exit {}):\n{stdout}\n{}\nserver errors and panics:\n{}\nserver log tail:\n{}",
         out.status,
         String::from_utf8_lossy(&out.stderr),
-        server
-            .stderr
-            .lock()
-            .unwrap()
-            .lines()
-            .rev()
-            .take(40)
-            .collect::<Vec<_>>()
-            .join("\n")
+        trouble.join("\n"),
+        tail.join("\n")
+    );
+    // A handler that panics drops its connection without an answer: schemathesis would see a
+    // network error, which its retries could hide.
+    assert!(
+        !log.contains("panicked"),
+        "the coordinator panicked during the run:\n{}",
+        trouble.join("\n")
     );
 }

@@ -83,6 +83,12 @@ pub enum Cmd {
         #[command(flatten)]
         s: StateArg,
     },
+    /// Point a Plex Media Server at the exit publishing its port, and check that Plex sees its
+    /// viewers' real addresses (docs/plex.md)
+    Plex {
+        #[command(subcommand)]
+        cmd: crate::plex::PlexCmd,
+    },
 }
 
 pub async fn status(state_dir: &std::path::Path) -> Result<Status> {
@@ -212,6 +218,7 @@ pub async fn run(cmd: Cmd) -> Result<()> {
                 st.path(crate::state::KEY_FILE).display()
             );
         }
+        Cmd::Plex { cmd } => crate::plex::run(cmd).await?,
         Cmd::Down { s } => match control::call(&s.state_dir, &Request::Down).await? {
             Response::Ok => {
                 // Wait until the daemon has removed its socket (TUN and routes are gone then).

@@ -1,5 +1,5 @@
 //! The daemon's control socket `<state-dir>/homeport.sock` (mode 0600): one JSON request line,
-//! one JSON answer line. The CLI (`homeport status`, `ip`, `down`) speaks it.
+//! one JSON answer line. The CLI (`homeport status`, `ip`, `down`, `ping`, `netcheck`, `plex`) speaks it.
 
 use crate::datapath::PeerStatus;
 use homeport_proto::map::MeshAddrs;
@@ -22,6 +22,57 @@ pub enum Request {
     Netcheck {
         stun: Vec<std::net::SocketAddr>,
     },
+    /// What this node publishes and who is connected through an exit right now
+    /// (`homeport plex setup` and `plex check`).
+    Published,
+}
+
+/// The publish rules that target this node, the exits' public addresses, and the live
+/// published flows (`Request::Published`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Published {
+    pub me: NodeName,
+    pub addrs: MeshAddrs,
+    /// The mesh ranges (None before the first map).
+    pub prefix_v4: Option<ipnet::Ipv4Net>,
+    pub prefix_v6: Option<ipnet::Ipv6Net>,
+    pub rules: Vec<PublishedPort>,
+    pub flows: Vec<LiveFlow>,
+}
+
+/// One publish rule whose target is this node.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PublishedPort {
+    pub rule: i64,
+    pub exit: NodeName,
+    pub proto: homeport_proto::publish::PublishProto,
+    /// The public port on the exit.
+    pub port: u16,
+    /// The port on this node it is carried to.
+    pub target_port: u16,
+    /// The exit's public addresses, as its endpoints in the map say (interface addresses, STUN
+    /// and static ones that are globally routable); empty when the exit reported none.
+    pub exit_public: Vec<std::net::IpAddr>,
+    pub exit_mesh: MeshAddrs,
+    pub exit_online: bool,
+    /// The rule's allow-list (empty: everyone may connect).
+    #[serde(default)]
+    pub allow: Vec<ipnet::IpNet>,
+}
+
+/// A published flow this node is the target of, live in its flow table.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct LiveFlow {
+    /// "tcp" or "udp".
+    pub proto: String,
+    /// The viewer's address and port, as the exit forwarded them.
+    pub remote: std::net::SocketAddr,
+    pub local_port: u16,
+    /// The exit it came through.
+    pub exit: String,
+    /// The remote answered our reply (not a spoofed source).
+    pub confirmed: bool,
+    pub idle_secs: u64,
 }
 
 /// `homeport netcheck`.
@@ -70,6 +121,7 @@ pub enum Response {
         rtt_ms: f64,
     },
     Netcheck(Box<Netcheck>),
+    Published(Box<Published>),
     Ok,
     Error {
         message: String,

@@ -122,6 +122,88 @@ impl Shared {
     }
 }
 
+impl Shared {
+    /// The rules that publish a port of this node, with each exit's public addresses, and the
+    /// live published flows (`homeport plex setup`/`check`).
+    fn published(&self) -> crate::control::Published {
+        use crate::control::{LiveFlow, PublishedPort};
+        let map = self.map.read().unwrap().clone();
+        let mut rules = Vec::new();
+        let (mut prefix_v4, mut prefix_v6) = (None, None);
+        let mut exit_names = std::collections::HashMap::new();
+        if let Some(m) = &map {
+            prefix_v4 = Some(m.self_node.prefix_v4);
+            prefix_v6 = Some(m.self_node.prefix_v6);
+            for p in m.peers.values() {
+                exit_names.insert(p.id, p.name.clone());
+            }
+            for r in m.publish.iter().filter(|r| r.target == m.self_node.id) {
+                let exit = m.peers.get(&r.exit);
+                let mut exit_public: Vec<std::net::IpAddr> = exit
+                    .map(|p| {
+                        p.endpoints
+                            .iter()
+                            .map(|e| e.addr.ip())
+                            .filter(|ip| crate::engine::is_public(*ip))
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                exit_public.sort();
+                exit_public.dedup();
+                rules.push(PublishedPort {
+                    rule: r.id,
+                    exit: r.exit_name.clone(),
+                    proto: r.proto,
+                    port: r.port,
+                    target_port: r.target_port,
+                    exit_public,
+                    exit_mesh: exit
+                        .map(|p| p.addrs)
+                        .unwrap_or(homeport_proto::map::MeshAddrs {
+                            ipv4: std::net::Ipv4Addr::UNSPECIFIED,
+                            ipv6: std::net::Ipv6Addr::UNSPECIFIED,
+                        }),
+                    exit_online: exit.is_some_and(|p| p.online),
+                    allow: r.guards.allow.clone(),
+                });
+            }
+        }
+        let now = std::time::Instant::now();
+        let flows = self
+            .dp
+            .lock()
+            .unwrap()
+            .as_ref()
+            .map(|d| d.engine.flows.snapshot(now))
+            .unwrap_or_default()
+            .into_iter()
+            .map(|(k, exit, confirmed, idle)| LiveFlow {
+                proto: match k.proto {
+                    crate::engine::packet::PROTO_TCP => "tcp".into(),
+                    crate::engine::packet::PROTO_UDP => "udp".into(),
+                    p => p.to_string(),
+                },
+                remote: std::net::SocketAddr::new(k.remote, k.remote_port),
+                local_port: k.local_port,
+                exit: exit_names
+                    .get(&exit)
+                    .map(|n| n.as_str().to_string())
+                    .unwrap_or_else(|| exit.to_string()),
+                confirmed,
+                idle_secs: idle.as_secs(),
+            })
+            .collect();
+        crate::control::Published {
+            me: self.reg.name.clone(),
+            addrs: self.reg.addrs,
+            prefix_v4,
+            prefix_v6,
+            rules,
+            flows,
+        }
+    }
+}
+
 /// Runs the node until `shutdown` is cancelled, `homeport down` is asked, or the coordinator
 /// revokes this node (an error).
 pub async fn run(
@@ -340,6 +422,9 @@ fn http_client(pin: &str) -> Result<reqwest::Client> {
     Ok(reqwest::Client::builder()
         .use_preconfigured_tls(tls)
         .connect_timeout(Duration::from_secs(5))
+        .pool_idle_timeout(Duration::from_secs(
+            homeport_proto::api::CLIENT_POOL_IDLE_SECS,
+        ))
         .build()?)
 }
 
@@ -663,9 +748,10 @@ async fn control_server(
                 Ok(Request::Netcheck { stun }) => {
                     Response::Netcheck(Box::new(netcheck(&shared, &stun_rx, stun).await))
                 }
+                Ok(Request::Published) => Response::Published(Box::new(shared.published())),
                 Err(e) => Response::Error {
                     message: format!(
-                        "bad request {:?}: {e}; expected {{\"cmd\":\"status\"|\"down\"}}",
+                        "bad request {:?}: {e}; expected {{\"cmd\":\"status\"|\"down\"|\"ping\"|\"netcheck\"|\"published\"}}",
                         line.trim()
                     ),
                 },
@@ -1051,13 +1137,16 @@ async fn probe_asker(
 
 /// Keeps the relay's TCP/TLS fallback up while UDP to the relay goes unanswered: the node then
 /// still reaches every peer (through the coordinator's HTTPS port, which it reaches anyway).
+/// Bytes of relay frames written to, and read from, the TCP/TLS fallback at once.
+const TCP_RELAY_BATCH: usize = 64 * 1024;
+
 async fn tcp_relay_keeper(
     client: reqwest::Client,
     url: String,
     shared: Arc<Shared>,
     stop: CancellationToken,
 ) {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt};
     loop {
         tokio::select! {
             _ = tokio::time::sleep(Duration::from_secs(2)) => {}
@@ -1103,27 +1192,43 @@ async fn tcp_relay_keeper(
         if let Some(d) = shared.dp.lock().unwrap().as_ref() {
             d.set_tcp_relay(Some((relay, tx)));
         }
-        let (mut r, mut w) = tokio::io::split(up);
+        let (r, mut w) = tokio::io::split(up);
         let writer = tokio::spawn(async move {
-            let mut frame = Vec::with_capacity(homeport_proto::relay::TCP_FRAME_MAX + 2);
+            // Datagrams queued meanwhile go out with the first one: one TLS record and one
+            // write per batch, not per datagram.
+            let mut batch =
+                Vec::with_capacity(TCP_RELAY_BATCH + homeport_proto::relay::TCP_FRAME_MAX);
             while let Some(b) = rx.recv().await {
-                frame.clear();
-                if homeport_proto::relay::tcp_frame(&mut frame, &b).is_none() {
-                    continue;
+                batch.clear();
+                let _ = homeport_proto::relay::tcp_frame(&mut batch, &b);
+                while batch.len() < TCP_RELAY_BATCH {
+                    let Ok(b) = rx.try_recv() else { break };
+                    let _ = homeport_proto::relay::tcp_frame(&mut batch, &b);
                 }
-                if w.write_all(&frame).await.is_err() {
+                if w.write_all(&batch).await.is_err() {
                     break;
                 }
             }
         });
+        let mut r = tokio::io::BufReader::with_capacity(TCP_RELAY_BATCH, r);
         let mut buf = vec![0u8; 65536];
         loop {
-            let mut len = [0u8; homeport_proto::relay::TCP_FRAME_HEADER];
-            let ok = tokio::select! {
-                r = r.read_exact(&mut len) => r.is_ok(),
-                _ = stop.cancelled() => false,
+            // The whole frames already read go to the data path at once (one TUN write for
+            // the batch); a frame cut by the buffer's end is read on its own.
+            let avail = tokio::select! {
+                a = r.fill_buf() => match a { Ok(a) if !a.is_empty() => a, _ => break },
+                _ = stop.cancelled() => break,
             };
-            if !ok {
+            let whole = homeport_proto::relay::tcp_frames_len(avail);
+            if whole > 0 {
+                if let Some(d) = shared.dp.lock().unwrap().as_ref() {
+                    d.relay_input_frames(relay, &avail[..whole]);
+                }
+                r.consume(whole);
+                continue;
+            }
+            let mut len = [0u8; homeport_proto::relay::TCP_FRAME_HEADER];
+            if r.read_exact(&mut len).await.is_err() {
                 break;
             }
             let n = homeport_proto::relay::tcp_frame_len(len);

@@ -7,6 +7,7 @@
 //!   socket (quinn-udp, GSO/GRO), addresses and routes.
 //! - [`daemon`]: `homeport up`: state dir, registration, map stream, persistence, control socket.
 //! - [`cli`]: the CLI commands that talk to a running daemon over its unix socket.
+//! - [`plex`]: `homeport plex setup`/`check` (Plex's HTTP API and the daemon's published flows).
 
 pub mod cli;
 pub mod config;
@@ -14,5 +15,6 @@ pub mod control;
 pub mod daemon;
 pub mod datapath;
 pub mod engine;
+pub mod plex;
 pub mod state;
 pub mod stun;

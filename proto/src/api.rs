@@ -89,6 +89,14 @@ pub struct RegisterResponse {
 /// Most endpoint candidates one report may carry; a real node has a handful.
 pub const MAX_ENDPOINTS: usize = 32;
 
+/// Seconds the coordinator waits for the next request's headers on an open HTTPS connection
+/// (also its slowloris guard); an idle keep-alive connection is closed after this.
+pub const SERVER_IDLE_SECS: u64 = 30;
+/// Seconds a client keeps an idle pooled connection to the coordinator: less than
+/// [`SERVER_IDLE_SECS`], so a request never goes out on a connection the server is closing at
+/// that moment (it would fail with no answer).
+pub const CLIENT_POOL_IDLE_SECS: u64 = 20;
+
 /// Why `addr` cannot be an endpoint candidate (a peer could never reach it there, or it would
 /// point peers' probes at the peers themselves or at many hosts at once), or None when it can.
 /// IPv4-mapped IPv6 addresses are judged as the IPv4 address they carry.

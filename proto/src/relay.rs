@@ -112,8 +112,51 @@ pub fn tcp_frame_len(prefix: [u8; TCP_FRAME_HEADER]) -> usize {
     u16::from_be_bytes(prefix) as usize
 }
 
+/// How many leading bytes of `stream` are whole TCP frames (prefix and datagram).
+pub fn tcp_frames_len(stream: &[u8]) -> usize {
+    let mut off = 0;
+    while let Some(p) = stream.get(off..off + TCP_FRAME_HEADER) {
+        let end = off + TCP_FRAME_HEADER + tcp_frame_len([p[0], p[1]]);
+        if end > stream.len() {
+            break;
+        }
+        off = end;
+    }
+    off
+}
+
+/// The datagrams of `stream`, which holds whole TCP frames (see [`tcp_frames_len`]); a cut
+/// frame at the end is left out.
+pub fn tcp_frames(stream: &[u8]) -> impl Iterator<Item = &[u8]> {
+    let mut rest = &stream[..tcp_frames_len(stream)];
+    std::iter::from_fn(move || {
+        let p = rest.get(..TCP_FRAME_HEADER)?;
+        let n = tcp_frame_len([p[0], p[1]]);
+        let (d, tail) = rest[TCP_FRAME_HEADER..].split_at(n);
+        rest = tail;
+        Some(d)
+    })
+}
+
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn tcp_frames_split_a_stream_and_leave_a_cut_frame() {
+        let mut st = vec![];
+        for d in [&b"one"[..], &[][..], &[7u8; 300][..]] {
+            tcp_frame(&mut st, d).unwrap();
+        }
+        let whole = st.len();
+        tcp_frame(&mut st, b"cut off").unwrap();
+        st.truncate(st.len() - 2);
+        assert_eq!(tcp_frames_len(&st), whole);
+        let got: Vec<&[u8]> = super::tcp_frames(&st).collect();
+        assert_eq!(got, vec![&b"one"[..], &[][..], &[7u8; 300][..]]);
+        assert_eq!(tcp_frames_len(&st[..1]), 0);
+        assert_eq!(super::tcp_frames(&[]).count(), 0);
+    }
+
     use super::*;
     #[test]
     fn round_trip() {

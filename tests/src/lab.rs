@@ -345,6 +345,24 @@ impl Lab {
         }
     }
 
+    /// Waits up to `within` for a spawned process to end by itself; its exit status.
+    pub fn wait_exit(&mut self, id: ProcId, within: Duration) -> Result<ExitStatus> {
+        let end = Instant::now() + within;
+        loop {
+            let p = &mut self.procs[id.0];
+            if p.exited.is_none() {
+                p.exited = p.child.try_wait()?;
+            }
+            if let Some(status) = p.exited {
+                return Ok(status);
+            }
+            if Instant::now() >= end {
+                bail!("{} (in {}) still running after {within:?}", p.name, p.host);
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
     /// Sends SIGTERM and waits up to 5 s (then SIGKILL). Returns the exit status.
     pub fn stop(&mut self, id: ProcId) -> Result<ExitStatus> {
         stop_proc(&mut self.procs[id.0], Duration::from_secs(5))

@@ -6,7 +6,8 @@
 //! Each test builds its own lab and checks what a user would: the bytes arrive intact, the home server
 //! sees the viewer's real address (TCP and UDP), allow-lists, per-source limits and scanner bans hold,
 //! rule changes and exit restarts take effect at once without duplicate rules, the audit log tells
-//! what happened, and the home opens no port to the world.
+//! what happened, the home opens no port to the world, and `homeport plex setup`/`check` point the
+//! Plex stand-in at the VPS and tell a real viewer from a masquerading VPS.
 //!
 //! Needs root, `ip`, `nft`, `conntrack`, `curl`, `python3` and the debug binaries
 //! (`cargo build --bins`).
@@ -135,23 +136,26 @@ impl PubLab {
     /// Starts the Plex stand-in (deploy/plex-standin.py) at home on 0.0.0.0:32400 serving `dir`;
     /// it logs `client=IP:PORT` for every request.
     fn start_plex(&mut self, dir: &Path) -> Result<homeport_tests::ProcId> {
+        self.start_plex_with(dir, &[])
+    }
+
+    /// [`PubLab::start_plex`] with more arguments for the stand-in (its API's token, sessions).
+    fn start_plex_with(&mut self, dir: &Path, extra: &[&str]) -> Result<homeport_tests::ProcId> {
         let script = Path::new(env!("CARGO_MANIFEST_DIR"))
             .parent()
             .context("workspace")?
             .join("deploy/plex-standin.py");
-        let p = self.lab.spawn(
-            "home",
-            "plex",
-            &[
-                "python3",
-                script.to_str().context("path")?,
-                dir.to_str().context("path")?,
-                "--bind",
-                "0.0.0.0",
-                "--port",
-                "32400",
-            ],
-        )?;
+        let mut args = vec![
+            "python3",
+            script.to_str().context("path")?,
+            dir.to_str().context("path")?,
+            "--bind",
+            "0.0.0.0",
+            "--port",
+            "32400",
+        ];
+        args.extend_from_slice(extra);
+        let p = self.lab.spawn("home", "plex", &args)?;
         wait_until(
             "the Plex stand-in to listen",
             Duration::from_secs(10),
@@ -1266,5 +1270,122 @@ fn spoofed_syn_flood_at_a_published_port_leaves_viewers_and_streams_going_body(
         "the stream that was running during the flood did not finish intact: {}",
         p.lab.log(stream)
     );
+    Ok(())
+}
+
+/// 9. `homeport plex setup` and `plex check` (issue 19) at home, against the Plex stand-in: setup
+///    points Plex's custom URL at the VPS and turns Remote Access and the Relay off; a viewer plays
+///    through the exit, the stand-in reports a session from the address the connection came from
+///    (the viewer's own) and `plex check` passes, matching it with the flow the exit forwarded and
+///    reaching Plex through the published port; when the VPS masquerades what it forwards, Plex
+///    sees the exit's mesh address and `plex check` fails and says why.
+#[test]
+fn plex_check_sees_the_viewers_real_address_through_the_exit() {
+    with_lab(
+        &[],
+        plex_check_sees_the_viewers_real_address_through_the_exit_body,
+    );
+}
+
+/// `homeport plex ARGS` in the home namespace (Plex listens there); (success, stdout, stderr).
+fn plex_cli(p: &PubLab, args: &[&str]) -> Result<(bool, String, String)> {
+    let out = p
+        .lab
+        .command("home", bin("homeport")?)
+        .arg("plex")
+        .args(args)
+        .arg("--state-dir")
+        .arg(&p.home.state_dir)
+        .output()?;
+    Ok((
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    ))
+}
+
+fn plex_check_sees_the_viewers_real_address_through_the_exit_body(p: &mut PubLab) -> Result<()> {
+    let media = media_dir(&p.lab)?;
+    write_random_file(&media.join("film"), 4)?;
+    let token = p.lab.dir().join("plex-token");
+    std::fs::write(&token, "lab-plex-token")?;
+    let token_s = token.to_str().context("path")?;
+    p.start_plex_with(&media, &["--token-file", token_s])?;
+    p.publish(&["--port", "32400", "--to", "home:32400"])?;
+    p.wait_installed(32400)?;
+    p.wait_viewer_ok(
+        &format!("http://{VPS_IP}:32400/identity"),
+        Duration::from_secs(20),
+    )?;
+
+    let (ok, out, err) = plex_cli(p, &["setup", "--yes", "--token-file", token_s])?;
+    eprintln!("plex setup:\n{out}{err}");
+    ensure!(ok, "plex setup failed: {out}{err}");
+    let url = format!("http://{VPS_IP}:32400");
+    ensure!(
+        out.contains(&format!("customConnections: (empty) -> {url}")),
+        "the plan names the VPS: {out}"
+    );
+    ensure!(
+        out.contains(&format!("  customConnections: {url}\n"))
+            && out.contains("  RelayEnabled: false"),
+        "Plex reports the new values back: {out}"
+    );
+
+    // A viewer plays a film through the VPS.
+    let got = p.lab.dir().join("film.got");
+    let code = p.viewer_get(&format!("{url}/film"), &got, &[], 30)?;
+    ensure!(code == 200, "the viewer got {code}");
+    let (ok, out, err) = plex_cli(p, &["check", "--json", "--token-file", token_s])?;
+    eprintln!("plex check:\n{out}{err}");
+    ensure!(ok, "plex check failed with a real viewer: {out}{err}");
+    let v: serde_json::Value = serde_json::from_str(&out)?;
+    let findings = v["findings"].as_array().context("findings")?;
+    let viewer = findings
+        .iter()
+        .find(|f| f["subject"].as_str().is_some_and(|s| s.contains(VIEWER_IP)))
+        .with_context(|| format!("no finding about the viewer's session: {out}"))?;
+    ensure!(
+        viewer["level"] == "ok"
+            && viewer["message"]
+                .as_str()
+                .is_some_and(|m| m.contains("forwarded by exit vps")),
+        "the viewer's session: {viewer}"
+    );
+    ensure!(
+        findings.iter().any(|f| f["level"] == "ok"
+            && f["subject"]
+                .as_str()
+                .is_some_and(|s| s.starts_with(&format!("port {url}")))),
+        "the published port answered through the exit: {out}"
+    );
+
+    // The regression this catches: the VPS masquerades what it forwards into the mesh (as a
+    // "fix" for routing, or a docker/firewall default), so Plex sees every viewer as the exit's
+    // mesh address. The viewer plays again (the stand-in keeps the first session too: it still
+    // passes, the new one must not).
+    p.lab.exec_stdin(
+        "vps",
+        &["nft", "-f", "-"],
+        b"table ip plex_masq {\n chain post {\n  type nat hook postrouting priority 200;\n  oifname \"hpx0\" masquerade\n }\n}\n",
+    )?;
+    let code = p.viewer_get(&format!("{url}/film"), &got, &[], 30)?;
+    ensure!(
+        code == 200,
+        "the viewer got {code} through the masquerading exit"
+    );
+    let exit_mesh = p.exit.ip()?;
+    let (ok, out, err) = plex_cli(p, &["check", "--token-file", token_s])?;
+    eprintln!("plex check behind a masquerading exit:\n{out}{err}");
+    ensure!(
+        !ok,
+        "plex check must fail when Plex sees the exit's mesh address: {out}"
+    );
+    ensure!(
+        out.contains(&format!("PROBLEM session viewer@{exit_mesh}"))
+            && out.contains("mesh address of exit vps"),
+        "{out}"
+    );
+    ensure!(err.contains("1 problem(s) found"), "{err}");
     Ok(())
 }

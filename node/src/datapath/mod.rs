@@ -35,10 +35,9 @@ use tun_rs::{GROTable, InterruptEvent, SyncDevice, VIRTIO_NET_HDR_LEN};
 /// which the socket refuses (DF), and bulk TCP through the relay would stall.
 pub const DEFAULT_MTU: u16 = 1380;
 
-/// Datagrams per recvmmsg (quinn-udp's batch on Linux).
-const UDP_BATCH: usize = 32;
-/// Size of one receive buffer: one GRO super-datagram can be up to 64 KiB.
-const GRO_BUF: usize = 65536;
+use homeport_udp::{BATCH as UDP_BATCH, GRO_BUF};
+/// Packets from the relay's TCP/TLS fallback written to the TUN with one call.
+const TUN_RELAY_BATCH: usize = 64;
 /// TUN packets per batch (tun-rs's ideal batch size).
 const TUN_BATCH: usize = tun_rs::IDEAL_BATCH_SIZE;
 /// Room per encapsulated datagram in the GSO send buffer: MTU + WireGuard overhead, rounded up.
@@ -409,23 +408,49 @@ impl Datapath {
 
     /// A relay datagram that arrived over the TCP/TLS fallback.
     pub fn relay_input(&self, relay: SocketAddr, frame: &[u8]) {
+        self.relay_input_each(relay, std::iter::once(frame));
+    }
+
+    /// Relay datagrams that arrived over the TCP/TLS fallback, as whole TCP frames: decrypted
+    /// into the TUN batch and written with one call per [`TUN_RELAY_BATCH`] packets, so tun-rs
+    /// can coalesce them (GRO) as it does for UDP.
+    pub fn relay_input_frames(&self, relay: SocketAddr, frames: &[u8]) {
+        self.relay_input_each(relay, homeport_proto::relay::tcp_frames(frames));
+    }
+
+    fn relay_input_each<'a>(&self, relay: SocketAddr, frames: impl Iterator<Item = &'a [u8]>) {
         let t = self.engine.snapshot();
         let mut g = self.gro.lock().unwrap();
         let (gro, bufs) = &mut *g;
-        let out = &mut bufs[0];
-        out.resize(VIRTIO_NET_HDR_LEN + frame.len().max(148), 0);
-        out[..VIRTIO_NET_HDR_LEN].fill(0);
-        let r = self.engine.handle_relay(
-            &t,
-            relay,
-            frame,
-            &mut out[VIRTIO_NET_HDR_LEN..],
-            Instant::now(),
-            &mut |to, b| send_one(&self.socket, &self.state, to, b),
-        );
-        if let Decap::ToTun { len } = r {
-            out.truncate(VIRTIO_NET_HDR_LEN + len);
-            write_tun(&self.dev, gro, &mut bufs[..1]);
+        let now = Instant::now();
+        let mut n = 0;
+        for frame in frames {
+            if n == bufs.len() {
+                if n < TUN_RELAY_BATCH {
+                    bufs.push(Vec::with_capacity(VIRTIO_NET_HDR_LEN + 65535));
+                } else {
+                    write_tun(&self.dev, gro, &mut bufs[..n]);
+                    n = 0;
+                }
+            }
+            let out = &mut bufs[n];
+            out.resize(VIRTIO_NET_HDR_LEN + frame.len().max(148), 0);
+            out[..VIRTIO_NET_HDR_LEN].fill(0);
+            let r = self.engine.handle_relay(
+                &t,
+                relay,
+                frame,
+                &mut out[VIRTIO_NET_HDR_LEN..],
+                now,
+                &mut |to, b| send_one(&self.socket, &self.state, to, b),
+            );
+            if let Decap::ToTun { len } = r {
+                out.truncate(VIRTIO_NET_HDR_LEN + len);
+                n += 1;
+            }
+        }
+        if n > 0 {
+            write_tun(&self.dev, gro, &mut bufs[..n]);
         }
     }
 
@@ -550,63 +575,11 @@ fn send_openers(engine: &Engine, socket: &UdpSocket, state: &UdpSocketState) {
 }
 
 /// A non-blocking UDP socket for WireGuard on `port` (0: any free port), with large buffers and
-/// quinn-udp's options (GRO, ECN, packet info) set.
+/// The WireGuard socket on `port` (0: any), with quinn-udp's options and large buffers
+/// (see [`homeport_udp::prepare`]).
 fn wireguard_socket(port: u16) -> Result<(UdpSocket, UdpSocketState)> {
-    let sock = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::DGRAM, None)?;
     let bind: SocketAddr = ([0, 0, 0, 0], port).into();
-    sock.bind(&bind.into())
-        .with_context(|| format!("binding the WireGuard UDP socket to {bind}"))?;
-    let socket: UdpSocket = sock.into();
-    let state = UdpSocketState::new(UdpSockRef::from(&socket))?;
-    for size in [8 << 20, 4 << 20, 1 << 20] {
-        if state
-            .set_recv_buffer_size(UdpSockRef::from(&socket), size)
-            .is_ok()
-        {
-            break;
-        }
-    }
-    for size in [8 << 20, 4 << 20, 1 << 20] {
-        if state
-            .set_send_buffer_size(UdpSockRef::from(&socket), size)
-            .is_ok()
-        {
-            break;
-        }
-    }
-    // The socket stays non-blocking (quinn-udp's recvmmsg would otherwise wait for a full
-    // batch): the threads wait for readiness with poll(2) and retry sends that would block.
-    socket.set_nonblocking(true)?;
-    Ok((socket, state))
-}
-
-/// Waits until `socket` is ready for `events` (POLLIN/POLLOUT) or `timeout_ms` passed.
-fn wait_ready(socket: &UdpSocket, events: libc::c_short, timeout_ms: i32) -> bool {
-    let mut p = libc::pollfd {
-        fd: socket.as_raw_fd(),
-        events,
-        revents: 0,
-    };
-    // SAFETY: one valid pollfd for the duration of the call.
-    unsafe { libc::poll(&mut p, 1, timeout_ms) > 0 }
-}
-
-/// Sends a transmit; when the socket buffer is full, waits for room (back-pressure) instead of
-/// dropping, for at most ~100 ms.
-fn send_transmit(
-    socket: &UdpSocket,
-    state: &UdpSocketState,
-    t: &Transmit<'_>,
-) -> std::io::Result<()> {
-    for _ in 0..10 {
-        match state.try_send(UdpSockRef::from(socket), t) {
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                wait_ready(socket, libc::POLLOUT, 10);
-            }
-            r => return r,
-        }
-    }
-    Err(std::io::ErrorKind::WouldBlock.into())
+    homeport_udp::bind(bind).with_context(|| format!("binding the WireGuard UDP socket to {bind}"))
 }
 
 fn send_one(socket: &UdpSocket, state: &UdpSocketState, to: SocketAddr, data: &[u8]) {
@@ -620,7 +593,7 @@ fn send_one(socket: &UdpSocket, state: &UdpSocketState, to: SocketAddr, data: &[
         segment_size: None,
         src_ip: None,
     };
-    if let Err(e) = send_transmit(socket, state, &t) {
+    if let Err(e) = homeport_udp::send(socket, state, &t) {
         tracing::debug!(%to, error = %e, "UDP send failed");
     }
 }
@@ -739,7 +712,7 @@ impl GsoBatch {
             segment_size: (self.count > 1).then_some(self.seg),
             src_ip: None,
         };
-        if let Err(e) = send_transmit(socket, state, &t) {
+        if let Err(e) = homeport_udp::send(socket, state, &t) {
             tracing::debug!(to = ?self.dst, error = %e, "UDP send failed");
         }
         if self.count > 1 {
@@ -844,7 +817,7 @@ fn udp_to_tun(
     while !stop.load(Ordering::Relaxed) {
         let n = {
             let mut iovs: Vec<IoSliceMut> = rx.iter_mut().map(|b| IoSliceMut::new(b)).collect();
-            if !wait_ready(socket, libc::POLLIN, 200) {
+            if !homeport_udp::wait_ready(socket, libc::POLLIN, 200) {
                 continue;
             }
             match state.recv(UdpSockRef::from(socket), &mut iovs, &mut meta) {

@@ -152,6 +152,23 @@ impl PublishedFlows {
             .retain(|k, e| keep(k, e.peer));
     }
 
+    /// The live flows: (key, exit, confirmed, idle), for `homeport plex check` and status.
+    pub fn snapshot(&self, now: Instant) -> Vec<(FlowKey, NodeId, bool, Duration)> {
+        let g = self.inner.lock().unwrap();
+        g.map
+            .iter()
+            .filter(|(_, e)| e.alive(now))
+            .map(|(k, e)| {
+                (
+                    *k,
+                    e.peer,
+                    e.confirmed,
+                    now.saturating_duration_since(e.last_seen),
+                )
+            })
+            .collect()
+    }
+
     pub fn len(&self) -> usize {
         self.inner.lock().unwrap().map.len()
     }
