@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Install homeport as systemd services on a real machine. Run from a checkout after
-# `cargo build --release --bins` (deploy/setup.sh installs the toolchain).
+# `cargo build --release --bins` (deploy/setup.sh installs the toolchain), or with the Debian packages
+# of deploy/package.sh in dist/ (then they are installed with apt and no build is needed).
 #
 #   sudo ./deploy/install.sh vps  [--public-ip IP] [--hostname vps]
 #       The VPS: homeport-coordinator (control plane) + homeport-exit (publishes ports), both joined.
@@ -10,15 +11,18 @@
 #       key (first line); it is copied to /etc/homeport/node.authkey (0600). Run it again with a new
 #       --authkey-file to re-join after the coordinator refused the node (same key and address).
 #
-# Common options: --bin-dir DIR (default: target/release of this checkout), --no-start (install only).
-# Binaries go to /usr/local/bin, configs to /etc/homeport/ (an existing config is never overwritten),
-# units to /etc/systemd/system/, docs to /usr/local/share/doc/homeport/.
+# Common options: --bin-dir DIR (binaries from DIR, not packages; default target/release), --no-start,
+# --packages DIR (the .debs of deploy/package.sh in DIR; default dist/ of this checkout when it has them).
+# With packages (homeport-coordinator, homeport-exit and homeport for vps; homeport for home):
+# `apt-get install ./dist/….deb` puts binaries in /usr/bin, units in /lib/systemd/system. Otherwise
+# binaries go to /usr/local/bin, units to /etc/systemd/system/, docs to /usr/local/share/doc/homeport/.
+# Configs: /etc/homeport/ (an edited config is never overwritten; the packages' example is filled in).
 set -euo pipefail
 
 here=$(cd "$(dirname "$0")" && pwd)
 root=$(cd "$here/.." && pwd)
 
-usage() { sed -n '2,15p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,19p' "$0" | sed 's/^# \{0,1\}//'; }
 die() { printf 'install: error: %s\n' "$*" >&2; exit 1; }
 log() { printf 'install: %s\n' "$*"; }
 
@@ -30,7 +34,7 @@ case $role in
   *) die "unknown role '$role': accepted are 'vps' (coordinator + exit) and 'home' (a node)" ;;
 esac
 
-bin_dir=$root/target/release public_ip='' hostname='' coordinator='' pin='' authkey='' start=1
+bin_dir='' pkg_dir='' public_ip='' hostname='' coordinator='' pin='' authkey='' start=1
 # Secrets never go on a command line (every local user can read argv): auth keys come from files.
 read_key() { # read_key FILE: the first line of FILE, trimmed
   [ -r "$1" ] || die "--authkey-file $1: cannot read it"
@@ -43,6 +47,7 @@ write_key() { install -m 0600 /dev/null "$1"; printf '%s\n' "$2" >"$1"; }
 while (($#)); do
   case $1 in
     --bin-dir) bin_dir=${2:?--bin-dir needs a directory}; shift ;;
+    --packages) pkg_dir=${2:?--packages needs the directory with the .deb files}; shift ;;
     --public-ip) public_ip=${2:?--public-ip needs an address}; shift ;;
     --hostname) hostname=${2:?--hostname needs a name}; shift ;;
     --coordinator) coordinator=${2:?--coordinator needs a URL}; shift ;;
@@ -79,27 +84,64 @@ else
   bins=(homeport)
   units=(homeport.service)
 fi
-for b in "${bins[@]}"; do
-  [ -x "$bin_dir/$b" ] || die "$bin_dir/$b not found: build first with 'cargo build --release --bins' (or pass --bin-dir)"
-done
-for b in "${bins[@]}"; do
-  install -m 0755 "$bin_dir/$b" "/usr/local/bin/$b.new"
-  mv -f "/usr/local/bin/$b.new" "/usr/local/bin/$b"   # atomic: a running daemon keeps its old inode
-done
-log "binaries: ${bins[*]} -> /usr/local/bin"
-install -d -m 0755 /usr/local/share/doc/homeport
-[ -f "$root/README.md" ] && install -m 0644 "$root/README.md" /usr/local/share/doc/homeport/README.md
-[ -f "$root/docs/plex.md" ] && install -m 0644 "$root/docs/plex.md" /usr/local/share/doc/homeport/plex.md
-for u in "${units[@]}"; do install -m 0644 "$here/systemd/$u" "/etc/systemd/system/$u"; done
-log "units: ${units[*]} -> /etc/systemd/system"
-((systemd)) && systemctl daemon-reload
+# newest_deb PKG: the newest dist/PKG_*.deb of this machine's architecture, or nothing.
+newest_deb() {
+  local arch; arch=$(dpkg --print-architecture 2>/dev/null) || return 0
+  find "${pkg_dir:-$root/dist}" -maxdepth 1 -name "$1_*_$arch.deb" 2>/dev/null | sort -V | tail -n1
+}
+debs=()
+if [ -n "$bin_dir" ] && [ -n "$pkg_dir" ]; then die "--bin-dir and --packages exclude each other"; fi
+if [ -n "$pkg_dir" ]; then
+  [ -d "$pkg_dir" ] || die "--packages $pkg_dir: no such directory"
+  pkg_dir=$(cd "$pkg_dir" && pwd)   # apt-get takes a .deb by a path with a slash
+fi
+if [ -z "$bin_dir" ]; then
+  for b in "${bins[@]}"; do
+    d=$(newest_deb "$b")
+    [ -n "$d" ] && debs+=("$d")
+  done
+  if { [ -n "$pkg_dir" ] || ((${#debs[@]})); } && ((${#debs[@]} < ${#bins[@]})); then
+    die "${pkg_dir:-dist/} lacks some of the packages ${bins[*]} (has: ${debs[*]:-none}): run deploy/package.sh, or pass --bin-dir target/release"
+  fi
+fi
+if ((${#debs[@]})); then
+  # apt resolves the packages' dependencies (nftables, conntrack, iproute2); they do not start anything.
+  log "packages: ${debs[*]#"$root"/}"
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -q "${debs[@]}" >&2
+  doc_dir=/usr/share/doc/homeport
+else
+  bin_dir=${bin_dir:-$root/target/release}
+  for b in "${bins[@]}"; do
+    [ -x "$bin_dir/$b" ] || die "$bin_dir/$b not found: build first with 'cargo build --release --bins' (or pass --bin-dir, or put packages from deploy/package.sh into dist/)"
+  done
+  for b in "${bins[@]}"; do
+    install -m 0755 "$bin_dir/$b" "/usr/local/bin/$b.new"
+    mv -f "/usr/local/bin/$b.new" "/usr/local/bin/$b"   # atomic: a running daemon keeps its old inode
+  done
+  log "binaries: ${bins[*]} -> /usr/local/bin"
+  doc_dir=/usr/local/share/doc/homeport
+  install -d -m 0755 "$doc_dir"
+  [ -f "$root/README.md" ] && install -m 0644 "$root/README.md" "$doc_dir/README.md"
+  [ -f "$root/docs/plex.md" ] && install -m 0644 "$root/docs/plex.md" "$doc_dir/plex.md"
+  # The units name the packages' paths (/usr/bin, /usr/share/doc/PKG): here they are under /usr/local.
+  for u in "${units[@]}"; do
+    sed -e 's#/usr/bin/#/usr/local/bin/#g' -e 's#/usr/share/doc/homeport[a-z-]*/#/usr/local/share/doc/homeport/#g' \
+      "$here/systemd/$u" >"/etc/systemd/system/$u.new"
+    chmod 0644 "/etc/systemd/system/$u.new"
+    mv -f "/etc/systemd/system/$u.new" "/etc/systemd/system/$u"
+  done
+  log "units: ${units[*]} -> /etc/systemd/system"
+  ((systemd)) && systemctl daemon-reload
+fi
 
 # ---- configs ----------------------------------------------------------------------------------------
 install -d -m 0755 /etc/homeport
-# put_config ROLE MODE KEY=VALUE…: install deploy/config/ROLE.toml unless one exists, setting KEYs.
+# unconfigured ROLE: /etc/homeport/ROLE.toml is missing or still the example (as a package installs it).
+unconfigured() { [ ! -e "/etc/homeport/$1.toml" ] || cmp -s "$here/config/$1.toml" "/etc/homeport/$1.toml"; }
+# put_config ROLE MODE KEY=VALUE…: install deploy/config/ROLE.toml unless an edited one exists, setting KEYs.
 put_config() {
   local name=$1 mode=$2 dst=/etc/homeport/$1.toml kv k v tmp; shift 2
-  if [ -e "$dst" ]; then
+  if ! unconfigured "$name"; then
     log "config: $dst exists, kept as it is"
     return 1
   fi
@@ -154,7 +196,7 @@ Done. This machine is in the mesh:
   journalctl -u homeport -f    logs
 To publish this machine's Plex, on the VPS:
   sudo homeport-coordinator publish add --exit vps --port 32400 --to $(grep -E '^hostname' /etc/homeport/node.toml | cut -d'"' -f2):32400
-Then configure Plex: /usr/local/share/doc/homeport/plex.md
+Then configure Plex: $doc_dir/plex.md
 EOF
   else
     log "installed; not started"
@@ -205,7 +247,7 @@ port=8443
 if [ -r /var/lib/homeport-coordinator/listen.addr ]; then
   port=$(sed -E 's/.*:([0-9]+)\s*$/\1/' /var/lib/homeport-coordinator/listen.addr)
 fi
-if [ ! -e /etc/homeport/exit.toml ]; then
+if unconfigured exit; then
   write_key /etc/homeport/exit.authkey "$(homeport-coordinator authkey create --expires 1h)"
   # The exit joins the coordinator on this same machine over loopback (the pin, not the address, is checked).
   put_config exit 0600 coordinator="https://127.0.0.1:$port" pin="$pin" authkey-file=/etc/homeport/exit.authkey hostname="${hostname:-vps}"
@@ -235,5 +277,5 @@ Then, here on the VPS, publish Plex and check:
   sudo homeport-coordinator publish add --exit ${exit_name:-vps} --port 32400 --to home:32400
   sudo homeport-coordinator nodes
   sudo homeport-exit log --follow
-Plex settings: /usr/local/share/doc/homeport/plex.md
+Plex settings: $doc_dir/plex.md
 EOF

@@ -9,9 +9,11 @@
 # wireguard-tools, coturn as a STUN server, iperf3), tcpdump, python3 (with python3-cryptography for
 # bench/register-peers.py), ping, systemd (systemd-analyze), hping3 (spoofed-source SYN floods in the
 # exit's lab tests, handshake floods in the data-plane tests) and postgresql (the coordinator tests run a
-# throwaway cluster in a temp dir; the packaged service is disabled).
+# throwaway cluster in a temp dir; the packaged service is disabled), and for the Debian packages
+# (deploy/package.sh, tests/tests/packages.rs) dpkg-dev, lintian and help2man.
 # Rust comes from rustup (minimal profile, stable) only if no cargo is found; cargo-fuzz (crates.io,
-# pinned) for the fuzz targets is added when missing.
+# pinned) for the fuzz targets and cargo-deb (crates.io, pinned) for deploy/package.sh are added when
+# missing.
 # schemathesis (PyPI, pinned) goes into its own virtualenv under /opt, linked as /usr/local/bin/schemathesis:
 # coordinator/tests/spec.rs checks the API against its OpenAPI document with it.
 set -euo pipefail
@@ -22,6 +24,7 @@ PACKAGES=(
   wireguard-go wireguard-tools iperf3 coturn
   tcpdump python3 python3-venv python3-cryptography procps systemd iputils-ping shellcheck hping3
   postgresql
+  dpkg-dev lintian help2man
 )
 SCHEMATHESIS_VERSION=4.32.5
 SCHEMATHESIS_VENV=/opt/homeport-schemathesis
@@ -96,6 +99,16 @@ else
   log "installing cargo-fuzz $CARGO_FUZZ_VERSION (crates.io)"
   cargo install --quiet --locked cargo-fuzz --version "$CARGO_FUZZ_VERSION" \
     || log "warning: could not install cargo-fuzz: the fuzz step of deploy/test.sh cannot run"
+fi
+# Debian packages (deploy/package.sh, tests/tests/packages.rs): cargo-deb from crates.io, pinned (the
+# packages test relies on how this version treats --no-build --profile dev).
+CARGO_DEB_VERSION=3.8.0
+if cargo deb --version 2>/dev/null | grep -qF "$CARGO_DEB_VERSION"; then
+  log "cargo-deb: $CARGO_DEB_VERSION"
+else
+  log "installing cargo-deb $CARGO_DEB_VERSION (crates.io)"
+  cargo install --quiet --locked cargo-deb --version "$CARGO_DEB_VERSION" \
+    || log "warning: could not install cargo-deb: deploy/package.sh and the packages test cannot run"
 fi
 # schemathesis for the API spec test, pinned, in its own virtualenv (Debian's python refuses pip installs).
 st_installed() { "$SCHEMATHESIS_VENV/bin/schemathesis" --version 2>/dev/null | grep -qF "$SCHEMATHESIS_VERSION"; }

@@ -1,6 +1,7 @@
 use clap::{Parser, Subcommand};
 use homeport_exit::logcmd::LogArgs;
 use homeport_exit::{ExitArgs, config};
+use homeport_node::cli::parse_or_print_completions;
 use homeport_node::config::UpArgs;
 use tokio_util::sync::CancellationToken;
 
@@ -36,7 +37,9 @@ enum Cmd {
 }
 
 fn main() -> std::process::ExitCode {
-    let cli = Cli::parse();
+    let Some(cli) = parse_or_print_completions::<Cli>() else {
+        return std::process::ExitCode::SUCCESS;
+    };
     let r = match cli.cmd {
         Cmd::Log(args) => {
             homeport_exit::logcmd::print(&args, &mut std::io::stdout().lock(), &|| false)

@@ -1,10 +1,11 @@
-use clap::Parser;
-use homeport_node::cli::{Cli, Cmd, cancel_on_signals};
+use homeport_node::cli::{Cli, Cmd, cancel_on_signals, parse_or_print_completions};
 use homeport_node::config::NODE_DEFAULTS;
 use tokio_util::sync::CancellationToken;
 
 fn main() -> std::process::ExitCode {
-    let cli = Cli::parse();
+    let Some(cli) = parse_or_print_completions::<Cli>() else {
+        return std::process::ExitCode::SUCCESS;
+    };
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()

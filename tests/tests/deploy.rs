@@ -145,6 +145,17 @@ fn deploy_scripts_parse_and_pass_shellcheck() {
         "deploy/test.sh",
         "deploy/demo.sh",
         "deploy/install.sh",
+        "deploy/package.sh",
+        // The Debian packages' maintainer scripts (/bin/sh).
+        "deploy/debian/homeport-coordinator/postinst",
+        "deploy/debian/homeport-coordinator/prerm",
+        "deploy/debian/homeport-coordinator/postrm",
+        "deploy/debian/homeport-exit/postinst",
+        "deploy/debian/homeport-exit/prerm",
+        "deploy/debian/homeport-exit/postrm",
+        "deploy/debian/homeport/postinst",
+        "deploy/debian/homeport/prerm",
+        "deploy/debian/homeport/postrm",
     ];
     let bench = ["bench/exit-throughput.sh", "bench/mesh-throughput.sh"];
     for s in scripts.iter().chain(&bench) {
