@@ -44,7 +44,7 @@ pub const MAX_TCP_CLIENTS: usize = 512;
 /// Bytes queued towards one TCP client before further datagrams for it are dropped (like a full
 /// UDP socket buffer): about 170 full-size WireGuard packets, enough for a burst.
 pub const TCP_QUEUE_BYTES: usize = 256 * 1024;
-/// Bytes of queued frames written to a TCP client at once.
+/// Bytes of queued frames written to a TCP client at once (and the read buffer of a bound one).
 const TCP_WRITE_BATCH: usize = 64 * 1024;
 /// A TCP client whose socket takes no data for this long is cut (it stopped reading).
 pub const TCP_WRITE_STALL: Duration = Duration::from_secs(10);
@@ -361,6 +361,16 @@ impl Relay {
         }
     }
 
+    /// Handles one datagram from the TCP client at `pseudo`, bound to `key`: a BIND for
+    /// another key is dropped (one connection speaks for one node).
+    fn process_bound(&self, pseudo: SocketAddr, key: [u8; 32], d: &[u8], out: &mut Vec<u8>) {
+        if Bind::decode(d).is_some_and(|b| b.key != key) {
+            tracing::trace!(%pseudo, "relay: BIND for another key on a bound TCP connection; dropped");
+            return;
+        }
+        self.process(pseudo, d, out);
+    }
+
     /// Handles one datagram from a TCP client and delivers what it produces.
     fn process(&self, from: SocketAddr, d: &[u8], out: &mut Vec<u8>) {
         match self.handle(from, d, Instant::now(), unix_now()) {
@@ -471,7 +481,7 @@ impl Relay {
     where
         S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + 'static,
     {
-        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt};
         let _slot = slot;
         let n = self.next_tcp.fetch_add(1, Ordering::Relaxed);
         let pseudo = SocketAddr::from((
@@ -579,26 +589,38 @@ impl Relay {
         if self.authorized.read().unwrap().contains(&key) {
             tracing::debug!(%pseudo, "relay: TCP client bound");
             self.deliver(pseudo, &BOUND);
+            // Buffered only now that the client proved a key: whole frames already read are
+            // handled without a read call each.
+            let mut r = tokio::io::BufReader::with_capacity(TCP_WRITE_BATCH, r);
             let mut buf = vec![0u8; homeport_proto::relay::TCP_FRAME_MAX];
             let mut out = Vec::with_capacity(buf.len() + RELAY_HEADER_LEN);
             loop {
-                let frame = tokio::select! {
+                let avail = tokio::select! {
                     _ = close.cancelled() => break,
-                    f = tokio::time::timeout(TCP_IDLE, async {
-                        let mut len = [0u8; TCP_FRAME_HEADER];
-                        r.read_exact(&mut len).await?;
-                        let n = homeport_proto::relay::tcp_frame_len(len);
-                        r.read_exact(&mut buf[..n]).await?;
-                        Ok::<usize, std::io::Error>(n)
-                    }) => f,
+                    a = tokio::time::timeout(TCP_IDLE, r.fill_buf()) => match a {
+                        Ok(Ok(a)) if !a.is_empty() => a,
+                        _ => break,
+                    },
                 };
-                let Ok(Ok(n)) = frame else { break };
-                let d = &buf[..n];
-                if Bind::decode(d).is_some_and(|b| b.key != key) {
-                    tracing::trace!(%pseudo, "relay: BIND for another key on a bound TCP connection; dropped");
+                let whole = homeport_proto::relay::tcp_frames_len(avail);
+                if whole > 0 {
+                    for d in homeport_proto::relay::tcp_frames(&avail[..whole]) {
+                        self.process_bound(pseudo, key, d, &mut out);
+                    }
+                    r.consume(whole);
                     continue;
                 }
-                self.process(pseudo, d, &mut out);
+                // A frame cut by the buffer's end.
+                let frame = tokio::time::timeout(TCP_IDLE, async {
+                    let mut len = [0u8; TCP_FRAME_HEADER];
+                    r.read_exact(&mut len).await?;
+                    let n = homeport_proto::relay::tcp_frame_len(len);
+                    r.read_exact(&mut buf[..n]).await?;
+                    Ok::<usize, std::io::Error>(n)
+                })
+                .await;
+                let Ok(Ok(n)) = frame else { break };
+                self.process_bound(pseudo, key, &buf[..n], &mut out);
             }
         }
         close.cancel();
