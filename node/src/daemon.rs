@@ -339,10 +339,14 @@ pub async fn run(
         stop.clone(),
     ));
     if let Some(addr) = cfg.metrics_listen {
-        let l = tokio::net::TcpListener::bind(addr)
-            .await
-            .with_context(|| format!("binding --metrics-listen {addr}"))?;
-        tokio::spawn(metrics_server(l, shared.clone(), stop.clone()));
+        let l = homeport_host::metrics::bind(addr).await?;
+        let mut registry = homeport_host::metrics::registry("node");
+        registry.register_collector(Box::new(NodeMetrics(shared.clone())));
+        tokio::spawn(homeport_host::metrics::serve(
+            l,
+            Arc::new(registry),
+            stop.clone(),
+        ));
     }
     std::thread::Builder::new()
         .name("side".into())
@@ -1360,76 +1364,94 @@ async fn stun_query(shared: &Shared, server: SocketAddr, rx: &StunRx) -> Option<
     None
 }
 
-async fn metrics_server(l: tokio::net::TcpListener, shared: Arc<Shared>, stop: CancellationToken) {
-    loop {
-        let (mut s, _) = tokio::select! {
-            r = l.accept() => match r { Ok(s) => s, Err(_) => continue },
-            _ = stop.cancelled() => return,
-        };
-        let mut body = render_metrics(&shared.status());
-        if let Some(dp) = shared.dp.lock().unwrap().as_ref() {
-            body.push_str(&dp.render_metrics());
-        }
-        tokio::spawn(async move {
-            let mut req = [0u8; 1024];
-            let _ = tokio::time::timeout(
-                Duration::from_secs(2),
-                tokio::io::AsyncReadExt::read(&mut s, &mut req),
-            )
-            .await;
-            let resp = format!(
-                "HTTP/1.1 200 OK\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-                body.len()
-            );
-            let _ = s.write_all(resp.as_bytes()).await;
-        });
+/// The node's metrics (`homeport_node_*`), read from the daemon and its data path at each
+/// scrape.
+struct NodeMetrics(Arc<Shared>);
+
+impl std::fmt::Debug for NodeMetrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("NodeMetrics")
     }
 }
 
-fn render_metrics(st: &Status) -> String {
-    use std::fmt::Write;
-    let mut o = String::new();
-    let _ = writeln!(
-        o,
-        "# TYPE homeport_node_map_version gauge\nhomeport_node_map_version {}",
-        st.me.map_version
-    );
-    let _ = writeln!(
-        o,
-        "# TYPE homeport_node_connected gauge\nhomeport_node_connected {}",
-        st.me.connected as u8
-    );
-    type Counter = fn(&crate::datapath::PeerStatus) -> u64;
-    let counters: [(&str, Counter); 3] = [
-        ("homeport_node_peer_rx_bytes_total", |p| p.rx_bytes),
-        ("homeport_node_peer_tx_bytes_total", |p| p.tx_bytes),
-        ("homeport_node_peer_handshakes_total", |p| p.handshakes),
-    ];
-    for (name, value) in counters {
-        let _ = writeln!(o, "# TYPE {name} counter");
-        for p in &st.peers {
-            let _ = writeln!(o, "{name}{{peer=\"{}\"}} {}", p.name, value(p));
+impl homeport_host::metrics::Collector for NodeMetrics {
+    fn encode(
+        &self,
+        mut enc: homeport_host::metrics::DescriptorEncoder,
+    ) -> Result<(), std::fmt::Error> {
+        encode_status_metrics(&self.0.status(), &mut enc)?;
+        if let Some(dp) = self.0.dp.lock().unwrap().as_ref() {
+            dp.encode_metrics(&mut enc)?;
         }
+        Ok(())
     }
-    let _ = writeln!(o, "# TYPE homeport_node_peer_path gauge");
-    for p in &st.peers {
-        let (d, r) = match p.path {
-            PathInfo::Direct { .. } => (1, 0),
-            PathInfo::Relay { .. } => (0, 1),
-            PathInfo::None => (0, 0),
-        };
-        let _ = writeln!(
-            o,
-            "homeport_node_peer_path{{peer=\"{}\",kind=\"direct\"}} {d}",
-            p.name
-        );
-        let _ = writeln!(
-            o,
-            "homeport_node_peer_path{{peer=\"{}\",kind=\"relay\"}} {r}",
-            p.name
-        );
+}
+
+fn encode_status_metrics(
+    st: &Status,
+    enc: &mut homeport_host::metrics::DescriptorEncoder,
+) -> Result<(), std::fmt::Error> {
+    use homeport_host::metrics::{Unit, counter_family, gauge, gauge_family};
+    gauge(
+        enc,
+        "map_version",
+        "Version of the last map applied",
+        st.me.map_version as i64,
+    )?;
+    gauge(
+        enc,
+        "connected",
+        "1 while the map stream from the coordinator is open",
+        st.me.connected as i64,
+    )?;
+    type Counter = fn(&crate::datapath::PeerStatus) -> u64;
+    let counters: [(&str, &str, Option<Unit>, Counter); 3] = [
+        (
+            "peer_rx",
+            "Bytes received from each peer",
+            Some(Unit::Bytes),
+            |p| p.rx_bytes,
+        ),
+        (
+            "peer_tx",
+            "Bytes sent to each peer",
+            Some(Unit::Bytes),
+            |p| p.tx_bytes,
+        ),
+        (
+            "peer_handshakes",
+            "WireGuard handshakes completed with each peer",
+            None,
+            |p| p.handshakes,
+        ),
+    ];
+    for (name, help, unit, value) in counters {
+        counter_family(
+            enc,
+            name,
+            help,
+            unit.as_ref(),
+            st.peers
+                .iter()
+                .map(|p| ([("peer", p.name.as_str())], value(p))),
+        )?;
     }
-    o
+    gauge_family(
+        enc,
+        "peer_path",
+        "1 for the path each peer's traffic takes now (kind: direct or relay)",
+        st.peers.iter().flat_map(|p| {
+            let (d, r) = match p.path {
+                PathInfo::Direct { .. } => (1, 0),
+                PathInfo::Relay { .. } => (0, 1),
+                PathInfo::None => (0, 0),
+            };
+            [
+                ([("peer", p.name.as_str()), ("kind", "direct")], d),
+                ([("peer", p.name.as_str()), ("kind", "relay")], r),
+            ]
+        }),
+    )
 }
 
 #[cfg(test)]
