@@ -1603,7 +1603,7 @@ pub fn enable_forwarding(
         }
     }
     if before.len() != n || !saved.exists() {
-        write_private(&saved, &serde_json::to_vec_pretty(&before)?)
+        homeport_host::fs::write_private(&saved, &serde_json::to_vec_pretty(&before)?)
             .with_context(|| format!("saving the sysctls to restore in {}", saved.display()))?;
     }
     for (rel, v) in &wanted {
@@ -1652,21 +1652,6 @@ pub fn restore_sysctls(
     }
     std::fs::remove_file(&saved).with_context(|| format!("removing {}", saved.display()))?;
     Ok(true)
-}
-
-fn write_private(path: &std::path::Path, data: &[u8]) -> std::io::Result<()> {
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
-    let tmp = path.with_extension("tmp");
-    let mut f = std::fs::OpenOptions::new()
-        .create(true)
-        .write(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(&tmp)?;
-    f.write_all(data)?;
-    f.sync_all()?;
-    std::fs::rename(&tmp, path)
 }
 
 #[cfg(test)]

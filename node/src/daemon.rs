@@ -6,6 +6,7 @@ use crate::control::{Request, Response, SelfStatus, Status};
 use crate::datapath::{DEFAULT_MTU, Datapath, DatapathConfig, PathInfo};
 use crate::state::{Registration, SOCK_FILE, StateDir};
 use anyhow::{Context, Result, bail};
+use homeport_proto::addr::is_public;
 use homeport_proto::api::{
     ApiError, EndpointReport, PATH_CHALLENGE, PATH_ENDPOINTS, PATH_MAP, PATH_REGISTER,
     RegisterRequest, RegisterResponse,
@@ -853,7 +854,8 @@ async fn netcheck(
         seen_by_peers
             .iter()
             .map(|(_, a)| *a)
-            .filter(|a| !a.ip().is_private()),
+            // A peer's view of us counts only from outside our NATs.
+            .filter(|a| is_public(a.ip())),
     );
     seen.sort();
     seen.dedup();
@@ -881,23 +883,10 @@ async fn netcheck(
     }
 }
 
-trait IsPrivate {
-    fn is_private(&self) -> bool;
-}
-
-impl IsPrivate for IpAddr {
-    fn is_private(&self) -> bool {
-        match self {
-            IpAddr::V4(a) => a.is_private() || a.is_loopback(),
-            IpAddr::V6(a) => a.is_loopback() || (a.segments()[0] & 0xfe00) == 0xfc00,
-        }
-    }
-}
-
 /// Local candidates: this host's IPv4 addresses (not loopback, not the mesh) with our port.
 fn local_candidates(port: u16, shared: &Shared) -> Vec<Endpoint> {
     let mut v = vec![];
-    for ip in interface_addrs() {
+    for ip in homeport_host::net::interface_addrs() {
         let IpAddr::V4(v4) = ip else { continue };
         if v4.is_loopback()
             || v4.is_link_local()
@@ -912,30 +901,6 @@ fn local_candidates(port: u16, shared: &Shared) -> Vec<Endpoint> {
         });
     }
     v
-}
-
-fn interface_addrs() -> Vec<IpAddr> {
-    let mut out = vec![];
-    // SAFETY: getifaddrs fills a linked list we walk read-only and free with freeifaddrs.
-    unsafe {
-        let mut ifap: *mut libc::ifaddrs = std::ptr::null_mut();
-        if libc::getifaddrs(&mut ifap) != 0 {
-            return out;
-        }
-        let mut p = ifap;
-        while !p.is_null() {
-            let a = (*p).ifa_addr;
-            if !a.is_null() && (*a).sa_family as i32 == libc::AF_INET {
-                let sin = &*(a as *const libc::sockaddr_in);
-                out.push(IpAddr::V4(std::net::Ipv4Addr::from(u32::from_be(
-                    sin.sin_addr.s_addr,
-                ))));
-            }
-            p = (*p).ifa_next;
-        }
-        libc::freeifaddrs(ifap);
-    }
-    out
 }
 
 async fn endpoint_reporter(
@@ -1279,7 +1244,7 @@ fn nat_depth_from_hops(hops: &[Hop], done: bool) -> Option<u8> {
         let ttl = i as u8 + 1;
         match hop {
             Hop::Target => return Some(if last_private == 0 { 0 } else { ttl }),
-            Hop::Router(ip) if crate::engine::is_public(*ip) => {
+            Hop::Router(ip) if is_public(*ip) => {
                 return Some(if last_private == 0 { 0 } else { ttl });
             }
             Hop::Router(_) => last_private = ttl,

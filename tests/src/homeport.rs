@@ -278,17 +278,10 @@ impl Lab {
     }
 }
 
-/// Writes `text` and a newline to `p` with mode 0600.
+/// Writes `text` and a newline to `p` with mode 0600 (the binaries' own helper).
 pub fn write_private(p: &Path, text: &str) -> Result<()> {
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(p)
-        .with_context(|| format!("writing {}", p.display()))?;
-    writeln!(f, "{text}")?;
-    Ok(())
+    Ok(homeport_host::fs::write_private(
+        p,
+        format!("{text}\n").as_bytes(),
+    )?)
 }
