@@ -10,6 +10,7 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use axum::Router;
+use axum::http::StatusCode;
 use axum::http::header::CONTENT_TYPE;
 use axum::routing::get;
 pub use prometheus_client::collector::Collector;
@@ -41,15 +42,17 @@ pub fn render(registry: &Registry) -> String {
     s
 }
 
-/// `GET /metrics` over `registry`.
+/// `GET /metrics` over `registry`; anything else is answered with what is served.
 pub fn router(registry: Arc<Registry>) -> Router {
-    Router::new().route(
-        "/metrics",
-        get(move || {
-            let r = registry.clone();
-            async move { ([(CONTENT_TYPE, CONTENT_TYPE_OPENMETRICS)], render(&r)) }
-        }),
-    )
+    Router::new()
+        .route(
+            "/metrics",
+            get(move || {
+                let r = registry.clone();
+                async move { ([(CONTENT_TYPE, CONTENT_TYPE_OPENMETRICS)], render(&r)) }
+            }),
+        )
+        .fallback(|| async { (StatusCode::NOT_FOUND, "not found: try GET /metrics\n") })
 }
 
 /// Binds `addr` for `--metrics-listen`; the error names the flag and the address.
@@ -163,6 +166,14 @@ mod tests {
             "{body}"
         );
         assert!(body.contains("# EOF"), "{body}");
+        let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+        s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            .await
+            .unwrap();
+        let mut other = String::new();
+        s.read_to_string(&mut other).await.unwrap();
+        assert!(other.starts_with("HTTP/1.1 404"), "{other}");
+        assert!(other.contains("try GET /metrics"), "{other}");
         stop.cancel();
         server.await.unwrap();
     }
