@@ -145,7 +145,7 @@ impl Shared {
                         p.endpoints
                             .iter()
                             .map(|e| e.addr.ip())
-                            .filter(|ip| crate::engine::is_public(*ip))
+                            .filter(|ip| is_public(*ip))
                             .collect()
                     })
                     .unwrap_or_default();

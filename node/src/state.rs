@@ -2,7 +2,8 @@
 //! Every file is written atomically (temp file + rename) with mode 0600; the dir is 0700.
 
 use anyhow::{Context, Result};
-use homeport_host::fs::write_private;
+/// The one atomic 0600 writer (re-exported for the node's modules).
+pub use homeport_host::fs::write_private;
 use homeport_proto::PrivateKey;
 use homeport_proto::map::{MeshAddrs, NetworkMap};
 use homeport_proto::names::{NodeId, NodeName};

@@ -28,7 +28,8 @@ use boringtun::noise::rate_limiter::RateLimiter;
 use boringtun::noise::{Packet, Tunn, TunnResult};
 use boringtun::x25519;
 use filter::{CompiledFilter, FlowKey, FlowTable};
-use homeport_proto::addr::is_public;
+/// What counts as a public address is decided once, in proto (re-exported for the node's modules).
+pub use homeport_proto::addr::is_public;
 use homeport_proto::map::{EndpointKind, MeshAddrs, NetworkMap};
 use homeport_proto::publish::PublishProto;
 use homeport_proto::{NodeId, NodeName, PrivateKey, PublicKey};
