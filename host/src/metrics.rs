@@ -145,6 +145,17 @@ mod tests {
         }
     }
 
+    /// The whole HTTP/1.1 response to `GET path`.
+    async fn http_get(addr: std::net::SocketAddr, path: &str) -> String {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let req = format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+        s.write_all(req.as_bytes()).await.unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).await.unwrap();
+        out
+    }
+
     #[tokio::test]
     async fn serves_prefixed_names_with_units_and_total() {
         let mut r = registry("node");
@@ -153,25 +164,14 @@ mod tests {
         let addr = l.local_addr().unwrap();
         let stop = CancellationToken::new();
         let server = tokio::spawn(serve(l, Arc::new(r), stop.clone()));
-        let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
-        use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-            .await
-            .unwrap();
-        let mut body = String::new();
-        s.read_to_string(&mut body).await.unwrap();
+        let body = http_get(addr, "/metrics").await;
         assert!(body.contains("homeport_node_peers 3"), "{body}");
         assert!(
             body.contains("homeport_node_peer_rx_bytes_total{peer=\"home\"} 18446744073709551615"),
             "{body}"
         );
         assert!(body.contains("# EOF"), "{body}");
-        let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
-        s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-            .await
-            .unwrap();
-        let mut other = String::new();
-        s.read_to_string(&mut other).await.unwrap();
+        let other = http_get(addr, "/").await;
         assert!(other.starts_with("HTTP/1.1 404"), "{other}");
         assert!(other.contains("try GET /metrics"), "{other}");
         stop.cancel();
