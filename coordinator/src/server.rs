@@ -4,7 +4,6 @@ use crate::config::Config;
 use crate::state::{AppState, StateOptions};
 use anyhow::Context;
 use axum::Router;
-use axum::routing::get;
 use homeport_proto::map::RelayInfo;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
@@ -107,11 +106,7 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
         .with_context(|| format!("cannot listen on UDP {} (--stun-listen)", cfg.stun_listen))?;
     let stun_bound = stun_sock.local_addr()?;
     let metrics_listener = match cfg.metrics_listen {
-        Some(a) => Some(
-            TcpListener::bind(a)
-                .await
-                .with_context(|| format!("cannot listen on {a} (--metrics-listen)"))?,
-        ),
+        Some(a) => Some(homeport_host::metrics::bind(a).await?),
         None => None,
     };
 
@@ -181,31 +176,8 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
             &dir.join(METRICS_ADDR_FILE),
             format!("{}\n", l.local_addr()?).as_bytes(),
         )?;
-        let st = state.clone();
-        let app = Router::new().route(
-            "/metrics",
-            get(move || {
-                let st = st.clone();
-                async move {
-                    (
-                        [(
-                            axum::http::header::CONTENT_TYPE,
-                            "text/plain; version=0.0.4",
-                        )],
-                        st.metrics.render(&st),
-                    )
-                }
-            }),
-        );
-        let sd = shutdown.clone();
-        tasks.spawn(async move {
-            if let Err(e) = axum::serve(l, app)
-                .with_graceful_shutdown(sd.cancelled_owned())
-                .await
-            {
-                tracing::error!(error = %e, "metrics server failed");
-            }
-        });
+        let registry = std::sync::Arc::new(state.metrics.registry(&state));
+        tasks.spawn(homeport_host::metrics::serve(l, registry, shutdown.clone()));
     }
     tasks.close();
 

@@ -3,9 +3,12 @@
 use crate::mesh::Mesh;
 use crate::store::Store;
 use anyhow::Context;
+use homeport_host::metrics::{Collector, DescriptorEncoder, Registry, Unit, gauge};
 use homeport_proto::map::RelayInfo;
 use ipnet::{Ipv4Net, Ipv6Net};
-use std::collections::BTreeMap;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 pub const DEFAULT_PREFIX_V4: &str = "100.96.0.0/16";
@@ -157,68 +160,89 @@ where
     }
 }
 
-/// Request counters for `/metrics`.
-#[derive(Default)]
+/// The API's request metrics, and the registry `--metrics-listen` serves
+/// (`homeport_coordinator_*`).
 pub struct Metrics {
-    /// (route, status) → (count, latency sum in seconds)
-    requests: Mutex<BTreeMap<(String, u16), (u64, f64)>>,
+    requests: Family<[(&'static str, String); 2], Counter>,
+    latency: Family<[(&'static str, String); 1], Histogram>,
+}
+
+/// Latency buckets from 1 ms to about 16 s (a map stream's head, a slow database).
+fn latency_histogram() -> Histogram {
+    Histogram::new(exponential_buckets(0.001, 4.0, 8))
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics {
+            requests: Family::default(),
+            latency: Family::new_with_constructor(latency_histogram),
+        }
+    }
 }
 
 impl Metrics {
     pub fn record(&self, route: &str, status: u16, secs: f64) {
-        let mut m = self.requests.lock().unwrap_or_else(|p| p.into_inner());
-        let e = m.entry((route.to_string(), status)).or_default();
-        e.0 += 1;
-        e.1 += secs;
+        self.requests
+            .get_or_create(&[("path", route.to_string()), ("status", status.to_string())])
+            .inc();
+        self.latency
+            .get_or_create(&[("path", route.to_string())])
+            .observe(secs);
     }
 
-    /// Prometheus text exposition.
-    pub fn render(&self, state: &AppState) -> String {
-        use std::fmt::Write;
+    /// Every coordinator metric: the request counters and, read from the mesh at each scrape,
+    /// the node and map gauges.
+    pub fn registry(&self, state: &AppState) -> Registry {
+        let mut r = homeport_host::metrics::registry("coordinator");
+        r.register(
+            "api_requests",
+            "API requests by route and status",
+            self.requests.clone(),
+        );
+        r.register_with_unit(
+            "api_request_duration",
+            "API request latency (time to response head) by route",
+            Unit::Seconds,
+            self.latency.clone(),
+        );
+        r.register_collector(Box::new(MeshGauges(state.clone())));
+        r
+    }
+}
+
+/// Gauges read from the mesh at scrape time.
+struct MeshGauges(AppState);
+
+impl std::fmt::Debug for MeshGauges {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("MeshGauges")
+    }
+}
+
+impl Collector for MeshGauges {
+    fn encode(&self, mut enc: DescriptorEncoder) -> Result<(), std::fmt::Error> {
         let (online, total, version) = {
-            let mesh = state.mesh();
+            let mesh = self.0.mesh();
             (mesh.online_count(), mesh.nodes().count(), mesh.version())
         };
-        let mut s = String::new();
-        let _ = writeln!(
-            s,
-            "# HELP homeport_nodes_online Nodes with an open map stream.\n# TYPE homeport_nodes_online gauge\nhomeport_nodes_online {online}"
-        );
-        let _ = writeln!(
-            s,
-            "# HELP homeport_nodes_total Registered nodes.\n# TYPE homeport_nodes_total gauge\nhomeport_nodes_total {total}"
-        );
-        let _ = writeln!(
-            s,
-            "# HELP homeport_map_version Current map version.\n# TYPE homeport_map_version gauge\nhomeport_map_version {version}"
-        );
-        let m = self.requests.lock().unwrap_or_else(|p| p.into_inner());
-        let _ = writeln!(
-            s,
-            "# HELP homeport_api_requests_total API requests by route and status.\n# TYPE homeport_api_requests_total counter"
-        );
-        for ((route, status), (n, _)) in m.iter() {
-            let _ = writeln!(
-                s,
-                "homeport_api_requests_total{{path=\"{route}\",status=\"{status}\"}} {n}"
-            );
-        }
-        let _ = writeln!(
-            s,
-            "# HELP homeport_api_request_seconds API request latency (time to response head).\n# TYPE homeport_api_request_seconds summary"
-        );
-        let mut per_route: BTreeMap<&str, (u64, f64)> = BTreeMap::new();
-        for ((route, _), (n, sum)) in m.iter() {
-            let e = per_route.entry(route).or_default();
-            e.0 += n;
-            e.1 += sum;
-        }
-        for (route, (n, sum)) in per_route {
-            let _ = writeln!(
-                s,
-                "homeport_api_request_seconds_sum{{path=\"{route}\"}} {sum}\nhomeport_api_request_seconds_count{{path=\"{route}\"}} {n}"
-            );
-        }
-        s
+        gauge(
+            &mut enc,
+            "nodes_online",
+            "Nodes with an open map stream",
+            online as i64,
+        )?;
+        gauge(
+            &mut enc,
+            "nodes_registered",
+            "Registered nodes",
+            total as i64,
+        )?;
+        gauge(
+            &mut enc,
+            "map_version",
+            "Current map version",
+            version as i64,
+        )
     }
 }

@@ -4,9 +4,7 @@
 use anyhow::{Context, bail};
 use homeport_proto::api::pin_from_spki;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
-use std::io::Write;
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
-use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -14,25 +12,10 @@ pub const CERT_FILE: &str = "cert.pem";
 pub const KEY_FILE: &str = "key.pem";
 pub const PIN_FILE: &str = "pin";
 
-/// Writes `data` to `path` with mode 0600 so that the file appears complete or not at all
-/// (temporary file + rename): readers polling for it never see half a file.
-pub fn write_private(path: &Path, data: &[u8]) -> anyhow::Result<()> {
-    let tmp = path.with_extension(format!("tmp{}", std::process::id()));
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(&tmp)
-        .with_context(|| format!("cannot write {}", tmp.display()))?;
-    f.write_all(data)
-        .and_then(|_| f.sync_all())
-        .with_context(|| format!("cannot write {}", tmp.display()))?;
-    std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o600))?;
-    std::fs::rename(&tmp, path)
-        .with_context(|| format!("cannot rename {} to {}", tmp.display(), path.display()))?;
-    Ok(())
-}
+/// Private files are written by the one helper every binary shares.
+pub use homeport_host::fs::write_private;
+/// Addresses of the local interfaces (for certificate names and the join hint).
+pub use homeport_host::net::interface_addrs as local_ips;
 
 /// The server side of TLS, and the pin clients check.
 pub struct TlsMaterial {
@@ -164,47 +147,6 @@ pub fn load_or_create(
     })
 }
 
-/// Addresses of the local interfaces (for certificate names and the join hint).
-pub fn local_ips() -> Vec<IpAddr> {
-    let mut out = Vec::new();
-    // SAFETY: getifaddrs fills a linked list we only read and then free with freeifaddrs.
-    unsafe {
-        let mut ifap: *mut libc::ifaddrs = std::ptr::null_mut();
-        if libc::getifaddrs(&mut ifap) != 0 {
-            return out;
-        }
-        let mut p = ifap;
-        while !p.is_null() {
-            let a = (*p).ifa_addr;
-            if !a.is_null() {
-                match (*a).sa_family as i32 {
-                    libc::AF_INET => {
-                        let s = &*(a as *const libc::sockaddr_in);
-                        out.push(IpAddr::V4(Ipv4Addr::from(u32::from_be(s.sin_addr.s_addr))));
-                    }
-                    libc::AF_INET6 => {
-                        let s = &*(a as *const libc::sockaddr_in6);
-                        out.push(IpAddr::V6(Ipv6Addr::from(s.sin6_addr.s6_addr)));
-                    }
-                    _ => {}
-                }
-            }
-            p = (*p).ifa_next;
-        }
-        libc::freeifaddrs(ifap);
-    }
-    out.sort();
-    out.dedup();
-    out
-}
-
-fn link_local(ip: &IpAddr) -> bool {
-    match ip {
-        IpAddr::V4(v) => v.is_link_local(),
-        IpAddr::V6(v) => (v.segments()[0] & 0xffc0) == 0xfe80,
-    }
-}
-
 /// Names for a self-signed certificate: localhost, the listen address if specific, every
 /// interface address, and the public URL's host.
 pub fn cert_names(listen: IpAddr, public_host: Option<&str>) -> Vec<String> {
@@ -213,7 +155,7 @@ pub fn cert_names(listen: IpAddr, public_host: Option<&str>) -> Vec<String> {
         v.push(listen.to_string());
     }
     for ip in local_ips() {
-        if !link_local(&ip) {
+        if !homeport_proto::addr::is_link_local(ip) {
             v.push(ip.to_string());
         }
     }
@@ -228,6 +170,7 @@ pub fn cert_names(listen: IpAddr, public_host: Option<&str>) -> Vec<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::os::unix::fs::PermissionsExt;
 
     #[test]
     fn self_signed_is_created_once_and_pinned() {

@@ -280,17 +280,25 @@ fn cli_flow_and_file_modes() {
             .await
             .unwrap()
     });
-    assert!(text.contains("homeport_nodes_total 0"), "{text}");
-    assert!(text.contains("homeport_nodes_online 0"), "{text}");
-    assert!(text.contains("homeport_map_version "), "{text}");
+    assert!(
+        text.contains("homeport_coordinator_nodes_registered 0"),
+        "{text}"
+    );
+    assert!(
+        text.contains("homeport_coordinator_nodes_online 0"),
+        "{text}"
+    );
+    assert!(text.contains("homeport_coordinator_map_version "), "{text}");
     assert!(
         text.contains(
-            "homeport_api_requests_total{path=\"/api/v1/admin/authkeys\",status=\"201\"} 2"
+            "homeport_coordinator_api_requests_total{path=\"/api/v1/admin/authkeys\",status=\"201\"} 2"
         ),
         "{text}"
     );
     assert!(
-        text.contains("homeport_api_request_seconds_count{path=\"/api/v1/admin/publish\"}"),
+        text.contains(
+            "homeport_coordinator_api_request_duration_seconds_count{path=\"/api/v1/admin/publish\"}"
+        ),
         "{text}"
     );
 

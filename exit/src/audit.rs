@@ -23,7 +23,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::io::Write;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
@@ -358,7 +358,7 @@ pub struct Audit {
     path: PathBuf,
     rotation: Rotation,
     rules: Mutex<Vec<RuleInfo>>,
-    stats: Mutex<BTreeMap<i64, RuleStats>>,
+    stats: Arc<Mutex<BTreeMap<i64, RuleStats>>>,
     open: Mutex<HashMap<(u64, SocketAddr), OpenFlow>>,
     denied_seen: Mutex<HashMap<(DenyReason, i64, IpAddr), u64>>,
 }
@@ -388,7 +388,7 @@ impl Audit {
             path,
             rotation,
             rules: Mutex::new(Vec::new()),
-            stats: Mutex::new(BTreeMap::new()),
+            stats: Arc::new(Mutex::new(BTreeMap::new())),
             open: Mutex::new(HashMap::new()),
             denied_seen: Mutex::new(HashMap::new()),
         })
@@ -684,118 +684,84 @@ impl Audit {
         }
     }
 
-    /// Prometheus text for /metrics.
+    /// The exit's metrics (`homeport_exit_*`), read from the per-rule counters at each scrape.
+    pub fn metrics_registry(&self) -> homeport_host::metrics::Registry {
+        let mut r = homeport_host::metrics::registry("exit");
+        r.register_collector(Box::new(ExitMetrics(self.stats.clone())));
+        r
+    }
+
+    /// [`Audit::metrics_registry`] as OpenMetrics text.
     pub fn render_metrics(&self) -> String {
-        use std::fmt::Write as _;
-        let stats = self.stats.lock().unwrap();
-        let mut s = String::new();
-        let _ = writeln!(
-            s,
-            "# HELP homeport_exit_rules Publish rules installed on this exit."
-        );
-        let _ = writeln!(s, "# TYPE homeport_exit_rules gauge");
-        let _ = writeln!(s, "homeport_exit_rules {}", stats.len());
-        let _ = writeln!(
-            s,
-            "# HELP homeport_exit_connections_total Allowed connections per rule."
-        );
-        let _ = writeln!(s, "# TYPE homeport_exit_connections_total counter");
-        for (id, r) in stats.iter() {
-            let _ = writeln!(
-                s,
-                "homeport_exit_connections_total{{rule=\"{id}\",proto=\"{}\",port=\"{}\"}} {}",
-                r.proto, r.port, r.conns
-            );
-        }
-        let _ = writeln!(
-            s,
-            "# HELP homeport_exit_denied_packets_total Packets dropped per rule and reason."
-        );
-        let _ = writeln!(s, "# TYPE homeport_exit_denied_packets_total counter");
-        for (id, r) in stats.iter() {
-            for (i, reason) in DenyReason::ALL.iter().enumerate() {
-                let _ = writeln!(
-                    s,
-                    "homeport_exit_denied_packets_total{{rule=\"{id}\",proto=\"{}\",port=\"{}\",reason=\"{}\"}} {}",
-                    r.proto,
-                    r.port,
-                    reason.as_str(),
-                    r.denied[i]
-                );
-            }
-        }
-        let _ = writeln!(
-            s,
-            "# HELP homeport_exit_bytes_total Bytes of ended connections per rule (in = from viewers)."
-        );
-        let _ = writeln!(s, "# TYPE homeport_exit_bytes_total counter");
-        for (id, r) in stats.iter() {
-            for (dir, v) in [("in", r.bytes_in), ("out", r.bytes_out)] {
-                let _ = writeln!(
-                    s,
-                    "homeport_exit_bytes_total{{rule=\"{id}\",proto=\"{}\",port=\"{}\",direction=\"{dir}\"}} {v}",
-                    r.proto, r.port
-                );
-            }
-        }
-        s
+        homeport_host::metrics::render(&self.metrics_registry())
     }
 }
 
-/// Serves `render()` at `GET /metrics` on `listener` until `stop` (plain HTTP/1.1, one request
-/// per connection).
-pub async fn serve_metrics<F>(listener: tokio::net::TcpListener, render: F, stop: CancellationToken)
-where
-    F: Fn() -> String + Send + Sync + 'static,
-{
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let render = std::sync::Arc::new(render);
-    loop {
-        let (mut conn, _) = tokio::select! {
-            _ = stop.cancelled() => return,
-            a = listener.accept() => match a {
-                Ok(c) => c,
-                Err(_) => continue,
-            },
+/// The per-rule counters, as metrics.
+#[derive(Debug)]
+struct ExitMetrics(Arc<Mutex<BTreeMap<i64, RuleStats>>>);
+
+impl homeport_host::metrics::Collector for ExitMetrics {
+    fn encode(
+        &self,
+        mut enc: homeport_host::metrics::DescriptorEncoder,
+    ) -> Result<(), std::fmt::Error> {
+        use homeport_host::metrics::{counter_family, gauge};
+        let stats = self.0.lock().unwrap();
+        let ids: Vec<String> = stats.keys().map(|id| id.to_string()).collect();
+        let ports: Vec<String> = stats.values().map(|r| r.port.to_string()).collect();
+        let rules = || {
+            stats
+                .values()
+                .zip(ids.iter().zip(&ports))
+                .map(|(r, (id, port))| {
+                    (
+                        r,
+                        [
+                            ("rule", id.as_str()),
+                            ("proto", r.proto),
+                            ("port", port.as_str()),
+                        ],
+                    )
+                })
         };
-        let render = render.clone();
-        tokio::spawn(async move {
-            let mut buf = vec![0u8; 4096];
-            let mut n = 0;
-            let read = async {
-                while n < buf.len() {
-                    let k = conn.read(&mut buf[n..]).await?;
-                    if k == 0 {
-                        break;
-                    }
-                    n += k;
-                    if buf[..n].windows(4).any(|w| w == b"\r\n\r\n") {
-                        break;
-                    }
-                }
-                Ok::<_, std::io::Error>(())
-            };
-            if tokio::time::timeout(Duration::from_secs(5), read)
-                .await
-                .is_err()
-            {
-                return;
-            }
-            let head = String::from_utf8_lossy(&buf[..n]);
-            let path = head.split_whitespace().nth(1).unwrap_or("");
-            let (status, body) = if head.starts_with("GET ")
-                && (path == "/metrics" || path.starts_with("/metrics?"))
-            {
-                ("200 OK", render())
-            } else {
-                ("404 Not Found", "not found: try GET /metrics\n".to_string())
-            };
-            let resp = format!(
-                "HTTP/1.1 {status}\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-                body.len()
-            );
-            let _ = conn.write_all(resp.as_bytes()).await;
-        });
+        gauge(
+            &mut enc,
+            "rules",
+            "Publish rules installed on this exit",
+            stats.len() as i64,
+        )?;
+        counter_family(
+            &mut enc,
+            "connections",
+            "Allowed connections per rule",
+            None,
+            rules().map(|(r, l)| (l, r.conns)),
+        )?;
+        counter_family(
+            &mut enc,
+            "denied_packets",
+            "Packets dropped per rule and reason",
+            None,
+            rules().flat_map(|(r, [rule, proto, port])| {
+                DenyReason::ALL.iter().enumerate().map(move |(i, reason)| {
+                    (
+                        [rule, proto, port, ("reason", reason.as_str())],
+                        r.denied[i],
+                    )
+                })
+            }),
+        )?;
+        counter_family(
+            &mut enc,
+            "bytes",
+            "Bytes of ended connections per rule (direction in = from viewers)",
+            None,
+            rules().flat_map(|(r, [rule, proto, port])| {
+                [("in", r.bytes_in), ("out", r.bytes_out)]
+                    .map(|(dir, v)| ([rule, proto, port, ("direction", dir)], v))
+            }),
+        )
     }
 }
 

@@ -15,7 +15,7 @@ pub mod logcmd;
 pub mod nft;
 pub mod publisher;
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 use std::sync::Arc;
 use tokio_util::sync::CancellationToken;
 
@@ -38,13 +38,10 @@ pub async fn run(mut cfg: ExitConfig, shutdown: CancellationToken) -> Result<()>
     let metrics_listen = cfg.up.metrics_listen.take();
     let mut tasks = tokio::task::JoinSet::new();
     if let Some(addr) = metrics_listen {
-        let l = tokio::net::TcpListener::bind(addr)
-            .await
-            .with_context(|| format!("binding --metrics-listen {addr}"))?;
-        let a = audit.clone();
-        tasks.spawn(audit::serve_metrics(
+        let l = homeport_host::metrics::bind(addr).await?;
+        tasks.spawn(homeport_host::metrics::serve(
             l,
-            move || a.render_metrics(),
+            Arc::new(audit.metrics_registry()),
             stop.clone(),
         ));
     }

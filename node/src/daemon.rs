@@ -6,6 +6,7 @@ use crate::control::{Request, Response, SelfStatus, Status};
 use crate::datapath::{DEFAULT_MTU, Datapath, DatapathConfig, PathInfo};
 use crate::state::{Registration, SOCK_FILE, StateDir};
 use anyhow::{Context, Result, bail};
+use homeport_proto::addr::is_public;
 use homeport_proto::api::{
     ApiError, EndpointReport, PATH_CHALLENGE, PATH_ENDPOINTS, PATH_MAP, PATH_REGISTER,
     RegisterRequest, RegisterResponse,
@@ -144,7 +145,7 @@ impl Shared {
                         p.endpoints
                             .iter()
                             .map(|e| e.addr.ip())
-                            .filter(|ip| crate::engine::is_public(*ip))
+                            .filter(|ip| is_public(*ip))
                             .collect()
                     })
                     .unwrap_or_default();
@@ -339,10 +340,14 @@ pub async fn run(
         stop.clone(),
     ));
     if let Some(addr) = cfg.metrics_listen {
-        let l = tokio::net::TcpListener::bind(addr)
-            .await
-            .with_context(|| format!("binding --metrics-listen {addr}"))?;
-        tokio::spawn(metrics_server(l, shared.clone(), stop.clone()));
+        let l = homeport_host::metrics::bind(addr).await?;
+        let mut registry = homeport_host::metrics::registry("node");
+        registry.register_collector(Box::new(NodeMetrics(shared.clone())));
+        tokio::spawn(homeport_host::metrics::serve(
+            l,
+            Arc::new(registry),
+            stop.clone(),
+        ));
     }
     std::thread::Builder::new()
         .name("side".into())
@@ -849,7 +854,8 @@ async fn netcheck(
         seen_by_peers
             .iter()
             .map(|(_, a)| *a)
-            .filter(|a| !a.ip().is_private()),
+            // A peer's view of us counts only from outside our NATs.
+            .filter(|a| is_public(a.ip())),
     );
     seen.sort();
     seen.dedup();
@@ -877,23 +883,10 @@ async fn netcheck(
     }
 }
 
-trait IsPrivate {
-    fn is_private(&self) -> bool;
-}
-
-impl IsPrivate for IpAddr {
-    fn is_private(&self) -> bool {
-        match self {
-            IpAddr::V4(a) => a.is_private() || a.is_loopback(),
-            IpAddr::V6(a) => a.is_loopback() || (a.segments()[0] & 0xfe00) == 0xfc00,
-        }
-    }
-}
-
 /// Local candidates: this host's IPv4 addresses (not loopback, not the mesh) with our port.
 fn local_candidates(port: u16, shared: &Shared) -> Vec<Endpoint> {
     let mut v = vec![];
-    for ip in interface_addrs() {
+    for ip in homeport_host::net::interface_addrs() {
         let IpAddr::V4(v4) = ip else { continue };
         if v4.is_loopback()
             || v4.is_link_local()
@@ -908,30 +901,6 @@ fn local_candidates(port: u16, shared: &Shared) -> Vec<Endpoint> {
         });
     }
     v
-}
-
-fn interface_addrs() -> Vec<IpAddr> {
-    let mut out = vec![];
-    // SAFETY: getifaddrs fills a linked list we walk read-only and free with freeifaddrs.
-    unsafe {
-        let mut ifap: *mut libc::ifaddrs = std::ptr::null_mut();
-        if libc::getifaddrs(&mut ifap) != 0 {
-            return out;
-        }
-        let mut p = ifap;
-        while !p.is_null() {
-            let a = (*p).ifa_addr;
-            if !a.is_null() && (*a).sa_family as i32 == libc::AF_INET {
-                let sin = &*(a as *const libc::sockaddr_in);
-                out.push(IpAddr::V4(std::net::Ipv4Addr::from(u32::from_be(
-                    sin.sin_addr.s_addr,
-                ))));
-            }
-            p = (*p).ifa_next;
-        }
-        libc::freeifaddrs(ifap);
-    }
-    out
 }
 
 async fn endpoint_reporter(
@@ -1275,7 +1244,7 @@ fn nat_depth_from_hops(hops: &[Hop], done: bool) -> Option<u8> {
         let ttl = i as u8 + 1;
         match hop {
             Hop::Target => return Some(if last_private == 0 { 0 } else { ttl }),
-            Hop::Router(ip) if crate::engine::is_public(*ip) => {
+            Hop::Router(ip) if is_public(*ip) => {
                 return Some(if last_private == 0 { 0 } else { ttl });
             }
             Hop::Router(_) => last_private = ttl,
@@ -1360,76 +1329,94 @@ async fn stun_query(shared: &Shared, server: SocketAddr, rx: &StunRx) -> Option<
     None
 }
 
-async fn metrics_server(l: tokio::net::TcpListener, shared: Arc<Shared>, stop: CancellationToken) {
-    loop {
-        let (mut s, _) = tokio::select! {
-            r = l.accept() => match r { Ok(s) => s, Err(_) => continue },
-            _ = stop.cancelled() => return,
-        };
-        let mut body = render_metrics(&shared.status());
-        if let Some(dp) = shared.dp.lock().unwrap().as_ref() {
-            body.push_str(&dp.render_metrics());
-        }
-        tokio::spawn(async move {
-            let mut req = [0u8; 1024];
-            let _ = tokio::time::timeout(
-                Duration::from_secs(2),
-                tokio::io::AsyncReadExt::read(&mut s, &mut req),
-            )
-            .await;
-            let resp = format!(
-                "HTTP/1.1 200 OK\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-                body.len()
-            );
-            let _ = s.write_all(resp.as_bytes()).await;
-        });
+/// The node's metrics (`homeport_node_*`), read from the daemon and its data path at each
+/// scrape.
+struct NodeMetrics(Arc<Shared>);
+
+impl std::fmt::Debug for NodeMetrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("NodeMetrics")
     }
 }
 
-fn render_metrics(st: &Status) -> String {
-    use std::fmt::Write;
-    let mut o = String::new();
-    let _ = writeln!(
-        o,
-        "# TYPE homeport_node_map_version gauge\nhomeport_node_map_version {}",
-        st.me.map_version
-    );
-    let _ = writeln!(
-        o,
-        "# TYPE homeport_node_connected gauge\nhomeport_node_connected {}",
-        st.me.connected as u8
-    );
-    type Counter = fn(&crate::datapath::PeerStatus) -> u64;
-    let counters: [(&str, Counter); 3] = [
-        ("homeport_node_peer_rx_bytes_total", |p| p.rx_bytes),
-        ("homeport_node_peer_tx_bytes_total", |p| p.tx_bytes),
-        ("homeport_node_peer_handshakes_total", |p| p.handshakes),
-    ];
-    for (name, value) in counters {
-        let _ = writeln!(o, "# TYPE {name} counter");
-        for p in &st.peers {
-            let _ = writeln!(o, "{name}{{peer=\"{}\"}} {}", p.name, value(p));
+impl homeport_host::metrics::Collector for NodeMetrics {
+    fn encode(
+        &self,
+        mut enc: homeport_host::metrics::DescriptorEncoder,
+    ) -> Result<(), std::fmt::Error> {
+        encode_status_metrics(&self.0.status(), &mut enc)?;
+        if let Some(dp) = self.0.dp.lock().unwrap().as_ref() {
+            dp.encode_metrics(&mut enc)?;
         }
+        Ok(())
     }
-    let _ = writeln!(o, "# TYPE homeport_node_peer_path gauge");
-    for p in &st.peers {
-        let (d, r) = match p.path {
-            PathInfo::Direct { .. } => (1, 0),
-            PathInfo::Relay { .. } => (0, 1),
-            PathInfo::None => (0, 0),
-        };
-        let _ = writeln!(
-            o,
-            "homeport_node_peer_path{{peer=\"{}\",kind=\"direct\"}} {d}",
-            p.name
-        );
-        let _ = writeln!(
-            o,
-            "homeport_node_peer_path{{peer=\"{}\",kind=\"relay\"}} {r}",
-            p.name
-        );
+}
+
+fn encode_status_metrics(
+    st: &Status,
+    enc: &mut homeport_host::metrics::DescriptorEncoder,
+) -> Result<(), std::fmt::Error> {
+    use homeport_host::metrics::{Unit, counter_family, gauge, gauge_family};
+    gauge(
+        enc,
+        "map_version",
+        "Version of the last map applied",
+        st.me.map_version as i64,
+    )?;
+    gauge(
+        enc,
+        "connected",
+        "1 while the map stream from the coordinator is open",
+        st.me.connected as i64,
+    )?;
+    type Counter = fn(&crate::datapath::PeerStatus) -> u64;
+    let counters: [(&str, &str, Option<Unit>, Counter); 3] = [
+        (
+            "peer_rx",
+            "Bytes received from each peer",
+            Some(Unit::Bytes),
+            |p| p.rx_bytes,
+        ),
+        (
+            "peer_tx",
+            "Bytes sent to each peer",
+            Some(Unit::Bytes),
+            |p| p.tx_bytes,
+        ),
+        (
+            "peer_handshakes",
+            "WireGuard handshakes completed with each peer",
+            None,
+            |p| p.handshakes,
+        ),
+    ];
+    for (name, help, unit, value) in counters {
+        counter_family(
+            enc,
+            name,
+            help,
+            unit.as_ref(),
+            st.peers
+                .iter()
+                .map(|p| ([("peer", p.name.as_str())], value(p))),
+        )?;
     }
-    o
+    gauge_family(
+        enc,
+        "peer_path",
+        "1 for the path each peer's traffic takes now (kind: direct or relay)",
+        st.peers.iter().flat_map(|p| {
+            let (d, r) = match p.path {
+                PathInfo::Direct { .. } => (1, 0),
+                PathInfo::Relay { .. } => (0, 1),
+                PathInfo::None => (0, 0),
+            };
+            [
+                ([("peer", p.name.as_str()), ("kind", "direct")], d),
+                ([("peer", p.name.as_str()), ("kind", "relay")], r),
+            ]
+        }),
+    )
 }
 
 #[cfg(test)]

@@ -2,12 +2,13 @@
 //! Every file is written atomically (temp file + rename) with mode 0600; the dir is 0700.
 
 use anyhow::{Context, Result};
+/// The one atomic 0600 writer (re-exported for the node's modules).
+pub use homeport_host::fs::write_private;
 use homeport_proto::PrivateKey;
 use homeport_proto::map::{MeshAddrs, NetworkMap};
 use homeport_proto::names::{NodeId, NodeName};
 use serde::{Deserialize, Serialize};
-use std::io::Write;
-use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
 pub const KEY_FILE: &str = "private.key";
@@ -76,7 +77,10 @@ impl StateDir {
     }
 
     pub fn save_registration(&self, r: &Registration) -> Result<()> {
-        write_private(&self.path(REG_FILE), &serde_json::to_vec_pretty(r)?)
+        Ok(write_private(
+            &self.path(REG_FILE),
+            &serde_json::to_vec_pretty(r)?,
+        )?)
     }
 
     pub fn map(&self) -> Result<Option<NetworkMap>> {
@@ -84,7 +88,10 @@ impl StateDir {
     }
 
     pub fn save_map(&self, m: &NetworkMap) -> Result<()> {
-        write_private(&self.path(MAP_FILE), &serde_json::to_vec(m)?)
+        Ok(write_private(
+            &self.path(MAP_FILE),
+            &serde_json::to_vec(m)?,
+        )?)
     }
 
     /// Forgets the registration and the map (`homeport logout`); the private key stays. Returns
@@ -111,24 +118,6 @@ fn read_json<T: serde::de::DeserializeOwned>(p: &Path) -> Result<Option<T>> {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
         Err(e) => Err(e).with_context(|| format!("reading {}", p.display())),
     }
-}
-
-/// Writes `data` to `p` atomically with mode 0600.
-pub fn write_private(p: &Path, data: &[u8]) -> Result<()> {
-    let tmp = p.with_extension("tmp");
-    {
-        let mut f = std::fs::OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(0o600)
-            .open(&tmp)
-            .with_context(|| format!("writing {}", tmp.display()))?;
-        f.write_all(data)?;
-        f.sync_all()?;
-    }
-    std::fs::rename(&tmp, p).with_context(|| format!("renaming to {}", p.display()))?;
-    Ok(())
 }
 
 #[cfg(test)]

@@ -5,6 +5,7 @@
 //! variant to an explicit `Unknown` instead of failing, so an old node keeps working against a newer
 //! coordinator.
 
+pub mod addr;
 pub mod api;
 pub mod capver;
 pub mod disco;

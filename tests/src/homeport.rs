@@ -128,24 +128,32 @@ impl Lab {
     /// Starts `homeport-coordinator serve` in `host`, listening on `ip` (API on 8443, STUN on 3478), and
     /// waits until `pin` answers.
     pub fn start_coordinator(&mut self, host: &str, ip: &str) -> Result<Coordinator> {
+        self.start_coordinator_with(host, ip, &[])
+    }
+
+    /// [`Lab::start_coordinator`] with `extra` flags for `serve` (e.g. `--metrics-listen ADDR`).
+    pub fn start_coordinator_with(
+        &mut self,
+        host: &str,
+        ip: &str,
+        extra: &[&str],
+    ) -> Result<Coordinator> {
         let exe = bin("homeport-coordinator")?;
         let state_dir = self.dir().join(format!("coordinator-{host}"));
         let listen = format!("{ip}:8443");
         let stun = format!("{ip}:3478");
-        let proc = self.spawn(
-            host,
-            &format!("coordinator-{host}"),
-            &[
-                exe.to_str().context("binary path is not UTF-8")?,
-                "serve",
-                "--listen",
-                &listen,
-                "--stun-listen",
-                &stun,
-                "--state-dir",
-                state_dir.to_str().context("lab dir is not UTF-8")?,
-            ],
-        )?;
+        let mut argv = vec![
+            exe.to_str().context("binary path is not UTF-8")?,
+            "serve",
+            "--listen",
+            &listen,
+            "--stun-listen",
+            &stun,
+            "--state-dir",
+            state_dir.to_str().context("lab dir is not UTF-8")?,
+        ];
+        argv.extend_from_slice(extra);
+        let proc = self.spawn(host, &format!("coordinator-{host}"), &argv)?;
         let pin = wait_for("the coordinator's pin", START_TIMEOUT, || {
             if let Err(e) = self.check_running(proc) {
                 return Some(Err(e));
@@ -175,14 +183,19 @@ impl Lab {
         authkey: &str,
         hostname: &str,
     ) -> Result<Node> {
-        self.start_daemon(
-            "homeport",
-            host,
-            coord,
-            authkey,
-            hostname,
-            &["--tun", "hp0"],
-        )
+        self.start_node_with(host, coord, authkey, hostname, &[])
+    }
+
+    /// [`Lab::start_node`] with `extra` flags for `homeport up` (e.g. `--metrics-listen ADDR`).
+    pub fn start_node_with(
+        &mut self,
+        host: &str,
+        coord: &Coordinator,
+        authkey: &str,
+        hostname: &str,
+        extra: &[&str],
+    ) -> Result<Node> {
+        self.start_daemon("homeport", host, coord, authkey, hostname, "hp0", extra)
     }
 
     /// Starts `homeport-exit up` in `host` joining `coord` as `hostname` (plus `extra` flags, e.g.
@@ -195,11 +208,18 @@ impl Lab {
         hostname: &str,
         extra: &[&str],
     ) -> Result<Node> {
-        let mut flags = vec!["--tun", "hpx0"];
-        flags.extend_from_slice(extra);
-        self.start_daemon("homeport-exit", host, coord, authkey, hostname, &flags)
+        self.start_daemon(
+            "homeport-exit",
+            host,
+            coord,
+            authkey,
+            hostname,
+            "hpx0",
+            extra,
+        )
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn start_daemon(
         &mut self,
         binary: &str,
@@ -207,6 +227,7 @@ impl Lab {
         coord: &Coordinator,
         authkey: &str,
         hostname: &str,
+        tun: &str,
         extra: &[&str],
     ) -> Result<Node> {
         let exe = bin(binary)?;
@@ -230,7 +251,12 @@ impl Lab {
             "--state-dir".into(),
             state_dir.to_str().context("lab dir is not UTF-8")?.into(),
         ];
-        args.extend(extra.iter().map(|s| s.to_string()));
+        args.extend(
+            ["--tun", tun]
+                .into_iter()
+                .chain(extra.iter().copied())
+                .map(String::from),
+        );
         let argv: Vec<&str> = args.iter().map(String::as_str).collect();
         let proc = self.spawn(host, &format!("{binary}-{hostname}"), &argv)?;
         let node = Node {
@@ -252,17 +278,10 @@ impl Lab {
     }
 }
 
-/// Writes `text` and a newline to `p` with mode 0600.
+/// Writes `text` and a newline to `p` with mode 0600 (the binaries' own helper).
 pub fn write_private(p: &Path, text: &str) -> Result<()> {
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(p)
-        .with_context(|| format!("writing {}", p.display()))?;
-    writeln!(f, "{text}")?;
-    Ok(())
+    Ok(homeport_host::fs::write_private(
+        p,
+        format!("{text}\n").as_bytes(),
+    )?)
 }

@@ -349,49 +349,50 @@ impl Datapath {
         send_one(&self.socket, &self.state, to, data);
     }
 
-    /// The data path's own Prometheus metrics (text format).
-    pub fn render_metrics(&self) -> String {
+    /// The data path's own metrics (`homeport_node_*`, counters).
+    pub fn encode_metrics(
+        &self,
+        enc: &mut homeport_host::metrics::DescriptorEncoder,
+    ) -> Result<(), std::fmt::Error> {
+        use homeport_host::metrics::counter;
         let c = &self.counters;
         let f = &self.engine.flows;
         let rows: [(&str, &str, u64); 6] = [
             (
-                "homeport_node_udp_rx_datagrams_total",
-                "Datagrams received on the WireGuard port.",
+                "udp_rx_datagrams",
+                "Datagrams received on the WireGuard port",
                 c.udp_rx_datagrams.load(Ordering::Relaxed),
             ),
             (
-                "homeport_node_dropped_total",
-                "Packets and datagrams the data path dropped.",
+                "dropped_packets",
+                "Packets and datagrams the data path dropped",
                 c.dropped.load(Ordering::Relaxed),
             ),
             (
-                "homeport_node_stun_dropped_total",
-                "STUN-looking datagrams dropped: from no server asked recently, or queue full.",
+                "stun_dropped_datagrams",
+                "STUN-looking datagrams dropped: from no server asked recently, or queue full",
                 c.stun_dropped.load(Ordering::Relaxed),
             ),
             (
-                "homeport_node_handshake_cookies_total",
-                "Handshake initiations answered with a cookie (under load) instead of processed.",
+                "handshake_cookies",
+                "Handshake initiations answered with a cookie (under load) instead of processed",
                 self.engine.cookies_sent(),
             ),
             (
-                "homeport_node_published_flows_evicted_total",
-                "Unconfirmed published flows evicted to make room for new ones.",
+                "published_flows_evicted",
+                "Unconfirmed published flows evicted to make room for new ones",
                 f.evicted.load(Ordering::Relaxed),
             ),
             (
-                "homeport_node_published_flows_refused_total",
-                "New published flows not tracked: the table was full of confirmed flows.",
+                "published_flows_refused",
+                "New published flows not tracked: the table was full of confirmed flows",
                 f.refused.load(Ordering::Relaxed),
             ),
         ];
-        let mut o = String::new();
         for (name, help, v) in rows {
-            o.push_str(&format!(
-                "# HELP {name} {help}\n# TYPE {name} counter\n{name} {v}\n"
-            ));
+            counter(enc, name, help, None, v)?;
         }
-        o
+        Ok(())
     }
 
     /// Switches the relay's transport to the TCP/TLS fallback (`Some`) or back to UDP (`None`).

@@ -28,6 +28,8 @@ use boringtun::noise::rate_limiter::RateLimiter;
 use boringtun::noise::{Packet, Tunn, TunnResult};
 use boringtun::x25519;
 use filter::{CompiledFilter, FlowKey, FlowTable};
+/// What counts as a public address is decided once, in proto (re-exported for the node's modules).
+pub use homeport_proto::addr::is_public;
 use homeport_proto::map::{EndpointKind, MeshAddrs, NetworkMap};
 use homeport_proto::publish::PublishProto;
 use homeport_proto::{NodeId, NodeName, PrivateKey, PublicKey};
@@ -1773,27 +1775,6 @@ impl Engine {
 
 fn is_handshake_init(d: &[u8]) -> bool {
     d.len() >= 4 && d[0] == 1 && d[1..4] == [0, 0, 0]
-}
-
-/// A globally routable address (not private, CGNAT, loopback or link-local).
-pub fn is_public(ip: IpAddr) -> bool {
-    match ip {
-        IpAddr::V4(a) => {
-            let o = a.octets();
-            !(a.is_private()
-                || a.is_loopback()
-                || a.is_link_local()
-                || a.is_unspecified()
-                || (o[0] == 100 && (o[1] & 0xc0) == 64))
-        }
-        IpAddr::V6(a) => {
-            let s0 = a.segments()[0];
-            !(a.is_loopback()
-                || a.is_unspecified()
-                || (s0 & 0xfe00) == 0xfc00
-                || (s0 & 0xffc0) == 0xfe80)
-        }
-    }
 }
 
 /// An ICMP error from `peer` that quotes a packet we sent to it (source ours, destination its).
