@@ -1,7 +1,7 @@
 use clap::{Parser, Subcommand};
 use homeport_exit::logcmd::LogArgs;
 use homeport_exit::{ExitArgs, config};
-use homeport_node::cli::parse_or_print_completions;
+use homeport_host::cli::parse_or_print_completions;
 use homeport_node::config::UpArgs;
 use tokio_util::sync::CancellationToken;
 

@@ -1,4 +1,5 @@
-use homeport_node::cli::{Cli, Cmd, cancel_on_signals, parse_or_print_completions};
+use homeport_host::cli::parse_or_print_completions;
+use homeport_node::cli::{Cli, Cmd, cancel_on_signals};
 use homeport_node::config::NODE_DEFAULTS;
 use tokio_util::sync::CancellationToken;
 
