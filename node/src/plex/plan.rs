@@ -433,47 +433,57 @@ fn classify(s: &Session, p: &Published, rules: &[&PublishedPort]) -> Finding {
     }
 }
 
+/// What the daemon would say in a test: exit "vps" (at `exit_public`) publishes `port` to this
+/// node "home", and forwarded a viewer from 192.0.2.50.
+#[cfg(test)]
+pub(crate) fn fixture(port: u16, exit_public: Vec<IpAddr>) -> Published {
+    use crate::control::LiveFlow;
+    use homeport_proto::map::MeshAddrs;
+    Published {
+        me: "home".parse().unwrap(),
+        addrs: MeshAddrs {
+            ipv4: "100.96.0.2".parse().unwrap(),
+            ipv6: "fd7a:115c:a1e0::2".parse().unwrap(),
+        },
+        prefix_v4: Some("100.96.0.0/16".parse().unwrap()),
+        prefix_v6: Some("fd7a:115c:a1e0::/64".parse().unwrap()),
+        rules: vec![PublishedPort {
+            rule: 1,
+            exit: "vps".parse().unwrap(),
+            proto: PublishProto::Tcp,
+            port,
+            target_port: port,
+            exit_public,
+            exit_mesh: MeshAddrs {
+                ipv4: "100.96.0.1".parse().unwrap(),
+                ipv6: "fd7a:115c:a1e0::1".parse().unwrap(),
+            },
+            exit_online: true,
+            allow: vec![],
+        }],
+        flows: vec![LiveFlow {
+            proto: "tcp".into(),
+            remote: "192.0.2.50:40000".parse().unwrap(),
+            local_port: port,
+            exit: "vps".into(),
+            confirmed: true,
+            idle_secs: 1,
+        }],
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::control::LiveFlow;
-    use homeport_proto::map::MeshAddrs;
 
     fn published() -> Published {
-        Published {
-            me: "home".parse().unwrap(),
-            addrs: MeshAddrs {
-                ipv4: "100.96.0.2".parse().unwrap(),
-                ipv6: "fd7a:115c:a1e0::2".parse().unwrap(),
-            },
-            prefix_v4: Some("100.96.0.0/16".parse().unwrap()),
-            prefix_v6: Some("fd7a:115c:a1e0::/64".parse().unwrap()),
-            rules: vec![PublishedPort {
-                rule: 1,
-                exit: "vps".parse().unwrap(),
-                proto: PublishProto::Tcp,
-                port: 32400,
-                target_port: 32400,
-                exit_public: vec![
-                    "198.51.100.10".parse().unwrap(),
-                    "2001:db8::10".parse().unwrap(),
-                ],
-                exit_mesh: MeshAddrs {
-                    ipv4: "100.96.0.1".parse().unwrap(),
-                    ipv6: "fd7a:115c:a1e0::1".parse().unwrap(),
-                },
-                exit_online: true,
-                allow: vec![],
-            }],
-            flows: vec![LiveFlow {
-                proto: "tcp".into(),
-                remote: "192.0.2.50:40000".parse().unwrap(),
-                local_port: 32400,
-                exit: "vps".into(),
-                confirmed: true,
-                idle_secs: 1,
-            }],
-        }
+        fixture(
+            32400,
+            vec![
+                "198.51.100.10".parse().unwrap(),
+                "2001:db8::10".parse().unwrap(),
+            ],
+        )
     }
 
     fn prefs(pairs: &[(&str, &str)]) -> Prefs {

@@ -3,9 +3,6 @@
 //! daemon on the control socket that answers `Published`.
 
 use super::*;
-use crate::control::{LiveFlow, PublishedPort};
-use homeport_proto::map::MeshAddrs;
-use homeport_proto::publish::PublishProto;
 use std::io::BufRead;
 use std::process::{Child, Command, Stdio};
 
@@ -90,37 +87,7 @@ impl StandIn {
 /// What the daemon would say: exit "vps" publishes the stand-in's port, reachable at 127.0.0.1
 /// (so the port check reaches the stand-in itself), and forwarded a viewer from 192.0.2.50.
 fn published(port: u16) -> Published {
-    Published {
-        me: "home".parse().unwrap(),
-        addrs: MeshAddrs {
-            ipv4: "100.96.0.2".parse().unwrap(),
-            ipv6: "fd7a:115c:a1e0::2".parse().unwrap(),
-        },
-        prefix_v4: Some("100.96.0.0/16".parse().unwrap()),
-        prefix_v6: Some("fd7a:115c:a1e0::/64".parse().unwrap()),
-        rules: vec![PublishedPort {
-            rule: 1,
-            exit: "vps".parse().unwrap(),
-            proto: PublishProto::Tcp,
-            port,
-            target_port: port,
-            exit_public: vec!["127.0.0.1".parse().unwrap()],
-            exit_mesh: MeshAddrs {
-                ipv4: "100.96.0.1".parse().unwrap(),
-                ipv6: "fd7a:115c:a1e0::1".parse().unwrap(),
-            },
-            exit_online: true,
-            allow: vec![],
-        }],
-        flows: vec![LiveFlow {
-            proto: "tcp".into(),
-            remote: "192.0.2.50:40000".parse().unwrap(),
-            local_port: port,
-            exit: "vps".into(),
-            confirmed: true,
-            idle_secs: 0,
-        }],
-    }
+    super::plan::fixture(port, vec!["127.0.0.1".parse().unwrap()])
 }
 
 /// A fake daemon: answers every request on `<state_dir>/homeport.sock` with `p`.
