@@ -101,9 +101,19 @@ lab_up; d="$s/direct"; mkdir -p "$d"; nodes_up "$d"
 for _ in $(seq 400); do [ "$(path_kind "$d")" = direct ] && break; sleep 0.05; done
 HOME_IP=$("$BIN/homeport" ip --state-dir "$d/home")
 direct=$(iperf_mbps "$HOME_IP"); echo "direct: $direct Mbit/s ($(path_kind "$d"))"
+# Throughput laptop -> home on a fresh lab whose internet namespace loads the nft table given on
+# stdin, in run directory $1, waiting up to $2 tenths of a second for the mesh; sets `mbps` and `d`.
+through_table() {
+  lab_up; d="$s/$1"; mkdir -p "$d"
+  x net nft -f -
+  nodes_up "$d"
+  HOME_IP=""; for _ in $(seq 100); do HOME_IP=$("$BIN/homeport" ip --state-dir "$d/home" 2>/dev/null) && break; sleep 0.1; done
+  for _ in $(seq "$2"); do x laptop ping -c 1 -W 1 "$HOME_IP" >/dev/null 2>&1 && break; sleep 0.1; done
+  mbps=$(iperf_mbps "$HOME_IP")
+}
+
 # Relayed: the two ISPs cannot exchange UDP directly, everything else is the same.
-lab_up; d="$s/relay"; mkdir -p "$d"
-x net nft -f - <<EOF
+through_table relay 100 <<EOF
 table inet nodirect {
   chain f {
     type filter hook forward priority 0;
@@ -112,15 +122,11 @@ table inet nodirect {
   }
 }
 EOF
-nodes_up "$d"
-HOME_IP=""; for _ in $(seq 100); do HOME_IP=$("$BIN/homeport" ip --state-dir "$d/home" 2>/dev/null) && break; sleep 0.1; done
-for _ in $(seq 100); do x laptop ping -c 1 -W 1 "$HOME_IP" >/dev/null 2>&1 && break; sleep 0.1; done
-relayed=$(iperf_mbps "$HOME_IP"); echo "relayed: $relayed Mbit/s ($(path_kind "$d"))"
+relayed=$mbps; echo "relayed: $relayed Mbit/s ($(path_kind "$d"))"
 python3 -c "print(f'ratio relayed/direct: {$relayed/$direct:.2f}')"
 # Relayed over TCP/TLS: no UDP crosses between the networks at all (not even to the VPS), so
 # both nodes fall back to the coordinator's relay over TCP/TLS.
-lab_up; d="$s/tcprelay"; mkdir -p "$d"
-x net nft -f - <<EOF
+through_table tcprelay 300 <<EOF
 table inet noudp {
   chain f {
     type filter hook forward priority 0;
@@ -128,8 +134,5 @@ table inet noudp {
   }
 }
 EOF
-nodes_up "$d"
-HOME_IP=""; for _ in $(seq 100); do HOME_IP=$("$BIN/homeport" ip --state-dir "$d/home" 2>/dev/null) && break; sleep 0.1; done
-for _ in $(seq 300); do x laptop ping -c 1 -W 1 "$HOME_IP" >/dev/null 2>&1 && break; sleep 0.1; done
-tcp=$(iperf_mbps "$HOME_IP"); echo "relayed over TCP/TLS: $tcp Mbit/s ($(path_kind "$d"))"
+tcp=$mbps; echo "relayed over TCP/TLS: $tcp Mbit/s ($(path_kind "$d"))"
 python3 -c "print(f'ratio tcp-relayed/direct: {$tcp/$direct:.2f}')"

@@ -91,25 +91,23 @@ fi
 # stop setup (every other test still runs); test.sh then reports the fuzz step as skipped, which is
 # a failure under CI=true.
 CARGO_FUZZ_VERSION=0.13.2
-cargo_dir=$(dirname "$(find_cargo)")
-export PATH="$cargo_dir:$PATH"
-if cargo fuzz --version 2>/dev/null | grep -qF "$CARGO_FUZZ_VERSION"; then
-  log "cargo-fuzz: $CARGO_FUZZ_VERSION"
-else
-  log "installing cargo-fuzz $CARGO_FUZZ_VERSION (crates.io)"
-  cargo install --quiet --locked cargo-fuzz --version "$CARGO_FUZZ_VERSION" \
-    || log "warning: could not install cargo-fuzz: the fuzz step of deploy/test.sh cannot run"
-fi
 # Debian packages (deploy/package.sh, tests/tests/packages.rs): cargo-deb from crates.io, pinned (the
 # packages test relies on how this version treats --no-build --profile dev).
 CARGO_DEB_VERSION=3.8.0
-if cargo deb --version 2>/dev/null | grep -qF "$CARGO_DEB_VERSION"; then
-  log "cargo-deb: $CARGO_DEB_VERSION"
-else
-  log "installing cargo-deb $CARGO_DEB_VERSION (crates.io)"
-  cargo install --quiet --locked cargo-deb --version "$CARGO_DEB_VERSION" \
-    || log "warning: could not install cargo-deb: deploy/package.sh and the packages test cannot run"
-fi
+cargo_dir=$(dirname "$(find_cargo)")
+export PATH="$cargo_dir:$PATH"
+# cargo_tool SUBCOMMAND CRATE VERSION WHAT-CANNOT-RUN: installs a pinned cargo subcommand when missing.
+cargo_tool() {
+  if cargo "$1" --version 2>/dev/null | grep -qF "$3"; then
+    log "$2: $3"
+  else
+    log "installing $2 $3 (crates.io)"
+    cargo install --quiet --locked "$2" --version "$3" \
+      || log "warning: could not install $2: $4 cannot run"
+  fi
+}
+cargo_tool fuzz cargo-fuzz "$CARGO_FUZZ_VERSION" "the fuzz step of deploy/test.sh"
+cargo_tool deb cargo-deb "$CARGO_DEB_VERSION" "deploy/package.sh and the packages test"
 # schemathesis for the API spec test, pinned, in its own virtualenv (Debian's python refuses pip installs).
 st_installed() { "$SCHEMATHESIS_VENV/bin/schemathesis" --version 2>/dev/null | grep -qF "$SCHEMATHESIS_VERSION"; }
 if st_installed; then
