@@ -2,7 +2,7 @@
 # THE test command:  sudo ./deploy/test.sh [extra `cargo test` arguments, e.g. -p homeport-tests]
 #
 # 1. deploy/setup.sh (installs what is missing; needs root the first time)
-# 2. cargo test -p homeport-node --features fake-time --lib fake_time   (engine timer tests on a
+# 2. cargo test -p homeport-engine --features fake-time fake_time   (engine timer tests on a
 #    mocked boringtun clock; run first and alone, since that feature must never reach a real binary)
 # 3. cargo build --workspace --bins   (the integration tests start these binaries from target/debug)
 # 4. cargo test --workspace --no-fail-fast
@@ -50,8 +50,8 @@ if ! command -v cargo >/dev/null; then
 fi
 
 if [ "$setup_status" = ok ] || [ "$ci" = false ]; then
-  step "engine timer tests with fake time (cargo test -p homeport-node --features fake-time --lib fake_time)"
-  cargo test -p homeport-node --features fake-time --lib fake_time 2>&1 | tee "$work/fake-time.log"
+  step "engine timer tests with fake time (cargo test -p homeport-engine --features fake-time fake_time)"
+  cargo test -p homeport-engine --features fake-time fake_time 2>&1 | tee "$work/fake-time.log"
   [ "${PIPESTATUS[0]}" -eq 0 ] || test_status=FAILED
 fi
 

@@ -19,8 +19,8 @@
 
 #![allow(clippy::new_without_default)]
 
-use homeport_node::engine::packet::{self, Frag, PacketInfo};
-use homeport_node::engine::{Decap, Engine, disco};
+use homeport_engine::packet::{self, Frag, PacketInfo};
+use homeport_engine::{Decap, Engine, disco};
 use homeport_proto::NodeId;
 use homeport_proto::disco::{DISCO_HEADER_LEN, DISCO_MAGIC, DatagramKind, classify};
 use homeport_proto::filter::{FilterRule, PacketFilter, PortRange, Proto};

@@ -180,8 +180,8 @@ impl Shared {
             .into_iter()
             .map(|(k, exit, confirmed, idle)| LiveFlow {
                 proto: match k.proto {
-                    crate::engine::packet::PROTO_TCP => "tcp".into(),
-                    crate::engine::packet::PROTO_UDP => "udp".into(),
+                    homeport_engine::packet::PROTO_TCP => "tcp".into(),
+                    homeport_engine::packet::PROTO_UDP => "udp".into(),
                     p => p.to_string(),
                 },
                 remote: std::net::SocketAddr::new(k.remote, k.remote_port),
@@ -378,7 +378,7 @@ pub async fn run(
         tokio::spawn(async move {
             loop {
                 tokio::select! {
-                    _ = tokio::time::sleep(crate::engine::TICK) => rebind_if_asked(&shared),
+                    _ = tokio::time::sleep(homeport_engine::TICK) => rebind_if_asked(&shared),
                     _ = stop.cancelled() => return,
                 }
             }

@@ -1,8 +1,9 @@
 //! The homeport node: `homeport up` and its CLI, as a library (the exit embeds it).
 //!
 //! Layout:
-//! - [`engine`]: sans-IO. Owns the WireGuard sessions (boringtun `Tunn` per peer), routing by
-//!   destination, the packet filter, publish admission and flow tracking. Time is passed in.
+//! - the engine is the crate `homeport-engine` (`engine/`): sans-IO. It owns the WireGuard
+//!   sessions, routing by destination, the packet filter, publish admission, flow tracking and
+//!   path choice; time and randomness come in from here.
 //! - [`datapath`]: the thin IO shell around the engine: TUN device (tun-rs, offload), one UDP
 //!   socket (quinn-udp, GSO/GRO), addresses and routes.
 //! - [`daemon`]: `homeport up`: state dir, registration, map stream, persistence, control socket.
@@ -14,7 +15,6 @@ pub mod config;
 pub mod control;
 pub mod daemon;
 pub mod datapath;
-pub mod engine;
 pub mod plex;
 pub mod state;
 pub mod stun;

@@ -12,7 +12,7 @@
 
 pub mod routes;
 
-use crate::engine::{Decap, Encap, Engine, TICK};
+use homeport_engine::{Decap, Encap, Engine, TICK};
 use anyhow::{Context, Result};
 use homeport_proto::disco::{DatagramKind, classify};
 use homeport_proto::map::{MeshAddrs, NetworkMap};

@@ -4,7 +4,7 @@
 //! prints what these functions return.
 
 use crate::control::{Published, PublishedPort};
-use crate::engine::is_public;
+use homeport_proto::addr::is_public;
 use homeport_proto::publish::PublishProto;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;

@@ -196,7 +196,7 @@ fn evict_unconfirmed(inner: &mut Inner, now: Instant) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::engine::packet::PROTO_TCP;
+    use crate::packet::PROTO_TCP;
     use std::net::{IpAddr, Ipv4Addr};
 
     fn key(i: u32, port: u16) -> FlowKey {
