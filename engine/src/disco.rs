@@ -112,10 +112,17 @@ pub fn key(secret: &x25519::StaticSecret, peer: &[u8; 32]) -> LessSafeKey {
 }
 
 /// Writes a sealed disco packet into `out` (at least [`MAX_DISCO`] bytes); returns its length.
-pub fn seal(key: &LessSafeKey, sender: &[u8; 32], msg: &DiscoMsg, out: &mut [u8]) -> usize {
+/// `nonce` must never repeat under one key: the engine draws it from its CSPRNG (seeded from the
+/// operating system by the IO shell).
+pub fn seal(
+    key: &LessSafeKey,
+    sender: &[u8; 32],
+    nonce: [u8; 12],
+    msg: &DiscoMsg,
+    out: &mut [u8],
+) -> usize {
     out[..4].copy_from_slice(&DISCO_MAGIC);
     out[4..36].copy_from_slice(sender);
-    let nonce: [u8; 12] = rand::random();
     out[36..48].copy_from_slice(&nonce);
     let mut n = DISCO_HEADER_LEN;
     match msg {
@@ -222,7 +229,7 @@ mod tests {
         let kb = key(&b, &pa);
         let mut out = [0u8; MAX_DISCO];
         let mut scratch = [0u8; MAX_DISCO];
-        for msg in [
+        for (i, msg) in [
             DiscoMsg::Ping { tx: [7; 12] },
             DiscoMsg::Pong {
                 tx: [8; 12],
@@ -249,8 +256,11 @@ mod tests {
                     o
                 },
             },
-        ] {
-            let n = seal(&ka, &pa, &msg, &mut out);
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            let n = seal(&ka, &pa, [i as u8; 12], &msg, &mut out);
             assert_eq!(
                 homeport_proto::disco::classify(&out[..n]),
                 homeport_proto::disco::DatagramKind::Disco

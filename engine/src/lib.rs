@@ -469,14 +469,21 @@ pub struct Engine {
     /// Our reflexive address (from STUN, through the WireGuard socket), for Ready messages and
     /// to know whether a peer opened towards us.
     reflexive: Mutex<Option<SocketAddr>>,
-    started: Mutex<Option<Instant>>,
+    /// When the engine was created (the relay wait counts from then).
+    started: Instant,
     rebind: Mutex<Rebind>,
     /// Maps `Instant`s to unix time for relay bindings: (an instant, unix milliseconds then).
     clock_base: (Instant, u64),
+    /// Transaction ids and disco nonces: a CSPRNG seeded by the caller (the OS in the daemon, a
+    /// fixed seed in tests, so runs repeat exactly).
+    rng: Mutex<rand::rngs::StdRng>,
 }
 
 impl Engine {
-    pub fn new(key: &PrivateKey) -> Engine {
+    /// A new engine. It reads no clock and draws no randomness of its own: `now` and `unix_ms`
+    /// (the same moment as unix milliseconds, for relay bindings) anchor its time, and `seed`
+    /// seeds its CSPRNG (the daemon takes it from the OS; tests fix it).
+    pub fn new(key: &PrivateKey, now: Instant, unix_ms: u64, seed: [u8; 32]) -> Engine {
         let secret = key.secret().clone();
         let public = x25519::PublicKey::from(&secret);
         Engine {
@@ -495,16 +502,16 @@ impl Engine {
             openers: Mutex::new(Vec::new()),
             after_openers: Mutex::new(Vec::new()),
             reflexive: Mutex::new(None),
-            started: Mutex::new(None),
+            started: now,
             rebind: Mutex::new(Rebind::default()),
-            clock_base: (
-                Instant::now(),
-                std::time::SystemTime::now()
-                    .duration_since(std::time::UNIX_EPOCH)
-                    .map(|d| d.as_millis() as u64)
-                    .unwrap_or(0),
-            ),
+            clock_base: (now, unix_ms),
+            rng: Mutex::new(rand::SeedableRng::from_seed(seed)),
         }
+    }
+
+    /// 96 fresh bits from the engine's CSPRNG (transaction ids, disco nonces).
+    fn random12(&self) -> [u8; 12] {
+        rand::Rng::r#gen(&mut *self.rng.lock().unwrap())
     }
 
     /// Handshake initiations answered with a cookie reply so far.
@@ -976,10 +983,9 @@ impl Engine {
         (configured && self.age(now) < RELAY_WAIT).then_some(None)
     }
 
-    /// Time since the engine first ran.
+    /// Time since the engine was created.
     fn age(&self, now: Instant) -> Duration {
-        let mut st = self.started.lock().unwrap();
-        now.saturating_duration_since(*st.get_or_insert(now))
+        now.saturating_duration_since(self.started)
     }
 
     /// The relay address when a binding is confirmed.
@@ -1279,20 +1285,14 @@ impl Engine {
         let mut out = [0u8; disco::MAX_DISCO];
         match msg {
             disco::DiscoMsg::Ping { tx } if via_relay => {
-                let n = disco::seal(
-                    &peer.disco,
-                    &me,
-                    &disco::DiscoMsg::Pong { tx, observed: from },
+                let n = disco::seal(&peer.disco, &me, self.random12(), &disco::DiscoMsg::Pong { tx, observed: from },
                     &mut out,
                 );
                 self.send_via_relay(peer, &out[..n], send);
             }
             disco::DiscoMsg::Ping { tx } => {
                 tracing::debug!(peer = %peer.name, %from, "probe received");
-                let n = disco::seal(
-                    &peer.disco,
-                    &me,
-                    &disco::DiscoMsg::Pong { tx, observed: from },
+                let n = disco::seal(&peer.disco, &me, self.random12(), &disco::DiscoMsg::Pong { tx, observed: from },
                     &mut out,
                 );
                 send(from, &out[..n]);
@@ -1300,8 +1300,8 @@ impl Engine {
                 let new = p.add_candidate(from);
                 if !p.direct_alive(now) {
                     // The peer is probing us: probe back at once, which opens our NAT to it.
-                    let tx: [u8; 12] = rand::random();
-                    let n = disco::seal(&peer.disco, &me, &disco::DiscoMsg::Ping { tx }, &mut out);
+                    let tx = self.random12();
+                    let n = disco::seal(&peer.disco, &me, self.random12(), &disco::DiscoMsg::Ping { tx }, &mut out);
                     p.pending
                         .retain(|(_, _, t)| now.saturating_duration_since(*t) < DIRECT_TTL);
                     if p.pending.len() < 32 {
@@ -1466,15 +1466,15 @@ impl Engine {
         };
         let direct_alive = p.direct_alive(now);
         for to in targets {
-            let tx: [u8; 12] = rand::random();
+            let tx = self.random12();
             p.pending.push((to, tx, now));
-            let n = disco::seal(&peer.disco, &me, &disco::DiscoMsg::Ping { tx }, &mut out);
+            let n = disco::seal(&peer.disco, &me, self.random12(), &disco::DiscoMsg::Ping { tx }, &mut out);
             send(to, &out[..n]);
         }
         if let (Some(r), false) = (relay, direct_alive) {
-            let tx: [u8; 12] = rand::random();
+            let tx = self.random12();
             p.pending.push((r, tx, now));
-            let n = disco::seal(&peer.disco, &me, &disco::DiscoMsg::Ping { tx }, &mut out);
+            let n = disco::seal(&peer.disco, &me, self.random12(), &disco::DiscoMsg::Ping { tx }, &mut out);
             drop(p);
             self.send_via_relay(peer, &out[..n], send);
         }
@@ -1591,8 +1591,8 @@ impl Engine {
                 if !p.opened.iter().any(|(a, _)| *a == to) {
                     p.opened.push((to, now));
                 }
-                let tx: [u8; 12] = rand::random();
-                let n = disco::seal(&peer.disco, &me, &disco::DiscoMsg::Ping { tx }, &mut out);
+                let tx = self.random12();
+                let n = disco::seal(&peer.disco, &me, self.random12(), &disco::DiscoMsg::Ping { tx }, &mut out);
                 if q.len() < 256 {
                     q.push((to, out[..n].to_vec()));
                 }
@@ -1600,11 +1600,11 @@ impl Engine {
             drop(q);
             if let Some(relay) = self.relay_bound(now) {
                 let msg = disco::DiscoMsg::Ready {
-                    tx: rand::random(),
+                    tx: self.random12(),
                     me: *self.reflexive.lock().unwrap(),
                     opened,
                 };
-                let n = disco::seal(&peer.disco, &me, &msg, &mut out);
+                let n = disco::seal(&peer.disco, &me, self.random12(), &msg, &mut out);
                 let mut frame = vec![0u8; homeport_proto::relay::RELAY_HEADER_LEN + n];
                 let h = homeport_proto::relay::write_header(
                     &mut frame,
@@ -1645,12 +1645,12 @@ impl Engine {
             })
             .collect();
         for to in targets {
-            let tx: [u8; 12] = rand::random();
+            let tx = self.random12();
             if p.pending.len() >= 32 {
                 p.pending.remove(0);
             }
             p.pending.push((to, tx, now));
-            let n = disco::seal(&peer.disco, &me, &disco::DiscoMsg::Ping { tx }, &mut out);
+            let n = disco::seal(&peer.disco, &me, self.random12(), &disco::DiscoMsg::Ping { tx }, &mut out);
             tracing::debug!(peer = %peer.name, %to, "probe");
             send(to, &out[..n]);
         }

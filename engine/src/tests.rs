@@ -19,7 +19,7 @@ struct Node {
 
 fn node(id: i64, name: &'static str) -> Node {
     let key = PrivateKey::generate();
-    let engine = Engine::new(&key);
+    let engine = Engine::new(&key, Instant::now(), 0, [id as u8; 32]);
     Node {
         key,
         id: NodeId(id),
@@ -384,7 +384,7 @@ fn removed_peer_is_cut_off_and_rekeyed_peer_gets_a_new_session() {
         ..node(1, "a")
     };
     let a2 = Node {
-        engine: Engine::new(&a2.key),
+        engine: Engine::new(&a2.key, Instant::now(), 0, [9; 32]),
         ..a2
     };
     a2.engine.apply_map(
@@ -987,7 +987,7 @@ fn ready_from(from: &Node, to: &Node, me: Option<SocketAddr>, opened: &[&str]) -
         opened: o,
     };
     let mut out = [0u8; disco::MAX_DISCO];
-    let n = disco::seal(&k, from.key.public_key().as_bytes(), &msg, &mut out);
+    let n = disco::seal(&k, from.key.public_key().as_bytes(), [3; 12], &msg, &mut out);
     out[..n].to_vec()
 }
 

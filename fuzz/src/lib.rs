@@ -243,8 +243,8 @@ impl World {
     pub fn get() -> &'static World {
         static W: OnceLock<World> = OnceLock::new();
         W.get_or_init(|| {
-            let engine = Engine::new(&private_key(HOME));
             let base = Instant::now();
+            let engine = Engine::new(&private_key(HOME), base, 0, [1; 32]);
             engine.apply_map(&home_map(), base);
             World {
                 engine,
@@ -441,7 +441,7 @@ pub fn disco_open(data: &[u8]) {
     let mut scratch = [0u8; disco::MAX_DISCO];
     if let Some(msg) = disco::open(key, &d, &mut scratch) {
         let mut out = [0u8; disco::MAX_DISCO];
-        let n = disco::seal(key, &public(LAPTOP), &msg, &mut out);
+        let n = disco::seal(key, &public(LAPTOP), [5; 12], &msg, &mut out);
         assert!(n <= disco::MAX_DISCO);
         assert_eq!(
             disco::open(key, &out[..n], &mut scratch),
@@ -808,7 +808,10 @@ pub fn stun_client(data: &[u8]) {
 /// and to the exit's ruleset builder.
 pub fn map(data: &[u8]) {
     static ENGINE: OnceLock<(Engine, Instant)> = OnceLock::new();
-    let (engine, base) = ENGINE.get_or_init(|| (Engine::new(&private_key(HOME)), Instant::now()));
+    let (engine, base) = ENGINE.get_or_init(|| {
+        let base = Instant::now();
+        (Engine::new(&private_key(HOME), base, 0, [2; 32]), base)
+    });
     static RUNS: AtomicU64 = AtomicU64::new(0);
     let now = *base + Duration::from_secs(3600) * (RUNS.fetch_add(1, Ordering::Relaxed) + 1) as u32;
     let mut current: Option<NetworkMap> = None;

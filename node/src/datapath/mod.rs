@@ -162,7 +162,12 @@ impl TcpRelay {
 impl Datapath {
     /// Creates the TUN device and UDP socket and starts the threads.
     pub fn start(cfg: &DatapathConfig, side: SideChannel) -> Result<Datapath> {
-        let engine = Arc::new(Engine::new(&cfg.private_key));
+        let unix_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_millis() as u64)
+            .unwrap_or(0);
+        let seed: [u8; 32] = rand::Rng::r#gen(&mut rand::rngs::OsRng);
+        let engine = Arc::new(Engine::new(&cfg.private_key, Instant::now(), unix_ms, seed));
         let dev = tun_rs::DeviceBuilder::new()
             .name(&cfg.tun_name)
             .ipv4(cfg.addrs.ipv4, cfg.prefix_v4.prefix_len(), None)
