@@ -175,15 +175,11 @@ pub struct PathState {
     pub observed: Option<SocketAddr>,
     /// Fast probing lasts until then.
     search_until: Option<Instant>,
-    /// Start of the current attempt (openers first, then full probes).
-    opened_at: Option<Instant>,
-    /// Full probes paused until then.
-    quiet_until: Option<Instant>,
+    /// Where hole punching towards the peer stands.
+    pub punch: Punch,
     /// The peer asked us (through the coordinator) to probe, or we asked it: it is sending its
     /// own openers now.
     peer_searching_until: Option<Instant>,
-    /// When the first opener of this attempt went to each candidate.
-    opened: Vec<(SocketAddr, Instant)>,
     /// The peer's last Ready: the addresses it had just opened its NAT towards, and when it
     /// arrived. Once a peer has sent one, full probes go to it only when our own address is
     /// among them (see `homeport_proto::disco`).
@@ -191,6 +187,84 @@ pub struct PathState {
     /// A direct path to this peer was confirmed since our socket was bound: if a later attempt
     /// fails, our NAT state (not the peers' NAT types) is the likely cause.
     direct_worked: bool,
+}
+
+/// Where hole punching towards one peer stands. Punching runs only while a NAT is in front of us
+/// and no direct path is alive; see [`Engine`]'s probe logic for the moves between states.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub enum Punch {
+    /// No attempt runs: nothing needed one yet, a direct path is alive, or the socket moved.
+    #[default]
+    Idle,
+    /// An attempt runs since `since`: low-TTL openers to the peer's public candidates first; full
+    /// probes to a candidate once our opener went there [`OPEN_FIRST`] ago (or the peer's Ready
+    /// says it opened towards us). It gives up after [`SEARCH_FAST_FOR`] ([`LOST_PATH_ATTEMPT`]
+    /// when a direct path worked from this socket and a move is possible).
+    Punching {
+        since: Instant,
+        /// When the first opener of this attempt went to each candidate.
+        opened: Vec<(SocketAddr, Instant)>,
+    },
+    /// The last attempt failed: nothing at all goes to the peer's public candidates until
+    /// `until`, openers included, so stale NAT state on both sides expires.
+    Quiet { until: Instant, why: QuietReason },
+}
+
+/// Why punching towards a peer is paused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum QuietReason {
+    /// The attempt found no path: [`PROBE_QUIET`], longer than Linux's unreplied-UDP timeout.
+    Failed,
+    /// The socket is about to move to a fresh port: [`REBIND_WAIT`], then start from the new one.
+    Rebinding,
+}
+
+impl Punch {
+    fn started(now: Instant) -> Punch {
+        Punch::Punching {
+            since: now,
+            opened: Vec::new(),
+        }
+    }
+
+    /// In quiet time at `now`.
+    pub fn quiet(&self, now: Instant) -> bool {
+        matches!(self, Punch::Quiet { until, .. } if now < *until)
+    }
+
+    /// An attempt runs, or quiet time forbids one.
+    fn running(&self, now: Instant) -> bool {
+        matches!(self, Punch::Punching { .. }) || self.quiet(now)
+    }
+
+    /// When the running attempt started.
+    pub fn started_at(&self) -> Option<Instant> {
+        match self {
+            Punch::Punching { since, .. } => Some(*since),
+            _ => None,
+        }
+    }
+
+    /// Records the first opener of this attempt towards `to`.
+    fn opened_towards(&mut self, to: SocketAddr, now: Instant) {
+        if let Punch::Punching { opened, .. } = self
+            && !opened.iter().any(|(a, _)| *a == to)
+            && opened.len() < MAX_CANDIDATES * 2
+        {
+            opened.push((to, now));
+        }
+    }
+
+    /// How long ago this attempt's first opener went to `to` (None: none did).
+    fn opened_since(&self, to: &SocketAddr, now: Instant) -> Option<Duration> {
+        match self {
+            Punch::Punching { opened, .. } => opened
+                .iter()
+                .find(|(a, _)| a == to)
+                .map(|(_, t)| now.saturating_duration_since(*t)),
+            _ => None,
+        }
+    }
 }
 
 impl PathState {
@@ -250,19 +324,16 @@ impl PathState {
     /// Starts a punching attempt unless one runs already (an attempt ends by success or by its
     /// quiet time).
     fn begin_attempt(&mut self, now: Instant) {
-        if self.opened_at.is_none() && self.quiet_until.is_none_or(|q| now >= q) {
-            self.opened_at = Some(now);
-            self.opened.clear();
+        if !self.punch.running(now) {
+            self.punch = Punch::started(now);
         }
     }
 
     /// A new public address of the peer ends our quiet time at once: the quiet time lets stale
     /// NAT state about the peer's *old* addresses expire, and none of it concerns a new one.
     fn end_quiet(&mut self, now: Instant) {
-        if self.quiet_until.is_some_and(|q| now < q) {
-            self.quiet_until = None;
-            self.opened_at = None;
-            self.opened.clear();
+        if self.punch.quiet(now) {
+            self.punch = Punch::Idle;
         }
     }
 
@@ -1367,7 +1438,7 @@ impl Engine {
                 }
                 p.peer_searching_until = Some(now + SEARCH_FAST_FOR);
                 p.begin_attempt(now);
-                if newly_for_us || p.opened_at == Some(now) {
+                if newly_for_us || p.punch.started_at() == Some(now) {
                     p.next_probe = Some(now);
                 }
             }
@@ -1528,13 +1599,16 @@ impl Engine {
         let gated = ttl != 0 && ttl != TTL_UNKNOWN && !alive;
         let ready = self.peer_ready_for_us(&p, now);
         if gated {
-            if p.quiet_until.is_some_and(|q| now < q) {
+            if p.punch.quiet(now) {
                 // Total silence towards the peer's candidates, openers included: our NAT's
                 // entries towards them must expire too, or it keeps the port it picked in the
                 // clash.
                 return;
             } else {
-                let start = *p.opened_at.get_or_insert(now);
+                if !matches!(p.punch, Punch::Punching { .. }) {
+                    p.punch = Punch::started(now);
+                }
+                let start = p.punch.started_at().unwrap_or(now);
                 let since = now.saturating_duration_since(start);
                 let peer_open = p.peer_searching_until.is_some_and(|u| now < u);
                 let give_up = if p.direct_worked && self.rebind_possible(now) {
@@ -1543,8 +1617,6 @@ impl Engine {
                     SEARCH_FAST_FOR
                 };
                 if since > give_up + OPEN_FIRST {
-                    p.opened_at = None;
-                    p.opened.clear();
                     if p.direct_worked && self.want_rebind(peer.id, now) {
                         // A direct path worked from this socket and no longer can be found:
                         // our NAT lost its mapping, and Linux NATs keep stale entries about the
@@ -1552,10 +1624,16 @@ impl Engine {
                         // for us towards the peer while STUN still sees the old one). Waiting
                         // cannot fix that; a fresh port can.
                         tracing::info!(peer = %peer.name, "direct path lost; moving to a fresh port");
-                        p.quiet_until = Some(now + REBIND_WAIT);
+                        p.punch = Punch::Quiet {
+                            until: now + REBIND_WAIT,
+                            why: QuietReason::Rebinding,
+                        };
                     } else {
                         // This attempt failed: let stale NAT state expire before the next one.
-                        p.quiet_until = Some(now + PROBE_QUIET);
+                        p.punch = Punch::Quiet {
+                            until: now + PROBE_QUIET,
+                            why: QuietReason::Failed,
+                        };
                     }
                     return;
                 } else if ready == Some(false) {
@@ -1588,9 +1666,7 @@ impl Engine {
                 opened.push(*to);
             }
             for to in public {
-                if !p.opened.iter().any(|(a, _)| *a == to) {
-                    p.opened.push((to, now));
-                }
+                p.punch.opened_towards(to, now);
                 let tx = self.random12();
                 let n = disco::seal(&peer.disco, &me, self.random12(), &disco::DiscoMsg::Ping { tx }, &mut out);
                 if q.len() < 256 {
@@ -1619,9 +1695,7 @@ impl Engine {
             }
         }
         if alive {
-            p.opened_at = None;
-            p.quiet_until = None;
-            p.opened.clear();
+            p.punch = Punch::Idle;
         }
         // While punching, a full probe to a public candidate goes only where our opener went
         // first (long enough ago to have passed our NATs). A peer with only private candidates
@@ -1638,9 +1712,7 @@ impl Engine {
                 full && (!gated
                     || match ready {
                         Some(ready) => ready,
-                        None => p.opened.iter().any(|(a, t)| {
-                            a == c && now.saturating_duration_since(*t) >= OPEN_FIRST
-                        }),
+                        None => p.punch.opened_since(c, now) >= Some(OPEN_FIRST),
                     })
             })
             .collect();
@@ -1715,9 +1787,7 @@ impl Engine {
             p.direct_worked = false;
             p.last_rx = None;
             p.pending.clear();
-            p.opened_at = None;
-            p.opened.clear();
-            p.quiet_until = None;
+            p.punch = Punch::Idle;
             p.search(now);
         }
         if let Some(r) = self.relay.lock().unwrap().as_mut() {

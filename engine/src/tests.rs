@@ -759,7 +759,7 @@ fn a_lost_direct_path_that_cannot_be_found_again_asks_for_a_fresh_port() {
     {
         let t = a.engine.snapshot();
         let p = t.peers[0].path.lock().unwrap();
-        assert!(p.direct.is_none() && p.last_rx.is_none() && p.quiet_until.is_none());
+        assert!(p.direct.is_none() && p.last_rx.is_none() && p.punch == Punch::Idle);
         assert!(!p.direct_worked);
     }
     let (_, openers) = run_alone(&a, t1, 2);
