@@ -21,6 +21,7 @@ pub mod filter;
 pub mod flows;
 pub mod frag;
 pub mod packet;
+pub mod transmit;
 
 use boringtun::noise::errors::WireGuardError;
 use boringtun::noise::handshake::parse_handshake_anon;
@@ -39,6 +40,8 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
+use transmit::TxQueue;
+pub use transmit::{MAX_TRANSMIT, Transmit};
 
 /// How often the IO shell calls [`Engine::tick`]. boringtun's timers have 1 s resolution at
 /// best (rekey 120 s, keepalive 10 s, handshake retry 5 s); 250 ms keeps their error small.
@@ -126,12 +129,8 @@ pub enum Encap {
         to: SocketAddr,
         len: usize,
     },
-    /// `out[..len]` is a handshake initiation for `peer`: send it to each of its handshake targets.
-    Handshake {
-        peer: Arc<PeerState>,
-        len: usize,
-    },
-    /// The packet was queued until the handshake completes.
+    /// The packet waits inside the peer's session until its handshake completes; the handshake
+    /// initiation went to the transmit queue ([`Engine::poll_transmit`]).
     Queued,
     Drop(DropReason),
 }
@@ -532,11 +531,15 @@ pub struct Engine {
     /// TTL of opener packets: hops to just past our outermost NAT. 0 = no NAT in front of us,
     /// [`TTL_UNKNOWN`] = not measured yet.
     open_ttl: std::sync::atomic::AtomicU8,
-    /// Opener packets for the IO shell to send with that TTL: (to, bytes).
-    openers: Mutex<Vec<(SocketAddr, Vec<u8>)>>,
-    /// Datagrams to send (normal TTL) right after the queued openers: the Ready messages that
-    /// tell peers what we just opened must not overtake the openers themselves.
-    after_openers: Mutex<Vec<(SocketAddr, Vec<u8>)>>,
+    /// The engine's own datagrams (handshakes, answers, probes, openers, BINDs) in the order
+    /// they must leave: a Ready that tells a peer what we just opened follows the openers.
+    tx: Mutex<TxQueue>,
+    /// Datagrams in `tx`, readable without its lock (the data path checks it every batch).
+    tx_len: AtomicU32,
+    /// Held while one caller drains `tx`, so two threads flushing at once keep the order.
+    flushing: Mutex<()>,
+    /// When [`Engine::handle_timeout`] last ran boringtun's timers.
+    last_timers: Mutex<Option<Instant>>,
     /// Our reflexive address (from STUN, through the WireGuard socket), for Ready messages and
     /// to know whether a peer opened towards us.
     reflexive: Mutex<Option<SocketAddr>>,
@@ -570,14 +573,75 @@ impl Engine {
             last_reset: Mutex::new(None),
             relay: Mutex::new(None),
             open_ttl: std::sync::atomic::AtomicU8::new(TTL_UNKNOWN),
-            openers: Mutex::new(Vec::new()),
-            after_openers: Mutex::new(Vec::new()),
+            tx: Mutex::new(TxQueue::new()),
+            tx_len: AtomicU32::new(0),
+            flushing: Mutex::new(()),
+            last_timers: Mutex::new(None),
             reflexive: Mutex::new(None),
             started: now,
             rebind: Mutex::new(Rebind::default()),
             clock_base: (now, unix_ms),
             rng: Mutex::new(rand::SeedableRng::from_seed(seed)),
         }
+    }
+
+    /// Queues a datagram for the IO shell.
+    fn send(&self, to: SocketAddr, data: &[u8]) {
+        self.queue(to, None, data);
+    }
+
+    fn queue(&self, to: SocketAddr, ttl: Option<u8>, data: &[u8]) {
+        let mut q = self.tx.lock().unwrap();
+        q.push(to, ttl, data);
+        self.tx_len.store(q.len() as u32, Ordering::Release);
+    }
+
+    /// Whether datagrams wait in the transmit queue (no lock: cheap enough for every batch).
+    pub fn has_transmit(&self) -> bool {
+        self.tx_len.load(Ordering::Acquire) != 0
+    }
+
+    /// The oldest datagram the engine wants sent, copied into `out` ([`MAX_TRANSMIT`] bytes).
+    pub fn poll_transmit(&self, out: &mut [u8]) -> Option<Transmit> {
+        let mut q = self.tx.lock().unwrap();
+        let t = q.pop(out);
+        self.tx_len.store(q.len() as u32, Ordering::Release);
+        t
+    }
+
+    /// Hands every queued datagram to `send`, oldest first. Callers on several threads may
+    /// flush at once: one drains, so datagrams leave in queue order.
+    pub fn flush_transmits(&self, mut send: impl FnMut(Transmit, &[u8])) {
+        while self.has_transmit() {
+            // Another thread drains: it sends ours too, and looks again once it lets go, so
+            // nothing queued before our look is left behind (and no data path thread ever
+            // waits behind the low-priority handshake thread).
+            let Ok(_one) = self.flushing.try_lock() else {
+                return;
+            };
+            let mut buf = [0u8; MAX_TRANSMIT];
+            while let Some(t) = self.poll_transmit(&mut buf) {
+                send(t, &buf[..t.len]);
+            }
+        }
+    }
+
+    /// Datagrams dropped because the transmit queue was full.
+    pub fn transmits_dropped(&self) -> u64 {
+        self.tx.lock().unwrap().dropped
+    }
+
+    /// When the engine next needs [`Engine::handle_timeout`]: boringtun's timers every [`TICK`],
+    /// sooner when a peer's next probe (an opener wait, a suspect path) is due before that.
+    pub fn poll_timeout(&self) -> Instant {
+        let timers = self.last_timers.lock().unwrap().map(|t| t + TICK);
+        let mut next = timers.unwrap_or(self.started);
+        for peer in &self.snapshot().peers {
+            if let Some(p) = peer.path.lock().unwrap().next_probe {
+                next = next.min(p);
+            }
+        }
+        next
     }
 
     /// 96 fresh bits from the engine's CSPRNG (transaction ids, disco nonces).
@@ -808,10 +872,8 @@ impl Engine {
                 let len = b.len();
                 drop(tunn);
                 if is_handshake_init(&out[..len]) {
-                    return Encap::Handshake {
-                        peer: peer.clone(),
-                        len,
-                    };
+                    self.send_handshake(peer, &out[..len], now);
+                    return Encap::Queued;
                 }
                 peer.tx_bytes.fetch_add(pkt.len() as u64, Ordering::Relaxed);
                 let (direct, endpoint) = {
@@ -868,7 +930,6 @@ impl Engine {
         datagram: &[u8],
         out: &mut [u8],
         now: Instant,
-        send: &mut dyn FnMut(SocketAddr, &[u8]),
     ) -> Decap {
         // mac1 first (a keyed hash: cheap), and cookies under load, before any X25519 work:
         // a flood of initiations costs a hash each, not a Diffie-Hellman each (WireGuard §5.3).
@@ -879,7 +940,7 @@ impl Engine {
             Ok(p) => p,
             Err(TunnResult::WriteToNetwork(cookie)) => {
                 self.cookies.fetch_add(1, Ordering::Relaxed);
-                send(from, cookie);
+                self.send(from, cookie);
                 return Decap::Done;
             }
             Err(TunnResult::Err(e)) => return Decap::Drop(DropReason::WireGuard(e)),
@@ -903,7 +964,7 @@ impl Engine {
         let Some(peer) = peer else {
             return Decap::Drop(DropReason::UnknownPeer);
         };
-        self.decap_peer(t, peer, from, datagram, out, now, send, false)
+        self.decap_peer(t, peer, from, datagram, out, now, false)
     }
 
     /// Decapsulates a datagram known to come from `peer`, directly from `from` or through the
@@ -917,7 +978,6 @@ impl Engine {
         datagram: &[u8],
         out: &mut [u8],
         now: Instant,
-        send: &mut dyn FnMut(SocketAddr, &[u8]),
         via_relay: bool,
     ) -> Decap {
         let seen = |peer: &PeerState| {
@@ -927,11 +987,11 @@ impl Engine {
                 peer.saw(from, now);
             }
         };
-        let mut reply = |b: &[u8]| {
+        let reply = |b: &[u8]| {
             if via_relay {
-                self.send_via_relay(peer, b, send);
+                self.send_via_relay(peer, b);
             } else {
-                send(from, b);
+                self.send(from, b);
             }
         };
         let mut tunn = peer.tunn.lock().unwrap();
@@ -985,7 +1045,6 @@ impl Engine {
         d: &[u8],
         out: &mut [u8],
         now: Instant,
-        send: &mut dyn FnMut(SocketAddr, &[u8]),
     ) -> Decap {
         {
             let mut r = self.relay.lock().unwrap();
@@ -1013,20 +1072,15 @@ impl Engine {
         };
         if homeport_proto::disco::classify(payload) == homeport_proto::disco::DatagramKind::Disco {
             if disco::sender(payload) == Some(key) {
-                self.handle_disco_via(t, from, payload, now, send, true);
+                self.handle_disco_via(t, from, payload, now, true);
             }
             return Decap::Done;
         }
-        self.decap_peer(t, &peer, from, payload, out, now, send, true)
+        self.decap_peer(t, &peer, from, payload, out, now, true)
     }
 
     /// Wraps `pkt` for `peer` in a relay SEND header and sends it to the relay.
-    fn send_via_relay(
-        &self,
-        peer: &PeerState,
-        pkt: &[u8],
-        send: &mut dyn FnMut(SocketAddr, &[u8]),
-    ) {
+    fn send_via_relay(&self, peer: &PeerState, pkt: &[u8]) {
         let Some(addr) = self.relay.lock().unwrap().as_ref().map(|r| r.addr) else {
             return;
         };
@@ -1040,7 +1094,7 @@ impl Engine {
             peer.key.as_bytes(),
         );
         buf[h..h + pkt.len()].copy_from_slice(pkt);
-        send(addr, &buf[..h + pkt.len()]);
+        self.send(addr, &buf[..h + pkt.len()]);
     }
 
     /// How packets without a live direct path reach `peer`'s public addresses: `Some(relay)`
@@ -1080,13 +1134,7 @@ impl Engine {
     /// opened it (or that keeps hitting a NAT which just lost its mapping) leaves conntrack
     /// entries there that push the peer onto another port. Punching (openers first) finds the
     /// direct path; handshakes then follow it.
-    pub fn send_handshake(
-        &self,
-        peer: &PeerState,
-        pkt: &[u8],
-        now: Instant,
-        send: &mut dyn FnMut(SocketAddr, &[u8]),
-    ) {
+    pub fn send_handshake(&self, peer: &PeerState, pkt: &[u8], now: Instant) {
         let route = if peer.path.lock().unwrap().direct_alive(now) {
             None
         } else {
@@ -1094,11 +1142,11 @@ impl Engine {
         };
         for to in peer.handshake_targets(now) {
             if route.is_none() || !is_public(to.ip()) {
-                send(to, pkt);
+                self.send(to, pkt);
             }
         }
         match route {
-            Some(Some(_)) => self.send_via_relay(peer, pkt, send),
+            Some(Some(_)) => self.send_via_relay(peer, pkt),
             // Sent at the next tick once the relay is bound (see the eager handshake).
             Some(None) => peer.eager.store(true, Ordering::Relaxed),
             None => {}
@@ -1106,7 +1154,7 @@ impl Engine {
     }
 
     /// Sends a relay BIND when due.
-    fn bind_relay(&self, now: Instant, send: &mut dyn FnMut(SocketAddr, &[u8])) {
+    fn bind_relay(&self, now: Instant) {
         let mut r = self.relay.lock().unwrap();
         let Some(r) = r.as_mut() else { return };
         let fresh = r
@@ -1128,7 +1176,7 @@ impl Engine {
         let mut mac = [0u8; 32];
         mac.copy_from_slice(tag.as_ref());
         let msg = homeport_proto::relay::Bind { key, unix, mac }.encode();
-        send(r.addr, &msg);
+        self.send(r.addr, &msg);
     }
 
     /// The inbound checks that [`Engine::decapsulate`] applies to a packet decrypted from peer
@@ -1254,7 +1302,7 @@ impl Engine {
 
     /// Runs boringtun's timers for every peer (handshake retries, rekey, keepalive) and expires
     /// flows. Datagrams to send go to `send`; handshake initiations to every target.
-    pub fn tick(&self, now: Instant, send: &mut dyn FnMut(SocketAddr, &[u8])) {
+    pub fn handle_timeout(&self, now: Instant) {
         {
             let mut lr = self.last_reset.lock().unwrap();
             if lr.is_none_or(|t| now.saturating_duration_since(t) >= Duration::from_secs(1)) {
@@ -1265,8 +1313,16 @@ impl Engine {
             }
         }
         let t = self.snapshot();
-        self.bind_relay(now, send);
-        self.probe_due(&t, now, send);
+        self.bind_relay(now);
+        self.probe_due(&t, now);
+        {
+            let mut last = self.last_timers.lock().unwrap();
+            if last.is_some_and(|l| now.saturating_duration_since(l) < TICK) {
+                // Woken early for a probe: boringtun's timers run at their own pace.
+                return;
+            }
+            *last = Some(now);
+        }
         let mut buf = [0u8; 2048];
         for peer in &t.peers {
             let mut tunn = peer.tunn.lock().unwrap();
@@ -1285,7 +1341,7 @@ impl Engine {
                 {
                     let len = b.len();
                     drop(tunn);
-                    self.send_handshake(peer, &buf[..len], now, send);
+                    self.send_handshake(peer, &buf[..len], now);
                     continue;
                 }
             }
@@ -1295,7 +1351,7 @@ impl Engine {
                     drop(tunn);
                     let pkt = &buf[..len];
                     if is_handshake_init(pkt) {
-                        self.send_handshake(peer, pkt, now, send);
+                        self.send_handshake(peer, pkt, now);
                     } else {
                         let direct = peer.path.lock().unwrap().direct_alive(now);
                         let route = if direct {
@@ -1304,9 +1360,9 @@ impl Engine {
                             self.without_direct(now)
                         };
                         match (route, peer.endpoint()) {
-                            (Some(Some(_)), _) => self.send_via_relay(peer, pkt, send),
+                            (Some(Some(_)), _) => self.send_via_relay(peer, pkt),
                             (Some(None), _) => {}
-                            (None, Some(to)) => send(to, pkt),
+                            (None, Some(to)) => self.send(to, pkt),
                             (None, None) => {}
                         }
                     }
@@ -1322,15 +1378,8 @@ impl Engine {
 impl Engine {
     /// A disco packet from `from`. Answers Pings with a Pong, learns the sender's address as a
     /// candidate, and confirms direct paths from Pongs. Returns false when it was not valid.
-    pub fn handle_disco(
-        &self,
-        t: &PeerTable,
-        from: SocketAddr,
-        d: &[u8],
-        now: Instant,
-        send: &mut dyn FnMut(SocketAddr, &[u8]),
-    ) -> bool {
-        self.handle_disco_via(t, from, d, now, send, false)
+    pub fn handle_disco(&self, t: &PeerTable, from: SocketAddr, d: &[u8], now: Instant) -> bool {
+        self.handle_disco_via(t, from, d, now, false)
     }
 
     fn handle_disco_via(
@@ -1339,7 +1388,6 @@ impl Engine {
         from: SocketAddr,
         d: &[u8],
         now: Instant,
-        send: &mut dyn FnMut(SocketAddr, &[u8]),
         via_relay: bool,
     ) -> bool {
         let Some(sender) = disco::sender(d) else {
@@ -1356,23 +1404,37 @@ impl Engine {
         let mut out = [0u8; disco::MAX_DISCO];
         match msg {
             disco::DiscoMsg::Ping { tx } if via_relay => {
-                let n = disco::seal(&peer.disco, &me, self.random12(), &disco::DiscoMsg::Pong { tx, observed: from },
+                let n = disco::seal(
+                    &peer.disco,
+                    &me,
+                    self.random12(),
+                    &disco::DiscoMsg::Pong { tx, observed: from },
                     &mut out,
                 );
-                self.send_via_relay(peer, &out[..n], send);
+                self.send_via_relay(peer, &out[..n]);
             }
             disco::DiscoMsg::Ping { tx } => {
                 tracing::debug!(peer = %peer.name, %from, "probe received");
-                let n = disco::seal(&peer.disco, &me, self.random12(), &disco::DiscoMsg::Pong { tx, observed: from },
+                let n = disco::seal(
+                    &peer.disco,
+                    &me,
+                    self.random12(),
+                    &disco::DiscoMsg::Pong { tx, observed: from },
                     &mut out,
                 );
-                send(from, &out[..n]);
+                self.send(from, &out[..n]);
                 let mut p = peer.path.lock().unwrap();
                 let new = p.add_candidate(from);
                 if !p.direct_alive(now) {
                     // The peer is probing us: probe back at once, which opens our NAT to it.
                     let tx = self.random12();
-                    let n = disco::seal(&peer.disco, &me, self.random12(), &disco::DiscoMsg::Ping { tx }, &mut out);
+                    let n = disco::seal(
+                        &peer.disco,
+                        &me,
+                        self.random12(),
+                        &disco::DiscoMsg::Ping { tx },
+                        &mut out,
+                    );
                     p.pending
                         .retain(|(_, _, t)| now.saturating_duration_since(*t) < DIRECT_TTL);
                     if p.pending.len() < 32 {
@@ -1382,7 +1444,7 @@ impl Engine {
                         p.search(now);
                     }
                     drop(p);
-                    send(from, &out[..n]);
+                    self.send(from, &out[..n]);
                 }
             }
             disco::DiscoMsg::Pong { tx, observed } => {
@@ -1448,36 +1510,19 @@ impl Engine {
 
     /// The coordinator relayed "probe me now" from `peer`: take its endpoints as candidates and
     /// probe them all at once.
-    pub fn probe_now(
-        &self,
-        peer: NodeId,
-        endpoints: &[SocketAddr],
-        now: Instant,
-        send: &mut dyn FnMut(SocketAddr, &[u8]),
-    ) {
-        self.attempt(peer, endpoints, now, send);
+    pub fn probe_now(&self, peer: NodeId, endpoints: &[SocketAddr], now: Instant) {
+        self.attempt(peer, endpoints, now);
     }
 
     /// We are about to ask the coordinator to make `peer` probe us: start a fresh attempt so
     /// our openers go out first. Returns false when the peer is unknown.
-    pub fn start_attempt(
-        &self,
-        peer: NodeId,
-        now: Instant,
-        send: &mut dyn FnMut(SocketAddr, &[u8]),
-    ) -> bool {
-        self.attempt(peer, &[], now, send)
+    pub fn start_attempt(&self, peer: NodeId, now: Instant) -> bool {
+        self.attempt(peer, &[], now)
     }
 
     /// Both sides probe now: `peer` asked us (through the coordinator), or we are asking it;
     /// either way it opens its side within a coordinator round trip.
-    fn attempt(
-        &self,
-        peer: NodeId,
-        endpoints: &[SocketAddr],
-        now: Instant,
-        send: &mut dyn FnMut(SocketAddr, &[u8]),
-    ) -> bool {
+    fn attempt(&self, peer: NodeId, endpoints: &[SocketAddr], now: Instant) -> bool {
         let t = self.snapshot();
         let Some(p) = t.peer_by_id(peer) else {
             return false;
@@ -1493,7 +1538,7 @@ impl Engine {
             ps.peer_searching_until = Some(now + SEARCH_FAST_FOR);
             ps.begin_attempt(now);
         }
-        self.probe(p, now, send);
+        self.probe(p, now);
         true
     }
 
@@ -1517,12 +1562,7 @@ impl Engine {
 
     /// `homeport ping`: one Ping on the path in use (the direct path, else every candidate and
     /// the relay). Replies show up in the peer's `last_pong`.
-    pub fn ping(
-        &self,
-        peer: NodeId,
-        now: Instant,
-        send: &mut dyn FnMut(SocketAddr, &[u8]),
-    ) -> bool {
+    pub fn ping(&self, peer: NodeId, now: Instant) -> bool {
         let t = self.snapshot();
         let Some(peer) = t.peer_by_id(peer) else {
             return false;
@@ -1539,15 +1579,27 @@ impl Engine {
         for to in targets {
             let tx = self.random12();
             p.pending.push((to, tx, now));
-            let n = disco::seal(&peer.disco, &me, self.random12(), &disco::DiscoMsg::Ping { tx }, &mut out);
-            send(to, &out[..n]);
+            let n = disco::seal(
+                &peer.disco,
+                &me,
+                self.random12(),
+                &disco::DiscoMsg::Ping { tx },
+                &mut out,
+            );
+            self.send(to, &out[..n]);
         }
         if let (Some(r), false) = (relay, direct_alive) {
             let tx = self.random12();
             p.pending.push((r, tx, now));
-            let n = disco::seal(&peer.disco, &me, self.random12(), &disco::DiscoMsg::Ping { tx }, &mut out);
+            let n = disco::seal(
+                &peer.disco,
+                &me,
+                self.random12(),
+                &disco::DiscoMsg::Ping { tx },
+                &mut out,
+            );
             drop(p);
-            self.send_via_relay(peer, &out[..n], send);
+            self.send_via_relay(peer, &out[..n]);
         }
         true
     }
@@ -1570,7 +1622,7 @@ impl Engine {
     }
 
     /// Sends a Ping to each candidate of `peer` and schedules the next round.
-    fn probe(&self, peer: &PeerState, now: Instant, send: &mut dyn FnMut(SocketAddr, &[u8])) {
+    fn probe(&self, peer: &PeerState, now: Instant) {
         let me = self.public.to_bytes();
         let mut out = [0u8; disco::MAX_DISCO];
         let ttl = self.open_ttl.load(Ordering::Relaxed);
@@ -1649,7 +1701,6 @@ impl Engine {
                     full = false;
                 }
             }
-            let mut q = self.openers.lock().unwrap();
             let public: Vec<SocketAddr> = p
                 .candidates
                 .iter()
@@ -1668,30 +1719,24 @@ impl Engine {
             for to in public {
                 p.punch.opened_towards(to, now);
                 let tx = self.random12();
-                let n = disco::seal(&peer.disco, &me, self.random12(), &disco::DiscoMsg::Ping { tx }, &mut out);
-                if q.len() < 256 {
-                    q.push((to, out[..n].to_vec()));
-                }
+                let n = disco::seal(
+                    &peer.disco,
+                    &me,
+                    self.random12(),
+                    &disco::DiscoMsg::Ping { tx },
+                    &mut out,
+                );
+                self.queue(to, Some(ttl), &out[..n]);
             }
-            drop(q);
-            if let Some(relay) = self.relay_bound(now) {
+            if self.relay_bound(now).is_some() {
+                // After the openers in the queue: it tells the peer they went out.
                 let msg = disco::DiscoMsg::Ready {
                     tx: self.random12(),
                     me: *self.reflexive.lock().unwrap(),
                     opened,
                 };
                 let n = disco::seal(&peer.disco, &me, self.random12(), &msg, &mut out);
-                let mut frame = vec![0u8; homeport_proto::relay::RELAY_HEADER_LEN + n];
-                let h = homeport_proto::relay::write_header(
-                    &mut frame,
-                    homeport_proto::relay::RELAY_SEND,
-                    peer.key.as_bytes(),
-                );
-                frame[h..h + n].copy_from_slice(&out[..n]);
-                let mut after = self.after_openers.lock().unwrap();
-                if after.len() < 256 {
-                    after.push((relay, frame));
-                }
+                self.send_via_relay(peer, &out[..n]);
             }
         }
         if alive {
@@ -1722,9 +1767,15 @@ impl Engine {
                 p.pending.remove(0);
             }
             p.pending.push((to, tx, now));
-            let n = disco::seal(&peer.disco, &me, self.random12(), &disco::DiscoMsg::Ping { tx }, &mut out);
+            let n = disco::seal(
+                &peer.disco,
+                &me,
+                self.random12(),
+                &disco::DiscoMsg::Ping { tx },
+                &mut out,
+            );
             tracing::debug!(peer = %peer.name, %to, "probe");
-            send(to, &out[..n]);
+            self.send(to, &out[..n]);
         }
     }
 
@@ -1816,19 +1867,8 @@ impl Engine {
         *self.reflexive.lock().unwrap() = addr;
     }
 
-    /// Datagrams to send right after the openers from [`Engine::take_openers`] (normal TTL).
-    pub fn take_after_openers(&self) -> Vec<(SocketAddr, Vec<u8>)> {
-        std::mem::take(&mut *self.after_openers.lock().unwrap())
-    }
-
-    /// Opener packets to send with the opener TTL.
-    pub fn take_openers(&self) -> (u8, Vec<(SocketAddr, Vec<u8>)>) {
-        let v = std::mem::take(&mut *self.openers.lock().unwrap());
-        (self.open_ttl.load(Ordering::Relaxed), v)
-    }
-
     /// Probes every peer whose next probe is due.
-    fn probe_due(&self, t: &PeerTable, now: Instant, send: &mut dyn FnMut(SocketAddr, &[u8])) {
+    fn probe_due(&self, t: &PeerTable, now: Instant) {
         for peer in &t.peers {
             let due = {
                 let mut p = peer.path.lock().unwrap();
@@ -1837,7 +1877,7 @@ impl Engine {
                 newly_suspect || p.next_probe.is_none_or(|n| now >= n)
             };
             if due {
-                self.probe(peer, now, send);
+                self.probe(peer, now);
             }
         }
     }

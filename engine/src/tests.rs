@@ -77,6 +77,26 @@ fn map_for(
 }
 
 /// Datagrams in flight: (from, to, bytes).
+/// Everything `e` queued for sending: the full-TTL datagrams (to, bytes) and where the openers
+/// (low TTL) went.
+fn drain(e: &Engine) -> (Vec<(SocketAddr, Vec<u8>)>, Vec<SocketAddr>) {
+    let (mut sent, mut openers) = (vec![], vec![]);
+    let mut buf = [0u8; MAX_TRANSMIT];
+    while let Some(t) = e.poll_transmit(&mut buf) {
+        match t.ttl {
+            Some(_) => openers.push(t.to),
+            None => sent.push((t.to, buf[..t.len].to_vec())),
+        }
+    }
+    (sent, openers)
+}
+
+/// Runs `e`'s timers at `now`; returns the full-TTL datagrams it sent.
+fn tick(e: &Engine, now: Instant) -> Vec<(SocketAddr, Vec<u8>)> {
+    e.handle_timeout(now);
+    drain(e).0
+}
+
 #[derive(Default)]
 struct Net {
     q: VecDeque<(SocketAddr, SocketAddr, Vec<u8>)>,
@@ -95,13 +115,8 @@ impl Net {
             };
             let t = n.engine.snapshot();
             let mut out = vec![0u8; 2048];
-            let mut sent = vec![];
-            let r = n
-                .engine
-                .decapsulate(&t, from, &d, &mut out, now, &mut |to, b| {
-                    sent.push((to, b.to_vec()))
-                });
-            for (dst, b) in sent {
+            let r = n.engine.decapsulate(&t, from, &d, &mut out, now);
+            for (dst, b) in drain(&n.engine).0 {
                 self.q.push_back((n.udp, dst, b));
             }
             if let Decap::ToTun { len } = r {
@@ -118,12 +133,11 @@ impl Net {
         let r = n.engine.encapsulate(&t, pkt, &mut out, now);
         match &r {
             Encap::Send { to, len } => self.q.push_back((n.udp, *to, out[..*len].to_vec())),
-            Encap::Handshake { peer, len } => {
-                for to in peer.handshake_targets(now) {
-                    self.q.push_back((n.udp, to, out[..*len].to_vec()));
+            _ => {
+                for (to, b) in drain(&n.engine).0 {
+                    self.q.push_back((n.udp, to, b));
                 }
             }
-            _ => {}
         }
         r
     }
@@ -155,7 +169,8 @@ fn handshake_then_data_both_ways() {
     let now = Instant::now();
     let mut net = Net::default();
     let ping = build::echo(a.addrs.ipv4, b.addrs.ipv4);
-    assert!(matches!(net.send(&a, &ping, now), Encap::Handshake { .. }));
+    assert!(matches!(net.send(&a, &ping, now), Encap::Queued));
+    assert!(!net.q.is_empty(), "the initiation went out");
     let got = net.run(&[&a, &b], now);
     // The ping waited for the handshake and then arrived, intact, at b.
     assert_eq!(got, vec![(b.id, ping.clone())]);
@@ -395,7 +410,8 @@ fn removed_peer_is_cut_off_and_rekeyed_peer_gets_a_new_session() {
         &map_for(&b, &[&a2], PacketFilter::allow_all(), vec![]),
         Instant::now(),
     );
-    assert!(matches!(net.send(&a2, &ping, now), Encap::Handshake { .. }));
+    assert!(matches!(net.send(&a2, &ping, now), Encap::Queued));
+    assert!(!net.q.is_empty(), "the initiation went out");
     assert_eq!(net.run(&[&a2, &b], now), vec![(b.id, ping)]);
 }
 
@@ -440,12 +456,9 @@ fn garbage_datagrams_are_dropped_without_panic() {
         &[9u8; 200][..],
         &[2u8; 92][..],
     ] {
-        let r = b
-            .engine
-            .decapsulate(&t, a.udp, d, &mut out, now, &mut |_, _| {
-                panic!("no answer to garbage")
-            });
+        let r = b.engine.decapsulate(&t, a.udp, d, &mut out, now);
         assert!(matches!(r, Decap::Drop(_)), "{r:?}");
+        assert!(!b.engine.has_transmit(), "no answer to garbage");
     }
     let ta = a.engine.snapshot();
     assert!(matches!(
@@ -462,8 +475,9 @@ mod fake_time {
 
     fn tick_all(nodes: &[&Node], net: &mut Net, now: Instant) {
         for n in nodes {
-            n.engine
-                .tick(now, &mut |to, b| net.q.push_back((n.udp, to, b.to_vec())));
+            for (to, b) in tick(&n.engine, now) {
+                net.q.push_back((n.udp, to, b));
+            }
         }
     }
 
@@ -524,7 +538,7 @@ mod fake_time {
         let mut net = Net::default();
         assert!(matches!(
             net.send(&a, &build::echo(a.addrs.ipv4, b.addrs.ipv4), now),
-            Encap::Handshake { .. }
+            Encap::Queued
         ));
         net.q.clear(); // the first initiation is lost
         let mut inits = vec![];
@@ -618,16 +632,10 @@ fn run_natted(a: &Node, b: &Node, na: &mut Nat, nb: &mut Nat, secs: u64) -> Opti
     };
     while now.duration_since(start) < Duration::from_secs(secs) {
         now += step;
-        let mut out_a = vec![];
-        a.engine
-            .tick(now, &mut |to, d| out_a.push((to, d.to_vec())));
-        for (to, d) in out_a {
+        for (to, d) in tick(&a.engine, now) {
             send_via(na, to, &d, &mut wire);
         }
-        let mut out_b = vec![];
-        b.engine
-            .tick(now, &mut |to, d| out_b.push((to, d.to_vec())));
-        for (to, d) in out_b {
+        for (to, d) in tick(&b.engine, now) {
             send_via(nb, to, &d, &mut wire);
         }
         while let Some((from, to, d)) = wire.pop_front() {
@@ -640,13 +648,10 @@ fn run_natted(a: &Node, b: &Node, na: &mut Nat, nb: &mut Nat, secs: u64) -> Opti
                 continue;
             };
             let t = node.engine.snapshot();
-            let mut replies = vec![];
             if homeport_proto::disco::classify(&d) == homeport_proto::disco::DatagramKind::Disco {
-                node.engine.handle_disco(&t, from, &d, now, &mut |to, x| {
-                    replies.push((to, x.to_vec()))
-                });
+                node.engine.handle_disco(&t, from, &d, now);
             }
-            for (to, x) in replies {
+            for (to, x) in drain(&node.engine).0 {
                 send_via(nat, to, &x, &mut wire);
             }
         }
@@ -716,8 +721,10 @@ fn run_alone(a: &Node, start: Instant, secs: u64) -> (Vec<(SocketAddr, Vec<u8>)>
     let mut now = start;
     while now.duration_since(start) < Duration::from_secs(secs) {
         now += Duration::from_millis(50);
-        a.engine.tick(now, &mut |to, d| sent.push((to, d.to_vec())));
-        openers.extend(a.engine.take_openers().1.into_iter().map(|(to, _)| to));
+        a.engine.handle_timeout(now);
+        let (s, o) = drain(&a.engine);
+        sent.extend(s);
+        openers.extend(o);
     }
     (sent, openers)
 }
@@ -850,14 +857,11 @@ fn handshakes_go_through_the_relay_not_to_public_addresses_until_a_direct_path_i
     let mut bound = homeport_proto::relay::RELAY_MAGIC.to_vec();
     bound.push(homeport_proto::relay::RELAY_BOUND);
     let mut out = [0u8; 2048];
-    a.engine
-        .handle_relay(&t, relay, &bound, &mut out, now, &mut |_, _| {});
+    a.engine.handle_relay(&t, relay, &bound, &mut out, now);
     assert!(a.engine.relay_bound(now).is_some());
-    let mut sent = vec![];
     a.engine
-        .send_handshake(&t.peers[0], &[1, 0, 0, 0, 9, 9], now, &mut |to, _| {
-            sent.push(to)
-        });
+        .send_handshake(&t.peers[0], &[1, 0, 0, 0, 9, 9], now);
+    let sent: Vec<SocketAddr> = drain(&a.engine).0.into_iter().map(|(to, _)| to).collect();
     assert!(sent.contains(&relay), "through the relay: {sent:?}");
     assert!(
         sent.contains(&b.udp),
@@ -869,11 +873,9 @@ fn handshakes_go_through_the_relay_not_to_public_addresses_until_a_direct_path_i
     );
     // Once a direct path is alive, initiations follow it.
     t.peers[0].saw(public_b, now);
-    let mut sent = vec![];
     a.engine
-        .send_handshake(&t.peers[0], &[1, 0, 0, 0, 9, 9], now, &mut |to, _| {
-            sent.push(to)
-        });
+        .send_handshake(&t.peers[0], &[1, 0, 0, 0, 9, 9], now);
+    let sent: Vec<SocketAddr> = drain(&a.engine).0.into_iter().map(|(to, _)| to).collect();
     assert_eq!(sent, vec![public_b]);
 }
 
@@ -906,9 +908,10 @@ fn a_stream_that_hears_nothing_back_leaves_the_direct_path_in_about_two_seconds(
         now += Duration::from_millis(50);
         // We keep sending on the direct path (a stream); nothing comes back.
         t.peers[0].path.lock().unwrap().last_tx = Some(now);
-        let mut sent = 0;
-        a.engine
-            .tick(now, &mut |dst, _| sent += (dst == to) as usize);
+        let sent = tick(&a.engine, now)
+            .iter()
+            .filter(|(dst, _)| *dst == to)
+            .count();
         let since = now.duration_since(t0);
         if since > SUSPECT_AFTER + Duration::from_millis(250) {
             probes_while_suspect += sent;
@@ -939,7 +942,8 @@ fn an_idle_direct_path_is_not_suspected() {
     let mut now = t0;
     while now.duration_since(t0) < Duration::from_secs(4) {
         now += Duration::from_millis(50);
-        a.engine.tick(now, &mut |_, _| {});
+        a.engine.handle_timeout(now);
+        drain(&a.engine);
     }
     assert!(t.peers[0].path.lock().unwrap().direct_alive(now));
     assert!(
@@ -987,7 +991,13 @@ fn ready_from(from: &Node, to: &Node, me: Option<SocketAddr>, opened: &[&str]) -
         opened: o,
     };
     let mut out = [0u8; disco::MAX_DISCO];
-    let n = disco::seal(&k, from.key.public_key().as_bytes(), [3; 12], &msg, &mut out);
+    let n = disco::seal(
+        &k,
+        from.key.public_key().as_bytes(),
+        [3; 12],
+        &msg,
+        &mut out,
+    );
     out[..n].to_vec()
 }
 
@@ -1016,42 +1026,41 @@ fn full_probes_wait_until_the_peer_opened_towards_our_current_address() {
     let mut bound = homeport_proto::relay::RELAY_MAGIC.to_vec();
     bound.push(homeport_proto::relay::RELAY_BOUND);
     let mut buf = [0u8; 2048];
-    a.engine
-        .handle_relay(&t, relayed, &bound, &mut buf, t0, &mut |_, _| {});
+    a.engine.handle_relay(&t, relayed, &bound, &mut buf, t0);
+    let openers = std::cell::RefCell::new(vec![]);
     let full_probes = |now: Instant| {
-        let mut sent = vec![];
-        a.engine.tick(now, &mut |to, d| sent.push((to, d.to_vec())));
+        a.engine.handle_timeout(now);
+        let (sent, o) = drain(&a.engine);
+        openers.borrow_mut().extend(o);
         sent.iter().filter(|(to, _)| *to == public_b).count()
     };
     // The peer punches, but opened only towards our old address (its map is behind): it moved
     // to a new port too, and says so.
     let moved: SocketAddr = "192.0.2.130:56278".parse().unwrap();
     let r = ready_from(&b, &a, Some(moved), &["203.0.113.2:58450"]);
-    assert!(a.engine.handle_disco(&t, relayed, &r, t0, &mut |_, _| {}));
+    assert!(a.engine.handle_disco(&t, relayed, &r, t0));
     let mut now = t0;
     let mut full = 0;
     for _ in 0..20 {
         now += Duration::from_millis(250);
         full += full_probes(now);
         // The relay's binding stays fresh.
-        a.engine
-            .handle_relay(&t, relayed, &bound, &mut buf, now, &mut |_, _| {});
+        a.engine.handle_relay(&t, relayed, &bound, &mut buf, now);
     }
     assert_eq!(
         full, 0,
         "no full probe may reach the peer's NAT before it opened towards us"
     );
-    let (_, openers) = a.engine.take_openers();
+    let openers = openers.into_inner();
     assert!(
-        openers.iter().any(|(to, _)| *to == moved),
+        openers.contains(&moved),
         "openers towards the peer's new address, learned from its Ready"
     );
     // Now it opened towards our current address: full probes at the next tick.
     let r = ready_from(&b, &a, Some(moved), &["203.0.113.2:41844"]);
-    assert!(a.engine.handle_disco(&t, relayed, &r, now, &mut |_, _| {}));
+    assert!(a.engine.handle_disco(&t, relayed, &r, now));
     now += Duration::from_millis(250);
-    let mut sent = vec![];
-    a.engine.tick(now, &mut |to, d| sent.push((to, d.to_vec())));
+    let sent = tick(&a.engine, now);
     assert!(
         sent.iter().any(|(to, _)| *to == moved || *to == public_b),
         "full probes once the peer is ready: {:?}",

@@ -265,7 +265,9 @@ impl World {
         let g = self.lock.lock().unwrap_or_else(|e| e.into_inner());
         let n = self.runs.fetch_add(1, Ordering::Relaxed) + 1;
         let now = self.base + Duration::from_secs(3600) * n as u32;
-        self.engine.tick(now, &mut |_, _| {});
+        self.engine.handle_timeout(now);
+        // What the last run queued is sent nowhere.
+        self.engine.flush_transmits(|_, _| {});
         (g, now)
     }
 }
@@ -460,7 +462,7 @@ pub fn disco_open(data: &[u8]) {
     .parse()
     .unwrap();
     let t = w.engine.snapshot();
-    w.engine.handle_disco(&t, from, &d, now, &mut |_, _| {});
+    w.engine.handle_disco(&t, from, &d, now);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -699,7 +701,6 @@ pub fn node_socket(data: &[u8]) {
     let t = w.engine.snapshot();
     let relay_addr: SocketAddr = RELAY_ADDR.parse().unwrap();
     let mut out = vec![0u8; 70_000];
-    let sink: &mut dyn FnMut(SocketAddr, &[u8]) = &mut |_, _| {};
     if mode & 1 == 1 {
         // The daemon's tcp_relay_keeper read loop, on a buffer.
         let mut s = rest;
@@ -710,7 +711,7 @@ pub fn node_socket(data: &[u8]) {
             };
             check_decap(
                 w.engine
-                    .handle_relay(&t, relay_addr, frame, &mut out, now, sink),
+                    .handle_relay(&t, relay_addr, frame, &mut out, now),
             );
             s = &s[relay::TCP_FRAME_HEADER + n..];
         }
@@ -740,13 +741,13 @@ pub fn node_socket(data: &[u8]) {
         };
         match classify(&seg) {
             DatagramKind::Disco => {
-                w.engine.handle_disco(&t, from, &seg, now, sink);
+                w.engine.handle_disco(&t, from, &seg, now);
             }
             DatagramKind::Relay => {
-                check_decap(w.engine.handle_relay(&t, from, &seg, &mut out, now, sink));
+                check_decap(w.engine.handle_relay(&t, from, &seg, &mut out, now));
             }
             DatagramKind::WireGuard => {
-                check_decap(w.engine.decapsulate(&t, from, &seg, &mut out, now, sink));
+                check_decap(w.engine.decapsulate(&t, from, &seg, &mut out, now));
             }
             DatagramKind::Stun => {
                 let _ = homeport_node::stun::parse_binding_response(&seg);
@@ -842,7 +843,8 @@ pub fn map(data: &[u8]) {
         engine.apply_map(map, now);
         for p in probes.iter().take(4) {
             let eps: Vec<SocketAddr> = p.endpoints.iter().map(|e| e.addr).collect();
-            engine.probe_now(p.from, &eps, now, &mut |_, _| {});
+            engine.probe_now(p.from, &eps, now);
+            engine.flush_transmits(|_, _| {});
         }
         exit_ruleset(map);
     }

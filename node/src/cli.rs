@@ -259,8 +259,8 @@ pub fn render_status(st: &Status) -> String {
     );
     let _ = writeln!(
         o,
-        "{:<16} {:<15} {:<26} {:<28} {:>10} {:>12} {:>12} {}",
-        "PEER", "IPv4", "IPv6", "PATH", "HANDSHAKE", "RX", "TX", "ONLINE"
+        "{:<16} {:<15} {:<26} {:<28} {:>10} {:>12} {:>12} ONLINE",
+        "PEER", "IPv4", "IPv6", "PATH", "HANDSHAKE", "RX", "TX"
     );
     for p in &st.peers {
         let path = match &p.path {

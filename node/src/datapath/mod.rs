@@ -110,6 +110,8 @@ pub type SideChannel = std::sync::mpsc::SyncSender<(SocketAddr, Vec<u8>)>;
 
 pub struct Datapath {
     pub engine: Arc<Engine>,
+    /// The timer thread, to wake when the engine's next deadline may have moved earlier.
+    timers: Option<std::thread::Thread>,
     socket: Arc<UdpSocket>,
     state: Arc<UdpSocketState>,
     stop: Arc<AtomicBool>,
@@ -267,17 +269,23 @@ impl Datapath {
                 std::thread::Builder::new()
                     .name("timers".into())
                     .spawn(move || {
+                        // Sleeps until the engine's next deadline (a probe, boringtun's timers);
+                        // woken early when the daemon changes something (see `wake_timers`).
                         while !stop.load(Ordering::Relaxed) {
-                            engine.tick(Instant::now(), &mut |to, b| {
-                                send_one(&socket, &state, to, b)
-                            });
-                            send_openers(&engine, &socket, &state);
-                            std::thread::sleep(TICK);
+                            engine.handle_timeout(Instant::now());
+                            flush(&engine, &socket, &state);
+                            let now = Instant::now();
+                            let next = engine
+                                .poll_timeout()
+                                .clamp(now + TIMERS_MIN_SLEEP, now + TICK);
+                            std::thread::park_timeout(next - now);
                         }
                     })?,
             );
         }
+        let timers = threads.last().map(|t| t.thread().clone());
         Ok(Datapath {
+            timers,
             engine,
             socket,
             state,
@@ -323,11 +331,13 @@ impl Datapath {
         let port = self.socket.local_addr()?.port();
         self.local_port.store(port, Ordering::Relaxed);
         self.engine.rebound(Instant::now());
+        self.wake_timers();
         Ok(port)
     }
 
     pub fn apply_map(&self, map: &NetworkMap) {
         self.engine.apply_map(map, Instant::now());
+        self.wake_timers();
         let me = map.self_node.id;
         let ports: Vec<u16> = map
             .publish
@@ -448,7 +458,6 @@ impl Datapath {
                 frame,
                 &mut out[VIRTIO_NET_HDR_LEN..],
                 now,
-                &mut |to, b| send_one(&self.socket, &self.state, to, b),
             );
             if let Decap::ToTun { len } = r {
                 out.truncate(VIRTIO_NET_HDR_LEN + len);
@@ -458,22 +467,28 @@ impl Datapath {
         if n > 0 {
             write_tun(&self.dev, gro, &mut bufs[..n]);
         }
+        flush(&self.engine, &self.socket, &self.state);
     }
 
     /// Starts a hole-punching attempt towards `peer` (before asking it to probe us).
     pub fn start_attempt(&self, peer: NodeId) -> bool {
-        let ok = self
-            .engine
-            .start_attempt(peer, Instant::now(), &mut |to, b| {
-                send_one(&self.socket, &self.state, to, b)
-            });
-        self.flush_openers();
+        let ok = self.engine.start_attempt(peer, Instant::now());
+        // The openers leave now, before we ask the peer to probe us.
+        self.flush_and_wake();
         ok
     }
 
-    /// Sends queued NAT openers now (they must leave before we ask the peer to probe us).
-    fn flush_openers(&self) {
-        send_openers(&self.engine, &self.socket, &self.state);
+    /// Sends what the engine queued and lets the timer thread look at its next deadline.
+    fn flush_and_wake(&self) {
+        flush(&self.engine, &self.socket, &self.state);
+        self.wake_timers();
+    }
+
+    /// The engine's next deadline may have moved earlier: the timer thread looks again.
+    fn wake_timers(&self) {
+        if let Some(t) = &self.timers {
+            t.unpark();
+        }
     }
 
     /// Sets the TTL of NAT openers (see `engine::OPEN_FIRST`).
@@ -483,9 +498,9 @@ impl Datapath {
 
     /// `homeport ping`: one probe on the path in use.
     pub fn ping(&self, peer: NodeId) -> bool {
-        self.engine.ping(peer, Instant::now(), &mut |to, b| {
-            send_one(&self.socket, &self.state, to, b)
-        })
+        let ok = self.engine.ping(peer, Instant::now());
+        self.flush_and_wake();
+        ok
     }
 
     /// The last Pong from `peer`: (from, rtt, when, via relay).
@@ -506,11 +521,8 @@ impl Datapath {
 
     /// "Probe me now" from a peer, relayed by the coordinator.
     pub fn probe_now(&self, peer: NodeId, endpoints: &[SocketAddr]) {
-        self.engine
-            .probe_now(peer, endpoints, Instant::now(), &mut |to, b| {
-                send_one(&self.socket, &self.state, to, b)
-            });
-        self.flush_openers();
+        self.engine.probe_now(peer, endpoints, Instant::now());
+        self.flush_and_wake();
     }
 
     pub fn status(&self) -> Vec<PeerStatus> {
@@ -560,6 +572,7 @@ impl Datapath {
     pub fn stop(mut self) {
         self.stop.store(true, Ordering::Relaxed);
         let _ = self.intr.trigger();
+        self.wake_timers();
         for t in self.threads.drain(..) {
             let _ = t.join();
         }
@@ -568,17 +581,18 @@ impl Datapath {
     }
 }
 
-/// Sends the engine's queued NAT openers with their TTL, then what must follow them (the Ready
-/// messages that say they went out).
-fn send_openers(engine: &Engine, socket: &UdpSocket, state: &UdpSocketState) {
-    let (ttl, openers) = engine.take_openers();
-    for (to, b) in openers {
-        send_with_ttl(socket, to, &b, ttl);
-    }
-    for (to, b) in engine.take_after_openers() {
-        send_one(socket, state, to, &b);
-    }
+/// Sends what the engine queued (handshakes, answers, probes, BINDs), in order: NAT openers
+/// with their low TTL, the rest as usual.
+fn flush(engine: &Engine, socket: &UdpSocket, state: &UdpSocketState) {
+    engine.flush_transmits(|t, b| match t.ttl {
+        Some(ttl) => send_with_ttl(socket, t.to, b, ttl),
+        None => send_one(socket, state, t.to, b),
+    });
 }
+
+/// The timer thread sleeps at least this long between rounds (a deadline already past, or
+/// several close together, cost one round, never a spin).
+const TIMERS_MIN_SLEEP: Duration = Duration::from_millis(5);
 
 /// A non-blocking UDP socket for WireGuard on `port` (0: any free port), with large buffers and
 /// The WireGuard socket on `port` (0: any), with quinn-udp's options and large buffers
@@ -788,12 +802,6 @@ fn tun_to_udp(
                         batch.push(to, len);
                     }
                 }
-                Encap::Handshake { peer, len } => {
-                    scratch[..len].copy_from_slice(&batch.slot()[..len]);
-                    engine.send_handshake(&peer, &scratch[..len], now, &mut |to, b| {
-                        send_one(socket, state, to, b)
-                    });
-                }
                 Encap::Queued => {}
                 Encap::Drop(r) => {
                     counters.dropped.fetch_add(1, Ordering::Relaxed);
@@ -802,6 +810,8 @@ fn tun_to_udp(
             }
         }
         batch.flush(socket, state, counters);
+        // Handshake initiations the batch started.
+        flush(engine, socket, state);
     }
 }
 
@@ -873,9 +883,7 @@ fn udp_to_tun(
                     }
                     DatagramKind::WireGuard => {}
                     DatagramKind::Disco => {
-                        if !engine.handle_disco(&table, from, seg, now, &mut |to, b| {
-                            send_one(socket, state, to, b)
-                        }) {
+                        if !engine.handle_disco(&table, from, seg, now) {
                             counters.dropped.fetch_add(1, Ordering::Relaxed);
                         }
                         continue;
@@ -900,11 +908,10 @@ fn udp_to_tun(
                 let out = &mut tunbufs[k];
                 out.resize(VIRTIO_NET_HDR_LEN + seg.len().max(148), 0);
                 let tun_out = &mut out[VIRTIO_NET_HDR_LEN..];
-                let send = &mut |to, b: &[u8]| send_one(socket, state, to, b);
                 let r = if kind == DatagramKind::Relay {
-                    engine.handle_relay(&table, from, seg, tun_out, now, send)
+                    engine.handle_relay(&table, from, seg, tun_out, now)
                 } else {
-                    engine.decapsulate(&table, from, seg, tun_out, now, send)
+                    engine.decapsulate(&table, from, seg, tun_out, now)
                 };
                 match r {
                     Decap::ToTun { len } => {
@@ -926,6 +933,8 @@ fn udp_to_tun(
         if k > 0 {
             write_tun(dev, &mut gro, &mut tunbufs[..k]);
         }
+        // Handshake responses, Pongs, probes back: what the batch asked to answer.
+        flush(engine, socket, state);
     }
 }
 
@@ -966,9 +975,8 @@ fn handshakes(
             Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => return,
         };
         let table = engine.snapshot();
-        let r = engine.decapsulate(&table, from, &d, &mut out, Instant::now(), &mut |to, b| {
-            send_one(socket, state, to, b)
-        });
+        let r = engine.decapsulate(&table, from, &d, &mut out, Instant::now());
+        flush(engine, socket, state);
         if let Decap::Drop(r) = r {
             counters.dropped.fetch_add(1, Ordering::Relaxed);
             tracing::trace!(?r, %from, "dropped handshake initiation");
