@@ -1476,6 +1476,8 @@ impl Engine {
                     }
                     p.direct = Some((from, rtt, now));
                     p.direct_worked = true;
+                    // The attempt succeeded.
+                    p.punch = Punch::Idle;
                     p.suspect_since = None;
                     p.endpoint = Some(from);
                 }

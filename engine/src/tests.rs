@@ -76,7 +76,6 @@ fn map_for(
     }
 }
 
-/// Datagrams in flight: (from, to, bytes).
 /// Everything `e` queued for sending: the full-TTL datagrams (to, bytes) and where the openers
 /// (low TTL) went.
 fn drain(e: &Engine) -> (Vec<(SocketAddr, Vec<u8>)>, Vec<SocketAddr>) {
@@ -97,6 +96,7 @@ fn tick(e: &Engine, now: Instant) -> Vec<(SocketAddr, Vec<u8>)> {
     drain(e).0
 }
 
+/// Datagrams in flight: (from, to, bytes).
 #[derive(Default)]
 struct Net {
     q: VecDeque<(SocketAddr, SocketAddr, Vec<u8>)>,
@@ -1069,3 +1069,4 @@ fn full_probes_wait_until_the_peer_opened_towards_our_current_address() {
 }
 
 mod attacks;
+mod sim;
