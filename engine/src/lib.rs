@@ -135,6 +135,28 @@ pub enum Encap {
     Drop(DropReason),
 }
 
+/// Something the IO shell acts on, from [`Engine::poll_event`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Event {
+    /// A Pong answered one of our Pings (`homeport ping`, probes): who, on which path, how fast.
+    Pong {
+        peer: NodeId,
+        from: SocketAddr,
+        rtt: Duration,
+        via_relay: bool,
+    },
+    /// Move the WireGuard socket to a fresh port: confirm with [`Engine::take_rebind`] (the path
+    /// may have come back meanwhile), then call [`Engine::rebound`].
+    RebindWanted,
+    /// The relay has not answered over UDP for three BINDs: start the TCP/TLS fallback. Repeats
+    /// with every further unanswered BIND.
+    RelayUdpFailing { relay: SocketAddr },
+}
+
+/// Events waiting for the shell at most; older ones are dropped first (each is also visible as
+/// state: `last_pong`, `take_rebind`, `relay_udp_failing`).
+const MAX_EVENTS: usize = 64;
+
 /// Result of [`Engine::decapsulate`].
 #[derive(Debug)]
 pub enum Decap {
@@ -538,6 +560,8 @@ pub struct Engine {
     tx_len: AtomicU32,
     /// Held while one caller drains `tx`, so two threads flushing at once keep the order.
     flushing: Mutex<()>,
+    /// Events for the shell, oldest first ([`MAX_EVENTS`] at most).
+    events: Mutex<std::collections::VecDeque<Event>>,
     /// When [`Engine::handle_timeout`] last ran boringtun's timers.
     last_timers: Mutex<Option<Instant>>,
     /// Our reflexive address (from STUN, through the WireGuard socket), for Ready messages and
@@ -577,6 +601,7 @@ impl Engine {
             tx_len: AtomicU32::new(0),
             flushing: Mutex::new(()),
             last_timers: Mutex::new(None),
+            events: Mutex::new(std::collections::VecDeque::with_capacity(MAX_EVENTS)),
             reflexive: Mutex::new(None),
             started: now,
             rebind: Mutex::new(Rebind::default()),
@@ -624,6 +649,19 @@ impl Engine {
                 send(t, &buf[..t.len]);
             }
         }
+    }
+
+    /// The oldest event the shell has not taken yet.
+    pub fn poll_event(&self) -> Option<Event> {
+        self.events.lock().unwrap().pop_front()
+    }
+
+    fn event(&self, e: Event) {
+        let mut q = self.events.lock().unwrap();
+        if q.len() == MAX_EVENTS {
+            q.pop_front();
+        }
+        q.push_back(e);
     }
 
     /// Datagrams dropped because the transmit queue was full.
@@ -1177,6 +1215,12 @@ impl Engine {
         mac.copy_from_slice(tag.as_ref());
         let msg = homeport_proto::relay::Bind { key, unix, mac }.encode();
         self.send(r.addr, &msg);
+        let bound = r
+            .bound
+            .is_some_and(|b| now.saturating_duration_since(b) < RELAY_TTL);
+        if !bound && r.unanswered >= 3 {
+            self.event(Event::RelayUdpFailing { relay: r.addr });
+        }
     }
 
     /// The inbound checks that [`Engine::decapsulate`] applies to a packet decrypted from peer
@@ -1459,6 +1503,12 @@ impl Engine {
                 let (_, _, sent) = p.pending.swap_remove(i);
                 let rtt = now.saturating_duration_since(sent);
                 p.last_pong = Some((from, rtt, now, via_relay));
+                self.event(Event::Pong {
+                    peer: peer.id,
+                    from,
+                    rtt,
+                    via_relay,
+                });
                 if via_relay {
                     return true;
                 }
@@ -1796,6 +1846,8 @@ impl Engine {
         let mut r = self.rebind.lock().unwrap();
         r.wanted = Some(peer);
         r.last = Some(now);
+        drop(r);
+        self.event(Event::RebindWanted);
         true
     }
 

@@ -754,6 +754,11 @@ fn a_lost_direct_path_that_cannot_be_found_again_asks_for_a_fresh_port() {
     );
     let (_, _) = run_alone(&a, t6, 14);
     let t20 = t0 + Duration::from_secs(20);
+    let events: Vec<Event> = std::iter::from_fn(|| a.engine.poll_event()).collect();
+    assert!(
+        events.contains(&Event::RebindWanted),
+        "the shell is told: {events:?}"
+    );
     assert!(
         a.engine.take_rebind(t20),
         "a fresh port after the failed attempt"

@@ -3,9 +3,10 @@
 
 use crate::config::{LogFormat, UpConfig};
 use crate::control::{Request, Response, SelfStatus, Status};
-use crate::datapath::{DEFAULT_MTU, Datapath, DatapathConfig, PathInfo};
+use crate::datapath::{DEFAULT_MTU, Datapath, DatapathConfig, EVENT_QUEUE, PathInfo};
 use crate::state::{Registration, SOCK_FILE, StateDir};
 use anyhow::{Context, Result, bail};
+use homeport_engine::Event;
 use homeport_proto::addr::is_public;
 use homeport_proto::api::{
     ApiError, EndpointReport, PATH_CHALLENGE, PATH_ENDPOINTS, PATH_MAP, PATH_REGISTER,
@@ -86,6 +87,10 @@ struct Shared {
     fresh_report: std::sync::atomic::AtomicU64,
     /// Wakes the probe asker after a fresh report.
     ask_now: tokio::sync::Notify,
+    /// Wakes the TCP relay keeper: the engine found UDP to the relay unanswered.
+    relay_failing: tokio::sync::Notify,
+    /// The engine's Pongs, for `homeport ping`.
+    pongs: tokio::sync::broadcast::Sender<Event>,
     public_key: homeport_proto::PublicKey,
     state: StateDir,
 }
@@ -278,6 +283,7 @@ pub async fn run(
     let port = cfg.listen_port.unwrap_or(reg.listen_port);
     let public_key = key.public_key();
     let (side_tx, side_rx) = std::sync::mpsc::sync_channel(crate::stun::STUN_QUEUE);
+    let (events_tx, events_rx) = tokio::sync::mpsc::channel(EVENT_QUEUE);
     let dp = Datapath::start(
         &DatapathConfig {
             tun_name: cfg.tun.clone(),
@@ -289,6 +295,7 @@ pub async fn run(
             prefix_v6: reg.prefix_v6,
         },
         side_tx,
+        events_tx,
     )?;
     let listen_port = dp.local_port();
     dp.engine.set_rebind_allowed(cfg.listen_port.is_none());
@@ -321,6 +328,8 @@ pub async fn run(
         report_now: tokio::sync::Notify::new(),
         fresh_report: std::sync::atomic::AtomicU64::new(0),
         ask_now: tokio::sync::Notify::new(),
+        relay_failing: tokio::sync::Notify::new(),
+        pongs: tokio::sync::broadcast::channel(16).0,
         public_key,
         state: st,
     });
@@ -371,19 +380,7 @@ pub async fn run(
         shared.clone(),
         stop.clone(),
     ));
-    {
-        // The engine's request to move the socket is acted on within a tick: until then the
-        // peers' traffic is on the relay.
-        let (shared, stop) = (shared.clone(), stop.clone());
-        tokio::spawn(async move {
-            loop {
-                tokio::select! {
-                    _ = tokio::time::sleep(homeport_engine::TICK) => rebind_if_asked(&shared),
-                    _ = stop.cancelled() => return,
-                }
-            }
-        });
-    }
+    tokio::spawn(engine_events(events_rx, shared.clone(), stop.clone()));
     tokio::spawn(endpoint_reporter(
         client.clone(),
         coordinator.clone(),
@@ -776,7 +773,7 @@ async fn ping(shared: &Shared, name: &str) -> Response {
             message: format!("no peer named {name:?}; peers: {}", known.join(", ")),
         };
     };
-    let sent = std::time::Instant::now();
+    let mut pongs = shared.pongs.subscribe();
     let ok = shared
         .dp
         .lock()
@@ -789,27 +786,32 @@ async fn ping(shared: &Shared, name: &str) -> Response {
             message: "the data path is not running".into(),
         };
     }
-    for _ in 0..50 {
-        tokio::time::sleep(Duration::from_millis(20)).await;
-        let pong = shared
-            .dp
-            .lock()
-            .unwrap()
-            .as_ref()
-            .and_then(|d| d.last_pong(peer.id));
-        if let Some((from, rtt, at, via_relay)) = pong
-            && at >= sent
-        {
-            let path = if via_relay {
-                format!("relay {from}")
-            } else {
-                format!("direct {from}")
-            };
-            return Response::Pong {
-                path,
-                rtt_ms: rtt.as_secs_f64() * 1000.0,
-            };
+    let pong = async {
+        loop {
+            match pongs.recv().await {
+                Ok(Event::Pong {
+                    peer: p,
+                    from,
+                    rtt,
+                    via_relay,
+                }) if p == peer.id => return Some((from, rtt, via_relay)),
+                Ok(_) | Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
+                Err(tokio::sync::broadcast::error::RecvError::Closed) => return None,
+            }
         }
+    };
+    if let Ok(Some((from, rtt, via_relay))) =
+        tokio::time::timeout(Duration::from_secs(1), pong).await
+    {
+        let path = if via_relay {
+            format!("relay {from}")
+        } else {
+            format!("direct {from}")
+        };
+        return Response::Pong {
+            path,
+            rtt_ms: rtt.as_secs_f64() * 1000.0,
+        };
     }
     Response::Error {
         message: format!("no reply from {name} within 1 s"),
@@ -1007,6 +1009,30 @@ async fn endpoint_reporter(
     }
 }
 
+/// Acts on the engine's events: the socket move it asks for, the TCP/TLS relay fallback, and
+/// Pongs for whoever waits in `homeport ping`.
+async fn engine_events(
+    mut rx: tokio::sync::mpsc::Receiver<Event>,
+    shared: Arc<Shared>,
+    stop: CancellationToken,
+) {
+    loop {
+        let ev = tokio::select! {
+            ev = rx.recv() => ev,
+            _ = stop.cancelled() => return,
+        };
+        match ev {
+            None => return,
+            Some(Event::RebindWanted) => rebind_if_asked(&shared),
+            Some(Event::RelayUdpFailing { .. }) => shared.relay_failing.notify_one(),
+            Some(pong @ Event::Pong { .. }) => {
+                // Nobody waiting is the usual case (probes get Pongs every few seconds).
+                let _ = shared.pongs.send(pong);
+            }
+        }
+    }
+}
+
 /// Moves the WireGuard socket to a fresh port when the engine asks (a direct path that worked
 /// from this port cannot be found again: stale NAT state pins it), then has the new address
 /// learned by STUN and reported at once.
@@ -1118,7 +1144,7 @@ async fn tcp_relay_keeper(
     use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt};
     loop {
         tokio::select! {
-            _ = tokio::time::sleep(Duration::from_secs(2)) => {}
+            _ = shared.relay_failing.notified() => {}
             _ = stop.cancelled() => return,
         }
         let relay = {

@@ -546,3 +546,47 @@ fn a_nat_that_maps_us_anew_is_followed_without_leaving_the_direct_path() {
         "the relay was never needed"
     );
 }
+
+#[test]
+fn a_relay_that_never_answers_over_udp_is_reported_after_three_binds() {
+    let t0 = Instant::now();
+    let mut s = sim(false, t0);
+    // UDP to the relay is blocked here: nothing the engines send to it arrives (the simulated
+    // relay listens elsewhere).
+    let configured = s.relay;
+    s.relay = "198.51.100.99:3478".parse().unwrap();
+    let failing = |s: &Sim| {
+        std::iter::from_fn(|| s.engine(0).poll_event()).any(|e| {
+            e == Event::RelayUdpFailing {
+                relay: "198.51.100.1:3478".parse().unwrap(),
+            }
+        })
+    };
+    let at = s
+        .run_until(t0 + Duration::from_secs(10), failing)
+        .expect("the shell is told to try the TCP/TLS fallback");
+    let binds = s.sent(0, t0, |x| x.to == configured).len();
+    assert!(binds >= 3, "after three unanswered BINDs ({binds})");
+    assert!(at - t0 <= Duration::from_secs(6), "after {:?}", at - t0);
+}
+
+#[test]
+fn pongs_reach_the_shell_as_events() {
+    let t0 = Instant::now();
+    let mut s = sim(false, t0);
+    s.run_until(t0 + Duration::from_secs(5), |s| direct(s, 0))
+        .expect("direct path");
+    let pong = std::iter::from_fn(|| s.engine(0).poll_event()).find_map(|e| match e {
+        Event::Pong {
+            peer,
+            from,
+            via_relay,
+            rtt,
+        } => Some((peer, from, via_relay, rtt)),
+        _ => None,
+    });
+    let (peer, from, via_relay, rtt) = pong.expect("a Pong event");
+    assert_eq!(peer, NodeId(2));
+    assert!(!via_relay || from == s.relay);
+    assert!(rtt >= 2 * DELAY, "round trip {rtt:?}");
+}

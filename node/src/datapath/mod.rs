@@ -12,8 +12,8 @@
 
 pub mod routes;
 
-use homeport_engine::{Decap, Encap, Engine, TICK};
 use anyhow::{Context, Result};
+use homeport_engine::{Decap, Encap, Engine, Event, TICK};
 use homeport_proto::disco::{DatagramKind, classify};
 use homeport_proto::map::{MeshAddrs, NetworkMap};
 use homeport_proto::{NodeId, NodeName, PrivateKey, PublicKey};
@@ -108,6 +108,22 @@ pub struct Counters {
 /// ([`crate::stun::STUN_QUEUE`]); the data path never blocks on it and drops what does not fit.
 pub type SideChannel = std::sync::mpsc::SyncSender<(SocketAddr, Vec<u8>)>;
 
+/// The engine's events, forwarded to the daemon (bounded: a daemon that lags loses the oldest
+/// Pongs, never blocks the data path).
+pub type EventSink = tokio::sync::mpsc::Sender<Event>;
+
+/// Events waiting for the daemon at most.
+pub const EVENT_QUEUE: usize = 256;
+
+/// Hands the engine's events to the daemon.
+fn forward_events(engine: &Engine, events: &EventSink) {
+    while let Some(e) = engine.poll_event() {
+        if events.try_send(e).is_err() {
+            tracing::debug!("engine event dropped: the daemon lags");
+        }
+    }
+}
+
 pub struct Datapath {
     pub engine: Arc<Engine>,
     /// The timer thread, to wake when the engine's next deadline may have moved earlier.
@@ -163,7 +179,7 @@ impl TcpRelay {
 
 impl Datapath {
     /// Creates the TUN device and UDP socket and starts the threads.
-    pub fn start(cfg: &DatapathConfig, side: SideChannel) -> Result<Datapath> {
+    pub fn start(cfg: &DatapathConfig, side: SideChannel, events: EventSink) -> Result<Datapath> {
         let unix_ms = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_millis() as u64)
@@ -250,6 +266,7 @@ impl Datapath {
                 );
             }
             let side = Side {
+                events: events.clone(),
                 stun_gate: stun,
                 stun_tx: side,
                 handshake_tx: hs_tx,
@@ -274,6 +291,7 @@ impl Datapath {
                         while !stop.load(Ordering::Relaxed) {
                             engine.handle_timeout(Instant::now());
                             flush(&engine, &socket, &state);
+                            forward_events(&engine, &events);
                             let now = Instant::now();
                             let next = engine
                                 .poll_timeout()
@@ -452,13 +470,9 @@ impl Datapath {
             let out = &mut bufs[n];
             out.resize(VIRTIO_NET_HDR_LEN + frame.len().max(148), 0);
             out[..VIRTIO_NET_HDR_LEN].fill(0);
-            let r = self.engine.handle_relay(
-                &t,
-                relay,
-                frame,
-                &mut out[VIRTIO_NET_HDR_LEN..],
-                now,
-            );
+            let r = self
+                .engine
+                .handle_relay(&t, relay, frame, &mut out[VIRTIO_NET_HDR_LEN..], now);
             if let Decap::ToTun { len } = r {
                 out.truncate(VIRTIO_NET_HDR_LEN + len);
                 n += 1;
@@ -501,13 +515,6 @@ impl Datapath {
         let ok = self.engine.ping(peer, Instant::now());
         self.flush_and_wake();
         ok
-    }
-
-    /// The last Pong from `peer`: (from, rtt, when, via relay).
-    pub fn last_pong(&self, peer: NodeId) -> Option<(SocketAddr, Duration, Instant, bool)> {
-        let t = self.engine.snapshot();
-        t.peer_by_id(peer)
-            .and_then(|p| p.path.lock().unwrap().last_pong)
     }
 
     /// Our address as each peer last saw it (from their Pongs).
@@ -935,6 +942,7 @@ fn udp_to_tun(
         }
         // Handshake responses, Pongs, probes back: what the batch asked to answer.
         flush(engine, socket, state);
+        forward_events(engine, &side.events);
     }
 }
 
@@ -986,6 +994,8 @@ fn handshakes(
 
 /// Where the receive thread hands off what it does not decrypt itself.
 struct Side {
+    /// The engine's events (Pongs arrive on this thread).
+    events: EventSink,
     /// STUN answers: only from servers asked recently, into a bounded queue.
     stun_gate: Arc<crate::stun::StunGate>,
     stun_tx: SideChannel,
