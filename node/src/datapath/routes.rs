@@ -108,22 +108,8 @@ pub struct PublishedUdp {
 const NFT_TABLE: &str = "homeport_node";
 
 fn nft(script: &str) -> Result<()> {
-    use std::io::Write;
-    let mut child = Command::new("nft")
-        .args(["-f", "-"])
-        .stdin(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .context("running nft (package nftables)")?;
-    child
-        .stdin
-        .take()
-        .context("nft stdin")?
-        .write_all(script.as_bytes())?;
-    let out = child.wait_with_output()?;
-    if !out.status.success() {
-        bail!("nft: {}", String::from_utf8_lossy(&out.stderr).trim());
-    }
+    let exec = homeport_host::nft::Exec::default();
+    homeport_host::nft::run(&exec, &["-f", "-"], Some(script))?;
     Ok(())
 }
 
