@@ -709,10 +709,7 @@ pub fn node_socket(data: &[u8]) {
             let Some(frame) = s.get(relay::TCP_FRAME_HEADER..relay::TCP_FRAME_HEADER + n) else {
                 break;
             };
-            check_decap(
-                w.engine
-                    .handle_relay(&t, relay_addr, frame, &mut out, now),
-            );
+            check_decap(w.engine.handle_relay(&t, relay_addr, frame, &mut out, now));
             s = &s[relay::TCP_FRAME_HEADER + n..];
         }
         return;
