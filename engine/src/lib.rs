@@ -3,15 +3,19 @@
 //! admission and the flow table that sends a published flow's replies back through its exit.
 //!
 //! Nothing here touches a socket, a TUN device or a clock: time is passed in, packets come in as
-//! byte slices and leave as byte slices written into caller-owned buffers.
+//! byte slices and leave as byte slices written into caller-owned buffers or the transmit queue.
 //!
-//! Driving contract (what the IO shell does):
-//! - a packet read from the TUN → [`Engine::encapsulate`]; send what it returns on the UDP socket
-//!   (for [`Encap::Handshake`], to every address [`PeerState::handshake_targets`] gives);
-//! - a datagram from the UDP socket → [`Engine::decapsulate`]; write [`Decap::ToTun`] packets to
-//!   the TUN and send the datagrams passed to its `send` sink;
-//! - every [`TICK`] → [`Engine::tick`] (boringtun timers: handshake retries, rekey, keepalive);
+//! Driving contract (what the IO shell does; docs/architecture.md has the whole picture):
+//! - a packet read from the TUN → [`Engine::encapsulate`]; send what it returns on the UDP socket;
+//! - a datagram from the UDP socket → [`Engine::decapsulate`] (WireGuard), [`Engine::handle_disco`]
+//!   or [`Engine::handle_relay`]; write [`Decap::ToTun`] packets to the TUN;
+//! - after each batch → [`Engine::flush_transmits`]: the engine's own datagrams (handshakes,
+//!   answers, probes, openers with their TTL, relay BINDs), and [`Engine::poll_event`];
+//! - at [`Engine::poll_timeout`] → [`Engine::handle_timeout`] (boringtun timers, probes, BINDs);
 //! - a new map → [`Engine::apply_map`] (peers added, removed, re-keyed, filter, publish rules).
+//!
+//! It reads no clock and draws no randomness of its own: [`Engine::new`] takes the time and a
+//! CSPRNG seed.
 //!
 //! The peer table is copy-on-write: the data path takes one [`Arc<PeerTable>`] snapshot per batch,
 //! so a map change never blocks it and a removed peer's packets stop at the next batch.
@@ -43,7 +47,7 @@ use std::time::{Duration, Instant};
 use transmit::TxQueue;
 pub use transmit::{MAX_TRANSMIT, Transmit};
 
-/// How often the IO shell calls [`Engine::tick`]. boringtun's timers have 1 s resolution at
+/// How often [`Engine::handle_timeout`] runs boringtun's timers, which have 1 s resolution at
 /// best (rekey 120 s, keepalive 10 s, handshake retry 5 s); 250 ms keeps their error small.
 pub const TICK: Duration = Duration::from_millis(250);
 
