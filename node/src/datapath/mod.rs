@@ -142,16 +142,14 @@ pub struct Datapath {
     pub tun_name: String,
     dev: Arc<SyncDevice>,
     gro: std::sync::Mutex<(GROTable, Vec<Vec<u8>>)>,
+    /// The relay's TCP/TLS fallback, when UDP to the relay is blocked.
+    tcp_relay: Arc<TcpRelay>,
 }
 
-/// The relay's TCP/TLS fallback, shared by every send site (one data path per process).
-static TCP_RELAY: TcpRelay = TcpRelay {
-    active: std::sync::atomic::AtomicBool::new(false),
-    link: std::sync::RwLock::new(None),
-};
-
 /// Datagrams for the relay's address go into this channel (to the TCP/TLS connection the daemon
-/// keeps) instead of the UDP socket while it is active.
+/// keeps) instead of the UDP socket while it is active. One per data path, shared by its send
+/// sites.
+#[derive(Default)]
 pub struct TcpRelay {
     active: std::sync::atomic::AtomicBool,
     link: std::sync::RwLock<Option<(SocketAddr, tokio::sync::mpsc::Sender<Vec<u8>>)>>,
@@ -219,13 +217,15 @@ impl Datapath {
         let intr = Arc::new(InterruptEvent::new()?);
         let counters = Arc::new(Counters::default());
         let stun = Arc::new(crate::stun::StunGate::default());
+        let tcp_relay = Arc::new(TcpRelay::default());
         let mut threads = vec![];
         {
-            let (engine, dev, socket, state, stop, intr, counters) = (
+            let (engine, dev, socket, state, relay, stop, intr, counters) = (
                 engine.clone(),
                 dev.clone(),
                 socket.clone(),
                 state.clone(),
+                tcp_relay.clone(),
                 stop.clone(),
                 intr.clone(),
                 counters.clone(),
@@ -234,7 +234,9 @@ impl Datapath {
                 std::thread::Builder::new()
                     .name("tun→udp".into())
                     .spawn(move || {
-                        tun_to_udp(&engine, &dev, &socket, &state, &stop, &intr, &counters)
+                        tun_to_udp(
+                            &engine, &dev, &socket, &state, &relay, &stop, &intr, &counters,
+                        )
                     })?,
             );
         }
@@ -250,10 +252,11 @@ impl Datapath {
             );
             let (hs_tx, hs_rx) = std::sync::mpsc::sync_channel(HANDSHAKE_QUEUE);
             {
-                let (engine, socket, state, stop, counters) = (
+                let (engine, socket, state, relay, stop, counters) = (
                     engine.clone(),
                     socket.clone(),
                     state.clone(),
+                    tcp_relay.clone(),
                     stop.clone(),
                     counters.clone(),
                 );
@@ -261,11 +264,12 @@ impl Datapath {
                     std::thread::Builder::new()
                         .name("handshakes".into())
                         .spawn(move || {
-                            handshakes(&engine, &socket, &state, &stop, &counters, hs_rx)
+                            handshakes(&engine, &socket, &state, &relay, &stop, &counters, hs_rx)
                         })?,
                 );
             }
             let side = Side {
+                tcp_relay: tcp_relay.clone(),
                 events: events.clone(),
                 stun_gate: stun,
                 stun_tx: side,
@@ -280,8 +284,13 @@ impl Datapath {
             );
         }
         {
-            let (engine, socket, state, stop) =
-                (engine.clone(), socket.clone(), state.clone(), stop.clone());
+            let (engine, socket, state, relay, stop) = (
+                engine.clone(),
+                socket.clone(),
+                state.clone(),
+                tcp_relay.clone(),
+                stop.clone(),
+            );
             threads.push(
                 std::thread::Builder::new()
                     .name("timers".into())
@@ -290,7 +299,7 @@ impl Datapath {
                         // woken early when the daemon changes something (see `wake_timers`).
                         while !stop.load(Ordering::Relaxed) {
                             engine.handle_timeout(Instant::now());
-                            flush(&engine, &socket, &state);
+                            flush(&engine, &socket, &state, &relay);
                             forward_events(&engine, &events);
                             let now = Instant::now();
                             let next = engine
@@ -303,6 +312,7 @@ impl Datapath {
         }
         let timers = threads.last().map(|t| t.thread().clone());
         Ok(Datapath {
+            tcp_relay,
             timers,
             engine,
             socket,
@@ -379,7 +389,7 @@ impl Datapath {
             // Its answer may come back now (see [`crate::stun::StunGate`]).
             self.stun.asked(to, Instant::now());
         }
-        send_one(&self.socket, &self.state, to, data);
+        send_one(&self.socket, &self.state, &self.tcp_relay, to, data);
     }
 
     /// The data path's own metrics (`homeport_node_*`, counters).
@@ -431,13 +441,13 @@ impl Datapath {
     /// Switches the relay's transport to the TCP/TLS fallback (`Some`) or back to UDP (`None`).
     pub fn set_tcp_relay(&self, link: Option<(SocketAddr, tokio::sync::mpsc::Sender<Vec<u8>>)>) {
         let on = link.is_some();
-        *TCP_RELAY.link.write().unwrap() = link;
-        TCP_RELAY.active.store(on, Ordering::Relaxed);
+        *self.tcp_relay.link.write().unwrap() = link;
+        self.tcp_relay.active.store(on, Ordering::Relaxed);
     }
 
     /// Whether the relay runs over the TCP/TLS fallback.
     pub fn tcp_relay_active(&self) -> bool {
-        TCP_RELAY.active.load(Ordering::Relaxed)
+        self.tcp_relay.active.load(Ordering::Relaxed)
     }
 
     /// A relay datagram that arrived over the TCP/TLS fallback.
@@ -481,7 +491,7 @@ impl Datapath {
         if n > 0 {
             write_tun(&self.dev, gro, &mut bufs[..n]);
         }
-        flush(&self.engine, &self.socket, &self.state);
+        flush(&self.engine, &self.socket, &self.state, &self.tcp_relay);
     }
 
     /// Starts a hole-punching attempt towards `peer` (before asking it to probe us).
@@ -494,7 +504,7 @@ impl Datapath {
 
     /// Sends what the engine queued and lets the timer thread look at its next deadline.
     fn flush_and_wake(&self) {
-        flush(&self.engine, &self.socket, &self.state);
+        flush(&self.engine, &self.socket, &self.state, &self.tcp_relay);
         self.wake_timers();
     }
 
@@ -550,7 +560,7 @@ impl Datapath {
                     path: match (path.endpoint, relay) {
                         (Some(addr), _) if fresh => PathInfo::Direct { addr },
                         (_, Some(_)) => PathInfo::Relay {
-                            reason: if TCP_RELAY.active.load(Ordering::Relaxed) {
+                            reason: if self.tcp_relay.active.load(Ordering::Relaxed) {
                                 "UDP to the relay is blocked here: relayed over TCP/TLS to the coordinator".into()
                             } else if path.candidates.is_empty() {
                                 "the peer reported no direct candidates".into()
@@ -590,10 +600,10 @@ impl Datapath {
 
 /// Sends what the engine queued (handshakes, answers, probes, BINDs), in order: NAT openers
 /// with their low TTL, the rest as usual.
-fn flush(engine: &Engine, socket: &UdpSocket, state: &UdpSocketState) {
+fn flush(engine: &Engine, socket: &UdpSocket, state: &UdpSocketState, relay: &TcpRelay) {
     engine.flush_transmits(|t, b| match t.ttl {
         Some(ttl) => send_with_ttl(socket, t.to, b, ttl),
-        None => send_one(socket, state, t.to, b),
+        None => send_one(socket, state, relay, t.to, b),
     });
 }
 
@@ -609,8 +619,14 @@ fn wireguard_socket(port: u16) -> Result<(UdpSocket, UdpSocketState)> {
     homeport_udp::bind(bind).with_context(|| format!("binding the WireGuard UDP socket to {bind}"))
 }
 
-fn send_one(socket: &UdpSocket, state: &UdpSocketState, to: SocketAddr, data: &[u8]) {
-    if TCP_RELAY.divert(to, data, data.len()) {
+fn send_one(
+    socket: &UdpSocket,
+    state: &UdpSocketState,
+    relay: &TcpRelay,
+    to: SocketAddr,
+    data: &[u8],
+) {
+    if relay.divert(to, data, data.len()) {
         return;
     }
     let t = Transmit {
@@ -719,12 +735,18 @@ impl GsoBatch {
         self.count += 1;
     }
 
-    fn flush(&mut self, socket: &UdpSocket, state: &UdpSocketState, counters: &Counters) {
+    fn flush(
+        &mut self,
+        socket: &UdpSocket,
+        state: &UdpSocketState,
+        relay: &TcpRelay,
+        counters: &Counters,
+    ) {
         if self.count == 0 {
             return;
         }
         if let Some(dst) = self.dst
-            && TCP_RELAY.divert(dst, &self.buf[..self.len], self.seg)
+            && relay.divert(dst, &self.buf[..self.len], self.seg)
         {
             self.len = 0;
             self.count = 0;
@@ -752,11 +774,13 @@ impl GsoBatch {
     }
 }
 
+#[allow(clippy::too_many_arguments)]
 fn tun_to_udp(
     engine: &Engine,
     dev: &SyncDevice,
     socket: &UdpSocket,
     state: &UdpSocketState,
+    relay: &TcpRelay,
     stop: &AtomicBool,
     intr: &InterruptEvent,
     counters: &Counters,
@@ -804,7 +828,7 @@ fn tun_to_udp(
                     } else {
                         // Move the datagram out of the slot, flush the run, start a new one.
                         scratch[..len].copy_from_slice(&batch.slot()[..len]);
-                        batch.flush(socket, state, counters);
+                        batch.flush(socket, state, relay, counters);
                         batch.slot()[..len].copy_from_slice(&scratch[..len]);
                         batch.push(to, len);
                     }
@@ -816,9 +840,9 @@ fn tun_to_udp(
                 }
             }
         }
-        batch.flush(socket, state, counters);
+        batch.flush(socket, state, relay, counters);
         // Handshake initiations the batch started.
-        flush(engine, socket, state);
+        flush(engine, socket, state, relay);
     }
 }
 
@@ -941,7 +965,7 @@ fn udp_to_tun(
             write_tun(dev, &mut gro, &mut tunbufs[..k]);
         }
         // Handshake responses, Pongs, probes back: what the batch asked to answer.
-        flush(engine, socket, state);
+        flush(engine, socket, state, &side.tcp_relay);
         forward_events(engine, &side.events);
     }
 }
@@ -961,6 +985,7 @@ fn handshakes(
     engine: &Engine,
     socket: &UdpSocket,
     state: &UdpSocketState,
+    relay: &TcpRelay,
     stop: &AtomicBool,
     counters: &Counters,
     rx: std::sync::mpsc::Receiver<(SocketAddr, [u8; HANDSHAKE_INIT_LEN])>,
@@ -984,7 +1009,7 @@ fn handshakes(
         };
         let table = engine.snapshot();
         let r = engine.decapsulate(&table, from, &d, &mut out, Instant::now());
-        flush(engine, socket, state);
+        flush(engine, socket, state, relay);
         if let Decap::Drop(r) = r {
             counters.dropped.fetch_add(1, Ordering::Relaxed);
             tracing::trace!(?r, %from, "dropped handshake initiation");
@@ -994,6 +1019,8 @@ fn handshakes(
 
 /// Where the receive thread hands off what it does not decrypt itself.
 struct Side {
+    /// The relay's TCP/TLS fallback (answers to relayed datagrams go back through it).
+    tcp_relay: Arc<TcpRelay>,
     /// The engine's events (Pongs arrive on this thread).
     events: EventSink,
     /// STUN answers: only from servers asked recently, into a bounded queue.
