@@ -59,6 +59,18 @@ impl std::fmt::Display for ApiErr {
 
 impl std::error::Error for ApiErr {}
 
+impl From<crate::store::StoreError> for ApiErr {
+    fn from(e: crate::store::StoreError) -> Self {
+        use crate::store::StoreError;
+        match e {
+            StoreError::KeyRefused(d) => ApiErr::unauthorized(d),
+            StoreError::Conflict(d) => ApiErr::conflict(d),
+            StoreError::Database(e) => e.into(),
+            StoreError::Decode(e) => e.into(),
+        }
+    }
+}
+
 impl From<sqlx::Error> for ApiErr {
     fn from(e: sqlx::Error) -> Self {
         // The detail of a database failure is for the log, not for the client.

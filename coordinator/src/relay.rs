@@ -26,6 +26,9 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use tokio_util::sync::CancellationToken;
 use x25519_dalek::{PublicKey, StaticSecret};
 
+/// Where the relay's UDP datagrams go: (to, bytes, GSO segment size when several).
+pub type UdpOut<'a> = dyn FnMut(SocketAddr, &[u8], Option<usize>) + 'a;
+
 /// A BIND whose timestamp is further than this from our clock is refused; within the window,
 /// the time must also be later than the key's last accepted BIND. BIND times are milliseconds:
 /// a node that moves its socket binds again at once, within the second of its last BIND.
@@ -398,7 +401,7 @@ impl Relay {
         buf: &mut [u8],
         stride: usize,
         now: Instant,
-        udp_out: &mut dyn FnMut(SocketAddr, &[u8], Option<usize>),
+        udp_out: &mut UdpOut<'_>,
     ) {
         if is_pseudo(from) {
             // 240.0.0.0/4 stands for TCP clients in the bindings: a (spoofed) UDP source there
@@ -459,7 +462,7 @@ impl Relay {
         buf: &[u8],
         stride: usize,
         run: Option<(SocketAddr, usize, usize)>,
-        udp_out: &mut dyn FnMut(SocketAddr, &[u8], Option<usize>),
+        udp_out: &mut UdpOut<'_>,
     ) {
         let Some((to, start, end)) = run else { return };
         let data = &buf[start..end];

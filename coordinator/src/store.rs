@@ -1,7 +1,6 @@
 //! Storage on sqlx's `Any` driver: SQLite (default, one file, WAL) or PostgreSQL, with the same
 //! portable SQL (`$N` placeholders work on both). Every multi-step change runs in one transaction.
 
-use crate::error::{ApiErr, ApiResult};
 use crate::mesh::NodeRec;
 use homeport_proto::map::{Endpoint, MeshAddrs};
 use homeport_proto::policy::Policy;
@@ -19,6 +18,25 @@ pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!();
 pub struct Store {
     pub pool: AnyPool,
 }
+
+/// What can go wrong in the store, in its own terms; `error.rs` maps each kind to one HTTP
+/// status (the store knows nothing of HTTP).
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The auth key does not admit this registration (unknown, revoked, expired, used up); the
+    /// text says which and what to do.
+    #[error("{0}")]
+    KeyRefused(String),
+    /// The change clashes with what is stored (a duplicate rule, no address left).
+    #[error("{0}")]
+    Conflict(String),
+    #[error("database error: {0}")]
+    Database(#[from] sqlx::Error),
+    #[error("stored data could not be decoded: {0}")]
+    Decode(#[from] serde_json::Error),
+}
+
+pub type StoreResult<T> = Result<T, StoreError>;
 
 pub fn now() -> i64 {
     std::time::SystemTime::now()
@@ -151,7 +169,7 @@ impl Store {
 
     // ---- settings ----
 
-    pub async fn setting(&self, name: &str) -> ApiResult<Option<String>> {
+    pub async fn setting(&self, name: &str) -> StoreResult<Option<String>> {
         let r = sqlx::query("SELECT value FROM settings WHERE name = $1")
             .bind(name)
             .fetch_optional(&self.pool)
@@ -162,7 +180,7 @@ impl Store {
         })
     }
 
-    pub async fn set_setting(&self, name: &str, value: &str) -> ApiResult<()> {
+    pub async fn set_setting(&self, name: &str, value: &str) -> StoreResult<()> {
         sqlx::query(
             "INSERT INTO settings (name, value) VALUES ($1, $2) \
              ON CONFLICT (name) DO UPDATE SET value = excluded.value",
@@ -182,7 +200,7 @@ impl Store {
         tags: &[String],
         expires_at: Option<i64>,
         max_uses: Option<i64>,
-    ) -> ApiResult<(i64, String)> {
+    ) -> StoreResult<(i64, String)> {
         let key = random_token("hpk_");
         let prefix: String = key.chars().take(12).collect();
         let mut tx = self.pool.begin().await?;
@@ -205,7 +223,7 @@ impl Store {
         Ok((id, key))
     }
 
-    pub async fn list_authkeys(&self) -> ApiResult<Vec<AuthKeyRow>> {
+    pub async fn list_authkeys(&self) -> StoreResult<Vec<AuthKeyRow>> {
         let rows = sqlx::query(
             "SELECT id, prefix, reusable, tags, created_at, expires_at, used, revoked, max_uses, uses FROM authkeys ORDER BY id",
         )
@@ -215,7 +233,7 @@ impl Store {
     }
 
     /// True when a key with that id existed.
-    pub async fn revoke_authkey(&self, id: i64) -> ApiResult<bool> {
+    pub async fn revoke_authkey(&self, id: i64) -> StoreResult<bool> {
         let r = sqlx::query("UPDATE authkeys SET revoked = 1 WHERE id = $1")
             .bind(id)
             .execute(&self.pool)
@@ -225,14 +243,14 @@ impl Store {
 
     // ---- nodes ----
 
-    pub async fn load_nodes(&self) -> ApiResult<Vec<NodeRec>> {
+    pub async fn load_nodes(&self) -> StoreResult<Vec<NodeRec>> {
         let rows = sqlx::query(&format!("SELECT {NODE_COLS} FROM nodes ORDER BY id"))
             .fetch_all(&self.pool)
             .await?;
         Ok(rows.iter().map(node_row).collect::<Result<_, _>>()?)
     }
 
-    pub async fn node_by_credential(&self, credential: &str) -> ApiResult<Option<NodeId>> {
+    pub async fn node_by_credential(&self, credential: &str) -> StoreResult<Option<NodeId>> {
         let r = sqlx::query("SELECT id FROM nodes WHERE credential_hash = $1")
             .bind(homeport_proto::api::token_hash(credential))
             .fetch_optional(&self.pool)
@@ -253,7 +271,7 @@ impl Store {
         prefix_v4: Ipv4Net,
         prefix_v6: Ipv6Net,
         previous_ipv4: Option<Ipv4Addr>,
-    ) -> ApiResult<Registered> {
+    ) -> StoreResult<Registered> {
         let now = now();
         let mut tx = self.pool.begin().await?;
         let key = sqlx::query(
@@ -263,19 +281,20 @@ impl Store {
         .fetch_optional(&mut *tx)
         .await?;
         let Some(key) = key else {
-            return Err(ApiErr::unauthorized(
-                "authkey: unknown auth key; create one with `homeport-coordinator authkey create`",
+            return Err(StoreError::KeyRefused(
+                "authkey: unknown auth key; create one with `homeport-coordinator authkey create`"
+                    .into(),
             ));
         };
         let key = authkey_row(&key)?;
         if key.revoked {
-            return Err(ApiErr::unauthorized(format!(
+            return Err(StoreError::KeyRefused(format!(
                 "authkey: auth key {} ({}…) was revoked",
                 key.id, key.prefix
             )));
         }
         if let Some(exp) = key.expires_at.filter(|&e| e <= now) {
-            return Err(ApiErr::unauthorized(format!(
+            return Err(StoreError::KeyRefused(format!(
                 "authkey: auth key {} ({}…) expired at unix time {exp}",
                 key.id, key.prefix
             )));
@@ -291,7 +310,7 @@ impl Store {
         .execute(&mut *tx)
         .await?;
         if claimed.rows_affected() == 0 {
-            return Err(ApiErr::unauthorized(match key.max_uses {
+            return Err(StoreError::KeyRefused(match key.max_uses {
                 Some(max) => format!(
                     "authkey: auth key {} ({}…) was used {max} times, its --max-uses; create a new one",
                     key.id, key.prefix
@@ -342,7 +361,7 @@ impl Store {
                 .filter(|p| !used.contains(&p.ipv4))
                 .or_else(|| allocate(prefix_v4, prefix_v6, &used))
                 .ok_or_else(|| {
-                    ApiErr::conflict(format!(
+                    StoreError::Conflict(format!(
                         "the mesh prefix {prefix_v4} has no free address left"
                     ))
                 })?;
@@ -383,7 +402,7 @@ impl Store {
         })
     }
 
-    pub async fn set_endpoints(&self, id: NodeId, endpoints: &[Endpoint]) -> ApiResult<()> {
+    pub async fn set_endpoints(&self, id: NodeId, endpoints: &[Endpoint]) -> StoreResult<()> {
         sqlx::query("UPDATE nodes SET endpoints = $1 WHERE id = $2")
             .bind(serde_json::to_string(endpoints)?)
             .bind(id.0)
@@ -392,7 +411,7 @@ impl Store {
         Ok(())
     }
 
-    pub async fn touch(&self, id: NodeId, at: i64) -> ApiResult<()> {
+    pub async fn touch(&self, id: NodeId, at: i64) -> StoreResult<()> {
         sqlx::query("UPDATE nodes SET last_seen = $1 WHERE id = $2")
             .bind(at)
             .bind(id.0)
@@ -402,7 +421,7 @@ impl Store {
     }
 
     /// Deletes a node and the publish rules it takes part in. False when there was no such node.
-    pub async fn remove_node(&self, id: NodeId) -> ApiResult<bool> {
+    pub async fn remove_node(&self, id: NodeId) -> StoreResult<bool> {
         let mut tx = self.pool.begin().await?;
         sqlx::query("DELETE FROM publish_rules WHERE exit_id = $1 OR target_id = $1")
             .bind(id.0)
@@ -419,7 +438,7 @@ impl Store {
     // ---- publish ----
 
     /// Loads the rules, filling names and addresses from `nodes`.
-    pub async fn load_publish(&self, nodes: &[NodeRec]) -> ApiResult<Vec<PublishRule>> {
+    pub async fn load_publish(&self, nodes: &[NodeRec]) -> StoreResult<Vec<PublishRule>> {
         let by_id: HashMap<NodeId, &NodeRec> = nodes.iter().map(|n| (n.id, n)).collect();
         let rows = sqlx::query(
             "SELECT id, exit_id, port, proto, target_id, target_port, guards FROM publish_rules ORDER BY id",
@@ -454,7 +473,7 @@ impl Store {
     }
 
     /// Stores a validated rule (its `id` is assigned here). 409 on a duplicate (exit, port, proto).
-    pub async fn add_publish(&self, mut rule: PublishRule) -> ApiResult<PublishRule> {
+    pub async fn add_publish(&self, mut rule: PublishRule) -> StoreResult<PublishRule> {
         let mut tx = self.pool.begin().await?;
         let dup = sqlx::query(
             "SELECT id FROM publish_rules WHERE exit_id = $1 AND port = $2 AND proto = $3",
@@ -466,7 +485,7 @@ impl Store {
         .await?;
         if let Some(d) = dup {
             let other: i64 = d.try_get("id")?;
-            return Err(ApiErr::conflict(format!(
+            return Err(StoreError::Conflict(format!(
                 "{} port {} on exit {} is already published by rule {other}; remove it first (`publish remove {other}`)",
                 rule.proto.as_str(),
                 rule.port,
@@ -493,7 +512,7 @@ impl Store {
         Ok(rule)
     }
 
-    pub async fn remove_publish(&self, id: i64) -> ApiResult<bool> {
+    pub async fn remove_publish(&self, id: i64) -> StoreResult<bool> {
         let r = sqlx::query("DELETE FROM publish_rules WHERE id = $1")
             .bind(id)
             .execute(&self.pool)
@@ -503,7 +522,7 @@ impl Store {
 
     // ---- policy ----
 
-    pub async fn policy(&self) -> ApiResult<Option<Policy>> {
+    pub async fn policy(&self) -> StoreResult<Option<Policy>> {
         let r = sqlx::query("SELECT body FROM policy WHERE id = 1")
             .fetch_optional(&self.pool)
             .await?;
@@ -513,7 +532,7 @@ impl Store {
         })
     }
 
-    pub async fn set_policy(&self, p: &Policy) -> ApiResult<()> {
+    pub async fn set_policy(&self, p: &Policy) -> StoreResult<()> {
         let mut tx = self.pool.begin().await?;
         sqlx::query("DELETE FROM policy WHERE id = 1")
             .execute(&mut *tx)
