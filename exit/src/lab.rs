@@ -1,222 +1,120 @@
-//! Network-namespace lab for the exit's tests (root + nft + ip needed).
-//!
-//! Three namespaces, all named `hpxe-<pid>-<n>-*` and deleted on drop (also on panic):
-//! - `viewer`: the internet. veth `eth0` 198.51.100.1/24 + 2001:db8:100::1/64, and viewer
-//!   source addresses 192.0.2.5, 192.0.2.6, 2001:db8:2::5, 2001:db8:2::6 on `lo`.
-//! - `vps`: the exit. veth `eth0` 198.51.100.10/24 + 2001:db8:100::10/64 (routes to the viewers
-//!   via the viewer namespace) and veth `hpx0` (standing in for the TUN) 100.96.0.1/16 +
-//!   fd7a:115c:a1e0::1/64.
-//! - `home`: the target. veth `eth0` 100.96.0.2/16 + fd7a:115c:a1e0::2/64, default routes via
-//!   the vps (like the home node routing replies into its TUN).
+//! The exit's lab for its own tests: three hosts of a [`homeport_tests::Lab`] (the one netns lab
+//! of the project: per-lab prefix, namespaces and their processes removed on drop, also on
+//! panic), wired like a VPS between the internet and a home node:
+//! - `viewer`: the internet. `eth0` 198.51.100.1/24 + 2001:db8:100::1/64, and viewer source
+//!   addresses 192.0.2.5, 192.0.2.6, 2001:db8:2::5, 2001:db8:2::6 on `lo`.
+//! - `vps`: the exit. `eth0` 198.51.100.10/24 + 2001:db8:100::10/64 (routes to the viewers via
+//!   the viewer host) and `hpx0` (standing in for the TUN) 100.96.0.1/16 + fd7a:115c:a1e0::1/64.
+//! - `home`: the target. `eth0` 100.96.0.2/16 + fd7a:115c:a1e0::2/64, default routes via the vps
+//!   (like the home node routing replies into its TUN).
 //!
 //! Under CI=true a missing tool or missing root is a failure; otherwise the test is skipped
 //! with a notice.
 
 use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream};
 use std::process::Command;
-use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
-static COUNTER: AtomicU32 = AtomicU32::new(0);
-
-/// False (after printing a notice) when the lab cannot run here and this is not CI.
-pub fn available(test: &str) -> bool {
-    available_with(test, &[])
+/// False (after a notice) when the lab cannot run here and this is not CI; panics under CI.
+pub fn available(_test: &str) -> bool {
+    available_with(_test, &[])
 }
 
-/// Like [`available`], also needing `extra` tools (each answers `--version` or `-v`).
-pub fn available_with(test: &str, extra: &[&str]) -> bool {
-    let ci = std::env::var("CI").map(|v| v == "true").unwrap_or(false);
-    let root = unsafe { libc::geteuid() } == 0;
-    let tools = [
-        ("ip", "-V"),
-        ("nft", "--version"),
-        ("conntrack", "--version"),
-    ]
-    .iter()
-    .all(|(t, v)| {
-        Command::new(t)
-            .arg(v)
-            .output()
-            .map(|o| o.status.success())
-            .unwrap_or(false)
-    }) && extra.iter().all(|t| {
-        // hping3 exits non-zero for --version; being runnable is enough.
-        Command::new(t).arg("--version").output().is_ok()
-    });
-    if root && tools {
-        return true;
-    }
-    let why = format!(
-        "{test}: needs root and ip, nft, conntrack {} (root={root}, tools={tools}; sudo ./deploy/setup.sh installs them)",
-        extra.join(", ")
-    );
-    if ci {
-        panic!("{why}; under CI=true this is a failure");
-    }
-    eprintln!("SKIPPED {why}");
-    false
+/// Like [`available`], also needing the programs in `extra` on PATH.
+pub fn available_with(_test: &str, extra: &[&str]) -> bool {
+    let mut tools = vec!["conntrack"];
+    tools.extend_from_slice(extra);
+    homeport_tests::require_root_and(&tools)
 }
 
 pub struct Lab {
+    /// Namespace names of the three hosts.
     pub viewer: String,
     pub vps: String,
     pub home: String,
-}
-
-pub fn sh(args: &[&str]) {
-    let out = Command::new(args[0])
-        .args(&args[1..])
-        .output()
-        .expect("spawn");
-    assert!(
-        out.status.success(),
-        "{:?} failed: {}",
-        args,
-        String::from_utf8_lossy(&out.stderr)
-    );
+    _lab: homeport_tests::Lab,
 }
 
 impl Lab {
     pub fn new() -> Lab {
-        let n = COUNTER.fetch_add(1, Ordering::Relaxed);
-        let p = format!("hpxe-{}-{n}", std::process::id());
-        let lab = Lab {
-            viewer: format!("{p}-viewer"),
-            vps: format!("{p}-vps"),
-            home: format!("{p}-home"),
-        };
-        // From here on Drop cleans up, whatever fails.
-        for ns in [&lab.viewer, &lab.vps, &lab.home] {
-            sh(&["ip", "netns", "add", ns]);
-        }
-        let (v, x, h) = (lab.viewer.as_str(), lab.vps.as_str(), lab.home.as_str());
-        sh(&[
-            "ip", "-n", v, "link", "add", "eth0", "type", "veth", "peer", "name", "eth0", "netns",
-            x,
-        ]);
-        sh(&[
-            "ip", "-n", x, "link", "add", "hpx0", "type", "veth", "peer", "name", "eth0", "netns",
-            h,
-        ]);
-        let cmds: Vec<(&str, Vec<&str>)> = vec![
-            (v, vec!["addr", "add", "198.51.100.1/24", "dev", "eth0"]),
-            (
-                v,
-                vec!["addr", "add", "2001:db8:100::1/64", "dev", "eth0", "nodad"],
-            ),
-            (v, vec!["addr", "add", "192.0.2.5/32", "dev", "lo"]),
-            (v, vec!["addr", "add", "192.0.2.6/32", "dev", "lo"]),
-            (v, vec!["addr", "add", "2001:db8:2::5/128", "dev", "lo"]),
-            (v, vec!["addr", "add", "2001:db8:2::6/128", "dev", "lo"]),
-            (x, vec!["addr", "add", "198.51.100.10/24", "dev", "eth0"]),
-            (
-                x,
-                vec!["addr", "add", "2001:db8:100::10/64", "dev", "eth0", "nodad"],
-            ),
-            (x, vec!["addr", "add", "100.96.0.1/16", "dev", "hpx0"]),
-            (
-                x,
-                vec![
-                    "addr",
-                    "add",
-                    "fd7a:115c:a1e0::1/64",
-                    "dev",
-                    "hpx0",
-                    "nodad",
-                ],
-            ),
-            (h, vec!["addr", "add", "100.96.0.2/16", "dev", "eth0"]),
-            (
-                h,
-                vec![
-                    "addr",
-                    "add",
-                    "fd7a:115c:a1e0::2/64",
-                    "dev",
-                    "eth0",
-                    "nodad",
-                ],
-            ),
-        ];
-        for (ns, c) in &cmds {
-            let mut a = vec!["ip", "-n", ns];
-            a.extend(c);
-            sh(&a);
-        }
-        for ns in [v, x, h] {
-            for dev in ["lo", "eth0"] {
-                sh(&["ip", "-n", ns, "link", "set", dev, "up"]);
+        Lab::build().expect("building the exit lab")
+    }
+
+    fn build() -> anyhow::Result<Lab> {
+        let mut lab = homeport_tests::Lab::new()?;
+        let (viewer, vps, home) = (
+            lab.add_host("viewer")?,
+            lab.add_host("vps")?,
+            lab.add_host("home")?,
+        );
+        lab.link("viewer", "198.51.100.1/24", "vps", "198.51.100.10/24")?;
+        // The vps end of its link to home is `hpx0`, the TUN's stand-in.
+        lab.link("home", "100.96.0.2/16", "vps", "")?;
+        lab.ip("vps", &["link", "set", "eth1", "down"])?;
+        lab.ip("vps", &["link", "set", "eth1", "name", "hpx0"])?;
+        lab.ip("vps", &["addr", "add", "100.96.0.1/16", "dev", "hpx0"])?;
+        lab.ip("vps", &["link", "set", "hpx0", "up"])?;
+        for (host, cidr, dev) in [
+            ("viewer", "2001:db8:100::1/64", "eth0"),
+            ("viewer", "192.0.2.5/32", "lo"),
+            ("viewer", "192.0.2.6/32", "lo"),
+            ("viewer", "2001:db8:2::5/128", "lo"),
+            ("viewer", "2001:db8:2::6/128", "lo"),
+            ("vps", "2001:db8:100::10/64", "eth0"),
+            ("vps", "fd7a:115c:a1e0::1/64", "hpx0"),
+            ("home", "fd7a:115c:a1e0::2/64", "eth0"),
+        ] {
+            let mut args = vec!["addr", "add", cidr, "dev", dev];
+            if cidr.contains(':') && dev != "lo" {
+                args.push("nodad");
             }
+            lab.ip(host, &args)?;
         }
-        sh(&["ip", "-n", x, "link", "set", "hpx0", "up"]);
-        sh(&[
-            "ip",
-            "-n",
-            x,
-            "route",
-            "add",
-            "192.0.2.0/24",
-            "via",
-            "198.51.100.1",
-        ]);
-        sh(&[
-            "ip",
-            "-n",
-            x,
-            "-6",
-            "route",
-            "add",
-            "2001:db8:2::/64",
-            "via",
-            "2001:db8:100::1",
-        ]);
-        sh(&[
-            "ip",
-            "-n",
-            h,
-            "route",
-            "add",
-            "default",
-            "via",
-            "100.96.0.1",
-        ]);
-        sh(&[
-            "ip",
-            "-n",
-            h,
-            "-6",
-            "route",
-            "add",
-            "default",
-            "via",
-            "fd7a:115c:a1e0::1",
-        ]);
-        for k in [
-            "net.ipv4.ip_forward=1",
-            "net.ipv6.conf.all.forwarding=1",
-            // What enable_forwarding sets on a real exit (the synproxy needs it).
-            "net.netfilter.nf_conntrack_tcp_loose=0",
-        ] {
-            sh(&["ip", "netns", "exec", x, "sysctl", "-q", "-w", k]);
-        }
+        lab.ip(
+            "vps",
+            &["route", "add", "192.0.2.0/24", "via", "198.51.100.1"],
+        )?;
+        lab.ip(
+            "vps",
+            &[
+                "-6",
+                "route",
+                "add",
+                "2001:db8:2::/64",
+                "via",
+                "2001:db8:100::1",
+            ],
+        )?;
+        lab.default_route("home", "100.96.0.1")?;
+        lab.ip(
+            "home",
+            &["-6", "route", "add", "default", "via", "fd7a:115c:a1e0::1"],
+        )?;
+        lab.forwarding("vps")?;
+        // What enable_forwarding sets on a real exit (the synproxy needs it).
+        lab.exec(
+            "vps",
+            &["sysctl", "-qw", "net.netfilter.nf_conntrack_tcp_loose=0"],
+        )?;
         // Wait until both links carry v4 and v6 (a fresh veth needs a moment for IPv6).
-        for (ns, src, dst) in [
-            (v, "192.0.2.5", "198.51.100.10"),
-            (v, "2001:db8:2::5", "2001:db8:100::10"),
-            (x, "100.96.0.1", "100.96.0.2"),
-            (x, "fd7a:115c:a1e0::1", "fd7a:115c:a1e0::2"),
+        for (host, src, dst) in [
+            ("viewer", "192.0.2.5", "198.51.100.10"),
+            ("viewer", "2001:db8:2::5", "2001:db8:100::10"),
+            ("vps", "100.96.0.1", "100.96.0.2"),
+            ("vps", "fd7a:115c:a1e0::1", "fd7a:115c:a1e0::2"),
         ] {
-            let ok = (0..30).any(|_| {
-                Command::new("ip")
-                    .args(["netns", "exec", ns, "ping", "-c1", "-W1", "-I", src, dst])
-                    .output()
-                    .map(|o| o.status.success())
-                    .unwrap_or(false)
+            let up = (0..30).any(|_| {
+                lab.exec(host, &["ping", "-c1", "-W1", "-I", src, dst])
+                    .is_ok()
             });
-            assert!(ok, "lab link {src} -> {dst} in {ns} never came up");
+            anyhow::ensure!(up, "lab link {src} -> {dst} in {host} never came up");
         }
-        lab
+        Ok(Lab {
+            viewer,
+            vps,
+            home,
+            _lab: lab,
+        })
     }
 
     /// Runs `f` on a thread inside namespace `ns`: sockets it creates live in that namespace.
@@ -337,19 +235,4 @@ fn tcp_maxseg(s: &TcpStream) -> i32 {
         )
     };
     if rc == 0 { v } else { -1 }
-}
-
-impl Drop for Lab {
-    fn drop(&mut self) {
-        if std::env::var_os("HOMEPORT_LAB_KEEP").is_some() {
-            eprintln!(
-                "HOMEPORT_LAB_KEEP: leaving {} {} {}",
-                self.viewer, self.vps, self.home
-            );
-            return;
-        }
-        for ns in [&self.viewer, &self.vps, &self.home] {
-            let _ = Command::new("ip").args(["netns", "del", ns]).output();
-        }
-    }
 }
