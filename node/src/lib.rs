@@ -16,5 +16,6 @@ pub mod daemon;
 pub mod datapath;
 pub mod engine;
 pub mod plex;
+pub mod report;
 pub mod state;
 pub mod stun;
