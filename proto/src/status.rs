@@ -31,8 +31,12 @@ pub const MAX_REPORT_PEERS: usize = 256;
 pub const MAX_REPORT_LIVE: usize = 100;
 /// Most recent audit lines one exit report carries.
 pub const MAX_REPORT_RECENT: usize = 20;
-/// Longest text field of a report (version strings, reasons, addresses).
+/// Longest text field of a report in characters (version strings, reasons, addresses).
 pub const MAX_REPORT_TEXT: usize = 200;
+/// Longest error text of an exit report, in characters.
+pub const MAX_REPORT_ERROR: usize = 1000;
+/// Most rule ids in an exit report.
+pub const MAX_REPORT_RULES: usize = 4096;
 
 /// How a node reaches one peer right now.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -125,60 +129,81 @@ pub struct ExitStatusReport {
     pub recent: Vec<AuditLine>,
 }
 
+/// `field: at most N characters` when `s` is longer than `max` characters.
+fn text(field: &str, s: &str, max: usize) -> Result<(), String> {
+    if s.chars().count() > max {
+        return Err(format!("{field}: at most {max} characters"));
+    }
+    Ok(())
+}
+
 impl NodeStatusReport {
     /// What is wrong with a report (the field and what is accepted), if anything.
     pub fn problem(&self) -> Option<String> {
-        if self.version.len() > MAX_REPORT_TEXT {
-            return Some(format!("version: at most {MAX_REPORT_TEXT} bytes"));
-        }
+        self.check().err()
+    }
+
+    fn check(&self) -> Result<(), String> {
+        text("version", &self.version, MAX_REPORT_TEXT)?;
         if self.peers.len() > MAX_REPORT_PEERS {
-            return Some(format!(
+            return Err(format!(
                 "peers: {} reported; at most {MAX_REPORT_PEERS} are accepted",
                 self.peers.len()
             ));
         }
         for (i, p) in self.peers.iter().enumerate() {
-            for (what, v) in [("addr", &p.addr), ("reason", &p.reason)] {
-                if v.as_ref().is_some_and(|s| s.len() > MAX_REPORT_TEXT) {
-                    return Some(format!(
-                        "peers[{i}].{what}: at most {MAX_REPORT_TEXT} bytes"
-                    ));
-                }
-            }
+            text(
+                &format!("peers[{i}].addr"),
+                p.addr.as_deref().unwrap_or(""),
+                MAX_REPORT_TEXT,
+            )?;
+            text(
+                &format!("peers[{i}].reason"),
+                p.reason.as_deref().unwrap_or(""),
+                MAX_REPORT_TEXT,
+            )?;
         }
-        None
+        Ok(())
     }
 }
 
 impl ExitStatusReport {
     /// What is wrong with a report (the field and what is accepted), if anything.
     pub fn problem(&self) -> Option<String> {
-        if self.version.len() > MAX_REPORT_TEXT {
-            return Some(format!("version: at most {MAX_REPORT_TEXT} bytes"));
-        }
-        if self
-            .error
-            .as_ref()
-            .is_some_and(|s| s.len() > MAX_REPORT_TEXT * 5)
-        {
-            return Some(format!("error: at most {} bytes", MAX_REPORT_TEXT * 5));
-        }
+        self.check().err()
+    }
+
+    fn check(&self) -> Result<(), String> {
+        text("version", &self.version, MAX_REPORT_TEXT)?;
+        text(
+            "error",
+            self.error.as_deref().unwrap_or(""),
+            MAX_REPORT_ERROR,
+        )?;
         if self.live.len() > MAX_REPORT_LIVE {
-            return Some(format!(
+            return Err(format!(
                 "live: {} connections listed; at most {MAX_REPORT_LIVE} (count the rest in live_omitted)",
                 self.live.len()
             ));
         }
         if self.recent.len() > MAX_REPORT_RECENT {
-            return Some(format!(
+            return Err(format!(
                 "recent: {} lines; at most {MAX_REPORT_RECENT}",
                 self.recent.len()
             ));
         }
-        if self.rules_applied.len() > 65_536 {
-            return Some("rules_applied: at most 65536 ids".into());
+        if self.rules_applied.len() > MAX_REPORT_RULES {
+            return Err(format!("rules_applied: at most {MAX_REPORT_RULES} ids"));
         }
-        None
+        for (i, c) in self.live.iter().enumerate() {
+            text(&format!("live[{i}].source"), &c.source, MAX_REPORT_TEXT)?;
+        }
+        for (i, l) in self.recent.iter().enumerate() {
+            text(&format!("recent[{i}].time"), &l.time, MAX_REPORT_TEXT)?;
+            text(&format!("recent[{i}].source"), &l.source, MAX_REPORT_TEXT)?;
+            text(&format!("recent[{i}].verdict"), &l.verdict, MAX_REPORT_TEXT)?;
+        }
+        Ok(())
     }
 }
 
