@@ -190,6 +190,87 @@ pub fn make_overview(st: &AppState) -> Overview {
     }
 }
 
+/// `homeport-coordinator status`: the overview as text.
+pub fn render_text(o: &Overview) -> String {
+    use std::fmt::Write;
+    let mut s = String::new();
+    let _ = writeln!(s, "{}", o.coordinator_version);
+    for n in &o.nodes {
+        let _ = writeln!(
+            s,
+            "\n{}  {} {}  {}  {}",
+            n.info.name,
+            n.info.addrs.ipv4,
+            n.info.addrs.ipv6,
+            if n.info.online { "online" } else { "offline" },
+            n.version.as_deref().unwrap_or("not reporting")
+        );
+        if let Some(e) = &n.exit {
+            let _ = writeln!(
+                s,
+                "  exit: {}, {}",
+                e.version,
+                match (&e.error, e.rules_in_sync) {
+                    (Some(err), _) => format!("rules not applied: {err}"),
+                    (None, true) => "rules applied".into(),
+                    (None, false) => "rules not applied yet".into(),
+                }
+            );
+        }
+        for p in &n.peers {
+            let path = match p.report.path {
+                PathKind::Direct => format!("direct {}", p.report.addr.as_deref().unwrap_or("")),
+                PathKind::Relay => format!("relay: {}", p.report.reason.as_deref().unwrap_or("")),
+                PathKind::None => "no path yet".into(),
+            };
+            let hs = p
+                .report
+                .last_handshake_secs_ago
+                .map(|h| format!("handshake {h} s ago"))
+                .unwrap_or_else(|| "no handshake".into());
+            let _ = writeln!(
+                s,
+                "  -> {:<20} {path}  ({hs}, rx {} B, tx {} B)",
+                p.peer_name.as_str(),
+                p.report.rx_bytes,
+                p.report.tx_bytes
+            );
+        }
+    }
+    for r in &o.publish {
+        let _ = writeln!(
+            s,
+            "\nrule {}: {}:{}/{} -> {}:{}  {}",
+            r.rule.id,
+            r.rule.exit_name.as_str(),
+            r.rule.port,
+            r.rule.proto.as_str(),
+            r.rule.target_name.as_str(),
+            r.rule.target_port,
+            match r.applied {
+                Some(true) => "live on the exit",
+                Some(false) => "not applied on the exit",
+                None => "exit not reporting",
+            }
+        );
+        for c in &r.live {
+            let _ = writeln!(
+                s,
+                "  connected: {}  let in by {}  in {} B  out {} B  {}",
+                c.conn.source,
+                c.label,
+                c.conn.bytes_in,
+                c.conn.bytes_out,
+                c.conn
+                    .duration_secs
+                    .map(|d| format!("{d} s"))
+                    .unwrap_or_else(|| "?".into())
+            );
+        }
+    }
+    s
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
