@@ -77,7 +77,11 @@ pub fn report(audit: &Audit, table: &[CtEvent], now_micros: i64) -> ExitStatusRe
     live.truncate(MAX_REPORT_LIVE);
     ExitStatusReport {
         version: format!("homeport-exit {}", env!("CARGO_PKG_VERSION")),
-        rules_applied: audit.installed_rule_ids(),
+        rules_applied: {
+            let mut ids = audit.installed_rule_ids();
+            ids.truncate(homeport_proto::status::MAX_REPORT_RULES);
+            ids
+        },
         error: None,
         live,
         live_omitted: omitted as u64,

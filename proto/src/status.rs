@@ -35,8 +35,9 @@ pub const MAX_REPORT_RECENT: usize = 20;
 pub const MAX_REPORT_TEXT: usize = 200;
 /// Longest error text of an exit report, in characters.
 pub const MAX_REPORT_ERROR: usize = 1000;
-/// Most rule ids in an exit report.
-pub const MAX_REPORT_RULES: usize = 4096;
+/// Most rule ids in an exit report (an exit with more rules than this is not a home setup; the
+/// largest report must stay under the API's 64 KiB body limit).
+pub const MAX_REPORT_RULES: usize = 1024;
 
 /// How a node reaches one peer right now.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
