@@ -400,10 +400,11 @@ fn dashboard_in_chromium_shows_paths_publishes_and_sees_the_viewer_live() {
 
 fn dashboard_in_chromium_body(p: &mut DashLab) -> Result<()> {
     let url = p.dashboard_url()?;
-    // The Plex stand-in at home, with a file a throttled viewer takes ~10 s to fetch.
+    // The Plex stand-in at home, with a file a throttled viewer takes ~12 s to fetch (more than
+    // the socket buffers along the way hold, so the connection stays open while the page looks).
     let media = p.lab.dir().join("media");
     std::fs::create_dir_all(&media)?;
-    let data: Vec<u8> = (0..(2u32 << 20))
+    let data: Vec<u8> = (0..(24u32 << 20))
         .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
         .collect();
     std::fs::write(media.join("movie"), &data)?;
@@ -514,7 +515,7 @@ fn dashboard_in_chromium_body(p: &mut DashLab) -> Result<()> {
             "curl",
             "-sS",
             "--limit-rate",
-            "160k",
+            "2M",
             "-o",
             got.to_str().context("path")?,
             &movie,
