@@ -11,6 +11,8 @@
 //   publish EXIT PORT TARGET TPORT ALLOW   fill in and submit the publish form; the confirmation text
 //   bad-allow VALUE                  submit the form with VALUE as the allow-list; the error shown next to it
 //   live PORT SOURCE_PREFIX          wait until a live connection from SOURCE_PREFIX shows on PORT's rule; its row
+//   remove-rule PORT                 remove PORT's rule (two clicks: arm, confirm); waits until it is gone
+//   authkey                          create an auth key from the form; the lines shown to copy
 //   screenshot NAME                  full-page PNG into SCREENSHOT_DIR/NAME.png
 //   quit
 'use strict';
@@ -104,6 +106,20 @@ async function main() {
           return null;
         }, [port, prefix], { timeout: WAIT_MS, polling: 250 });
         answer(true, await handle.jsonValue());
+      } else if (cmd === 'remove-rule') {
+        const sel = `#publish .rule[data-port="${args[0]}"] button[data-remove]`;
+        await page.click(sel);
+        await page.waitForFunction((s) => {
+          const b = document.querySelector(s);
+          return b && b.textContent.startsWith('Click again');
+        }, sel, { timeout: WAIT_MS });
+        await page.click(sel);
+        await page.waitForSelector(`#publish .rule[data-port="${args[0]}"]`, { state: 'detached', timeout: WAIT_MS });
+        answer(true, 'removed');
+      } else if (cmd === 'authkey') {
+        await page.click('#authkey-form button[type=submit]');
+        await page.waitForSelector('#key-result:not(.hidden)', { timeout: WAIT_MS });
+        answer(true, await page.textContent('#key-lines'));
       } else if (cmd === 'screenshot') {
         const file = path.join(shots, `${args[0]}.png`);
         await page.screenshot({ path: file, fullPage: true });

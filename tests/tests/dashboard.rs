@@ -392,7 +392,8 @@ impl Drop for Browser {
 /// The page lists the nodes with the path each takes to the other (the same the nodes' own
 /// `homeport status` reports), publishes Plex from the form (a viewer downloads through it), shows
 /// the viewer's connection live with its address, and shows the API's error for a bad CIDR next
-/// to the allow-list field.
+/// to the allow-list field; removing the rule from the page shuts the viewer out, and a new auth
+/// key comes with the `homeport up` line for this coordinator.
 #[test]
 fn dashboard_in_chromium_shows_paths_publishes_and_sees_the_viewer_live() {
     with_lab(dashboard_in_chromium_body, true);
@@ -547,6 +548,37 @@ fn dashboard_in_chromium_body(p: &mut DashLab) -> Result<()> {
         log.contains(&format!("client={VIEWER_IP}:")),
         "Plex saw the viewer: {log}"
     );
+
+    // Remove the rule from the page: the viewer is shut out again.
+    b.ask("remove-rule 32400")?;
+    let rules = p.coord.admin(&["publish", "list", "--json"])?;
+    ensure!(
+        rules.trim() == "[]",
+        "after removing from the page: {rules}"
+    );
+    wait_until("the viewer to be shut out", Duration::from_secs(15), || {
+        !p.lab
+            .command("viewer", "curl")
+            .args(["-s", "--max-time", "2", "-o", "/dev/null", &movie])
+            .status()
+            .is_ok_and(|s| s.success())
+    })?;
+
+    // A new auth key, shown once with the lines to join a device.
+    let lines = b.ask("authkey")?;
+    let lines = lines.as_str().context("key lines")?;
+    eprintln!("auth key lines on the page:\n{lines}");
+    ensure!(
+        lines.contains("\nhpk_")
+            && lines.contains(&format!(
+                "homeport up --coordinator {} --pin {} --authkey-file /root/homeport.authkey",
+                p.coord.url, p.coord.pin
+            )),
+        "auth key lines: {lines}"
+    );
+    let keys = p.coord.admin(&["authkey", "list", "--json"])?;
+    let keys: serde_json::Value = serde_json::from_str(&keys)?;
+    ensure!(keys.as_array().is_some_and(|k| k.len() == 2), "{keys}");
 
     let end = b.ask("quit")?;
     ensure!(
