@@ -150,3 +150,70 @@ pub async fn run(state_dir: PathBuf, audit: Arc<Audit>, exec: Exec, stop: Cancel
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::nft::tests::sample;
+
+    /// A `conntrack -L -o extended,id` line of a published flow (rule 7 of `sample()`).
+    const LISTED: &str = "ipv4     2 tcp      6 431990 ESTABLISHED src=192.0.2.5 dst=198.51.100.10 sport=36853 dport=32400 packets=7 bytes=420 src=100.96.0.2 dst=192.0.2.5 sport=32400 dport=36853 packets=9 bytes=5468 [ASSURED] mark=0 use=1 id=257805110";
+    const NEW: &str = "[1700000000.500000]\t    [NEW] ipv4     2 tcp      6 120 SYN_SENT src=192.0.2.5 dst=198.51.100.10 sport=36853 dport=32400 [UNREPLIED] src=100.96.0.2 dst=192.0.2.5 sport=32400 dport=36853 id=257805110";
+
+    #[test]
+    fn live_connections_come_from_the_table_with_rule_bytes_and_duration() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = Audit::open(dir.path()).unwrap();
+        a.set_rules(&sample());
+        a.on_ct_event(&parse_ct_event(NEW).unwrap());
+        let table: Vec<CtEvent> = [
+            LISTED.to_string(),
+            // Over: lingering in TIME_WAIT.
+            LISTED
+                .replace("ESTABLISHED", "TIME_WAIT")
+                .replace("36853", "40000"),
+            // Not published (the VPS's own SSH).
+            LISTED
+                .replace("dport=32400", "dport=22")
+                .replace("src=100.96.0.2", "src=198.51.100.10"),
+        ]
+        .iter()
+        .filter_map(|l| parse_ct_event(&format!("[NEW] {l}")))
+        .collect();
+        assert_eq!(table.len(), 3);
+        let r = report(&a, &table, 1_700_000_012_500_000);
+        assert_eq!(r.rules_applied.len(), sample().len());
+        assert_eq!(r.live.len(), 1, "{:?}", r.live);
+        let c = &r.live[0];
+        assert_eq!((c.rule, c.source.as_str()), (7, "192.0.2.5:36853"));
+        assert_eq!((c.bytes_in, c.bytes_out), (420, 5468));
+        assert_eq!(c.duration_secs, Some(12));
+        assert!(r.problem().is_none());
+    }
+
+    #[test]
+    fn recent_lines_are_the_newest_of_the_log_end() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = Audit::open(dir.path()).unwrap();
+        for i in 0..500 {
+            a.write(&AuditRecord {
+                time: format!("t{i}"),
+                source: "203.0.113.9".into(),
+                rule: 7,
+                proto: "tcp".into(),
+                port: 32400,
+                target: String::new(),
+                verdict: "banned".into(),
+                bytes_in: None,
+                bytes_out: None,
+                duration_s: None,
+                packets: Some(i),
+            });
+        }
+        let r = recent_lines(a.path(), MAX_REPORT_RECENT);
+        assert_eq!(r.len(), MAX_REPORT_RECENT);
+        assert_eq!(r.last().unwrap().time, "t499");
+        assert_eq!(r[0].time, format!("t{}", 500 - MAX_REPORT_RECENT));
+        assert!(recent_lines(&dir.path().join("none"), 5).is_empty());
+    }
+}
