@@ -314,6 +314,21 @@ fn dashboard_is_mesh_only_and_refuses_the_api_without_login_body(p: &mut DashLab
     let (code, _, body) = p.curl("home", &["-b", jar_s, &api("/api/v1/admin/overview")]);
     ensure!(code == 200, "overview: {code} {body}");
     ensure!(body.contains(&exit_ip), "overview: {body}");
+
+    // The CLI reads the same overview: both nodes' paths and the exit's table.
+    let status = wait_for(
+        "`homeport-coordinator status` to list both paths",
+        Duration::from_secs(15),
+        || {
+            let out = p.coord.admin(&["status"]).ok()?;
+            (out.contains("-> vps")
+                && out.contains("-> home")
+                && out.contains("exit: homeport-exit"))
+            .then_some(out)
+        },
+    )?;
+    eprintln!("homeport-coordinator status:\n{status}");
+    ensure!(status.contains("rules applied"), "{status}");
     Ok(())
 }
 
