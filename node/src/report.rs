@@ -72,3 +72,57 @@ pub async fn run(
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use homeport_proto::map::MeshAddrs;
+    use homeport_proto::{NodeId, NodeName, PrivateKey};
+
+    fn peer(id: i64, path: PathInfo) -> PeerStatus {
+        PeerStatus {
+            id: NodeId(id),
+            name: NodeName::sanitize(&format!("n{id}")).unwrap(),
+            public_key: PrivateKey::generate().public_key(),
+            addrs: MeshAddrs {
+                ipv4: "100.96.0.9".parse().unwrap(),
+                ipv6: "fd00::9".parse().unwrap(),
+            },
+            path,
+            last_handshake_secs_ago: Some(4),
+            rx_bytes: 10,
+            tx_bytes: 20,
+            handshakes: 1,
+            online: true,
+        }
+    }
+
+    #[test]
+    fn report_says_direct_address_or_relay_reason_and_is_accepted() {
+        let long = "x".repeat(5000);
+        let r = report(
+            "homeport 0.1.0",
+            &[
+                peer(
+                    1,
+                    PathInfo::Direct {
+                        addr: "198.51.100.10:41641".parse().unwrap(),
+                    },
+                ),
+                peer(2, PathInfo::Relay { reason: long }),
+                peer(3, PathInfo::None),
+            ],
+        );
+        assert_eq!(r.peers[0].path, PathKind::Direct);
+        assert_eq!(r.peers[0].addr.as_deref(), Some("198.51.100.10:41641"));
+        assert_eq!(r.peers[1].path, PathKind::Relay);
+        assert_eq!(r.peers[2].path, PathKind::None);
+        assert_eq!((r.peers[0].rx_bytes, r.peers[0].tx_bytes), (10, 20));
+        // A long reason is cut to what the coordinator accepts.
+        assert!(r.problem().is_none());
+        let many: Vec<PeerStatus> = (0..MAX_REPORT_PEERS as i64 + 10)
+            .map(|i| peer(i, PathInfo::None))
+            .collect();
+        assert!(report("v", &many).problem().is_none());
+    }
+}
