@@ -11,6 +11,7 @@
 //   publish EXIT PORT TARGET TPORT ALLOW   fill in and submit the publish form; the confirmation text
 //   bad-allow VALUE                  submit the form with VALUE as the allow-list; the error shown next to it
 //   live PORT SOURCE_PREFIX          wait until a live connection from SOURCE_PREFIX shows on PORT's rule; its row
+//   recent PORT VERDICT              wait until PORT's recent audit lines show one with VERDICT; its row
 //   remove-rule PORT                 remove PORT's rule (two clicks: arm, confirm); waits until it is gone
 //   authkey                          create an auth key from the form; the lines shown to copy
 //   screenshot NAME                  full-page PNG into SCREENSHOT_DIR/NAME.png
@@ -105,6 +106,13 @@ async function main() {
           for (const r of rows) if (r.dataset.source.startsWith(pre)) return [...r.cells].map((c) => c.textContent);
           return null;
         }, [port, prefix], { timeout: WAIT_MS, polling: 250 });
+        answer(true, await handle.jsonValue());
+      } else if (cmd === 'recent') {
+        const [port, verdict] = args;
+        const handle = await page.waitForFunction(([p, v]) => {
+          const r = document.querySelector(`#publish .rule[data-port="${p}"] table.recent tr[data-verdict="${v}"]`);
+          return r ? [...r.cells].map((c) => c.textContent) : null;
+        }, [port, verdict], { timeout: WAIT_MS, polling: 250 });
         answer(true, await handle.jsonValue());
       } else if (cmd === 'remove-rule') {
         const sel = `#publish .rule[data-port="${args[0]}"] button[data-remove]`;

@@ -564,6 +564,22 @@ fn dashboard_in_chromium_body(p: &mut DashLab) -> Result<()> {
         "Plex saw the viewer: {log}"
     );
 
+    // A source outside the allow-list (the carrier's public address) is refused; the exit's
+    // audit line for it shows among the rule's recent lines.
+    let refused = p
+        .lab
+        .command("carrier", "curl")
+        .args(["-s", "--max-time", "2", "-o", "/dev/null", &movie])
+        .status()?;
+    ensure!(
+        !refused.success(),
+        "a source outside the allow-list got through"
+    );
+    let deny = b.ask("recent 32400 not-in-allow-list")?;
+    eprintln!("denial on the page: {deny}");
+    ensure!(deny.to_string().contains(CARRIER_WAN), "{deny}");
+    b.ask("screenshot recent")?;
+
     // Remove the rule from the page: the viewer is shut out again.
     b.ask("remove-rule 32400")?;
     let rules = p.coord.admin(&["publish", "list", "--json"])?;

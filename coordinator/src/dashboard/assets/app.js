@@ -192,7 +192,7 @@ function renderPublish(o) {
             h('td', {}, c.source), h('td', {}, c.label), h('td', { class: 'num' }, bytes(c.bytes_in)),
             h('td', { class: 'num' }, bytes(c.bytes_out)), h('td', { class: 'num' }, duration(c.duration_secs)))))),
       r.recent.length === 0 ? null : [h('div', { class: 'sub' }, 'Recent (audit log)'),
-        h('table', { class: 'recent' }, h('tbody', {}, r.recent.slice().reverse().map((l) => h('tr', {},
+        h('table', { class: 'recent' }, h('tbody', {}, r.recent.slice().reverse().map((l) => h('tr', { 'data-verdict': l.verdict },
           h('td', {}, l.time.replace('T', ' ').replace(/\.\d+/, '')), h('td', {}, l.source),
           h('td', { class: l.verdict === 'allowed' ? 'on' : 'bad' }, l.verdict),
           h('td', { class: 'num' }, l.verdict === 'allowed' ? `${bytes(l.bytes_in)} in, ${bytes(l.bytes_out)} out, ${l.duration_s} s` : `${l.packets} packets dropped`)))))]);
