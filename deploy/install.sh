@@ -260,6 +260,10 @@ homeport-coordinator nodes 2>/dev/null | grep -qw "${exit_name:-vps}" \
 
 home_key=$(homeport-coordinator authkey create --expires 24h)
 url="https://$public_ip:$port"
+# The web dashboard listens on the exit's mesh address once its interface is up (coordinator.toml: dashboard-port).
+dash_file=/var/lib/homeport-coordinator/dashboard.addr
+for _ in $(seq 25); do [ -s "$dash_file" ] && break; sleep 0.2; done
+dashboard=$(head -n1 "$dash_file" 2>/dev/null || true)
 cat <<EOF
 
 Done: homeport-coordinator and homeport-exit ("${exit_name:-vps}") run on this VPS.
@@ -277,5 +281,7 @@ Then, here on the VPS, publish Plex and check:
   sudo homeport-coordinator publish add --exit ${exit_name:-vps} --port 32400 --to home:32400
   sudo homeport-coordinator nodes
   sudo homeport-exit log --follow
-Plex settings: $doc_dir/plex.md
+${dashboard:+Or in a browser on any device of the mesh (the home server, a laptop that ran homeport up):
+  http://$dashboard/   (log in with the admin token: sudo cat /var/lib/homeport-coordinator/admin.token)
+}Plex settings: $doc_dir/plex.md
 EOF

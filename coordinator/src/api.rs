@@ -24,6 +24,7 @@ use homeport_proto::map::MapMessage;
 use homeport_proto::policy::Policy;
 use homeport_proto::publish::{Guards, PublishProto, PublishRequest, PublishRule};
 use homeport_proto::register::{self, RegisterChallenge};
+use homeport_proto::status;
 use homeport_proto::{CAPABILITY_VERSION, NodeId, NodeName};
 use ipnet::IpNet;
 use serde::de::DeserializeOwned;
@@ -66,6 +67,10 @@ pub fn app(state: AppState) -> Router {
             delete(publish_remove),
         )
         .route(api::PATH_ADMIN_POLICY, get(policy_get).put(policy_set))
+        .route(
+            status::PATH_ADMIN_OVERVIEW,
+            get(crate::dashboard::live::overview),
+        )
         // Every admin route needs an admin, whatever its handler takes: a route added later
         // cannot forget it.
         .route_layer(axum::middleware::from_fn_with_state(
@@ -78,6 +83,14 @@ pub fn app(state: AppState) -> Router {
         .route(api::PATH_MAP, get(map_stream))
         .route(api::PATH_ENDPOINTS, post(endpoints))
         .route(api::PATH_PROBE, post(probe))
+        .route(
+            status::PATH_NODE_STATUS,
+            post(crate::dashboard::live::node_status),
+        )
+        .route(
+            status::PATH_EXIT_STATUS,
+            post(crate::dashboard::live::exit_status),
+        )
         .route(api::PATH_RELAY_TCP, get(relay_tcp))
         .route(api::PATH_OPENAPI, get(openapi))
         .merge(admin)
@@ -612,7 +625,7 @@ async fn authkey_revoke(
     }
 }
 
-fn node_info(n: &NodeRec, at: i64) -> NodeInfo {
+pub(crate) fn node_info(n: &NodeRec, at: i64) -> NodeInfo {
     NodeInfo {
         id: n.id,
         name: n.name.clone(),
@@ -647,6 +660,7 @@ async fn node_remove(
     })?;
     st.store.remove_node(id).await?;
     let dropped = st.mesh().remove_node(id);
+    st.live.forget(id);
     tracing::info!(node = %id, name, ?dropped, "node removed; its publish rules were removed with it");
     Ok(StatusCode::NO_CONTENT)
 }

@@ -56,6 +56,15 @@ pub enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// Live status, as the web dashboard shows it: each node's version and path to each peer
+    /// (direct ip:port or relay and why), the exits' rules, the published connections open now
+    Status {
+        #[command(flatten)]
+        conn: ConnArgs,
+        /// Print JSON (the Overview of GET /api/v1/admin/overview) instead of text
+        #[arg(long)]
+        json: bool,
+    },
     /// Act on one node
     Node {
         #[command(flatten)]
@@ -442,6 +451,20 @@ pub async fn admin(cmd: Cmd) -> anyhow::Result<()> {
                     rows
                 )
             );
+        }
+        Cmd::Status { conn, json } => {
+            let o: homeport_proto::status::Overview = conn
+                .client()?
+                .json(
+                    Method::GET,
+                    homeport_proto::status::PATH_ADMIN_OVERVIEW,
+                    None,
+                )
+                .await?;
+            if json {
+                return print_json(&o);
+            }
+            print!("{}", crate::dashboard::live::render_text(&o));
         }
         Cmd::Node { conn, cmd } => match cmd {
             NodeCmd::Remove { name } => {

@@ -33,6 +33,8 @@ pub struct Config {
     pub metrics_listen: Option<SocketAddr>,
     pub prefix_v4: Option<Ipv4Net>,
     pub prefix_v6: Option<Ipv6Net>,
+    /// TCP port of the web dashboard on this machine's mesh address; 0 = no dashboard.
+    pub dashboard_port: u16,
 }
 
 impl Config {
@@ -49,6 +51,7 @@ impl Config {
             metrics_listen: None,
             prefix_v4: None,
             prefix_v6: None,
+            dashboard_port: crate::dashboard::DEFAULT_PORT,
         }
     }
 
@@ -105,6 +108,11 @@ pub struct ServeArgs {
     /// Mesh IPv6 prefix, fixed on first start [default: a random ULA fdXX:XXXX:XXXX:XXXX::/64]
     #[arg(long, value_name = "CIDR")]
     pub prefix_v6: Option<Ipv6Net>,
+    /// Port of the web dashboard, plain HTTP on this machine's mesh address only (the exit's
+    /// interface, once it is up): open http://MESH_IP:PORT/ from a device on the mesh and log in
+    /// with the admin token. 0 = no dashboard [default: 8480]
+    #[arg(long, value_name = "PORT")]
+    pub dashboard_port: Option<u16>,
 }
 
 const KEYS: &[&str] = &[
@@ -119,6 +127,7 @@ const KEYS: &[&str] = &[
     "metrics-listen",
     "prefix-v4",
     "prefix-v6",
+    "dashboard-port",
 ];
 
 fn line_of(text: &str, offset: usize) -> usize {
@@ -205,6 +214,11 @@ pub fn apply_file(cfg: &mut Config, path: &Path, text: &str) -> anyhow::Result<(
                         .map_err(|_| bad("an IPv6 CIDR like fd7a:115c:a1e0::/64"))?,
                 )
             }
+            "dashboard-port" => {
+                cfg.dashboard_port = val
+                    .parse()
+                    .map_err(|_| bad("a port 1-65535, or 0 for no dashboard"))?
+            }
             _ => bail!(
                 "{file}:{line}: unknown key `{}`; accepted keys: {} (or the same in snake_case)",
                 k.get_ref(),
@@ -274,6 +288,9 @@ pub fn resolve(args: &ServeArgs) -> anyhow::Result<Config> {
     }
     if let Some(v) = args.prefix_v6 {
         cfg.prefix_v6 = Some(v);
+    }
+    if let Some(v) = args.dashboard_port {
+        cfg.dashboard_port = v;
     }
     if cfg.tls_cert.is_some() != cfg.tls_key.is_some() {
         bail!("tls-cert and tls-key go together: give both or neither (neither = self-signed)");

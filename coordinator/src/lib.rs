@@ -8,6 +8,7 @@ pub mod challenge;
 pub mod cli;
 pub mod client;
 pub mod config;
+pub mod dashboard;
 pub mod error;
 pub mod limits;
 pub mod mesh;

@@ -295,5 +295,74 @@ pub fn document() -> Value {
     });
     // Added here: one more entry in the literal above exceeds json!'s macro recursion limit.
     doc["components"]["schemas"]["RegisterChallenge"] = register_challenge;
+    status_spec(&mut doc, &admin, &node);
     doc
+}
+
+/// The status reports of nodes and exits and the admin overview made of them
+/// (`homeport_proto::status`; the dashboard polls the overview).
+fn status_spec(doc: &mut Value, admin: &Value, node: &Value) {
+    use homeport_proto::status as s;
+    let text = |max: usize| json!({"type": "string", "maxLength": max});
+    let text_opt = |max: usize| json!({"type": "string", "maxLength": max, "nullable": true});
+    let u64_ = json!({"type": "integer", "minimum": 0, "maximum": u64::MAX});
+    let u64_opt = json!({"type": "integer", "minimum": 0, "maximum": u64::MAX, "nullable": true});
+    let i64_ =
+        json!({"type": "integer", "format": "int64", "minimum": i64::MIN, "maximum": i64::MAX});
+    let peer = json!({"type": "object", "required": ["peer", "path", "rx_bytes", "tx_bytes"], "additionalProperties": false,
+        "properties": {"peer": i64_, "path": {"type": "string", "enum": ["none", "direct", "relay"]},
+            "addr": text_opt(s::MAX_REPORT_TEXT), "reason": text_opt(s::MAX_REPORT_TEXT),
+            "last_handshake_secs_ago": u64_opt, "rx_bytes": u64_, "tx_bytes": u64_}});
+    let node_report = json!({"type": "object", "required": ["version", "peers"], "additionalProperties": false,
+        "properties": {"version": text(s::MAX_REPORT_TEXT),
+            "peers": {"type": "array", "maxItems": s::MAX_REPORT_PEERS, "items": r("PeerPathReport")}}});
+    let live = json!({"type": "object", "required": ["rule", "source", "bytes_in", "bytes_out"], "additionalProperties": false,
+        "properties": {"rule": i64_, "source": text(s::MAX_REPORT_TEXT), "bytes_in": u64_, "bytes_out": u64_,
+            "duration_secs": u64_opt}});
+    let audit_line = json!({"type": "object", "required": ["time", "source", "rule", "verdict"], "additionalProperties": false,
+        "properties": {"time": text(s::MAX_REPORT_TEXT), "source": text(s::MAX_REPORT_TEXT), "rule": i64_,
+            "verdict": text(s::MAX_REPORT_TEXT), "bytes_in": u64_opt, "bytes_out": u64_opt,
+            "duration_s": {"type": "number", "nullable": true}, "packets": u64_opt}});
+    let exit_report = json!({"type": "object", "required": ["version", "rules_applied", "live", "recent"], "additionalProperties": false,
+        "properties": {"version": text(s::MAX_REPORT_TEXT),
+            "rules_applied": {"type": "array", "maxItems": s::MAX_REPORT_RULES, "items": i64_},
+            "error": text_opt(s::MAX_REPORT_ERROR),
+            "live": {"type": "array", "maxItems": s::MAX_REPORT_LIVE, "items": r("LiveConn")},
+            "live_omitted": u64_,
+            "recent": {"type": "array", "maxItems": s::MAX_REPORT_RECENT, "items": r("AuditLine")}}});
+    let overview = json!({"type": "object",
+        "required": ["coordinator_version", "join_url", "pin", "now", "nodes", "publish", "relayed_paths", "direct_paths"],
+        "properties": {"coordinator_version": {"type": "string"}, "join_url": {"type": "string", "nullable": true},
+            "pin": {"type": "string", "nullable": true}, "now": {"type": "integer"},
+            "nodes": {"type": "array", "description": "NodeInfo plus version, reported_secs_ago, peers (PeerPathReport plus peer_name) and exit (version, reported_secs_ago, rules_in_sync, error)",
+                "items": {"type": "object", "required": ["id", "name", "addrs", "online", "version", "reported_secs_ago", "peers", "exit"]}},
+            "publish": {"type": "array", "description": "PublishRule plus applied (null: the exit has not reported), live (LiveConn plus label: the allow-list entry that let the viewer in) and recent (AuditLine)",
+                "items": {"type": "object", "required": ["id", "exit_name", "port", "target_name", "target_port", "applied", "live", "recent"]}},
+            "relayed_paths": {"type": "integer", "minimum": 0}, "direct_paths": {"type": "integer", "minimum": 0}}});
+    let bad_cred =
+        err("Missing or unknown node credential (the node was removed or registered again)");
+    let paths = doc["paths"].as_object_mut().expect("paths is an object");
+    paths.insert(s::PATH_NODE_STATUS.into(), json!({"post": {
+        "summary": "Report the path to each peer (direct ip:port or relay and why), handshakes, traffic and the node's version; kept in memory for the admin overview",
+        "tags": ["node"], "security": node, "requestBody": body("NodeStatusReport"),
+        "responses": {"204": {"description": "Stored"}, "400": err("Bad body (names the field)"),
+            "401": bad_cred.clone(), "413": err("Body over 64 KiB")}}}));
+    paths.insert(s::PATH_EXIT_STATUS.into(), json!({"post": {
+        "summary": "An exit reports the rules its table holds, the published connections open now and its recent audit lines",
+        "tags": ["node"], "security": node, "requestBody": body("ExitStatusReport"),
+        "responses": {"204": {"description": "Stored"}, "400": err("Bad body (names the field)"),
+            "401": bad_cred, "413": err("Body over 64 KiB")}}}));
+    paths.insert(s::PATH_ADMIN_OVERVIEW.into(), json!({"get": {
+        "summary": "Everything the dashboard shows: nodes with their reported paths and versions, publish rules with their live connections and recent audit lines, the exits' health",
+        "tags": ["admin"], "security": admin,
+        "responses": {"200": ok("The overview", r("Overview")), "401": err("Missing or wrong admin token")}}}));
+    let schemas = doc["components"]["schemas"]
+        .as_object_mut()
+        .expect("schemas is an object");
+    schemas.insert("PeerPathReport".into(), peer);
+    schemas.insert("NodeStatusReport".into(), node_report);
+    schemas.insert("LiveConn".into(), live);
+    schemas.insert("AuditLine".into(), audit_line);
+    schemas.insert("ExitStatusReport".into(), exit_report);
+    schemas.insert("Overview".into(), overview);
 }

@@ -18,6 +18,8 @@ pub const ADMIN_SOCKET: &str = "admin.sock";
 pub const LISTEN_ADDR_FILE: &str = "listen.addr";
 pub const STUN_ADDR_FILE: &str = "stun.addr";
 pub const METRICS_ADDR_FILE: &str = "metrics.addr";
+/// The dashboard's bound addresses, one per line (empty while the machine has no mesh address).
+pub const DASHBOARD_ADDR_FILE: &str = "dashboard.addr";
 /// The admin token, written once on first start (0600); only its hash is in the database.
 pub const ADMIN_TOKEN_FILE: &str = "admin.token";
 
@@ -171,6 +173,14 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
             }
         });
     }
+    if cfg.dashboard_port != 0 {
+        tasks.spawn(crate::dashboard::serve(
+            state.clone(),
+            cfg.dashboard_port,
+            dir.join(DASHBOARD_ADDR_FILE),
+            shutdown.clone(),
+        ));
+    }
     if let Some(l) = metrics_listener {
         crate::tls::write_private(
             &dir.join(METRICS_ADDR_FILE),
@@ -192,6 +202,9 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
         join_url(&cfg, bound, host),
         tls.pin
     );
+    state
+        .live
+        .set_join(join_url(&cfg, bound, host), tls.pin.clone());
     tracing::info!(listen = %bound, stun = %stun_bound, pin = %tls.pin, state_dir = %dir.display(), "coordinator ready");
     tracing::info!("join a node with: {join}");
     if let Some(token) = &first.admin_token {

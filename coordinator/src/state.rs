@@ -31,6 +31,8 @@ pub struct Inner {
     pub identity: homeport_proto::PrivateKey,
     /// Outstanding registration challenges.
     pub challenges: Mutex<crate::challenge::Challenges>,
+    /// What nodes and exits last reported (paths, live connections): the dashboard's view.
+    pub live: crate::dashboard::live::Reports,
 }
 
 impl std::ops::Deref for AppState {
@@ -113,6 +115,7 @@ impl AppState {
                     .identity
                     .unwrap_or_else(homeport_proto::PrivateKey::generate),
                 challenges: Mutex::new(crate::challenge::Challenges::default()),
+                live: Default::default(),
             })),
             first,
         ))

@@ -1728,3 +1728,138 @@ async fn a_body_that_is_not_a_json_object_is_400() {
         .await;
     assert_eq!(s, StatusCode::OK);
 }
+
+/// Nodes report their paths and the exit its live connections; the admin overview (what the
+/// dashboard polls) joins them to names, rules and allow-list entries; bad reports name the field.
+#[tokio::test]
+async fn status_reports_make_the_overview() {
+    use homeport_proto::status;
+    let t = setup().await;
+    let key = t.authkey(json!({"reusable": true})).await;
+    let vps = t.register(&key, "vps").await;
+    let home = t.register(&key, "home").await;
+    let (s, v) = t
+        .admin(
+            Method::POST,
+            api::PATH_ADMIN_PUBLISH,
+            Some(json!({"exit": "vps", "port": 32400, "to": "home:32400", "allow": ["192.0.2.0/24"]})),
+        )
+        .await;
+    assert_eq!(s, StatusCode::CREATED, "{v}");
+    let rule = v["id"].as_i64().unwrap();
+
+    let report = json!({"version": "homeport 0.1.0", "peers": [
+        {"peer": vps.node_id.0, "path": "direct", "addr": "198.51.100.10:41641",
+         "last_handshake_secs_ago": 3, "rx_bytes": 10, "tx_bytes": 20}]});
+    let (s, v) = t
+        .node(
+            Method::POST,
+            status::PATH_NODE_STATUS,
+            &home.credential,
+            Some(report),
+        )
+        .await;
+    assert_eq!(s, StatusCode::NO_CONTENT, "{v}");
+    let exit = json!({"version": "homeport-exit 0.1.0", "rules_applied": [rule],
+        "live": [{"rule": rule, "source": "192.0.2.50:40000", "bytes_in": 300, "bytes_out": 9000, "duration_secs": 4}],
+        "recent": [{"time": "2026-11-29T20:00:00Z", "source": "203.0.113.9", "rule": rule,
+            "verdict": "not-in-allow-list", "packets": 3}]});
+    let (s, v) = t
+        .node(
+            Method::POST,
+            status::PATH_EXIT_STATUS,
+            &vps.credential,
+            Some(exit),
+        )
+        .await;
+    assert_eq!(s, StatusCode::NO_CONTENT, "{v}");
+    // Without a credential: 401; without the admin token, no overview.
+    let (s, _) = send(
+        app(t.st.clone()),
+        req(
+            Method::POST,
+            status::PATH_NODE_STATUS,
+            None,
+            Some(json!({"version": "x", "peers": []})),
+        ),
+    )
+    .await;
+    assert_eq!(s, StatusCode::UNAUTHORIZED);
+    let (s, _) = send(
+        app(t.st.clone()),
+        req(Method::GET, status::PATH_ADMIN_OVERVIEW, None, None),
+    )
+    .await;
+    assert_eq!(s, StatusCode::UNAUTHORIZED);
+
+    let (s, o) = t
+        .admin(Method::GET, status::PATH_ADMIN_OVERVIEW, None)
+        .await;
+    assert_eq!(s, StatusCode::OK, "{o}");
+    let o: status::Overview = serde_json::from_value(o).unwrap();
+    let h = o
+        .nodes
+        .iter()
+        .find(|n| n.info.name.as_str() == "home")
+        .unwrap();
+    assert_eq!(h.version.as_deref(), Some("homeport 0.1.0"));
+    assert_eq!(h.peers.len(), 1);
+    assert_eq!(h.peers[0].peer_name.as_str(), "vps");
+    assert_eq!(
+        h.peers[0].report.addr.as_deref(),
+        Some("198.51.100.10:41641")
+    );
+    let x = o
+        .nodes
+        .iter()
+        .find(|n| n.info.name.as_str() == "vps")
+        .unwrap();
+    assert!(x.exit.as_ref().is_some_and(|e| e.rules_in_sync), "{x:?}");
+    assert_eq!((o.direct_paths, o.relayed_paths), (1, 0));
+    let p = &o.publish[0];
+    assert_eq!(p.applied, Some(true));
+    assert_eq!(p.live.len(), 1);
+    assert_eq!(p.live[0].label, "192.0.2.0/24");
+    assert_eq!(p.live[0].conn.bytes_out, 9000);
+    assert_eq!(p.recent[0].verdict, "not-in-allow-list");
+
+    // Too many peers, an unknown field: 400 naming it.
+    let peers: Vec<Value> = (0..=status::MAX_REPORT_PEERS)
+        .map(|i| json!({"peer": i, "path": "none", "rx_bytes": 0, "tx_bytes": 0}))
+        .collect();
+    let (s, v) = t
+        .node(
+            Method::POST,
+            status::PATH_NODE_STATUS,
+            &home.credential,
+            Some(json!({"version": "x", "peers": peers})),
+        )
+        .await;
+    assert_eq!(s, StatusCode::BAD_REQUEST, "{v}");
+    assert!(v["detail"].as_str().unwrap().starts_with("peers:"), "{v}");
+    let (s, v) = t
+        .node(
+            Method::POST,
+            status::PATH_NODE_STATUS,
+            &home.credential,
+            Some(json!({"version": "x", "peers": [], "extra": 1})),
+        )
+        .await;
+    assert_eq!(s, StatusCode::BAD_REQUEST, "{v}");
+
+    // A removed node's report goes with it.
+    let (s, _) = t
+        .admin(
+            Method::DELETE,
+            &format!("{}/home", api::PATH_ADMIN_NODES),
+            None,
+        )
+        .await;
+    assert_eq!(s, StatusCode::NO_CONTENT);
+    let (_, o) = t
+        .admin(Method::GET, status::PATH_ADMIN_OVERVIEW, None)
+        .await;
+    let o: status::Overview = serde_json::from_value(o).unwrap();
+    assert_eq!(o.nodes.len(), 1);
+    assert!(o.publish.is_empty(), "the rule went with its target");
+}

@@ -765,6 +765,44 @@ impl homeport_host::metrics::Collector for ExitMetrics {
     }
 }
 
+/// What the status report (`crate::report`) reads of the audit state.
+impl Audit {
+    /// Ids of the rules the table holds (set after every apply).
+    pub fn installed_rule_ids(&self) -> Vec<i64> {
+        self.rules.lock().unwrap().iter().map(|r| r.id).collect()
+    }
+
+    /// The published connections among `table` (a `conntrack -L` listing), with the rule each
+    /// belongs to and how long it has been open (when its start was seen).
+    pub fn live(
+        &self,
+        table: &[CtEvent],
+        now_micros: i64,
+    ) -> Vec<homeport_proto::status::LiveConn> {
+        let rules = self.rules.lock().unwrap();
+        let open = self.open.lock().unwrap();
+        table
+            .iter()
+            // A closed connection lingers in TIME_WAIT for two minutes: it is over.
+            .filter(|ev| !matches!(ev.state.as_deref(), Some("TIME_WAIT" | "CLOSE")))
+            .filter_map(|ev| {
+                let rule = rules.iter().find(|r| r.matches(ev))?.id;
+                let start = open
+                    .get(&(ev.id.unwrap_or(0), ev.orig_src))
+                    .map(|f| f.start);
+                Some(homeport_proto::status::LiveConn {
+                    rule,
+                    source: ev.orig_src.to_string(),
+                    bytes_in: ev.bytes_orig.unwrap_or(0),
+                    bytes_out: ev.bytes_reply.unwrap_or(0),
+                    duration_secs: start
+                        .map(|s| (now_micros.saturating_sub(s).max(0) / 1_000_000) as u64),
+                })
+            })
+            .collect()
+    }
+}
+
 /// Reads the audit log for `homeport-exit log`.
 pub fn read_records(path: &Path) -> Result<Vec<(String, Option<AuditRecord>)>> {
     let text =

@@ -14,6 +14,7 @@ mod lab;
 pub mod logcmd;
 pub mod nft;
 pub mod publisher;
+pub mod report;
 
 use anyhow::Result;
 use std::sync::Arc;
@@ -61,6 +62,12 @@ pub async fn run(mut cfg: ExitConfig, shutdown: CancellationToken) -> Result<()>
         let (a, e, s) = (audit.clone(), exec.clone(), stop.clone());
         tasks.spawn(async move { a.run_deny_poller(e, s).await });
     }
+    tasks.spawn(report::run(
+        cfg.up.state_dir.clone(),
+        audit.clone(),
+        exec.clone(),
+        stop.clone(),
+    ));
     tracing::info!(audit = %audit.path().display(), "homeport exit starting");
     let res = homeport_node::daemon::run(cfg.up, shutdown.clone(), Some(tx)).await;
     // Whatever ended the node: take the published ports down with it.

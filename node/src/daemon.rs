@@ -389,6 +389,22 @@ pub async fn run(
         stun_rx,
         stop.clone(),
     ));
+    {
+        // Paths, handshakes and traffic for the admin overview (the dashboard).
+        let s = shared.clone();
+        tokio::spawn(crate::report::run(
+            client.clone(),
+            coordinator.clone(),
+            reg.credential.clone(),
+            format!("homeport {}", env!("CARGO_PKG_VERSION")),
+            move || {
+                s.connected
+                    .load(Ordering::Relaxed)
+                    .then(|| s.status().peers)
+            },
+            stop.clone(),
+        ));
+    }
     let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]);
     tracing::info!(tun = %cfg.tun, port = listen_port, "homeport node up");
 

@@ -16,5 +16,6 @@ pub mod control;
 pub mod daemon;
 pub mod datapath;
 pub mod plex;
+pub mod report;
 pub mod state;
 pub mod stun;

@@ -17,6 +17,7 @@ pub mod policy;
 pub mod publish;
 pub mod register;
 pub mod relay;
+pub mod status;
 #[cfg(feature = "tls")]
 pub mod tls;
 
