@@ -133,7 +133,11 @@ if ! command -v npm >/dev/null || ! command -v node >/dev/null; then
 fi
 browser_dir="$(cd "$(dirname "$0")/.." && pwd)/tests/browser"
 pw_want=$(sed -n 's/.*"playwright-core": "\([^"]*\)".*/\1/p' "$browser_dir/package.json")
-pw_have=$(sed -n 's/.*"version": "\([^"]*\)".*/\1/p' "$browser_dir/node_modules/playwright-core/package.json" 2>/dev/null | head -1)
+pw_have=""
+pw_pkg="$browser_dir/node_modules/playwright-core/package.json"
+if [ -f "$pw_pkg" ]; then
+  pw_have=$(sed -n 's/.*"version": "\([^"]*\)".*/\1/p' "$pw_pkg" | head -1)
+fi
 if [ -n "$pw_want" ] && [ "$pw_have" = "$pw_want" ]; then
   log "playwright-core: $pw_have"
 else
