@@ -16,6 +16,8 @@
 # missing.
 # schemathesis (PyPI, pinned) goes into its own virtualenv under /opt, linked as /usr/local/bin/schemathesis:
 # coordinator/tests/spec.rs checks the API against its OpenAPI document with it.
+# mmdb-writer (PyPI, pinned, with netaddr) goes into its own virtualenv /opt/homeport-mmdb-writer: the
+# exit's country-rule tests write small GeoLite2-Country-like databases of test-net ranges with it.
 set -euo pipefail
 
 PACKAGES=(
@@ -28,6 +30,9 @@ PACKAGES=(
 )
 SCHEMATHESIS_VERSION=4.32.5
 SCHEMATHESIS_VENV=/opt/homeport-schemathesis
+MMDB_WRITER_VERSION=0.2.7
+NETADDR_VERSION=1.3.0
+MMDB_WRITER_VENV=/opt/homeport-mmdb-writer
 
 log() { printf 'setup: %s\n' "$*"; }
 die() { printf 'setup: error: %s\n' "$*" >&2; exit 1; }
@@ -120,6 +125,18 @@ else
   st_installed || die "schemathesis $SCHEMATHESIS_VERSION did not install into $SCHEMATHESIS_VENV"
 fi
 ln -sf "$SCHEMATHESIS_VENV/bin/schemathesis" /usr/local/bin/schemathesis 2>/dev/null || true
+# mmdb-writer for the country-rule tests (tests/tests/exit.rs, exit/src/geo.rs), pinned, in its own virtualenv.
+mw_installed() { "$MMDB_WRITER_VENV/bin/pip" show mmdb-writer 2>/dev/null | grep -qx "Version: $MMDB_WRITER_VERSION"; }
+if mw_installed; then
+  log "mmdb-writer: $MMDB_WRITER_VERSION"
+else
+  [ "$(id -u)" -eq 0 ] || die "mmdb-writer $MMDB_WRITER_VERSION is missing — run this script as root (sudo $0)"
+  log "installing mmdb-writer $MMDB_WRITER_VERSION (PyPI) into $MMDB_WRITER_VENV"
+  python3 -m venv "$MMDB_WRITER_VENV"
+  "$MMDB_WRITER_VENV/bin/pip" install --quiet --disable-pip-version-check \
+    "mmdb-writer==$MMDB_WRITER_VERSION" "netaddr==$NETADDR_VERSION"
+  mw_installed || die "mmdb-writer $MMDB_WRITER_VERSION did not install into $MMDB_WRITER_VENV"
+fi
 # The TUN device the nodes use; a missing one is a kernel/container problem that no package fixes.
 [ -c /dev/net/tun ] || log "warning: /dev/net/tun is missing: homeport nodes cannot create their interface here"
 log "done"

@@ -66,6 +66,10 @@ pub fn app(state: AppState) -> Router {
             delete(publish_remove),
         )
         .route(api::PATH_ADMIN_POLICY, get(policy_get).put(policy_set))
+        .route(
+            homeport_proto::exit::PATH_ADMIN_EXITS,
+            get(crate::exits::list),
+        )
         // Every admin route needs an admin, whatever its handler takes: a route added later
         // cannot forget it.
         .route_layer(axum::middleware::from_fn_with_state(
@@ -78,6 +82,10 @@ pub fn app(state: AppState) -> Router {
         .route(api::PATH_MAP, get(map_stream))
         .route(api::PATH_ENDPOINTS, post(endpoints))
         .route(api::PATH_PROBE, post(probe))
+        .route(
+            homeport_proto::exit::PATH_EXIT_ANNOUNCE,
+            post(crate::exits::announce),
+        )
         .route(api::PATH_RELAY_TCP, get(relay_tcp))
         .route(api::PATH_OPENAPI, get(openapi))
         .merge(admin)
@@ -696,6 +704,25 @@ pub fn validate_publish(req: &PublishRequest, mesh: &crate::mesh::Mesh) -> ApiRe
             "max_conns: must be at least 1 (or absent for no limit)",
         ));
     }
+    let countries = |field: &str, v: &[String]| -> ApiResult<Vec<String>> {
+        let mut out = Vec::new();
+        for (i, c) in v.iter().enumerate() {
+            out.push(
+                homeport_proto::publish::parse_country(c)
+                    .map_err(|e| ApiErr::bad_request(format!("{field}[{i}]: {e}")))?,
+            );
+        }
+        out.sort();
+        out.dedup();
+        Ok(out)
+    };
+    let allow_countries = countries("country", &req.country)?;
+    let deny_countries = countries("deny_country", &req.deny_country)?;
+    if !allow_countries.is_empty() && !deny_countries.is_empty() {
+        return Err(ApiErr::bad_request(
+            "country and deny_country: give one of them (allow only some countries, or deny some), not both",
+        ));
+    }
     let exit = mesh.node_by_name(req.exit.trim()).ok_or_else(|| {
         ApiErr::not_found(format!(
             "exit: no node named {:?}; see `homeport-coordinator nodes`",
@@ -722,6 +749,8 @@ pub fn validate_publish(req: &PublishRequest, mesh: &crate::mesh::Mesh) -> ApiRe
             allow,
             rate_per_minute: req.rate_per_minute,
             max_conns: req.max_conns,
+            countries: allow_countries,
+            deny_countries,
         },
     })
 }
@@ -733,6 +762,7 @@ async fn publish_add(
 ) -> ApiResult<(StatusCode, Json<PublishRule>)> {
     let _w = st.write_lock.lock().await;
     let rule = validate_publish(&req, &st.mesh())?;
+    crate::exits::check_publish(&st, &rule).await?;
     let rule = st.store.add_publish(rule).await?;
     st.mesh().add_publish(rule.clone());
     tracing::info!(id = rule.id, exit = %rule.exit_name, port = rule.port, target = %rule.target_name, "publish rule added");

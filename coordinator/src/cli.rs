@@ -7,6 +7,7 @@ use anyhow::{Context, bail};
 use axum::http::Method;
 use clap::{Args, Parser, Subcommand};
 use homeport_proto::api::{self, AuthKeyCreated, AuthKeyInfo, NodeInfo};
+use homeport_proto::exit::{ExitInfo, PATH_ADMIN_EXITS};
 use homeport_proto::policy::Policy;
 use homeport_proto::publish::{PublishRequest, PublishRule};
 use serde_json::json;
@@ -69,6 +70,14 @@ pub enum Cmd {
         conn: ConnArgs,
         #[command(subcommand)]
         cmd: PublishCmd,
+    },
+    /// List the nodes that run an exit (homeport-exit): public addresses, country database
+    Exits {
+        #[command(flatten)]
+        conn: ConnArgs,
+        /// Print JSON (a list of ExitInfo) instead of a table
+        #[arg(long)]
+        json: bool,
     },
     /// Show or replace the access policy
     Policy {
@@ -189,7 +198,8 @@ pub enum NodeCmd {
 
 #[derive(Debug, Subcommand)]
 pub enum PublishCmd {
-    /// Publish EXIT's public port to NODE:PORT over the mesh; prints the rule id
+    /// Publish EXIT's public port to NODE:PORT over the mesh; prints the rule as `publish list`
+    /// shows it and the address viewers connect to. EXIT must run homeport-exit (`exits`)
     Add {
         /// Exit node (the one with the public IP)
         #[arg(long, value_name = "NODE")]
@@ -212,14 +222,23 @@ pub enum PublishCmd {
         /// Concurrent connections per source
         #[arg(long, value_name = "N")]
         max_conns: Option<u32>,
+        /// Only sources in these countries may connect (two-letter codes, comma-separated or
+        /// repeated, e.g. DE,AT); a source the exit's country database does not know is dropped.
+        /// A source in --allow is let in whatever its country. Needs --country-db on the exit
+        #[arg(long, value_name = "CC", value_delimiter = ',')]
+        country: Vec<String>,
+        /// Sources in these countries are dropped (e.g. CN,RU), unless in --allow. Needs
+        /// --country-db on the exit
+        #[arg(long, value_name = "CC", value_delimiter = ',')]
+        deny_country: Vec<String>,
     },
-    /// List rules
+    /// List rules, with the address viewers connect to
     List {
         /// Print JSON instead of a table
         #[arg(long)]
         json: bool,
     },
-    /// Remove a rule by id
+    /// Remove a rule by id; prints the rule it removed
     Remove {
         /// Rule id (from `publish list`)
         id: i64,
@@ -302,6 +321,98 @@ fn table(head: &[&str], rows: Vec<Vec<String>>) -> String {
         out.push('\n');
     }
     out
+}
+
+/// Who may connect to a rule's port, in words: `everyone`, `192.0.2.0/24`, `DE,AT`,
+/// `192.0.2.7/32 or from DE`, `everyone but CN,RU`.
+fn who(r: &PublishRule) -> String {
+    let g = &r.guards;
+    let nets = g
+        .allow
+        .iter()
+        .map(|n| n.to_string())
+        .collect::<Vec<_>>()
+        .join(",");
+    let mut s = match (nets.is_empty(), g.countries.is_empty()) {
+        (true, true) => "everyone".to_string(),
+        (false, true) => nets,
+        (true, false) => format!("from {}", g.countries.join(",")),
+        (false, false) => format!("{nets} or from {}", g.countries.join(",")),
+    };
+    if !g.deny_countries.is_empty() {
+        s.push_str(&format!(" but not from {}", g.deny_countries.join(",")));
+    }
+    s
+}
+
+/// `ip:port` of every public address of the rule's exit.
+fn viewer_addrs_of(r: &PublishRule, exits: &[ExitInfo]) -> Vec<String> {
+    exits
+        .iter()
+        .find(|e| e.node_id == r.exit)
+        .map(|e| homeport_proto::exit::viewer_addrs(&e.public_addrs, r.port))
+        .unwrap_or_default()
+}
+
+/// The line under `publish add`: where viewers connect.
+fn viewers_line(r: &PublishRule, exits: &[ExitInfo]) -> String {
+    let a = viewer_addrs_of(r, exits);
+    if a.is_empty() {
+        format!(
+            "viewers connect to {}'s public address, port {} ({}; the exit has not reported a public address: see `homeport-coordinator exits`)",
+            r.exit_name,
+            r.port,
+            r.proto.as_str()
+        )
+    } else {
+        format!(
+            "viewers connect to {} ({})",
+            a.join(" or "),
+            r.proto.as_str()
+        )
+    }
+}
+
+/// Publish rules as `publish list` shows them.
+fn publish_table(v: &[PublishRule], exits: &[ExitInfo]) -> String {
+    let rows = v
+        .iter()
+        .map(|r| {
+            let mut limits = Vec::new();
+            if let Some(n) = r.guards.rate_per_minute {
+                limits.push(format!("{n}/min"));
+            }
+            if let Some(n) = r.guards.max_conns {
+                limits.push(format!("{n} conns"));
+            }
+            let public = viewer_addrs_of(r, exits);
+            vec![
+                r.id.to_string(),
+                r.exit_name.to_string(),
+                format!("{}/{}", r.port, r.proto.as_str()),
+                format!("{}:{}", r.target_name, r.target_port),
+                who(r),
+                limits.join(", "),
+                if public.is_empty() {
+                    "-".into()
+                } else {
+                    public.join(",")
+                },
+            ]
+        })
+        .collect();
+    table(
+        &[
+            "ID",
+            "EXIT",
+            "PORT",
+            "TARGET",
+            "ALLOW",
+            "LIMITS",
+            "VIEWERS USE",
+        ],
+        rows,
+    )
 }
 
 fn print_json<T: serde::Serialize>(v: &T) -> anyhow::Result<()> {
@@ -455,8 +566,39 @@ pub async fn admin(cmd: Cmd) -> anyhow::Result<()> {
                 eprintln!("node {name} removed");
             }
         },
+        Cmd::Exits { conn, json } => {
+            let v: Vec<ExitInfo> = conn
+                .client()?
+                .json(Method::GET, PATH_ADMIN_EXITS, None)
+                .await?;
+            if json {
+                return print_json(&v);
+            }
+            let rows = v
+                .iter()
+                .map(|e| {
+                    vec![
+                        e.name.to_string(),
+                        if e.online { "yes" } else { "no" }.into(),
+                        e.public_addrs
+                            .iter()
+                            .map(|a| a.to_string())
+                            .collect::<Vec<_>>()
+                            .join(","),
+                        e.country_db.clone().unwrap_or_else(|| "none".into()),
+                    ]
+                })
+                .collect();
+            print!(
+                "{}",
+                table(&["NAME", "ONLINE", "PUBLIC ADDRESSES", "COUNTRY DB"], rows)
+            );
+        }
         Cmd::Publish { conn, cmd } => {
             let c = conn.client()?;
+            let exits = async || -> anyhow::Result<Vec<ExitInfo>> {
+                c.json(Method::GET, PATH_ADMIN_EXITS, None).await
+            };
             match cmd {
                 PublishCmd::Add {
                     exit,
@@ -466,6 +608,8 @@ pub async fn admin(cmd: Cmd) -> anyhow::Result<()> {
                     allow,
                     rate_per_minute,
                     max_conns,
+                    country,
+                    deny_country,
                 } => {
                     let req = PublishRequest {
                         exit,
@@ -475,6 +619,8 @@ pub async fn admin(cmd: Cmd) -> anyhow::Result<()> {
                         allow,
                         rate_per_minute,
                         max_conns,
+                        country: country.iter().map(|c| c.trim().to_string()).collect(),
+                        deny_country: deny_country.iter().map(|c| c.trim().to_string()).collect(),
                     };
                     let r: PublishRule = c
                         .json(
@@ -483,7 +629,9 @@ pub async fn admin(cmd: Cmd) -> anyhow::Result<()> {
                             Some(&serde_json::to_value(&req)?),
                         )
                         .await?;
-                    println!("{}", r.id);
+                    let ex = exits().await.unwrap_or_default();
+                    print!("{}", publish_table(std::slice::from_ref(&r), &ex));
+                    println!("{}", viewers_line(&r, &ex));
                 }
                 PublishCmd::List { json } => {
                     let v: Vec<PublishRule> =
@@ -491,47 +639,25 @@ pub async fn admin(cmd: Cmd) -> anyhow::Result<()> {
                     if json {
                         return print_json(&v);
                     }
-                    let rows = v
-                        .iter()
-                        .map(|r| {
-                            let mut limits = Vec::new();
-                            if let Some(n) = r.guards.rate_per_minute {
-                                limits.push(format!("{n}/min"));
-                            }
-                            if let Some(n) = r.guards.max_conns {
-                                limits.push(format!("{n} conns"));
-                            }
-                            vec![
-                                r.id.to_string(),
-                                r.exit_name.to_string(),
-                                format!("{}/{}", r.port, r.proto.as_str()),
-                                format!("{}:{}", r.target_name, r.target_port),
-                                if r.guards.allow.is_empty() {
-                                    "everyone".into()
-                                } else {
-                                    r.guards
-                                        .allow
-                                        .iter()
-                                        .map(|n| n.to_string())
-                                        .collect::<Vec<_>>()
-                                        .join(",")
-                                },
-                                limits.join(", "),
-                            ]
-                        })
-                        .collect();
-                    print!(
-                        "{}",
-                        table(&["ID", "EXIT", "PORT", "TARGET", "ALLOW", "LIMITS"], rows)
-                    );
+                    print!("{}", publish_table(&v, &exits().await?));
                 }
                 PublishCmd::Remove { id } => {
+                    let v: Vec<PublishRule> =
+                        c.json(Method::GET, api::PATH_ADMIN_PUBLISH, None).await?;
                     c.call(
                         Method::DELETE,
                         &format!("{}/{id}", api::PATH_ADMIN_PUBLISH),
                         None,
                     )
                     .await?;
+                    if let Some(r) = v.iter().find(|r| r.id == id) {
+                        let ex = exits().await.unwrap_or_default();
+                        print!("{}", publish_table(std::slice::from_ref(r), &ex));
+                        println!(
+                            "removed: viewers can no longer connect to {}",
+                            viewer_addrs_of(r, &ex).join(" or ")
+                        );
+                    }
                     eprintln!("publish rule {id} removed");
                 }
             }

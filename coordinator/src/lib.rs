@@ -9,6 +9,7 @@ pub mod cli;
 pub mod client;
 pub mod config;
 pub mod error;
+pub mod exits;
 pub mod limits;
 pub mod mesh;
 pub mod openapi;

@@ -197,6 +197,17 @@ pub fn document() -> Value {
         "delete": {"summary": "Remove a publish rule", "tags": ["admin"], "security": admin,
             "parameters": id_param(),
             "responses": {"204": {"description": "Removed"}, "400": err("Bad id"), "401": bad_token, "404": err("No such rule")}}}));
+    paths.insert(homeport_proto::exit::PATH_EXIT_ANNOUNCE.into(), json!({"post": {
+        "summary": "This node runs an exit (homeport-exit): its public addresses and country database. Publish rules are accepted only on such nodes.",
+        "tags": ["node"], "security": node, "requestBody": body("ExitAnnounce"),
+        "responses": {"204": {"description": "Stored"}, "400": err("Bad body (names the field)"),
+            "401": bad_cred, "413": too_large}}}));
+    paths.insert(
+        homeport_proto::exit::PATH_ADMIN_EXITS.into(),
+        json!({
+        "get": {"summary": "The nodes that run an exit", "tags": ["admin"], "security": admin,
+            "responses": {"200": ok("Every exit", arr("ExitInfo")), "401": bad_token}}}),
+    );
     paths.insert(api::PATH_ADMIN_POLICY.into(), json!({
         "get": {"summary": "The access policy ({\"rules\":[]} = none: every node may reach every node)", "tags": ["admin"], "security": admin,
             "responses": {"200": ok("The policy", r("Policy")), "401": bad_token}},
@@ -295,5 +306,28 @@ pub fn document() -> Value {
     });
     // Added here: one more entry in the literal above exceeds json!'s macro recursion limit.
     doc["components"]["schemas"]["RegisterChallenge"] = register_challenge;
+    doc["components"]["schemas"]["ExitAnnounce"] = json!({"type": "object", "additionalProperties": false, "properties": {
+        "public_addrs": {"type": "array", "maxItems": homeport_proto::exit::MAX_PUBLIC_ADDRS,
+            "items": {"type": "string", "description": "An IPv4 or IPv6 address", "pattern": format!("^({}|{})$", ipv4(), ipv6())}},
+        "country_db": {"type": "string", "nullable": true, "maxLength": homeport_proto::exit::MAX_COUNTRY_DB_LEN,
+            "pattern": "^[^\\u0000-\\u001f\\u007f-\\u009f]*$",
+            "description": "The country database the exit loaded (type and date); absent without one"}}});
+    doc["components"]["schemas"]["ExitInfo"] = json!({"type": "object",
+        "required": ["node_id", "name", "online", "public_addrs", "announced_at"],
+        "properties": {"node_id": {"type": "integer"}, "name": {"type": "string"}, "online": {"type": "boolean"},
+            "public_addrs": {"type": "array", "items": {"type": "string"}},
+            "country_db": {"type": "string"}, "announced_at": {"type": "integer"}}});
+    let cc = json!({"type": "array", "items": {"type": "string", "pattern": "^[A-Za-z]{2}$",
+        "description": "A two-letter ISO 3166-1 country code"}});
+    let req = &mut doc["components"]["schemas"]["PublishRequest"];
+    req["properties"]["country"] = cc.clone();
+    req["properties"]["deny_country"] = cc;
+    req["description"] = json!(
+        "country and deny_country cannot both be given; a rule with either needs an exit with a country database, and every rule an exit that announced itself (GET /api/v1/admin/exits)"
+    );
+    doc["components"]["schemas"]["PublishRule"]["properties"]["guards"]["properties"]["countries"] =
+        json!({"type": "array", "items": {"type": "string"}});
+    doc["components"]["schemas"]["PublishRule"]["properties"]["guards"]["properties"]["deny_countries"] =
+        json!({"type": "array", "items": {"type": "string"}});
     doc
 }

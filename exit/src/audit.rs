@@ -231,7 +231,7 @@ pub struct RuleStats {
     pub proto: &'static str,
     pub port: u16,
     pub conns: u64,
-    pub denied: [u64; 4],
+    pub denied: [u64; DenyReason::ALL.len()],
     pub bytes_in: u64,
     pub bytes_out: u64,
 }

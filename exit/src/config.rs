@@ -20,6 +20,7 @@ pub const EXIT_KEYS: &[&str] = &[
     "edge-protection",
     "audit-max-bytes",
     "audit-keep",
+    "country-db",
 ];
 /// Smallest `--audit-max-bytes`: a few records per file at least.
 pub const MIN_AUDIT_MAX_BYTES: u64 = 1024;
@@ -50,6 +51,11 @@ pub struct ExitArgs {
     /// [default: on]
     #[arg(long, value_name = "on|off", value_parser = parse_on_off)]
     pub edge_protection: Option<bool>,
+    /// Country database for country rules (`publish add --country/--deny-country`): an mmdb
+    /// file, MaxMind GeoLite2-Country or DB-IP "IP to Country Lite"; reloaded when it changes.
+    /// Without it, rules with countries are refused
+    #[arg(long, value_name = "FILE")]
+    pub country_db: Option<PathBuf>,
 }
 
 /// `67108864`, `64M`, `64MiB`, `512K`, `1G` (binary units) as bytes, at least
@@ -98,6 +104,7 @@ pub struct PublishSettings {
     pub ban_after: u32,
     pub edge_protection: bool,
     pub audit: crate::audit::Rotation,
+    pub country_db: Option<PathBuf>,
 }
 
 impl PublishSettings {
@@ -262,7 +269,14 @@ pub fn resolve_publish(a: ExitArgs, file: &toml::Table, path: &Path) -> Result<P
     {
         tracing::warn!("tcp:22 is not in --keep-open: SSH to this VPS will be dropped");
     }
+    let country_db = match (a.country_db, file.get("country-db")) {
+        (Some(p), _) => Some(p),
+        (None, None) => None,
+        (None, Some(toml::Value::String(s))) => Some(PathBuf::from(s)),
+        (None, Some(v)) => return Err(bad("country-db", v, "a file name (string)")),
+    };
     Ok(PublishSettings {
+        country_db,
         keep_open,
         ban_seconds,
         ban_after,
@@ -303,6 +317,7 @@ mod tests {
             edge_protection: Some(true),
             audit_max_bytes: None,
             audit_keep: None,
+            country_db: None,
         };
         let g = resolve_publish(flags, &file, p).unwrap();
         assert_eq!(g.keep_open, vec!["tcp:22".parse().unwrap()]);

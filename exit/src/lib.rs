@@ -7,8 +7,10 @@
 //! - [`config`]: flags and config file of `homeport-exit up`.
 //! - [`logcmd`]: `homeport-exit log`.
 
+pub mod announce;
 pub mod audit;
 pub mod config;
+pub mod geo;
 #[cfg(test)]
 mod lab;
 pub mod logcmd;
@@ -46,13 +48,22 @@ pub async fn run(mut cfg: ExitConfig, shutdown: CancellationToken) -> Result<()>
         ));
     }
     let (tx, rx) = tokio::sync::watch::channel(None);
-    let publisher = publisher::Publisher::new(
+    let mut publisher = publisher::Publisher::new(
         nft_cfg,
         exec.clone(),
         audit.clone(),
         Some("/proc/sys".into()),
     );
+    if let Some(p) = &cfg.publish.country_db {
+        publisher = publisher.with_country_db(p)?;
+    }
+    let geo = publisher.country_db();
     tasks.spawn(publisher.run(rx, stop.clone()));
+    tasks.spawn(announce::run(
+        cfg.up.state_dir.clone(),
+        geo.clone(),
+        stop.clone(),
+    ));
     {
         let (a, e, s) = (audit.clone(), exec.clone(), stop.clone());
         tasks.spawn(async move { a.run_conntrack(e, s).await });

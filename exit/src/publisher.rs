@@ -8,6 +8,7 @@
 //! the whole ruleset) and puts it back. On stop it removes the table.
 
 use crate::audit::Audit;
+use crate::geo::{CountryDb, Stamp};
 use crate::nft::{self, Exec, NftConfig};
 use anyhow::{Context, Result};
 use homeport_proto::map::NetworkMap;
@@ -43,7 +44,20 @@ pub struct Publisher {
     proc_sys: Option<PathBuf>,
     /// The rules installed by the last apply (after `nft::plan`); None before the first.
     applied: Option<Vec<PublishRule>>,
+    /// The country database file (`--country-db`), if any.
+    geo_path: Option<PathBuf>,
+    /// The loaded country database (None without a file, or when it could never be read).
+    geo: Option<Arc<CountryDb>>,
+    /// The file stamp last loaded or tried.
+    geo_tried: Option<Stamp>,
+    /// The database the last apply used (by file stamp): a reload re-applies.
+    applied_geo: Option<Option<Stamp>>,
+    /// Who wants to know the loaded database (the announcement to the coordinator, the audit).
+    geo_tx: watch::Sender<Option<Arc<CountryDb>>>,
 }
+
+/// How often the country database file is checked for a change (one stat).
+pub const GEO_RECHECK: Duration = Duration::from_secs(2);
 
 impl Publisher {
     pub fn new(
@@ -58,6 +72,55 @@ impl Publisher {
             audit,
             proc_sys,
             applied: None,
+            geo_path: None,
+            geo: None,
+            geo_tried: None,
+            applied_geo: None,
+            geo_tx: watch::channel(None).0,
+        }
+    }
+
+    /// Uses the country database at `path` (loaded now: an unreadable file is an error at
+    /// start) and reloads it when the file changes.
+    pub fn with_country_db(mut self, path: &std::path::Path) -> Result<Publisher> {
+        let db = Arc::new(CountryDb::load(path)?);
+        tracing::info!(path = %path.display(), db = %db.desc, countries = db.countries().len(), "country database loaded");
+        self.geo_path = Some(path.to_path_buf());
+        self.geo_tried = db.stamp;
+        self.geo_tx.send_replace(Some(db.clone()));
+        self.geo = Some(db);
+        Ok(self)
+    }
+
+    /// Follows the loaded country database.
+    pub fn country_db(&self) -> watch::Receiver<Option<Arc<CountryDb>>> {
+        self.geo_tx.subscribe()
+    }
+
+    /// Reloads the country database when its file changed. True when a new one was loaded.
+    pub async fn reload_country_db(&mut self) -> bool {
+        let Some(path) = self.geo_path.clone() else {
+            return false;
+        };
+        let now = Stamp::of(&path);
+        // A file that cannot be read is tried again only once it changes once more.
+        if now.is_none() || self.geo_tried == now {
+            return false;
+        }
+        self.geo_tried = now;
+        match tokio::task::spawn_blocking(move || CountryDb::load(&path)).await {
+            Ok(Ok(db)) => {
+                tracing::info!(db = %db.desc, countries = db.countries().len(), "country database reloaded");
+                let db = Arc::new(db);
+                self.geo_tx.send_replace(Some(db.clone()));
+                self.geo = Some(db);
+                true
+            }
+            Ok(Err(e)) => {
+                tracing::error!(error = %format!("{e:#}"), "country database changed but cannot be read; keeping the one loaded");
+                false
+            }
+            Err(_) => false,
         }
     }
 
@@ -69,9 +132,13 @@ impl Publisher {
     /// Installs `rules` (this exit's) unless exactly these are installed already. Returns
     /// whether the table was (re)applied.
     pub async fn update(&mut self, rules: &[PublishRule]) -> Result<bool> {
-        let (planned, skipped) = nft::plan(&self.cfg, rules);
+        let (planned, skipped) = nft::plan_geo(&self.cfg, rules, self.geo.is_some());
         let planned: Vec<PublishRule> = planned.into_iter().cloned().collect();
-        if self.applied.as_ref() == Some(&planned) {
+        let geo_now = self.geo.as_ref().and_then(|g| g.stamp);
+        let uses_geo = planned.iter().any(|r| r.guards.needs_countries());
+        if self.applied.as_ref() == Some(&planned)
+            && (!uses_geo || self.applied_geo == Some(geo_now))
+        {
             return Ok(false);
         }
         for s in &skipped {
@@ -91,9 +158,14 @@ impl Publisher {
         let exec = self.exec.clone();
         let cfg = self.cfg.clone();
         let rules = planned.clone();
+        let geo = self.geo.clone();
+        self.applied_geo = Some(geo.as_ref().and_then(|g| g.stamp));
         tokio::task::spawn_blocking(move || -> Result<()> {
             let bans = nft::current_bans(&exec).unwrap_or_default();
-            nft::apply(&exec, &nft::ruleset(&cfg, &rules, &bans))?;
+            nft::apply(
+                &exec,
+                &nft::ruleset_geo(&cfg, &rules, &bans, geo.as_deref()),
+            )?;
             Ok(())
         })
         .await
@@ -193,9 +265,19 @@ impl Publisher {
         }
         let mut tick = tokio::time::interval(RECHECK);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut geo_tick = tokio::time::interval(GEO_RECHECK);
+        geo_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
                 _ = stop.cancelled() => break,
+                _ = geo_tick.tick(), if self.geo_path.is_some() => {
+                    if self.reload_country_db().await {
+                        let rules = maps.borrow().as_deref().map(rules_for_me).unwrap_or_default();
+                        if let Err(e) = self.update(&rules).await {
+                            tracing::error!(error = %format!("{e:#}"), "applying the nftables ruleset failed");
+                        }
+                    }
+                }
                 ch = maps.changed() => {
                     if ch.is_err() {
                         // The node is gone; stop is coming.

@@ -9,6 +9,7 @@ pub mod addr;
 pub mod api;
 pub mod capver;
 pub mod disco;
+pub mod exit;
 pub mod filter;
 pub mod keys;
 pub mod map;

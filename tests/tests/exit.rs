@@ -78,9 +78,7 @@ impl PubLab {
         let mut full = vec!["publish", "add", "--exit", "vps"];
         full.extend_from_slice(args);
         let out = self.coord.admin(&full)?;
-        out.trim()
-            .parse()
-            .with_context(|| format!("`publish add` printed {out:?}, expected the rule id"))
+        rule_id_of(&out)
     }
 
     /// The exit's table as `nft -j` JSON (None when it does not exist).
@@ -192,6 +190,16 @@ impl PubLab {
             matches!(self.viewer_get(url, &out, &[], 3), Ok(200))
         })
     }
+}
+
+/// The rule id in what `publish add` printed: the rule as `publish list` shows it (a header
+/// line, then the rule's row starting with its id), then where viewers connect.
+fn rule_id_of(out: &str) -> Result<i64> {
+    out.lines()
+        .nth(1)
+        .and_then(|l| l.split_whitespace().next())
+        .and_then(|id| id.parse().ok())
+        .with_context(|| format!("`publish add` printed {out:?}, expected the rule's row"))
 }
 
 /// Runs a test body on a fresh [`PubLab`] (skipping without root and tools, except under CI). An
@@ -1454,5 +1462,397 @@ except OSError as e:
         log.contains("second two"),
         "the connection to a keep-open port survives losing its conntrack entry: {log}"
     );
+    Ok(())
+}
+
+// ---- issue 16: publishing without surprises, country rules ----
+
+/// The python of the virtualenv with PyPI's `mmdb-writer` (deploy/setup.sh installs it).
+const MMDB_PYTHON: &str = "/opt/homeport-mmdb-writer/bin/python";
+
+/// Writes a GeoLite2-Country-like mmdb of test-net ranges to `out` (`mmdb-writer`):
+/// 192.0.2.0/25 and 2001:db8:1::/48 are DE, 203.0.113.0/24 and 2001:db8:3::/48 CN,
+/// 198.51.100.0/24 and 2001:db8:100::/48 US, plus `extra`; everything else is unknown
+/// (192.0.2.128/25, 2001:db8:9::/48).
+fn write_country_db(out: &Path, extra: &[(&str, &str)]) -> Result<()> {
+    let mut nets = vec![
+        ("192.0.2.0/25", "DE"),
+        ("2001:db8:1::/48", "DE"),
+        ("203.0.113.0/24", "CN"),
+        ("2001:db8:3::/48", "CN"),
+        ("198.51.100.0/24", "US"),
+        ("2001:db8:100::/48", "US"),
+    ];
+    nets.extend_from_slice(extra);
+    let script = r#"
+import sys, json
+from netaddr import IPSet
+from mmdb_writer import MMDBWriter
+w = MMDBWriter(ip_version=6, database_type="GeoLite2-Country", languages=["en"], description="homeport test", ipv4_compatible=True)
+for net, cc in json.loads(sys.argv[2]):
+    w.insert_network(IPSet([net]), {"country": {"iso_code": cc}})
+w.to_db_file(sys.argv[1] + ".tmp")
+"#;
+    let out_s = out.to_str().context("path")?;
+    run(Command::new(MMDB_PYTHON)
+        .args(["-c", script, out_s])
+        .arg(serde_json::to_string(&nets)?))?;
+    // Replaced in one step, as a user's download script (or geoipupdate) does.
+    std::fs::rename(format!("{out_s}.tmp"), out)?;
+    Ok(())
+}
+
+/// The interface of `host` that holds address `ip`.
+fn dev_with(lab: &Lab, host: &str, ip: &str) -> Result<String> {
+    let out = lab.exec(host, &["ip", "-o", "addr", "show", "to", ip])?;
+    out.split_whitespace()
+        .nth(1)
+        .map(str::to_string)
+        .with_context(|| format!("no interface of {host} holds {ip}: {out:?}"))
+}
+
+/// IPv6 on the lab's internet: the VPS at 2001:db8:100::10, the viewer with a German
+/// (2001:db8:1::50), a Chinese (2001:db8:3::50) and an unknown (2001:db8:9::50) address, and a
+/// second, unknown IPv4 address 192.0.2.200.
+fn add_viewer_addresses(lab: &Lab) -> Result<()> {
+    let net_viewer = dev_with(lab, "net", "192.0.2.1")?;
+    let net_vps = dev_with(lab, "net", "198.51.100.1")?;
+    let viewer = dev_with(lab, "viewer", VIEWER_IP)?;
+    let vps = dev_with(lab, "vps", VPS_IP)?;
+    lab.exec("net", &["sysctl", "-qw", "net.ipv6.conf.all.forwarding=1"])?;
+    for p in ["1", "3", "9"] {
+        lab.exec(
+            "net",
+            &[
+                "ip",
+                "addr",
+                "add",
+                &format!("2001:db8:{p}::1/64"),
+                "dev",
+                &net_viewer,
+                "nodad",
+            ],
+        )?;
+        lab.exec(
+            "viewer",
+            &[
+                "ip",
+                "addr",
+                "add",
+                &format!("2001:db8:{p}::50/64"),
+                "dev",
+                &viewer,
+                "nodad",
+            ],
+        )?;
+    }
+    lab.exec(
+        "net",
+        &[
+            "ip",
+            "addr",
+            "add",
+            "2001:db8:100::1/64",
+            "dev",
+            &net_vps,
+            "nodad",
+        ],
+    )?;
+    lab.exec(
+        "vps",
+        &[
+            "ip",
+            "addr",
+            "add",
+            "2001:db8:100::10/64",
+            "dev",
+            &vps,
+            "nodad",
+        ],
+    )?;
+    lab.exec(
+        "viewer",
+        &[
+            "ip",
+            "-6",
+            "route",
+            "add",
+            "default",
+            "via",
+            "2001:db8:1::1",
+        ],
+    )?;
+    lab.exec(
+        "vps",
+        &[
+            "ip",
+            "-6",
+            "route",
+            "add",
+            "default",
+            "via",
+            "2001:db8:100::1",
+        ],
+    )?;
+    lab.exec(
+        "viewer",
+        &["ip", "addr", "add", "192.0.2.200/24", "dev", &viewer],
+    )?;
+    Ok(())
+}
+
+const VPS_IP6: &str = "2001:db8:100::10";
+
+/// `curl` from `host` with source address `src` to the VPS (v4 or v6 by `src`), port 32400:
+/// the HTTP status, or None when nothing came back within `secs`.
+fn get_from(lab: &Lab, host: &str, src: &str, secs: u32) -> Option<u16> {
+    let url = if src.contains(':') {
+        format!("http://[{VPS_IP6}]:32400/file")
+    } else {
+        format!("http://{VPS_IP}:32400/file")
+    };
+    let max = secs.to_string();
+    let out = lab
+        .exec(
+            host,
+            &[
+                "curl",
+                "-sS",
+                "-g",
+                "--max-time",
+                &max,
+                "--interface",
+                src,
+                "-o",
+                "/dev/null",
+                "-w",
+                "%{http_code}",
+                &url,
+            ],
+        )
+        .ok()?;
+    out.trim().parse().ok().filter(|c| *c != 0)
+}
+
+/// Waits until `src` (from `host`) downloads the file, then returns; fails after 20 s.
+fn wait_get_ok(lab: &Lab, host: &str, src: &str) -> Result<()> {
+    wait_until(
+        &format!("{src} to download through the exit"),
+        Duration::from_secs(20),
+        || get_from(lab, host, src, 3) == Some(200),
+    )
+}
+
+fn country_lab(db: &Path) -> Option<PubLab> {
+    if !require_root_and(TOOLS) {
+        return None;
+    }
+    if !Path::new(MMDB_PYTHON).exists() {
+        assert!(
+            !homeport_tests::in_ci(),
+            "{MMDB_PYTHON} is missing: run deploy/setup.sh (it installs PyPI's mmdb-writer)"
+        );
+        eprintln!("skipped: {MMDB_PYTHON} is missing (deploy/setup.sh installs it)");
+        return None;
+    }
+    write_country_db(db, &[]).expect("writing the country database");
+    let db = db.to_str().expect("path");
+    Some(PubLab::new(&["--country-db", db]).expect("building the lab"))
+}
+
+/// 16a. Publishing without surprises: a rule on a node that runs no exit is refused with the
+///      exits named; `publish add`/`list`/`remove` print the rule and the address viewers use.
+#[test]
+fn publish_is_refused_on_a_node_without_an_exit_and_prints_where_viewers_connect() {
+    let tmp = tempfile::tempdir().unwrap();
+    let Some(mut p) = country_lab(&tmp.path().join("countries.mmdb")) else {
+        return;
+    };
+    if let Err(e) = publish_prints_body(&mut p) {
+        panic!("{e:#}");
+    }
+}
+
+fn publish_prints_body(p: &mut PubLab) -> Result<()> {
+    let e = p
+        .coord
+        .admin(&[
+            "publish",
+            "add",
+            "--exit",
+            "home",
+            "--port",
+            "32400",
+            "--to",
+            "home:32400",
+        ])
+        .expect_err("a rule on home (no exit) must be refused");
+    let e = format!("{e:#}");
+    assert!(
+        e.contains("home runs no exit") && e.contains("the exits are: vps"),
+        "{e}"
+    );
+    let out = p.coord.admin(&[
+        "publish",
+        "add",
+        "--exit",
+        "vps",
+        "--port",
+        "32400",
+        "--to",
+        "home:32400",
+        "--country",
+        "de,AT",
+    ])?;
+    eprintln!("publish add printed:\n{out}");
+    let id = rule_id_of(&out)?;
+    let row = out.lines().nth(1).unwrap();
+    assert!(
+        row.contains("from AT,DE") && row.contains("198.51.100.10:32400"),
+        "{out}"
+    );
+    assert!(
+        out.lines()
+            .nth(2)
+            .unwrap_or("")
+            .starts_with("viewers connect to 198.51.100.10:32400"),
+        "{out}"
+    );
+    let list = p.coord.admin(&["publish", "list"])?;
+    assert_eq!(
+        list.lines().nth(1),
+        Some(row),
+        "publish list shows the same row: {list}"
+    );
+    let exits = p.coord.admin(&["exits"])?;
+    assert!(
+        exits.contains("198.51.100.10") && exits.contains("GeoLite2-Country"),
+        "{exits}"
+    );
+    let gone = p.coord.admin(&["publish", "remove", &id.to_string()])?;
+    assert_eq!(gone.lines().nth(1), Some(row), "{gone}");
+    assert!(gone.contains("removed"), "{gone}");
+    Ok(())
+}
+
+/// 16b. Country rules at kernel speed: with `--country DE` a German viewer downloads over IPv4
+///      and IPv6; Chinese sources and sources the database does not know (fails closed) get
+///      nothing, and the audit log says `country`. An allow-listed source gets in whatever its
+///      country. `--deny-country CN` turns it round. Replacing the database file is picked up
+///      without a restart.
+#[test]
+fn country_rules_admit_and_drop_viewers_by_country_v4_and_v6() {
+    let tmp = tempfile::tempdir().unwrap();
+    let db = tmp.path().join("countries.mmdb");
+    let Some(mut p) = country_lab(&db) else {
+        return;
+    };
+    if let Err(e) = country_body(&mut p, &db) {
+        panic!("{e:#}");
+    }
+}
+
+fn country_body(p: &mut PubLab, db: &Path) -> Result<()> {
+    add_viewer_addresses(&p.lab)?;
+    let media = media_dir(&p.lab)?;
+    write_random_file(&media.join("file"), 1)?;
+    // A dual-stack server at home (the stand-in listens on IPv4 only).
+    let media_s = media.to_str().context("path")?.to_string();
+    let srv = p.lab.spawn(
+        "home",
+        "http6",
+        &[
+            "python3",
+            "-u",
+            "-m",
+            "http.server",
+            "32400",
+            "--bind",
+            "::",
+            "--directory",
+            &media_s,
+        ],
+    )?;
+    wait_until("the home server to listen", Duration::from_secs(10), || {
+        p.lab.log(srv).contains("Serving HTTP")
+    })?;
+    let lab = &p.lab;
+    let id = p.publish(&["--port", "32400", "--to", "home:32400", "--country", "DE"])?;
+    p.wait_installed(32400)?;
+    wait_get_ok(lab, "viewer", VIEWER_IP)?;
+    wait_get_ok(lab, "viewer", "2001:db8:1::50")?;
+    for (host, src) in [
+        ("carrier", CARRIER_WAN),     // CN
+        ("viewer", "192.0.2.200"),    // unknown to the database
+        ("viewer", "2001:db8:3::50"), // CN
+        ("viewer", "2001:db8:9::50"), // unknown
+    ] {
+        assert_eq!(get_from(lab, host, src, 3), None, "{src} must get nothing");
+    }
+    let log = lab.log(srv);
+    for src in [
+        CARRIER_WAN,
+        "192.0.2.200",
+        "2001:db8:3::50",
+        "2001:db8:9::50",
+    ] {
+        assert!(!log.contains(src), "home must never see {src}: {log}");
+    }
+    assert!(
+        log.contains("2001:db8:1::50"),
+        "home sees the German IPv6 viewer: {log}"
+    );
+    p.wait_audit(
+        "an audit line with verdict country",
+        Duration::from_secs(15),
+        |r| r["source"] == "2001:db8:3::50" && r["verdict"] == "country" && r["rule"] == id,
+    )?;
+
+    // The allow-list wins over the country: the (Chinese) carrier is let in by address.
+    p.coord.admin(&["publish", "remove", &id.to_string()])?;
+    let id = p.publish(&[
+        "--port",
+        "32400",
+        "--to",
+        "home:32400",
+        "--country",
+        "DE",
+        "--allow",
+        CARRIER_WAN,
+    ])?;
+    wait_until(
+        "the allow-listed carrier to connect",
+        Duration::from_secs(20),
+        || tcp_connect(lab, "carrier", VPS_IP, 32400, 2.0) == "connected",
+    )?;
+    assert_eq!(get_from(lab, "viewer", "2001:db8:3::50", 3), None);
+    wait_get_ok(lab, "viewer", VIEWER_IP)?;
+
+    // Deny instead: China out, everyone else (also the unknown) in.
+    p.coord.admin(&["publish", "remove", &id.to_string()])?;
+    p.publish(&[
+        "--port",
+        "32400",
+        "--to",
+        "home:32400",
+        "--deny-country",
+        "CN",
+    ])?;
+    wait_get_ok(lab, "viewer", "2001:db8:9::50")?;
+    wait_get_ok(lab, "viewer", "192.0.2.200")?;
+    wait_get_ok(lab, "viewer", "2001:db8:1::50")?;
+    assert_eq!(get_from(lab, "viewer", "2001:db8:3::50", 3), None);
+    assert_eq!(tcp_connect(lab, "carrier", VPS_IP, 32400, 2.0), "timeout");
+
+    // A new database (the unknown IPv6 network is now Chinese) is used without a restart.
+    write_country_db(db, &[("2001:db8:9::/48", "CN")])?;
+    let t = Instant::now();
+    wait_until(
+        "the exit to reload the database",
+        Duration::from_secs(20),
+        || get_from(lab, "viewer", "2001:db8:9::50", 2).is_none(),
+    )?;
+    eprintln!("reloaded and applied within {:?}", t.elapsed());
+    wait_get_ok(lab, "viewer", "2001:db8:1::50")?;
     Ok(())
 }

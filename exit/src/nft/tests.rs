@@ -48,6 +48,7 @@ pub(crate) fn sample() -> Vec<PublishRule> {
                 ],
                 rate_per_minute: Some(30),
                 max_conns: Some(8),
+                ..Guards::default()
             },
         ),
         rule(9, PublishProto::Udp, 5353, Guards::default()),
@@ -515,6 +516,7 @@ fn lab_publish() {
         allow: allow.iter().map(|a| a.parse().unwrap()).collect(),
         rate_per_minute: rate,
         max_conns: conns,
+        ..Guards::default()
     };
     let rules = vec![
         rule(
@@ -676,4 +678,54 @@ fn lab_publish() {
     remove(&exec).unwrap();
     remove(&exec).unwrap();
     assert!(!table_exists(&exec).unwrap());
+}
+
+/// Issue 16: a rule with country guards is not installed without a country database (its port
+/// stays closed) and the reason says where to get one; with one, its countries become interval
+/// sets and `adm_<id>` checks the allow-list first, then the countries, failing closed.
+#[test]
+fn country_rules_need_a_database_and_compile_to_interval_sets() {
+    let de = Guards {
+        countries: vec!["DE".into()],
+        allow: vec!["203.0.113.2/32".parse().unwrap()],
+        ..Guards::default()
+    };
+    let rules = vec![rule(3, PublishProto::Tcp, 32400, de)];
+    let (ok, skipped) = plan(&cfg(), &rules);
+    assert!(ok.is_empty());
+    assert!(skipped[0].why.contains("no country database") && skipped[0].why.contains("GeoLite2"));
+    assert!(
+        !json(&ruleset(&cfg(), &rules, &[]))
+            .to_string()
+            .contains("32400")
+    );
+    if !crate::geo::tests::have_writer() {
+        assert!(
+            std::env::var("CI").as_deref() != Ok("true"),
+            "mmdb-writer missing: run deploy/setup.sh"
+        );
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("c.mmdb");
+    crate::geo::tests::write_test_db(&p, &[]).unwrap();
+    let db = crate::geo::CountryDb::load(&p).unwrap();
+    let v = json(&ruleset_geo(&cfg(), &rules, &[], Some(&db)));
+    let s4 = set_named(&v, "geoa4_3").expect("the v4 country set");
+    assert_eq!(s4["flags"], serde_json::json!(["interval"]), "{s4}");
+    assert!(s4.to_string().contains("192.0.2.0"), "{s4}");
+    assert!(
+        set_named(&v, "geoa6_3")
+            .unwrap()
+            .to_string()
+            .contains("2001:db8:1::")
+    );
+    let adm = rules_of(&v, "adm_3");
+    // allow-list (v4, v6) → return; then not in the country set (v4, v6) → deny country.
+    assert_eq!(adm.len(), 4, "{adm:#?}");
+    assert!(adm[0].to_string().contains("@allow4_3") && adm[0].to_string().contains("return"));
+    assert!(
+        adm[2].to_string().contains("@geoa4_3") && adm[2].to_string().contains("deny_country_3")
+    );
+    assert!(adm[2].to_string().contains("\"!=\""), "{}", adm[2]);
 }
