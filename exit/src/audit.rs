@@ -120,7 +120,8 @@ pub struct AuditRecord {
     /// `target_name:target_port`
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub target: String,
-    /// allowed | not-in-allow-list | rate | max-conns | banned
+    /// open (a connection started; its `allowed` line comes when it ends) | allowed |
+    /// not-in-allow-list | rate | max-conns | banned | country
     pub verdict: String,
     /// Bytes from the viewer (allowed connections).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -133,13 +134,37 @@ pub struct AuditRecord {
     /// Packets dropped since the previous line for this (source, rule, reason) (denials).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub packets: Option<u64>,
+    /// The source's country (two letters) by the exit's country database, when it has one and
+    /// knows the source.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub country: Option<String>,
+    /// Who the source is, as far as the rule knows: `allow:CIDR` for the allow-list entry that
+    /// let it in (or the invite's name).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub label: Option<String>,
 }
 
 impl AuditRecord {
     /// A one-line human rendering (for `homeport-exit log`).
     pub fn human(&self) -> String {
         let what = format!("rule {} {}/{}", self.rule, self.proto, self.port);
-        if self.verdict == "allowed" {
+        let who = match (&self.country, &self.label) {
+            (None, None) => String::new(),
+            (c, l) => format!(
+                "  [{}]",
+                [c.as_deref(), l.as_deref()]
+                    .into_iter()
+                    .flatten()
+                    .collect::<Vec<_>>()
+                    .join(" ")
+            ),
+        };
+        if self.verdict == "open" {
+            format!(
+                "{}  {:<17}  {:<46}  {} -> {}{who}",
+                self.time, self.verdict, self.source, what, self.target
+            )
+        } else if self.verdict == "allowed" {
             format!(
                 "{}  {:<17}  {:<46}  {} -> {}  in {}  out {}  {:.1}s",
                 self.time,
@@ -150,10 +175,10 @@ impl AuditRecord {
                 human_bytes(self.bytes_in.unwrap_or(0)),
                 human_bytes(self.bytes_out.unwrap_or(0)),
                 self.duration_s.unwrap_or(0.0)
-            )
+            ) + &who
         } else {
             format!(
-                "{}  {:<17}  {:<46}  {}  {} packets dropped",
+                "{}  {:<17}  {:<46}  {}  {} packets dropped{who}",
                 self.time,
                 self.verdict,
                 self.source,
@@ -194,9 +219,18 @@ pub struct RuleInfo {
     pub target_ipv6: Ipv6Addr,
     pub target_port: u16,
     pub target: String,
+    pub allow: Vec<ipnet::IpNet>,
 }
 
 impl RuleInfo {
+    /// `allow:CIDR` of the allow-list entry that holds `ip`.
+    fn label(&self, ip: IpAddr) -> Option<String> {
+        let ip = ip.to_canonical();
+        self.allow
+            .iter()
+            .find(|n| n.contains(&ip))
+            .map(|n| format!("allow:{n}"))
+    }
     pub fn from_rule(r: &PublishRule) -> Option<RuleInfo> {
         let proto = match r.proto {
             PublishProto::Tcp => L4::Tcp,
@@ -211,6 +245,7 @@ impl RuleInfo {
             target_ipv6: r.target_ipv6,
             target_port: r.target_port,
             target: format!("{}:{}", r.target_name.as_str(), r.target_port),
+            allow: r.guards.allow.clone(),
         })
     }
     fn matches(&self, ev: &CtEvent) -> bool {
@@ -361,6 +396,7 @@ pub struct Audit {
     stats: Arc<Mutex<BTreeMap<i64, RuleStats>>>,
     open: Mutex<HashMap<(u64, SocketAddr), OpenFlow>>,
     denied_seen: Mutex<HashMap<(DenyReason, i64, IpAddr), u64>>,
+    geo: Mutex<Option<Arc<crate::geo::CountryDb>>>,
 }
 
 impl Audit {
@@ -391,11 +427,21 @@ impl Audit {
             stats: Arc::new(Mutex::new(BTreeMap::new())),
             open: Mutex::new(HashMap::new()),
             denied_seen: Mutex::new(HashMap::new()),
+            geo: Mutex::new(None),
         })
     }
 
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// The country database the records' `country` comes from (None: no country).
+    pub fn set_country_db(&self, db: Option<Arc<crate::geo::CountryDb>>) {
+        *self.geo.lock().unwrap() = db;
+    }
+
+    fn country(&self, ip: IpAddr) -> Option<String> {
+        self.geo.lock().unwrap().as_ref()?.country(ip)
     }
 
     /// The installed rules (the publisher calls this after every apply).
@@ -472,13 +518,11 @@ impl Audit {
         let key = (ev.id.unwrap_or(0), ev.orig_src);
         match ev.kind {
             CtKind::New => {
-                let rule = self
-                    .rules
-                    .lock()
-                    .unwrap()
-                    .iter()
-                    .find(|r| r.matches(ev))?
-                    .id;
+                let (rule, target, label) = {
+                    let rules = self.rules.lock().unwrap();
+                    let r = rules.iter().find(|r| r.matches(ev))?;
+                    (r.id, r.target.clone(), r.label(ev.orig_src.ip()))
+                };
                 if let Some(s) = self.stats.lock().unwrap().get_mut(&rule) {
                     s.conns += 1;
                 }
@@ -497,7 +541,29 @@ impl Audit {
                         end: None,
                     },
                 );
-                None
+                drop(open);
+                // The open line: who connected, at once (the `allowed` line with the bytes
+                // comes when the flow ends, after TIME_WAIT for TCP).
+                let rec = AuditRecord {
+                    time: rfc3339(
+                        OffsetDateTime::from_unix_timestamp_nanos(ev.at as i128 * 1000)
+                            .unwrap_or_else(|_| OffsetDateTime::now_utc()),
+                    ),
+                    source: ev.orig_src.to_string(),
+                    rule,
+                    proto: ev.proto.clone(),
+                    port: ev.orig_dst.port(),
+                    target,
+                    verdict: "open".into(),
+                    bytes_in: None,
+                    bytes_out: None,
+                    duration_s: None,
+                    packets: None,
+                    country: self.country(ev.orig_src.ip()),
+                    label,
+                };
+                self.write(&rec);
+                Some(rec)
             }
             CtKind::Update => {
                 if matches!(
@@ -533,8 +599,14 @@ impl Audit {
                     bytes_out: Some(ev.bytes_reply.unwrap_or(0)),
                     duration_s: Some((end.saturating_sub(start).max(0) / 100_000) as f64 / 10.0),
                     packets: None,
+                    country: None,
+                    label: info.and_then(|i| i.label(ev.orig_src.ip())),
                 };
                 drop(rules);
+                let rec = AuditRecord {
+                    country: self.country(ev.orig_src.ip()),
+                    ..rec
+                };
                 if let Some(s) = self.stats.lock().unwrap().get_mut(&rule_id) {
                     // Counters of what conntrack reports: saturate rather than wrap.
                     s.bytes_in = s.bytes_in.saturating_add(rec.bytes_in.unwrap_or(0));
@@ -582,6 +654,8 @@ impl Audit {
                 bytes_out: None,
                 duration_s: None,
                 packets: Some(delta),
+                country: None,
+                label: None,
             });
             if let Some(s) = self.stats.lock().unwrap().get_mut(&id) {
                 s.denied[reason_index(reason)] += delta;
@@ -589,7 +663,8 @@ impl Audit {
         }
         *seen = next;
         drop(seen);
-        for r in &recs {
+        for r in recs.iter_mut() {
+            r.country = r.source.parse().ok().and_then(|ip| self.country(ip));
             self.write(r);
         }
         recs
@@ -822,7 +897,8 @@ mod tests {
         let a = Audit::open(dir.path()).unwrap();
         a.set_rules(&sample());
         let new = NEW.replace("[1700000000.500000]", "[-9223372036854.000000]");
-        assert!(a.on_ct_event(&parse_ct_event(&new).unwrap()).is_none());
+        let open = a.on_ct_event(&parse_ct_event(&new).unwrap()).unwrap();
+        assert_eq!(open.verdict, "open");
         let destroy = DESTROY
             .replace("[1700000022.000000]", "[9223372036854.775807]")
             .replace("bytes=420", "bytes=18446744073709551615");
@@ -841,9 +917,19 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let a = Audit::open(dir.path()).unwrap();
         a.set_rules(&sample());
-        for l in [NEW, CLOSE] {
-            assert!(a.on_ct_event(&parse_ct_event(l).unwrap()).is_none());
-        }
+        // The open line comes at once, with the allow-list entry that let the source in.
+        let open = a.on_ct_event(&parse_ct_event(NEW).unwrap()).unwrap();
+        assert_eq!(
+            (
+                open.verdict.as_str(),
+                open.source.as_str(),
+                open.time.as_str()
+            ),
+            ("open", "192.0.2.5:36853", "2023-11-14T22:13:20.5Z")
+        );
+        assert_eq!(open.label.as_deref(), Some("allow:192.0.2.0/24"));
+        assert_eq!((open.bytes_in, open.country.as_deref()), (None, None));
+        assert!(a.on_ct_event(&parse_ct_event(CLOSE).unwrap()).is_none());
         let rec = a.on_ct_event(&parse_ct_event(DESTROY).unwrap()).unwrap();
         assert_eq!(rec.verdict, "allowed");
         assert_eq!(rec.rule, 7);
@@ -859,8 +945,14 @@ mod tests {
         );
         assert!(a.on_ct_event(&parse_ct_event(&other).unwrap()).is_none());
         let text = std::fs::read_to_string(a.path()).unwrap();
-        assert_eq!(text.lines().count(), 1);
+        assert_eq!(
+            text.lines().count(),
+            2,
+            "the open line and the allowed line: {text}"
+        );
         let back: AuditRecord = serde_json::from_str(text.lines().next().unwrap()).unwrap();
+        assert_eq!(back, open);
+        let back: AuditRecord = serde_json::from_str(text.lines().nth(1).unwrap()).unwrap();
         assert_eq!(back, rec);
         use std::os::unix::fs::PermissionsExt;
         assert_eq!(

@@ -6,6 +6,8 @@
 //! - [`audit`]: audit log from conntrack events and deny meters, per-rule metrics.
 //! - [`config`]: flags and config file of `homeport-exit up`.
 //! - [`logcmd`]: `homeport-exit log`.
+//! - [`report`]: `homeport-exit report` (per source: who, country, hours, flags).
+//! - [`geo`]: the country database; [`announce`]: telling the coordinator this node is an exit.
 
 pub mod announce;
 pub mod audit;
@@ -16,6 +18,7 @@ mod lab;
 pub mod logcmd;
 pub mod nft;
 pub mod publisher;
+pub mod report;
 
 use anyhow::Result;
 use std::sync::Arc;
@@ -58,6 +61,24 @@ pub async fn run(mut cfg: ExitConfig, shutdown: CancellationToken) -> Result<()>
         publisher = publisher.with_country_db(p)?;
     }
     let geo = publisher.country_db();
+    {
+        // The audit log's `country` follows the loaded database.
+        let (a, mut g, s) = (audit.clone(), geo.clone(), stop.clone());
+        a.set_country_db(g.borrow_and_update().clone());
+        tasks.spawn(async move {
+            loop {
+                tokio::select! {
+                    _ = s.cancelled() => return,
+                    r = g.changed() => {
+                        if r.is_err() {
+                            return;
+                        }
+                        a.set_country_db(g.borrow_and_update().clone());
+                    }
+                }
+            }
+        });
+    }
     tasks.spawn(publisher.run(rx, stop.clone()));
     tasks.spawn(announce::run(
         cfg.up.state_dir.clone(),

@@ -1780,6 +1780,16 @@ fn country_body(p: &mut PubLab, db: &Path) -> Result<()> {
     let id = p.publish(&["--port", "32400", "--to", "home:32400", "--country", "DE"])?;
     p.wait_installed(32400)?;
     wait_get_ok(lab, "viewer", VIEWER_IP)?;
+    // The connection is in the audit log at once (not only after TIME_WAIT), with its country.
+    let t = Instant::now();
+    let open = p.wait_audit("an open line for the viewer", Duration::from_secs(5), |r| {
+        r["verdict"] == "open"
+            && r["source"]
+                .as_str()
+                .is_some_and(|s| s.starts_with(VIEWER_IP))
+            && r["country"] == "DE"
+    })?;
+    eprintln!("open line {:?} after the download: {open}", t.elapsed());
     wait_get_ok(lab, "viewer", "2001:db8:1::50")?;
     for (host, src) in [
         ("carrier", CARRIER_WAN),     // CN
@@ -1854,5 +1864,21 @@ fn country_body(p: &mut PubLab, db: &Path) -> Result<()> {
     )?;
     eprintln!("reloaded and applied within {:?}", t.elapsed());
     wait_get_ok(lab, "viewer", "2001:db8:1::50")?;
+    // `homeport-exit report` over this log: the German viewer, and the denied Chinese source.
+    let report = run(Command::new(bin("homeport-exit")?)
+        .args(["report", "--json", "--state-dir"])
+        .arg(&p.exit.state_dir))?;
+    let r: serde_json::Value = serde_json::from_str(&report)?;
+    let src = |ip: &str| {
+        r["sources"]
+            .as_array()
+            .and_then(|v| v.iter().find(|s| s["source"] == ip).cloned())
+    };
+    let de = src(VIEWER_IP).with_context(|| format!("{VIEWER_IP} in the report: {report}"))?;
+    assert_eq!(de["country"], "DE", "{de}");
+    assert!(de["connections"].as_u64().unwrap_or(0) >= 1, "{de}");
+    let cn =
+        src("2001:db8:3::50").with_context(|| format!("the CN source in the report: {report}"))?;
+    assert!(cn["denied_packets"].as_u64().unwrap_or(0) >= 1, "{cn}");
     Ok(())
 }
