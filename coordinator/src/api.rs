@@ -70,6 +70,14 @@ pub fn app(state: AppState) -> Router {
             homeport_proto::exit::PATH_ADMIN_EXITS,
             get(crate::exits::list),
         )
+        .route(
+            homeport_proto::invite::PATH_ADMIN_INVITES,
+            post(crate::invites::create).get(crate::invites::list),
+        )
+        .route(
+            &format!("{}/{{id}}", homeport_proto::invite::PATH_ADMIN_INVITES),
+            delete(crate::invites::revoke),
+        )
         // Every admin route needs an admin, whatever its handler takes: a route added later
         // cannot forget it.
         .route_layer(axum::middleware::from_fn_with_state(
@@ -85,6 +93,14 @@ pub fn app(state: AppState) -> Router {
         .route(
             homeport_proto::exit::PATH_EXIT_ANNOUNCE,
             post(crate::exits::announce),
+        )
+        .route(
+            homeport_proto::invite::PATH_NODE_INVITE_REDEEM,
+            post(crate::invites::redeem),
+        )
+        .route(
+            homeport_proto::invite::PATH_NODE_INVITES,
+            get(crate::invites::grants),
         )
         .route(api::PATH_RELAY_TCP, get(relay_tcp))
         .route(api::PATH_OPENAPI, get(openapi))
@@ -718,11 +734,6 @@ pub fn validate_publish(req: &PublishRequest, mesh: &crate::mesh::Mesh) -> ApiRe
     };
     let allow_countries = countries("country", &req.country)?;
     let deny_countries = countries("deny_country", &req.deny_country)?;
-    if !allow_countries.is_empty() && !deny_countries.is_empty() {
-        return Err(ApiErr::bad_request(
-            "country and deny_country: give one of them (allow only some countries, or deny some), not both",
-        ));
-    }
     let exit = mesh.node_by_name(req.exit.trim()).ok_or_else(|| {
         ApiErr::not_found(format!(
             "exit: no node named {:?}; see `homeport-coordinator nodes`",

@@ -71,6 +71,14 @@ pub enum Cmd {
         #[command(subcommand)]
         cmd: PublishCmd,
     },
+    /// Invite links: a friend opens the link in any browser and may then connect to the port
+    /// from that address for the given days
+    Invite {
+        #[command(flatten)]
+        conn: ConnArgs,
+        #[command(subcommand)]
+        cmd: InviteCmd,
+    },
     /// List the nodes that run an exit (homeport-exit): public addresses, country database
     Exits {
         #[command(flatten)]
@@ -241,6 +249,43 @@ pub enum PublishCmd {
     /// Remove a rule by id; prints the rule it removed
     Remove {
         /// Rule id (from `publish list`)
+        id: i64,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum InviteCmd {
+    /// Create an invite to a published port (one restricted by --allow or --country); prints the
+    /// link (http://EXIT:INVITE_PORT/i/TOKEN, shown only now)
+    Create {
+        /// The published port
+        #[arg(long, value_name = "N")]
+        port: u16,
+        /// tcp or udp
+        #[arg(long, value_name = "PROTO", default_value = "tcp")]
+        proto: String,
+        /// The exit (needed only when several exits publish the port)
+        #[arg(long, value_name = "NODE")]
+        exit: Option<String>,
+        /// Who it is for (the audit log and the report show this name)
+        #[arg(long, value_name = "NAME")]
+        name: String,
+        /// How many days an address it lets in may connect
+        #[arg(long, value_name = "N")]
+        days: u32,
+        /// How many addresses the link may let in (a new one each time the friend's IP changes)
+        #[arg(long, value_name = "N", default_value_t = 1)]
+        uses: u32,
+    },
+    /// List invites: name, port, until, addresses let in
+    List {
+        /// Print JSON instead of a table
+        #[arg(long)]
+        json: bool,
+    },
+    /// Revoke an invite: the addresses it let in lose access at once
+    Revoke {
+        /// Invite id (from `invite list`)
         id: i64,
     },
 }
@@ -566,6 +611,116 @@ pub async fn admin(cmd: Cmd) -> anyhow::Result<()> {
                 eprintln!("node {name} removed");
             }
         },
+        Cmd::Invite { conn, cmd } => {
+            use homeport_proto::invite::{
+                InviteCreate, InviteCreated, InviteInfo, PATH_ADMIN_INVITES,
+            };
+            let c = conn.client()?;
+            let day = |t: i64| {
+                time::OffsetDateTime::from_unix_timestamp(t)
+                    .ok()
+                    .map(|t| {
+                        format!(
+                            "{}-{:02}-{:02} {:02}:{:02} UTC",
+                            t.year(),
+                            t.month() as u8,
+                            t.day(),
+                            t.hour(),
+                            t.minute()
+                        )
+                    })
+                    .unwrap_or_else(|| t.to_string())
+            };
+            match cmd {
+                InviteCmd::Create {
+                    port,
+                    proto,
+                    exit,
+                    name,
+                    days,
+                    uses,
+                } => {
+                    let req = InviteCreate {
+                        port,
+                        proto: Some(proto),
+                        exit,
+                        name,
+                        days,
+                        uses: Some(uses),
+                    };
+                    let r: InviteCreated = c
+                        .json(
+                            Method::POST,
+                            PATH_ADMIN_INVITES,
+                            Some(&serde_json::to_value(&req)?),
+                        )
+                        .await?;
+                    println!("{}", r.link);
+                    eprintln!(
+                        "invite {}: send this link; opened in any browser it lets that address connect until {} ({} address(es) at most)",
+                        r.id,
+                        day(r.until),
+                        uses
+                    );
+                }
+                InviteCmd::List { json } => {
+                    let v: Vec<InviteInfo> = c.json(Method::GET, PATH_ADMIN_INVITES, None).await?;
+                    if json {
+                        return print_json(&v);
+                    }
+                    let rows = v
+                        .iter()
+                        .map(|i| {
+                            vec![
+                                i.id.to_string(),
+                                i.name.clone(),
+                                format!("{}:{}/{}", i.exit, i.port, i.proto),
+                                day(i.until),
+                                format!("{}/{}", i.addrs.len(), i.uses),
+                                i.addrs
+                                    .iter()
+                                    .map(|a| a.addr.to_string())
+                                    .collect::<Vec<_>>()
+                                    .join(","),
+                                if i.revoked {
+                                    "revoked"
+                                } else if i.until <= now {
+                                    "expired"
+                                } else {
+                                    "active"
+                                }
+                                .into(),
+                            ]
+                        })
+                        .collect();
+                    print!(
+                        "{}",
+                        table(
+                            &["ID", "NAME", "PORT", "UNTIL", "USED", "ADDRESSES", "STATE"],
+                            rows
+                        )
+                    );
+                }
+                InviteCmd::Revoke { id } => {
+                    let i: InviteInfo = c
+                        .json(Method::DELETE, &format!("{PATH_ADMIN_INVITES}/{id}"), None)
+                        .await?;
+                    println!(
+                        "invite {id} ({}) revoked; these addresses lose access: {}",
+                        i.name,
+                        if i.addrs.is_empty() {
+                            "none".to_string()
+                        } else {
+                            i.addrs
+                                .iter()
+                                .map(|a| a.addr.to_string())
+                                .collect::<Vec<_>>()
+                                .join(", ")
+                        }
+                    );
+                }
+            }
+        }
         Cmd::Exits { conn, json } => {
             let v: Vec<ExitInfo> = conn
                 .client()?

@@ -85,6 +85,7 @@ pub async fn exits(st: &AppState) -> ApiResult<Vec<ExitInfo>> {
                 public_addrs: s.announce.public_addrs,
                 country_db: s.announce.country_db,
                 announced_at: s.at,
+                invite_port: s.announce.invite_port,
             });
         }
     }

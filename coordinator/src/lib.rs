@@ -10,6 +10,7 @@ pub mod client;
 pub mod config;
 pub mod error;
 pub mod exits;
+pub mod invites;
 pub mod limits;
 pub mod mesh;
 pub mod openapi;

@@ -68,6 +68,7 @@ async fn send(reg: &Registration, a: &ExitAnnounce) -> Result<()> {
 /// Runs until `stop`.
 pub async fn run(
     state_dir: PathBuf,
+    invite_port: Option<u16>,
     mut geo: watch::Receiver<Option<Arc<CountryDb>>>,
     stop: CancellationToken,
 ) {
@@ -84,6 +85,7 @@ pub async fn run(
                 let a = ExitAnnounce {
                     public_addrs: public_addrs(),
                     country_db: geo.borrow_and_update().as_ref().map(|g| g.desc.clone()),
+                    invite_port,
                 };
                 let want = (reg.credential.clone(), a);
                 if sent.as_ref() == Some(&want) {

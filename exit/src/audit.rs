@@ -397,6 +397,7 @@ pub struct Audit {
     open: Mutex<HashMap<(u64, SocketAddr), OpenFlow>>,
     denied_seen: Mutex<HashMap<(DenyReason, i64, IpAddr), u64>>,
     geo: Mutex<Option<Arc<crate::geo::CountryDb>>>,
+    grants: Mutex<Vec<homeport_proto::invite::Grant>>,
 }
 
 impl Audit {
@@ -428,6 +429,7 @@ impl Audit {
             open: Mutex::new(HashMap::new()),
             denied_seen: Mutex::new(HashMap::new()),
             geo: Mutex::new(None),
+            grants: Mutex::new(Vec::new()),
         })
     }
 
@@ -438,6 +440,24 @@ impl Audit {
     /// The country database the records' `country` comes from (None: no country).
     pub fn set_country_db(&self, db: Option<Arc<crate::geo::CountryDb>>) {
         *self.geo.lock().unwrap() = db;
+    }
+
+    /// The invite grants (their names label the sources they let in).
+    pub fn set_grants(&self, g: Vec<homeport_proto::invite::Grant>) {
+        *self.grants.lock().unwrap() = g;
+    }
+
+    /// Who `ip` is for rule `rule`: `invite:NAME` when an invite let it in, else the allow-list
+    /// entry.
+    fn label(&self, rule: &RuleInfo, ip: IpAddr) -> Option<String> {
+        let ip = ip.to_canonical();
+        self.grants
+            .lock()
+            .unwrap()
+            .iter()
+            .find(|g| g.rule == rule.id && g.addr == ip)
+            .map(|g| format!("invite:{}", g.name))
+            .or_else(|| rule.label(ip))
     }
 
     fn country(&self, ip: IpAddr) -> Option<String> {
@@ -521,7 +541,7 @@ impl Audit {
                 let (rule, target, label) = {
                     let rules = self.rules.lock().unwrap();
                     let r = rules.iter().find(|r| r.matches(ev))?;
-                    (r.id, r.target.clone(), r.label(ev.orig_src.ip()))
+                    (r.id, r.target.clone(), self.label(r, ev.orig_src.ip()))
                 };
                 if let Some(s) = self.stats.lock().unwrap().get_mut(&rule) {
                     s.conns += 1;
@@ -600,7 +620,7 @@ impl Audit {
                     duration_s: Some((end.saturating_sub(start).max(0) / 100_000) as f64 / 10.0),
                     packets: None,
                     country: None,
-                    label: info.and_then(|i| i.label(ev.orig_src.ip())),
+                    label: info.and_then(|i| self.label(i, ev.orig_src.ip())),
                 };
                 drop(rules);
                 let rec = AuditRecord {

@@ -21,6 +21,7 @@ pub const EXIT_KEYS: &[&str] = &[
     "audit-max-bytes",
     "audit-keep",
     "country-db",
+    "invite-port",
 ];
 /// Smallest `--audit-max-bytes`: a few records per file at least.
 pub const MIN_AUDIT_MAX_BYTES: u64 = 1024;
@@ -56,6 +57,10 @@ pub struct ExitArgs {
     /// Without it, rules with countries are refused
     #[arg(long, value_name = "FILE")]
     pub country_db: Option<PathBuf>,
+    /// Serve invite pages (`homeport-coordinator invite create`) over plain HTTP on this TCP
+    /// port of every address (kept open by edge protection); without it invites are refused
+    #[arg(long, value_name = "PORT")]
+    pub invite_port: Option<u16>,
 }
 
 /// `67108864`, `64M`, `64MiB`, `512K`, `1G` (binary units) as bytes, at least
@@ -105,6 +110,7 @@ pub struct PublishSettings {
     pub edge_protection: bool,
     pub audit: crate::audit::Rotation,
     pub country_db: Option<PathBuf>,
+    pub invite_port: Option<u16>,
 }
 
 impl PublishSettings {
@@ -112,6 +118,12 @@ impl PublishSettings {
     /// not known: then edge protection is off, since it would block WireGuard).
     pub fn nft_config(&self, tun: &str, wg_port: Option<u16>) -> NftConfig {
         let mut keep_open = self.keep_open.clone();
+        if let Some(p) = self.invite_port {
+            keep_open.push(PortSpec {
+                proto: L4::Tcp,
+                port: p,
+            });
+        }
         let mut edge = self.edge_protection;
         match wg_port {
             Some(p) if p != 0 => keep_open.push(PortSpec {
@@ -275,8 +287,22 @@ pub fn resolve_publish(a: ExitArgs, file: &toml::Table, path: &Path) -> Result<P
         (None, Some(toml::Value::String(s))) => Some(PathBuf::from(s)),
         (None, Some(v)) => return Err(bad("country-db", v, "a file name (string)")),
     };
+    let invite_port = match (a.invite_port, file.get("invite-port")) {
+        (Some(p), _) => Some(p),
+        (None, None) => None,
+        (None, Some(v)) => Some(
+            v.as_integer()
+                .and_then(|n| u16::try_from(n).ok())
+                .filter(|n| *n != 0)
+                .ok_or_else(|| bad("invite-port", v, "a TCP port 1-65535"))?,
+        ),
+    };
+    if invite_port == Some(0) {
+        bail!("--invite-port 0: expected a TCP port 1-65535");
+    }
     Ok(PublishSettings {
         country_db,
+        invite_port,
         keep_open,
         ban_seconds,
         ban_after,
@@ -318,6 +344,7 @@ mod tests {
             audit_max_bytes: None,
             audit_keep: None,
             country_db: None,
+            invite_port: None,
         };
         let g = resolve_publish(flags, &file, p).unwrap();
         assert_eq!(g.keep_open, vec!["tcp:22".parse().unwrap()]);

@@ -13,6 +13,7 @@ pub mod announce;
 pub mod audit;
 pub mod config;
 pub mod geo;
+pub mod invite;
 #[cfg(test)]
 mod lab;
 pub mod logcmd;
@@ -79,9 +80,42 @@ pub async fn run(mut cfg: ExitConfig, shutdown: CancellationToken) -> Result<()>
             }
         });
     }
+    let (grants_tx, grants_rx) = tokio::sync::watch::channel(Vec::new());
+    let publisher = publisher.with_grants(grants_rx.clone());
+    {
+        // The audit log's labels know the invites' names.
+        let (a, mut g, s) = (audit.clone(), grants_rx, stop.clone());
+        tasks.spawn(async move {
+            loop {
+                tokio::select! {
+                    _ = s.cancelled() => return,
+                    r = g.changed() => {
+                        if r.is_err() {
+                            return;
+                        }
+                        a.set_grants(g.borrow_and_update().clone());
+                    }
+                }
+            }
+        });
+    }
+    if let Some(port) = cfg.publish.invite_port {
+        let (d, g, s) = (cfg.up.state_dir.clone(), grants_tx.clone(), stop.clone());
+        tasks.spawn(async move {
+            if let Err(e) = invite::serve(port, d, g, s).await {
+                tracing::error!(error = %format!("{e:#}"), "invite pages stopped");
+            }
+        });
+        tasks.spawn(invite::follow_grants(
+            cfg.up.state_dir.clone(),
+            grants_tx,
+            stop.clone(),
+        ));
+    }
     tasks.spawn(publisher.run(rx, stop.clone()));
     tasks.spawn(announce::run(
         cfg.up.state_dir.clone(),
+        cfg.publish.invite_port,
         geo.clone(),
         stop.clone(),
     ));

@@ -11,6 +11,7 @@ use crate::audit::Audit;
 use crate::geo::{CountryDb, Stamp};
 use crate::nft::{self, Exec, NftConfig};
 use anyhow::{Context, Result};
+use homeport_proto::invite::Grant;
 use homeport_proto::map::NetworkMap;
 use homeport_proto::publish::{PublishProto, PublishRule};
 use std::path::PathBuf;
@@ -54,6 +55,10 @@ pub struct Publisher {
     applied_geo: Option<Option<Stamp>>,
     /// Who wants to know the loaded database (the announcement to the coordinator, the audit).
     geo_tx: watch::Sender<Option<Arc<CountryDb>>>,
+    /// Invite grants (addresses let into a rule until a time), from the invite task.
+    grants: Option<watch::Receiver<Vec<Grant>>>,
+    /// The grants the last apply installed (the live ones of installed rules).
+    applied_grants: Vec<Grant>,
 }
 
 /// How often the country database file is checked for a change (one stat).
@@ -77,7 +82,31 @@ impl Publisher {
             geo_tried: None,
             applied_geo: None,
             geo_tx: watch::channel(None).0,
+            grants: None,
+            applied_grants: Vec::new(),
         }
+    }
+
+    /// Follows invite grants: each becomes an element of its rule's invite set with a timeout.
+    pub fn with_grants(mut self, rx: watch::Receiver<Vec<Grant>>) -> Publisher {
+        self.grants = Some(rx);
+        self
+    }
+
+    /// The live grants of `planned` rules at `now` (unix seconds).
+    fn live_grants(&self, planned: &[PublishRule], now: i64) -> Vec<Grant> {
+        let Some(rx) = &self.grants else {
+            return Vec::new();
+        };
+        let mut v: Vec<Grant> = rx
+            .borrow()
+            .iter()
+            .filter(|g| g.until > now && planned.iter().any(|r| r.id == g.rule))
+            .cloned()
+            .collect();
+        v.sort();
+        v.dedup();
+        v
     }
 
     /// Uses the country database at `path` (loaded now: an unreadable file is an error at
@@ -136,11 +165,22 @@ impl Publisher {
         let planned: Vec<PublishRule> = planned.into_iter().cloned().collect();
         let geo_now = self.geo.as_ref().and_then(|g| g.stamp);
         let uses_geo = planned.iter().any(|r| r.guards.needs_countries());
+        let now = time::OffsetDateTime::now_utc().unix_timestamp();
+        let grants = self.live_grants(&planned, now);
+        // Expired grants leave the kernel set by their own timeout: only new or revoked ones
+        // need a re-apply.
+        let expired_only = self
+            .applied_grants
+            .iter()
+            .filter(|g| g.until > now)
+            .eq(grants.iter());
         if self.applied.as_ref() == Some(&planned)
             && (!uses_geo || self.applied_geo == Some(geo_now))
+            && expired_only
         {
             return Ok(false);
         }
+        self.applied_grants = grants;
         for s in &skipped {
             tracing::warn!(rule = s.id, "publish rule not installed: {}", s.why);
         }
@@ -160,11 +200,24 @@ impl Publisher {
         let rules = planned.clone();
         let geo = self.geo.clone();
         self.applied_geo = Some(geo.as_ref().and_then(|g| g.stamp));
+        let now = time::OffsetDateTime::now_utc().unix_timestamp();
+        let grants: Vec<(i64, std::net::IpAddr, u32)> = self
+            .applied_grants
+            .iter()
+            .filter(|g| g.until > now)
+            .map(|g| {
+                (
+                    g.rule,
+                    g.addr,
+                    u32::try_from(g.until - now).unwrap_or(u32::MAX),
+                )
+            })
+            .collect();
         tokio::task::spawn_blocking(move || -> Result<()> {
             let bans = nft::current_bans(&exec).unwrap_or_default();
             nft::apply(
                 &exec,
-                &nft::ruleset_geo(&cfg, &rules, &bans, geo.as_deref()),
+                &nft::ruleset_geo(&cfg, &rules, &bans, geo.as_deref(), &grants),
             )?;
             Ok(())
         })
@@ -270,6 +323,16 @@ impl Publisher {
         loop {
             tokio::select! {
                 _ = stop.cancelled() => break,
+                ok = grants_changed(&mut self.grants) => {
+                    if !ok {
+                        self.grants = None;
+                        continue;
+                    }
+                    let rules = maps.borrow().as_deref().map(rules_for_me).unwrap_or_default();
+                    if let Err(e) = self.update(&rules).await {
+                        tracing::error!(error = %format!("{e:#}"), "applying the nftables ruleset failed");
+                    }
+                }
                 _ = geo_tick.tick(), if self.geo_path.is_some() => {
                     if self.reload_country_db().await {
                         let rules = maps.borrow().as_deref().map(rules_for_me).unwrap_or_default();
@@ -307,6 +370,14 @@ impl Publisher {
         if let Err(e) = self.remove().await {
             tracing::error!(error = %format!("{e:#}"), "removing the nftables table failed");
         }
+    }
+}
+
+/// Waits for new grants: true on a change, false when the sender is gone (never, without one).
+async fn grants_changed(rx: &mut Option<watch::Receiver<Vec<Grant>>>) -> bool {
+    match rx {
+        Some(r) => r.changed().await.is_ok(),
+        None => std::future::pending().await,
     }
 }
 

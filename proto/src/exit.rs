@@ -35,6 +35,9 @@ pub struct ExitAnnounce {
     /// 2026-11-20`), None without one (then it cannot enforce country rules).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub country_db: Option<String>,
+    /// The plain-HTTP port its invite pages are served on (`--invite-port`), None without.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub invite_port: Option<u16>,
 }
 
 /// An exit as the admin API lists it.
@@ -48,6 +51,8 @@ pub struct ExitInfo {
     pub country_db: Option<String>,
     /// Unix seconds of the last announcement.
     pub announced_at: i64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub invite_port: Option<u16>,
 }
 
 /// How a viewer reaches `port` on an exit with `addrs`: `198.51.100.10:32400`,

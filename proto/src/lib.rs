@@ -11,6 +11,7 @@ pub mod capver;
 pub mod disco;
 pub mod exit;
 pub mod filter;
+pub mod invite;
 pub mod keys;
 pub mod map;
 pub mod names;

@@ -1882,3 +1882,212 @@ fn country_body(p: &mut PubLab, db: &Path) -> Result<()> {
     assert!(cn["denied_packets"].as_u64().unwrap_or(0) >= 1, "{cn}");
     Ok(())
 }
+
+// ---- issue 16: invite links ----
+
+/// The invite port of the lab's exit.
+const INVITE_PORT: &str = "8088";
+
+/// `curl` of `url` from `host` with source `src`: (HTTP status, body); status 0 when nothing
+/// came back.
+fn fetch_page(lab: &Lab, host: &str, src: &str, url: &str) -> Result<(u16, String)> {
+    let out = lab.exec(
+        host,
+        &[
+            "curl",
+            "-sS",
+            "-g",
+            "--max-time",
+            "10",
+            "--interface",
+            src,
+            "-w",
+            "\n%{http_code}",
+            url,
+        ],
+    )?;
+    let (body, code) = out.trim_end().rsplit_once('\n').unwrap_or(("", out.trim()));
+    Ok((code.trim().parse().unwrap_or(0), body.to_string()))
+}
+
+/// 16c. Invite links (a real HTTP client from the viewer namespace stands in for the browser):
+///      the port admits only the carrier; the viewer opens the link, the page says until when in
+///      plain words, and the viewer downloads through the port, labelled with the invite's name
+///      in the audit log, while an address without the link is still denied. Reopening from a new
+///      address adds it up to the uses, wrong tokens are rate-limited, the address sits in an
+///      nftables set with a timeout, and revoking takes the addresses out.
+#[test]
+fn invite_link_lets_a_friend_in_until_revoked() {
+    if !require_root_and(TOOLS) {
+        return;
+    }
+    let mut p = PubLab::new(&["--invite-port", INVITE_PORT]).expect("building the lab");
+    if let Err(e) = invite_body(&mut p) {
+        panic!("{e:#}");
+    }
+}
+
+fn invite_body(p: &mut PubLab) -> Result<()> {
+    add_viewer_addresses(&p.lab)?;
+    let media = media_dir(&p.lab)?;
+    write_random_file(&media.join("file"), 1)?;
+    let media_s = media.to_str().context("path")?.to_string();
+    let srv = p.lab.spawn(
+        "home",
+        "http6",
+        &[
+            "python3",
+            "-u",
+            "-m",
+            "http.server",
+            "32400",
+            "--bind",
+            "::",
+            "--directory",
+            &media_s,
+        ],
+    )?;
+    wait_until("the home server to listen", Duration::from_secs(10), || {
+        p.lab.log(srv).contains("Serving HTTP")
+    })?;
+    let lab = &p.lab;
+    let id = p.publish(&[
+        "--port",
+        "32400",
+        "--to",
+        "home:32400",
+        "--allow",
+        "203.0.113.0/24",
+    ])?;
+    p.wait_installed(32400)?;
+    wait_until("the carrier to connect", Duration::from_secs(20), || {
+        tcp_connect(lab, "carrier", VPS_IP, 32400, 2.0) == "connected"
+    })?;
+    assert_eq!(
+        get_from(lab, "viewer", VIEWER_IP, 3),
+        None,
+        "not invited yet"
+    );
+
+    let link = p
+        .coord
+        .admin(&[
+            "invite", "create", "--port", "32400", "--name", "alice", "--days", "30", "--uses", "2",
+        ])?
+        .trim()
+        .to_string();
+    eprintln!("invite link: {link}");
+    assert!(
+        link.starts_with(&format!("http://{VPS_IP}:{INVITE_PORT}/i/")) && link.len() > 60,
+        "{link}"
+    );
+    let (code, page) = fetch_page(lab, "viewer", VIEWER_IP, &link)?;
+    assert_eq!(code, 200, "{page}");
+    assert!(
+        page.contains("Welcome, alice") && page.contains(VIEWER_IP),
+        "{page}"
+    );
+    assert!(
+        [
+            "Monday",
+            "Tuesday",
+            "Wednesday",
+            "Thursday",
+            "Friday",
+            "Saturday",
+            "Sunday"
+        ]
+        .iter()
+        .any(|d| page.contains(d))
+            && page.contains("30 days"),
+        "the page says until when in plain words: {page}"
+    );
+    let t = Instant::now();
+    wait_get_ok(lab, "viewer", VIEWER_IP)?;
+    eprintln!(
+        "invited viewer downloads {:?} after opening the link",
+        t.elapsed()
+    );
+    assert_eq!(
+        get_from(lab, "viewer", "192.0.2.200", 3),
+        None,
+        "no link, no access"
+    );
+    p.wait_audit(
+        "an open line labelled with the invite",
+        Duration::from_secs(5),
+        |r| {
+            r["verdict"] == "open"
+                && r["label"] == "invite:alice"
+                && r["source"]
+                    .as_str()
+                    .is_some_and(|s| s.starts_with(VIEWER_IP))
+        },
+    )?;
+    // The element expires in the kernel: it carries a timeout of about 30 days.
+    let set = lab.exec(
+        "vps",
+        &[
+            "nft",
+            "list",
+            "set",
+            "inet",
+            "homeport_exit",
+            &format!("inv4_{id}"),
+        ],
+    )?;
+    assert!(
+        set.contains(VIEWER_IP) && (set.contains("timeout 29d") || set.contains("timeout 30d")),
+        "{set}"
+    );
+
+    // The friend's address changed: the link works once more, then it is used up.
+    let (code, _) = fetch_page(lab, "viewer", "192.0.2.200", &link)?;
+    assert_eq!(code, 200);
+    wait_get_ok(lab, "viewer", "192.0.2.200")?;
+    let link6 = link.replace(VPS_IP, &format!("[{VPS_IP6}]"));
+    let (code, page) = fetch_page(lab, "viewer", "2001:db8:1::50", &link6)?;
+    assert_eq!(code, 409, "a third address is refused: {page}");
+    assert!(page.contains("used"), "{page}");
+    // Guessing: a handful of wrong tokens, then the source is told to wait.
+    let wrong = format!("http://[{VPS_IP6}]:{INVITE_PORT}/i/{}", "A".repeat(43));
+    let codes: Vec<u16> = (0..7)
+        .map(|_| {
+            fetch_page(lab, "viewer", "2001:db8:9::50", &wrong)
+                .map(|c| c.0)
+                .unwrap_or(0)
+        })
+        .collect();
+    assert_eq!(&codes[..5], &[404; 5], "{codes:?}");
+    assert_eq!(codes[6], 429, "{codes:?}");
+    let (code, _) = fetch_page(lab, "viewer", "2001:db8:9::50", &link6)?;
+    assert_eq!(
+        code, 429,
+        "even the right link waits after too many wrong ones"
+    );
+
+    let list = p.coord.admin(&["invite", "list"])?;
+    assert!(
+        list.contains("alice") && list.contains("2/2") && list.contains("192.0.2.200"),
+        "{list}"
+    );
+    let out = p.coord.admin(&["invite", "revoke", "1"])?;
+    assert!(
+        out.contains(VIEWER_IP) && out.contains("192.0.2.200"),
+        "{out}"
+    );
+    let t = Instant::now();
+    wait_until(
+        "revoking to take the addresses out",
+        Duration::from_secs(15),
+        || get_from(lab, "viewer", VIEWER_IP, 2).is_none(),
+    )?;
+    eprintln!(
+        "revoked addresses out {:?} after `invite revoke`",
+        t.elapsed()
+    );
+    assert_eq!(get_from(lab, "viewer", "192.0.2.200", 2), None);
+    let (code, _) = fetch_page(lab, "viewer", VIEWER_IP, &link)?;
+    assert_eq!(code, 410, "a revoked link says so");
+    Ok(())
+}
