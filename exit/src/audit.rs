@@ -275,6 +275,14 @@ fn reason_index(r: DenyReason) -> usize {
     DenyReason::ALL.iter().position(|x| *x == r).unwrap_or(0)
 }
 
+/// The address of an audit `source` (`ip:port` or `ip`).
+fn source_ip(s: &str) -> Option<IpAddr> {
+    s.parse::<SocketAddr>()
+        .map(|a| a.ip())
+        .or_else(|_| s.parse())
+        .ok()
+}
+
 /// One parsed `conntrack -E -o timestamp,extended,id` line.
 #[derive(Debug, Clone, PartialEq)]
 pub struct CtEvent {
@@ -398,6 +406,10 @@ pub struct Audit {
     denied_seen: Mutex<HashMap<(DenyReason, i64, IpAddr), u64>>,
     geo: Mutex<Option<Arc<crate::geo::CountryDb>>>,
     grants: Mutex<Vec<homeport_proto::invite::Grant>>,
+    alerts: Mutex<(homeport_host::alert::Alerts, u64)>,
+    /// (rule, country) and (rule, source address) seen connecting (from the log at start):
+    /// a new one raises an alert.
+    seen: Mutex<std::collections::HashSet<(i64, String)>>,
 }
 
 impl Audit {
@@ -430,6 +442,8 @@ impl Audit {
             denied_seen: Mutex::new(HashMap::new()),
             geo: Mutex::new(None),
             grants: Mutex::new(Vec::new()),
+            alerts: Mutex::new((homeport_host::alert::Alerts::none(), u64::MAX)),
+            seen: Mutex::new(std::collections::HashSet::new()),
         })
     }
 
@@ -440,6 +454,66 @@ impl Audit {
     /// The country database the records' `country` comes from (None: no country).
     pub fn set_country_db(&self, db: Option<Arc<crate::geo::CountryDb>>) {
         *self.geo.lock().unwrap() = db;
+    }
+
+    /// Where alerts go, and the denied packets per port and read that make a deny spike. Seeds
+    /// what was seen from the log, so a restart does not alert on every old source.
+    pub fn set_alerts(&self, alerts: homeport_host::alert::Alerts, deny_spike: u64) {
+        *self.alerts.lock().unwrap() = (alerts, deny_spike);
+        let mut seen = self.seen.lock().unwrap();
+        if let Ok(recs) = read_records(&self.path) {
+            for r in recs.into_iter().filter_map(|(_, r)| r) {
+                if r.verdict == "open" || r.verdict == "allowed" {
+                    if let Some(c) = &r.country {
+                        seen.insert((r.rule, format!("cc:{c}")));
+                    }
+                    if let Some(ip) = source_ip(&r.source) {
+                        seen.insert((r.rule, format!("ip:{ip}")));
+                    }
+                }
+            }
+        }
+    }
+
+    /// Raises an alert (never blocks).
+    pub fn alert(&self, kind: &'static str, subject: String, message: String) {
+        self.alerts
+            .lock()
+            .unwrap()
+            .0
+            .raise(homeport_host::alert::Alert {
+                kind,
+                subject,
+                message,
+            });
+    }
+
+    /// New country or unknown source on a rule: an alert.
+    fn check_new(&self, rec: &AuditRecord) {
+        let Some(ip) = source_ip(&rec.source) else {
+            return;
+        };
+        let port = format!("{}/{}", rec.proto, rec.port);
+        let mut seen = self.seen.lock().unwrap();
+        if let Some(c) = &rec.country
+            && seen.insert((rec.rule, format!("cc:{c}")))
+        {
+            self.alert(
+                "new-country",
+                format!("{port} {c}"),
+                format!("first connection from {c} to {port}: {ip}"),
+            );
+        }
+        if seen.insert((rec.rule, format!("ip:{ip}"))) && rec.label.is_none() {
+            self.alert(
+                "unknown-source",
+                format!("{port} {ip}"),
+                format!(
+                    "a source never seen before connected to {port}: {ip} ({}), in no allow-list and no invite",
+                    rec.country.as_deref().unwrap_or("country unknown")
+                ),
+            );
+        }
     }
 
     /// The invite grants (their names label the sources they let in).
@@ -583,6 +657,7 @@ impl Audit {
                     label,
                 };
                 self.write(&rec);
+                self.check_new(&rec);
                 Some(rec)
             }
             CtKind::Update => {
@@ -686,6 +761,25 @@ impl Audit {
         for r in recs.iter_mut() {
             r.country = r.source.parse().ok().and_then(|ip| self.country(ip));
             self.write(r);
+        }
+        let spike = self.alerts.lock().unwrap().1;
+        let mut per_port: BTreeMap<(String, u16), (u64, usize)> = BTreeMap::new();
+        for r in &recs {
+            let e = per_port.entry((r.proto.clone(), r.port)).or_default();
+            e.0 += r.packets.unwrap_or(0);
+            e.1 += 1;
+        }
+        for ((proto, port), (packets, sources)) in per_port {
+            if packets >= spike {
+                self.alert(
+                    "deny-spike",
+                    format!("{proto}/{port}"),
+                    format!(
+                        "{packets} packets to {proto}/{port} denied in {} s from {sources} source(s)",
+                        DENY_POLL.as_secs()
+                    ),
+                );
+            }
         }
         recs
     }

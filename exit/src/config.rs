@@ -61,6 +61,18 @@ pub struct ExitArgs {
     /// port of every address (kept open by edge protection); without it invites are refused
     #[arg(long, value_name = "PORT")]
     pub invite_port: Option<u16>,
+    /// Send alerts to this webhook (repeatable): generic JSON, or ntfy/Discord/Slack bodies
+    /// (prefix ntfy+, discord+, slack+, or by the host). Alerts: a deny spike on a published
+    /// port, a new country or an unknown source on one, the rules failing to apply
+    #[arg(long, value_name = "URL")]
+    pub alert_webhook: Vec<homeport_host::alert::Webhook>,
+    /// Denied packets on one published port within one 3 s read that make a deny spike
+    /// [default: 200]
+    #[arg(long, value_name = "N")]
+    pub alert_deny_spike: Option<u64>,
+    /// Seconds the same alert is not sent again [default: 300]
+    #[arg(long, value_name = "SECS")]
+    pub alert_debounce: Option<u64>,
 }
 
 /// `67108864`, `64M`, `64MiB`, `512K`, `1G` (binary units) as bytes, at least
@@ -111,7 +123,14 @@ pub struct PublishSettings {
     pub audit: crate::audit::Rotation,
     pub country_db: Option<PathBuf>,
     pub invite_port: Option<u16>,
+    pub alert_webhooks: Vec<homeport_host::alert::Webhook>,
+    pub alert_deny_spike: u64,
+    pub alert_debounce: std::time::Duration,
 }
+
+/// Default deny spike: 200 dropped packets on one port within one read (3 s) is a flood or a
+/// scan, not a friend with a stale address retrying.
+pub const DEFAULT_DENY_SPIKE: u64 = 200;
 
 impl PublishSettings {
     /// The ruleset config for a node with TUN `tun` and WireGuard port `wg_port` (None when
@@ -301,6 +320,12 @@ pub fn resolve_publish(a: ExitArgs, file: &toml::Table, path: &Path) -> Result<P
         bail!("--invite-port 0: expected a TCP port 1-65535");
     }
     Ok(PublishSettings {
+        alert_webhooks: a.alert_webhook,
+        alert_deny_spike: a.alert_deny_spike.unwrap_or(DEFAULT_DENY_SPIKE).max(1),
+        alert_debounce: a
+            .alert_debounce
+            .map(std::time::Duration::from_secs)
+            .unwrap_or(homeport_host::alert::DEFAULT_DEBOUNCE),
         country_db,
         invite_port,
         keep_open,
@@ -345,6 +370,9 @@ mod tests {
             audit_keep: None,
             country_db: None,
             invite_port: None,
+            alert_webhook: Vec::new(),
+            alert_deny_spike: None,
+            alert_debounce: None,
         };
         let g = resolve_publish(flags, &file, p).unwrap();
         assert_eq!(g.keep_open, vec!["tcp:22".parse().unwrap()]);

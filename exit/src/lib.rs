@@ -39,6 +39,16 @@ pub async fn run(mut cfg: ExitConfig, shutdown: CancellationToken) -> Result<()>
         cfg.publish.audit,
     )?);
     let nft_cfg = cfg.publish.nft_config(&cfg.up.tun, cfg.up.listen_port);
+    let alerts_stop = CancellationToken::new();
+    audit.set_alerts(
+        homeport_host::alert::Alerts::start(
+            cfg.publish.alert_webhooks.clone(),
+            "homeport-exit",
+            cfg.publish.alert_debounce,
+            alerts_stop.clone(),
+        ),
+        cfg.publish.alert_deny_spike,
+    );
     let exec = nft::Exec::default();
     let stop = CancellationToken::new();
     let metrics_listen = cfg.up.metrics_listen.take();
@@ -132,5 +142,6 @@ pub async fn run(mut cfg: ExitConfig, shutdown: CancellationToken) -> Result<()>
     // Whatever ended the node: take the published ports down with it.
     stop.cancel();
     while tasks.join_next().await.is_some() {}
+    alerts_stop.cancel();
     res
 }

@@ -189,6 +189,18 @@ impl Publisher {
     }
 
     async fn apply(&mut self, planned: Vec<PublishRule>) -> Result<()> {
+        let r = self.apply_inner(planned).await;
+        if let Err(e) = &r {
+            self.audit.alert(
+                "rules-failed",
+                "nftables".into(),
+                format!("the exit's nftables rules failed to apply: {e:#}"),
+            );
+        }
+        r
+    }
+
+    async fn apply_inner(&mut self, planned: Vec<PublishRule>) -> Result<()> {
         // Counts of the deny meters die with the old table: log them first.
         if self.applied.is_some()
             && let Err(e) = self.audit.poll_denials(&self.exec).await

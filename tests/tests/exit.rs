@@ -42,6 +42,16 @@ impl PubLab {
     /// Builds the topology, starts coordinator, exit (with `exit_flags`) and home node, and waits
     /// until the home reaches the exit over the mesh.
     fn new(exit_flags: &[&str]) -> Result<PubLab> {
+        PubLab::new_with(&[], exit_flags, |_| Ok(()))
+    }
+
+    /// [`PubLab::new`] with flags for the coordinator, and `before` run on the lab before the
+    /// daemons start (e.g. a webhook receiver on the VPS).
+    fn new_with(
+        coord_flags: &[&str],
+        exit_flags: &[&str],
+        before: impl FnOnce(&mut Lab) -> Result<()>,
+    ) -> Result<PubLab> {
         let mut lab = Lab::new()?;
         lab.internet()?;
         let carrier = lab.isp("carrier", NatKind::Easy)?;
@@ -53,7 +63,8 @@ impl PubLab {
         let router = lab.router_behind(&carrier, "router", "10.10.1", NatKind::Easy)?;
         let home_ip = lab.host_behind(&router, "home")?;
         ensure!(home_ip == "10.10.1.2", "home at {home_ip}");
-        let coord = lab.start_coordinator("vps", VPS_IP)?;
+        before(&mut lab)?;
+        let coord = lab.start_coordinator_with("vps", VPS_IP, coord_flags)?;
         let key = coord.authkey(true)?;
         let exit = lab.start_exit("vps", &coord, &key, "vps", exit_flags)?;
         let home = lab.start_node("home", &coord, &key, "home")?;
@@ -2089,5 +2100,177 @@ fn invite_body(p: &mut PubLab) -> Result<()> {
     assert_eq!(get_from(lab, "viewer", "192.0.2.200", 2), None);
     let (code, _) = fetch_page(lab, "viewer", VIEWER_IP, &link)?;
     assert_eq!(code, 410, "a revoked link says so");
+    Ok(())
+}
+
+// ---- issue 16: alerts ----
+
+/// A webhook receiver on the VPS (198.51.100.10:9999): every POST becomes a JSON line
+/// `{"path", "title", "body"}` in `out`; `/flaky` answers 500 to its first request.
+const RECEIVER: &str = r#"
+import http.server, json, sys
+out = sys.argv[1]
+flaky = {"n": 0}
+class H(http.server.BaseHTTPRequestHandler):
+    def do_POST(self):
+        body = self.rfile.read(int(self.headers.get("content-length", 0))).decode()
+        if self.path == "/flaky":
+            flaky["n"] += 1
+            if flaky["n"] == 1:
+                self.send_response(500); self.end_headers(); return
+        with open(out, "a") as f:
+            f.write(json.dumps({"path": self.path, "title": self.headers.get("Title"), "body": body}) + "\n")
+        self.send_response(200); self.end_headers()
+    def log_message(self, *a): pass
+http.server.HTTPServer(("198.51.100.10", 9999), H).serve_forever()
+"#;
+
+fn received(path: &Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect()
+}
+
+fn wait_received(
+    path: &Path,
+    what: &str,
+    f: impl Fn(&serde_json::Value) -> bool,
+) -> Result<serde_json::Value> {
+    let r = wait_for(what, Duration::from_secs(20), || {
+        received(path).into_iter().find(|v| f(v))
+    });
+    if r.is_err() {
+        eprintln!("received so far: {:#?}", received(path));
+    }
+    r
+}
+
+/// 16d. Alerts to webhooks in the lab: the exit sends a deny spike (generic JSON, and ntfy's
+///      text body with a Title), an unknown source on an open port, retried after a 500; the
+///      coordinator sends "node offline" (Discord body) when home goes away. Debounced: the
+///      same spike is sent once.
+#[test]
+fn alerts_reach_webhooks_debounced_and_retried() {
+    if !require_root_and(TOOLS) {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("alerts.jsonl");
+    let out_s = out.to_str().unwrap().to_string();
+    let hook = |p: &str| format!("http://{VPS_IP}:9999/{p}");
+    let (j, n, f, d) = (
+        hook("json"),
+        format!("ntfy+{}", hook("ntfy")),
+        hook("flaky"),
+        format!("discord+{}", hook("discord")),
+    );
+    let mut p = PubLab::new_with(
+        &["--alert-webhook", &d, "--alert-offline-secs", "2"],
+        &[
+            "--alert-webhook",
+            &j,
+            "--alert-webhook",
+            &n,
+            "--alert-webhook",
+            &f,
+            "--alert-deny-spike",
+            "5",
+        ],
+        |lab| {
+            lab.spawn("vps", "webhooks", &["python3", "-c", RECEIVER, &out_s])?;
+            Ok(())
+        },
+    )
+    .expect("building the lab");
+    if let Err(e) = alerts_body(&mut p, &out) {
+        panic!("{e:#}");
+    }
+}
+
+fn alerts_body(p: &mut PubLab, out: &Path) -> Result<()> {
+    let media = media_dir(&p.lab)?;
+    write_random_file(&media.join("file"), 1)?;
+    p.start_plex(&media)?;
+    p.publish(&[
+        "--port",
+        "32400",
+        "--to",
+        "home:32400",
+        "--allow",
+        "203.0.113.0/24",
+    ])?;
+    p.publish(&["--port", "32401", "--to", "home:32400"])?;
+    p.wait_installed(32400)?;
+    // A denied viewer hammering the allow-listed port: a deny spike.
+    for _ in 0..10 {
+        tcp_connect(&p.lab, "viewer", VPS_IP, 32400, 0.3);
+    }
+    let a = wait_received(out, "a deny-spike alert (JSON)", |v| {
+        v["path"] == "/json" && v["body"].as_str().is_some_and(|b| b.contains("deny-spike"))
+    })?;
+    let body: serde_json::Value = serde_json::from_str(a["body"].as_str().unwrap())?;
+    assert_eq!(body["source"], "homeport-exit");
+    assert_eq!(body["subject"], "tcp/32400");
+    assert!(
+        body["message"].as_str().unwrap().contains("denied"),
+        "{body}"
+    );
+    let ntfy = wait_received(out, "the ntfy body", |v| {
+        v["path"] == "/ntfy" && v["title"] == "homeport: deny-spike"
+    })?;
+    assert!(
+        ntfy["body"]
+            .as_str()
+            .unwrap()
+            .starts_with("[homeport-exit on "),
+        "{ntfy}"
+    );
+    wait_received(out, "the flaky webhook's retry", |v| {
+        v["path"] == "/flaky" && v["body"].as_str().is_some_and(|b| b.contains("deny-spike"))
+    })?;
+    // More denials within the debounce period: no second spike alert.
+    for _ in 0..10 {
+        tcp_connect(&p.lab, "viewer", VPS_IP, 32400, 0.3);
+    }
+    std::thread::sleep(Duration::from_secs(4));
+    let spikes = received(out)
+        .iter()
+        .filter(|v| {
+            v["path"] == "/json" && v["body"].as_str().is_some_and(|b| b.contains("deny-spike"))
+        })
+        .count();
+    assert_eq!(spikes, 1, "debounced: {:#?}", received(out));
+    // An unknown source on the open port.
+    wait_until(
+        "the viewer to connect to the open port",
+        Duration::from_secs(20),
+        || tcp_connect(&p.lab, "viewer", VPS_IP, 32401, 2.0) == "connected",
+    )?;
+    wait_received(out, "an unknown-source alert", |v| {
+        v["path"] == "/json"
+            && v["body"]
+                .as_str()
+                .is_some_and(|b| b.contains("unknown-source") && b.contains(VIEWER_IP))
+    })?;
+    // Home goes away: the coordinator tells (Discord body).
+    let t = Instant::now();
+    p.lab.stop(p.home.proc)?;
+    let off = wait_received(out, "a node-offline alert", |v| {
+        v["path"] == "/discord"
+            && v["body"]
+                .as_str()
+                .is_some_and(|b| b.contains("node home has been offline"))
+    })?;
+    eprintln!("offline alert {:?} after home stopped: {off}", t.elapsed());
+    let c: serde_json::Value = serde_json::from_str(off["body"].as_str().unwrap())?;
+    assert!(
+        c["content"]
+            .as_str()
+            .unwrap()
+            .starts_with("[homeport-coordinator on "),
+        "{c}"
+    );
     Ok(())
 }
