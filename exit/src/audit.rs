@@ -407,6 +407,8 @@ pub struct Audit {
     geo: Mutex<Option<Arc<crate::geo::CountryDb>>>,
     grants: Mutex<Vec<homeport_proto::invite::Grant>>,
     alerts: Mutex<(homeport_host::alert::Alerts, u64)>,
+    /// Per country (or "unknown"): connections opened, packets denied (the Grafana panels).
+    countries: Arc<Mutex<BTreeMap<String, (u64, u64)>>>,
     /// (rule, country) and (rule, source address) seen connecting (from the log at start):
     /// a new one raises an alert.
     seen: Mutex<std::collections::HashSet<(i64, String)>>,
@@ -443,6 +445,8 @@ impl Audit {
             geo: Mutex::new(None),
             grants: Mutex::new(Vec::new()),
             alerts: Mutex::new((homeport_host::alert::Alerts::none(), u64::MAX)),
+            // "unknown" from the start: the families always have a sample (and their label).
+            countries: Arc::new(Mutex::new(BTreeMap::from([("unknown".to_string(), (0, 0))]))),
             seen: Mutex::new(std::collections::HashSet::new()),
         })
     }
@@ -473,6 +477,17 @@ impl Audit {
                 }
             }
         }
+    }
+
+    /// Counts a connection or denied packets for a country ("unknown" without one). Countries
+    /// are two letters, so the label set is bounded (~250).
+    fn count_country(&self, c: &Option<String>, conns: u64, denied: u64) {
+        let mut m = self.countries.lock().unwrap();
+        let e = m
+            .entry(c.clone().unwrap_or_else(|| "unknown".into()))
+            .or_default();
+        e.0 = e.0.saturating_add(conns);
+        e.1 = e.1.saturating_add(denied);
     }
 
     /// Raises an alert (never blocks).
@@ -658,6 +673,7 @@ impl Audit {
                 };
                 self.write(&rec);
                 self.check_new(&rec);
+                self.count_country(&rec.country, 1, 0);
                 Some(rec)
             }
             CtKind::Update => {
@@ -761,6 +777,7 @@ impl Audit {
         for r in recs.iter_mut() {
             r.country = r.source.parse().ok().and_then(|ip| self.country(ip));
             self.write(r);
+            self.count_country(&r.country, 0, r.packets.unwrap_or(0));
         }
         let spike = self.alerts.lock().unwrap().1;
         let mut per_port: BTreeMap<(String, u16), (u64, usize)> = BTreeMap::new();
@@ -876,7 +893,10 @@ impl Audit {
     /// The exit's metrics (`homeport_exit_*`), read from the per-rule counters at each scrape.
     pub fn metrics_registry(&self) -> homeport_host::metrics::Registry {
         let mut r = homeport_host::metrics::registry("exit");
-        r.register_collector(Box::new(ExitMetrics(self.stats.clone())));
+        r.register_collector(Box::new(ExitMetrics(
+            self.stats.clone(),
+            self.countries.clone(),
+        )));
         r
     }
 
@@ -888,7 +908,10 @@ impl Audit {
 
 /// The per-rule counters, as metrics.
 #[derive(Debug)]
-struct ExitMetrics(Arc<Mutex<BTreeMap<i64, RuleStats>>>);
+struct ExitMetrics(
+    Arc<Mutex<BTreeMap<i64, RuleStats>>>,
+    Arc<Mutex<BTreeMap<String, (u64, u64)>>>,
+);
 
 impl homeport_host::metrics::Collector for ExitMetrics {
     fn encode(
@@ -950,6 +973,25 @@ impl homeport_host::metrics::Collector for ExitMetrics {
                 [("in", r.bytes_in), ("out", r.bytes_out)]
                     .map(|(dir, v)| ([rule, proto, port, ("direction", dir)], v))
             }),
+        )?;
+        let countries = self.1.lock().unwrap();
+        counter_family(
+            &mut enc,
+            "country_connections",
+            "Connections opened to published ports per source country (unknown: not in the country database, or none)",
+            None,
+            countries
+                .iter()
+                .map(|(c, v)| ([("country", c.as_str())], v.0)),
+        )?;
+        counter_family(
+            &mut enc,
+            "country_denied_packets",
+            "Packets to published ports dropped per source country",
+            None,
+            countries
+                .iter()
+                .map(|(c, v)| ([("country", c.as_str())], v.1)),
         )
     }
 }
