@@ -16,6 +16,10 @@
 # missing.
 # schemathesis (PyPI, pinned) goes into its own virtualenv under /opt, linked as /usr/local/bin/schemathesis:
 # coordinator/tests/spec.rs checks the API against its OpenAPI document with it.
+# The browser tests (tests/tests/exit.rs opens an invite link; tests/tests/dashboard.rs): Debian's
+# chromium, Node.js and npm (Debian's nodejs and npm unless a node with npm is there already), and
+# playwright-core (npm, pinned by tests/browser/package-lock.json) installed by `npm ci` into
+# tests/browser/node_modules (not committed).
 # mmdb-writer (PyPI, pinned, with netaddr) goes into its own virtualenv /opt/homeport-mmdb-writer: the
 # exit's country-rule tests write small GeoLite2-Country-like databases of test-net ranges with it.
 set -euo pipefail
@@ -27,6 +31,7 @@ PACKAGES=(
   tcpdump python3 python3-venv python3-cryptography procps systemd iputils-ping shellcheck hping3
   postgresql
   dpkg-dev lintian help2man
+  chromium
 )
 SCHEMATHESIS_VERSION=4.32.5
 SCHEMATHESIS_VENV=/opt/homeport-schemathesis
@@ -125,6 +130,21 @@ else
   st_installed || die "schemathesis $SCHEMATHESIS_VERSION did not install into $SCHEMATHESIS_VENV"
 fi
 ln -sf "$SCHEMATHESIS_VENV/bin/schemathesis" /usr/local/bin/schemathesis 2>/dev/null || true
+# Node.js for the browser tests; a node that came with its own npm (e.g. NodeSource's) is kept.
+if ! command -v npm >/dev/null || ! command -v node >/dev/null; then
+  [ "$(id -u)" -eq 0 ] || die "node and npm are missing — run this script as root (sudo $0)"
+  log "installing nodejs npm (Debian)"
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends nodejs npm
+fi
+browser_dir="$(cd "$(dirname "$0")/.." && pwd)/tests/browser"
+pw_want=$(sed -n 's/.*"playwright-core": "\([^"]*\)".*/\1/p' "$browser_dir/package.json")
+pw_have=$(sed -n 's/.*"version": "\([^"]*\)".*/\1/p' "$browser_dir/node_modules/playwright-core/package.json" 2>/dev/null | head -1)
+if [ -n "$pw_want" ] && [ "$pw_have" = "$pw_want" ]; then
+  log "playwright-core: $pw_have"
+else
+  log "installing playwright-core $pw_want (npm ci) into $browser_dir/node_modules"
+  (cd "$browser_dir" && npm ci --no-audit --no-fund --loglevel=error) || die "npm ci in $browser_dir failed"
+fi
 # mmdb-writer for the country-rule tests (tests/tests/exit.rs, exit/src/geo.rs), pinned, in its own virtualenv.
 mw_installed() { "$MMDB_WRITER_VENV/bin/pip" show mmdb-writer 2>/dev/null | grep -qx "Version: $MMDB_WRITER_VERSION"; }
 if mw_installed; then

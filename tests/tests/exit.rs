@@ -2125,6 +2125,16 @@ class H(http.server.BaseHTTPRequestHandler):
 http.server.HTTPServer(("198.51.100.10", 9999), H).serve_forever()
 "#;
 
+/// `n` connection attempts from the viewer to the VPS's port 32400 at once (non-blocking
+/// connects: one SYN each, from n source ports).
+fn syn_burst(lab: &Lab, n: u32) -> Result<()> {
+    let script = format!(
+        "import socket\nss=[]\nfor i in range({n}):\n s=socket.socket(); s.setblocking(False)\n try: s.connect(('{VPS_IP}', 32400))\n except BlockingIOError: pass\n ss.append(s)\nimport time; time.sleep(0.5)\n"
+    );
+    lab.exec("viewer", &["python3", "-c", &script])?;
+    Ok(())
+}
+
 fn received(path: &Path) -> Vec<serde_json::Value> {
     std::fs::read_to_string(path)
         .unwrap_or_default()
@@ -2203,10 +2213,8 @@ fn alerts_body(p: &mut PubLab, out: &Path) -> Result<()> {
     ])?;
     p.publish(&["--port", "32401", "--to", "home:32400"])?;
     p.wait_installed(32400)?;
-    // A denied viewer hammering the allow-listed port: a deny spike.
-    for _ in 0..10 {
-        tcp_connect(&p.lab, "viewer", VPS_IP, 32400, 0.3);
-    }
+    // A denied viewer hammering the allow-listed port: a deny spike (40 SYNs at once).
+    syn_burst(&p.lab, 40)?;
     let a = wait_received(out, "a deny-spike alert (JSON)", |v| {
         v["path"] == "/json" && v["body"].as_str().is_some_and(|b| b.contains("deny-spike"))
     })?;
@@ -2231,9 +2239,7 @@ fn alerts_body(p: &mut PubLab, out: &Path) -> Result<()> {
         v["path"] == "/flaky" && v["body"].as_str().is_some_and(|b| b.contains("deny-spike"))
     })?;
     // More denials within the debounce period: no second spike alert.
-    for _ in 0..10 {
-        tcp_connect(&p.lab, "viewer", VPS_IP, 32400, 0.3);
-    }
+    syn_burst(&p.lab, 40)?;
     std::thread::sleep(Duration::from_secs(4));
     let spikes = received(out)
         .iter()
@@ -2271,6 +2277,93 @@ fn alerts_body(p: &mut PubLab, out: &Path) -> Result<()> {
             .unwrap()
             .starts_with("[homeport-coordinator on "),
         "{c}"
+    );
+    Ok(())
+}
+
+/// 16e. The invite link in a real browser: headless Chromium in the viewer's namespace opens
+///      the link (plain HTTP, no warning), the page says until when, and the same browser then
+///      loads a file from the published port; a source without the link is still denied.
+#[test]
+fn invite_link_opens_in_headless_chromium() {
+    if !require_root_and(&["conntrack", "curl", "python3", "chromium", "node"]) {
+        return;
+    }
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("browser/invite.js");
+    let modules =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("browser/node_modules/playwright-core");
+    if !modules.exists() {
+        assert!(
+            !homeport_tests::in_ci(),
+            "{} is missing: run deploy/setup.sh (npm ci in tests/browser)",
+            modules.display()
+        );
+        eprintln!("skipped: playwright-core missing (deploy/setup.sh installs it)");
+        return;
+    }
+    let mut p = PubLab::new(&["--invite-port", INVITE_PORT]).expect("building the lab");
+    if let Err(e) = chromium_body(&mut p, &script) {
+        panic!("{e:#}");
+    }
+}
+
+fn chromium_body(p: &mut PubLab, script: &Path) -> Result<()> {
+    p.lab.exec(
+        "viewer",
+        &[
+            "ip",
+            "addr",
+            "add",
+            "192.0.2.200/24",
+            "dev",
+            &dev_with(&p.lab, "viewer", VIEWER_IP)?,
+        ],
+    )?;
+    let media = media_dir(&p.lab)?;
+    write_random_file(&media.join("file"), 1)?;
+    p.start_plex(&media)?;
+    p.publish(&[
+        "--port",
+        "32400",
+        "--to",
+        "home:32400",
+        "--allow",
+        "203.0.113.0/24",
+    ])?;
+    p.wait_installed(32400)?;
+    let link = p
+        .coord
+        .admin(&[
+            "invite", "create", "--port", "32400", "--name", "bob", "--days", "7",
+        ])?
+        .trim()
+        .to_string();
+    let out = p.lab.exec(
+        "viewer",
+        &[
+            "node",
+            script.to_str().context("path")?,
+            &link,
+            &format!("http://{VPS_IP}:32400/file"),
+        ],
+    )?;
+    eprintln!("chromium: {out}");
+    let v: serde_json::Value = serde_json::from_str(out.trim()).with_context(|| out.clone())?;
+    assert_eq!(v["status"], 200, "{v}");
+    assert_eq!(v["title"], "Welcome, bob", "{v}");
+    let text = v["text"].as_str().unwrap_or("");
+    assert!(
+        text.contains("until") && text.contains("UTC") && text.contains("7 days"),
+        "{text}"
+    );
+    assert_eq!(
+        v["media_status"], 200,
+        "the browser downloads through the port: {v}"
+    );
+    assert_eq!(
+        get_from(&p.lab, "viewer", "192.0.2.200", 3),
+        None,
+        "no link, no access"
     );
     Ok(())
 }
