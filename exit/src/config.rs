@@ -63,7 +63,8 @@ pub struct ExitArgs {
     pub invite_port: Option<u16>,
     /// Send alerts to this webhook (repeatable): generic JSON, or ntfy/Discord/Slack bodies
     /// (prefix ntfy+, discord+, slack+, or by the host). Alerts: a deny spike on a published
-    /// port, a new country or an unknown source on one, the rules failing to apply
+    /// port, a new country or an unknown source on one, the rules failing to apply, a peer's path
+    /// falling back to the relay
     #[arg(long, value_name = "URL")]
     pub alert_webhook: Vec<homeport_host::alert::Webhook>,
     /// Denied packets on one published port within one 3 s read that make a deny spike

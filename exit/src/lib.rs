@@ -18,6 +18,7 @@ pub mod invite;
 mod lab;
 pub mod logcmd;
 pub mod nft;
+pub mod pathwatch;
 pub mod publisher;
 pub mod report;
 
@@ -123,6 +124,11 @@ pub async fn run(mut cfg: ExitConfig, shutdown: CancellationToken) -> Result<()>
         ));
     }
     tasks.spawn(publisher.run(rx, stop.clone()));
+    tasks.spawn(pathwatch::run(
+        cfg.up.state_dir.clone(),
+        audit.clone(),
+        stop.clone(),
+    ));
     tasks.spawn(announce::run(
         cfg.up.state_dir.clone(),
         cfg.publish.invite_port,

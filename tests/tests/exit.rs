@@ -2159,8 +2159,8 @@ fn wait_received(
 
 /// 16d. Alerts to webhooks in the lab: the exit sends a deny spike (generic JSON, and ntfy's
 ///      text body with a Title), an unknown source on an open port, retried after a 500; the
-///      coordinator sends "node offline" (Discord body) when home goes away. Debounced: the
-///      same spike is sent once.
+///      exit tells when its path to home falls back to the relay; the coordinator sends "node
+///      offline" (Discord body) when home goes away. Debounced: the same spike is sent once.
 #[test]
 fn alerts_reach_webhooks_debounced_and_retried() {
     if !require_root_and(TOOLS) {
@@ -2260,6 +2260,46 @@ fn alerts_body(p: &mut PubLab, out: &Path) -> Result<()> {
                 .as_str()
                 .is_some_and(|b| b.contains("unknown-source") && b.contains(VIEWER_IP))
     })?;
+    // The exit's path to home falls back to the relay (direct UDP between them blocked, the
+    // relay's port 3478 not): the exit tells.
+    let path_kind = |p: &PubLab| -> Option<String> {
+        let v: serde_json::Value =
+            serde_json::from_str(&p.exit.cli(&["status", "--json"]).ok()?).ok()?;
+        v["peers"]
+            .as_array()?
+            .iter()
+            .find(|x| x["name"] == "home")
+            .and_then(|x| x["path"]["kind"].as_str().map(str::to_string))
+    };
+    wait_until(
+        "a direct path exit -> home",
+        Duration::from_secs(20),
+        || path_kind(p).as_deref() == Some("direct"),
+    )?;
+    std::thread::sleep(Duration::from_secs(3)); // the exit's path watch sees it direct
+    p.lab.exec_stdin(
+        "net",
+        &["nft", "-f", "-"],
+        format!(
+            "table inet hpblock {{\n chain blockfwd {{\n  type filter hook forward priority -300;\n  \
+             ip saddr {CARRIER_WAN} ip daddr {VPS_IP} udp dport != 3478 drop\n  \
+             ip saddr {VPS_IP} ip daddr {CARRIER_WAN} udp sport != 3478 drop\n }}\n}}\n"
+        )
+        .as_bytes(),
+    )?;
+    let t = Instant::now();
+    let fb = wait_received(out, "a relay-fallback alert", |v| {
+        v["path"] == "/json"
+            && v["body"]
+                .as_str()
+                .is_some_and(|b| b.contains("relay-fallback") && b.contains("home"))
+    })?;
+    eprintln!(
+        "relay-fallback alert {:?} after blocking the direct path: {fb}",
+        t.elapsed()
+    );
+    p.lab
+        .exec("net", &["nft", "delete", "table", "inet", "hpblock"])?;
     // Home goes away: the coordinator tells (Discord body).
     let t = Instant::now();
     p.lab.stop(p.home.proc)?;
