@@ -446,7 +446,10 @@ impl Audit {
             grants: Mutex::new(Vec::new()),
             alerts: Mutex::new((homeport_host::alert::Alerts::none(), u64::MAX)),
             // "unknown" from the start: the families always have a sample (and their label).
-            countries: Arc::new(Mutex::new(BTreeMap::from([("unknown".to_string(), (0, 0))]))),
+            countries: Arc::new(Mutex::new(BTreeMap::from([(
+                "unknown".to_string(),
+                (0, 0),
+            )]))),
             seen: Mutex::new(std::collections::HashSet::new()),
         })
     }
