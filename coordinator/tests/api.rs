@@ -1816,3 +1816,122 @@ async fn a_body_that_is_not_a_json_object_is_400() {
         .await;
     assert_eq!(s, StatusCode::OK);
 }
+
+/// Issue 16: invites. Only for a restricted port on an exit that serves invite pages; the token
+/// is shown once and redeemed only by that exit's credential; each new address takes a use; a
+/// revoked invite's grants are gone.
+#[tokio::test]
+async fn invites_are_redeemed_by_their_exit_up_to_their_uses_and_revoked() {
+    use homeport_proto::invite::{PATH_ADMIN_INVITES, PATH_NODE_INVITE_REDEEM, PATH_NODE_INVITES};
+    let t = setup().await;
+    let key = t.authkey(json!({"reusable": true})).await;
+    let vps = t.register(&key, "vps").await;
+    let other = t.register(&key, "other").await;
+    let _home = t.register(&key, "home").await;
+    t.announce_exit(&vps.credential, None).await;
+    let (s, _) = t
+        .admin(
+            Method::POST,
+            api::PATH_ADMIN_PUBLISH,
+            Some(json!({"exit": "vps", "port": 80, "to": "home:80"})),
+        )
+        .await;
+    assert_eq!(s, StatusCode::CREATED);
+    let invite = json!({"port": 80, "name": "alice", "days": 30, "uses": 2});
+    let (s, v) = t
+        .admin(Method::POST, PATH_ADMIN_INVITES, Some(invite.clone()))
+        .await;
+    assert_eq!(s, StatusCode::BAD_REQUEST, "open to everyone: {v}");
+    assert!(
+        v["detail"].as_str().unwrap().contains("open to everyone"),
+        "{v}"
+    );
+    let (s, _) = t
+        .admin(
+            Method::POST,
+            api::PATH_ADMIN_PUBLISH,
+            Some(json!({"exit": "vps", "port": 81, "to": "home:80", "allow": ["203.0.113.0/24"]})),
+        )
+        .await;
+    assert_eq!(s, StatusCode::CREATED);
+    let invite = json!({"port": 81, "name": "alice", "days": 30, "uses": 2});
+    let (s, v) = t
+        .admin(Method::POST, PATH_ADMIN_INVITES, Some(invite.clone()))
+        .await;
+    assert_eq!(s, StatusCode::BAD_REQUEST, "{v}");
+    assert!(
+        v["detail"].as_str().unwrap().contains("--invite-port"),
+        "{v}"
+    );
+    // The exit serves invite pages now.
+    let (s, _) = t
+        .node(
+            Method::POST,
+            homeport_proto::exit::PATH_EXIT_ANNOUNCE,
+            &vps.credential,
+            Some(json!({"public_addrs": ["198.51.100.10"], "invite_port": 8088})),
+        )
+        .await;
+    assert_eq!(s, StatusCode::NO_CONTENT);
+    let (s, v) = t
+        .admin(Method::POST, PATH_ADMIN_INVITES, Some(invite))
+        .await;
+    assert_eq!(s, StatusCode::CREATED, "{v}");
+    let link = v["link"].as_str().unwrap();
+    let token = link
+        .strip_prefix("http://198.51.100.10:8088/i/")
+        .expect(link);
+    assert_eq!(token.len(), 43, "256 bits, base64url");
+    let redeem = |cred: String, addr: &'static str| {
+        let t = &t;
+        let token = token.to_string();
+        async move {
+            t.node(
+                Method::POST,
+                PATH_NODE_INVITE_REDEEM,
+                &cred,
+                Some(json!({"token": token, "addr": addr})),
+            )
+            .await
+        }
+    };
+    // Another node's credential cannot redeem it.
+    let (s, _) = redeem(other.credential.clone(), "192.0.2.50").await;
+    assert_eq!(s, StatusCode::NOT_FOUND);
+    let (s, g) = redeem(vps.credential.clone(), "192.0.2.50").await;
+    assert_eq!(s, StatusCode::OK, "{g}");
+    assert_eq!(
+        (g["name"].as_str(), g["port"].as_u64()),
+        (Some("alice"), Some(81))
+    );
+    let (s, _) = redeem(vps.credential.clone(), "192.0.2.50").await;
+    assert_eq!(s, StatusCode::OK, "the same address again takes no use");
+    let (s, _) = redeem(vps.credential.clone(), "192.0.2.51").await;
+    assert_eq!(s, StatusCode::OK);
+    let (s, _) = redeem(vps.credential.clone(), "192.0.2.52").await;
+    assert_eq!(s, StatusCode::CONFLICT, "uses spent");
+    let (_, grants) = t
+        .node(Method::GET, PATH_NODE_INVITES, &vps.credential, None)
+        .await;
+    assert_eq!(grants.as_array().unwrap().len(), 2, "{grants}");
+    let (_, none) = t
+        .node(Method::GET, PATH_NODE_INVITES, &other.credential, None)
+        .await;
+    assert_eq!(none, json!([]));
+    let (_, list) = t.admin(Method::GET, PATH_ADMIN_INVITES, None).await;
+    assert!(
+        !list.to_string().contains(token),
+        "the token is never listed"
+    );
+    let id = list[0]["id"].as_i64().unwrap();
+    let (s, _) = t
+        .admin(Method::DELETE, &format!("{PATH_ADMIN_INVITES}/{id}"), None)
+        .await;
+    assert_eq!(s, StatusCode::OK);
+    let (_, grants) = t
+        .node(Method::GET, PATH_NODE_INVITES, &vps.credential, None)
+        .await;
+    assert_eq!(grants, json!([]), "revoked: no grants");
+    let (s, _) = redeem(vps.credential.clone(), "192.0.2.50").await;
+    assert_eq!(s, StatusCode::GONE);
+}
