@@ -77,6 +77,7 @@ export HOMEPORT_AUTHKEY=$KEY   # never in argv: every local user can read that
 ip netns exec $P-v $BIN/homeport-exit up --coordinator https://198.51.100.10:8443 --pin "$PIN" --hostname vps --state-dir $s/exit >$s/exit.log 2>&1 &
 ip netns exec $P-h $BIN/homeport up --coordinator https://198.51.100.10:8443 --pin "$PIN" --hostname home --state-dir $s/home --tun $P-th >$s/home.log 2>&1 &
 for i in $(seq 100); do $BIN/homeport ip --state-dir $s/home >/dev/null 2>&1 && break; sleep 0.1; done
+for i in $(seq 100); do $BIN/homeport-coordinator exits --json --state-dir $s/coord 2>/dev/null | grep -q '"vps"' && break; sleep 0.1; done
 $BIN/homeport-coordinator publish add --state-dir $s/coord --exit vps --port 32400 --to home:32400 >/dev/null
 for i in $(seq 100); do ip netns exec $P-v nft list ruleset 2>/dev/null | grep -q 32400 && break; sleep 0.1; done; sleep 0.5
 read m seen < <(download_mbps 192.0.2.1 h 32400); echo "homeport: $m Mbit/s, home saw $seen"; hp=$m

@@ -236,6 +236,8 @@ show "homeport-coordinator nodes"
 
 # ---------------------------------------------------------------------------------------------------
 say "Publishing home:32400 on the VPS's public port 32400"
+# publish add accepts only a node that runs an exit; the exit announces itself when it starts.
+wait_for 20 "the exit to announce itself" sh -c "\"$COORD\" exits --json --state-dir \"$S/coord\" | grep -q '\"vps\"'"
 show "homeport-coordinator publish add --exit vps --port 32400 --to home:32400"
 "$COORD" publish add --state-dir "$S/coord" --exit vps --port 32400 --to home:32400 | sed 's/^/    /' \
   || fail "publish add failed"

@@ -16,10 +16,12 @@
 # missing.
 # schemathesis (PyPI, pinned) goes into its own virtualenv under /opt, linked as /usr/local/bin/schemathesis:
 # coordinator/tests/spec.rs checks the API against its OpenAPI document with it.
-# The dashboard's browser test (tests/tests/dashboard.rs): Debian's chromium, Node.js and npm (Debian's
-# nodejs and npm unless a node with npm is there already), and playwright-core (npm, pinned by
-# tests/browser/package-lock.json) installed by `npm ci` into tests/browser/node_modules (not committed).
-# Building and running homeport needs none of them: the dashboard's pages are in the coordinator binary.
+# The browser tests (tests/tests/exit.rs opens an invite link; tests/tests/dashboard.rs): Debian's
+# chromium, Node.js and npm (Debian's nodejs and npm unless a node with npm is there already), and
+# playwright-core (npm, pinned by tests/browser/package-lock.json) installed by `npm ci` into
+# tests/browser/node_modules (not committed). Building and running homeport needs none of them.
+# mmdb-writer (PyPI, pinned, with netaddr) goes into its own virtualenv /opt/homeport-mmdb-writer: the
+# exit's country-rule tests write small GeoLite2-Country-like databases of test-net ranges with it.
 set -euo pipefail
 
 PACKAGES=(
@@ -33,6 +35,9 @@ PACKAGES=(
 )
 SCHEMATHESIS_VERSION=4.32.5
 SCHEMATHESIS_VENV=/opt/homeport-schemathesis
+MMDB_WRITER_VERSION=0.2.7
+NETADDR_VERSION=1.3.0
+MMDB_WRITER_VENV=/opt/homeport-mmdb-writer
 
 log() { printf 'setup: %s\n' "$*"; }
 die() { printf 'setup: error: %s\n' "$*" >&2; exit 1; }
@@ -125,7 +130,7 @@ else
   st_installed || die "schemathesis $SCHEMATHESIS_VERSION did not install into $SCHEMATHESIS_VENV"
 fi
 ln -sf "$SCHEMATHESIS_VENV/bin/schemathesis" /usr/local/bin/schemathesis 2>/dev/null || true
-# Node.js for the dashboard's browser test; a node that came with its own npm (e.g. NodeSource's) is kept.
+# Node.js for the browser tests; a node that came with its own npm (e.g. NodeSource's) is kept.
 if ! command -v npm >/dev/null || ! command -v node >/dev/null; then
   [ "$(id -u)" -eq 0 ] || die "node and npm are missing — run this script as root (sudo $0)"
   log "installing nodejs npm (Debian)"
@@ -143,6 +148,18 @@ if [ -n "$pw_want" ] && [ "$pw_have" = "$pw_want" ]; then
 else
   log "installing playwright-core $pw_want (npm ci) into $browser_dir/node_modules"
   (cd "$browser_dir" && npm ci --no-audit --no-fund --loglevel=error) || die "npm ci in $browser_dir failed"
+fi
+# mmdb-writer for the country-rule tests (tests/tests/exit.rs, exit/src/geo.rs), pinned, in its own virtualenv.
+mw_installed() { "$MMDB_WRITER_VENV/bin/pip" show mmdb-writer 2>/dev/null | grep -qx "Version: $MMDB_WRITER_VERSION"; }
+if mw_installed; then
+  log "mmdb-writer: $MMDB_WRITER_VERSION"
+else
+  [ "$(id -u)" -eq 0 ] || die "mmdb-writer $MMDB_WRITER_VERSION is missing — run this script as root (sudo $0)"
+  log "installing mmdb-writer $MMDB_WRITER_VERSION (PyPI) into $MMDB_WRITER_VENV"
+  python3 -m venv "$MMDB_WRITER_VENV"
+  "$MMDB_WRITER_VENV/bin/pip" install --quiet --disable-pip-version-check \
+    "mmdb-writer==$MMDB_WRITER_VERSION" "netaddr==$NETADDR_VERSION"
+  mw_installed || die "mmdb-writer $MMDB_WRITER_VERSION did not install into $MMDB_WRITER_VENV"
 fi
 # The TUN device the nodes use; a missing one is a kernel/container problem that no package fixes.
 [ -c /dev/net/tun ] || log "warning: /dev/net/tun is missing: homeport nodes cannot create their interface here"

@@ -71,6 +71,18 @@ pub fn app(state: AppState) -> Router {
             status::PATH_ADMIN_OVERVIEW,
             get(crate::dashboard::live::overview),
         )
+        .route(
+            homeport_proto::exit::PATH_ADMIN_EXITS,
+            get(crate::exits::list),
+        )
+        .route(
+            homeport_proto::invite::PATH_ADMIN_INVITES,
+            post(crate::invites::create).get(crate::invites::list),
+        )
+        .route(
+            &format!("{}/{{id}}", homeport_proto::invite::PATH_ADMIN_INVITES),
+            delete(crate::invites::revoke),
+        )
         // Every admin route needs an admin, whatever its handler takes: a route added later
         // cannot forget it.
         .route_layer(axum::middleware::from_fn_with_state(
@@ -90,6 +102,18 @@ pub fn app(state: AppState) -> Router {
         .route(
             status::PATH_EXIT_STATUS,
             post(crate::dashboard::live::exit_status),
+        )
+        .route(
+            homeport_proto::exit::PATH_EXIT_ANNOUNCE,
+            post(crate::exits::announce),
+        )
+        .route(
+            homeport_proto::invite::PATH_NODE_INVITE_REDEEM,
+            post(crate::invites::redeem),
+        )
+        .route(
+            homeport_proto::invite::PATH_NODE_INVITES,
+            get(crate::invites::grants),
         )
         .route(api::PATH_RELAY_TCP, get(relay_tcp))
         .route(api::PATH_OPENAPI, get(openapi))
@@ -710,6 +734,20 @@ pub fn validate_publish(req: &PublishRequest, mesh: &crate::mesh::Mesh) -> ApiRe
             "max_conns: must be at least 1 (or absent for no limit)",
         ));
     }
+    let countries = |field: &str, v: &[String]| -> ApiResult<Vec<String>> {
+        let mut out = Vec::new();
+        for (i, c) in v.iter().enumerate() {
+            out.push(
+                homeport_proto::publish::parse_country(c)
+                    .map_err(|e| ApiErr::bad_request(format!("{field}[{i}]: {e}")))?,
+            );
+        }
+        out.sort();
+        out.dedup();
+        Ok(out)
+    };
+    let allow_countries = countries("country", &req.country)?;
+    let deny_countries = countries("deny_country", &req.deny_country)?;
     let exit = mesh.node_by_name(req.exit.trim()).ok_or_else(|| {
         ApiErr::not_found(format!(
             "exit: no node named {:?}; see `homeport-coordinator nodes`",
@@ -736,6 +774,8 @@ pub fn validate_publish(req: &PublishRequest, mesh: &crate::mesh::Mesh) -> ApiRe
             allow,
             rate_per_minute: req.rate_per_minute,
             max_conns: req.max_conns,
+            countries: allow_countries,
+            deny_countries,
         },
     })
 }
@@ -747,6 +787,7 @@ async fn publish_add(
 ) -> ApiResult<(StatusCode, Json<PublishRule>)> {
     let _w = st.write_lock.lock().await;
     let rule = validate_publish(&req, &st.mesh())?;
+    crate::exits::check_publish(&st, &rule).await?;
     let rule = st.store.add_publish(rule).await?;
     st.mesh().add_publish(rule.clone());
     tracing::info!(id = rule.id, exit = %rule.exit_name, port = rule.port, target = %rule.target_name, "publish rule added");

@@ -7,6 +7,7 @@ use anyhow::{Context, bail};
 use axum::http::Method;
 use clap::{Args, Parser, Subcommand};
 use homeport_proto::api::{self, AuthKeyCreated, AuthKeyInfo, NodeInfo};
+use homeport_proto::exit::{ExitInfo, PATH_ADMIN_EXITS};
 use homeport_proto::policy::Policy;
 use homeport_proto::publish::{PublishRequest, PublishRule};
 use serde_json::json;
@@ -78,6 +79,22 @@ pub enum Cmd {
         conn: ConnArgs,
         #[command(subcommand)]
         cmd: PublishCmd,
+    },
+    /// Invite links: a friend opens the link in any browser and may then connect to the port
+    /// from that address for the given days
+    Invite {
+        #[command(flatten)]
+        conn: ConnArgs,
+        #[command(subcommand)]
+        cmd: InviteCmd,
+    },
+    /// List the nodes that run an exit (homeport-exit): public addresses, country database
+    Exits {
+        #[command(flatten)]
+        conn: ConnArgs,
+        /// Print JSON (a list of ExitInfo) instead of a table
+        #[arg(long)]
+        json: bool,
     },
     /// Show or replace the access policy
     Policy {
@@ -198,7 +215,8 @@ pub enum NodeCmd {
 
 #[derive(Debug, Subcommand)]
 pub enum PublishCmd {
-    /// Publish EXIT's public port to NODE:PORT over the mesh; prints the rule id
+    /// Publish EXIT's public port to NODE:PORT over the mesh; prints the rule as `publish list`
+    /// shows it and the address viewers connect to. EXIT must run homeport-exit (`exits`)
     Add {
         /// Exit node (the one with the public IP)
         #[arg(long, value_name = "NODE")]
@@ -221,16 +239,62 @@ pub enum PublishCmd {
         /// Concurrent connections per source
         #[arg(long, value_name = "N")]
         max_conns: Option<u32>,
+        /// Only sources in these countries may connect (two-letter codes, comma-separated or
+        /// repeated, e.g. DE,AT); a source the exit's country database does not know is dropped.
+        /// A source in --allow is let in whatever its country. Needs --country-db on the exit
+        #[arg(long, value_name = "CC", value_delimiter = ',')]
+        country: Vec<String>,
+        /// Sources in these countries are dropped (e.g. CN,RU), unless in --allow. Needs
+        /// --country-db on the exit
+        #[arg(long, value_name = "CC", value_delimiter = ',')]
+        deny_country: Vec<String>,
     },
-    /// List rules
+    /// List rules, with the address viewers connect to
     List {
         /// Print JSON instead of a table
         #[arg(long)]
         json: bool,
     },
-    /// Remove a rule by id
+    /// Remove a rule by id; prints the rule it removed
     Remove {
         /// Rule id (from `publish list`)
+        id: i64,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum InviteCmd {
+    /// Create an invite to a published port (one restricted by --allow or --country); prints the
+    /// link (http://EXIT:INVITE_PORT/i/TOKEN, shown only now)
+    Create {
+        /// The published port
+        #[arg(long, value_name = "N")]
+        port: u16,
+        /// tcp or udp
+        #[arg(long, value_name = "PROTO", default_value = "tcp")]
+        proto: String,
+        /// The exit (needed only when several exits publish the port)
+        #[arg(long, value_name = "NODE")]
+        exit: Option<String>,
+        /// Who it is for (the audit log and the report show this name)
+        #[arg(long, value_name = "NAME")]
+        name: String,
+        /// How many days an address it lets in may connect
+        #[arg(long, value_name = "N")]
+        days: u32,
+        /// How many addresses the link may let in (a new one each time the friend's IP changes)
+        #[arg(long, value_name = "N", default_value_t = 1)]
+        uses: u32,
+    },
+    /// List invites: name, port, until, addresses let in
+    List {
+        /// Print JSON instead of a table
+        #[arg(long)]
+        json: bool,
+    },
+    /// Revoke an invite: the addresses it let in lose access at once
+    Revoke {
+        /// Invite id (from `invite list`)
         id: i64,
     },
 }
@@ -311,6 +375,98 @@ fn table(head: &[&str], rows: Vec<Vec<String>>) -> String {
         out.push('\n');
     }
     out
+}
+
+/// Who may connect to a rule's port, in words: `everyone`, `192.0.2.0/24`, `DE,AT`,
+/// `192.0.2.7/32 or from DE`, `everyone but CN,RU`.
+fn who(r: &PublishRule) -> String {
+    let g = &r.guards;
+    let nets = g
+        .allow
+        .iter()
+        .map(|n| n.to_string())
+        .collect::<Vec<_>>()
+        .join(",");
+    let mut s = match (nets.is_empty(), g.countries.is_empty()) {
+        (true, true) => "everyone".to_string(),
+        (false, true) => nets,
+        (true, false) => format!("from {}", g.countries.join(",")),
+        (false, false) => format!("{nets} or from {}", g.countries.join(",")),
+    };
+    if !g.deny_countries.is_empty() {
+        s.push_str(&format!(" but not from {}", g.deny_countries.join(",")));
+    }
+    s
+}
+
+/// `ip:port` of every public address of the rule's exit.
+fn viewer_addrs_of(r: &PublishRule, exits: &[ExitInfo]) -> Vec<String> {
+    exits
+        .iter()
+        .find(|e| e.node_id == r.exit)
+        .map(|e| homeport_proto::exit::viewer_addrs(&e.public_addrs, r.port))
+        .unwrap_or_default()
+}
+
+/// The line under `publish add`: where viewers connect.
+fn viewers_line(r: &PublishRule, exits: &[ExitInfo]) -> String {
+    let a = viewer_addrs_of(r, exits);
+    if a.is_empty() {
+        format!(
+            "viewers connect to {}'s public address, port {} ({}; the exit has not reported a public address: see `homeport-coordinator exits`)",
+            r.exit_name,
+            r.port,
+            r.proto.as_str()
+        )
+    } else {
+        format!(
+            "viewers connect to {} ({})",
+            a.join(" or "),
+            r.proto.as_str()
+        )
+    }
+}
+
+/// Publish rules as `publish list` shows them.
+fn publish_table(v: &[PublishRule], exits: &[ExitInfo]) -> String {
+    let rows = v
+        .iter()
+        .map(|r| {
+            let mut limits = Vec::new();
+            if let Some(n) = r.guards.rate_per_minute {
+                limits.push(format!("{n}/min"));
+            }
+            if let Some(n) = r.guards.max_conns {
+                limits.push(format!("{n} conns"));
+            }
+            let public = viewer_addrs_of(r, exits);
+            vec![
+                r.id.to_string(),
+                r.exit_name.to_string(),
+                format!("{}/{}", r.port, r.proto.as_str()),
+                format!("{}:{}", r.target_name, r.target_port),
+                who(r),
+                limits.join(", "),
+                if public.is_empty() {
+                    "-".into()
+                } else {
+                    public.join(",")
+                },
+            ]
+        })
+        .collect();
+    table(
+        &[
+            "ID",
+            "EXIT",
+            "PORT",
+            "TARGET",
+            "ALLOW",
+            "LIMITS",
+            "VIEWERS USE",
+        ],
+        rows,
+    )
 }
 
 fn print_json<T: serde::Serialize>(v: &T) -> anyhow::Result<()> {
@@ -478,8 +634,149 @@ pub async fn admin(cmd: Cmd) -> anyhow::Result<()> {
                 eprintln!("node {name} removed");
             }
         },
+        Cmd::Invite { conn, cmd } => {
+            use homeport_proto::invite::{
+                InviteCreate, InviteCreated, InviteInfo, PATH_ADMIN_INVITES,
+            };
+            let c = conn.client()?;
+            let day = |t: i64| {
+                time::OffsetDateTime::from_unix_timestamp(t)
+                    .ok()
+                    .map(|t| {
+                        format!(
+                            "{}-{:02}-{:02} {:02}:{:02} UTC",
+                            t.year(),
+                            t.month() as u8,
+                            t.day(),
+                            t.hour(),
+                            t.minute()
+                        )
+                    })
+                    .unwrap_or_else(|| t.to_string())
+            };
+            match cmd {
+                InviteCmd::Create {
+                    port,
+                    proto,
+                    exit,
+                    name,
+                    days,
+                    uses,
+                } => {
+                    let req = InviteCreate {
+                        port,
+                        proto: Some(proto),
+                        exit,
+                        name,
+                        days,
+                        uses: Some(uses),
+                    };
+                    let r: InviteCreated = c
+                        .json(
+                            Method::POST,
+                            PATH_ADMIN_INVITES,
+                            Some(&serde_json::to_value(&req)?),
+                        )
+                        .await?;
+                    println!("{}", r.link);
+                    eprintln!(
+                        "invite {}: send this link; opened in any browser it lets that address connect until {} ({} address(es) at most)",
+                        r.id,
+                        day(r.until),
+                        uses
+                    );
+                }
+                InviteCmd::List { json } => {
+                    let v: Vec<InviteInfo> = c.json(Method::GET, PATH_ADMIN_INVITES, None).await?;
+                    if json {
+                        return print_json(&v);
+                    }
+                    let rows = v
+                        .iter()
+                        .map(|i| {
+                            vec![
+                                i.id.to_string(),
+                                i.name.clone(),
+                                format!("{}:{}/{}", i.exit, i.port, i.proto),
+                                day(i.until),
+                                format!("{}/{}", i.addrs.len(), i.uses),
+                                i.addrs
+                                    .iter()
+                                    .map(|a| a.addr.to_string())
+                                    .collect::<Vec<_>>()
+                                    .join(","),
+                                if i.revoked {
+                                    "revoked"
+                                } else if i.until <= now {
+                                    "expired"
+                                } else {
+                                    "active"
+                                }
+                                .into(),
+                            ]
+                        })
+                        .collect();
+                    print!(
+                        "{}",
+                        table(
+                            &["ID", "NAME", "PORT", "UNTIL", "USED", "ADDRESSES", "STATE"],
+                            rows
+                        )
+                    );
+                }
+                InviteCmd::Revoke { id } => {
+                    let i: InviteInfo = c
+                        .json(Method::DELETE, &format!("{PATH_ADMIN_INVITES}/{id}"), None)
+                        .await?;
+                    println!(
+                        "invite {id} ({}) revoked; these addresses lose access: {}",
+                        i.name,
+                        if i.addrs.is_empty() {
+                            "none".to_string()
+                        } else {
+                            i.addrs
+                                .iter()
+                                .map(|a| a.addr.to_string())
+                                .collect::<Vec<_>>()
+                                .join(", ")
+                        }
+                    );
+                }
+            }
+        }
+        Cmd::Exits { conn, json } => {
+            let v: Vec<ExitInfo> = conn
+                .client()?
+                .json(Method::GET, PATH_ADMIN_EXITS, None)
+                .await?;
+            if json {
+                return print_json(&v);
+            }
+            let rows = v
+                .iter()
+                .map(|e| {
+                    vec![
+                        e.name.to_string(),
+                        if e.online { "yes" } else { "no" }.into(),
+                        e.public_addrs
+                            .iter()
+                            .map(|a| a.to_string())
+                            .collect::<Vec<_>>()
+                            .join(","),
+                        e.country_db.clone().unwrap_or_else(|| "none".into()),
+                    ]
+                })
+                .collect();
+            print!(
+                "{}",
+                table(&["NAME", "ONLINE", "PUBLIC ADDRESSES", "COUNTRY DB"], rows)
+            );
+        }
         Cmd::Publish { conn, cmd } => {
             let c = conn.client()?;
+            let exits = async || -> anyhow::Result<Vec<ExitInfo>> {
+                c.json(Method::GET, PATH_ADMIN_EXITS, None).await
+            };
             match cmd {
                 PublishCmd::Add {
                     exit,
@@ -489,6 +786,8 @@ pub async fn admin(cmd: Cmd) -> anyhow::Result<()> {
                     allow,
                     rate_per_minute,
                     max_conns,
+                    country,
+                    deny_country,
                 } => {
                     let req = PublishRequest {
                         exit,
@@ -498,6 +797,8 @@ pub async fn admin(cmd: Cmd) -> anyhow::Result<()> {
                         allow,
                         rate_per_minute,
                         max_conns,
+                        country: country.iter().map(|c| c.trim().to_string()).collect(),
+                        deny_country: deny_country.iter().map(|c| c.trim().to_string()).collect(),
                     };
                     let r: PublishRule = c
                         .json(
@@ -506,7 +807,9 @@ pub async fn admin(cmd: Cmd) -> anyhow::Result<()> {
                             Some(&serde_json::to_value(&req)?),
                         )
                         .await?;
-                    println!("{}", r.id);
+                    let ex = exits().await.unwrap_or_default();
+                    print!("{}", publish_table(std::slice::from_ref(&r), &ex));
+                    println!("{}", viewers_line(&r, &ex));
                 }
                 PublishCmd::List { json } => {
                     let v: Vec<PublishRule> =
@@ -514,47 +817,25 @@ pub async fn admin(cmd: Cmd) -> anyhow::Result<()> {
                     if json {
                         return print_json(&v);
                     }
-                    let rows = v
-                        .iter()
-                        .map(|r| {
-                            let mut limits = Vec::new();
-                            if let Some(n) = r.guards.rate_per_minute {
-                                limits.push(format!("{n}/min"));
-                            }
-                            if let Some(n) = r.guards.max_conns {
-                                limits.push(format!("{n} conns"));
-                            }
-                            vec![
-                                r.id.to_string(),
-                                r.exit_name.to_string(),
-                                format!("{}/{}", r.port, r.proto.as_str()),
-                                format!("{}:{}", r.target_name, r.target_port),
-                                if r.guards.allow.is_empty() {
-                                    "everyone".into()
-                                } else {
-                                    r.guards
-                                        .allow
-                                        .iter()
-                                        .map(|n| n.to_string())
-                                        .collect::<Vec<_>>()
-                                        .join(",")
-                                },
-                                limits.join(", "),
-                            ]
-                        })
-                        .collect();
-                    print!(
-                        "{}",
-                        table(&["ID", "EXIT", "PORT", "TARGET", "ALLOW", "LIMITS"], rows)
-                    );
+                    print!("{}", publish_table(&v, &exits().await?));
                 }
                 PublishCmd::Remove { id } => {
+                    let v: Vec<PublishRule> =
+                        c.json(Method::GET, api::PATH_ADMIN_PUBLISH, None).await?;
                     c.call(
                         Method::DELETE,
                         &format!("{}/{id}", api::PATH_ADMIN_PUBLISH),
                         None,
                     )
                     .await?;
+                    if let Some(r) = v.iter().find(|r| r.id == id) {
+                        let ex = exits().await.unwrap_or_default();
+                        print!("{}", publish_table(std::slice::from_ref(r), &ex));
+                        println!(
+                            "removed: viewers can no longer connect to {}",
+                            viewer_addrs_of(r, &ex).join(" or ")
+                        );
+                    }
                     eprintln!("publish rule {id} removed");
                 }
             }

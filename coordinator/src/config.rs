@@ -35,7 +35,16 @@ pub struct Config {
     pub prefix_v6: Option<Ipv6Net>,
     /// TCP port of the web dashboard on this machine's mesh address; 0 = no dashboard.
     pub dashboard_port: u16,
+    /// Webhooks for alerts (node offline and back).
+    pub alert_webhooks: Vec<homeport_host::alert::Webhook>,
+    /// A node offline this long raises an alert.
+    pub alert_offline: std::time::Duration,
+    pub alert_debounce: std::time::Duration,
 }
+
+/// Default: a node offline for 2 minutes raises an alert (a restart or a DHCP renewal takes
+/// seconds; a home without power or network stays away).
+pub const DEFAULT_ALERT_OFFLINE_SECS: u64 = 120;
 
 impl Config {
     pub fn new(state_dir: impl Into<PathBuf>) -> Config {
@@ -52,6 +61,9 @@ impl Config {
             prefix_v4: None,
             prefix_v6: None,
             dashboard_port: crate::dashboard::DEFAULT_PORT,
+            alert_webhooks: Vec::new(),
+            alert_offline: std::time::Duration::from_secs(DEFAULT_ALERT_OFFLINE_SECS),
+            alert_debounce: homeport_host::alert::DEFAULT_DEBOUNCE,
         }
     }
 
@@ -113,6 +125,17 @@ pub struct ServeArgs {
     /// with the admin token. 0 = no dashboard [default: 8480]
     #[arg(long, value_name = "PORT")]
     pub dashboard_port: Option<u16>,
+    /// Send alerts to this webhook (repeatable; flag only): generic JSON, or ntfy/Discord/Slack
+    /// bodies (prefix ntfy+, discord+, slack+, or by the host). Alerts: a node offline for
+    /// --alert-offline-secs, and back
+    #[arg(long, value_name = "URL")]
+    pub alert_webhook: Vec<homeport_host::alert::Webhook>,
+    /// Seconds a node must be offline before an alert (flag only) [default: 120]
+    #[arg(long, value_name = "SECS")]
+    pub alert_offline_secs: Option<u64>,
+    /// Seconds the same alert is not sent again (flag only) [default: 300]
+    #[arg(long, value_name = "SECS")]
+    pub alert_debounce: Option<u64>,
 }
 
 const KEYS: &[&str] = &[
@@ -291,6 +314,13 @@ pub fn resolve(args: &ServeArgs) -> anyhow::Result<Config> {
     }
     if let Some(v) = args.dashboard_port {
         cfg.dashboard_port = v;
+    }
+    cfg.alert_webhooks = args.alert_webhook.clone();
+    if let Some(v) = args.alert_offline_secs {
+        cfg.alert_offline = std::time::Duration::from_secs(v.max(1));
+    }
+    if let Some(v) = args.alert_debounce {
+        cfg.alert_debounce = std::time::Duration::from_secs(v);
     }
     if cfg.tls_cert.is_some() != cfg.tls_key.is_some() {
         bail!("tls-cert and tls-key go together: give both or neither (neither = self-signed)");

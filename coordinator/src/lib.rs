@@ -3,6 +3,7 @@
 
 #![recursion_limit = "256"]
 
+pub mod alerts;
 pub mod api;
 pub mod challenge;
 pub mod cli;
@@ -10,6 +11,8 @@ pub mod client;
 pub mod config;
 pub mod dashboard;
 pub mod error;
+pub mod exits;
+pub mod invites;
 pub mod limits;
 pub mod mesh;
 pub mod openapi;

@@ -197,6 +197,42 @@ pub fn document() -> Value {
         "delete": {"summary": "Remove a publish rule", "tags": ["admin"], "security": admin,
             "parameters": id_param(),
             "responses": {"204": {"description": "Removed"}, "400": err("Bad id"), "401": bad_token, "404": err("No such rule")}}}));
+    paths.insert(homeport_proto::exit::PATH_EXIT_ANNOUNCE.into(), json!({"post": {
+        "summary": "This node runs an exit (homeport-exit): its public addresses and country database. Publish rules are accepted only on such nodes.",
+        "tags": ["node"], "security": node, "requestBody": body("ExitAnnounce"),
+        "responses": {"204": {"description": "Stored"}, "400": err("Bad body (names the field)"),
+            "401": bad_cred, "413": too_large}}}));
+    paths.insert(
+        homeport_proto::exit::PATH_ADMIN_EXITS.into(),
+        json!({
+        "get": {"summary": "The nodes that run an exit", "tags": ["admin"], "security": admin,
+            "responses": {"200": ok("Every exit", arr("ExitInfo")), "401": bad_token}}}),
+    );
+    paths.insert(homeport_proto::invite::PATH_ADMIN_INVITES.into(), json!({
+        "post": {"summary": "Create an invite link to a published port (restricted by --allow or --country) on an exit that serves invite pages", "tags": ["admin"], "security": admin,
+            "requestBody": body("InviteCreate"),
+            "responses": {"201": ok("The link (its token is shown only here)", r("InviteCreated")),
+                "400": err("Bad name, days, uses or proto; a port open to everyone; an exit without invite pages"),
+                "401": bad_token, "404": err("No publish rule for that port"), "413": too_large}},
+        "get": {"summary": "List invites (no tokens)", "tags": ["admin"], "security": admin,
+            "responses": {"200": ok("Every invite", arr("InviteInfo")), "401": bad_token}}}));
+    paths.insert(format!("{}/{{id}}", homeport_proto::invite::PATH_ADMIN_INVITES), json!({
+        "delete": {"summary": "Revoke an invite: the addresses it added lose access", "tags": ["admin"], "security": admin,
+            "parameters": [{"name": "id", "in": "path", "required": true, "schema": {"type": "integer", "format": "int64", "minimum": 1}}],
+            "responses": {"200": ok("The revoked invite", r("InviteInfo")), "400": err("Bad id"), "401": bad_token, "404": err("No such invite")}}}));
+    paths.insert(homeport_proto::invite::PATH_NODE_INVITE_REDEEM.into(), json!({"post": {
+        "summary": "The exit that served an invite page lets the browser's address in",
+        "tags": ["node"], "security": node, "requestBody": body("InviteRedeem"),
+        "responses": {"200": ok("The address is let in until `until`", r("Grant")), "400": err("Bad body"),
+            "401": bad_cred, "404": err("No such invite on this exit"), "409": err("The invite's uses are spent on other addresses"),
+            "410": err("Revoked or expired"), "413": too_large}}}));
+    paths.insert(
+        homeport_proto::invite::PATH_NODE_INVITES.into(),
+        json!({"get": {
+        "summary": "The live invite grants on the calling exit",
+        "tags": ["node"], "security": node,
+        "responses": {"200": ok("Grants", arr("Grant")), "401": bad_cred}}}),
+    );
     paths.insert(api::PATH_ADMIN_POLICY.into(), json!({
         "get": {"summary": "The access policy ({\"rules\":[]} = none: every node may reach every node)", "tags": ["admin"], "security": admin,
             "responses": {"200": ok("The policy", r("Policy")), "401": bad_token}},
@@ -296,6 +332,54 @@ pub fn document() -> Value {
     // Added here: one more entry in the literal above exceeds json!'s macro recursion limit.
     doc["components"]["schemas"]["RegisterChallenge"] = register_challenge;
     status_spec(&mut doc, &admin, &node);
+    doc["components"]["schemas"]["ExitAnnounce"] = json!({"type": "object", "additionalProperties": false, "properties": {
+        "public_addrs": {"type": "array", "maxItems": homeport_proto::exit::MAX_PUBLIC_ADDRS,
+            "items": {"type": "string", "description": "An IPv4 or IPv6 address", "pattern": format!("^({}|{})$", ipv4(), ipv6())}},
+        "country_db": {"type": "string", "nullable": true, "maxLength": homeport_proto::exit::MAX_COUNTRY_DB_LEN,
+            "pattern": "^[^\\u0000-\\u001f\\u007f-\\u009f]*$",
+            "description": "The country database the exit loaded (type and date); absent without one"}}});
+    doc["components"]["schemas"]["ExitInfo"] = json!({"type": "object",
+        "required": ["node_id", "name", "online", "public_addrs", "announced_at"],
+        "properties": {"node_id": {"type": "integer"}, "name": {"type": "string"}, "online": {"type": "boolean"},
+            "public_addrs": {"type": "array", "items": {"type": "string"}},
+            "country_db": {"type": "string"}, "announced_at": {"type": "integer"}}});
+    doc["components"]["schemas"]["InviteCreate"] = json!({"type": "object", "required": ["port", "name", "days"], "additionalProperties": false,
+        "properties": {"port": {"type": "integer", "minimum": 0, "maximum": 65535},
+            "proto": {"type": "string", "nullable": true, "pattern": "^([Tt][Cc][Pp]|[Uu][Dd][Pp])$"},
+            "exit": {"type": "string", "nullable": true},
+            "name": {"type": "string", "minLength": 1, "maxLength": homeport_proto::invite::MAX_INVITE_NAME,
+                "pattern": "^[^\\u0000-\\u001f\\u007f-\\u009f]*$", "description": "Who it is for, e.g. alice"},
+            "days": {"type": "integer", "minimum": 1, "maximum": homeport_proto::invite::MAX_INVITE_DAYS},
+            "uses": {"type": "integer", "minimum": 1, "maximum": homeport_proto::invite::MAX_INVITE_USES, "nullable": true,
+                "description": "How many addresses the link may let in (default 1)"}}});
+    doc["components"]["schemas"]["InviteCreated"] = json!({"type": "object", "required": ["id", "link", "until"],
+        "properties": {"id": {"type": "integer"}, "link": {"type": "string"}, "until": {"type": "integer"}}});
+    doc["components"]["schemas"]["InviteInfo"] = json!({"type": "object",
+        "required": ["id", "name", "exit", "rule", "port", "proto", "created_at", "until", "uses", "addrs", "revoked"],
+        "properties": {"id": {"type": "integer"}, "name": {"type": "string"}, "exit": {"type": "string"}, "rule": {"type": "integer"},
+            "port": {"type": "integer"}, "proto": {"type": "string"}, "created_at": {"type": "integer"}, "until": {"type": "integer"},
+            "uses": {"type": "integer"}, "revoked": {"type": "boolean"},
+            "addrs": {"type": "array", "items": {"type": "object", "required": ["addr", "added_at"],
+                "properties": {"addr": {"type": "string"}, "added_at": {"type": "integer"}}}}}});
+    doc["components"]["schemas"]["InviteRedeem"] = json!({"type": "object", "required": ["token", "addr"], "additionalProperties": false,
+        "properties": {"token": {"type": "string"}, "addr": {"type": "string", "pattern": format!("^({}|{})$", ipv4(), ipv6())}}});
+    doc["components"]["schemas"]["Grant"] = json!({"type": "object", "required": ["rule", "addr", "until", "name", "invite"],
+        "properties": {"rule": {"type": "integer"}, "addr": {"type": "string"}, "until": {"type": "integer"},
+            "name": {"type": "string"}, "invite": {"type": "integer"}, "port": {"type": "integer"}}});
+    doc["components"]["schemas"]["ExitAnnounce"]["properties"]["invite_port"] =
+        json!({"type": "integer", "minimum": 0, "maximum": 65535, "nullable": true});
+    let cc = json!({"type": "array", "items": {"type": "string", "pattern": "^[A-Za-z]{2}$",
+        "description": "A two-letter ISO 3166-1 country code"}});
+    let req = &mut doc["components"]["schemas"]["PublishRequest"];
+    req["properties"]["country"] = cc.clone();
+    req["properties"]["deny_country"] = cc;
+    req["description"] = json!(
+        "country and deny_country cannot both be given; a rule with either needs an exit with a country database, and every rule an exit that announced itself (GET /api/v1/admin/exits)"
+    );
+    doc["components"]["schemas"]["PublishRule"]["properties"]["guards"]["properties"]["countries"] =
+        json!({"type": "array", "items": {"type": "string"}});
+    doc["components"]["schemas"]["PublishRule"]["properties"]["guards"]["properties"]["deny_countries"] =
+        json!({"type": "array", "items": {"type": "string"}});
     doc
 }
 

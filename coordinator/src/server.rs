@@ -189,6 +189,17 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
         let registry = std::sync::Arc::new(state.metrics.registry(&state));
         tasks.spawn(homeport_host::metrics::serve(l, registry, shutdown.clone()));
     }
+    tasks.spawn(crate::alerts::watch_nodes(
+        state.clone(),
+        homeport_host::alert::Alerts::start(
+            cfg.alert_webhooks.clone(),
+            "homeport-coordinator",
+            cfg.alert_debounce,
+            shutdown.clone(),
+        ),
+        cfg.alert_offline,
+        shutdown.clone(),
+    ));
     tasks.close();
 
     crate::tls::write_private(&dir.join(LISTEN_ADDR_FILE), format!("{bound}\n").as_bytes())?;

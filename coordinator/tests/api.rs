@@ -113,6 +113,19 @@ impl T {
     ) -> (StatusCode, Value) {
         send(app(self.st.clone()), req(method, path, Some(cred), body)).await
     }
+    /// The node with credential `cred` announces that it runs an exit (as homeport-exit does),
+    /// with a country database or not.
+    async fn announce_exit(&self, cred: &str, country_db: Option<&str>) {
+        let (s, v) = self
+            .node(
+                Method::POST,
+                homeport_proto::exit::PATH_EXIT_ANNOUNCE,
+                cred,
+                Some(json!({"public_addrs": ["198.51.100.10"], "country_db": country_db})),
+            )
+            .await;
+        assert_eq!(s, StatusCode::NO_CONTENT, "{v}");
+    }
     async fn authkey(&self, body: Value) -> String {
         let (s, v) = self
             .admin(Method::POST, api::PATH_ADMIN_AUTHKEYS, Some(body))
@@ -628,6 +641,7 @@ async fn ids_are_never_reused_after_deletion() {
     let t = setup().await;
     let key = t.authkey(json!({"reusable": true})).await;
     let vps = t.register(&key, "vps").await;
+    t.announce_exit(&vps.credential, None).await;
     let a = t.register(&key, "a").await;
     let (s, _) = t
         .admin(
@@ -1058,6 +1072,7 @@ async fn node_removal_closes_stream_and_revokes() {
     sa.next(SEC).await.unwrap();
     sa.next(SEC).await.unwrap(); // b online
     sb.next(SEC).await.unwrap();
+    t.announce_exit(&a.credential, None).await;
     let (s, _) = t
         .admin(
             Method::POST,
@@ -1117,6 +1132,7 @@ async fn publish_validation() {
     let key = t.authkey(json!({"reusable": true})).await;
     let vps = t.register(&key, "vps").await;
     let home = t.register(&key, "home").await;
+    t.announce_exit(&vps.credential, None).await;
     let good = json!({"exit": "vps", "port": 32400, "to": "home:32400", "allow": ["192.0.2.0/24", "198.51.100.7", "2001:db8::/32"], "rate_per_minute": 30});
     let (s, rule) = t
         .admin(Method::POST, api::PATH_ADMIN_PUBLISH, Some(good.clone()))
@@ -1225,6 +1241,78 @@ async fn publish_validation() {
         )
         .await;
     assert_eq!(s, StatusCode::NOT_FOUND);
+}
+
+/// Issue 16: a rule on a node that runs no exit is refused with the exits named; a country rule
+/// needs an exit with a country database (the error says where to get one); country codes are
+/// checked and normalised.
+#[tokio::test]
+async fn publish_needs_an_exit_and_country_rules_a_country_database() {
+    let t = setup().await;
+    let key = t.authkey(json!({"reusable": true})).await;
+    let vps = t.register(&key, "vps").await;
+    let home = t.register(&key, "home").await;
+    let post = async |body: Value| {
+        t.admin(Method::POST, api::PATH_ADMIN_PUBLISH, Some(body))
+            .await
+    };
+    let (s, v) = post(json!({"exit": "vps", "port": 80, "to": "home:80"})).await;
+    assert_eq!(s, StatusCode::BAD_REQUEST, "{v}");
+    assert!(
+        v["detail"]
+            .as_str()
+            .unwrap()
+            .contains("no node runs an exit yet"),
+        "{v}"
+    );
+    t.announce_exit(&vps.credential, None).await;
+    let (s, v) = post(json!({"exit": "home", "port": 80, "to": "home:80"})).await;
+    assert_eq!(s, StatusCode::BAD_REQUEST, "{v}");
+    let d = v["detail"].as_str().unwrap();
+    assert!(
+        d.contains("home runs no exit") && d.contains("the exits are: vps"),
+        "{d}"
+    );
+    let (s, v) = post(json!({"exit": "vps", "port": 80, "to": "home:80", "country": ["DE"]})).await;
+    assert_eq!(s, StatusCode::BAD_REQUEST, "{v}");
+    let d = v["detail"].as_str().unwrap();
+    assert!(
+        d.contains("no country database")
+            && d.contains("GeoLite2-Country")
+            && d.contains("--country-db"),
+        "{d}"
+    );
+    t.announce_exit(&vps.credential, Some("GeoLite2-Country 2026-11-20"))
+        .await;
+    for (body, needle) in [
+        (
+            json!({"exit": "vps", "port": 80, "to": "home:80", "country": ["DEU"]}),
+            "country[0]",
+        ),
+        (
+            json!({"exit": "vps", "port": 80, "to": "home:80", "deny_country": ["CN", "1"]}),
+            "deny_country[1]",
+        ),
+    ] {
+        let (s, v) = post(body.clone()).await;
+        assert_eq!(s, StatusCode::BAD_REQUEST, "{body} → {v}");
+        assert!(
+            v["detail"].as_str().unwrap().contains(needle),
+            "{body} → {v}"
+        );
+    }
+    let (s, r) =
+        post(json!({"exit": "vps", "port": 80, "to": "home:80", "country": ["at", "DE", "de"]}))
+            .await;
+    assert_eq!(s, StatusCode::CREATED, "{r}");
+    assert_eq!(r["guards"]["countries"], json!(["AT", "DE"]));
+    let (_, exits) = t
+        .admin(Method::GET, homeport_proto::exit::PATH_ADMIN_EXITS, None)
+        .await;
+    assert_eq!(exits[0]["name"], "vps");
+    assert_eq!(exits[0]["public_addrs"], json!(["198.51.100.10"]));
+    assert_eq!(exits[0]["country_db"], "GeoLite2-Country 2026-11-20");
+    let _ = home;
 }
 
 #[tokio::test]
@@ -1862,4 +1950,123 @@ async fn status_reports_make_the_overview() {
     let o: status::Overview = serde_json::from_value(o).unwrap();
     assert_eq!(o.nodes.len(), 1);
     assert!(o.publish.is_empty(), "the rule went with its target");
+}
+
+/// Issue 16: invites. Only for a restricted port on an exit that serves invite pages; the token
+/// is shown once and redeemed only by that exit's credential; each new address takes a use; a
+/// revoked invite's grants are gone.
+#[tokio::test]
+async fn invites_are_redeemed_by_their_exit_up_to_their_uses_and_revoked() {
+    use homeport_proto::invite::{PATH_ADMIN_INVITES, PATH_NODE_INVITE_REDEEM, PATH_NODE_INVITES};
+    let t = setup().await;
+    let key = t.authkey(json!({"reusable": true})).await;
+    let vps = t.register(&key, "vps").await;
+    let other = t.register(&key, "other").await;
+    let _home = t.register(&key, "home").await;
+    t.announce_exit(&vps.credential, None).await;
+    let (s, _) = t
+        .admin(
+            Method::POST,
+            api::PATH_ADMIN_PUBLISH,
+            Some(json!({"exit": "vps", "port": 80, "to": "home:80"})),
+        )
+        .await;
+    assert_eq!(s, StatusCode::CREATED);
+    let invite = json!({"port": 80, "name": "alice", "days": 30, "uses": 2});
+    let (s, v) = t
+        .admin(Method::POST, PATH_ADMIN_INVITES, Some(invite.clone()))
+        .await;
+    assert_eq!(s, StatusCode::BAD_REQUEST, "open to everyone: {v}");
+    assert!(
+        v["detail"].as_str().unwrap().contains("open to everyone"),
+        "{v}"
+    );
+    let (s, _) = t
+        .admin(
+            Method::POST,
+            api::PATH_ADMIN_PUBLISH,
+            Some(json!({"exit": "vps", "port": 81, "to": "home:80", "allow": ["203.0.113.0/24"]})),
+        )
+        .await;
+    assert_eq!(s, StatusCode::CREATED);
+    let invite = json!({"port": 81, "name": "alice", "days": 30, "uses": 2});
+    let (s, v) = t
+        .admin(Method::POST, PATH_ADMIN_INVITES, Some(invite.clone()))
+        .await;
+    assert_eq!(s, StatusCode::BAD_REQUEST, "{v}");
+    assert!(
+        v["detail"].as_str().unwrap().contains("--invite-port"),
+        "{v}"
+    );
+    // The exit serves invite pages now.
+    let (s, _) = t
+        .node(
+            Method::POST,
+            homeport_proto::exit::PATH_EXIT_ANNOUNCE,
+            &vps.credential,
+            Some(json!({"public_addrs": ["198.51.100.10"], "invite_port": 8088})),
+        )
+        .await;
+    assert_eq!(s, StatusCode::NO_CONTENT);
+    let (s, v) = t
+        .admin(Method::POST, PATH_ADMIN_INVITES, Some(invite))
+        .await;
+    assert_eq!(s, StatusCode::CREATED, "{v}");
+    let link = v["link"].as_str().unwrap();
+    let token = link
+        .strip_prefix("http://198.51.100.10:8088/i/")
+        .expect(link);
+    assert_eq!(token.len(), 43, "256 bits, base64url");
+    let redeem = |cred: String, addr: &'static str| {
+        let t = &t;
+        let token = token.to_string();
+        async move {
+            t.node(
+                Method::POST,
+                PATH_NODE_INVITE_REDEEM,
+                &cred,
+                Some(json!({"token": token, "addr": addr})),
+            )
+            .await
+        }
+    };
+    // Another node's credential cannot redeem it.
+    let (s, _) = redeem(other.credential.clone(), "192.0.2.50").await;
+    assert_eq!(s, StatusCode::NOT_FOUND);
+    let (s, g) = redeem(vps.credential.clone(), "192.0.2.50").await;
+    assert_eq!(s, StatusCode::OK, "{g}");
+    assert_eq!(
+        (g["name"].as_str(), g["port"].as_u64()),
+        (Some("alice"), Some(81))
+    );
+    let (s, _) = redeem(vps.credential.clone(), "192.0.2.50").await;
+    assert_eq!(s, StatusCode::OK, "the same address again takes no use");
+    let (s, _) = redeem(vps.credential.clone(), "192.0.2.51").await;
+    assert_eq!(s, StatusCode::OK);
+    let (s, _) = redeem(vps.credential.clone(), "192.0.2.52").await;
+    assert_eq!(s, StatusCode::CONFLICT, "uses spent");
+    let (_, grants) = t
+        .node(Method::GET, PATH_NODE_INVITES, &vps.credential, None)
+        .await;
+    assert_eq!(grants.as_array().unwrap().len(), 2, "{grants}");
+    let (_, none) = t
+        .node(Method::GET, PATH_NODE_INVITES, &other.credential, None)
+        .await;
+    assert_eq!(none, json!([]));
+    let (_, list) = t.admin(Method::GET, PATH_ADMIN_INVITES, None).await;
+    assert!(
+        !list.to_string().contains(token),
+        "the token is never listed"
+    );
+    let id = list[0]["id"].as_i64().unwrap();
+    let (s, _) = t
+        .admin(Method::DELETE, &format!("{PATH_ADMIN_INVITES}/{id}"), None)
+        .await;
+    assert_eq!(s, StatusCode::OK);
+    let (_, grants) = t
+        .node(Method::GET, PATH_NODE_INVITES, &vps.credential, None)
+        .await;
+    assert_eq!(grants, json!([]), "revoked: no grants");
+    let (s, _) = redeem(vps.credential.clone(), "192.0.2.50").await;
+    assert_eq!(s, StatusCode::GONE);
 }

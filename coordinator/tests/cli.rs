@@ -617,6 +617,18 @@ async fn tls_pin_remote_admin_and_map_stream() {
     let vps = register("vps").await;
     let d = next_line().await;
     assert_eq!(d.peers[0].id, vps.node_id);
+    // vps runs an exit (homeport-exit announces itself so): publish rules are accepted on it.
+    let r = c
+        .post(format!(
+            "{base}{}",
+            homeport_proto::exit::PATH_EXIT_ANNOUNCE
+        ))
+        .bearer_auth(&vps.credential)
+        .json(&serde_json::json!({"public_addrs": ["198.51.100.10"]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 204);
 
     let o = remote(&["nodes", "--json"])
         .args(["--token-file", &tf])
@@ -644,7 +656,14 @@ async fn tls_pin_remote_admin_and_map_stream() {
     .args(["--token-file", &tf])
     .output()
     .unwrap());
-    let id: i64 = out.trim().parse().unwrap();
+    // The rule as `publish list` shows it (header, row), then where viewers connect.
+    let id: i64 = out
+        .lines()
+        .nth(1)
+        .and_then(|l| l.split_whitespace().next())
+        .and_then(|i| i.parse().ok())
+        .unwrap_or_else(|| panic!("publish add printed {out:?}"));
+    assert!(out.contains("viewers connect to"), "{out}");
     let d = next_line().await;
     assert_eq!(d.publish.unwrap()[0].id, id);
 }

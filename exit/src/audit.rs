@@ -120,7 +120,8 @@ pub struct AuditRecord {
     /// `target_name:target_port`
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub target: String,
-    /// allowed | not-in-allow-list | rate | max-conns | banned
+    /// open (a connection started; its `allowed` line comes when it ends) | allowed |
+    /// not-in-allow-list | rate | max-conns | banned | country
     pub verdict: String,
     /// Bytes from the viewer (allowed connections).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -133,13 +134,37 @@ pub struct AuditRecord {
     /// Packets dropped since the previous line for this (source, rule, reason) (denials).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub packets: Option<u64>,
+    /// The source's country (two letters) by the exit's country database, when it has one and
+    /// knows the source.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub country: Option<String>,
+    /// Who the source is, as far as the rule knows: `allow:CIDR` for the allow-list entry that
+    /// let it in (or the invite's name).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub label: Option<String>,
 }
 
 impl AuditRecord {
     /// A one-line human rendering (for `homeport-exit log`).
     pub fn human(&self) -> String {
         let what = format!("rule {} {}/{}", self.rule, self.proto, self.port);
-        if self.verdict == "allowed" {
+        let who = match (&self.country, &self.label) {
+            (None, None) => String::new(),
+            (c, l) => format!(
+                "  [{}]",
+                [c.as_deref(), l.as_deref()]
+                    .into_iter()
+                    .flatten()
+                    .collect::<Vec<_>>()
+                    .join(" ")
+            ),
+        };
+        if self.verdict == "open" {
+            format!(
+                "{}  {:<17}  {:<46}  {} -> {}{who}",
+                self.time, self.verdict, self.source, what, self.target
+            )
+        } else if self.verdict == "allowed" {
             format!(
                 "{}  {:<17}  {:<46}  {} -> {}  in {}  out {}  {:.1}s",
                 self.time,
@@ -150,10 +175,10 @@ impl AuditRecord {
                 human_bytes(self.bytes_in.unwrap_or(0)),
                 human_bytes(self.bytes_out.unwrap_or(0)),
                 self.duration_s.unwrap_or(0.0)
-            )
+            ) + &who
         } else {
             format!(
-                "{}  {:<17}  {:<46}  {}  {} packets dropped",
+                "{}  {:<17}  {:<46}  {}  {} packets dropped{who}",
                 self.time,
                 self.verdict,
                 self.source,
@@ -194,9 +219,18 @@ pub struct RuleInfo {
     pub target_ipv6: Ipv6Addr,
     pub target_port: u16,
     pub target: String,
+    pub allow: Vec<ipnet::IpNet>,
 }
 
 impl RuleInfo {
+    /// `allow:CIDR` of the allow-list entry that holds `ip`.
+    fn label(&self, ip: IpAddr) -> Option<String> {
+        let ip = ip.to_canonical();
+        self.allow
+            .iter()
+            .find(|n| n.contains(&ip))
+            .map(|n| format!("allow:{n}"))
+    }
     pub fn from_rule(r: &PublishRule) -> Option<RuleInfo> {
         let proto = match r.proto {
             PublishProto::Tcp => L4::Tcp,
@@ -211,6 +245,7 @@ impl RuleInfo {
             target_ipv6: r.target_ipv6,
             target_port: r.target_port,
             target: format!("{}:{}", r.target_name.as_str(), r.target_port),
+            allow: r.guards.allow.clone(),
         })
     }
     fn matches(&self, ev: &CtEvent) -> bool {
@@ -231,13 +266,21 @@ pub struct RuleStats {
     pub proto: &'static str,
     pub port: u16,
     pub conns: u64,
-    pub denied: [u64; 4],
+    pub denied: [u64; DenyReason::ALL.len()],
     pub bytes_in: u64,
     pub bytes_out: u64,
 }
 
 fn reason_index(r: DenyReason) -> usize {
     DenyReason::ALL.iter().position(|x| *x == r).unwrap_or(0)
+}
+
+/// The address of an audit `source` (`ip:port` or `ip`).
+fn source_ip(s: &str) -> Option<IpAddr> {
+    s.parse::<SocketAddr>()
+        .map(|a| a.ip())
+        .or_else(|_| s.parse())
+        .ok()
 }
 
 /// One parsed `conntrack -E -o timestamp,extended,id` line.
@@ -361,6 +404,14 @@ pub struct Audit {
     stats: Arc<Mutex<BTreeMap<i64, RuleStats>>>,
     open: Mutex<HashMap<(u64, SocketAddr), OpenFlow>>,
     denied_seen: Mutex<HashMap<(DenyReason, i64, IpAddr), u64>>,
+    geo: Mutex<Option<Arc<crate::geo::CountryDb>>>,
+    grants: Mutex<Vec<homeport_proto::invite::Grant>>,
+    alerts: Mutex<(homeport_host::alert::Alerts, u64)>,
+    /// Per country (or "unknown"): connections opened, packets denied (the Grafana panels).
+    countries: Arc<Mutex<BTreeMap<String, (u64, u64)>>>,
+    /// (rule, country) and (rule, source address) seen connecting (from the log at start):
+    /// a new one raises an alert.
+    seen: Mutex<std::collections::HashSet<(i64, String)>>,
 }
 
 impl Audit {
@@ -391,11 +442,118 @@ impl Audit {
             stats: Arc::new(Mutex::new(BTreeMap::new())),
             open: Mutex::new(HashMap::new()),
             denied_seen: Mutex::new(HashMap::new()),
+            geo: Mutex::new(None),
+            grants: Mutex::new(Vec::new()),
+            alerts: Mutex::new((homeport_host::alert::Alerts::none(), u64::MAX)),
+            // "unknown" from the start: the families always have a sample (and their label).
+            countries: Arc::new(Mutex::new(BTreeMap::from([(
+                "unknown".to_string(),
+                (0, 0),
+            )]))),
+            seen: Mutex::new(std::collections::HashSet::new()),
         })
     }
 
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// The country database the records' `country` comes from (None: no country).
+    pub fn set_country_db(&self, db: Option<Arc<crate::geo::CountryDb>>) {
+        *self.geo.lock().unwrap() = db;
+    }
+
+    /// Where alerts go, and the denied packets per port and read that make a deny spike. Seeds
+    /// what was seen from the log, so a restart does not alert on every old source.
+    pub fn set_alerts(&self, alerts: homeport_host::alert::Alerts, deny_spike: u64) {
+        *self.alerts.lock().unwrap() = (alerts, deny_spike);
+        let mut seen = self.seen.lock().unwrap();
+        if let Ok(recs) = read_records(&self.path) {
+            for r in recs.into_iter().filter_map(|(_, r)| r) {
+                if r.verdict == "open" || r.verdict == "allowed" {
+                    if let Some(c) = &r.country {
+                        seen.insert((r.rule, format!("cc:{c}")));
+                    }
+                    if let Some(ip) = source_ip(&r.source) {
+                        seen.insert((r.rule, format!("ip:{ip}")));
+                    }
+                }
+            }
+        }
+    }
+
+    /// Counts a connection or denied packets for a country ("unknown" without one). Countries
+    /// are two letters, so the label set is bounded (~250).
+    fn count_country(&self, c: &Option<String>, conns: u64, denied: u64) {
+        let mut m = self.countries.lock().unwrap();
+        let e = m
+            .entry(c.clone().unwrap_or_else(|| "unknown".into()))
+            .or_default();
+        e.0 = e.0.saturating_add(conns);
+        e.1 = e.1.saturating_add(denied);
+    }
+
+    /// Raises an alert (never blocks).
+    pub fn alert(&self, kind: &'static str, subject: String, message: String) {
+        self.alerts
+            .lock()
+            .unwrap()
+            .0
+            .raise(homeport_host::alert::Alert {
+                kind,
+                subject,
+                message,
+            });
+    }
+
+    /// New country or unknown source on a rule: an alert.
+    fn check_new(&self, rec: &AuditRecord) {
+        let Some(ip) = source_ip(&rec.source) else {
+            return;
+        };
+        let port = format!("{}/{}", rec.proto, rec.port);
+        let mut seen = self.seen.lock().unwrap();
+        if let Some(c) = &rec.country
+            && seen.insert((rec.rule, format!("cc:{c}")))
+        {
+            self.alert(
+                "new-country",
+                format!("{port} {c}"),
+                format!("first connection from {c} to {port}: {ip}"),
+            );
+        }
+        if seen.insert((rec.rule, format!("ip:{ip}"))) && rec.label.is_none() {
+            self.alert(
+                "unknown-source",
+                format!("{port} {ip}"),
+                format!(
+                    "a source never seen before connected to {port}: {ip} ({}), in no allow-list and no invite",
+                    rec.country.as_deref().unwrap_or("country unknown")
+                ),
+            );
+        }
+    }
+
+    /// The invite grants (their names label the sources they let in).
+    pub fn set_grants(&self, g: Vec<homeport_proto::invite::Grant>) {
+        *self.grants.lock().unwrap() = g;
+    }
+
+    /// Who `ip` is for rule `rule`: `invite:NAME` when an invite let it in, else the allow-list
+    /// entry.
+    fn label(&self, rule: &RuleInfo, ip: IpAddr) -> Option<String> {
+        let ip = ip.to_canonical();
+        self.grants
+            .lock()
+            .unwrap()
+            .iter()
+            .find(|g| g.rule == rule.id && g.addr == ip)
+            .map(|g| format!("invite:{}", g.name))
+            .or_else(|| rule.label(ip))
+    }
+
+    fn country(&self, ip: IpAddr) -> Option<String> {
+        self.geo.lock().unwrap().as_ref()?.country(ip)
     }
 
     /// The installed rules (the publisher calls this after every apply).
@@ -472,13 +630,11 @@ impl Audit {
         let key = (ev.id.unwrap_or(0), ev.orig_src);
         match ev.kind {
             CtKind::New => {
-                let rule = self
-                    .rules
-                    .lock()
-                    .unwrap()
-                    .iter()
-                    .find(|r| r.matches(ev))?
-                    .id;
+                let (rule, target, label) = {
+                    let rules = self.rules.lock().unwrap();
+                    let r = rules.iter().find(|r| r.matches(ev))?;
+                    (r.id, r.target.clone(), self.label(r, ev.orig_src.ip()))
+                };
                 if let Some(s) = self.stats.lock().unwrap().get_mut(&rule) {
                     s.conns += 1;
                 }
@@ -497,7 +653,31 @@ impl Audit {
                         end: None,
                     },
                 );
-                None
+                drop(open);
+                // The open line: who connected, at once (the `allowed` line with the bytes
+                // comes when the flow ends, after TIME_WAIT for TCP).
+                let rec = AuditRecord {
+                    time: rfc3339(
+                        OffsetDateTime::from_unix_timestamp_nanos(ev.at as i128 * 1000)
+                            .unwrap_or_else(|_| OffsetDateTime::now_utc()),
+                    ),
+                    source: ev.orig_src.to_string(),
+                    rule,
+                    proto: ev.proto.clone(),
+                    port: ev.orig_dst.port(),
+                    target,
+                    verdict: "open".into(),
+                    bytes_in: None,
+                    bytes_out: None,
+                    duration_s: None,
+                    packets: None,
+                    country: self.country(ev.orig_src.ip()),
+                    label,
+                };
+                self.write(&rec);
+                self.check_new(&rec);
+                self.count_country(&rec.country, 1, 0);
+                Some(rec)
             }
             CtKind::Update => {
                 if matches!(
@@ -533,8 +713,14 @@ impl Audit {
                     bytes_out: Some(ev.bytes_reply.unwrap_or(0)),
                     duration_s: Some((end.saturating_sub(start).max(0) / 100_000) as f64 / 10.0),
                     packets: None,
+                    country: None,
+                    label: info.and_then(|i| self.label(i, ev.orig_src.ip())),
                 };
                 drop(rules);
+                let rec = AuditRecord {
+                    country: self.country(ev.orig_src.ip()),
+                    ..rec
+                };
                 if let Some(s) = self.stats.lock().unwrap().get_mut(&rule_id) {
                     // Counters of what conntrack reports: saturate rather than wrap.
                     s.bytes_in = s.bytes_in.saturating_add(rec.bytes_in.unwrap_or(0));
@@ -582,6 +768,8 @@ impl Audit {
                 bytes_out: None,
                 duration_s: None,
                 packets: Some(delta),
+                country: None,
+                label: None,
             });
             if let Some(s) = self.stats.lock().unwrap().get_mut(&id) {
                 s.denied[reason_index(reason)] += delta;
@@ -589,8 +777,29 @@ impl Audit {
         }
         *seen = next;
         drop(seen);
-        for r in &recs {
+        for r in recs.iter_mut() {
+            r.country = r.source.parse().ok().and_then(|ip| self.country(ip));
             self.write(r);
+            self.count_country(&r.country, 0, r.packets.unwrap_or(0));
+        }
+        let spike = self.alerts.lock().unwrap().1;
+        let mut per_port: BTreeMap<(String, u16), (u64, usize)> = BTreeMap::new();
+        for r in &recs {
+            let e = per_port.entry((r.proto.clone(), r.port)).or_default();
+            e.0 += r.packets.unwrap_or(0);
+            e.1 += 1;
+        }
+        for ((proto, port), (packets, sources)) in per_port {
+            if packets >= spike {
+                self.alert(
+                    "deny-spike",
+                    format!("{proto}/{port}"),
+                    format!(
+                        "{packets} packets to {proto}/{port} denied in {} s from {sources} source(s)",
+                        DENY_POLL.as_secs()
+                    ),
+                );
+            }
         }
         recs
     }
@@ -687,7 +896,10 @@ impl Audit {
     /// The exit's metrics (`homeport_exit_*`), read from the per-rule counters at each scrape.
     pub fn metrics_registry(&self) -> homeport_host::metrics::Registry {
         let mut r = homeport_host::metrics::registry("exit");
-        r.register_collector(Box::new(ExitMetrics(self.stats.clone())));
+        r.register_collector(Box::new(ExitMetrics(
+            self.stats.clone(),
+            self.countries.clone(),
+        )));
         r
     }
 
@@ -699,7 +911,10 @@ impl Audit {
 
 /// The per-rule counters, as metrics.
 #[derive(Debug)]
-struct ExitMetrics(Arc<Mutex<BTreeMap<i64, RuleStats>>>);
+struct ExitMetrics(
+    Arc<Mutex<BTreeMap<i64, RuleStats>>>,
+    Arc<Mutex<BTreeMap<String, (u64, u64)>>>,
+);
 
 impl homeport_host::metrics::Collector for ExitMetrics {
     fn encode(
@@ -761,11 +976,30 @@ impl homeport_host::metrics::Collector for ExitMetrics {
                 [("in", r.bytes_in), ("out", r.bytes_out)]
                     .map(|(dir, v)| ([rule, proto, port, ("direction", dir)], v))
             }),
+        )?;
+        let countries = self.1.lock().unwrap();
+        counter_family(
+            &mut enc,
+            "country_connections",
+            "Connections opened to published ports per source country (unknown: not in the country database, or none)",
+            None,
+            countries
+                .iter()
+                .map(|(c, v)| ([("country", c.as_str())], v.0)),
+        )?;
+        counter_family(
+            &mut enc,
+            "country_denied_packets",
+            "Packets to published ports dropped per source country",
+            None,
+            countries
+                .iter()
+                .map(|(c, v)| ([("country", c.as_str())], v.1)),
         )
     }
 }
 
-/// What the status report (`crate::report`) reads of the audit state.
+/// What the status report (`crate::status`) reads of the audit state.
 impl Audit {
     /// Ids of the rules the table holds (set after every apply).
     pub fn installed_rule_ids(&self) -> Vec<i64> {
@@ -860,7 +1094,8 @@ mod tests {
         let a = Audit::open(dir.path()).unwrap();
         a.set_rules(&sample());
         let new = NEW.replace("[1700000000.500000]", "[-9223372036854.000000]");
-        assert!(a.on_ct_event(&parse_ct_event(&new).unwrap()).is_none());
+        let open = a.on_ct_event(&parse_ct_event(&new).unwrap()).unwrap();
+        assert_eq!(open.verdict, "open");
         let destroy = DESTROY
             .replace("[1700000022.000000]", "[9223372036854.775807]")
             .replace("bytes=420", "bytes=18446744073709551615");
@@ -879,9 +1114,19 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let a = Audit::open(dir.path()).unwrap();
         a.set_rules(&sample());
-        for l in [NEW, CLOSE] {
-            assert!(a.on_ct_event(&parse_ct_event(l).unwrap()).is_none());
-        }
+        // The open line comes at once, with the allow-list entry that let the source in.
+        let open = a.on_ct_event(&parse_ct_event(NEW).unwrap()).unwrap();
+        assert_eq!(
+            (
+                open.verdict.as_str(),
+                open.source.as_str(),
+                open.time.as_str()
+            ),
+            ("open", "192.0.2.5:36853", "2023-11-14T22:13:20.5Z")
+        );
+        assert_eq!(open.label.as_deref(), Some("allow:192.0.2.0/24"));
+        assert_eq!((open.bytes_in, open.country.as_deref()), (None, None));
+        assert!(a.on_ct_event(&parse_ct_event(CLOSE).unwrap()).is_none());
         let rec = a.on_ct_event(&parse_ct_event(DESTROY).unwrap()).unwrap();
         assert_eq!(rec.verdict, "allowed");
         assert_eq!(rec.rule, 7);
@@ -897,8 +1142,14 @@ mod tests {
         );
         assert!(a.on_ct_event(&parse_ct_event(&other).unwrap()).is_none());
         let text = std::fs::read_to_string(a.path()).unwrap();
-        assert_eq!(text.lines().count(), 1);
+        assert_eq!(
+            text.lines().count(),
+            2,
+            "the open line and the allowed line: {text}"
+        );
         let back: AuditRecord = serde_json::from_str(text.lines().next().unwrap()).unwrap();
+        assert_eq!(back, open);
+        let back: AuditRecord = serde_json::from_str(text.lines().nth(1).unwrap()).unwrap();
         assert_eq!(back, rec);
         use std::os::unix::fs::PermissionsExt;
         assert_eq!(

@@ -20,6 +20,8 @@ pub const EXIT_KEYS: &[&str] = &[
     "edge-protection",
     "audit-max-bytes",
     "audit-keep",
+    "country-db",
+    "invite-port",
 ];
 /// Smallest `--audit-max-bytes`: a few records per file at least.
 pub const MIN_AUDIT_MAX_BYTES: u64 = 1024;
@@ -50,6 +52,28 @@ pub struct ExitArgs {
     /// [default: on]
     #[arg(long, value_name = "on|off", value_parser = parse_on_off)]
     pub edge_protection: Option<bool>,
+    /// Country database for country rules (`publish add --country/--deny-country`): an mmdb
+    /// file, MaxMind GeoLite2-Country or DB-IP "IP to Country Lite"; reloaded when it changes.
+    /// Without it, rules with countries are refused
+    #[arg(long, value_name = "FILE")]
+    pub country_db: Option<PathBuf>,
+    /// Serve invite pages (`homeport-coordinator invite create`) over plain HTTP on this TCP
+    /// port of every address (kept open by edge protection); without it invites are refused
+    #[arg(long, value_name = "PORT")]
+    pub invite_port: Option<u16>,
+    /// Send alerts to this webhook (repeatable): generic JSON, or ntfy/Discord/Slack bodies
+    /// (prefix ntfy+, discord+, slack+, or by the host). Alerts: a deny spike on a published
+    /// port, a new country or an unknown source on one, the rules failing to apply, a peer's path
+    /// falling back to the relay
+    #[arg(long, value_name = "URL")]
+    pub alert_webhook: Vec<homeport_host::alert::Webhook>,
+    /// Denied packets on one published port within one 3 s read that make a deny spike
+    /// [default: 200]
+    #[arg(long, value_name = "N")]
+    pub alert_deny_spike: Option<u64>,
+    /// Seconds the same alert is not sent again [default: 300]
+    #[arg(long, value_name = "SECS")]
+    pub alert_debounce: Option<u64>,
 }
 
 /// `67108864`, `64M`, `64MiB`, `512K`, `1G` (binary units) as bytes, at least
@@ -98,13 +122,28 @@ pub struct PublishSettings {
     pub ban_after: u32,
     pub edge_protection: bool,
     pub audit: crate::audit::Rotation,
+    pub country_db: Option<PathBuf>,
+    pub invite_port: Option<u16>,
+    pub alert_webhooks: Vec<homeport_host::alert::Webhook>,
+    pub alert_deny_spike: u64,
+    pub alert_debounce: std::time::Duration,
 }
+
+/// Default deny spike: 200 dropped packets on one port within one read (3 s) is a flood or a
+/// scan, not a friend with a stale address retrying.
+pub const DEFAULT_DENY_SPIKE: u64 = 200;
 
 impl PublishSettings {
     /// The ruleset config for a node with TUN `tun` and WireGuard port `wg_port` (None when
     /// not known: then edge protection is off, since it would block WireGuard).
     pub fn nft_config(&self, tun: &str, wg_port: Option<u16>) -> NftConfig {
         let mut keep_open = self.keep_open.clone();
+        if let Some(p) = self.invite_port {
+            keep_open.push(PortSpec {
+                proto: L4::Tcp,
+                port: p,
+            });
+        }
         let mut edge = self.edge_protection;
         match wg_port {
             Some(p) if p != 0 => keep_open.push(PortSpec {
@@ -262,7 +301,34 @@ pub fn resolve_publish(a: ExitArgs, file: &toml::Table, path: &Path) -> Result<P
     {
         tracing::warn!("tcp:22 is not in --keep-open: SSH to this VPS will be dropped");
     }
+    let country_db = match (a.country_db, file.get("country-db")) {
+        (Some(p), _) => Some(p),
+        (None, None) => None,
+        (None, Some(toml::Value::String(s))) => Some(PathBuf::from(s)),
+        (None, Some(v)) => return Err(bad("country-db", v, "a file name (string)")),
+    };
+    let invite_port = match (a.invite_port, file.get("invite-port")) {
+        (Some(p), _) => Some(p),
+        (None, None) => None,
+        (None, Some(v)) => Some(
+            v.as_integer()
+                .and_then(|n| u16::try_from(n).ok())
+                .filter(|n| *n != 0)
+                .ok_or_else(|| bad("invite-port", v, "a TCP port 1-65535"))?,
+        ),
+    };
+    if invite_port == Some(0) {
+        bail!("--invite-port 0: expected a TCP port 1-65535");
+    }
     Ok(PublishSettings {
+        alert_webhooks: a.alert_webhook,
+        alert_deny_spike: a.alert_deny_spike.unwrap_or(DEFAULT_DENY_SPIKE).max(1),
+        alert_debounce: a
+            .alert_debounce
+            .map(std::time::Duration::from_secs)
+            .unwrap_or(homeport_host::alert::DEFAULT_DEBOUNCE),
+        country_db,
+        invite_port,
         keep_open,
         ban_seconds,
         ban_after,
@@ -303,6 +369,11 @@ mod tests {
             edge_protection: Some(true),
             audit_max_bytes: None,
             audit_keep: None,
+            country_db: None,
+            invite_port: None,
+            alert_webhook: Vec::new(),
+            alert_deny_spike: None,
+            alert_debounce: None,
         };
         let g = resolve_publish(flags, &file, p).unwrap();
         assert_eq!(g.keep_open, vec!["tcp:22".parse().unwrap()]);

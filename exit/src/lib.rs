@@ -6,15 +6,23 @@
 //! - [`audit`]: audit log from conntrack events and deny meters, per-rule metrics.
 //! - [`config`]: flags and config file of `homeport-exit up`.
 //! - [`logcmd`]: `homeport-exit log`.
+//! - [`report`]: `homeport-exit report` (per source: who, country, hours, flags).
+//! - [`status`]: the status report for the coordinator's dashboard (rules, live connections).
+//! - [`geo`]: the country database; [`announce`]: telling the coordinator this node is an exit.
 
+pub mod announce;
 pub mod audit;
 pub mod config;
+pub mod geo;
+pub mod invite;
 #[cfg(test)]
 mod lab;
 pub mod logcmd;
 pub mod nft;
+pub mod pathwatch;
 pub mod publisher;
 pub mod report;
+pub mod status;
 
 use anyhow::Result;
 use std::sync::Arc;
@@ -34,6 +42,16 @@ pub async fn run(mut cfg: ExitConfig, shutdown: CancellationToken) -> Result<()>
         cfg.publish.audit,
     )?);
     let nft_cfg = cfg.publish.nft_config(&cfg.up.tun, cfg.up.listen_port);
+    let alerts_stop = CancellationToken::new();
+    audit.set_alerts(
+        homeport_host::alert::Alerts::start(
+            cfg.publish.alert_webhooks.clone(),
+            "homeport-exit",
+            cfg.publish.alert_debounce,
+            alerts_stop.clone(),
+        ),
+        cfg.publish.alert_deny_spike,
+    );
     let exec = nft::Exec::default();
     let stop = CancellationToken::new();
     let metrics_listen = cfg.up.metrics_listen.take();
@@ -47,13 +65,78 @@ pub async fn run(mut cfg: ExitConfig, shutdown: CancellationToken) -> Result<()>
         ));
     }
     let (tx, rx) = tokio::sync::watch::channel(None);
-    let publisher = publisher::Publisher::new(
+    let mut publisher = publisher::Publisher::new(
         nft_cfg,
         exec.clone(),
         audit.clone(),
         Some("/proc/sys".into()),
     );
+    if let Some(p) = &cfg.publish.country_db {
+        publisher = publisher.with_country_db(p)?;
+    }
+    let geo = publisher.country_db();
+    {
+        // The audit log's `country` follows the loaded database.
+        let (a, mut g, s) = (audit.clone(), geo.clone(), stop.clone());
+        a.set_country_db(g.borrow_and_update().clone());
+        tasks.spawn(async move {
+            loop {
+                tokio::select! {
+                    _ = s.cancelled() => return,
+                    r = g.changed() => {
+                        if r.is_err() {
+                            return;
+                        }
+                        a.set_country_db(g.borrow_and_update().clone());
+                    }
+                }
+            }
+        });
+    }
+    let (grants_tx, grants_rx) = tokio::sync::watch::channel(Vec::new());
+    let publisher = publisher.with_grants(grants_rx.clone());
+    {
+        // The audit log's labels know the invites' names.
+        let (a, mut g, s) = (audit.clone(), grants_rx, stop.clone());
+        tasks.spawn(async move {
+            loop {
+                tokio::select! {
+                    _ = s.cancelled() => return,
+                    r = g.changed() => {
+                        if r.is_err() {
+                            return;
+                        }
+                        a.set_grants(g.borrow_and_update().clone());
+                    }
+                }
+            }
+        });
+    }
+    if let Some(port) = cfg.publish.invite_port {
+        let (d, g, s) = (cfg.up.state_dir.clone(), grants_tx.clone(), stop.clone());
+        tasks.spawn(async move {
+            if let Err(e) = invite::serve(port, d, g, s).await {
+                tracing::error!(error = %format!("{e:#}"), "invite pages stopped");
+            }
+        });
+        tasks.spawn(invite::follow_grants(
+            cfg.up.state_dir.clone(),
+            grants_tx,
+            stop.clone(),
+        ));
+    }
     tasks.spawn(publisher.run(rx, stop.clone()));
+    tasks.spawn(pathwatch::run(
+        cfg.up.state_dir.clone(),
+        audit.clone(),
+        stop.clone(),
+    ));
+    tasks.spawn(announce::run(
+        cfg.up.state_dir.clone(),
+        cfg.publish.invite_port,
+        geo.clone(),
+        stop.clone(),
+    ));
     {
         let (a, e, s) = (audit.clone(), exec.clone(), stop.clone());
         tasks.spawn(async move { a.run_conntrack(e, s).await });
@@ -62,7 +145,7 @@ pub async fn run(mut cfg: ExitConfig, shutdown: CancellationToken) -> Result<()>
         let (a, e, s) = (audit.clone(), exec.clone(), stop.clone());
         tasks.spawn(async move { a.run_deny_poller(e, s).await });
     }
-    tasks.spawn(report::run(
+    tasks.spawn(status::run(
         cfg.up.state_dir.clone(),
         audit.clone(),
         exec.clone(),
@@ -73,5 +156,6 @@ pub async fn run(mut cfg: ExitConfig, shutdown: CancellationToken) -> Result<()>
     // Whatever ended the node: take the published ports down with it.
     stop.cancel();
     while tasks.join_next().await.is_some() {}
+    alerts_stop.cancel();
     res
 }

@@ -174,6 +174,8 @@ mod tests {
             bytes_out: None,
             duration_s: None,
             packets: Some(1),
+            country: None,
+            label: None,
         };
         // 20 lines (~120 bytes each): two rotations before `log` runs.
         for i in 0..20 {

@@ -26,6 +26,10 @@ enum Cmd {
     },
     /// Print the audit log of published connections
     Log(LogArgs),
+    /// Who connected to the published ports, per source (label or "unknown", country, first and
+    /// last seen, connections, bytes, hours of day active, UTC) with what stands out: new
+    /// sources and countries, unusual hours, connections open for hours, repeated denies
+    Report(homeport_exit::report::ReportArgs),
     /// Leave the VPS as it was after an exit that did not stop cleanly (killed): restore the
     /// forwarding and conntrack sysctls it changed, delete the conntrack entries of published
     /// flows and remove its nftables table. systemd runs this as ExecStopPost
@@ -44,6 +48,7 @@ fn main() -> std::process::ExitCode {
         Cmd::Log(args) => {
             homeport_exit::logcmd::print(&args, &mut std::io::stdout().lock(), &|| false)
         }
+        Cmd::Report(args) => homeport_exit::report::run(&args, &mut std::io::stdout().lock()),
         Cmd::Cleanup { state_dir } => homeport_exit::nft::cleanup(
             &homeport_exit::nft::Exec::default(),
             std::path::Path::new("/proc/sys"),

@@ -8,8 +8,10 @@
 //! the whole ruleset) and puts it back. On stop it removes the table.
 
 use crate::audit::Audit;
+use crate::geo::{CountryDb, Stamp};
 use crate::nft::{self, Exec, NftConfig};
 use anyhow::{Context, Result};
+use homeport_proto::invite::Grant;
 use homeport_proto::map::NetworkMap;
 use homeport_proto::publish::{PublishProto, PublishRule};
 use std::path::PathBuf;
@@ -43,7 +45,24 @@ pub struct Publisher {
     proc_sys: Option<PathBuf>,
     /// The rules installed by the last apply (after `nft::plan`); None before the first.
     applied: Option<Vec<PublishRule>>,
+    /// The country database file (`--country-db`), if any.
+    geo_path: Option<PathBuf>,
+    /// The loaded country database (None without a file, or when it could never be read).
+    geo: Option<Arc<CountryDb>>,
+    /// The file stamp last loaded or tried.
+    geo_tried: Option<Stamp>,
+    /// The database the last apply used (by file stamp): a reload re-applies.
+    applied_geo: Option<Option<Stamp>>,
+    /// Who wants to know the loaded database (the announcement to the coordinator, the audit).
+    geo_tx: watch::Sender<Option<Arc<CountryDb>>>,
+    /// Invite grants (addresses let into a rule until a time), from the invite task.
+    grants: Option<watch::Receiver<Vec<Grant>>>,
+    /// The grants the last apply installed (the live ones of installed rules).
+    applied_grants: Vec<Grant>,
 }
+
+/// How often the country database file is checked for a change (one stat).
+pub const GEO_RECHECK: Duration = Duration::from_secs(2);
 
 impl Publisher {
     pub fn new(
@@ -58,6 +77,79 @@ impl Publisher {
             audit,
             proc_sys,
             applied: None,
+            geo_path: None,
+            geo: None,
+            geo_tried: None,
+            applied_geo: None,
+            geo_tx: watch::channel(None).0,
+            grants: None,
+            applied_grants: Vec::new(),
+        }
+    }
+
+    /// Follows invite grants: each becomes an element of its rule's invite set with a timeout.
+    pub fn with_grants(mut self, rx: watch::Receiver<Vec<Grant>>) -> Publisher {
+        self.grants = Some(rx);
+        self
+    }
+
+    /// The live grants of `planned` rules at `now` (unix seconds).
+    fn live_grants(&self, planned: &[PublishRule], now: i64) -> Vec<Grant> {
+        let Some(rx) = &self.grants else {
+            return Vec::new();
+        };
+        let mut v: Vec<Grant> = rx
+            .borrow()
+            .iter()
+            .filter(|g| g.until > now && planned.iter().any(|r| r.id == g.rule))
+            .cloned()
+            .collect();
+        v.sort();
+        v.dedup();
+        v
+    }
+
+    /// Uses the country database at `path` (loaded now: an unreadable file is an error at
+    /// start) and reloads it when the file changes.
+    pub fn with_country_db(mut self, path: &std::path::Path) -> Result<Publisher> {
+        let db = Arc::new(CountryDb::load(path)?);
+        tracing::info!(path = %path.display(), db = %db.desc, countries = db.countries().len(), "country database loaded");
+        self.geo_path = Some(path.to_path_buf());
+        self.geo_tried = db.stamp;
+        self.geo_tx.send_replace(Some(db.clone()));
+        self.geo = Some(db);
+        Ok(self)
+    }
+
+    /// Follows the loaded country database.
+    pub fn country_db(&self) -> watch::Receiver<Option<Arc<CountryDb>>> {
+        self.geo_tx.subscribe()
+    }
+
+    /// Reloads the country database when its file changed. True when a new one was loaded.
+    pub async fn reload_country_db(&mut self) -> bool {
+        let Some(path) = self.geo_path.clone() else {
+            return false;
+        };
+        let now = Stamp::of(&path);
+        // A file that cannot be read is tried again only once it changes once more.
+        if now.is_none() || self.geo_tried == now {
+            return false;
+        }
+        self.geo_tried = now;
+        match tokio::task::spawn_blocking(move || CountryDb::load(&path)).await {
+            Ok(Ok(db)) => {
+                tracing::info!(db = %db.desc, countries = db.countries().len(), "country database reloaded");
+                let db = Arc::new(db);
+                self.geo_tx.send_replace(Some(db.clone()));
+                self.geo = Some(db);
+                true
+            }
+            Ok(Err(e)) => {
+                tracing::error!(error = %format!("{e:#}"), "country database changed but cannot be read; keeping the one loaded");
+                false
+            }
+            Err(_) => false,
         }
     }
 
@@ -69,11 +161,26 @@ impl Publisher {
     /// Installs `rules` (this exit's) unless exactly these are installed already. Returns
     /// whether the table was (re)applied.
     pub async fn update(&mut self, rules: &[PublishRule]) -> Result<bool> {
-        let (planned, skipped) = nft::plan(&self.cfg, rules);
+        let (planned, skipped) = nft::plan_geo(&self.cfg, rules, self.geo.is_some());
         let planned: Vec<PublishRule> = planned.into_iter().cloned().collect();
-        if self.applied.as_ref() == Some(&planned) {
+        let geo_now = self.geo.as_ref().and_then(|g| g.stamp);
+        let uses_geo = planned.iter().any(|r| r.guards.needs_countries());
+        let now = time::OffsetDateTime::now_utc().unix_timestamp();
+        let grants = self.live_grants(&planned, now);
+        // Expired grants leave the kernel set by their own timeout: only new or revoked ones
+        // need a re-apply.
+        let expired_only = self
+            .applied_grants
+            .iter()
+            .filter(|g| g.until > now)
+            .eq(grants.iter());
+        if self.applied.as_ref() == Some(&planned)
+            && (!uses_geo || self.applied_geo == Some(geo_now))
+            && expired_only
+        {
             return Ok(false);
         }
+        self.applied_grants = grants;
         for s in &skipped {
             tracing::warn!(rule = s.id, "publish rule not installed: {}", s.why);
         }
@@ -82,6 +189,18 @@ impl Publisher {
     }
 
     async fn apply(&mut self, planned: Vec<PublishRule>) -> Result<()> {
+        let r = self.apply_inner(planned).await;
+        if let Err(e) = &r {
+            self.audit.alert(
+                "rules-failed",
+                "nftables".into(),
+                format!("the exit's nftables rules failed to apply: {e:#}"),
+            );
+        }
+        r
+    }
+
+    async fn apply_inner(&mut self, planned: Vec<PublishRule>) -> Result<()> {
         // Counts of the deny meters die with the old table: log them first.
         if self.applied.is_some()
             && let Err(e) = self.audit.poll_denials(&self.exec).await
@@ -91,9 +210,27 @@ impl Publisher {
         let exec = self.exec.clone();
         let cfg = self.cfg.clone();
         let rules = planned.clone();
+        let geo = self.geo.clone();
+        self.applied_geo = Some(geo.as_ref().and_then(|g| g.stamp));
+        let now = time::OffsetDateTime::now_utc().unix_timestamp();
+        let grants: Vec<(i64, std::net::IpAddr, u32)> = self
+            .applied_grants
+            .iter()
+            .filter(|g| g.until > now)
+            .map(|g| {
+                (
+                    g.rule,
+                    g.addr,
+                    u32::try_from(g.until - now).unwrap_or(u32::MAX),
+                )
+            })
+            .collect();
         tokio::task::spawn_blocking(move || -> Result<()> {
             let bans = nft::current_bans(&exec).unwrap_or_default();
-            nft::apply(&exec, &nft::ruleset(&cfg, &rules, &bans))?;
+            nft::apply(
+                &exec,
+                &nft::ruleset_geo(&cfg, &rules, &bans, geo.as_deref(), &grants),
+            )?;
             Ok(())
         })
         .await
@@ -193,9 +330,29 @@ impl Publisher {
         }
         let mut tick = tokio::time::interval(RECHECK);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut geo_tick = tokio::time::interval(GEO_RECHECK);
+        geo_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
                 _ = stop.cancelled() => break,
+                ok = grants_changed(&mut self.grants) => {
+                    if !ok {
+                        self.grants = None;
+                        continue;
+                    }
+                    let rules = maps.borrow().as_deref().map(rules_for_me).unwrap_or_default();
+                    if let Err(e) = self.update(&rules).await {
+                        tracing::error!(error = %format!("{e:#}"), "applying the nftables ruleset failed");
+                    }
+                }
+                _ = geo_tick.tick(), if self.geo_path.is_some() => {
+                    if self.reload_country_db().await {
+                        let rules = maps.borrow().as_deref().map(rules_for_me).unwrap_or_default();
+                        if let Err(e) = self.update(&rules).await {
+                            tracing::error!(error = %format!("{e:#}"), "applying the nftables ruleset failed");
+                        }
+                    }
+                }
                 ch = maps.changed() => {
                     if ch.is_err() {
                         // The node is gone; stop is coming.
@@ -225,6 +382,14 @@ impl Publisher {
         if let Err(e) = self.remove().await {
             tracing::error!(error = %format!("{e:#}"), "removing the nftables table failed");
         }
+    }
+}
+
+/// Waits for new grants: true on a change, false when the sender is gone (never, without one).
+async fn grants_changed(rx: &mut Option<watch::Receiver<Vec<Grant>>>) -> bool {
+    match rx {
+        Some(r) => r.changed().await.is_ok(),
+        None => std::future::pending().await,
     }
 }
 

@@ -53,6 +53,34 @@ pub struct Guards {
     /// Concurrent connections per source; over it, new connections are dropped.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_conns: Option<u32>,
+    /// Only sources in these countries (ISO 3166-1 alpha-2, upper case) may connect; empty = no
+    /// country rule. A source the exit's country database does not know is dropped (fails
+    /// closed). A source in `allow` is let in whatever its country.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub countries: Vec<String>,
+    /// Sources in these countries are dropped (unless in `allow`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub deny_countries: Vec<String>,
+}
+
+impl Guards {
+    /// Whether the exit needs a country database for these guards.
+    pub fn needs_countries(&self) -> bool {
+        !self.countries.is_empty() || !self.deny_countries.is_empty()
+    }
+}
+
+/// `DE`, `at` → `DE`, `AT` (exactly two ASCII letters): a country code as the guards carry it (ISO 3166-1 alpha-2, upper
+/// case), or an error naming the input and what is accepted.
+pub fn parse_country(s: &str) -> Result<String, String> {
+    let t = s;
+    if t.len() == 2 && t.bytes().all(|b| b.is_ascii_alphabetic()) {
+        Ok(t.to_ascii_uppercase())
+    } else {
+        Err(format!(
+            "invalid country {s:?}: expected a two-letter ISO 3166-1 code such as DE, AT or US"
+        ))
+    }
 }
 
 /// A stored, validated publish rule, as delivered in the map.
@@ -90,6 +118,12 @@ pub struct PublishRequest {
     pub rate_per_minute: Option<u32>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_conns: Option<u32>,
+    /// Allowed countries (two-letter codes); see [`Guards::countries`].
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub country: Vec<String>,
+    /// Denied countries (two-letter codes); see [`Guards::deny_countries`].
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub deny_country: Vec<String>,
 }
 
 fn default_proto() -> String {
@@ -112,5 +146,17 @@ mod tests {
         let q: PublishRequest =
             serde_json::from_str(r#"{"exit":"vps","port":32400,"to":"home:32400"}"#).unwrap();
         assert_eq!(q.proto, "tcp");
+        assert!(!r.guards.needs_countries());
+    }
+
+    #[test]
+    fn country_codes() {
+        assert_eq!(parse_country("de").unwrap(), "DE");
+        for bad in ["", "D", "DEU", "D1", "é1", " DE"] {
+            assert!(
+                parse_country(bad).unwrap_err().contains("two-letter"),
+                "{bad}"
+            );
+        }
     }
 }

@@ -80,7 +80,8 @@ impl Coordinator {
         Ok(key)
     }
 
-    /// `publish add --exit EXIT --port PORT --to TARGET` (tcp); returns what it printed (the rule id).
+    /// `publish add --exit EXIT --port PORT --to TARGET` (tcp); returns what it printed (the rule
+    /// as `publish list` shows it, and where viewers connect).
     pub fn publish(&self, exit: &str, port: u16, to: &str) -> Result<String> {
         self.admin(&[
             "publish",
@@ -199,7 +200,8 @@ impl Lab {
     }
 
     /// Starts `homeport-exit up` in `host` joining `coord` as `hostname` (plus `extra` flags, e.g.
-    /// `--keep-open tcp:22`), and waits until it has a mesh IP.
+    /// `--keep-open tcp:22`), and waits until it has a mesh IP and the coordinator lists it as an
+    /// exit (`homeport-coordinator exits`: publish rules are accepted only then).
     pub fn start_exit(
         &mut self,
         host: &str,
@@ -208,7 +210,7 @@ impl Lab {
         hostname: &str,
         extra: &[&str],
     ) -> Result<Node> {
-        self.start_daemon(
+        let node = self.start_daemon(
             "homeport-exit",
             host,
             coord,
@@ -216,7 +218,23 @@ impl Lab {
             hostname,
             "hpx0",
             extra,
-        )
+        )?;
+        wait_for(
+            &format!("{hostname} to announce itself as an exit"),
+            START_TIMEOUT,
+            || {
+                if let Err(e) = self.check_running(node.proc) {
+                    return Some(Err(e));
+                }
+                let out = coord.admin(&["exits", "--json"]).ok()?;
+                let v: serde_json::Value = serde_json::from_str(&out).ok()?;
+                v.as_array()?
+                    .iter()
+                    .any(|e| e["name"] == hostname)
+                    .then_some(Ok(()))
+            },
+        )??;
+        Ok(node)
     }
 
     #[allow(clippy::too_many_arguments)]

@@ -68,7 +68,7 @@ pub(crate) mod tests;
 use build::*;
 pub use build::{Batch, removal};
 use edge::edge;
-pub use ruleset::ruleset;
+pub use ruleset::{ruleset, ruleset_geo};
 pub use run::*;
 pub use sysctl::*;
 
@@ -207,14 +207,17 @@ pub enum DenyReason {
     Rate,
     MaxConns,
     Banned,
+    /// A country rule (`--country` / `--deny-country`) refused the source.
+    Country,
 }
 
 impl DenyReason {
-    pub const ALL: [DenyReason; 4] = [
+    pub const ALL: [DenyReason; 5] = [
         DenyReason::NotInAllowList,
         DenyReason::Rate,
         DenyReason::MaxConns,
         DenyReason::Banned,
+        DenyReason::Country,
     ];
     /// The verdict as written in the audit log and metrics.
     pub fn as_str(self) -> &'static str {
@@ -223,6 +226,7 @@ impl DenyReason {
             DenyReason::Rate => "rate",
             DenyReason::MaxConns => "max-conns",
             DenyReason::Banned => "banned",
+            DenyReason::Country => "country",
         }
     }
     /// The short token used in chain and meter names.
@@ -232,6 +236,7 @@ impl DenyReason {
             DenyReason::Rate => "rate",
             DenyReason::MaxConns => "conns",
             DenyReason::Banned => "banned",
+            DenyReason::Country => "country",
         }
     }
     fn from_token(t: &str) -> Option<DenyReason> {
@@ -273,6 +278,16 @@ pub struct Skipped {
 /// steal e.g. SSH), and at most one rule per (proto, port) (the lowest id wins). Sorted by id
 /// so the ruleset does not depend on the map's order.
 pub fn plan<'r>(cfg: &NftConfig, rules: &'r [PublishRule]) -> (Vec<&'r PublishRule>, Vec<Skipped>) {
+    plan_geo(cfg, rules, false)
+}
+
+/// [`plan`], where `have_geo` says whether a country database is loaded: without one a rule
+/// with country guards is not installed at all (its port stays closed: failing closed).
+pub fn plan_geo<'r>(
+    cfg: &NftConfig,
+    rules: &'r [PublishRule],
+    have_geo: bool,
+) -> (Vec<&'r PublishRule>, Vec<Skipped>) {
     let mut sorted: Vec<&PublishRule> = rules.iter().collect();
     sorted.sort_by_key(|r| r.id);
     let mut seen = BTreeSet::new();
@@ -301,6 +316,16 @@ pub fn plan<'r>(cfg: &NftConfig, rules: &'r [PublishRule]) -> (Vec<&'r PublishRu
             proto: l4,
             port: r.port,
         };
+        if r.guards.needs_countries() && !have_geo {
+            skipped.push(Skipped {
+                id: r.id,
+                why: format!(
+                    "{spec} has country rules and this exit has no country database (its port stays closed); {}",
+                    crate::geo::COUNTRY_DB_HINT
+                ),
+            });
+            continue;
+        }
         if cfg.keep_open.contains(&spec) {
             skipped.push(Skipped {
                 id: r.id,

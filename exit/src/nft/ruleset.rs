@@ -9,7 +9,20 @@ use super::*;
 /// table being replaced, except bans of allow-listed sources and bans whose probe hit a port
 /// that is now published.
 pub fn ruleset(cfg: &NftConfig, rules: &[PublishRule], bans: &[Ban]) -> Batch {
-    let (rules, _) = plan(cfg, rules);
+    ruleset_geo(cfg, rules, bans, None, &[])
+}
+
+/// [`ruleset`] with a country database (rules with country guards are installed only with one,
+/// see [`plan_geo`]; their countries become interval sets) and invite grants: `(rule, address,
+/// seconds left)`, elements of the rule's invite set that expire in the kernel.
+pub fn ruleset_geo(
+    cfg: &NftConfig,
+    rules: &[PublishRule],
+    bans: &[Ban],
+    geo: Option<&crate::geo::CountryDb>,
+    grants: &[(i64, IpAddr, u32)],
+) -> Batch {
+    let (rules, _) = plan_geo(cfg, rules, geo.is_some());
     let mut b = Builder {
         objs: removal().objects.into_owned(),
     };
@@ -17,6 +30,10 @@ pub fn ruleset(cfg: &NftConfig, rules: &[PublishRule], bans: &[Ban]) -> Batch {
     let nobans = never_banned(&rules);
     ban_sets(&mut b, cfg, &rules, bans, &nobans);
     allow_sets(&mut b, &rules);
+    if let Some(geo) = geo {
+        country_sets(&mut b, &rules, geo);
+    }
+    invite_sets(&mut b, cfg, &rules, grants);
     synproxy(&mut b, cfg, &rules);
     published_base_chains(&mut b, cfg);
     for r in &rules {
@@ -175,6 +192,88 @@ fn allow_sets(b: &mut Builder, rules: &[&PublishRule]) {
     }
 }
 
+fn invite_set(id: i64, v6: bool) -> String {
+    format!("inv{}_{}", if v6 { 6 } else { 4 }, id)
+}
+
+/// Whether a rule decides admission in `adm_<id>`: it has country guards, or an allow-list
+/// (which invites add to).
+fn uses_admission(r: &PublishRule) -> bool {
+    r.guards.needs_countries() || !r.guards.allow.is_empty()
+}
+
+/// Invites: per rule with an admission chain and family, a set of addresses with timeouts (the
+/// grants' time left), so an invited address leaves the allow-list in the kernel when its time
+/// is up.
+fn invite_sets(
+    b: &mut Builder,
+    cfg: &NftConfig,
+    rules: &[&PublishRule],
+    grants: &[(i64, IpAddr, u32)],
+) {
+    for r in rules.iter().filter(|r| uses_admission(r)) {
+        for v6 in [false, true] {
+            let elems: Vec<Expression<'static>> = grants
+                .iter()
+                .filter(|(id, a, secs)| *id == r.id && a.is_ipv6() == v6 && *secs > 0)
+                .map(|(_, a, secs)| elem_timeout(s(a.to_string()), *secs))
+                .collect();
+            b.set(
+                &invite_set(r.id, v6),
+                addr_type(v6),
+                SetFlag::Timeout,
+                None,
+                Some(cfg.set_size.max(1)),
+                (!elems.is_empty()).then_some(elems),
+            );
+        }
+    }
+}
+
+fn country_set(id: i64, deny: bool, v6: bool) -> String {
+    format!(
+        "geo{}{}_{}",
+        if deny { "d" } else { "a" },
+        if v6 { 6 } else { 4 },
+        id
+    )
+}
+
+/// Country rules: per rule and family one interval set with every network of its allowed
+/// (`geoa`) or denied (`geod`) countries, from the country database.
+fn country_sets(b: &mut Builder, rules: &[&PublishRule], geo: &crate::geo::CountryDb) {
+    for r in rules {
+        for (deny, codes) in [
+            (false, &r.guards.countries),
+            (true, &r.guards.deny_countries),
+        ] {
+            if codes.is_empty() {
+                continue;
+            }
+            let (v4, v6) = geo.nets(codes);
+            for fam6 in [false, true] {
+                let elems: Vec<Expression<'static>> = if fam6 {
+                    v6.iter()
+                        .map(|n| prefix_elem(&ipnet::IpNet::V6(*n)))
+                        .collect()
+                } else {
+                    v4.iter()
+                        .map(|n| prefix_elem(&ipnet::IpNet::V4(*n)))
+                        .collect()
+                };
+                b.set(
+                    &country_set(r.id, deny, fam6),
+                    addr_type(fam6),
+                    SetFlag::Interval,
+                    None,
+                    None,
+                    (!elems.is_empty()).then_some(elems),
+                );
+            }
+        }
+    }
+}
+
 /// SYN proxy: bare SYNs to published TCP ports are not tracked; the kernel answers them with a
 /// SYN cookie before any state exists.
 fn synproxy(b: &mut Builder, cfg: &NftConfig, rules: &[&PublishRule]) {
@@ -285,6 +384,7 @@ fn guards(b: &mut Builder, r: &PublishRule, l4: L4) {
         (DenyReason::NotInAllowList, !g.allow.is_empty()),
         (DenyReason::Rate, g.rate_per_minute.is_some()),
         (DenyReason::MaxConns, g.max_conns.is_some()),
+        (DenyReason::Country, g.needs_countries()),
     ];
     for (reason, _) in used.into_iter().filter(|u| u.1) {
         let dc = deny_chain(reason, r.id);
@@ -309,20 +409,9 @@ fn guards(b: &mut Builder, r: &PublishRule, l4: L4) {
         let set = if v6 { "@banned6" } else { "@banned4" };
         b.rule(&pc, vec![eq(saddr(v6), s(set)), deny(DenyReason::Banned)]);
     }
-    if !r.guards.allow.is_empty() {
-        for v6 in [false, true] {
-            b.rule(
-                &pc,
-                vec![
-                    m(
-                        saddr(v6),
-                        Operator::NEQ,
-                        s(format!("@{}", allow_set(r.id, v6))),
-                    ),
-                    deny(DenyReason::NotInAllowList),
-                ],
-            );
-        }
+    // Who may connect at all: allow-list, invites, countries (see `admission`).
+    if uses_admission(r) {
+        admission(b, r, &pc);
     }
     // The limits only concern new connections.
     b.rule(
@@ -333,6 +422,69 @@ fn guards(b: &mut Builder, r: &PublishRule, l4: L4) {
         ],
     );
     limits(b, r, &pc);
+}
+
+/// Who may connect to a rule with an allow-list or country guards, in this order (`adm_<id>`,
+/// jumped to from `pub_<id>` for every packet, so a change cuts running flows too): a source in
+/// the allow-list or invited (`inv4/6_<id>`, elements with timeouts) passes whatever its
+/// country; a source in a denied country is dropped; with allowed countries,
+/// a source outside them is dropped, including one the database does not know (fails closed);
+/// without allowed countries but with an allow-list, everyone else is dropped as before.
+fn admission(b: &mut Builder, r: &PublishRule, pc: &str) {
+    let g = &r.guards;
+    let ac = format!("adm_{}", r.id);
+    b.chain(&ac, None);
+    b.rule(pc, vec![jump(ac.clone())]);
+    let deny = |reason: DenyReason| jump(deny_chain(reason, r.id));
+    if !g.allow.is_empty() {
+        for v6 in [false, true] {
+            b.rule(
+                &ac,
+                vec![
+                    eq(saddr(v6), s(format!("@{}", allow_set(r.id, v6)))),
+                    Statement::Return(None),
+                ],
+            );
+        }
+    }
+    // Invited addresses count as allow-listed.
+    for v6 in [false, true] {
+        b.rule(
+            &ac,
+            vec![
+                eq(saddr(v6), s(format!("@{}", invite_set(r.id, v6)))),
+                Statement::Return(None),
+            ],
+        );
+    }
+    if !g.deny_countries.is_empty() {
+        for v6 in [false, true] {
+            b.rule(
+                &ac,
+                vec![
+                    eq(saddr(v6), s(format!("@{}", country_set(r.id, true, v6)))),
+                    deny(DenyReason::Country),
+                ],
+            );
+        }
+    }
+    if !g.countries.is_empty() {
+        for v6 in [false, true] {
+            b.rule(
+                &ac,
+                vec![
+                    m(
+                        saddr(v6),
+                        Operator::NEQ,
+                        s(format!("@{}", country_set(r.id, false, v6))),
+                    ),
+                    deny(DenyReason::Country),
+                ],
+            );
+        }
+    } else if !g.allow.is_empty() {
+        b.rule(&ac, vec![deny(DenyReason::NotInAllowList)]);
+    }
 }
 
 /// One rule's limits on new connections, in `pc` (its `pub_<id>` chain): each lets a connection

@@ -48,6 +48,7 @@ pub(crate) fn sample() -> Vec<PublishRule> {
                 ],
                 rate_per_minute: Some(30),
                 max_conns: Some(8),
+                ..Guards::default()
             },
         ),
         rule(9, PublishProto::Udp, 5353, Guards::default()),
@@ -190,10 +191,15 @@ fn guards_allow_rate_conns() {
     // Rule 9 has no allow-list: no set, no check.
     assert!(set_named(&v, "allow4_9").is_none());
     let p = rules_of(&v, "pub_7");
+    // The allow-list is checked in the admission chain (with the invited addresses): listed
+    // sources return, everyone else is denied as not-in-allow-list.
+    let adm = rules_of(&v, "adm_7");
+    assert!(p.iter().any(|e| e.to_string().contains("adm_7")), "{p:?}");
+    assert!(adm[0].to_string().contains("@allow4_7"), "{adm:?}");
+    assert!(adm[2].to_string().contains("@inv4_7"), "{adm:?}");
     assert!(
-        has(&p, serde_json::json!({"op": "!=", "right": "@allow4_7"}))
-            || has(&p, serde_json::json!({"right": "@allow4_7", "op": "!="}))
-            || p.iter().any(|e| e.to_string().contains("@allow4_7"))
+        adm.last().unwrap().to_string().contains("deny_allow_7"),
+        "{adm:?}"
     );
     assert!(
         has(
@@ -515,6 +521,7 @@ fn lab_publish() {
         allow: allow.iter().map(|a| a.parse().unwrap()).collect(),
         rate_per_minute: rate,
         max_conns: conns,
+        ..Guards::default()
     };
     let rules = vec![
         rule(
@@ -676,4 +683,63 @@ fn lab_publish() {
     remove(&exec).unwrap();
     remove(&exec).unwrap();
     assert!(!table_exists(&exec).unwrap());
+}
+
+/// Issue 16: a rule with country guards is not installed without a country database (its port
+/// stays closed) and the reason says where to get one; with one, its countries become interval
+/// sets and `adm_<id>` checks the allow-list first, then the countries, failing closed.
+#[test]
+fn country_rules_need_a_database_and_compile_to_interval_sets() {
+    let de = Guards {
+        countries: vec!["DE".into()],
+        allow: vec!["203.0.113.2/32".parse().unwrap()],
+        ..Guards::default()
+    };
+    let rules = vec![rule(3, PublishProto::Tcp, 32400, de)];
+    let (ok, skipped) = plan(&cfg(), &rules);
+    assert!(ok.is_empty());
+    assert!(skipped[0].why.contains("no country database") && skipped[0].why.contains("GeoLite2"));
+    assert!(
+        !json(&ruleset(&cfg(), &rules, &[]))
+            .to_string()
+            .contains("32400")
+    );
+    if !crate::geo::tests::have_writer() {
+        assert!(
+            std::env::var("CI").as_deref() != Ok("true"),
+            "mmdb-writer missing: run deploy/setup.sh"
+        );
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("c.mmdb");
+    crate::geo::tests::write_test_db(&p, &[]).unwrap();
+    let db = crate::geo::CountryDb::load(&p).unwrap();
+    let grants = [(3, ip("192.0.2.200"), 3600)];
+    let v = json(&ruleset_geo(&cfg(), &rules, &[], Some(&db), &grants));
+    let s4 = set_named(&v, "geoa4_3").expect("the v4 country set");
+    assert_eq!(s4["flags"], serde_json::json!(["interval"]), "{s4}");
+    assert!(s4.to_string().contains("192.0.2.0"), "{s4}");
+    assert!(
+        set_named(&v, "geoa6_3")
+            .unwrap()
+            .to_string()
+            .contains("2001:db8:1::")
+    );
+    let adm = rules_of(&v, "adm_3");
+    // allow-list (v4, v6) → return; then not in the country set (v4, v6) → deny country.
+    // allow-list (v4, v6) → return; invited (v4, v6) → return; then not in the country set
+    // (v4, v6) → deny country.
+    assert_eq!(adm.len(), 6, "{adm:#?}");
+    assert!(adm[0].to_string().contains("@allow4_3") && adm[0].to_string().contains("return"));
+    assert!(adm[2].to_string().contains("@inv4_3") && adm[2].to_string().contains("return"));
+    assert!(
+        adm[4].to_string().contains("@geoa4_3") && adm[4].to_string().contains("deny_country_3")
+    );
+    assert!(adm[4].to_string().contains("\"!=\""), "{}", adm[4]);
+    let inv = set_named(&v, "inv4_3").unwrap();
+    assert!(
+        inv.to_string().contains("192.0.2.200") && inv.to_string().contains("3600"),
+        "{inv}"
+    );
 }
