@@ -150,7 +150,12 @@ else
   (cd "$browser_dir" && npm ci --no-audit --no-fund --loglevel=error) || die "npm ci in $browser_dir failed"
 fi
 # mmdb-writer for the country-rule tests (tests/tests/exit.rs, exit/src/geo.rs), pinned, in its own virtualenv.
-mw_installed() { "$MMDB_WRITER_VENV/bin/pip" show mmdb-writer 2>/dev/null | grep -qx "Version: $MMDB_WRITER_VERSION"; }
+# (sed reads pip's whole output: `grep -q` would stop early, pip would die of SIGPIPE, and under
+# pipefail the check would fail on an installed package.)
+mw_installed() {
+  [ -x "$MMDB_WRITER_VENV/bin/pip" ] &&
+    [ "$("$MMDB_WRITER_VENV/bin/pip" show mmdb-writer 2>/dev/null | sed -n 's/^Version: //p')" = "$MMDB_WRITER_VERSION" ]
+}
 if mw_installed; then
   log "mmdb-writer: $MMDB_WRITER_VERSION"
 else
