@@ -142,6 +142,24 @@ async fn next_id(tx: &mut Transaction<'_, Any>, table: &str) -> Result<i64, sqlx
     row.try_get("last")
 }
 
+/// Ends a transaction the way its body went: commit on success, an explicit rollback on failure.
+/// A transaction that is only dropped rolls back lazily, when its connection is next used; on
+/// SQLite it keeps the write lock until then, and the next writer gets "database is locked".
+async fn finish<T>(tx: Transaction<'_, Any>, r: StoreResult<T>) -> StoreResult<T> {
+    match r {
+        Ok(v) => {
+            tx.commit().await?;
+            Ok(v)
+        }
+        Err(e) => {
+            if let Err(rb) = tx.rollback().await {
+                tracing::warn!(error = %rb, "rollback failed");
+            }
+            Err(e)
+        }
+    }
+}
+
 impl Store {
     /// Connects and migrates. A SQLite file is created if missing and switched to WAL.
     pub async fn open(url: &str) -> anyhow::Result<Store> {
@@ -272,13 +290,35 @@ impl Store {
         prefix_v6: Ipv6Net,
         previous_ipv4: Option<Ipv4Addr>,
     ) -> StoreResult<Registered> {
-        let now = now();
         let mut tx = self.pool.begin().await?;
+        let r = Self::register_in(
+            &mut tx,
+            authkey,
+            public_key,
+            name,
+            prefix_v4,
+            prefix_v6,
+            previous_ipv4,
+        )
+        .await;
+        finish(tx, r).await
+    }
+
+    async fn register_in(
+        tx: &mut Transaction<'_, Any>,
+        authkey: &str,
+        public_key: PublicKey,
+        name: NodeName,
+        prefix_v4: Ipv4Net,
+        prefix_v6: Ipv6Net,
+        previous_ipv4: Option<Ipv4Addr>,
+    ) -> StoreResult<Registered> {
+        let now = now();
         let key = sqlx::query(
             "SELECT id, prefix, reusable, tags, created_at, expires_at, used, revoked, max_uses, uses FROM authkeys WHERE hash = $1",
         )
         .bind(homeport_proto::api::token_hash(authkey))
-        .fetch_optional(&mut *tx)
+        .fetch_optional(&mut **tx)
         .await?;
         let Some(key) = key else {
             return Err(StoreError::KeyRefused(
@@ -307,7 +347,7 @@ impl Store {
                   OR (max_uses IS NULL AND (reusable = 1 OR used = 0)))",
         )
         .bind(key.id)
-        .execute(&mut *tx)
+        .execute(&mut **tx)
         .await?;
         if claimed.rows_affected() == 0 {
             return Err(StoreError::KeyRefused(match key.max_uses {
@@ -329,7 +369,7 @@ impl Store {
             "SELECT {NODE_COLS} FROM nodes WHERE public_key = $1"
         ))
         .bind(public_key.to_base64())
-        .fetch_optional(&mut *tx)
+        .fetch_optional(&mut **tx)
         .await?;
         let existing = existing_row.is_some();
         let node = if let Some(row) = existing_row {
@@ -339,19 +379,19 @@ impl Store {
             sqlx::query("UPDATE nodes SET credential_hash = $1 WHERE id = $2")
                 .bind(&cred_hash)
                 .bind(n.id.0)
-                .execute(&mut *tx)
+                .execute(&mut **tx)
                 .await?;
             n
         } else {
             let names: BTreeSet<String> = sqlx::query("SELECT name FROM nodes")
-                .fetch_all(&mut *tx)
+                .fetch_all(&mut **tx)
                 .await?
                 .iter()
                 .map(|r| r.try_get::<String, _>("name"))
                 .collect::<Result<_, _>>()?;
             let name = unique_name(&name, &names);
             let used: BTreeSet<Ipv4Addr> = sqlx::query("SELECT ipv4 FROM nodes")
-                .fetch_all(&mut *tx)
+                .fetch_all(&mut **tx)
                 .await?
                 .iter()
                 .filter_map(|r| r.try_get::<String, _>("ipv4").ok()?.parse().ok())
@@ -365,7 +405,7 @@ impl Store {
                         "the mesh prefix {prefix_v4} has no free address left"
                     ))
                 })?;
-            let id = next_id(&mut tx, "nodes").await?;
+            let id = next_id(tx, "nodes").await?;
             sqlx::query(
                 "INSERT INTO nodes (id, name, public_key, ipv4, ipv6, tags, credential_hash, authkey_id, created_at, last_seen, endpoints) \
                  VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, NULL, $10)",
@@ -380,7 +420,7 @@ impl Store {
             .bind(key.id)
             .bind(now)
             .bind("[]")
-            .execute(&mut *tx)
+            .execute(&mut **tx)
             .await?;
             NodeRec {
                 id: NodeId(id),
@@ -394,7 +434,6 @@ impl Store {
                 online: false,
             }
         };
-        tx.commit().await?;
         Ok(Registered {
             node,
             credential,
@@ -473,15 +512,23 @@ impl Store {
     }
 
     /// Stores a validated rule (its `id` is assigned here). 409 on a duplicate (exit, port, proto).
-    pub async fn add_publish(&self, mut rule: PublishRule) -> StoreResult<PublishRule> {
+    pub async fn add_publish(&self, rule: PublishRule) -> StoreResult<PublishRule> {
         let mut tx = self.pool.begin().await?;
+        let r = Self::add_publish_in(&mut tx, rule).await;
+        finish(tx, r).await
+    }
+
+    async fn add_publish_in(
+        tx: &mut Transaction<'_, Any>,
+        mut rule: PublishRule,
+    ) -> StoreResult<PublishRule> {
         let dup = sqlx::query(
             "SELECT id FROM publish_rules WHERE exit_id = $1 AND port = $2 AND proto = $3",
         )
         .bind(rule.exit.0)
         .bind(rule.port as i64)
         .bind(rule.proto.as_str())
-        .fetch_optional(&mut *tx)
+        .fetch_optional(&mut **tx)
         .await?;
         if let Some(d) = dup {
             let other: i64 = d.try_get("id")?;
@@ -492,7 +539,7 @@ impl Store {
                 rule.exit_name
             )));
         }
-        let id = next_id(&mut tx, "publish_rules").await?;
+        let id = next_id(tx, "publish_rules").await?;
         sqlx::query(
             "INSERT INTO publish_rules (id, exit_id, port, proto, target_id, target_port, guards, created_at) \
              VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
@@ -505,9 +552,8 @@ impl Store {
         .bind(rule.target_port as i64)
         .bind(serde_json::to_string(&rule.guards)?)
         .bind(now())
-        .execute(&mut *tx)
+        .execute(&mut **tx)
         .await?;
-        tx.commit().await?;
         rule.id = id;
         Ok(rule)
     }

@@ -1826,6 +1826,7 @@ async fn status_reports_make_the_overview() {
     let key = t.authkey(json!({"reusable": true})).await;
     let vps = t.register(&key, "vps").await;
     let home = t.register(&key, "home").await;
+    t.announce_exit(&vps.credential, None).await;
     let (s, v) = t
         .admin(
             Method::POST,
