@@ -359,7 +359,7 @@ impl Drop for StreamGuard {
 }
 
 struct StreamState {
-    rx: tokio::sync::mpsc::Receiver<MapMessage>,
+    session: std::sync::Arc<crate::session::Session>,
     keepalive: tokio::time::Interval,
     last_version: u64,
     _guard: StreamGuard,
@@ -385,7 +385,7 @@ async fn map_stream(State(st): State<AppState>, NodeAuth(id): NodeAuth) -> ApiRe
     );
     keepalive.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let state = StreamState {
-        rx: conn.rx,
+        session: conn.session,
         keepalive,
         last_version: 0,
         _guard: StreamGuard {
@@ -396,7 +396,8 @@ async fn map_stream(State(st): State<AppState>, NodeAuth(id): NodeAuth) -> ApiRe
     };
     let body = futures::stream::unfold(state, |mut s| async move {
         let msg = tokio::select! {
-            m = s.rx.recv() => m?,
+            // Whatever piled up while the connection was busy leaves as one merged message.
+            m = s.session.next() => m?,
             _ = s.keepalive.tick() => MapMessage { version: s.last_version, ..Default::default() },
         };
         s.last_version = s.last_version.max(msg.version);
