@@ -575,8 +575,10 @@ async fn main() -> Result<()> {
     let hub_cred = regs[0].cred.clone();
     let d = propagate(&sh, a.addr, base.clone(), &hub_cred, 40001, timeout).await?;
     let concerned = d.len();
-    // Streams read for 5 s more: no cut may happen to a reading node.
-    tokio::time::sleep(Duration::from_secs(5)).await;
+    // Streams read for 12 s more: no cut may happen to a reading node. Then the resident size
+    // of the coordinator holding every stream, settled.
+    tokio::time::sleep(Duration::from_secs(12)).await;
+    let (rss_held, _, _) = proc_usage(a.pid);
     let cuts_before_storm = sh.cuts.load(Ordering::Relaxed);
 
     // The storm: every stream dropped at once.
@@ -601,7 +603,7 @@ async fn main() -> Result<()> {
     let (rss, peak, cpu) = proc_usage(a.pid);
     println!(
         "N={n} policy={} registrations/s={reg_s:.0} full_map_all_s={full_s:.2} propagation_s(streams={concerned}) p50={:.3} p99={:.3} max={:.3} \
-         rss_mb={rss:.0} peak_rss_mb={peak:.0} cpu_s={cpu:.1} cuts={cuts_before_storm} failed_connects={} storm_full_s={storm_full:.2} storm_current_s={storm_s:.2} load_before={load_before}",
+         rss_mb={rss_held:.0} rss_after_storm_mb={rss:.0} peak_rss_mb={peak:.0} cpu_s={cpu:.1} cuts={cuts_before_storm} failed_connects={} storm_full_s={storm_full:.2} storm_current_s={storm_s:.2} load_before={load_before}",
         a.policy,
         pct(&d, 0.5),
         pct(&d, 0.99),

@@ -346,14 +346,7 @@ impl Drop for StreamGuard {
         let ended = self.state.mesh().disconnect(self.id, self.generation, at);
         if ended {
             tracing::info!(node = %self.id, "map stream closed");
-            if let Ok(h) = tokio::runtime::Handle::try_current() {
-                let st = self.state.clone();
-                let id = self.id;
-                h.spawn(async move {
-                    let _w = st.write_lock.lock().await;
-                    let _ = st.store.touch(id, at).await;
-                });
-            }
+            self.state.note_seen(self.id, at);
         }
     }
 }
@@ -371,13 +364,7 @@ async fn map_stream(State(st): State<AppState>, NodeAuth(id): NodeAuth) -> ApiRe
         .mesh()
         .connect(id, at)
         .ok_or_else(|| ApiErr::unauthorized("the node was removed"))?;
-    {
-        let _w = st.write_lock.lock().await;
-        if let Err(e) = st.store.touch(id, at).await {
-            // last_seen is informational; the stream is what matters.
-            tracing::warn!(node = %id, error = %e, "cannot store last_seen");
-        }
-    }
+    st.note_seen(id, at);
     tracing::info!(node = %id, "map stream opened");
     let mut keepalive = tokio::time::interval_at(
         tokio::time::Instant::now() + KEEPALIVE_EVERY,

@@ -401,6 +401,20 @@ impl Store {
         Ok(())
     }
 
+    /// Stores many last_seen times in one transaction (a reconnect storm is thousands).
+    pub async fn touch_many(&self, seen: &[(NodeId, i64)]) -> ApiResult<()> {
+        let mut tx = self.pool.begin().await?;
+        for (id, at) in seen {
+            sqlx::query("UPDATE nodes SET last_seen = $1 WHERE id = $2")
+                .bind(*at)
+                .bind(id.0)
+                .execute(&mut *tx)
+                .await?;
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
     /// Deletes a node and the publish rules it takes part in. False when there was no such node.
     pub async fn remove_node(&self, id: NodeId) -> ApiResult<bool> {
         let mut tx = self.pool.begin().await?;
