@@ -125,8 +125,18 @@ struct Stream {
     session: Arc<Session>,
     generation: u64,
     /// What this stream was last told, to send a filter/publish delta only when it changed.
-    filter: PacketFilter,
+    /// The filter as a SHA-256 digest: a node's filter lists every source address that may
+    /// reach it, kilobytes per stream that would sit here for nothing.
+    filter: FilterDigest,
     publish: Vec<PublishRule>,
+}
+
+type FilterDigest = [u8; 32];
+
+fn filter_digest(f: &PacketFilter) -> FilterDigest {
+    use sha2::Digest;
+    let bytes = serde_json::to_vec(f).unwrap_or_default();
+    sha2::Sha256::digest(&bytes).into()
 }
 
 /// The in-memory mesh and the open streams. Guarded by one mutex in [`crate::state::AppState`];
@@ -397,9 +407,10 @@ impl Mesh {
                 continue;
             }
             let f = self.filter_for(n);
+            let digest = filter_digest(&f);
             let s = self.streams.get_mut(&id).expect("checked above");
-            if s.filter != f {
-                s.filter = f.clone();
+            if s.filter != digest {
+                s.filter = digest;
                 msgs.entry(id)
                     .or_insert_with(|| MapMessage {
                         version,
@@ -682,7 +693,7 @@ impl Mesh {
         let stream = Stream {
             session: session.clone(),
             generation,
-            filter: full.filter.clone().unwrap_or_else(PacketFilter::allow_all),
+            filter: filter_digest(full.filter.as_ref().unwrap_or(&PacketFilter::allow_all())),
             publish: full.publish.clone().unwrap_or_default(),
         };
         session.push(full);
