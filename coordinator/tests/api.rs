@@ -423,6 +423,73 @@ async fn single_use_key_survives_a_16_way_race_on_postgres() {
     race_16_registrations_for_one_single_use_key(&setup_on(dir, url, None).await).await;
 }
 
+/// Two coordinator replicas sharing one PostgreSQL database (the high-availability setup) race
+/// 16 registrations, 8 on each, for one single-use key: exactly one node is created. Each replica
+/// issues its own challenges, so each node asks the replica it registers with.
+#[tokio::test]
+async fn single_use_key_stays_single_use_when_two_replicas_race_on_postgres() {
+    let Some(pg) = ThrowawayPostgres::start() else {
+        return;
+    };
+    let url = fresh_postgres_db(&pg.url()).await;
+    let a = setup_on(tempfile::tempdir().unwrap(), url.clone(), None).await;
+    let (st_b, first_b) = AppState::open(StateOptions {
+        database_url: url,
+        prefix_v4: None,
+        prefix_v6: None,
+        relays: vec![],
+        identity: None,
+    })
+    .await
+    .unwrap();
+    assert!(
+        first_b.admin_token.is_none(),
+        "the second replica uses the admin token the first one stored"
+    );
+    let b = T {
+        _dir: tempfile::tempdir().unwrap(),
+        st: st_b,
+        admin_token: a.admin_token.clone(),
+    };
+    let key = a.authkey(json!({})).await;
+    let mut racers = vec![];
+    for i in 0..16 {
+        let t = if i % 2 == 0 { &a } else { &b };
+        let body = t
+            .proven(&key, &PrivateKey::generate(), &format!("n{i}"))
+            .await;
+        racers.push((t.st.clone(), serde_json::to_value(body).unwrap()));
+    }
+    let tasks: Vec<_> = racers
+        .into_iter()
+        .map(|(st, body)| {
+            tokio::spawn(async move {
+                send(
+                    app(st),
+                    req(Method::POST, api::PATH_REGISTER, None, Some(body)),
+                )
+                .await
+            })
+        })
+        .collect();
+    let mut ok = 0;
+    for h in tasks {
+        let (s, v) = h.await.unwrap();
+        if s == StatusCode::OK {
+            ok += 1;
+        } else {
+            assert_eq!(s, StatusCode::UNAUTHORIZED, "{v}");
+            assert!(
+                v["detail"].as_str().unwrap().contains("already used"),
+                "{v}"
+            );
+        }
+    }
+    assert_eq!(ok, 1, "one registration across both replicas");
+    assert_eq!(a.st.store.load_nodes().await.unwrap().len(), 1);
+    assert_eq!(b.st.store.load_nodes().await.unwrap().len(), 1);
+}
+
 async fn fresh_postgres_db(base: &str) -> String {
     use rand::Rng;
     sqlx::any::install_default_drivers();
