@@ -383,20 +383,13 @@ impl Drop for StreamGuard {
         let ended = self.state.mesh().disconnect(self.id, self.generation, at);
         if ended {
             tracing::info!(node = %self.id, "map stream closed");
-            if let Ok(h) = tokio::runtime::Handle::try_current() {
-                let st = self.state.clone();
-                let id = self.id;
-                h.spawn(async move {
-                    let _w = st.write_lock.lock().await;
-                    let _ = st.store.touch(id, at).await;
-                });
-            }
+            self.state.note_seen(self.id, at);
         }
     }
 }
 
 struct StreamState {
-    rx: tokio::sync::mpsc::Receiver<MapMessage>,
+    session: std::sync::Arc<crate::session::Session>,
     keepalive: tokio::time::Interval,
     last_version: u64,
     _guard: StreamGuard,
@@ -408,13 +401,7 @@ async fn map_stream(State(st): State<AppState>, NodeAuth(id): NodeAuth) -> ApiRe
         .mesh()
         .connect(id, at)
         .ok_or_else(|| ApiErr::unauthorized("the node was removed"))?;
-    {
-        let _w = st.write_lock.lock().await;
-        if let Err(e) = st.store.touch(id, at).await {
-            // last_seen is informational; the stream is what matters.
-            tracing::warn!(node = %id, error = %e, "cannot store last_seen");
-        }
-    }
+    st.note_seen(id, at);
     tracing::info!(node = %id, "map stream opened");
     let mut keepalive = tokio::time::interval_at(
         tokio::time::Instant::now() + KEEPALIVE_EVERY,
@@ -422,7 +409,7 @@ async fn map_stream(State(st): State<AppState>, NodeAuth(id): NodeAuth) -> ApiRe
     );
     keepalive.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let state = StreamState {
-        rx: conn.rx,
+        session: conn.session,
         keepalive,
         last_version: 0,
         _guard: StreamGuard {
@@ -433,7 +420,8 @@ async fn map_stream(State(st): State<AppState>, NodeAuth(id): NodeAuth) -> ApiRe
     };
     let body = futures::stream::unfold(state, |mut s| async move {
         let msg = tokio::select! {
-            m = s.rx.recv() => m?,
+            // Whatever piled up while the connection was busy leaves as one merged message.
+            m = s.session.next() => m?,
             _ = s.keepalive.tick() => MapMessage { version: s.last_version, ..Default::default() },
         };
         s.last_version = s.last_version.max(msg.version);

@@ -2,8 +2,15 @@
 //!
 //! The database is the source of truth; every mutation is committed there first and then applied
 //! here, which computes the deltas for exactly the nodes the change concerns and pushes them to
-//! their open streams. Nothing here does IO; sending is a non-blocking `try_send`.
+//! their open streams. Nothing here does IO; sending merges into the stream's
+//! [`Session`](crate::session::Session), which never blocks and never cuts a slow reader.
+//!
+//! Maps are trimmed by the policy: a node's map holds the peers it may reach or that may reach
+//! it, plus the other party of every publish rule it is exit or target of; with no policy,
+//! everyone. A change of node X goes only to the streams of nodes whose map holds X.
 
+use crate::reach::Reach;
+use crate::session::Session;
 use homeport_proto::filter::{FilterRule, PacketFilter, PortRange, Proto};
 use homeport_proto::map::{
     Endpoint, MapMessage, MeshAddrs, Peer, ProbeRequest, RelayInfo, SelfNode,
@@ -13,11 +20,7 @@ use homeport_proto::publish::PublishRule;
 use homeport_proto::{NodeId, NodeName, PublicKey};
 use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 use std::collections::{BTreeMap, BTreeSet, HashMap};
-use tokio::sync::mpsc;
-
-/// Messages queued per stream before the stream counts as stuck. A stuck stream is closed; the
-/// node reconnects and gets a fresh full map, which is cheaper than buffering without bound.
-pub const STREAM_QUEUE: usize = 256;
+use std::sync::Arc;
 
 /// A registered node as the coordinator knows it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -118,37 +121,22 @@ pub fn compile_filter<'a>(
     }
 }
 
-/// The registered nodes whose filter may change when node `n` appears, disappears or changes
-/// tags: those matched by `to` of a rule whose `from` matches `n`, plus `n` itself.
-fn filter_dependents(
-    policy: Option<&Policy>,
-    nodes: &BTreeMap<NodeId, NodeRec>,
-    n: &NodeRec,
-) -> BTreeSet<NodeId> {
-    let mut out = BTreeSet::new();
-    out.insert(n.id);
-    let Some(policy) = policy else { return out };
-    for rule in &policy.rules {
-        if !any_matches(&rule.from, n) {
-            continue;
-        }
-        for m in nodes.values() {
-            if any_matches(&rule.to, m) {
-                out.insert(m.id);
-            }
-        }
-    }
-    out
-}
-
 struct Stream {
-    /// None once the stream was cut for not keeping up: the node gets what is queued, then EOF,
-    /// and the slot stays until the stream's guard reports the end (which marks it offline).
-    tx: Option<mpsc::Sender<MapMessage>>,
+    session: Arc<Session>,
     generation: u64,
     /// What this stream was last told, to send a filter/publish delta only when it changed.
-    filter: PacketFilter,
+    /// The filter as a SHA-256 digest: a node's filter lists every source address that may
+    /// reach it, kilobytes per stream that would sit here for nothing.
+    filter: FilterDigest,
     publish: Vec<PublishRule>,
+}
+
+type FilterDigest = [u8; 32];
+
+fn filter_digest(f: &PacketFilter) -> FilterDigest {
+    use sha2::Digest;
+    let bytes = serde_json::to_vec(f).unwrap_or_default();
+    sha2::Sha256::digest(&bytes).into()
 }
 
 /// The in-memory mesh and the open streams. Guarded by one mutex in [`crate::state::AppState`];
@@ -159,7 +147,11 @@ pub struct Mesh {
     pub relays: Vec<RelayInfo>,
     nodes: BTreeMap<NodeId, NodeRec>,
     policy: Option<Policy>,
+    /// The policy indexed by rule membership.
+    reach: Reach,
     publish: BTreeMap<i64, PublishRule>,
+    /// The other parties of each node's publish rules: they see each other whatever the policy.
+    publish_partners: HashMap<NodeId, BTreeSet<NodeId>>,
     streams: HashMap<NodeId, Stream>,
     version: u64,
     next_generation: u64,
@@ -169,8 +161,15 @@ pub struct Mesh {
 
 /// What a connecting stream gets back.
 pub struct Connected {
-    pub rx: mpsc::Receiver<MapMessage>,
+    pub session: Arc<Session>,
     pub generation: u64,
+}
+
+/// Who a change goes to: everyone, or exactly these nodes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Audience {
+    Everyone,
+    Only(BTreeSet<NodeId>),
 }
 
 impl Mesh {
@@ -185,18 +184,66 @@ impl Mesh {
         publish: Vec<PublishRule>,
         start_version: u64,
     ) -> Mesh {
-        Mesh {
+        let nodes: BTreeMap<NodeId, NodeRec> = nodes.into_iter().map(|n| (n.id, n)).collect();
+        let policy = policy.filter(|p| !p.rules.is_empty());
+        let reach = Reach::new(policy.as_ref(), nodes.values());
+        let mut m = Mesh {
             prefix_v4,
             prefix_v6,
             relays,
-            nodes: nodes.into_iter().map(|n| (n.id, n)).collect(),
-            policy: policy.filter(|p| !p.rules.is_empty()),
+            nodes,
+            policy,
+            reach,
             publish: publish.into_iter().map(|r| (r.id, r)).collect(),
+            publish_partners: HashMap::new(),
             streams: HashMap::new(),
             version: start_version,
             next_generation: 1,
             relay: None,
+        };
+        m.index_publish();
+        m
+    }
+
+    fn index_publish(&mut self) {
+        self.publish_partners.clear();
+        for r in self.publish.values() {
+            self.publish_partners
+                .entry(r.exit)
+                .or_default()
+                .insert(r.target);
+            self.publish_partners
+                .entry(r.target)
+                .or_default()
+                .insert(r.exit);
         }
+    }
+
+    /// The peers in `id`'s map (itself excluded): Everyone with no policy.
+    fn audience(&self, id: NodeId) -> Audience {
+        match self.reach.partners(id) {
+            None => Audience::Everyone,
+            Some(mut s) => {
+                if let Some(p) = self.publish_partners.get(&id) {
+                    s.extend(p.iter().copied());
+                }
+                s.remove(&id);
+                s.retain(|x| self.nodes.contains_key(x));
+                Audience::Only(s)
+            }
+        }
+    }
+
+    /// True when `a`'s map holds `b` (and so `b`'s holds `a`).
+    pub fn sees(&self, a: NodeId, b: NodeId) -> bool {
+        a != b
+            && self.nodes.contains_key(&a)
+            && self.nodes.contains_key(&b)
+            && (self.reach.may_talk(a, b)
+                || self
+                    .publish_partners
+                    .get(&a)
+                    .is_some_and(|p| p.contains(&b)))
     }
 
     /// Connects the relay: from now on it serves exactly the registered nodes.
@@ -241,7 +288,7 @@ impl Mesh {
     }
 
     fn filter_for(&self, n: &NodeRec) -> PacketFilter {
-        compile_filter(self.policy.as_ref(), self.nodes.values(), n)
+        self.reach.filter_for(n.id)
     }
 
     fn publish_for(&self, id: NodeId) -> Vec<PublishRule> {
@@ -270,12 +317,19 @@ impl Mesh {
             version: self.version,
             full: true,
             self_node: Some(self.self_node(n)),
-            peers: self
-                .nodes
-                .values()
-                .filter(|p| p.id != n.id)
-                .map(NodeRec::peer)
-                .collect(),
+            peers: match self.audience(n.id) {
+                Audience::Everyone => self
+                    .nodes
+                    .values()
+                    .filter(|p| p.id != n.id)
+                    .map(NodeRec::peer)
+                    .collect(),
+                Audience::Only(ids) => ids
+                    .iter()
+                    .filter_map(|id| self.nodes.get(id))
+                    .map(NodeRec::peer)
+                    .collect(),
+            },
             peers_removed: vec![],
             filter: Some(self.filter_for(n)),
             publish: Some(self.publish_for(n.id)),
@@ -284,43 +338,65 @@ impl Mesh {
         }
     }
 
-    /// Sends `msg` to `id`'s stream if it has one; a stream that cannot take it is closed.
+    /// Merges `msg` into `id`'s stream if it has one. Never blocks, never cuts.
     fn send(&mut self, id: NodeId, msg: MapMessage) {
-        let Some(s) = self.streams.get_mut(&id) else {
-            return;
-        };
-        let Some(tx) = &s.tx else { return };
-        if let Err(e) = tx.try_send(msg) {
-            tracing::warn!(node = %id, error = %e, "map stream cannot keep up; closing it so the node reconnects");
-            s.tx = None;
+        if let Some(s) = self.streams.get(&id) {
+            s.session.push(msg);
         }
     }
 
-    /// Delivers one change: `peers`/`peers_removed` to every connected node except `subject`,
-    /// and a recomputed filter to the connected nodes in `filter_check` whose filter changed.
+    /// The connected nodes among `aud`, `subject` excluded.
+    fn connected_in(&self, aud: &Audience, subject: NodeId) -> Vec<NodeId> {
+        match aud {
+            Audience::Everyone => self
+                .streams
+                .keys()
+                .copied()
+                .filter(|&id| id != subject)
+                .collect(),
+            Audience::Only(ids) => ids
+                .iter()
+                .copied()
+                .filter(|id| *id != subject && self.streams.contains_key(id))
+                .collect(),
+        }
+    }
+
+    /// Delivers one change: `peers` to the connected nodes in `to`, `peers_removed` to those in
+    /// `gone_to` (both without `subject`), and a recomputed filter to the connected nodes in
+    /// `filter_check` whose filter changed.
     fn broadcast(
         &mut self,
         subject: NodeId,
+        to: &Audience,
         peers: Vec<Peer>,
+        gone_to: &Audience,
         peers_removed: Vec<NodeId>,
         filter_check: BTreeSet<NodeId>,
     ) {
         self.version += 1;
         let version = self.version;
         let mut msgs: BTreeMap<NodeId, MapMessage> = BTreeMap::new();
-        if !peers.is_empty() || !peers_removed.is_empty() {
-            for &id in self.streams.keys() {
-                if id != subject {
-                    msgs.insert(
-                        id,
-                        MapMessage {
-                            version,
-                            peers: peers.clone(),
-                            peers_removed: peers_removed.clone(),
-                            ..Default::default()
-                        },
-                    );
-                }
+        if !peers.is_empty() {
+            for id in self.connected_in(to, subject) {
+                msgs.insert(
+                    id,
+                    MapMessage {
+                        version,
+                        peers: peers.clone(),
+                        ..Default::default()
+                    },
+                );
+            }
+        }
+        if !peers_removed.is_empty() {
+            for id in self.connected_in(gone_to, subject) {
+                msgs.entry(id)
+                    .or_insert_with(|| MapMessage {
+                        version,
+                        ..Default::default()
+                    })
+                    .peers_removed = peers_removed.clone();
             }
         }
         for id in filter_check {
@@ -331,9 +407,10 @@ impl Mesh {
                 continue;
             }
             let f = self.filter_for(n);
+            let digest = filter_digest(&f);
             let s = self.streams.get_mut(&id).expect("checked above");
-            if s.filter != f {
-                s.filter = f.clone();
+            if s.filter != digest {
+                s.filter = digest;
                 msgs.entry(id)
                     .or_insert_with(|| MapMessage {
                         version,
@@ -365,28 +442,91 @@ impl Mesh {
         self.send(id, m);
     }
 
+    /// Sends `id` the peers that entered or left its map since `before` (its audience then).
+    fn resync_peers(&mut self, id: NodeId, before: &Audience) {
+        if !self.streams.contains_key(&id) {
+            return;
+        }
+        let after = self.audience(id);
+        if &after == before {
+            return;
+        }
+        let all =
+            || -> BTreeSet<NodeId> { self.nodes.keys().copied().filter(|&x| x != id).collect() };
+        let (b, a) = match (before, &after) {
+            (Audience::Only(b), Audience::Only(a)) => (b.clone(), a.clone()),
+            (Audience::Everyone, Audience::Only(a)) => (all(), a.clone()),
+            (Audience::Only(b), Audience::Everyone) => (b.clone(), all()),
+            (Audience::Everyone, Audience::Everyone) => return,
+        };
+        let peers: Vec<Peer> = a
+            .difference(&b)
+            .filter_map(|x| self.nodes.get(x))
+            .map(NodeRec::peer)
+            .collect();
+        let removed: Vec<NodeId> = b.difference(&a).copied().collect();
+        if peers.is_empty() && removed.is_empty() {
+            return;
+        }
+        let m = MapMessage {
+            version: self.version,
+            peers,
+            peers_removed: removed,
+            ..Default::default()
+        };
+        self.send(id, m);
+    }
+
     /// A node registered, re-registered or changed (tags, endpoints, online state).
     pub fn upsert_node(&mut self, rec: NodeRec) {
-        let old = self.nodes.insert(rec.id, rec.clone());
+        let old = self.nodes.get(&rec.id).cloned();
         if old.as_ref() == Some(&rec) {
             return;
         }
+        // Tags and name decide which rules select the node; addresses are filter sources.
+        let reindex = old
+            .as_ref()
+            .map(|o| o.tags != rec.tags || o.name != rec.name || o.addrs != rec.addrs)
+            .unwrap_or(true);
+        let mut check = BTreeSet::new();
+        let mut before = None;
+        if reindex {
+            check = self.reach.filter_dependents(rec.id);
+            if old.is_some() {
+                before = Some(self.audience(rec.id));
+            }
+        }
+        self.nodes.insert(rec.id, rec.clone());
+        if reindex {
+            self.reach.upsert(&rec);
+            check.extend(self.reach.filter_dependents(rec.id));
+        }
         if old.as_ref().map(|o| o.public_key) != Some(rec.public_key) {
             self.sync_relay();
-        }
-        let tags_changed = old.as_ref().map(|o| o.tags != rec.tags).unwrap_or(true);
-        let mut check = BTreeSet::new();
-        if tags_changed {
-            check = filter_dependents(self.policy.as_ref(), &self.nodes, &rec);
-            if let Some(o) = &old {
-                check.extend(filter_dependents(self.policy.as_ref(), &self.nodes, o));
-            }
         }
         let self_changed = old
             .as_ref()
             .map(|o| o.tags != rec.tags || o.name != rec.name || o.addrs != rec.addrs)
             .unwrap_or(false);
-        self.broadcast(rec.id, vec![rec.peer()], vec![], check);
+        let to = self.audience(rec.id);
+        // Nodes that saw it and may not any more are told it is gone.
+        let gone_to = match (&before, &to) {
+            (Some(Audience::Only(b)), Audience::Only(a)) => {
+                Audience::Only(b.difference(a).copied().collect())
+            }
+            (Some(Audience::Everyone), Audience::Only(a)) => Audience::Only(
+                self.nodes
+                    .keys()
+                    .copied()
+                    .filter(|x| !a.contains(x))
+                    .collect(),
+            ),
+            _ => Audience::Only(BTreeSet::new()),
+        };
+        self.broadcast(rec.id, &to, vec![rec.peer()], &gone_to, vec![rec.id], check);
+        if let Some(b) = &before {
+            self.resync_peers(rec.id, b);
+        }
         if self_changed && self.streams.contains_key(&rec.id) {
             let m = MapMessage {
                 version: self.version,
@@ -417,17 +557,29 @@ impl Mesh {
         }
     }
 
-    /// Removes a node: closes its stream at once, tells every other node, drops the publish
-    /// rules it took part in and tells their other party. Returns the dropped rule ids.
+    /// Removes a node: closes its stream at once, tells the nodes whose map held it, drops the
+    /// publish rules it took part in and tells their other party. Returns the dropped rule ids.
     pub fn remove_node(&mut self, id: NodeId) -> Vec<i64> {
-        self.streams.remove(&id);
-        let Some(old) = self.nodes.remove(&id) else {
+        if let Some(s) = self.streams.remove(&id) {
+            s.session.close();
+        }
+        if !self.nodes.contains_key(&id) {
             return vec![];
-        };
-        self.sync_relay();
-        let mut check = filter_dependents(self.policy.as_ref(), &self.nodes, &old);
+        }
+        let gone_to = self.audience(id);
+        let mut check = self.reach.filter_dependents(id);
         check.remove(&id);
-        self.broadcast(id, vec![], vec![id], check);
+        self.nodes.remove(&id);
+        self.reach.remove(id);
+        self.sync_relay();
+        self.broadcast(
+            id,
+            &Audience::Only(BTreeSet::new()),
+            vec![],
+            &gone_to,
+            vec![id],
+            check,
+        );
         let dropped: Vec<PublishRule> = self
             .publish
             .values()
@@ -437,6 +589,7 @@ impl Mesh {
         for r in &dropped {
             self.publish.remove(&r.id);
         }
+        self.index_publish();
         for r in &dropped {
             self.refresh_publish(r.exit);
             self.refresh_publish(r.target);
@@ -444,43 +597,64 @@ impl Mesh {
         dropped.iter().map(|r| r.id).collect()
     }
 
-    /// Replaces the policy (None or no rules = allow all) and sends changed filters.
+    /// Replaces the policy (None or no rules = allow all), sends changed filters, and the peers
+    /// that entered or left each connected node's map.
     pub fn set_policy(&mut self, policy: Option<Policy>) {
+        let connected: Vec<NodeId> = self.streams.keys().copied().collect();
+        let before: Vec<(NodeId, Audience)> = connected
+            .iter()
+            .map(|&id| (id, self.audience(id)))
+            .collect();
         self.policy = policy.filter(|p| !p.rules.is_empty());
+        self.reach = Reach::new(self.policy.as_ref(), self.nodes.values());
         // A policy change can concern every node: recompute each connected node's filter.
-        let all: BTreeSet<NodeId> = self.streams.keys().copied().collect();
-        self.broadcast(NodeId(0), vec![], vec![], all);
+        let all: BTreeSet<NodeId> = connected.iter().copied().collect();
+        let none = Audience::Only(BTreeSet::new());
+        self.broadcast(NodeId(0), &none, vec![], &none, vec![], all);
+        for (id, b) in before {
+            self.resync_peers(id, &b);
+        }
+    }
+
+    /// The audiences of the parties of a publish rule, before it changes.
+    fn publish_parties(&self, exit: NodeId, target: NodeId) -> [(NodeId, Audience); 2] {
+        [(exit, self.audience(exit)), (target, self.audience(target))]
     }
 
     pub fn add_publish(&mut self, rule: PublishRule) {
         let (exit, target) = (rule.exit, rule.target);
+        let before = self.publish_parties(exit, target);
         self.publish.insert(rule.id, rule);
+        self.index_publish();
         self.version += 1;
+        for (id, b) in &before {
+            self.resync_peers(*id, b);
+        }
         self.refresh_publish(exit);
         self.refresh_publish(target);
     }
 
     pub fn remove_publish(&mut self, id: i64) -> Option<PublishRule> {
+        let (exit, target) = {
+            let r = self.publish.get(&id)?;
+            (r.exit, r.target)
+        };
+        let before = self.publish_parties(exit, target);
         let rule = self.publish.remove(&id)?;
+        self.index_publish();
         self.version += 1;
-        self.refresh_publish(rule.exit);
-        self.refresh_publish(rule.target);
+        self.refresh_publish(exit);
+        self.refresh_publish(target);
+        for (id, b) in &before {
+            self.resync_peers(*id, b);
+        }
         Some(rule)
     }
 
     /// True when the policy lets some traffic flow between `a` and `b` in either direction (no
     /// policy: always). Nodes that may not talk have no path worth opening.
     pub fn may_talk(&self, a: NodeId, b: NodeId) -> bool {
-        let (Some(na), Some(nb)) = (self.nodes.get(&a), self.nodes.get(&b)) else {
-            return false;
-        };
-        let Some(policy) = &self.policy else {
-            return true;
-        };
-        policy.rules.iter().any(|r| {
-            (any_matches(&r.from, na) && any_matches(&r.to, nb))
-                || (any_matches(&r.from, nb) && any_matches(&r.to, na))
-        })
+        self.nodes.contains_key(&a) && self.nodes.contains_key(&b) && self.reach.may_talk(a, b)
     }
 
     /// Tells `peer` to probe `from` now. False when `peer` has no open stream.
@@ -507,22 +681,27 @@ impl Mesh {
     /// does not exist (any more).
     pub fn connect(&mut self, id: NodeId, now: i64) -> Option<Connected> {
         let n = self.nodes.get(&id)?.clone();
-        let (tx, rx) = mpsc::channel(STREAM_QUEUE);
+        let session = Arc::new(Session::default());
         let generation = self.next_generation;
         self.next_generation += 1;
         // Marking online first lets the full map carry the version that includes it.
-        self.streams.remove(&id);
+        if let Some(old) = self.streams.remove(&id) {
+            old.session.close();
+        }
         self.set_online(id, true, now);
         let full = self.full_map(self.nodes.get(&id).unwrap_or(&n));
-        tx.try_send(full.clone()).ok()?;
         let stream = Stream {
-            tx: Some(tx),
+            session: session.clone(),
             generation,
-            filter: full.filter.clone().unwrap_or_else(PacketFilter::allow_all),
-            publish: full.publish.unwrap_or_default(),
+            filter: filter_digest(full.filter.as_ref().unwrap_or(&PacketFilter::allow_all())),
+            publish: full.publish.clone().unwrap_or_default(),
         };
+        session.push(full);
         self.streams.insert(id, stream);
-        Some(Connected { rx, generation })
+        Some(Connected {
+            session,
+            generation,
+        })
     }
 
     /// The stream `generation` of `id` ended. A replaced stream's end changes nothing.
@@ -537,9 +716,11 @@ impl Mesh {
         }
     }
 
-    /// Closes every stream (shutdown).
+    /// Closes every stream (shutdown): each ends once what it holds is sent.
     pub fn close_all(&mut self) {
-        self.streams.clear();
+        for (_, s) in self.streams.drain() {
+            s.session.close();
+        }
     }
 }
 
@@ -685,65 +866,77 @@ mod tests {
         );
     }
 
+    fn take(c: &Connected) -> Option<MapMessage> {
+        match c.session.take() {
+            crate::session::Taken::Message(m) => Some(m),
+            _ => None,
+        }
+    }
+
+    fn closed(c: &Connected) -> bool {
+        c.session.take() == crate::session::Taken::Closed
+    }
+
+    fn ep(port: u16) -> Vec<Endpoint> {
+        vec![Endpoint {
+            addr: SocketAddr::from(([192, 0, 2, 1], port)),
+            kind: EndpointKind::Local,
+        }]
+    }
+
     #[test]
     fn deltas_reach_only_affected_streams() {
         let p = Policy {
             rules: vec![rule(&["tag:friends"], &["node:home"], &["tcp:32400"])],
         };
-        let mut m = mesh(vec![node(1, "home", &[]), node(2, "other", &[])], Some(p));
-        let mut home = m.connect(NodeId(1), 10).unwrap();
-        let mut other = m.connect(NodeId(2), 10).unwrap();
-        let full = home.rx.try_recv().unwrap();
+        let mut m = mesh(
+            vec![node(1, "home", &[]), node(2, "other", &["friends"])],
+            Some(p),
+        );
+        let home = m.connect(NodeId(1), 10).unwrap();
+        let full = take(&home).unwrap();
         assert!(full.full);
-        assert_eq!(full.filter.unwrap().rules.len(), 0);
+        assert_eq!(full.filter.as_ref().unwrap().rules.len(), 1);
+        let other = m.connect(NodeId(2), 10).unwrap();
         // home learns that "other" came online.
-        let d = home.rx.try_recv().unwrap();
+        let d = take(&home).unwrap();
         assert!(d.peers[0].online && d.peers[0].id == NodeId(2));
-        assert!(other.rx.try_recv().unwrap().full);
-        assert!(other.rx.try_recv().is_err());
+        assert!(take(&other).unwrap().full);
+        assert!(take(&other).is_none());
 
-        // A friend registers: both get a peer delta; only home gets a new filter.
+        // A friend registers: home gets a peer delta and a new filter; "other" may not talk to
+        // a fellow friend (no rule between them), so it hears nothing.
         m.upsert_node(node(3, "tv", &["friends"]));
-        let d = home.rx.try_recv().unwrap();
+        let d = take(&home).unwrap();
         assert_eq!(d.peers.len(), 1);
-        assert_eq!(d.filter.unwrap().rules[0].sources.len(), 2);
-        let d = other.rx.try_recv().unwrap();
-        assert_eq!(d.peers.len(), 1);
-        assert!(d.filter.is_none());
+        assert_eq!(d.filter.unwrap().rules[0].sources.len(), 4);
+        assert!(
+            take(&other).is_none(),
+            "a change reaches only the streams it concerns"
+        );
 
         // Endpoints: a peer delta, no filter.
-        m.set_endpoints(
-            NodeId(2),
-            vec![Endpoint {
-                addr: "192.0.2.1:4000".parse().unwrap(),
-                kind: EndpointKind::Local,
-            }],
-        );
-        let d = home.rx.try_recv().unwrap();
+        m.set_endpoints(NodeId(2), ep(4000));
+        let d = take(&home).unwrap();
         assert_eq!(d.peers[0].endpoints.len(), 1);
         assert!(d.filter.is_none());
-        assert!(
-            other.rx.try_recv().is_err(),
-            "a node gets no delta about itself"
-        );
+        assert!(take(&other).is_none(), "a node gets no delta about itself");
 
         // Probe goes only to the named peer.
         assert!(m.probe(NodeId(2), NodeId(1)));
-        let d = home.rx.try_recv().unwrap();
+        let d = take(&home).unwrap();
         assert_eq!(d.probe_requests[0].from, NodeId(2));
         assert_eq!(d.probe_requests[0].endpoints.len(), 1);
 
         // Removal closes the stream and tells the others.
         m.remove_node(NodeId(2));
-        assert!(matches!(
-            other.rx.try_recv(),
-            Err(mpsc::error::TryRecvError::Disconnected)
-        ));
-        let d = home.rx.try_recv().unwrap();
+        assert!(closed(&other));
+        let d = take(&home).unwrap();
         assert_eq!(d.peers_removed, vec![NodeId(2)]);
 
         // A replaced stream's end does not mark the node offline.
         let second = m.connect(NodeId(1), 11).unwrap();
+        assert!(closed(&home), "the replaced stream ends");
         assert!(!m.disconnect(NodeId(1), home.generation, 12));
         assert!(m.node(NodeId(1)).unwrap().online);
         assert!(m.disconnect(NodeId(1), second.generation, 12));
@@ -751,34 +944,171 @@ mod tests {
     }
 
     #[test]
-    fn a_stuck_stream_is_cut_and_then_reported_offline() {
+    fn a_slow_stream_is_never_cut_and_gets_one_merged_delta() {
         let mut m = mesh(vec![node(1, "slow", &[]), node(2, "watcher", &[])], None);
-        let mut slow = m.connect(NodeId(1), 0).unwrap();
-        let mut watcher = m.connect(NodeId(2), 0).unwrap();
-        while watcher.rx.try_recv().is_ok() {}
-        for i in 0..(STREAM_QUEUE as u16 + 10) {
-            m.set_endpoints(
-                NodeId(2),
-                vec![Endpoint {
-                    addr: SocketAddr::from(([192, 0, 2, 1], 1000 + i)),
-                    kind: EndpointKind::Local,
-                }],
-            );
+        let slow = m.connect(NodeId(1), 0).unwrap();
+        let watcher = m.connect(NodeId(2), 0).unwrap();
+        assert!(take(&slow).unwrap().full);
+        while take(&watcher).is_some() {}
+        for i in 0..10_000u16 {
+            m.set_endpoints(NodeId(2), ep(1000 + i));
         }
-        let mut got = 0;
-        while slow.rx.try_recv().is_ok() {
-            got += 1;
-        }
-        assert_eq!(got, STREAM_QUEUE, "what was queued is delivered");
-        assert!(matches!(
-            slow.rx.try_recv(),
-            Err(mpsc::error::TryRecvError::Disconnected)
-        ));
-        // Still online until the stream's end is reported; then the watcher hears it.
-        assert!(m.node(NodeId(1)).unwrap().online);
+        assert_eq!(slow.session.pending_peer_records(), 1);
+        let d = take(&slow).unwrap();
+        assert_eq!(d.peers.len(), 1);
+        assert_eq!(d.peers[0].endpoints[0].addr.port(), 10_999);
+        assert_eq!(d.version, m.version());
+        assert!(take(&slow).is_none());
+        assert!(!closed(&slow), "still open");
+        assert!(m.is_connected(NodeId(1)));
         assert!(m.disconnect(NodeId(1), slow.generation, 5));
-        let d = watcher.rx.try_recv().unwrap();
+        let d = take(&watcher).unwrap();
         assert_eq!(d.peers[0].id, NodeId(1));
         assert!(!d.peers[0].online);
+    }
+
+    fn peer_ids(m: &MapMessage) -> Vec<i64> {
+        m.peers.iter().map(|p| p.id.0).collect()
+    }
+
+    #[test]
+    fn maps_are_trimmed_by_policy_and_follow_its_changes() {
+        // Two sites and a hub everyone may reach; "lone" is in no rule.
+        let p = Policy {
+            rules: vec![
+                rule(&["tag:a"], &["tag:a"], &["*"]),
+                rule(&["tag:b"], &["tag:b"], &["*"]),
+                rule(&["*"], &["tag:hub"], &["udp:53"]),
+            ],
+        };
+        let nodes = vec![
+            node(1, "hub", &["hub"]),
+            node(2, "a1", &["a"]),
+            node(3, "a2", &["a"]),
+            node(4, "b1", &["b"]),
+            node(5, "lone", &[]),
+        ];
+        let mut m = mesh(nodes, Some(p.clone()));
+        let c: Vec<Connected> = (1..=5).map(|i| m.connect(NodeId(i), 0).unwrap()).collect();
+        let full: Vec<MapMessage> = c.iter().map(|c| take(c).unwrap()).collect();
+        assert!(full.iter().all(|f| f.full));
+        assert_eq!(peer_ids(&full[0]), vec![2, 3, 4, 5], "the hub: everyone");
+        assert_eq!(peer_ids(&full[1]), vec![1, 3], "a1: the hub and a2");
+        assert_eq!(peer_ids(&full[3]), vec![1], "b1: the hub");
+        assert_eq!(
+            peer_ids(&full[4]),
+            vec![1],
+            "lone: the hub (it may reach it)"
+        );
+        assert!(m.sees(NodeId(2), NodeId(3)) && !m.sees(NodeId(2), NodeId(4)));
+
+        // a2's endpoint change reaches the hub and a1 only.
+        m.set_endpoints(NodeId(3), ep(7000));
+        let got: Vec<bool> = c.iter().map(|c| take(c).is_some()).collect();
+        assert_eq!(got, vec![true, true, false, false, false]);
+
+        // b1 moves to site a (re-registered with another key's tags): a1 and a2 now see it, and
+        // it sees them; the hub hears the new record.
+        let mut b1 = m.node(NodeId(4)).unwrap().clone();
+        b1.tags = vec!["a".into()];
+        m.upsert_node(b1);
+        assert_eq!(peer_ids(&take(&c[1]).unwrap()), vec![4]);
+        assert_eq!(peer_ids(&take(&c[2]).unwrap()), vec![4]);
+        let d = take(&c[3]).unwrap();
+        assert_eq!(peer_ids(&d), vec![2, 3], "b1 gets its new site");
+        assert_eq!(peer_ids(&take(&c[0]).unwrap()), vec![4]);
+        assert!(take(&c[4]).is_none());
+
+        // A publish rule between lone and a1 lets them see each other, whatever the policy.
+        let rule_ = PublishRule {
+            id: 9,
+            exit: NodeId(5),
+            exit_name: "lone".parse().unwrap(),
+            proto: homeport_proto::publish::PublishProto::Tcp,
+            port: 443,
+            target: NodeId(2),
+            target_name: "a1".parse().unwrap(),
+            target_ipv4: Ipv4Addr::new(100, 96, 0, 2),
+            target_ipv6: Ipv6Addr::LOCALHOST,
+            target_port: 8443,
+            guards: Default::default(),
+        };
+        m.add_publish(rule_);
+        let d = take(&c[4]).unwrap();
+        assert_eq!(peer_ids(&d), vec![2]);
+        assert_eq!(d.publish.unwrap().len(), 1);
+        assert_eq!(peer_ids(&take(&c[1]).unwrap()), vec![5]);
+        m.remove_publish(9);
+        assert_eq!(take(&c[4]).unwrap().peers_removed, vec![NodeId(2)]);
+        assert_eq!(take(&c[1]).unwrap().peers_removed, vec![NodeId(5)]);
+
+        // Dropping the policy: everyone sees everyone; each node gets exactly what it lacked.
+        m.set_policy(None);
+        let d = take(&c[4]).unwrap();
+        assert_eq!(peer_ids(&d), vec![2, 3, 4]);
+        assert!(d.filter.unwrap().allow_all);
+        // And back: what is no longer allowed leaves the maps.
+        m.set_policy(Some(p));
+        let d = take(&c[4]).unwrap();
+        assert_eq!(d.peers_removed, vec![NodeId(2), NodeId(3), NodeId(4)]);
+        let d = take(&c[1]).unwrap();
+        assert_eq!(d.peers_removed, vec![NodeId(5)]);
+
+        // Removal reaches only the maps that held the node.
+        while c.iter().any(|c| take(c).is_some()) {}
+        m.remove_node(NodeId(5));
+        let got: Vec<bool> = c.iter().map(|c| take(c).is_some()).collect();
+        assert_eq!(got, vec![true, false, false, false, false]);
+    }
+
+    #[test]
+    fn indexed_filters_equal_the_compiled_ones() {
+        let p = Policy {
+            rules: vec![
+                rule(
+                    &["tag:friends"],
+                    &["node:home"],
+                    &["tcp:32400", "icmp", "udp:53", "tcp:22"],
+                ),
+                rule(&["tag:admin"], &["*"], &["*"]),
+                rule(&["tag:x", "b"], &["tag:friends"], &["8000-8100", "udp:1-2"]),
+            ],
+        };
+        let nodes: Vec<NodeRec> = (1..40)
+            .map(|i| {
+                let tags: &[&str] = match i % 4 {
+                    0 => &["friends"],
+                    1 => &["admin", "x"],
+                    2 => &["x"],
+                    _ => &[],
+                };
+                node(
+                    i,
+                    if i == 7 {
+                        "home"
+                    } else if i == 8 {
+                        "b"
+                    } else {
+                        "n"
+                    },
+                    tags,
+                )
+            })
+            .map(|mut n| {
+                if n.name.as_str() == "n" {
+                    n.name = format!("n{}", n.id.0).parse().unwrap();
+                }
+                n
+            })
+            .collect();
+        let reach = crate::reach::Reach::new(Some(&p), nodes.iter());
+        for n in &nodes {
+            assert_eq!(
+                reach.filter_for(n.id),
+                compile_filter(Some(&p), nodes.iter(), n),
+                "{}",
+                n.name
+            );
+        }
     }
 }

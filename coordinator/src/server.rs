@@ -75,8 +75,63 @@ fn join_url(cfg: &Config, bound: SocketAddr, host: IpAddr) -> String {
     format!("https://{}", SocketAddr::new(host, bound.port()))
 }
 
+/// Connections waiting to be accepted. A reconnect storm (every node at once after a restart or
+/// a network blip) arrives as thousands of SYNs within a second; with tokio's default of 1024 the
+/// rest are dropped and their senders wait a 1 s, then 3 s SYN retransmission. The kernel caps
+/// it at net.core.somaxconn (4096 by default).
+const LISTEN_BACKLOG: u32 = 8192;
+
+/// How often free heap memory is handed back to the kernel. glibc returns only the top of the
+/// heap by itself; a reconnect storm (every connection torn down and set up again) leaves free
+/// pages all through it, resident until trimmed. A trim of a few hundred MB takes milliseconds.
+const MALLOC_TRIM_EVERY: Duration = Duration::from_secs(10);
+
+/// Raises the soft limit of open files to the hard limit: each map stream holds a socket, so
+/// 10,000 nodes need more than the usual soft limit of 1024. Under the systemd unit (which sets
+/// LimitNOFILE= and forbids setrlimit) both limits are already equal. Returns the limit in force.
+pub fn raise_nofile_limit() -> u64 {
+    let mut l = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit only read and write the struct passed.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut l) != 0 {
+            return 0;
+        }
+        if l.rlim_cur < l.rlim_max {
+            let want = libc::rlimit {
+                rlim_cur: l.rlim_max,
+                rlim_max: l.rlim_max,
+            };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &want) == 0 {
+                return want.rlim_cur as u64;
+            }
+        }
+    }
+    l.rlim_cur as u64
+}
+
+async fn bind_listener(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    let sock = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    sock.set_reuseaddr(true)?;
+    sock.bind(addr)?;
+    sock.listen(LISTEN_BACKLOG)
+}
+
 /// Runs the coordinator until `shutdown` is cancelled.
 pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
+    let nofile = raise_nofile_limit();
+    if nofile < 4096 {
+        tracing::warn!(
+            nofile,
+            "the open-file limit is low: each node's map stream holds one; raise LimitNOFILE= (the unit sets 65536)"
+        );
+    }
     // Everything this process writes is private: files 0600, directories 0700.
     // SAFETY: umask only changes the process file-mode mask.
     unsafe {
@@ -100,7 +155,7 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
         tracing::info!(cert = %tls.cert_path.display(), names = ?names, "created a self-signed certificate");
     }
 
-    let listener = TcpListener::bind(cfg.listen)
+    let listener = bind_listener(cfg.listen)
         .await
         .with_context(|| format!("cannot listen on {} (--listen)", cfg.listen))?;
     let bound = listener.local_addr()?;
@@ -200,6 +255,22 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
         cfg.alert_offline,
         shutdown.clone(),
     ));
+    {
+        let sd = shutdown.clone();
+        tasks.spawn(async move {
+            let mut every = tokio::time::interval(MALLOC_TRIM_EVERY);
+            loop {
+                tokio::select! {
+                    _ = every.tick() => {}
+                    _ = sd.cancelled() => return,
+                }
+                // SAFETY: malloc_trim only returns free heap pages to the kernel.
+                unsafe {
+                    libc::malloc_trim(0);
+                }
+            }
+        });
+    }
     tasks.close();
 
     crate::tls::write_private(&dir.join(LISTEN_ADDR_FILE), format!("{bound}\n").as_bytes())?;
@@ -248,6 +319,7 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
         tracing::warn!("some connections did not finish in time");
     }
     let _ = std::fs::remove_file(&sock_path);
+    state.flush_seen().await;
     state.store.pool.close().await;
     Ok(())
 }

@@ -33,7 +33,20 @@ pub struct Inner {
     pub challenges: Mutex<crate::challenge::Challenges>,
     /// What nodes and exits last reported (paths, live connections): the dashboard's view.
     pub live: crate::dashboard::live::Reports,
+    /// last_seen times not stored yet: written in batches, not one transaction per stream
+    /// opened or closed (a reconnect storm of 10,000 nodes is 20,000 of them).
+    last_seen: Mutex<LastSeen>,
 }
+
+#[derive(Default)]
+struct LastSeen {
+    pending: std::collections::HashMap<homeport_proto::NodeId, i64>,
+    flush_scheduled: bool,
+}
+
+/// How long last_seen times gather before one transaction stores them. last_seen is
+/// informational (the admin's node list shows the live value for online nodes).
+const LAST_SEEN_BATCH: std::time::Duration = std::time::Duration::from_millis(500);
 
 impl std::ops::Deref for AppState {
     type Target = Inner;
@@ -116,9 +129,45 @@ impl AppState {
                     .unwrap_or_else(homeport_proto::PrivateKey::generate),
                 challenges: Mutex::new(crate::challenge::Challenges::default()),
                 live: Default::default(),
+                last_seen: Mutex::new(LastSeen::default()),
             })),
             first,
         ))
+    }
+
+    /// Records that `id` was seen at `at`; stored with others within [`LAST_SEEN_BATCH`].
+    pub fn note_seen(&self, id: homeport_proto::NodeId, at: i64) {
+        let mut l = self.last_seen.lock().unwrap_or_else(|p| p.into_inner());
+        l.pending.insert(id, at);
+        if l.flush_scheduled {
+            return;
+        }
+        let Ok(rt) = tokio::runtime::Handle::try_current() else {
+            return; // stored by the next flush
+        };
+        l.flush_scheduled = true;
+        let st = self.clone();
+        rt.spawn(async move {
+            tokio::time::sleep(LAST_SEEN_BATCH).await;
+            st.flush_seen().await;
+        });
+    }
+
+    /// Stores the pending last_seen times now (also on shutdown).
+    pub async fn flush_seen(&self) {
+        let batch: Vec<(homeport_proto::NodeId, i64)> = {
+            let mut l = self.last_seen.lock().unwrap_or_else(|p| p.into_inner());
+            l.flush_scheduled = false;
+            l.pending.drain().collect()
+        };
+        if batch.is_empty() {
+            return;
+        }
+        let _w = self.write_lock.lock().await;
+        if let Err(e) = self.store.touch_many(&batch).await {
+            // last_seen is informational; the streams are what matters.
+            tracing::warn!(nodes = batch.len(), error = %e, "cannot store last_seen");
+        }
     }
 
     /// The mesh. Hold the guard briefly and never across an await.

@@ -459,6 +459,25 @@ impl Store {
         Ok(())
     }
 
+    /// Stores many last_seen times in one transaction (a reconnect storm is thousands).
+    pub async fn touch_many(&self, seen: &[(NodeId, i64)]) -> StoreResult<()> {
+        let mut tx = self.pool.begin().await?;
+        let mut r = Ok(());
+        for (id, at) in seen {
+            r = sqlx::query("UPDATE nodes SET last_seen = $1 WHERE id = $2")
+                .bind(*at)
+                .bind(id.0)
+                .execute(&mut *tx)
+                .await
+                .map(drop)
+                .map_err(StoreError::from);
+            if r.is_err() {
+                break;
+            }
+        }
+        finish(tx, r).await
+    }
+
     /// Deletes a node and the publish rules it takes part in. False when there was no such node.
     pub async fn remove_node(&self, id: NodeId) -> StoreResult<bool> {
         let mut tx = self.pool.begin().await?;

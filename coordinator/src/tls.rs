@@ -12,6 +12,10 @@ pub const CERT_FILE: &str = "cert.pem";
 pub const KEY_FILE: &str = "key.pem";
 pub const PIN_FILE: &str = "pin";
 
+/// TLS sessions the server remembers for resumption without a ticket: one per node of a
+/// 10,000-node mesh, twice over (a few hundred bytes each).
+const SESSION_CACHE: usize = 20_000;
+
 /// Private files are written by the one helper every binary shares.
 pub use homeport_host::fs::write_private;
 /// Addresses of the local interfaces (for certificate names and the join hint).
@@ -138,6 +142,12 @@ pub fn load_or_create(
             )
         })?;
     cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
+    // Resumption, so that a reconnect storm of every node is not as many full handshakes (a
+    // signature with the certificate key each): stateless tickets (the ticket key rotates and
+    // is never stored), and a session cache large enough for every node of a large mesh.
+    cfg.session_storage = rustls::server::ServerSessionMemoryCache::new(SESSION_CACHE);
+    cfg.ticketer = rustls::crypto::ring::Ticketer::new()
+        .context("cannot create the TLS session ticket key")?;
     write_private(&state_dir.join(PIN_FILE), format!("{pin}\n").as_bytes())?;
     Ok(TlsMaterial {
         server_config: Arc::new(cfg),
@@ -205,5 +215,52 @@ mod tests {
             assert_eq!(mode & 0o777, 0o600, "{f}");
         }
         assert!(load_or_create(dir.path(), Some(&dir.path().join(CERT_FILE)), None, &[]).is_err());
+    }
+
+    /// More nodes than rustls' default session cache (256) each reconnect: every one resumes.
+    #[tokio::test]
+    async fn every_node_of_a_storm_resumes_its_tls_session() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        const NODES: usize = 300;
+        let dir = tempfile::tempdir().unwrap();
+        let m = load_or_create(dir.path(), None, None, &["localhost".into()]).unwrap();
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        let acceptor = tokio_rustls::TlsAcceptor::from(m.server_config.clone());
+        tokio::spawn(async move {
+            loop {
+                let (tcp, _) = l.accept().await.unwrap();
+                let acceptor = acceptor.clone();
+                tokio::spawn(async move {
+                    let mut s = acceptor.accept(tcp).await.unwrap();
+                    s.write_all(b"x").await.unwrap();
+                    s.flush().await.unwrap();
+                    let _ = s.read(&mut [0u8; 1]).await;
+                });
+            }
+        });
+        // Each node has its own client config, as the node builds it; its sessions live there.
+        let clients: Vec<_> = (0..NODES)
+            .map(|_| Arc::new(homeport_proto::tls::pinned_client_config(&m.pin).unwrap()))
+            .collect();
+        let mut resumed = 0;
+        for round in 0..2 {
+            for c in &clients {
+                let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+                let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+                let mut conn = tokio_rustls::TlsConnector::from(c.clone())
+                    .connect(name, tcp)
+                    .await
+                    .unwrap();
+                // The ticket arrives before the first byte of data.
+                conn.read_exact(&mut [0u8; 1]).await.unwrap();
+                let kind = conn.get_ref().1.handshake_kind();
+                if round == 1 && kind == Some(rustls::HandshakeKind::Resumed) {
+                    resumed += 1;
+                }
+                conn.shutdown().await.unwrap();
+            }
+        }
+        assert_eq!(resumed, NODES, "every reconnection resumes");
     }
 }

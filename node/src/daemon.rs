@@ -31,6 +31,32 @@ pub type MapObserver = watch::Sender<Option<Arc<NetworkMap>>>;
 /// restarted coordinator is found within seconds, long enough not to hammer a dead one.
 const BACKOFF_MIN: Duration = Duration::from_millis(500);
 const BACKOFF_MAX: Duration = Duration::from_secs(30);
+/// After a map stream that was up ends (the coordinator restarted, a network blip), retries stay
+/// at most this far apart for [`MAP_FAST_RETRY_FOR`], so a node is current again within about
+/// this long after the coordinator is back (doubling from 500 ms, a restart of a few seconds used
+/// to cost 8-10 s). 10,000 nodes retrying every 2 s against a stopped coordinator are refused
+/// connections, which cost it nothing.
+const MAP_FAST_RETRY_MAX: Duration = Duration::from_secs(2);
+const MAP_FAST_RETRY_FOR: Duration = Duration::from_secs(60);
+/// The first retry after a lost stream waits a random part of this: prompt, but spread, so a
+/// mesh whose streams all dropped at once does not reconnect in the same millisecond.
+const MAP_FIRST_RETRY_JITTER: Duration = Duration::from_millis(500);
+
+/// How long to wait before map stream attempt `attempt` (0: the first after the stream ended),
+/// `since_lost` after the last stream that was up ended; `jitter` in [0, 1).
+fn map_retry_delay(attempt: u32, since_lost: Duration, jitter: f64) -> Duration {
+    if attempt == 0 {
+        return MAP_FIRST_RETRY_JITTER.mul_f64(jitter);
+    }
+    let exp = BACKOFF_MIN.saturating_mul(1u32 << (attempt - 1).min(16));
+    let cap = if since_lost < MAP_FAST_RETRY_FOR {
+        MAP_FAST_RETRY_MAX
+    } else {
+        BACKOFF_MAX
+    };
+    // +-20 % so that nodes that lost their streams together drift apart.
+    exp.min(cap).mul_f64(0.8 + 0.4 * jitter)
+}
 /// How often candidates are re-gathered (interfaces and STUN): NAT mappings and DHCP leases
 /// change on the scale of minutes; 20 s finds a change well before a user gives up.
 const ENDPOINT_REFRESH: Duration = Duration::from_secs(20);
@@ -598,10 +624,17 @@ async fn map_loop(
     maps: Option<&MapObserver>,
     stop: &CancellationToken,
 ) -> Result<()> {
-    let mut backoff = BACKOFF_MIN;
+    let mut attempt: u32 = 0;
+    let mut lost = std::time::Instant::now();
     loop {
-        let end = map_stream(client, url, cred, shared, maps, &mut backoff).await;
+        let mut was_up = false;
+        let end = map_stream(client, url, cred, shared, maps, &mut was_up).await;
         shared.connected.store(false, Ordering::Relaxed);
+        if was_up {
+            attempt = 0;
+            lost = std::time::Instant::now();
+        }
+        let backoff = map_retry_delay(attempt, lost.elapsed(), rand::random::<f64>());
         match end {
             StreamEnd::Revoked(why) => {
                 return Err(Refused(format!(
@@ -622,7 +655,7 @@ async fn map_loop(
             _ = tokio::time::sleep(backoff) => {}
             _ = stop.cancelled() => return Ok(()),
         }
-        backoff = (backoff * 2).min(BACKOFF_MAX);
+        attempt = attempt.saturating_add(1);
     }
 }
 
@@ -632,7 +665,7 @@ async fn map_stream(
     cred: &str,
     shared: &Shared,
     maps: Option<&MapObserver>,
-    backoff: &mut Duration,
+    was_up: &mut bool,
 ) -> StreamEnd {
     let resp = match client
         .get(format!("{url}{PATH_MAP}"))
@@ -672,7 +705,7 @@ async fn map_stream(
             };
             if msg.full {
                 shared.connected.store(true, Ordering::Relaxed);
-                *backoff = BACKOFF_MIN;
+                *was_up = true;
             }
             if msg.is_keepalive() {
                 continue;
@@ -1464,6 +1497,26 @@ fn encode_status_metrics(
 #[cfg(test)]
 mod tests {
     use super::{Hop, nat_depth_from_hops};
+
+    #[test]
+    fn a_lost_map_stream_is_retried_promptly_then_at_most_every_2_s_for_a_minute() {
+        use super::{BACKOFF_MAX, map_retry_delay};
+        use std::time::Duration;
+        let s = Duration::from_secs;
+        // The first retry: within 500 ms, spread by the jitter.
+        assert_eq!(map_retry_delay(0, s(0), 0.0), Duration::ZERO);
+        assert!(map_retry_delay(0, s(0), 0.999) < Duration::from_millis(500));
+        // A coordinator restart of a few seconds: the attempts are never more than 2.4 s apart,
+        // so the node is back within that of the coordinator.
+        let mut t = Duration::ZERO;
+        for attempt in 0..20 {
+            let d = map_retry_delay(attempt, t, 0.999);
+            assert!(d <= Duration::from_millis(2400), "attempt {attempt}: {d:?}");
+            t += d;
+        }
+        // A coordinator gone for longer: back off up to 30 s.
+        assert_eq!(map_retry_delay(20, s(120), 0.5), BACKOFF_MAX);
+    }
 
     fn r(ip: &str) -> Hop {
         Hop::Router(ip.parse().unwrap())

@@ -216,9 +216,23 @@ fn restart_keeps_address_and_coordinator_outage_keeps_traffic() -> Result<()> {
         "status says the coordinator is unreachable: {st}"
     );
 
-    // It comes back (same state dir); a change made then arrives: a third node joins and is reachable.
+    // An outage of about 9 s: a node that doubled its retry delay (0.5, 1, 2, 4, 8 s) would
+    // next try 15.5 s after the loss, 6 s after the coordinator is back.
+    std::thread::sleep(Duration::from_secs(6));
+
+    // It comes back (same state dir): every node holds its stream again within 5 s, and a
+    // change made then arrives: a third node joins and is reachable.
     let coord2 = lab.start_coordinator("vps", VPS_IP)?;
+    let back = Instant::now();
     assert_eq!(coord2.pin, coord.pin, "the coordinator keeps its TLS key");
+    for n in [&nodes[0], &n2] {
+        wait_until(
+            "every node connected again within 5 s of the coordinator's restart",
+            Duration::from_secs(5),
+            || n.cli(&["status"]).is_ok_and(|s| !s.contains("unreachable")),
+        )?;
+    }
+    eprintln!("nodes current again {:?} after the coordinator restart", back.elapsed());
     lab.add_host("n3")?;
     lab.link("net", "10.1.3.1/24", "n3", "10.1.3.2/24")?;
     lab.default_route("n3", "10.1.3.1")?;
