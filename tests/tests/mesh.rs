@@ -232,7 +232,10 @@ fn restart_keeps_address_and_coordinator_outage_keeps_traffic() -> Result<()> {
             || n.cli(&["status"]).is_ok_and(|s| !s.contains("unreachable")),
         )?;
     }
-    eprintln!("nodes current again {:?} after the coordinator restart", back.elapsed());
+    eprintln!(
+        "nodes current again {:?} after the coordinator restart",
+        back.elapsed()
+    );
     lab.add_host("n3")?;
     lab.link("net", "10.1.3.1/24", "n3", "10.1.3.2/24")?;
     lab.default_route("n3", "10.1.3.1")?;
