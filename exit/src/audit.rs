@@ -189,7 +189,8 @@ impl AuditRecord {
     }
 }
 
-fn human_bytes(n: u64) -> String {
+/// Bytes for people: `950 B`, `1.2 MB` (powers of 1000).
+pub(crate) fn human_bytes(n: u64) -> String {
     const U: [&str; 5] = ["B", "KB", "MB", "GB", "TB"];
     let mut v = n as f64;
     let mut i = 0;

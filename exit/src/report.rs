@@ -8,7 +8,7 @@
 //! forgotten friend's server that connects every night at 3–9 AM) or at hours new for that
 //! source, connections that stay open for hours, and repeated denies. Hours are UTC.
 
-use crate::audit::{AUDIT_FILE, AuditRecord, rotated_files};
+use crate::audit::{AUDIT_FILE, AuditRecord, human_bytes, rotated_files};
 use anyhow::{Context, Result};
 use serde::Serialize;
 use std::collections::{BTreeMap, BTreeSet};
@@ -367,21 +367,6 @@ pub fn build(records: &[(i64, AuditRecord)], since: i64, now: i64) -> Report {
         since: time_str(since),
         until: time_str(now),
         sources,
-    }
-}
-
-fn human_bytes(n: u64) -> String {
-    const U: [&str; 5] = ["B", "KB", "MB", "GB", "TB"];
-    let mut v = n as f64;
-    let mut i = 0;
-    while v >= 1000.0 && i < U.len() - 1 {
-        v /= 1000.0;
-        i += 1;
-    }
-    if i == 0 {
-        format!("{n} B")
-    } else {
-        format!("{v:.1} {}", U[i])
     }
 }
 
