@@ -7,7 +7,7 @@
 
 use crate::geo::CountryDb;
 use anyhow::{Context, Result};
-use homeport_node::state::{Registration, StateDir};
+use homeport_node::state::Registration;
 use homeport_proto::exit::{ExitAnnounce, MAX_PUBLIC_ADDRS, PATH_EXIT_ANNOUNCE};
 use std::net::IpAddr;
 use std::path::PathBuf;
@@ -38,14 +38,11 @@ pub fn public_addrs() -> Vec<IpAddr> {
     v
 }
 
+/// Requests to the coordinator end within this.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+
 fn client(pin: &str) -> Result<reqwest::Client> {
-    let tls =
-        homeport_proto::tls::pinned_client_config(pin).map_err(|e| anyhow::anyhow!("pin: {e}"))?;
-    Ok(reqwest::Client::builder()
-        .use_preconfigured_tls(tls)
-        .connect_timeout(Duration::from_secs(5))
-        .timeout(Duration::from_secs(10))
-        .build()?)
+    homeport_node::state::coordinator_client(pin, Some(REQUEST_TIMEOUT))
 }
 
 async fn send(reg: &Registration, a: &ExitAnnounce) -> Result<()> {
@@ -75,10 +72,7 @@ pub async fn run(
     let mut sent: Option<(String, ExitAnnounce)> = None;
     let mut backoff = BACKOFF_MIN;
     loop {
-        let reg = StateDir::open(&state_dir)
-            .ok()
-            .and_then(|s| s.registration().ok().flatten())
-            .filter(|r| !r.refused);
+        let reg = homeport_node::state::active_registration(&state_dir);
         let wait = match reg {
             None => WAIT_REGISTRATION,
             Some(reg) => {

@@ -17,7 +17,7 @@ use anyhow::Result;
 use axum::extract::{ConnectInfo, Path, State};
 use axum::http::StatusCode;
 use axum::response::Html;
-use homeport_node::state::{Registration, StateDir};
+use homeport_node::state::active_registration;
 use homeport_proto::invite::{Grant, InviteRedeem, PATH_NODE_INVITE_REDEEM, PATH_NODE_INVITES};
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
@@ -42,23 +42,11 @@ struct Inner {
     wrong: Mutex<HashMap<IpAddr, (u32, Instant)>>,
 }
 
-fn registration(state_dir: &std::path::Path) -> Option<Registration> {
-    StateDir::open(state_dir)
-        .ok()?
-        .registration()
-        .ok()
-        .flatten()
-        .filter(|r| !r.refused)
-}
+/// Requests to the coordinator end within this.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 
 fn client(pin: &str) -> Result<reqwest::Client> {
-    let tls =
-        homeport_proto::tls::pinned_client_config(pin).map_err(|e| anyhow::anyhow!("pin: {e}"))?;
-    Ok(reqwest::Client::builder()
-        .use_preconfigured_tls(tls)
-        .connect_timeout(Duration::from_secs(5))
-        .timeout(Duration::from_secs(10))
-        .build()?)
+    homeport_node::state::coordinator_client(pin, Some(REQUEST_TIMEOUT))
 }
 
 /// When the grant ends, in plain words: `Tuesday 29 December 2026 at 20:00 UTC`.
@@ -143,7 +131,7 @@ async fn open_link(
             ),
         );
     }
-    let Some(reg) = registration(&inner.state_dir) else {
+    let Some(reg) = active_registration(&inner.state_dir) else {
         return (
             StatusCode::SERVICE_UNAVAILABLE,
             page(
@@ -289,7 +277,7 @@ pub async fn follow_grants(
     stop: CancellationToken,
 ) {
     loop {
-        if let Some(reg) = registration(&state_dir) {
+        if let Some(reg) = active_registration(&state_dir) {
             let r = async {
                 let r = client(&reg.pin)?
                     .get(format!("{}{PATH_NODE_INVITES}", reg.coordinator))

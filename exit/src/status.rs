@@ -101,28 +101,14 @@ pub async fn run(state_dir: PathBuf, audit: Arc<Audit>, exec: Exec, stop: Cancel
             _ = stop.cancelled() => return,
         }
         if client.is_none() {
-            let reg = homeport_node::state::StateDir::open(&state_dir)
-                .and_then(|s| s.registration())
-                .ok()
-                .flatten()
-                .filter(|r| !r.refused);
-            let Some(reg) = reg else { continue };
-            let tls = match homeport_proto::tls::pinned_client_config(&reg.pin) {
-                Ok(t) => t,
-                Err(e) => {
-                    tracing::warn!(error = %e, "status report: bad pin");
-                    return;
-                }
+            let Some(reg) = homeport_node::state::active_registration(&state_dir) else {
+                continue;
             };
-            match reqwest::Client::builder()
-                .use_preconfigured_tls(tls)
-                .connect_timeout(Duration::from_secs(5))
-                .timeout(Duration::from_secs(10))
-                .build()
+            match homeport_node::state::coordinator_client(&reg.pin, Some(Duration::from_secs(10)))
             {
                 Ok(c) => client = Some((c, reg.coordinator, reg.credential)),
                 Err(e) => {
-                    tracing::warn!(error = %e, "status report: no HTTP client");
+                    tracing::warn!(error = %format!("{e:#}"), "status report: no HTTP client");
                     return;
                 }
             }

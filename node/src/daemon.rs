@@ -262,7 +262,7 @@ pub async fn run(
         .clone()
         .or_else(|| stored.as_ref().map(|r| r.pin.clone()))
         .context("no --pin: pass the pin printed by `homeport-coordinator pin`")?;
-    let client = http_client(&pin)?;
+    let client = crate::state::coordinator_client(&pin, None).context("the coordinator's --pin")?;
 
     let reg = match stored {
         Some(r) if r.coordinator == coordinator && !r.refused => r,
@@ -458,18 +458,6 @@ pub async fn run(
     }
     tracing::info!("homeport node stopped");
     result
-}
-
-fn http_client(pin: &str) -> Result<reqwest::Client> {
-    let tls = homeport_proto::tls::pinned_client_config(pin)
-        .map_err(|e| anyhow::anyhow!("--pin: {e}"))?;
-    Ok(reqwest::Client::builder()
-        .use_preconfigured_tls(tls)
-        .connect_timeout(Duration::from_secs(5))
-        .pool_idle_timeout(Duration::from_secs(
-            homeport_proto::api::CLIENT_POOL_IDLE_SECS,
-        ))
-        .build()?)
 }
 
 /// Reads an error answer of the coordinator: its `detail`, or the status alone.

@@ -10,6 +10,7 @@ use homeport_proto::names::{NodeId, NodeName};
 use serde::{Deserialize, Serialize};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 pub const KEY_FILE: &str = "private.key";
 pub const REG_FILE: &str = "node.json";
@@ -118,6 +119,35 @@ fn read_json<T: serde::de::DeserializeOwned>(p: &Path) -> Result<Option<T>> {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
         Err(e) => Err(e).with_context(|| format!("reading {}", p.display())),
     }
+}
+
+/// The registration of the node whose state is in `dir`, when it has one that the coordinator
+/// did not refuse: what the exit's tasks need to talk to the coordinator as that node.
+pub fn active_registration(dir: &Path) -> Option<Registration> {
+    StateDir::open(dir)
+        .ok()?
+        .registration()
+        .ok()
+        .flatten()
+        .filter(|r| !r.refused)
+}
+
+/// An HTTPS client for the coordinator, pinned to `pin`. Pooled connections are dropped before
+/// the server's idle timeout ([`homeport_proto::api::CLIENT_POOL_IDLE_SECS`]); `timeout` bounds
+/// each request (none for the map stream, which stays open).
+pub fn coordinator_client(pin: &str, timeout: Option<Duration>) -> Result<reqwest::Client> {
+    let tls =
+        homeport_proto::tls::pinned_client_config(pin).map_err(|e| anyhow::anyhow!("pin: {e}"))?;
+    let mut b = reqwest::Client::builder()
+        .use_preconfigured_tls(tls)
+        .connect_timeout(Duration::from_secs(5))
+        .pool_idle_timeout(Duration::from_secs(
+            homeport_proto::api::CLIENT_POOL_IDLE_SECS,
+        ));
+    if let Some(t) = timeout {
+        b = b.timeout(t);
+    }
+    Ok(b.build()?)
 }
 
 #[cfg(test)]

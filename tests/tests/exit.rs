@@ -2200,6 +2200,18 @@ fn alerts_reach_webhooks_debounced_and_retried() {
 }
 
 fn alerts_body(p: &mut PubLab, out: &Path) -> Result<()> {
+    // The receiver (python) may still be starting on a busy machine: the exit gives up on an
+    // alert after its retries (about 7 s), so nothing is triggered before it listens.
+    wait_for(
+        "the webhook receiver to listen",
+        Duration::from_secs(30),
+        || {
+            p.lab
+                .exec("vps", &["ss", "-Hltn", "sport = :9999"])
+                .ok()
+                .filter(|o| !o.trim().is_empty())
+        },
+    )?;
     let media = media_dir(&p.lab)?;
     write_random_file(&media.join("file"), 1)?;
     p.start_plex(&media)?;
