@@ -75,43 +75,17 @@ pub async fn run(mut cfg: ExitConfig, shutdown: CancellationToken) -> Result<()>
         publisher = publisher.with_country_db(p)?;
     }
     let geo = publisher.country_db();
-    {
-        // The audit log's `country` follows the loaded database.
-        let (a, mut g, s) = (audit.clone(), geo.clone(), stop.clone());
-        a.set_country_db(g.borrow_and_update().clone());
-        tasks.spawn(async move {
-            loop {
-                tokio::select! {
-                    _ = s.cancelled() => return,
-                    r = g.changed() => {
-                        if r.is_err() {
-                            return;
-                        }
-                        a.set_country_db(g.borrow_and_update().clone());
-                    }
-                }
-            }
-        });
-    }
+    // The audit log's `country` follows the loaded database (from the first record on).
+    audit.set_country_db(geo.borrow().clone());
+    let a = audit.clone();
+    tasks.spawn(follow(geo.clone(), stop.clone(), move |db| {
+        a.set_country_db(db)
+    }));
     let (grants_tx, grants_rx) = tokio::sync::watch::channel(Vec::new());
     let publisher = publisher.with_grants(grants_rx.clone());
-    {
-        // The audit log's labels know the invites' names.
-        let (a, mut g, s) = (audit.clone(), grants_rx, stop.clone());
-        tasks.spawn(async move {
-            loop {
-                tokio::select! {
-                    _ = s.cancelled() => return,
-                    r = g.changed() => {
-                        if r.is_err() {
-                            return;
-                        }
-                        a.set_grants(g.borrow_and_update().clone());
-                    }
-                }
-            }
-        });
-    }
+    // The audit log's labels know the invites' names.
+    let a = audit.clone();
+    tasks.spawn(follow(grants_rx, stop.clone(), move |g| a.set_grants(g)));
     if let Some(port) = cfg.publish.invite_port {
         let (d, g, s) = (cfg.up.state_dir.clone(), grants_tx.clone(), stop.clone());
         tasks.spawn(async move {
@@ -158,4 +132,24 @@ pub async fn run(mut cfg: ExitConfig, shutdown: CancellationToken) -> Result<()>
     while tasks.join_next().await.is_some() {}
     alerts_stop.cancel();
     res
+}
+
+/// Hands `apply` the channel's value now and after every change, until `stop` or until the
+/// sender is gone.
+async fn follow<T: Clone>(
+    mut rx: tokio::sync::watch::Receiver<T>,
+    stop: CancellationToken,
+    apply: impl Fn(T),
+) {
+    loop {
+        apply(rx.borrow_and_update().clone());
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            r = rx.changed() => {
+                if r.is_err() {
+                    return;
+                }
+            }
+        }
+    }
 }
