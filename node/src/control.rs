@@ -128,6 +128,55 @@ pub enum Response {
     },
 }
 
+/// A request from the socket, with where its answer goes.
+pub type Ask = (Request, tokio::sync::oneshot::Sender<Response>);
+
+/// Serves the control socket until `stop`: each connection's request goes to `asks` and its
+/// answer back to the connection. A line that is not a request is answered here.
+pub async fn serve(
+    listener: tokio::net::UnixListener,
+    asks: tokio::sync::mpsc::Sender<Ask>,
+    stop: tokio_util::sync::CancellationToken,
+) {
+    loop {
+        let (s, _) = tokio::select! {
+            r = listener.accept() => match r { Ok(s) => s, Err(_) => continue },
+            _ = stop.cancelled() => return,
+        };
+        let asks = asks.clone();
+        tokio::spawn(async move {
+            let (r, mut w) = s.into_split();
+            let mut line = String::new();
+            if BufReader::new(r).read_line(&mut line).await.is_err() {
+                return;
+            }
+            let resp = match serde_json::from_str::<Request>(&line) {
+                Ok(req) => {
+                    let (tx, rx) = tokio::sync::oneshot::channel();
+                    if asks.send((req, tx)).await.is_err() {
+                        return;
+                    }
+                    match rx.await {
+                        Ok(r) => r,
+                        Err(_) => Response::Error {
+                            message: "the daemon is stopping".into(),
+                        },
+                    }
+                }
+                Err(e) => Response::Error {
+                    message: format!(
+                        "bad request {:?}: {e}; expected {{\"cmd\":\"status\"|\"down\"|\"ping\"|\"netcheck\"|\"published\"}}",
+                        line.trim()
+                    ),
+                },
+            };
+            let mut out = serde_json::to_string(&resp).unwrap_or_default();
+            out.push('\n');
+            let _ = w.write_all(out.as_bytes()).await;
+        });
+    }
+}
+
 /// Sends one request to the daemon whose state dir is `state_dir`.
 pub async fn call(state_dir: &Path, req: &Request) -> anyhow::Result<Response> {
     let sock = state_dir.join(crate::state::SOCK_FILE);
@@ -145,4 +194,54 @@ pub async fn call(state_dir: &Path, req: &Request) -> anyhow::Result<Response> {
     let mut answer = String::new();
     BufReader::new(r).read_line(&mut answer).await?;
     Ok(serde_json::from_str(&answer)?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn requests_reach_the_daemon_and_answers_the_caller_bad_lines_get_what_is_expected() {
+        let dir = tempfile::tempdir().unwrap();
+        let l = tokio::net::UnixListener::bind(dir.path().join(crate::state::SOCK_FILE)).unwrap();
+        let (tx, mut rx) = tokio::sync::mpsc::channel::<Ask>(4);
+        let stop = tokio_util::sync::CancellationToken::new();
+        tokio::spawn(serve(l, tx, stop.clone()));
+        // A stand-in daemon: answers pings with the peer's name as the path.
+        tokio::spawn(async move {
+            while let Some((req, reply)) = rx.recv().await {
+                let _ = reply.send(match req {
+                    Request::Ping { peer } => Response::Pong {
+                        path: peer,
+                        rtt_ms: 1.0,
+                    },
+                    _ => Response::Ok,
+                });
+            }
+        });
+        match call(dir.path(), &Request::Ping { peer: "vps".into() })
+            .await
+            .unwrap()
+        {
+            Response::Pong { path, .. } => assert_eq!(path, "vps"),
+            r => panic!("{r:?}"),
+        }
+        let s = UnixStream::connect(dir.path().join(crate::state::SOCK_FILE))
+            .await
+            .unwrap();
+        let (r, mut w) = s.into_split();
+        w.write_all(b"{\"cmd\":\"reboot\"}\n").await.unwrap();
+        let mut answer = String::new();
+        BufReader::new(r).read_line(&mut answer).await.unwrap();
+        match serde_json::from_str::<Response>(&answer).unwrap() {
+            Response::Error { message } => {
+                assert!(
+                    message.contains("reboot") && message.contains("netcheck"),
+                    "{message}"
+                )
+            }
+            r => panic!("{r:?}"),
+        }
+        stop.cancel();
+    }
 }

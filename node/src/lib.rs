@@ -6,16 +6,27 @@
 //!   path choice; time and randomness come in from here.
 //! - [`datapath`]: the thin IO shell around the engine: TUN device (tun-rs, offload), one UDP
 //!   socket (quinn-udp, GSO/GRO), addresses and routes.
-//! - [`daemon`]: `homeport up`: state dir, registration, map stream, persistence, control socket.
+//! - [`daemon`]: `homeport up`: one event loop that owns the node's state (registration, map,
+//!   stream state) and acts on messages from the IO modules:
+//!   - [`coordinator`]: registration, the map stream, the node's API calls;
+//!   - [`control`]: the control socket (and its client);
+//!   - [`endpoints`]: candidates, STUN ([`stun`]), NAT depth ([`natdepth`]), endpoint reports;
+//!   - [`relay_tcp`]: the relay's TCP/TLS fallback; [`metrics`]; [`report`]; [`netcheck`].
 //! - [`cli`]: the CLI commands that talk to a running daemon over its unix socket.
 //! - [`plex`]: `homeport plex setup`/`check` (Plex's HTTP API and the daemon's published flows).
 
 pub mod cli;
 pub mod config;
 pub mod control;
+pub mod coordinator;
 pub mod daemon;
 pub mod datapath;
+pub mod endpoints;
+pub mod metrics;
+pub mod natdepth;
+pub mod netcheck;
 pub mod plex;
+pub mod relay_tcp;
 pub mod report;
 pub mod state;
 pub mod stun;

@@ -44,9 +44,7 @@ pub fn report(version: &str, peers: &[PeerStatus]) -> NodeStatusReport {
 /// until `stop`. A refused or failed report is only logged at debug: the dashboard shows the
 /// report's age.
 pub async fn run(
-    client: reqwest::Client,
-    url: String,
-    cred: String,
+    api: crate::coordinator::Api,
     version: String,
     status: impl Fn() -> Option<Vec<PeerStatus>> + Send + 'static,
     stop: CancellationToken,
@@ -59,16 +57,8 @@ pub async fn run(
             _ = stop.cancelled() => return,
         }
         let Some(peers) = status() else { continue };
-        let r = client
-            .post(format!("{url}{PATH_NODE_STATUS}"))
-            .bearer_auth(&cred)
-            .json(&report(&version, &peers))
-            .send()
-            .await;
-        match r {
-            Ok(resp) if resp.status().is_success() => {}
-            Ok(resp) => tracing::debug!(status = %resp.status(), "status report refused"),
-            Err(e) => tracing::debug!(error = %e, "status report failed"),
+        if let Err(e) = api.post(PATH_NODE_STATUS, &report(&version, &peers)).await {
+            tracing::debug!(error = %e, "status report failed");
         }
     }
 }

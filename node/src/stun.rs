@@ -112,9 +112,148 @@ impl StunGate {
     }
 }
 
+/// Sends a datagram from the WireGuard socket: the data path, or a fake in tests.
+pub trait SendRaw: Send + Sync {
+    fn send_raw(&self, to: SocketAddr, data: &[u8]);
+}
+
+impl SendRaw for crate::datapath::Datapath {
+    fn send_raw(&self, to: SocketAddr, data: &[u8]) {
+        crate::datapath::Datapath::send_raw(self, to, data)
+    }
+}
+
+/// An answer the data path let through: (from, datagram).
+pub type Answer = (SocketAddr, Vec<u8>);
+
+/// Tries of one STUN transaction, and the wait for an answer to each.
+const STUN_TRIES: usize = 3;
+const STUN_TRY_WAIT: Duration = Duration::from_millis(300);
+
+/// STUN transactions from the WireGuard socket, so the reflexive address is that socket's NAT
+/// mapping: requests leave through [`SendRaw`], the data path hands the answers back (see
+/// [`StunGate`]). One transaction at a time; cheap to clone.
+#[derive(Clone)]
+pub struct StunClient {
+    out: std::sync::Arc<dyn SendRaw>,
+    answers: std::sync::Arc<tokio::sync::Mutex<tokio::sync::mpsc::Receiver<Answer>>>,
+}
+
+impl StunClient {
+    pub fn new(
+        out: std::sync::Arc<dyn SendRaw>,
+        answers: tokio::sync::mpsc::Receiver<Answer>,
+    ) -> StunClient {
+        StunClient {
+            out,
+            answers: std::sync::Arc::new(tokio::sync::Mutex::new(answers)),
+        }
+    }
+
+    /// One Binding transaction with `server`: our address as it sees it, or None when it did
+    /// not answer three tries, 300 ms apart.
+    pub async fn query(&self, server: SocketAddr) -> Option<SocketAddr> {
+        let mut rx = self.answers.lock().await;
+        let txid: [u8; 12] = rand::random();
+        let req = binding_request(txid);
+        for _ in 0..STUN_TRIES {
+            self.out.send_raw(server, &req);
+            let deadline = tokio::time::Instant::now() + STUN_TRY_WAIT;
+            while let Ok(Some((from, d))) = tokio::time::timeout_at(deadline, rx.recv()).await {
+                if from == server
+                    && let Ok((id, addr)) = parse_binding_response(&d)
+                    && id == txid
+                {
+                    return Some(addr);
+                }
+            }
+        }
+        None
+    }
+}
+
+/// Moves the data path's answers (a std channel its threads feed without blocking) onto a
+/// tokio channel for [`StunClient`], through a small thread.
+pub fn bridge(
+    side: std::sync::mpsc::Receiver<Answer>,
+) -> std::io::Result<tokio::sync::mpsc::Receiver<Answer>> {
+    let (tx, rx) = tokio::sync::mpsc::channel(STUN_QUEUE);
+    std::thread::Builder::new()
+        .name("stun".into())
+        .spawn(move || {
+            while let Ok(m) = side.recv() {
+                if tx.blocking_send(m).is_err() {
+                    break;
+                }
+            }
+        })?;
+    Ok(rx)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A STUN server behind a fake socket: answers the `drop`-th first requests with nothing,
+    /// then correctly; also sends junk with a wrong transaction id and from a wrong address.
+    struct FakeServer {
+        answers: tokio::sync::mpsc::Sender<Answer>,
+        reflexive: SocketAddr,
+        drop: std::sync::atomic::AtomicUsize,
+        sent: std::sync::atomic::AtomicUsize,
+    }
+
+    impl SendRaw for FakeServer {
+        fn send_raw(&self, to: SocketAddr, data: &[u8]) {
+            use std::sync::atomic::Ordering::SeqCst;
+            self.sent.fetch_add(1, SeqCst);
+            let txid: [u8; 12] = data[8..20].try_into().unwrap();
+            let _ = self
+                .answers
+                .try_send((to, binding_response([0; 12], self.reflexive)));
+            let _ = self.answers.try_send((
+                "192.0.2.99:3478".parse().unwrap(),
+                binding_response(txid, "192.0.2.99:1".parse().unwrap()),
+            ));
+            if self.drop.load(SeqCst) > 0 {
+                self.drop.fetch_sub(1, SeqCst);
+                return;
+            }
+            let _ = self
+                .answers
+                .try_send((to, binding_response(txid, self.reflexive)));
+        }
+    }
+
+    fn fake(drop: usize) -> (std::sync::Arc<FakeServer>, StunClient) {
+        let (tx, rx) = tokio::sync::mpsc::channel(STUN_QUEUE);
+        let s = std::sync::Arc::new(FakeServer {
+            answers: tx,
+            reflexive: "203.0.113.5:41641".parse().unwrap(),
+            drop: drop.into(),
+            sent: 0.into(),
+        });
+        (s.clone(), StunClient::new(s, rx))
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_transaction_takes_only_its_own_answer_from_its_server_and_retries() {
+        use std::sync::atomic::Ordering::SeqCst;
+        let server: SocketAddr = "198.51.100.10:3478".parse().unwrap();
+        let (s, c) = fake(0);
+        assert_eq!(c.query(server).await, Some(s.reflexive));
+        assert_eq!(s.sent.load(SeqCst), 1);
+        // Two lost requests: the third try gets it.
+        let (s, c) = fake(2);
+        assert_eq!(c.query(server).await, Some(s.reflexive));
+        assert_eq!(s.sent.load(SeqCst), 3);
+        // Never answered: None after three tries.
+        let (s, c) = fake(usize::MAX);
+        let t = tokio::time::Instant::now();
+        assert_eq!(c.query(server).await, None);
+        assert_eq!(s.sent.load(SeqCst), STUN_TRIES);
+        assert_eq!(t.elapsed(), STUN_TRY_WAIT * STUN_TRIES as u32);
+    }
 
     #[test]
     fn only_servers_asked_recently_may_answer() {

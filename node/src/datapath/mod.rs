@@ -132,12 +132,12 @@ pub struct Datapath {
     state: Arc<UdpSocketState>,
     stop: Arc<AtomicBool>,
     intr: Arc<InterruptEvent>,
-    threads: Vec<JoinHandle<()>>,
+    threads: std::sync::Mutex<Vec<JoinHandle<()>>>,
     /// The WireGuard socket's port (changes on [`Datapath::rebind`]).
     local_port: std::sync::atomic::AtomicU16,
     pub counters: Arc<Counters>,
     stun: Arc<crate::stun::StunGate>,
-    routes: routes::PolicyRoutes,
+    routes: std::sync::Mutex<routes::PolicyRoutes>,
     published_udp: std::sync::Mutex<routes::PublishedUdp>,
     pub tun_name: String,
     dev: Arc<SyncDevice>,
@@ -319,11 +319,11 @@ impl Datapath {
             state,
             stop,
             intr,
-            threads,
+            threads: std::sync::Mutex::new(threads),
             local_port: std::sync::atomic::AtomicU16::new(local_port),
             counters,
             stun,
-            routes,
+            routes: std::sync::Mutex::new(routes),
             published_udp: std::sync::Mutex::new(routes::PublishedUdp::new(
                 &cfg.tun_name,
                 cfg.addrs,
@@ -585,15 +585,20 @@ impl Datapath {
             .collect()
     }
 
-    /// Stops the threads, removes the policy routes and the TUN device.
-    pub fn stop(mut self) {
+    /// Stops the threads and removes the policy routes; the TUN device goes with the last
+    /// handle. A second call does nothing.
+    pub fn stop(&self) {
         self.stop.store(true, Ordering::Relaxed);
         let _ = self.intr.trigger();
         self.wake_timers();
-        for t in self.threads.drain(..) {
+        let threads = std::mem::take(&mut *self.threads.lock().unwrap());
+        if threads.is_empty() {
+            return;
+        }
+        for t in threads {
             let _ = t.join();
         }
-        self.routes.remove();
+        self.routes.lock().unwrap().remove();
         self.published_udp.lock().unwrap().remove();
     }
 }
