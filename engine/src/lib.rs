@@ -292,8 +292,62 @@ impl Punch {
     }
 }
 
+/// How a peer is reached now, as `homeport status` and the dashboard show it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Route {
+    /// No path yet: no live direct path, and no relay allocation.
+    None,
+    /// Direct UDP to this address.
+    Direct(SocketAddr),
+    /// Through the relay, for this reason.
+    Relay(RelayReason),
+}
+
+/// Why a peer is relayed rather than reached directly.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RelayReason {
+    /// UDP to the relay itself is blocked; frames go over the TCP/TLS fallback.
+    OverTcp,
+    /// The peer reported no direct candidates.
+    NoCandidates,
+    /// A direct path was confirmed, then stopped answering.
+    DirectStopped,
+    /// None of this many candidates answered probes.
+    NoneAnswered(usize),
+}
+
+impl std::fmt::Display for RelayReason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            RelayReason::OverTcp => f.write_str(
+                "UDP to the relay is blocked here: relayed over TCP/TLS to the coordinator",
+            ),
+            RelayReason::NoCandidates => f.write_str("the peer reported no direct candidates"),
+            RelayReason::DirectStopped => f.write_str("the direct path stopped answering"),
+            RelayReason::NoneAnswered(n) => write!(
+                f,
+                "none of {n} direct candidates answered probes (hard NAT or firewall)"
+            ),
+        }
+    }
+}
+
 impl PathState {
     /// A direct path is in use and alive.
+    /// How the peer is reached at `now`: direct while that path is alive, else through the
+    /// relay when we hold an allocation (`relay_bound`), `over_tcp` when the relay is reached
+    /// through its TCP/TLS fallback.
+    pub fn route(&self, now: Instant, relay_bound: bool, over_tcp: bool) -> Route {
+        match self.endpoint {
+            Some(addr) if self.direct_alive(now) => Route::Direct(addr),
+            _ if !relay_bound => Route::None,
+            _ if over_tcp => Route::Relay(RelayReason::OverTcp),
+            _ if self.candidates.is_empty() => Route::Relay(RelayReason::NoCandidates),
+            _ if self.direct.is_some() => Route::Relay(RelayReason::DirectStopped),
+            _ => Route::Relay(RelayReason::NoneAnswered(self.candidates.len())),
+        }
+    }
+
     pub fn direct_alive(&self, now: Instant) -> bool {
         let Some(heard) = self.heard() else {
             return false;

@@ -1075,3 +1075,41 @@ fn full_probes_wait_until_the_peer_opened_towards_our_current_address() {
 
 mod attacks;
 mod sim;
+
+#[test]
+fn route_is_direct_while_alive_else_relay_with_the_reason() {
+    use crate::{PathState, RelayReason, Route};
+    let now = Instant::now();
+    let a: SocketAddr = "198.51.100.7:41641".parse().unwrap();
+    let mut p = PathState::default();
+    assert_eq!(p.route(now, false, false), Route::None);
+    assert_eq!(
+        p.route(now, true, false),
+        Route::Relay(RelayReason::NoCandidates)
+    );
+    p.candidates = vec![a, "192.168.1.7:41641".parse().unwrap()];
+    assert_eq!(
+        p.route(now, true, false),
+        Route::Relay(RelayReason::NoneAnswered(2))
+    );
+    // A Pong confirms the direct path: it is used, relay or not.
+    p.endpoint = Some(a);
+    p.direct = Some((a, Duration::from_millis(20), now));
+    assert_eq!(p.route(now, true, false), Route::Direct(a));
+    assert_eq!(p.route(now, false, false), Route::Direct(a));
+    // Long silent: relayed, and the reason says the direct path stopped.
+    let later = now + Duration::from_secs(600);
+    assert_eq!(
+        p.route(later, true, false),
+        Route::Relay(RelayReason::DirectStopped)
+    );
+    assert_eq!(
+        p.route(later, true, true),
+        Route::Relay(RelayReason::OverTcp)
+    );
+    assert!(
+        RelayReason::NoneAnswered(3)
+            .to_string()
+            .contains("none of 3")
+    );
+}

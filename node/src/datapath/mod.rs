@@ -13,7 +13,7 @@
 pub mod routes;
 
 use anyhow::{Context, Result};
-use homeport_engine::{Decap, Encap, Engine, Event, TICK};
+use homeport_engine::{Decap, Encap, Engine, Event, Route, TICK};
 use homeport_proto::disco::{DatagramKind, classify};
 use homeport_proto::map::{MeshAddrs, NetworkMap};
 use homeport_proto::{NodeId, NodeName, PrivateKey, PublicKey};
@@ -545,35 +545,24 @@ impl Datapath {
     pub fn status(&self) -> Vec<PeerStatus> {
         let t = self.engine.snapshot();
         let now = Instant::now();
+        let relay_bound = self.engine.relay_bound(now).is_some();
+        let over_tcp = self.tcp_relay.active.load(Ordering::Relaxed);
         t.peers
             .iter()
             .map(|p| {
                 let (hs, rx, tx) = p.stats();
-                let path = p.path.lock().unwrap().clone();
-                let fresh = path.direct_alive(now);
-                let relay = self.engine.relay_bound(now);
+                let route = p.path.lock().unwrap().route(now, relay_bound, over_tcp);
                 PeerStatus {
                     id: p.id,
                     name: p.name.clone(),
                     public_key: p.key,
                     addrs: p.addrs,
-                    path: match (path.endpoint, relay) {
-                        (Some(addr), _) if fresh => PathInfo::Direct { addr },
-                        (_, Some(_)) => PathInfo::Relay {
-                            reason: if self.tcp_relay.active.load(Ordering::Relaxed) {
-                                "UDP to the relay is blocked here: relayed over TCP/TLS to the coordinator".into()
-                            } else if path.candidates.is_empty() {
-                                "the peer reported no direct candidates".into()
-                            } else if path.direct.is_some() {
-                                "the direct path stopped answering".into()
-                            } else {
-                                format!(
-                                    "none of {} direct candidates answered probes (hard NAT or firewall)",
-                                    path.candidates.len()
-                                )
-                            },
+                    path: match route {
+                        Route::None => PathInfo::None,
+                        Route::Direct(addr) => PathInfo::Direct { addr },
+                        Route::Relay(why) => PathInfo::Relay {
+                            reason: why.to_string(),
                         },
-                        _ => PathInfo::None,
                     },
                     last_handshake_secs_ago: hs.map(|d| d.as_secs()),
                     rx_bytes: rx,
