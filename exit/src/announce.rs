@@ -1,24 +1,19 @@
 //! Tells the coordinator that this node runs an exit: its public addresses (what viewers connect
 //! to) and its country database. The coordinator refuses publish rules on nodes that never did.
 //!
-//! It uses the node's own registration (credential, coordinator URL and pin from the state
-//! dir), so it waits for the node daemon to register, then announces at once, again whenever
-//! what it says changes, and retries with backoff on failure.
+//! It calls as the node (the daemon's [`Api`], once it has registered), announces at once, again
+//! whenever what it says changes, and retries with backoff on failure.
 
 use crate::geo::CountryDb;
 use anyhow::{Context, Result};
-use homeport_node::state::Registration;
+use homeport_node::coordinator::Api;
 use homeport_proto::exit::{ExitAnnounce, MAX_PUBLIC_ADDRS, PATH_EXIT_ANNOUNCE};
 use std::net::IpAddr;
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
-/// How often the state dir is read for the registration before the first announcement: the
-/// node registers within a second of starting, and publish commands wait on this.
-const WAIT_REGISTRATION: Duration = Duration::from_millis(100);
 /// How often the interface addresses are re-read: a VPS's public address rarely changes.
 const RECHECK: Duration = Duration::from_secs(30);
 /// Retry after a failed announcement: from 500 ms, doubling up to 30 s.
@@ -38,18 +33,9 @@ pub fn public_addrs() -> Vec<IpAddr> {
     v
 }
 
-/// Requests to the coordinator end within this.
-const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
-
-fn client(pin: &str) -> Result<reqwest::Client> {
-    homeport_node::state::coordinator_client(pin, Some(REQUEST_TIMEOUT))
-}
-
-async fn send(reg: &Registration, a: &ExitAnnounce) -> Result<()> {
-    let c = client(&reg.pin)?;
-    let r = c
-        .post(format!("{}{PATH_EXIT_ANNOUNCE}", reg.coordinator))
-        .bearer_auth(&reg.credential)
+async fn send(api: &Api, a: &ExitAnnounce) -> Result<()> {
+    let r = api
+        .request(reqwest::Method::POST, PATH_EXIT_ANNOUNCE)
         .json(a)
         .send()
         .await
@@ -64,31 +50,31 @@ async fn send(reg: &Registration, a: &ExitAnnounce) -> Result<()> {
 
 /// Runs until `stop`.
 pub async fn run(
-    state_dir: PathBuf,
+    mut api: watch::Receiver<Option<Api>>,
     invite_port: Option<u16>,
     mut geo: watch::Receiver<Option<Arc<CountryDb>>>,
     stop: CancellationToken,
 ) {
-    let mut sent: Option<(String, ExitAnnounce)> = None;
+    let mut sent: Option<ExitAnnounce> = None;
     let mut backoff = BACKOFF_MIN;
     loop {
-        let reg = homeport_node::state::active_registration(&state_dir);
-        let wait = match reg {
-            None => WAIT_REGISTRATION,
-            Some(reg) => {
+        let current = api.borrow_and_update().clone();
+        let wait = match current {
+            // Registered: `api` changes.
+            None => BACKOFF_MAX,
+            Some(api) => {
                 let a = ExitAnnounce {
                     public_addrs: public_addrs(),
                     country_db: geo.borrow_and_update().as_ref().map(|g| g.desc.clone()),
                     invite_port,
                 };
-                let want = (reg.credential.clone(), a);
-                if sent.as_ref() == Some(&want) {
+                if sent.as_ref() == Some(&a) {
                     RECHECK
                 } else {
-                    match send(&reg, &want.1).await {
+                    match send(&api, &a).await {
                         Ok(()) => {
-                            tracing::info!(addrs = ?want.1.public_addrs, country_db = ?want.1.country_db, "exit announced to the coordinator");
-                            sent = Some(want);
+                            tracing::info!(addrs = ?a.public_addrs, country_db = ?a.country_db, "exit announced to the coordinator");
+                            sent = Some(a);
                             backoff = BACKOFF_MIN;
                             RECHECK
                         }
@@ -105,6 +91,10 @@ pub async fn run(
         tokio::select! {
             _ = stop.cancelled() => return,
             _ = tokio::time::sleep(wait) => {}
+            r = api.changed() => if r.is_err() {
+                stop.cancelled().await;
+                return;
+            },
             r = geo.changed() => if r.is_err() {
                 // The publisher is gone: stop is coming.
                 stop.cancelled().await;

@@ -7,7 +7,10 @@
 //! and redeemed over the exit's authenticated node channel. An eavesdropper on the friend's path
 //! who replays it could add their own address only while uses are left (and the owner sees it
 //! in `invite list`, the audit log and the report, and can revoke it). Wrong tokens are
-//! rate-limited per source, so guessing is hopeless twice over.
+//! rate-limited per source (an IPv4 address, or an IPv6 /64: one host has a whole /64 to choose
+//! from), so guessing is hopeless twice over; and checks reach the coordinator at most at
+//! [`CHECKS_PER_SEC`] whatever the number of sources, so a flood of well-formed tokens from a
+//! botnet cannot load it.
 //!
 //! Grants (addresses let in, with their end) come from the coordinator: at once from a redeem,
 //! and every [`GRANTS_POLL`] in full, so revoking an invite takes its addresses out within that
@@ -17,11 +20,10 @@ use anyhow::Result;
 use axum::extract::{ConnectInfo, Path, State};
 use axum::http::StatusCode;
 use axum::response::Html;
-use homeport_node::state::active_registration;
+use homeport_node::coordinator::Api;
 use homeport_proto::invite::{Grant, InviteRedeem, PATH_NODE_INVITE_REDEEM, PATH_NODE_INVITES};
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
-use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::sync::watch;
@@ -33,20 +35,94 @@ pub const GRANTS_POLL: Duration = Duration::from_secs(3);
 /// a guesser millions.
 pub const WRONG_PER_SOURCE: u32 = 5;
 pub const WRONG_WINDOW: Duration = Duration::from_secs(600);
-/// Sources remembered for the rate limit at most (a flood of spoofed sources cannot grow it).
+/// Sources remembered for the rate limit at most (a flood of sources cannot grow it).
 const WRONG_SOURCES: usize = 65_536;
+/// Token checks sent to the coordinator per second at most, from all sources together (with a
+/// burst of [`CHECKS_BURST`]): friends open a link now and then; more is an attack.
+pub const CHECKS_PER_SEC: f64 = 5.0;
+pub const CHECKS_BURST: f64 = 20.0;
 
-struct Inner {
-    state_dir: PathBuf,
-    grants: watch::Sender<Vec<Grant>>,
-    wrong: Mutex<HashMap<IpAddr, (u32, Instant)>>,
+/// What the wrong-token limit counts by: an IPv4 address, an IPv6 /64.
+pub fn source_key(ip: IpAddr) -> IpAddr {
+    match ip.to_canonical() {
+        IpAddr::V6(v6) => {
+            let s = v6.segments();
+            IpAddr::V6(std::net::Ipv6Addr::new(s[0], s[1], s[2], s[3], 0, 0, 0, 0))
+        }
+        v4 => v4,
+    }
 }
 
-/// Requests to the coordinator end within this.
-const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+/// Wrong tokens per source: at most [`WRONG_PER_SOURCE`] per [`WRONG_WINDOW`], in a table of
+/// at most [`WRONG_SOURCES`].
+#[derive(Default)]
+pub struct WrongTries {
+    by_source: HashMap<IpAddr, (u32, Instant)>,
+}
 
-fn client(pin: &str) -> Result<reqwest::Client> {
-    homeport_node::state::coordinator_client(pin, Some(REQUEST_TIMEOUT))
+impl WrongTries {
+    /// Whether `ip` used up its tries.
+    pub fn blocked(&self, ip: IpAddr, now: Instant) -> bool {
+        self.by_source
+            .get(&source_key(ip))
+            .is_some_and(|(n, since)| {
+                *n >= WRONG_PER_SOURCE && now.duration_since(*since) < WRONG_WINDOW
+            })
+    }
+
+    /// `ip` sent a wrong token.
+    pub fn record(&mut self, ip: IpAddr, now: Instant) {
+        let w = &mut self.by_source;
+        if w.len() >= WRONG_SOURCES {
+            w.retain(|_, (_, since)| now.duration_since(*since) < WRONG_WINDOW);
+            if w.len() >= WRONG_SOURCES {
+                // Full of live entries: a flood from more sources than the table holds. The
+                // global check rate still bounds what reaches the coordinator.
+                w.clear();
+            }
+        }
+        let e = w.entry(source_key(ip)).or_insert((0, now));
+        if now.duration_since(e.1) >= WRONG_WINDOW {
+            *e = (0, now);
+        }
+        e.0 += 1;
+    }
+}
+
+/// A token bucket: [`CHECKS_PER_SEC`], bursts of [`CHECKS_BURST`].
+pub struct CheckRate {
+    tokens: f64,
+    at: Instant,
+}
+
+impl CheckRate {
+    pub fn new(now: Instant) -> CheckRate {
+        CheckRate {
+            tokens: CHECKS_BURST,
+            at: now,
+        }
+    }
+
+    /// Takes one check if the rate allows it now.
+    pub fn take(&mut self, now: Instant) -> bool {
+        let dt = now.saturating_duration_since(self.at).as_secs_f64();
+        self.at = self.at.max(now);
+        self.tokens = (self.tokens + dt * CHECKS_PER_SEC).min(CHECKS_BURST);
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+}
+
+struct Inner {
+    /// The exit node's calls to the coordinator (None until it has registered).
+    api: watch::Receiver<Option<Api>>,
+    grants: watch::Sender<Vec<Grant>>,
+    wrong: Mutex<WrongTries>,
+    checks: Mutex<CheckRate>,
 }
 
 /// When the grant ends, in plain words: `Tuesday 29 December 2026 at 20:00 UTC`.
@@ -87,35 +163,16 @@ async fn open_link(
 ) -> (StatusCode, Html<String>) {
     let ip = peer.ip().to_canonical();
     let now = Instant::now();
-    {
-        let w = inner.wrong.lock().unwrap();
-        if let Some((n, since)) = w.get(&ip)
-            && *n >= WRONG_PER_SOURCE
-            && now.duration_since(*since) < WRONG_WINDOW
-        {
-            return (
-                StatusCode::TOO_MANY_REQUESTS,
-                page(
-                    "Too many tries",
-                    "Too many wrong links from this address. Wait ten minutes and open the link you were sent again.",
-                ),
-            );
-        }
+    if inner.wrong.lock().unwrap().blocked(ip, now) {
+        return (
+            StatusCode::TOO_MANY_REQUESTS,
+            page(
+                "Too many tries",
+                "Too many wrong links from this address. Wait ten minutes and open the link you were sent again.",
+            ),
+        );
     }
-    let wrong = |inner: &Inner| {
-        let mut w = inner.wrong.lock().unwrap();
-        if w.len() >= WRONG_SOURCES {
-            w.retain(|_, (_, since)| now.duration_since(*since) < WRONG_WINDOW);
-            if w.len() >= WRONG_SOURCES {
-                w.clear();
-            }
-        }
-        let e = w.entry(ip).or_insert((0, now));
-        if now.duration_since(e.1) >= WRONG_WINDOW {
-            *e = (0, now);
-        }
-        e.0 += 1;
-    };
+    let wrong = |inner: &Inner| inner.wrong.lock().unwrap().record(ip, now);
     // A token is 43 characters of base64url; anything else never reaches the coordinator.
     if token.len() != 43
         || !token
@@ -131,7 +188,7 @@ async fn open_link(
             ),
         );
     }
-    let Some(reg) = active_registration(&inner.state_dir) else {
+    let Some(api) = inner.api.borrow().clone() else {
         return (
             StatusCode::SERVICE_UNAVAILABLE,
             page(
@@ -140,10 +197,15 @@ async fn open_link(
             ),
         );
     };
+    if !inner.checks.lock().unwrap().take(now) {
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            page("Busy", "The server is busy. Try again in a minute."),
+        );
+    }
     let res = async {
-        let r = client(&reg.pin)?
-            .post(format!("{}{PATH_NODE_INVITE_REDEEM}", reg.coordinator))
-            .bearer_auth(&reg.credential)
+        let r = api
+            .request(reqwest::Method::POST, PATH_NODE_INVITE_REDEEM)
             .json(&InviteRedeem {
                 token: token.clone(),
                 addr: ip,
@@ -236,14 +298,15 @@ fn homeport_proto_now() -> i64 {
 /// Serves the invite page on `port` (all addresses) until `stop`.
 pub async fn serve(
     port: u16,
-    state_dir: PathBuf,
+    api: watch::Receiver<Option<Api>>,
     grants: watch::Sender<Vec<Grant>>,
     stop: CancellationToken,
 ) -> Result<()> {
     let inner = Arc::new(Inner {
-        state_dir,
+        api,
         grants,
-        wrong: Mutex::new(HashMap::new()),
+        wrong: Mutex::new(WrongTries::default()),
+        checks: Mutex::new(CheckRate::new(Instant::now())),
     });
     let app = axum::Router::new()
         .route("/i/{token}", axum::routing::get(open_link))
@@ -272,16 +335,16 @@ pub async fn serve(
 /// Fetches this exit's grants every [`GRANTS_POLL`] until `stop` (the coordinator is the truth:
 /// revoked and expired ones go).
 pub async fn follow_grants(
-    state_dir: PathBuf,
+    api: watch::Receiver<Option<Api>>,
     grants: watch::Sender<Vec<Grant>>,
     stop: CancellationToken,
 ) {
     loop {
-        if let Some(reg) = active_registration(&state_dir) {
+        let current = api.borrow().clone();
+        if let Some(api) = current {
             let r = async {
-                let r = client(&reg.pin)?
-                    .get(format!("{}{PATH_NODE_INVITES}", reg.coordinator))
-                    .bearer_auth(&reg.credential)
+                let r = api
+                    .request(reqwest::Method::GET, PATH_NODE_INVITES)
                     .send()
                     .await?
                     .error_for_status()?;
@@ -312,6 +375,53 @@ pub async fn follow_grants(
 
 #[cfg(test)]
 mod tests {
+    use super::*;
+
+    #[test]
+    fn wrong_tokens_are_limited_per_ipv4_address_and_per_ipv6_64() {
+        let now = Instant::now();
+        let mut w = WrongTries::default();
+        // A host rotating through its /64 (2^64 addresses) is one source.
+        for i in 0..WRONG_PER_SOURCE {
+            let ip: IpAddr = format!("2001:db8:1:2::{:x}", i + 1).parse().unwrap();
+            assert!(!w.blocked(ip, now));
+            w.record(ip, now);
+        }
+        assert!(w.blocked("2001:db8:1:2:ffff::9".parse().unwrap(), now));
+        assert!(!w.blocked("2001:db8:1:3::1".parse().unwrap(), now));
+        // IPv4: per address (and a v4-mapped v6 is that address).
+        for _ in 0..WRONG_PER_SOURCE {
+            w.record("198.51.100.7".parse().unwrap(), now);
+        }
+        assert!(w.blocked("::ffff:198.51.100.7".parse().unwrap(), now));
+        assert!(!w.blocked("198.51.100.8".parse().unwrap(), now));
+        // Forgiven after the window.
+        assert!(!w.blocked("198.51.100.7".parse().unwrap(), now + WRONG_WINDOW));
+        // A flood of sources does not grow the table past its bound.
+        for i in 0..(WRONG_SOURCES as u32 + 10) {
+            w.record(IpAddr::from(i.to_be_bytes()), now);
+        }
+        assert!(w.by_source.len() <= WRONG_SOURCES);
+    }
+
+    #[test]
+    fn checks_reach_the_coordinator_at_a_bounded_rate_whatever_the_sources() {
+        let t = Instant::now();
+        let mut r = CheckRate::new(t);
+        let burst = (0..1000).filter(|_| r.take(t)).count();
+        assert_eq!(burst, CHECKS_BURST as usize);
+        // A minute of flood lets through the rate, not the flood.
+        let mut passed = 0;
+        for ms in 0..60_000u64 {
+            let now = t + Duration::from_millis(ms);
+            passed += (0..10).filter(|_| r.take(now)).count();
+        }
+        let want = (60.0 * CHECKS_PER_SEC) as usize;
+        assert!((want - 1..=want + 1).contains(&passed), "{passed}");
+        // Quiet again: a friend's check passes at once.
+        assert!(r.take(t + Duration::from_secs(120)));
+    }
+
     #[test]
     fn until_in_plain_words() {
         assert_eq!(

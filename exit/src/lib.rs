@@ -86,15 +86,17 @@ pub async fn run(mut cfg: ExitConfig, shutdown: CancellationToken) -> Result<()>
     // The audit log's labels know the invites' names.
     let a = audit.clone();
     tasks.spawn(follow(grants_rx, stop.clone(), move |g| a.set_grants(g)));
+    // The exit's tasks call the coordinator as the node, on the daemon's connection.
+    let (api_tx, api_rx) = tokio::sync::watch::channel(None);
     if let Some(port) = cfg.publish.invite_port {
-        let (d, g, s) = (cfg.up.state_dir.clone(), grants_tx.clone(), stop.clone());
+        let (d, g, s) = (api_rx.clone(), grants_tx.clone(), stop.clone());
         tasks.spawn(async move {
             if let Err(e) = invite::serve(port, d, g, s).await {
                 tracing::error!(error = %format!("{e:#}"), "invite pages stopped");
             }
         });
         tasks.spawn(invite::follow_grants(
-            cfg.up.state_dir.clone(),
+            api_rx.clone(),
             grants_tx,
             stop.clone(),
         ));
@@ -106,7 +108,7 @@ pub async fn run(mut cfg: ExitConfig, shutdown: CancellationToken) -> Result<()>
         stop.clone(),
     ));
     tasks.spawn(announce::run(
-        cfg.up.state_dir.clone(),
+        api_rx.clone(),
         cfg.publish.invite_port,
         geo.clone(),
         stop.clone(),
@@ -120,13 +122,21 @@ pub async fn run(mut cfg: ExitConfig, shutdown: CancellationToken) -> Result<()>
         tasks.spawn(async move { a.run_deny_poller(e, s).await });
     }
     tasks.spawn(status::run(
-        cfg.up.state_dir.clone(),
+        api_rx,
         audit.clone(),
         exec.clone(),
         stop.clone(),
     ));
     tracing::info!(audit = %audit.path().display(), "homeport exit starting");
-    let res = homeport_node::daemon::run(cfg.up, shutdown.clone(), Some(tx)).await;
+    let res = homeport_node::daemon::run(
+        cfg.up,
+        shutdown.clone(),
+        homeport_node::daemon::Hooks {
+            maps: Some(tx),
+            api: Some(api_tx),
+        },
+    )
+    .await;
     // Whatever ended the node: take the published ports down with it.
     stop.cancel();
     while tasks.join_next().await.is_some() {}

@@ -10,7 +10,7 @@ use homeport_proto::status::{
     REPORT_EVERY_SECS,
 };
 use std::io::{Read, Seek, SeekFrom};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
@@ -89,50 +89,28 @@ pub fn report(audit: &Audit, table: &[CtEvent], now_micros: i64) -> ExitStatusRe
     }
 }
 
-/// Reports until `stop`, once the exit's node has registered (its credential, coordinator and
-/// pin are in `state_dir`).
-pub async fn run(state_dir: PathBuf, audit: Arc<Audit>, exec: Exec, stop: CancellationToken) {
+/// Reports until `stop`, as the exit's node (the daemon's [`Api`], once it has registered).
+pub async fn run(
+    api: tokio::sync::watch::Receiver<Option<homeport_node::coordinator::Api>>,
+    audit: Arc<Audit>,
+    exec: Exec,
+    stop: CancellationToken,
+) {
     let mut tick = tokio::time::interval(Duration::from_secs(REPORT_EVERY_SECS));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut client: Option<(reqwest::Client, String, String)> = None;
     loop {
         tokio::select! {
             _ = tick.tick() => {}
             _ = stop.cancelled() => return,
         }
-        if client.is_none() {
-            let Some(reg) = homeport_node::state::active_registration(&state_dir) else {
-                continue;
-            };
-            match homeport_node::state::coordinator_client(&reg.pin, Some(Duration::from_secs(10)))
-            {
-                Ok(c) => client = Some((c, reg.coordinator, reg.credential)),
-                Err(e) => {
-                    tracing::warn!(error = %format!("{e:#}"), "status report: no HTTP client");
-                    return;
-                }
-            }
-        }
-        let Some((c, url, cred)) = &client else {
+        let Some(api) = api.borrow().clone() else {
             continue;
         };
         let table = conntrack_table(&exec).await;
         let now = (time::OffsetDateTime::now_utc().unix_timestamp_nanos() / 1000) as i64;
         let rep = report(&audit, &table, now);
-        match c
-            .post(format!("{url}{PATH_EXIT_STATUS}"))
-            .bearer_auth(cred)
-            .json(&rep)
-            .send()
-            .await
-        {
-            Ok(r) if r.status().is_success() => {}
-            Ok(r) if r.status() == reqwest::StatusCode::UNAUTHORIZED => {
-                // Registered again (a new credential): read it again.
-                client = None;
-            }
-            Ok(r) => tracing::debug!(status = %r.status(), "exit status report refused"),
-            Err(e) => tracing::debug!(error = %e, "exit status report failed"),
+        if let Err(e) = api.post(PATH_EXIT_STATUS, &rep).await {
+            tracing::debug!(error = %e, "exit status report failed");
         }
     }
 }

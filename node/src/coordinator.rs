@@ -196,7 +196,12 @@ async fn register_once(
     Err(format!("register: {why}"))
 }
 
-/// A registered node's calls to the coordinator (cheap to clone).
+/// Requests to the coordinator (all but the map stream and the relay over TCP, which stay open)
+/// end within this.
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A registered node's calls to the coordinator (cheap to clone). The daemon hands it to whoever
+/// else in the process calls the coordinator as this node (the exit's tasks).
 #[derive(Clone)]
 pub struct Api {
     client: reqwest::Client,
@@ -213,16 +218,23 @@ impl Api {
         }
     }
 
-    /// POSTs `body` as JSON to `path` with the node's credential.
+    /// A request to `path` with the node's credential, ending within [`REQUEST_TIMEOUT`], on
+    /// the process's one pinned, pooled connection to the coordinator.
+    pub fn request(&self, method: reqwest::Method, path: &str) -> reqwest::RequestBuilder {
+        self.client
+            .request(method, format!("{}{path}", self.url))
+            .bearer_auth(&*self.cred)
+            .timeout(REQUEST_TIMEOUT)
+    }
+
+    /// POSTs `body` as JSON to `path`; the coordinator's error, if any, in words.
     pub async fn post<T: serde::Serialize + ?Sized>(
         &self,
         path: &str,
         body: &T,
     ) -> std::result::Result<(), String> {
         let r = self
-            .client
-            .post(format!("{}{path}", self.url))
-            .bearer_auth(&*self.cred)
+            .request(reqwest::Method::POST, path)
             .json(body)
             .send()
             .await

@@ -19,7 +19,7 @@ fn main() -> std::process::ExitCode {
                 homeport_node::daemon::init_logging(cfg.log_format);
                 let shutdown = CancellationToken::new();
                 cancel_on_signals(shutdown.clone());
-                homeport_node::daemon::run(cfg, shutdown, None).await
+                homeport_node::daemon::run(cfg, shutdown, Default::default()).await
             }
             cmd => homeport_node::cli::run(cmd).await,
         }

@@ -38,6 +38,16 @@ pub use crate::coordinator::Refused;
 
 /// Map observers (the exit) receive every new map through this.
 pub type MapObserver = watch::Sender<Option<Arc<NetworkMap>>>;
+/// Whoever else in the process calls the coordinator as this node (the exit) gets the node's
+/// [`Api`] through this once it is registered.
+pub type ApiObserver = watch::Sender<Option<Api>>;
+
+/// What a process that embeds the daemon (the exit) follows.
+#[derive(Default)]
+pub struct Hooks {
+    pub maps: Option<MapObserver>,
+    pub api: Option<ApiObserver>,
+}
 
 /// Exit status of a node the coordinator refuses (EX_CONFIG from sysexits.h): an admin has to
 /// act (a new auth key), so systemd must not restart it (`RestartPreventExitStatus=78`).
@@ -138,11 +148,11 @@ async fn until(stop: CancellationToken, f: impl Future<Output = ()>) {
 
 /// Runs the node until `shutdown` is cancelled, `homeport down` is asked, or the coordinator
 /// revokes this node (an error).
-pub async fn run(
-    cfg: UpConfig,
-    shutdown: CancellationToken,
-    maps: Option<MapObserver>,
-) -> Result<()> {
+pub async fn run(cfg: UpConfig, shutdown: CancellationToken, hooks: Hooks) -> Result<()> {
+    let Hooks {
+        maps,
+        api: api_observer,
+    } = hooks;
     let st = StateDir::open(&cfg.state_dir)?;
     let key = st.private_key()?;
     let stored = st.registration()?;
@@ -197,6 +207,9 @@ pub async fn run(
     std::fs::set_permissions(&sock_path, std::fs::Permissions::from_mode(0o600))?;
 
     let api = Api::new(client, &coordinator, &reg.credential);
+    if let Some(o) = &api_observer {
+        o.send_replace(Some(api.clone()));
+    }
     let stun = StunClient::new(dp.clone(), crate::stun::bridge(side_rx)?);
     let tasks = TaskTracker::new();
     let (stream_tx, stream_rx) = mpsc::channel(crate::coordinator::STREAM_QUEUE);
