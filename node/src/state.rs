@@ -121,17 +121,6 @@ fn read_json<T: serde::de::DeserializeOwned>(p: &Path) -> Result<Option<T>> {
     }
 }
 
-/// The registration of the node whose state is in `dir`, when it has one that the coordinator
-/// did not refuse: what the exit's tasks need to talk to the coordinator as that node.
-pub fn active_registration(dir: &Path) -> Option<Registration> {
-    StateDir::open(dir)
-        .ok()?
-        .registration()
-        .ok()
-        .flatten()
-        .filter(|r| !r.refused)
-}
-
 /// An HTTPS client for the coordinator, pinned to `pin`. Pooled connections are dropped before
 /// the server's idle timeout ([`homeport_proto::api::CLIENT_POOL_IDLE_SECS`]); `timeout` bounds
 /// each request (none for the map stream, which stays open).
