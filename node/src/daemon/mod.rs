@@ -247,6 +247,7 @@ pub async fn run(cfg: UpConfig, shutdown: CancellationToken, hooks: Hooks) -> Re
         pings: vec![],
         probes: Default::default(),
         tasks: tasks.clone(),
+        stop: stop.clone(),
     };
     // The last map keeps the mesh working while the coordinator is unreachable.
     node.apply_stored_map()?;
@@ -379,7 +380,9 @@ struct Node {
     stun: StunClient,
     pings: Vec<PingWait>,
     probes: probes::ProbeAsks,
+    /// Short tasks the loop starts (probe asks, netcheck), stopped with the daemon.
     tasks: TaskTracker,
+    stop: CancellationToken,
 }
 
 /// What ends the loop.
@@ -623,11 +626,11 @@ impl Node {
         for id in self.probes.due(Instant::now(), &wanted) {
             self.dp.start_attempt(id);
             let api = self.api.clone();
-            self.tasks.spawn(async move {
+            self.tasks.spawn(until(self.stop.clone(), async move {
                 if let Err(e) = api.ask_probe(id).await {
                     tracing::debug!(error = %e, "probe request failed");
                 }
-            });
+            }));
         }
     }
 
@@ -660,10 +663,10 @@ impl Node {
                     .relay_rtt()
                     .map(|(a, r)| (a, r.as_secs_f64() * 1000.0));
                 let client = self.stun.clone();
-                self.tasks.spawn(async move {
+                self.tasks.spawn(until(self.stop.clone(), async move {
                     let n = crate::netcheck::run(&client, servers, seen, relay).await;
                     let _ = reply.send(Response::Netcheck(Box::new(n)));
-                });
+                }));
                 return None;
             }
             Request::Published => Response::Published(Box::new(self.published())),
