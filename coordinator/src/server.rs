@@ -180,19 +180,27 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
             crate::tls::write_private(&f, b"")?;
         }
     }
+    let my_relay = RelayInfo {
+        // The relay shares the STUN socket: one UDP port to open on the VPS.
+        udp: Some(SocketAddr::new(host, stun_bound.port())),
+        stun: Some(SocketAddr::new(host, stun_bound.port())),
+        public_key: Some(homeport_proto::PublicKey::from(relay.public)),
+    };
+    let my_url = join_url(&cfg, bound, host);
     let (state, first) = AppState::open(StateOptions {
-        database_url: db_url,
+        database_url: db_url.clone(),
         prefix_v4: cfg.prefix_v4,
         prefix_v6: cfg.prefix_v6,
-        relays: vec![RelayInfo {
-            // The relay shares the STUN socket: one UDP port to open on the VPS.
-            udp: Some(SocketAddr::new(host, stun_bound.port())),
-            stun: Some(SocketAddr::new(host, stun_bound.port())),
-            public_key: Some(homeport_proto::PublicKey::from(relay.public)),
-        }],
+        relays: vec![my_relay.clone()],
         identity: Some(identity),
+        replica_url: Some(my_url.clone()),
     })
     .await?;
+    let me = crate::replicas::Replica {
+        url: my_url.clone(),
+        pin: tls.pin.clone(),
+        relay: my_relay.clone(),
+    };
 
     let sock_path = dir.join(ADMIN_SOCKET);
     let _ = std::fs::remove_file(&sock_path);
@@ -208,6 +216,26 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
         shutdown.clone(),
     ));
     state.mesh().set_relay(relay.clone());
+    if state.store.postgres {
+        // Replicas sharing the database: each advertises itself, hears the others' changes.
+        if cfg.public_url.is_none() {
+            tracing::warn!(url = %me.url, "no --public-url: the other replicas advertise this replica to nodes under a guessed URL");
+        }
+        let (st, sd, url) = (state.clone(), shutdown.clone(), db_url.clone());
+        crate::replicas::run_start(&st, &me).await?;
+        tasks.spawn(async move {
+            if let Err(e) = crate::replicas::run(st, me, url, sd).await {
+                tracing::error!(error = %e, "replication stopped: changes on other replicas no longer reach this one's nodes");
+            }
+        });
+    } else {
+        // One coordinator: the maps name it alone.
+        let c = homeport_proto::map::CoordinatorInfo {
+            url: me.url.clone(),
+            pin: me.pin.clone(),
+        };
+        state.mesh().set_replicas(vec![c], vec![me.relay.clone()]);
+    }
     {
         let sd = shutdown.clone();
         tasks.spawn(async move {

@@ -225,6 +225,7 @@ pub fn home_map() -> NetworkMap {
             stun: Some(RELAY_ADDR.parse().unwrap()),
             public_key: Some(homeport_proto::PublicKey(public(9))),
         }],
+        coordinators: vec![],
     }
 }
 
