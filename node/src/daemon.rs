@@ -119,6 +119,8 @@ struct Shared {
     pongs: tokio::sync::broadcast::Sender<Event>,
     public_key: homeport_proto::PublicKey,
     state: StateDir,
+    /// The coordinator replicas; every call goes to the current one.
+    replicas: Arc<crate::replicas::Replicas>,
 }
 
 impl Shared {
@@ -306,6 +308,11 @@ pub async fn run(
             r
         }
     };
+    let replicas = Arc::new(crate::replicas::Replicas::new(
+        &coordinator,
+        &pin,
+        &crate::replicas::load(&cfg.state_dir),
+    )?);
     let port = cfg.listen_port.unwrap_or(reg.listen_port);
     let public_key = key.public_key();
     let (side_tx, side_rx) = std::sync::mpsc::sync_channel(crate::stun::STUN_QUEUE);
@@ -358,6 +365,7 @@ pub async fn run(
         pongs: tokio::sync::broadcast::channel(16).0,
         public_key,
         state: st,
+        replicas: replicas.clone(),
     });
 
     let stop = shutdown.child_token();
@@ -394,22 +402,19 @@ pub async fn run(
             }
         })?;
     tokio::spawn(tcp_relay_keeper(
-        client.clone(),
-        coordinator.clone(),
+        replicas.clone(),
         shared.clone(),
         stop.clone(),
     ));
     tokio::spawn(probe_asker(
-        client.clone(),
-        coordinator.clone(),
+        replicas.clone(),
         reg.credential.clone(),
         shared.clone(),
         stop.clone(),
     ));
     tokio::spawn(engine_events(events_rx, shared.clone(), stop.clone()));
     tokio::spawn(endpoint_reporter(
-        client.clone(),
-        coordinator.clone(),
+        replicas.clone(),
         reg.credential.clone(),
         shared.clone(),
         stun_rx,
@@ -419,8 +424,7 @@ pub async fn run(
         // Paths, handshakes and traffic for the admin overview (the dashboard).
         let s = shared.clone();
         tokio::spawn(crate::report::run(
-            client.clone(),
-            coordinator.clone(),
+            replicas.clone(),
             reg.credential.clone(),
             format!("homeport {}", env!("CARGO_PKG_VERSION")),
             move || {
@@ -435,7 +439,7 @@ pub async fn run(
     tracing::info!(tun = %cfg.tun, port = listen_port, "homeport node up");
 
     let result = tokio::select! {
-        r = map_loop(&client, &coordinator, &reg.credential, &shared, maps.as_ref(), &stop) => r,
+        r = map_loop(&replicas, &reg.credential, &shared, maps.as_ref(), &stop) => r,
         _ = stop.cancelled() => Ok(()),
     };
     stop.cancel();
@@ -605,8 +609,7 @@ enum StreamEnd {
 }
 
 async fn map_loop(
-    client: &reqwest::Client,
-    url: &str,
+    replicas: &crate::replicas::Replicas,
     cred: &str,
     shared: &Shared,
     maps: Option<&MapObserver>,
@@ -616,13 +619,16 @@ async fn map_loop(
     let mut lost = std::time::Instant::now();
     loop {
         let mut was_up = false;
-        let end = map_stream(client, url, cred, shared, maps, &mut was_up).await;
+        let cur = replicas.current();
+        let end = map_stream(&cur.client, &cur.url, cred, shared, maps, &mut was_up).await;
         shared.connected.store(false, Ordering::Relaxed);
         if was_up {
             attempt = 0;
             lost = std::time::Instant::now();
         }
-        let backoff = map_retry_delay(attempt, lost.elapsed(), rand::random::<f64>());
+        // The next attempt goes to another replica if there is one.
+        let skip = replicas.failed(&cur.url, was_up);
+        let backoff = map_retry_delay(attempt, lost.elapsed(), rand::random::<f64>()).max(skip);
         match end {
             StreamEnd::Revoked(why) => {
                 return Err(Refused(format!(
@@ -751,6 +757,7 @@ fn apply_message(shared: &Shared, maps: Option<&MapObserver>, mut msg: MapMessag
     if let Err(e) = shared.state.save_map(&new) {
         tracing::warn!(error = %e, "could not persist the map");
     }
+    shared.replicas.update(&new.coordinators, &shared.state.dir);
     if let Some(o) = maps {
         o.send_replace(Some(Arc::new(new)));
     }
@@ -943,8 +950,7 @@ fn local_candidates(port: u16, shared: &Shared) -> Vec<Endpoint> {
 }
 
 async fn endpoint_reporter(
-    client: reqwest::Client,
-    url: String,
+    replicas: Arc<crate::replicas::Replicas>,
     cred: String,
     shared: Arc<Shared>,
     stun_rx: StunRx,
@@ -1011,8 +1017,10 @@ async fn endpoint_reporter(
         let connected = shared.connected.load(Ordering::Relaxed);
         // Report on change, and again after every reconnection (the coordinator may be new).
         if connected && (reported.as_ref() != Some(&eps) || !was_connected) {
-            let r = client
-                .post(format!("{url}{PATH_ENDPOINTS}"))
+            let cur = replicas.current();
+            let r = cur
+                .client
+                .post(format!("{}{PATH_ENDPOINTS}", cur.url))
                 .bearer_auth(&cred)
                 .json(&EndpointReport {
                     endpoints: eps.clone(),
@@ -1102,8 +1110,7 @@ fn rebind_if_asked(shared: &Shared) {
 /// at the same moment (that is what opens two NATs). At most once per [`PROBE_ASK_EVERY`] per
 /// peer: enough to catch a peer whose NAT mapping changed, cheap for the coordinator.
 async fn probe_asker(
-    client: reqwest::Client,
-    url: String,
+    replicas: Arc<crate::replicas::Replicas>,
     cred: String,
     shared: Arc<Shared>,
     stop: CancellationToken,
@@ -1154,8 +1161,10 @@ async fn probe_asker(
             if let Some(dp) = shared.dp.lock().unwrap().as_ref() {
                 dp.start_attempt(id);
             }
-            let r = client
-                .post(format!("{url}{}", homeport_proto::api::PATH_PROBE))
+            let cur = replicas.current();
+            let r = cur
+                .client
+                .post(format!("{}{}", cur.url, homeport_proto::api::PATH_PROBE))
                 .bearer_auth(&cred)
                 .json(&homeport_proto::api::ProbeAsk { peer: id })
                 .send()
@@ -1173,8 +1182,7 @@ async fn probe_asker(
 const TCP_RELAY_BATCH: usize = 64 * 1024;
 
 async fn tcp_relay_keeper(
-    client: reqwest::Client,
-    url: String,
+    replicas: Arc<crate::replicas::Replicas>,
     shared: Arc<Shared>,
     stop: CancellationToken,
 ) {
@@ -1194,8 +1202,14 @@ async fn tcp_relay_keeper(
             }
         };
         let Some(relay) = relay else { continue };
-        let resp = client
-            .get(format!("{url}{}", homeport_proto::api::PATH_RELAY_TCP))
+        let cur = replicas.current();
+        let resp = cur
+            .client
+            .get(format!(
+                "{}{}",
+                cur.url,
+                homeport_proto::api::PATH_RELAY_TCP
+            ))
             .header(reqwest::header::CONNECTION, "upgrade")
             .header(reqwest::header::UPGRADE, homeport_proto::api::RELAY_UPGRADE)
             .send()

@@ -16,6 +16,7 @@ pub mod control;
 pub mod daemon;
 pub mod datapath;
 pub mod plex;
+pub mod replicas;
 pub mod report;
 pub mod state;
 pub mod stun;

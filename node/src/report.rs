@@ -44,8 +44,7 @@ pub fn report(version: &str, peers: &[PeerStatus]) -> NodeStatusReport {
 /// until `stop`. A refused or failed report is only logged at debug: the dashboard shows the
 /// report's age.
 pub async fn run(
-    client: reqwest::Client,
-    url: String,
+    replicas: std::sync::Arc<crate::replicas::Replicas>,
     cred: String,
     version: String,
     status: impl Fn() -> Option<Vec<PeerStatus>> + Send + 'static,
@@ -59,8 +58,10 @@ pub async fn run(
             _ = stop.cancelled() => return,
         }
         let Some(peers) = status() else { continue };
-        let r = client
-            .post(format!("{url}{PATH_NODE_STATUS}"))
+        let cur = replicas.current();
+        let r = cur
+            .client
+            .post(format!("{}{PATH_NODE_STATUS}", cur.url))
             .bearer_auth(&cred)
             .json(&report(&version, &peers))
             .send()
