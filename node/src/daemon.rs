@@ -147,7 +147,8 @@ impl Shared {
                 addrs: self.reg.addrs,
                 tun: self.tun.clone(),
                 listen_port: self.listen_port.load(Ordering::Relaxed),
-                coordinator: self.reg.coordinator.clone(),
+                // The replica in use (the one registered with, or another after a failover).
+                coordinator: self.replicas.current().url.to_string(),
                 connected: self.connected.load(Ordering::Relaxed),
                 map_version,
             },
