@@ -2340,6 +2340,48 @@ async fn a_change_on_one_replica_reaches_streams_on_the_other_within_1_s_on_post
             .await,
     );
     eprintln!("replica B -> stream on A: {took:?}");
+
+    // The listening connections drop (a database restart, a network blip) while something
+    // changes unannounced: on reconnecting, A reloads everything and its stream catches up.
+    let (s, v) = b
+        .admin(
+            Method::PUT,
+            api::PATH_ADMIN_POLICY,
+            Some(json!({"rules": []})),
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    on_a.until(limit, "the policy cleared on B", |m| {
+        m.filter.as_ref().is_some_and(|f| f.allow_all)
+    })
+    .await;
+    let laptop = b.register(&key, "laptop").await;
+    let lid = laptop.node_id;
+    on_a.until(limit, "another node registered on B", |m| {
+        m.peers.iter().any(|p| p.id == lid)
+    })
+    .await;
+    sqlx::query("UPDATE nodes SET endpoints = $1 WHERE id = $2")
+        .bind(r#"[{"addr":"203.0.113.9:5555","kind":"stun"}]"#)
+        .bind(lid.0)
+        .execute(&a.st.store.pool)
+        .await
+        .unwrap();
+    let killed = sqlx::query(
+        "SELECT pg_terminate_backend(pid) AS gone FROM pg_stat_activity WHERE query LIKE 'LISTEN%'",
+    )
+    .fetch_all(&a.st.store.pool)
+    .await
+    .unwrap();
+    assert_eq!(killed.len(), 2, "one listening connection per replica");
+    let resync = on_a
+        .until(3 * SEC, "a change made while nobody listened", |m| {
+            m.peers
+                .iter()
+                .any(|p| p.id == lid && p.endpoints.iter().any(|e| e.addr.port() == 5555))
+        })
+        .await;
+    eprintln!("caught up {resync:?} after the listeners' connections dropped");
     // The replica list follows a replica leaving.
     stop_b.cancel();
     on_a.until(3 * SEC, "replica B leaving", |m| {
