@@ -763,8 +763,18 @@ impl Mesh {
             self.remote_online.remove(&rec.id);
         }
         rec.online = remote || self.streams.contains_key(&rec.id);
-        if let Some(old) = self.nodes.get(&rec.id) {
+        if let Some(old) = self.nodes.get_mut(&rec.id) {
             rec.last_seen = old.last_seen.max(rec.last_seen);
+            let same = NodeRec {
+                last_seen: old.last_seen,
+                ..rec.clone()
+            } == *old;
+            if same {
+                // last_seen is not part of any map: nothing to tell (a reload of 10,000
+                // nodes must not send 10,000 records).
+                old.last_seen = rec.last_seen;
+                return;
+            }
         }
         self.upsert_node(rec);
     }
@@ -1191,5 +1201,44 @@ mod tests {
                 n.name
             );
         }
+    }
+
+    #[test]
+    fn changes_from_other_replicas_reach_local_streams_and_online_follows_the_node() {
+        let mut m = mesh(vec![node(1, "a", &[]), node(2, "b", &[])], None);
+        let a = m.connect(NodeId(1), 0).unwrap();
+        assert!(take(&a).unwrap().full);
+        // b's stream opened on another replica: a hears b is online.
+        let mut b = node(2, "b", &[]);
+        b.endpoints = ep(5000);
+        m.apply_stored(b.clone(), true);
+        let d = take(&a).unwrap();
+        assert!(d.peers[0].online && d.peers[0].endpoints == ep(5000));
+        // The same record with a newer last_seen only: nothing to send.
+        b.last_seen = Some(99);
+        m.apply_stored(b.clone(), true);
+        assert_eq!(take(&a), None);
+        // b moves here, then its old stream elsewhere ends: still online; its stream here
+        // ending while another replica holds it keeps it online too.
+        let bs = m.connect(NodeId(2), 1).unwrap();
+        assert_eq!(take(&a), None, "b was online already");
+        assert!(m.disconnect(NodeId(2), bs.generation, 2));
+        assert_eq!(take(&a), None, "another replica holds b's stream");
+        m.apply_stored(b.clone(), false);
+        assert!(!take(&a).unwrap().peers[0].online);
+        // A removal stored elsewhere.
+        m.remove_node(NodeId(2));
+        assert_eq!(take(&a).unwrap().peers_removed, vec![NodeId(2)]);
+        // The replica set: every stream hears it once.
+        let c = |u: &str| CoordinatorInfo {
+            url: u.into(),
+            pin: "p".into(),
+        };
+        m.set_replicas(vec![c("https://x"), c("https://y")], vec![]);
+        let d = take(&a).unwrap();
+        assert_eq!(d.coordinators.unwrap().len(), 2);
+        assert!(d.relays.is_none(), "the relays did not change");
+        m.set_replicas(vec![c("https://x"), c("https://y")], vec![]);
+        assert_eq!(take(&a), None);
     }
 }

@@ -90,6 +90,25 @@ pub struct Replica {
 /// Joins the replicas sharing the database (before serving, so the first maps name them all).
 pub async fn run_start(st: &AppState, me: &Replica) -> anyhow::Result<()> {
     let relay = serde_json::to_string(&me.relay)?;
+    // Two replicas under one URL would take each other's announcements for their own. A row
+    // heard from just now is either that, or this replica before a crash and quick restart:
+    // wait one heartbeat and see whether it is still being renewed.
+    if let Some((beat, silent)) = st.store.replica_heartbeat().await?
+        && silent < DEAD_AFTER_SECS
+    {
+        tokio::time::sleep(2 * HEARTBEAT_EVERY + Duration::from_millis(500)).await;
+        if st
+            .store
+            .replica_heartbeat()
+            .await?
+            .is_some_and(|(b, _)| b != beat)
+        {
+            anyhow::bail!(
+                "another coordinator replica is running as {} on this database; give each replica its own --public-url",
+                me.url
+            );
+        }
+    }
     st.store.register_replica(&me.pin, &relay, now()).await?;
     refresh_replicas(st).await?;
     tracing::info!(url = %me.url, "joined the coordinator replicas sharing the database");
@@ -125,13 +144,12 @@ pub async fn run(
 }
 
 async fn heartbeat(st: &AppState, me: &Replica, relay: &str) -> StoreResult<()> {
-    let at = now();
-    let (reaped, present) = st.store.heartbeat(at, at - DEAD_AFTER_SECS).await?;
+    let (reaped, present) = st.store.heartbeat(DEAD_AFTER_SECS).await?;
     if !present {
         // The others took this replica for dead (it was paused or cut off): join again and
         // tell them which streams it still holds.
         tracing::warn!("this replica was taken for dead by the others; joining again");
-        st.store.rejoin_replica(&me.pin, relay, at).await?;
+        st.store.rejoin_replica(&me.pin, relay, now()).await?;
         let held: Vec<(NodeId, bool)> = st
             .mesh()
             .connected()
@@ -282,7 +300,7 @@ fn apply_nodes(st: &AppState, ids: &[NodeId], stored: Vec<(NodeRec, Option<Strin
 
 /// Rereads the live replicas into the maps. True when the set changed.
 async fn refresh_replicas(st: &AppState) -> StoreResult<bool> {
-    let rows = st.store.replicas(now() - DEAD_AFTER_SECS).await?;
+    let rows = st.store.replicas(DEAD_AFTER_SECS).await?;
     let mut coordinators = Vec::with_capacity(rows.len());
     let mut relays = Vec::with_capacity(rows.len());
     let mut live = HashSet::new();

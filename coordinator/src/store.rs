@@ -43,6 +43,9 @@ pub enum StoreError {
 
 pub type StoreResult<T> = Result<T, StoreError>;
 
+/// The database's clock in unix seconds (PostgreSQL): replicas' heartbeats are compared in it.
+const DB_NOW: &str = "CAST(EXTRACT(EPOCH FROM now()) AS BIGINT)";
+
 pub fn now() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -670,7 +673,7 @@ impl Store {
         Ok(())
     }
 
-    // ---- replicas (high availability) ----
+    // ---- replicas (high availability; PostgreSQL only) ----
 
     /// The nodes among `ids` as stored (removed ones are missing), each with the replica that
     /// holds its map stream.
@@ -735,18 +738,19 @@ impl Store {
     }
 
     /// Registers this replica (or renews it after a restart): its streams from before are gone.
-    pub async fn register_replica(&self, pin: &str, relay: &str, at: i64) -> StoreResult<()> {
+    /// Heartbeats are in the database's clock, so replicas' clocks need not agree.
+    pub async fn register_replica(&self, pin: &str, relay: &str, started: i64) -> StoreResult<()> {
         let mut tx = self.pool.begin().await?;
         let r = async {
-            sqlx::query(
-                "INSERT INTO replicas (url, pin, relay, started_at, heartbeat) VALUES ($1, $2, $3, $4, $4) \
+            sqlx::query(&format!(
+                "INSERT INTO replicas (url, pin, relay, started_at, heartbeat) VALUES ($1, $2, $3, $4, {DB_NOW}) \
                  ON CONFLICT (url) DO UPDATE SET pin = excluded.pin, relay = excluded.relay, \
-                 started_at = excluded.started_at, heartbeat = excluded.heartbeat",
-            )
+                 started_at = excluded.started_at, heartbeat = excluded.heartbeat"
+            ))
             .bind(&self.origin)
             .bind(pin)
             .bind(relay)
-            .bind(at)
+            .bind(started)
             .execute(&mut *tx)
             .await?;
             sqlx::query("UPDATE nodes SET replica = NULL WHERE replica = $1")
@@ -761,30 +765,33 @@ impl Store {
         finish(tx, r).await
     }
 
-    /// Renews this replica's heartbeat and forgets replicas silent since `dead_before`: their
-    /// nodes' streams are gone with them. Returns (some replica was forgotten, this replica's
-    /// own row was still there).
-    pub async fn heartbeat(&self, at: i64, dead_before: i64) -> StoreResult<(bool, bool)> {
+    /// Renews this replica's heartbeat and forgets replicas silent for more than `dead_after`
+    /// seconds: their nodes' streams are gone with them. Returns (some replica was forgotten,
+    /// this replica's own row was still there).
+    pub async fn heartbeat(&self, dead_after: i64) -> StoreResult<(bool, bool)> {
         let mut tx = self.pool.begin().await?;
         let r = async {
-            let mine = sqlx::query("UPDATE replicas SET heartbeat = $1 WHERE url = $2")
-                .bind(at)
-                .bind(&self.origin)
-                .execute(&mut *tx)
-                .await?;
-            let cleared = sqlx::query(
-                "UPDATE nodes SET replica = NULL WHERE replica IN \
-                 (SELECT url FROM replicas WHERE heartbeat < $1 AND url <> $2)",
-            )
-            .bind(dead_before)
+            let mine = sqlx::query(&format!(
+                "UPDATE replicas SET heartbeat = {DB_NOW} WHERE url = $1"
+            ))
             .bind(&self.origin)
             .execute(&mut *tx)
             .await?;
-            let gone = sqlx::query("DELETE FROM replicas WHERE heartbeat < $1 AND url <> $2")
-                .bind(dead_before)
-                .bind(&self.origin)
-                .execute(&mut *tx)
-                .await?;
+            let cleared = sqlx::query(&format!(
+                "UPDATE nodes SET replica = NULL WHERE replica IN \
+                 (SELECT url FROM replicas WHERE heartbeat < {DB_NOW} - $1 AND url <> $2)"
+            ))
+            .bind(dead_after)
+            .bind(&self.origin)
+            .execute(&mut *tx)
+            .await?;
+            let gone = sqlx::query(&format!(
+                "DELETE FROM replicas WHERE heartbeat < {DB_NOW} - $1 AND url <> $2"
+            ))
+            .bind(dead_after)
+            .bind(&self.origin)
+            .execute(&mut *tx)
+            .await?;
             let changed = gone.rows_affected() > 0 || cleared.rows_affected() > 0;
             if changed {
                 // Which nodes lost their replica is not known here: everyone reloads.
@@ -797,18 +804,33 @@ impl Store {
         finish(tx, r).await
     }
 
+    /// This replica's URL's last heartbeat and the seconds since (None: no such row). One that
+    /// is still being renewed at startup means another live replica uses the same URL.
+    pub async fn replica_heartbeat(&self) -> StoreResult<Option<(i64, i64)>> {
+        let r = sqlx::query(&format!(
+            "SELECT heartbeat, {DB_NOW} - heartbeat AS silent FROM replicas WHERE url = $1"
+        ))
+        .bind(&self.origin)
+        .fetch_optional(&self.pool)
+        .await?;
+        Ok(match r {
+            Some(r) => Some((r.try_get("heartbeat")?, r.try_get("silent")?)),
+            None => None,
+        })
+    }
+
     /// Puts this replica back after the others took it for dead, keeping its nodes' streams.
-    pub async fn rejoin_replica(&self, pin: &str, relay: &str, at: i64) -> StoreResult<()> {
+    pub async fn rejoin_replica(&self, pin: &str, relay: &str, started: i64) -> StoreResult<()> {
         let mut tx = self.pool.begin().await?;
         let r = async {
-            sqlx::query(
-                "INSERT INTO replicas (url, pin, relay, started_at, heartbeat) VALUES ($1, $2, $3, $4, $4) \
-                 ON CONFLICT (url) DO UPDATE SET heartbeat = excluded.heartbeat",
-            )
+            sqlx::query(&format!(
+                "INSERT INTO replicas (url, pin, relay, started_at, heartbeat) VALUES ($1, $2, $3, $4, {DB_NOW}) \
+                 ON CONFLICT (url) DO UPDATE SET heartbeat = excluded.heartbeat"
+            ))
             .bind(&self.origin)
             .bind(pin)
             .bind(relay)
-            .bind(at)
+            .bind(started)
             .execute(&mut *tx)
             .await?;
             let mut c = crate::replicas::Change::default();
@@ -819,13 +841,13 @@ impl Store {
         finish(tx, r).await
     }
 
-    /// The live replicas (heartbeat at or after `alive_since`), oldest first: (url, pin, relay
+    /// The replicas heard from within `alive_within` seconds, oldest first: (url, pin, relay
     /// JSON).
-    pub async fn replicas(&self, alive_since: i64) -> StoreResult<Vec<(String, String, String)>> {
-        let rows = sqlx::query(
-            "SELECT url, pin, relay FROM replicas WHERE heartbeat >= $1 ORDER BY started_at, url",
-        )
-        .bind(alive_since)
+    pub async fn replicas(&self, alive_within: i64) -> StoreResult<Vec<(String, String, String)>> {
+        let rows = sqlx::query(&format!(
+            "SELECT url, pin, relay FROM replicas WHERE heartbeat >= {DB_NOW} - $1 ORDER BY started_at, url"
+        ))
+        .bind(alive_within)
         .fetch_all(&self.pool)
         .await?;
         let mut out = Vec::with_capacity(rows.len());

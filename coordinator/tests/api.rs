@@ -2390,3 +2390,36 @@ async fn a_change_on_one_replica_reaches_streams_on_the_other_within_1_s_on_post
     .await;
     stop_a.cancel();
 }
+
+/// Two replicas under one URL would take each other's announcements for their own and miss
+/// them: the second is refused while the first renews its heartbeat.
+#[tokio::test]
+async fn a_second_replica_under_the_same_url_is_refused_on_postgres() {
+    let Some(pg) = ThrowawayPostgres::start() else {
+        return;
+    };
+    let url = fresh_postgres_db(&pg.url()).await;
+    let (_a, stop_a) = replica(&url, "https://198.51.100.10:8443", None).await;
+    let (st, _) = AppState::open(StateOptions {
+        database_url: url.clone(),
+        replica_url: Some("https://198.51.100.10:8443".into()),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let me = homeport_coordinator::replicas::Replica {
+        url: "https://198.51.100.10:8443".into(),
+        pin: "p".into(),
+        relay: homeport_proto::map::RelayInfo {
+            udp: None,
+            stun: None,
+            public_key: None,
+        },
+    };
+    let e = homeport_coordinator::replicas::run_start(&st, &me)
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("its own --public-url"), "{e}");
+    stop_a.cancel();
+}
