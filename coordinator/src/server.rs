@@ -228,14 +228,9 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
                 tracing::error!(error = %e, "replication stopped: changes on other replicas no longer reach this one's nodes");
             }
         });
-    } else {
-        // One coordinator: the maps name it alone.
-        let c = homeport_proto::map::CoordinatorInfo {
-            url: me.url.clone(),
-            pin: me.pin.clone(),
-        };
-        state.mesh().set_replicas(vec![c], vec![me.relay.clone()]);
     }
+    // With SQLite there is one coordinator and the maps name none: nodes keep using the URL
+    // they were given (a guessed URL, without --public-url, might not reach it from outside).
     {
         let sd = shutdown.clone();
         tasks.spawn(async move {
