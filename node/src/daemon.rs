@@ -628,8 +628,8 @@ async fn map_loop(
             lost = std::time::Instant::now();
         }
         // The next attempt goes to another replica if there is one.
-        let skip = replicas.failed(&cur.url, was_up);
-        let backoff = map_retry_delay(attempt, lost.elapsed(), rand::random::<f64>()).max(skip);
+        replicas.failed(&cur.url, was_up);
+        let backoff = map_retry_delay(attempt, lost.elapsed(), rand::random::<f64>());
         match end {
             StreamEnd::Revoked(why) => {
                 return Err(Refused(format!(

@@ -117,9 +117,10 @@ impl Rotation {
     }
 
     /// The current replica failed at `now`: skip it for a while and move to the next replica
-    /// not being skipped (in list order after it), else to the one whose skip ends first.
-    /// Returns how long to wait before using the new current replica.
-    pub fn failed(&mut self, now: Instant) -> Duration {
+    /// not being skipped (in list order after it), else to the one whose skip ends first. The
+    /// skip only orders the replicas: how long to wait between attempts is the caller's backoff
+    /// (with a single replica, nothing changes).
+    pub fn failed(&mut self, now: Instant) {
         let e = &mut self.entries[self.current];
         e.failures = e.failures.saturating_add(1);
         let skip = SKIP_MIN
@@ -136,10 +137,6 @@ impl Rotation {
                 .unwrap_or(0)
         });
         self.current = next;
-        self.entries[next]
-            .skip_until
-            .map(|t| t.saturating_duration_since(now))
-            .unwrap_or(Duration::ZERO)
     }
 }
 
@@ -200,22 +197,21 @@ impl Replicas {
         }
     }
 
-    /// The stream from `url` failed (after a full map from it when `was_up`); returns how long
-    /// to wait before the next attempt, on whichever replica is current then.
-    pub fn failed(&self, url: &str, was_up: bool) -> Duration {
+    /// The stream from `url` failed (after a full map from it when `was_up`): the next attempt
+    /// goes to the next replica.
+    pub fn failed(&self, url: &str, was_up: bool) {
         let mut r = self.rotation();
         if r.current().url != url {
-            return Duration::ZERO; // already moved on
+            return; // already moved on
         }
         if was_up {
             r.succeeded();
         }
-        let wait = r.failed(Instant::now());
+        r.failed(Instant::now());
         let next = r.current().url.clone();
         if next != url {
             tracing::info!(from = %url, to = %next, "moving to another coordinator replica");
         }
-        wait
     }
 
     /// The replicas a map names; persisted in `dir` when the list changed.
@@ -271,18 +267,17 @@ mod tests {
         let mut r = Rotation::new(c(1), &[c(1), c(2), c(3)]);
         assert_eq!(r.all().count(), 3, "the first one is not listed twice");
         assert_eq!(url(&r), c(1).url);
-        // 1 dies: the next is used at once.
-        assert_eq!(r.failed(t0), Duration::ZERO);
+        // 1 dies: the next one.
+        r.failed(t0);
         assert_eq!(url(&r), c(2).url);
         // 2 dies too within the skip of 1: 3 next, not 1.
-        assert_eq!(r.failed(t0 + Duration::from_millis(100)), Duration::ZERO);
+        r.failed(t0 + Duration::from_millis(100));
         assert_eq!(url(&r), c(3).url);
-        // All failed: wait for the one whose skip ends first (1, at t0 + 2 s).
-        let wait = r.failed(t0 + Duration::from_millis(200));
+        // All failed: the one whose skip ends first (1, at t0 + 2 s).
+        r.failed(t0 + Duration::from_millis(200));
         assert_eq!(url(&r), c(1).url);
-        assert_eq!(wait, Duration::from_millis(1800));
         // 1 fails again: its skip doubles, 2's has ended, so 2.
-        assert_eq!(r.failed(t0 + Duration::from_secs(3)), Duration::ZERO);
+        r.failed(t0 + Duration::from_secs(3));
         assert_eq!(url(&r), c(2).url);
         assert_eq!(
             r.entries[0].skip_until,
@@ -292,6 +287,15 @@ mod tests {
         // 2 serves a full map: its failure is forgotten.
         r.succeeded();
         assert_eq!((r.entries[1].failures, r.entries[1].skip_until), (0, None));
+    }
+
+    #[test]
+    fn a_single_replica_stays_current() {
+        let mut r = Rotation::new(c(1), &[]);
+        for k in 0..5 {
+            r.failed(Instant::now() + Duration::from_secs(k));
+            assert_eq!(url(&r), c(1).url);
+        }
     }
 
     #[test]
