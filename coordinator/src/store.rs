@@ -666,8 +666,10 @@ impl Store {
             .bind(now())
             .execute(&mut *tx)
             .await?;
-        let mut c = crate::replicas::Change::default();
-        c.policy = true;
+        let c = crate::replicas::Change {
+            policy: true,
+            ..Default::default()
+        };
         self.announce(&mut *tx, c).await?;
         tx.commit().await?;
         Ok(())
@@ -757,8 +759,10 @@ impl Store {
                 .bind(&self.origin)
                 .execute(&mut *tx)
                 .await?;
-            let mut c = crate::replicas::Change::default();
-            c.replicas = true;
+            let c = crate::replicas::Change {
+                replicas: true,
+                ..Default::default()
+            };
             self.announce(&mut *tx, c).await
         }
         .await;
@@ -833,8 +837,10 @@ impl Store {
             .bind(started)
             .execute(&mut *tx)
             .await?;
-            let mut c = crate::replicas::Change::default();
-            c.replicas = true;
+            let c = crate::replicas::Change {
+                replicas: true,
+                ..Default::default()
+            };
             self.announce(&mut *tx, c).await
         }
         .await;

@@ -1429,6 +1429,7 @@ fn map_seeds(s: &mut Vec<(&'static str, &'static str, Vec<u8>)>) {
         filter: Some(m.filter.clone()),
         publish: Some(m.publish.clone()),
         relays: Some(m.relays.clone()),
+        coordinators: None,
         probe_requests: vec![],
     };
     let line = |m: &MapMessage| serde_json::to_string(m).unwrap();
