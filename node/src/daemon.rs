@@ -312,7 +312,7 @@ pub async fn run(
     let replicas = Arc::new(crate::replicas::Replicas::new(
         &coordinator,
         &pin,
-        &crate::replicas::load(&cfg.state_dir),
+        &crate::replicas::load(&cfg.state_dir, &coordinator),
     )?);
     let port = cfg.listen_port.unwrap_or(reg.listen_port);
     let public_key = key.public_key();

@@ -16,8 +16,15 @@ use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-/// The list of replicas as last learned from a map (`replicas.json`, 0600).
+/// The list of replicas as last learned from a map (`replicas.json`, 0600), with the URL the
+/// node registered with: a list learned in another mesh is never used.
 pub const REPLICAS_FILE: &str = "replicas.json";
+
+#[derive(serde::Serialize, serde::Deserialize)]
+struct Stored {
+    registered_with: String,
+    replicas: Vec<CoordinatorInfo>,
+}
 
 /// A replica whose stream failed is skipped for this long, doubling per failure in a row up to
 /// [`SKIP_MAX`]: long enough that a dead replica costs the others nothing, short enough that a
@@ -216,33 +223,41 @@ impl Replicas {
 
     /// The replicas a map names; persisted in `dir` when the list changed.
     pub fn update(&self, named: &[CoordinatorInfo], dir: &Path) {
-        let list = {
+        let (first, list) = {
             let mut r = self.rotation();
             if !r.update(named) {
                 return;
             }
-            r.all().cloned().collect::<Vec<_>>()
+            let list = r.all().cloned().collect::<Vec<_>>();
+            (list[0].url.clone(), list)
         };
         let urls: Vec<&str> = list.iter().map(|c| c.url.as_str()).collect();
         tracing::info!(replicas = ?urls, "coordinator replicas");
-        if let Err(e) = save(dir, &list) {
+        if let Err(e) = save(dir, &first, &list) {
             tracing::warn!(error = %e, "cannot store the coordinator replicas");
         }
     }
 }
 
-/// The replicas stored in `dir` (none when never stored or unreadable).
-pub fn load(dir: &Path) -> Vec<CoordinatorInfo> {
+/// The replicas stored in `dir` for the node registered with `registered_with` (none when
+/// never stored, unreadable, or learned under another registration).
+pub fn load(dir: &Path, registered_with: &str) -> Vec<CoordinatorInfo> {
     std::fs::read(dir.join(REPLICAS_FILE))
         .ok()
-        .and_then(|b| serde_json::from_slice(&b).ok())
+        .and_then(|b| serde_json::from_slice::<Stored>(&b).ok())
+        .filter(|s| s.registered_with == registered_with)
+        .map(|s| s.replicas)
         .unwrap_or_default()
 }
 
-fn save(dir: &Path, list: &[CoordinatorInfo]) -> Result<()> {
+fn save(dir: &Path, registered_with: &str, list: &[CoordinatorInfo]) -> Result<()> {
+    let s = Stored {
+        registered_with: registered_with.to_string(),
+        replicas: list.to_vec(),
+    };
     Ok(crate::state::write_private(
         &dir.join(REPLICAS_FILE),
-        &serde_json::to_vec_pretty(list)?,
+        &serde_json::to_vec_pretty(&s)?,
     )?)
 }
 
@@ -327,11 +342,15 @@ mod tests {
     }
 
     #[test]
-    fn the_list_is_stored_0600_and_read_back() {
+    fn the_list_is_stored_0600_and_read_back_for_the_same_registration_only() {
         let d = tempfile::tempdir().unwrap();
-        assert!(load(d.path()).is_empty());
-        save(d.path(), &[c(1), c(2)]).unwrap();
-        assert_eq!(load(d.path()), vec![c(1), c(2)]);
+        assert!(load(d.path(), &c(1).url).is_empty());
+        save(d.path(), &c(1).url, &[c(1), c(2)]).unwrap();
+        assert_eq!(load(d.path(), &c(1).url), vec![c(1), c(2)]);
+        assert!(
+            load(d.path(), &c(7).url).is_empty(),
+            "a node that joined another mesh does not try the old one's replicas"
+        );
         use std::os::unix::fs::PermissionsExt;
         let mode = std::fs::metadata(d.path().join(REPLICAS_FILE))
             .unwrap()
