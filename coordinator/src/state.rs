@@ -305,14 +305,19 @@ impl std::fmt::Debug for MeshGauges {
 
 impl Collector for MeshGauges {
     fn encode(&self, mut enc: DescriptorEncoder) -> Result<(), std::fmt::Error> {
-        let (online, total, version) = {
+        let (online, total, version, replicas) = {
             let mesh = self.0.mesh();
-            (mesh.online_count(), mesh.nodes().count(), mesh.version())
+            (
+                mesh.online_count(),
+                mesh.nodes().count(),
+                mesh.version(),
+                mesh.coordinators().len(),
+            )
         };
         gauge(
             &mut enc,
             "nodes_online",
-            "Nodes with an open map stream",
+            "Nodes with an open map stream to this coordinator",
             online as i64,
         )?;
         gauge(
@@ -326,6 +331,12 @@ impl Collector for MeshGauges {
             "map_version",
             "Current map version",
             version as i64,
+        )?;
+        gauge(
+            &mut enc,
+            "replicas",
+            "Live coordinator replicas sharing the PostgreSQL database (0 with SQLite)",
+            replicas as i64,
         )
     }
 }
