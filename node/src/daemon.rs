@@ -309,10 +309,10 @@ pub async fn run(
             r
         }
     };
-    let replicas = Arc::new(crate::replicas::Replicas::new(
+    let replicas = Arc::new(crate::replicas::Replicas::open(
+        &cfg.state_dir,
         &coordinator,
         &pin,
-        &crate::replicas::load(&cfg.state_dir, &coordinator),
     )?);
     let port = cfg.listen_port.unwrap_or(reg.listen_port);
     let public_key = key.public_key();
@@ -758,7 +758,7 @@ fn apply_message(shared: &Shared, maps: Option<&MapObserver>, mut msg: MapMessag
     if let Err(e) = shared.state.save_map(&new) {
         tracing::warn!(error = %e, "could not persist the map");
     }
-    shared.replicas.update(&new.coordinators, &shared.state.dir);
+    shared.replicas.update(&new.coordinators);
     if let Some(o) = maps {
         o.send_replace(Some(Arc::new(new)));
     }

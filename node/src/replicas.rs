@@ -12,7 +12,7 @@
 
 use anyhow::Result;
 use homeport_proto::map::CoordinatorInfo;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -24,6 +24,9 @@ pub const REPLICAS_FILE: &str = "replicas.json";
 struct Stored {
     registered_with: String,
     replicas: Vec<CoordinatorInfo>,
+    /// The replica in use when stored.
+    #[serde(default)]
+    current: Option<CoordinatorInfo>,
 }
 
 /// A replica whose stream failed is skipped for this long, doubling per failure in a row up to
@@ -154,22 +157,29 @@ pub struct Replica {
     pub client: reqwest::Client,
 }
 
-/// The shared [`Rotation`] with one pinned HTTPS client per replica.
+/// The shared [`Rotation`] with one pinned HTTPS client per replica, kept in the state dir.
 pub struct Replicas {
     rotation: Mutex<Rotation>,
     clients: Mutex<std::collections::HashMap<(String, String), reqwest::Client>>,
+    dir: PathBuf,
 }
 
 impl Replicas {
-    /// `url` and `pin` as the node was started with; `known` as loaded from the state dir.
-    pub fn new(url: &str, pin: &str, known: &[CoordinatorInfo]) -> Result<Replicas> {
+    /// Starts from `url` and `pin` (what the node registered with) and the replicas stored in
+    /// `dir` for that registration.
+    pub fn open(dir: &Path, url: &str, pin: &str) -> Result<Replicas> {
         let first = CoordinatorInfo {
             url: url.to_string(),
             pin: pin.to_string(),
         };
+        let known = read(dir)
+            .filter(|s| s.registered_with == url)
+            .map(|s| s.replicas)
+            .unwrap_or_default();
         let r = Replicas {
-            rotation: Mutex::new(Rotation::new(first, known)),
+            rotation: Mutex::new(Rotation::new(first, &known)),
             clients: Mutex::new(Default::default()),
+            dir: dir.to_path_buf(),
         };
         r.client_for(url, pin)?; // a bad pin is an error now, not at the first request
         Ok(r)
@@ -207,58 +217,74 @@ impl Replicas {
     /// The stream from `url` failed (after a full map from it when `was_up`): the next attempt
     /// goes to the next replica.
     pub fn failed(&self, url: &str, was_up: bool) {
-        let mut r = self.rotation();
-        if r.current().url != url {
-            return; // already moved on
-        }
-        if was_up {
-            r.succeeded();
-        }
-        r.failed(Instant::now());
-        let next = r.current().url.clone();
-        if next != url {
-            tracing::info!(from = %url, to = %next, "moving to another coordinator replica");
-        }
+        let stored = {
+            let mut r = self.rotation();
+            if r.current().url != url {
+                return; // already moved on
+            }
+            if was_up {
+                r.succeeded();
+            }
+            r.failed(Instant::now());
+            if r.current().url == url {
+                return;
+            }
+            tracing::info!(from = %url, to = %r.current().url, "moving to another coordinator replica");
+            Stored::of(&r)
+        };
+        self.save(&stored);
     }
 
-    /// The replicas a map names; persisted in `dir` when the list changed.
-    pub fn update(&self, named: &[CoordinatorInfo], dir: &Path) {
-        let (first, list) = {
+    /// The replicas a map names; stored when the list changed.
+    pub fn update(&self, named: &[CoordinatorInfo]) {
+        let stored = {
             let mut r = self.rotation();
             if !r.update(named) {
                 return;
             }
-            let list = r.all().cloned().collect::<Vec<_>>();
-            (list[0].url.clone(), list)
+            Stored::of(&r)
         };
-        let urls: Vec<&str> = list.iter().map(|c| c.url.as_str()).collect();
+        let urls: Vec<&str> = stored.replicas.iter().map(|c| c.url.as_str()).collect();
         tracing::info!(replicas = ?urls, "coordinator replicas");
-        if let Err(e) = save(dir, &first, &list) {
+        self.save(&stored);
+    }
+
+    fn save(&self, s: &Stored) {
+        let r = serde_json::to_vec_pretty(s)
+            .map_err(anyhow::Error::from)
+            .and_then(|b| {
+                Ok(crate::state::write_private(
+                    &self.dir.join(REPLICAS_FILE),
+                    &b,
+                )?)
+            });
+        if let Err(e) = r {
             tracing::warn!(error = %e, "cannot store the coordinator replicas");
         }
     }
 }
 
-/// The replicas stored in `dir` for the node registered with `registered_with` (none when
-/// never stored, unreadable, or learned under another registration).
-pub fn load(dir: &Path, registered_with: &str) -> Vec<CoordinatorInfo> {
-    std::fs::read(dir.join(REPLICAS_FILE))
-        .ok()
-        .and_then(|b| serde_json::from_slice::<Stored>(&b).ok())
-        .filter(|s| s.registered_with == registered_with)
-        .map(|s| s.replicas)
-        .unwrap_or_default()
+impl Stored {
+    fn of(r: &Rotation) -> Stored {
+        let replicas: Vec<CoordinatorInfo> = r.all().cloned().collect();
+        Stored {
+            registered_with: replicas[0].url.clone(),
+            current: Some(r.current().clone()),
+            replicas,
+        }
+    }
 }
 
-fn save(dir: &Path, registered_with: &str, list: &[CoordinatorInfo]) -> Result<()> {
-    let s = Stored {
-        registered_with: registered_with.to_string(),
-        replicas: list.to_vec(),
-    };
-    Ok(crate::state::write_private(
-        &dir.join(REPLICAS_FILE),
-        &serde_json::to_vec_pretty(&s)?,
-    )?)
+fn read(dir: &Path) -> Option<Stored> {
+    serde_json::from_slice(&std::fs::read(dir.join(REPLICAS_FILE)).ok()?).ok()
+}
+
+/// The replica the node in `dir`, registered with `registered_with`, uses now (None: the one
+/// it registered with, or unknown). For the exit's own calls, so they follow a failover.
+pub fn current(dir: &Path, registered_with: &str) -> Option<CoordinatorInfo> {
+    read(dir)
+        .filter(|s| s.registered_with == registered_with)
+        .and_then(|s| s.current)
 }
 
 #[cfg(test)]
@@ -268,7 +294,8 @@ mod tests {
     fn c(n: u8) -> CoordinatorInfo {
         CoordinatorInfo {
             url: format!("https://198.51.100.{n}:8443"),
-            pin: format!("pin{n}"),
+            // A well-formed pin (sha256/ and 32 bytes in base64), one per replica.
+            pin: format!("sha256/{}{}=", (b'A' + n) as char, "A".repeat(42)),
         }
     }
 
@@ -338,19 +365,29 @@ mod tests {
         assert!(r.update(&[c1, c3]));
         let pins: Vec<String> = r.all().map(|i| i.pin.clone()).collect();
         assert!(pins.contains(&"new".to_string()));
-        assert_eq!(r.entries[0].info.pin, "pin1");
+        assert_eq!(r.entries[0].info.pin, c(1).pin);
     }
 
     #[test]
-    fn the_list_is_stored_0600_and_read_back_for_the_same_registration_only() {
+    fn the_list_and_the_current_one_are_stored_0600_for_the_same_registration_only() {
         let d = tempfile::tempdir().unwrap();
-        assert!(load(d.path(), &c(1).url).is_empty());
-        save(d.path(), &c(1).url, &[c(1), c(2)]).unwrap();
-        assert_eq!(load(d.path(), &c(1).url), vec![c(1), c(2)]);
-        assert!(
-            load(d.path(), &c(7).url).is_empty(),
-            "a node that joined another mesh does not try the old one's replicas"
+        let r = Replicas::open(d.path(), &c(1).url, &c(1).pin).unwrap();
+        r.update(&[c(1), c(2)]);
+        assert_eq!(current(d.path(), &c(1).url), Some(c(1)));
+        r.failed(&c(1).url, true);
+        assert_eq!(&*r.current().url, c(2).url.as_str());
+        assert_eq!(
+            current(d.path(), &c(1).url),
+            Some(c(2)),
+            "the exit's calls follow"
         );
+        // A restart knows both.
+        let again = Replicas::open(d.path(), &c(1).url, &c(1).pin).unwrap();
+        assert_eq!(again.rotation().all().count(), 2);
+        // A node registered elsewhere since never uses them.
+        let other = Replicas::open(d.path(), &c(7).url, &c(7).pin).unwrap();
+        assert_eq!(other.rotation().all().count(), 1);
+        assert_eq!(current(d.path(), &c(7).url), None);
         use std::os::unix::fs::PermissionsExt;
         let mode = std::fs::metadata(d.path().join(REPLICAS_FILE))
             .unwrap()

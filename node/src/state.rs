@@ -122,14 +122,21 @@ fn read_json<T: serde::de::DeserializeOwned>(p: &Path) -> Result<Option<T>> {
 }
 
 /// The registration of the node whose state is in `dir`, when it has one that the coordinator
-/// did not refuse: what the exit's tasks need to talk to the coordinator as that node.
+/// did not refuse: what the exit's tasks need to talk to the coordinator as that node. Its
+/// `coordinator` and `pin` are those of the replica the node uses now (another one than it
+/// registered with after a failover).
 pub fn active_registration(dir: &Path) -> Option<Registration> {
-    StateDir::open(dir)
+    let mut r = StateDir::open(dir)
         .ok()?
         .registration()
         .ok()
         .flatten()
-        .filter(|r| !r.refused)
+        .filter(|r| !r.refused)?;
+    if let Some(cur) = crate::replicas::current(dir, &r.coordinator) {
+        r.coordinator = cur.url;
+        r.pin = cur.pin;
+    }
+    Some(r)
 }
 
 /// An HTTPS client for the coordinator, pinned to `pin`. Pooled connections are dropped before

@@ -1,10 +1,11 @@
 //! High availability: two coordinator replicas share one PostgreSQL database (a throwaway cluster
-//! in the VPS's namespace), each with its own URL, pin, STUN and relay. Real nodes in a namespace
-//! lab stream from the first; it is killed (SIGKILL, no goodbye) and they must be current on the
-//! second within 5 s, never shown offline, and a rule added on the second must apply.
+//! in the VPS's namespace), each with its own URL, pin, STUN and relay. Real nodes and an exit in
+//! a namespace lab stream from the first; it is killed (SIGKILL, no goodbye) and they must be
+//! current on the second within 5 s, never shown offline, and rules added on the second (a
+//! policy rule, a published port) must apply.
 
 use anyhow::{Context, Result, bail};
-use homeport_tests::{Lab, Node, Postgres, VPS_IP, require_root, wait_until};
+use homeport_tests::{Lab, Node, Postgres, VPS_IP, require_root_and, wait_until};
 use std::time::{Duration, Instant};
 
 const A_URL: &str = "https://198.51.100.10:8443";
@@ -43,8 +44,8 @@ fn online(c: &homeport_tests::Coordinator) -> Vec<String> {
 }
 
 #[test]
-fn nodes_fail_over_to_another_replica_within_5_s_and_a_rule_added_there_applies() -> Result<()> {
-    if !require_root() {
+fn nodes_and_an_exit_fail_over_to_another_replica_within_5_s_and_rules_added_there_apply() -> Result<()> {
+    if !require_root_and(&["curl", "python3"]) {
         return Ok(());
     }
     let mut lab = Lab::new()?;
@@ -90,6 +91,13 @@ fn nodes_fail_over_to_another_replica_within_5_s_and_a_rule_added_there_applies(
         lab.default_route(&h, &format!("10.1.{k}.1"))?;
         nodes.push(lab.start_node(&h, &a, &key, &h)?);
     }
+    // The exit runs on A's VPS, as it would; edge protection off: two coordinators' ports.
+    nodes.push(lab.start_exit("vps", &a, &key, "vps", &["--edge-protection", "off"])?);
+    let web = lab.spawn(
+        "n2",
+        "web",
+        &["python3", "-m", "http.server", "8000", "--bind", "0.0.0.0"],
+    )?;
     let ip2 = nodes[1].ip()?;
     for n in &nodes {
         wait_until(
@@ -102,8 +110,8 @@ fn nodes_fail_over_to_another_replica_within_5_s_and_a_rule_added_there_applies(
             },
         )?;
     }
-    wait_until("both nodes online on B", Duration::from_secs(5), || {
-        online(&b).len() == 2
+    wait_until("every node online on B", Duration::from_secs(5), || {
+        online(&b).len() == 3
     })?;
     assert!(!lab.ping("n1", &ip2), "the policy keeps n1 from n2");
 
@@ -113,7 +121,7 @@ fn nodes_fail_over_to_another_replica_within_5_s_and_a_rule_added_there_applies(
         std::process::Command::new("kill").args(["-9", &lab.pid(a.proc).to_string()]),
     )?;
     let mut offline_seen: Vec<(Duration, Vec<String>)> = vec![];
-    let mut moved = [None, None];
+    let mut moved = [None, None, None];
     while moved.iter().any(Option::is_none) {
         if killed.elapsed() > Duration::from_secs(5) {
             bail!("not every node streams from B 5 s after A was killed: {moved:?}");
@@ -124,7 +132,7 @@ fn nodes_fail_over_to_another_replica_within_5_s_and_a_rule_added_there_applies(
             }
         }
         let on = online(&b);
-        if on.len() != 2 {
+        if on.len() != 3 {
             offline_seen.push((killed.elapsed(), on));
         }
         std::thread::sleep(Duration::from_millis(50));
@@ -145,11 +153,37 @@ fn nodes_fail_over_to_another_replica_within_5_s_and_a_rule_added_there_applies(
         || lab.ping("n1", &ip2),
     )?;
     eprintln!("rule added on B applied after {:?}", ruled.elapsed());
+    // And a port published on B: the exit (which streamed from A) opens it to the viewer.
+    b.publish("vps", 8080, "n2:8000")?;
+    let published = Instant::now();
+    wait_until(
+        "the viewer to reach the port published on B",
+        Duration::from_secs(10),
+        || {
+            lab.exec(
+                "viewer",
+                &[
+                    "curl",
+                    "-sS",
+                    "--max-time",
+                    "2",
+                    "-o",
+                    "/dev/null",
+                    "-w",
+                    "%{http_code}",
+                    "http://198.51.100.10:8080/",
+                ],
+            )
+            .is_ok_and(|c| c.trim() == "200")
+        },
+    )?;
+    eprintln!("port published on B open after {:?}", published.elapsed());
+    lab.check_running(web)?;
 
     // B never shows them offline, also past the time A's heartbeat counts as dead.
     while killed.elapsed() < Duration::from_secs(9) {
         let on = online(&b);
-        if on.len() != 2 {
+        if on.len() != 3 {
             offline_seen.push((killed.elapsed(), on));
         }
         std::thread::sleep(Duration::from_millis(200));
