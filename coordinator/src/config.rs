@@ -92,7 +92,8 @@ pub struct ServeArgs {
     /// [default: /var/lib/homeport-coordinator]
     #[arg(long, value_name = "DIR")]
     pub state_dir: Option<PathBuf>,
-    /// sqlite://FILE or postgres://USER:PASS@HOST/DB [default: sqlite://<state-dir>/coordinator.db];
+    /// sqlite://FILE or postgres://USER@HOST/DB, the password in PGPASSWORD [default:
+    /// sqlite://<state-dir>/coordinator.db];
     /// replicas given the same PostgreSQL database serve one mesh together (README "When one
     /// coordinator is not enough")
     #[arg(long, value_name = "URL")]
@@ -200,7 +201,9 @@ pub fn apply_file(cfg: &mut Config, path: &Path, text: &str) -> anyhow::Result<(
                     || val.starts_with("postgres:")
                     || val.starts_with("postgresql:"))
                 {
-                    return Err(bad("sqlite://FILE or postgres://USER:PASS@HOST/DB"));
+                    return Err(bad(
+                        "sqlite://FILE or postgres://USER@HOST/DB (the password in PGPASSWORD)",
+                    ));
                 }
                 cfg.database_url = Some(val)
             }

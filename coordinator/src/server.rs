@@ -173,6 +173,13 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
     let identity = load_relay_key(&dir)?;
     let relay = crate::relay::Relay::new(identity.secret().clone());
     let db_url = cfg.database_url();
+    if crate::store::redact(&db_url) != db_url {
+        // The process list and the (0644) config file are readable by every local user.
+        tracing::warn!(
+            "the database URL carries a password that local users can read: leave it out and set PGPASSWORD \
+             (e.g. in a root-only EnvironmentFile= of the unit)"
+        );
+    }
     if cfg.database_url.is_none() {
         // Create the file ourselves so it is 0600 from the start (WAL side files follow it).
         let f = dir.join("coordinator.db");
