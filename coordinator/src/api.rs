@@ -383,7 +383,7 @@ impl Drop for StreamGuard {
         let ended = self.state.mesh().disconnect(self.id, self.generation, at);
         if ended {
             tracing::info!(node = %self.id, "map stream closed");
-            self.state.note_seen(self.id, at);
+            self.state.note_stream(self.id, false, at);
         }
     }
 }
@@ -401,7 +401,7 @@ async fn map_stream(State(st): State<AppState>, NodeAuth(id): NodeAuth) -> ApiRe
         .mesh()
         .connect(id, at)
         .ok_or_else(|| ApiErr::unauthorized("the node was removed"))?;
-    st.note_seen(id, at);
+    st.note_stream(id, true, at);
     tracing::info!(node = %id, "map stream opened");
     let mut keepalive = tokio::time::interval_at(
         tokio::time::Instant::now() + KEEPALIVE_EVERY,
@@ -507,21 +507,31 @@ async fn probe(
             "peer: node {id} is this node, not one of its peers"
         )));
     }
-    let mut mesh = st.mesh();
-    let Some(peer) = mesh.node(ask.peer) else {
-        return Err(ApiErr::not_found(format!(
-            "peer: no node with id {}",
-            ask.peer
-        )));
+    let here = {
+        let mut mesh = st.mesh();
+        let Some(peer) = mesh.node(ask.peer) else {
+            return Err(ApiErr::not_found(format!(
+                "peer: no node with id {}",
+                ask.peer
+            )));
+        };
+        if !mesh.may_talk(id, ask.peer) {
+            return Err(ApiErr::forbidden(format!(
+                "peer: the access policy lets no traffic flow between this node and node {} ({}) in either direction, so they have no path to open",
+                ask.peer, peer.name
+            )));
+        }
+        // An offline peer simply does not hear it; the asker's probes still open its own NAT.
+        mesh.probe(id, ask.peer)
     };
-    if !mesh.may_talk(id, ask.peer) {
-        return Err(ApiErr::forbidden(format!(
-            "peer: the access policy lets no traffic flow between this node and node {} ({}) in either direction, so they have no path to open",
-            ask.peer, peer.name
-        )));
+    if !here {
+        // The peer's stream may be held by another replica.
+        let c = crate::replicas::Change {
+            probe: Some((id, ask.peer)),
+            ..Default::default()
+        };
+        st.store.announce(&st.store.pool, c).await?;
     }
-    // An offline peer simply does not hear it; the asker's probes still open its own NAT.
-    mesh.probe(id, ask.peer);
     Ok(StatusCode::NO_CONTENT)
 }
 

@@ -92,14 +92,18 @@ pub struct ServeArgs {
     /// [default: /var/lib/homeport-coordinator]
     #[arg(long, value_name = "DIR")]
     pub state_dir: Option<PathBuf>,
-    /// sqlite://FILE or postgres://USER:PASS@HOST/DB [default: sqlite://<state-dir>/coordinator.db]
+    /// sqlite://FILE or postgres://USER@HOST/DB, the password in PGPASSWORD [default:
+    /// sqlite://<state-dir>/coordinator.db];
+    /// replicas given the same PostgreSQL database serve one mesh together (README "When one
+    /// coordinator is not enough")
     #[arg(long, value_name = "URL")]
     pub database_url: Option<String>,
     /// UDP address of the STUN server [default: 0.0.0.0:3478]; bound address in <state-dir>/stun.addr
     #[arg(long, value_name = "ADDR")]
     pub stun_listen: Option<SocketAddr>,
     /// The URL nodes use to reach this coordinator (its host goes into the certificate and the
-    /// join command), e.g. https://198.51.100.10:8443
+    /// join command), e.g. https://198.51.100.10:8443; with PostgreSQL, also the name under which
+    /// the other replicas advertise this one to nodes (each replica needs its own)
     #[arg(long, value_name = "URL")]
     pub public_url: Option<String>,
     /// PEM certificate to serve instead of the self-signed one (needs --tls-key)
@@ -197,7 +201,9 @@ pub fn apply_file(cfg: &mut Config, path: &Path, text: &str) -> anyhow::Result<(
                     || val.starts_with("postgres:")
                     || val.starts_with("postgresql:"))
                 {
-                    return Err(bad("sqlite://FILE or postgres://USER:PASS@HOST/DB"));
+                    return Err(bad(
+                        "sqlite://FILE or postgres://USER@HOST/DB (the password in PGPASSWORD)",
+                    ));
                 }
                 cfg.database_url = Some(val)
             }

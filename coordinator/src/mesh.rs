@@ -13,13 +13,13 @@ use crate::reach::Reach;
 use crate::session::Session;
 use homeport_proto::filter::{FilterRule, PacketFilter, PortRange, Proto};
 use homeport_proto::map::{
-    Endpoint, MapMessage, MeshAddrs, Peer, ProbeRequest, RelayInfo, SelfNode,
+    CoordinatorInfo, Endpoint, MapMessage, MeshAddrs, Peer, ProbeRequest, RelayInfo, SelfNode,
 };
 use homeport_proto::policy::{Policy, Selector, parse_port_spec};
 use homeport_proto::publish::PublishRule;
 use homeport_proto::{NodeId, NodeName, PublicKey};
 use ipnet::{IpNet, Ipv4Net, Ipv6Net};
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
 
 /// A registered node as the coordinator knows it.
@@ -145,7 +145,11 @@ pub struct Mesh {
     pub prefix_v4: Ipv4Net,
     pub prefix_v6: Ipv6Net,
     pub relays: Vec<RelayInfo>,
+    /// The live coordinator replicas (empty: none advertised).
+    coordinators: Vec<CoordinatorInfo>,
     nodes: BTreeMap<NodeId, NodeRec>,
+    /// Nodes whose map stream another live replica holds: online whatever happens here.
+    remote_online: HashSet<NodeId>,
     policy: Option<Policy>,
     /// The policy indexed by rule membership.
     reach: Reach,
@@ -191,7 +195,9 @@ impl Mesh {
             prefix_v4,
             prefix_v6,
             relays,
+            coordinators: vec![],
             nodes,
+            remote_online: HashSet::new(),
             policy,
             reach,
             publish: publish.into_iter().map(|r| (r.id, r)).collect(),
@@ -286,6 +292,10 @@ impl Mesh {
     pub fn is_connected(&self, id: NodeId) -> bool {
         self.streams.contains_key(&id)
     }
+    /// The nodes whose map stream this coordinator holds.
+    pub fn connected(&self) -> Vec<NodeId> {
+        self.streams.keys().copied().collect()
+    }
 
     fn filter_for(&self, n: &NodeRec) -> PacketFilter {
         self.reach.filter_for(n.id)
@@ -334,6 +344,7 @@ impl Mesh {
             filter: Some(self.filter_for(n)),
             publish: Some(self.publish_for(n.id)),
             relays: Some(self.relays.clone()),
+            coordinators: Some(self.coordinators.clone()),
             probe_requests: vec![],
         }
     }
@@ -560,6 +571,7 @@ impl Mesh {
     /// Removes a node: closes its stream at once, tells the nodes whose map held it, drops the
     /// publish rules it took part in and tells their other party. Returns the dropped rule ids.
     pub fn remove_node(&mut self, id: NodeId) -> Vec<i64> {
+        self.remote_online.remove(&id);
         if let Some(s) = self.streams.remove(&id) {
             s.session.close();
         }
@@ -709,10 +721,89 @@ impl Mesh {
         match self.streams.get(&id) {
             Some(s) if s.generation == generation => {
                 self.streams.remove(&id);
-                self.set_online(id, false, now);
+                // A node that moved to another replica stays online.
+                let elsewhere = self.remote_online.contains(&id);
+                self.set_online(id, elsewhere, now);
                 true
             }
             _ => false,
+        }
+    }
+
+    /// The live coordinator replicas and their relays changed: every stream hears of it.
+    pub fn set_replicas(&mut self, coordinators: Vec<CoordinatorInfo>, relays: Vec<RelayInfo>) {
+        if coordinators == self.coordinators && relays == self.relays {
+            return;
+        }
+        self.version += 1;
+        let m = MapMessage {
+            version: self.version,
+            relays: (relays != self.relays).then(|| relays.clone()),
+            coordinators: (coordinators != self.coordinators).then(|| coordinators.clone()),
+            ..Default::default()
+        };
+        self.coordinators = coordinators;
+        self.relays = relays;
+        for s in self.streams.values() {
+            s.session.push(m.clone());
+        }
+    }
+
+    pub fn coordinators(&self) -> &[CoordinatorInfo] {
+        &self.coordinators
+    }
+
+    /// A node as another replica stored it (registered, endpoints, who holds its stream):
+    /// `remote` says whether another live replica holds its stream. What only this replica
+    /// knows (its own stream, last_seen) is kept.
+    pub fn apply_stored(&mut self, mut rec: NodeRec, remote: bool) {
+        if remote {
+            self.remote_online.insert(rec.id);
+        } else {
+            self.remote_online.remove(&rec.id);
+        }
+        rec.online = remote || self.streams.contains_key(&rec.id);
+        if let Some(old) = self.nodes.get_mut(&rec.id) {
+            rec.last_seen = old.last_seen.max(rec.last_seen);
+            let same = NodeRec {
+                last_seen: old.last_seen,
+                ..rec.clone()
+            } == *old;
+            if same {
+                // last_seen is not part of any map: nothing to tell (a reload of 10,000
+                // nodes must not send 10,000 records).
+                old.last_seen = rec.last_seen;
+                return;
+            }
+        }
+        self.upsert_node(rec);
+    }
+
+    /// Replaces the publish rules with `rules` (as stored), telling the parties of each rule
+    /// that came, went or changed.
+    pub fn set_publish_rules(&mut self, rules: Vec<PublishRule>) {
+        let new: BTreeMap<i64, PublishRule> = rules.into_iter().map(|r| (r.id, r)).collect();
+        let gone: Vec<i64> = self
+            .publish
+            .iter()
+            .filter(|(id, r)| new.get(id) != Some(r))
+            .map(|(id, _)| *id)
+            .collect();
+        for id in gone {
+            self.remove_publish(id);
+        }
+        for (id, r) in new {
+            if !self.publish.contains_key(&id) {
+                self.add_publish(r);
+            }
+        }
+    }
+
+    /// Replaces the policy if it differs from the current one.
+    pub fn update_policy(&mut self, policy: Option<Policy>) {
+        let policy = policy.filter(|p| !p.rules.is_empty());
+        if policy != self.policy {
+            self.set_policy(policy);
         }
     }
 
@@ -1110,5 +1201,44 @@ mod tests {
                 n.name
             );
         }
+    }
+
+    #[test]
+    fn changes_from_other_replicas_reach_local_streams_and_online_follows_the_node() {
+        let mut m = mesh(vec![node(1, "a", &[]), node(2, "b", &[])], None);
+        let a = m.connect(NodeId(1), 0).unwrap();
+        assert!(take(&a).unwrap().full);
+        // b's stream opened on another replica: a hears b is online.
+        let mut b = node(2, "b", &[]);
+        b.endpoints = ep(5000);
+        m.apply_stored(b.clone(), true);
+        let d = take(&a).unwrap();
+        assert!(d.peers[0].online && d.peers[0].endpoints == ep(5000));
+        // The same record with a newer last_seen only: nothing to send.
+        b.last_seen = Some(99);
+        m.apply_stored(b.clone(), true);
+        assert_eq!(take(&a), None);
+        // b moves here, then its old stream elsewhere ends: still online; its stream here
+        // ending while another replica holds it keeps it online too.
+        let bs = m.connect(NodeId(2), 1).unwrap();
+        assert_eq!(take(&a), None, "b was online already");
+        assert!(m.disconnect(NodeId(2), bs.generation, 2));
+        assert_eq!(take(&a), None, "another replica holds b's stream");
+        m.apply_stored(b.clone(), false);
+        assert!(!take(&a).unwrap().peers[0].online);
+        // A removal stored elsewhere.
+        m.remove_node(NodeId(2));
+        assert_eq!(take(&a).unwrap().peers_removed, vec![NodeId(2)]);
+        // The replica set: every stream hears it once.
+        let c = |u: &str| CoordinatorInfo {
+            url: u.into(),
+            pin: "p".into(),
+        };
+        m.set_replicas(vec![c("https://x"), c("https://y")], vec![]);
+        let d = take(&a).unwrap();
+        assert_eq!(d.coordinators.unwrap().len(), 2);
+        assert!(d.relays.is_none(), "the relays did not change");
+        m.set_replicas(vec![c("https://x"), c("https://y")], vec![]);
+        assert_eq!(take(&a), None);
     }
 }

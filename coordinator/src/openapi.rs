@@ -292,6 +292,8 @@ pub fn document() -> Value {
                     "properties": {"version": {"type": "integer"}, "full": {"type": "boolean"}, "self_node": {"type": "object"},
                         "peers": {"type": "array", "items": {"type": "object"}}, "peers_removed": {"type": "array", "items": {"type": "integer"}},
                         "filter": {"type": "object"}, "publish": arr("PublishRule"), "relays": {"type": "array", "items": {"type": "object"}},
+                        "coordinators": {"type": "array", "items": {"type": "object", "required": ["url", "pin"],
+                            "properties": {"url": {"type": "string"}, "pin": {"type": "string"}}}},
                         "probe_requests": {"type": "array", "items": {"type": "object"}}}},
                 "AuthKeyCreate": {"type": "object", "additionalProperties": false, "properties": {
                     "reusable": {"type": "boolean", "description": "Any number of registrations (default: one)"},

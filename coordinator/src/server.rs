@@ -173,6 +173,13 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
     let identity = load_relay_key(&dir)?;
     let relay = crate::relay::Relay::new(identity.secret().clone());
     let db_url = cfg.database_url();
+    if crate::store::redact(&db_url) != db_url {
+        // The process list and the (0644) config file are readable by every local user.
+        tracing::warn!(
+            "the database URL carries a password that local users can read: leave it out and set PGPASSWORD \
+             (e.g. in a root-only EnvironmentFile= of the unit)"
+        );
+    }
     if cfg.database_url.is_none() {
         // Create the file ourselves so it is 0600 from the start (WAL side files follow it).
         let f = dir.join("coordinator.db");
@@ -180,19 +187,27 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
             crate::tls::write_private(&f, b"")?;
         }
     }
+    let my_relay = RelayInfo {
+        // The relay shares the STUN socket: one UDP port to open on the VPS.
+        udp: Some(SocketAddr::new(host, stun_bound.port())),
+        stun: Some(SocketAddr::new(host, stun_bound.port())),
+        public_key: Some(homeport_proto::PublicKey::from(relay.public)),
+    };
+    let my_url = join_url(&cfg, bound, host);
     let (state, first) = AppState::open(StateOptions {
-        database_url: db_url,
+        database_url: db_url.clone(),
         prefix_v4: cfg.prefix_v4,
         prefix_v6: cfg.prefix_v6,
-        relays: vec![RelayInfo {
-            // The relay shares the STUN socket: one UDP port to open on the VPS.
-            udp: Some(SocketAddr::new(host, stun_bound.port())),
-            stun: Some(SocketAddr::new(host, stun_bound.port())),
-            public_key: Some(homeport_proto::PublicKey::from(relay.public)),
-        }],
+        relays: vec![my_relay.clone()],
         identity: Some(identity),
+        replica_url: Some(my_url.clone()),
     })
     .await?;
+    let me = crate::replicas::Replica {
+        url: my_url.clone(),
+        pin: tls.pin.clone(),
+        relay: my_relay.clone(),
+    };
 
     let sock_path = dir.join(ADMIN_SOCKET);
     let _ = std::fs::remove_file(&sock_path);
@@ -208,6 +223,21 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
         shutdown.clone(),
     ));
     state.mesh().set_relay(relay.clone());
+    if state.store.postgres {
+        // Replicas sharing the database: each advertises itself, hears the others' changes.
+        if cfg.public_url.is_none() {
+            tracing::warn!(url = %me.url, "no --public-url: the other replicas advertise this replica to nodes under a guessed URL");
+        }
+        let (st, sd, url) = (state.clone(), shutdown.clone(), db_url.clone());
+        crate::replicas::run_start(&st, &me).await?;
+        tasks.spawn(async move {
+            if let Err(e) = crate::replicas::run(st, me, url, sd).await {
+                tracing::error!(error = %e, "replication stopped: changes on other replicas no longer reach this one's nodes");
+            }
+        });
+    }
+    // With SQLite there is one coordinator and the maps name none: nodes keep using the URL
+    // they were given (a guessed URL, without --public-url, might not reach it from outside).
     {
         let sd = shutdown.clone();
         tasks.spawn(async move {

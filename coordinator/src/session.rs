@@ -12,7 +12,7 @@
 
 use homeport_proto::NodeId;
 use homeport_proto::filter::PacketFilter;
-use homeport_proto::map::{MapMessage, Peer, ProbeRequest, RelayInfo, SelfNode};
+use homeport_proto::map::{CoordinatorInfo, MapMessage, Peer, ProbeRequest, RelayInfo, SelfNode};
 use homeport_proto::publish::PublishRule;
 use std::collections::BTreeMap;
 use std::sync::Mutex;
@@ -30,6 +30,7 @@ pub struct Pending {
     filter: Option<PacketFilter>,
     publish: Option<Vec<PublishRule>>,
     relays: Option<Vec<RelayInfo>>,
+    coordinators: Option<Vec<CoordinatorInfo>>,
     /// Latest ask per asking peer: an older ask's endpoints are stale.
     probes: BTreeMap<NodeId, ProbeRequest>,
     /// Something is waiting (a version-only message counts: it is what a keepalive carries).
@@ -51,6 +52,7 @@ impl Pending {
                 filter: m.filter,
                 publish: m.publish,
                 relays: m.relays,
+                coordinators: m.coordinators,
                 probes,
                 dirty: true,
             };
@@ -78,6 +80,9 @@ impl Pending {
             }
             if m.relays.is_some() {
                 self.relays = m.relays;
+            }
+            if m.coordinators.is_some() {
+                self.coordinators = m.coordinators;
             }
         }
         for p in m.probe_requests {
@@ -119,6 +124,7 @@ impl Pending {
             filter: p.filter,
             publish: p.publish,
             relays: p.relays,
+            coordinators: p.coordinators,
             probe_requests: p.probes.into_values().collect(),
         })
     }

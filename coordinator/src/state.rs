@@ -36,11 +36,15 @@ pub struct Inner {
     /// last_seen times not stored yet: written in batches, not one transaction per stream
     /// opened or closed (a reconnect storm of 10,000 nodes is 20,000 of them).
     last_seen: Mutex<LastSeen>,
+    /// The coordinator replicas alive at the last look (high availability on PostgreSQL).
+    pub live_replicas: Mutex<std::collections::HashSet<String>>,
 }
 
 #[derive(Default)]
 struct LastSeen {
     pending: std::collections::HashMap<homeport_proto::NodeId, i64>,
+    /// Streams opened (true) or closed (false) here, told to the other replicas with the batch.
+    presence: std::collections::HashMap<homeport_proto::NodeId, bool>,
     flush_scheduled: bool,
 }
 
@@ -66,6 +70,9 @@ pub struct StateOptions {
     /// The key registrations prove against (the server passes the relay key); a fresh one when
     /// None.
     pub identity: Option<homeport_proto::PrivateKey>,
+    /// This replica's public URL, its name among replicas sharing a PostgreSQL database (a
+    /// random name when None).
+    pub replica_url: Option<String>,
 }
 
 /// What [`AppState::open`] created on a first start.
@@ -87,7 +94,11 @@ impl AppState {
     /// Opens (and migrates) the database, settles the mesh prefixes and the admin token, and
     /// loads the mesh.
     pub async fn open(opts: StateOptions) -> anyhow::Result<(AppState, FirstStart)> {
-        let store = Store::open(&opts.database_url).await?;
+        let mut store = Store::open(&opts.database_url).await?;
+        store.origin = opts
+            .replica_url
+            .clone()
+            .unwrap_or_else(|| crate::store::random_token("replica-"));
         let mut first = FirstStart::default();
 
         let v4 = settle_prefix(&store, "prefix_v4", opts.prefix_v4, || {
@@ -130,6 +141,7 @@ impl AppState {
                 challenges: Mutex::new(crate::challenge::Challenges::default()),
                 live: Default::default(),
                 last_seen: Mutex::new(LastSeen::default()),
+                live_replicas: Mutex::new(Default::default()),
             })),
             first,
         ))
@@ -137,8 +149,21 @@ impl AppState {
 
     /// Records that `id` was seen at `at`; stored with others within [`LAST_SEEN_BATCH`].
     pub fn note_seen(&self, id: homeport_proto::NodeId, at: i64) {
+        self.note(id, at, None);
+    }
+
+    /// `id`'s map stream opened (`online`) or closed here at `at`: last_seen, and on PostgreSQL
+    /// which replica holds the stream, stored with others within [`LAST_SEEN_BATCH`].
+    pub fn note_stream(&self, id: homeport_proto::NodeId, online: bool, at: i64) {
+        self.note(id, at, Some(online));
+    }
+
+    fn note(&self, id: homeport_proto::NodeId, at: i64, online: Option<bool>) {
         let mut l = self.last_seen.lock().unwrap_or_else(|p| p.into_inner());
         l.pending.insert(id, at);
+        if let Some(o) = online.filter(|_| self.store.postgres) {
+            l.presence.insert(id, o);
+        }
         if l.flush_scheduled {
             return;
         }
@@ -155,15 +180,21 @@ impl AppState {
 
     /// Stores the pending last_seen times now (also on shutdown).
     pub async fn flush_seen(&self) {
-        let batch: Vec<(homeport_proto::NodeId, i64)> = {
+        let (batch, presence) = {
             let mut l = self.last_seen.lock().unwrap_or_else(|p| p.into_inner());
             l.flush_scheduled = false;
-            l.pending.drain().collect()
+            let b: Vec<(homeport_proto::NodeId, i64)> = l.pending.drain().collect();
+            let p: Vec<(homeport_proto::NodeId, bool)> = l.presence.drain().collect();
+            (b, p)
         };
         if batch.is_empty() {
             return;
         }
         let _w = self.write_lock.lock().await;
+        if let Err(e) = self.store.set_presence(&presence).await {
+            // The other replicas show these nodes' online state late (until the next resync).
+            tracing::warn!(nodes = presence.len(), error = %e, "cannot store which streams this replica holds");
+        }
         if let Err(e) = self.store.touch_many(&batch).await {
             // last_seen is informational; the streams are what matters.
             tracing::warn!(nodes = batch.len(), error = %e, "cannot store last_seen");
@@ -274,14 +305,19 @@ impl std::fmt::Debug for MeshGauges {
 
 impl Collector for MeshGauges {
     fn encode(&self, mut enc: DescriptorEncoder) -> Result<(), std::fmt::Error> {
-        let (online, total, version) = {
+        let (online, total, version, replicas) = {
             let mesh = self.0.mesh();
-            (mesh.online_count(), mesh.nodes().count(), mesh.version())
+            (
+                mesh.online_count(),
+                mesh.nodes().count(),
+                mesh.version(),
+                mesh.coordinators().len(),
+            )
         };
         gauge(
             &mut enc,
             "nodes_online",
-            "Nodes with an open map stream",
+            "Nodes with an open map stream to this coordinator",
             online as i64,
         )?;
         gauge(
@@ -295,6 +331,12 @@ impl Collector for MeshGauges {
             "map_version",
             "Current map version",
             version as i64,
+        )?;
+        gauge(
+            &mut enc,
+            "replicas",
+            "Live coordinator replicas sharing the PostgreSQL database (0 with SQLite)",
+            replicas as i64,
         )
     }
 }

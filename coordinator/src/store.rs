@@ -17,6 +17,11 @@ pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!();
 #[derive(Clone, Debug)]
 pub struct Store {
     pub pool: AnyPool,
+    /// PostgreSQL: other replicas may share the database, and every change is announced to them
+    /// (NOTIFY, in the changing transaction, so it is heard exactly when it commits).
+    pub postgres: bool,
+    /// This replica's id (its public URL) in what it announces, so it skips its own.
+    pub origin: String,
 }
 
 /// What can go wrong in the store, in its own terms; `error.rs` maps each kind to one HTTP
@@ -37,6 +42,9 @@ pub enum StoreError {
 }
 
 pub type StoreResult<T> = Result<T, StoreError>;
+
+/// The database's clock in unix seconds (PostgreSQL): replicas' heartbeats are compared in it.
+const DB_NOW: &str = "CAST(EXTRACT(EPOCH FROM now()) AS BIGINT)";
 
 pub fn now() -> i64 {
     std::time::SystemTime::now()
@@ -182,7 +190,30 @@ impl Store {
             .run(&pool)
             .await
             .context("database migration failed")?;
-        Ok(Store { pool })
+        Ok(Store {
+            pool,
+            postgres: url.starts_with("postgres"),
+            origin: String::new(),
+        })
+    }
+
+    /// Announces `c` to the other replicas (PostgreSQL only; nothing with SQLite). Inside a
+    /// transaction it is delivered when that commits, never if it rolls back.
+    pub async fn announce<'e, E>(&self, e: E, mut c: crate::replicas::Change) -> StoreResult<()>
+    where
+        E: sqlx::Executor<'e, Database = Any>,
+    {
+        if !self.postgres {
+            return Ok(());
+        }
+        c.from = self.origin.clone();
+        // pg_notify returns void, which the Any driver cannot decode: select a constant.
+        sqlx::query("SELECT CAST(1 AS BIGINT) AS one FROM (SELECT pg_notify($1, $2)) AS n")
+            .bind(crate::replicas::CHANNEL)
+            .bind(serde_json::to_string(&c)?)
+            .execute(e)
+            .await?;
+        Ok(())
     }
 
     // ---- settings ----
@@ -291,7 +322,7 @@ impl Store {
         previous_ipv4: Option<Ipv4Addr>,
     ) -> StoreResult<Registered> {
         let mut tx = self.pool.begin().await?;
-        let r = Self::register_in(
+        let mut r = Self::register_in(
             &mut tx,
             authkey,
             public_key,
@@ -301,6 +332,13 @@ impl Store {
             previous_ipv4,
         )
         .await;
+        if let Ok(reg) = &r
+            && let Err(e) = self
+                .announce(&mut *tx, crate::replicas::Change::nodes(vec![reg.node.id]))
+                .await
+        {
+            r = Err(e);
+        }
         finish(tx, r).await
     }
 
@@ -442,12 +480,19 @@ impl Store {
     }
 
     pub async fn set_endpoints(&self, id: NodeId, endpoints: &[Endpoint]) -> StoreResult<()> {
-        sqlx::query("UPDATE nodes SET endpoints = $1 WHERE id = $2")
-            .bind(serde_json::to_string(endpoints)?)
-            .bind(id.0)
-            .execute(&self.pool)
-            .await?;
-        Ok(())
+        let json = serde_json::to_string(endpoints)?;
+        let mut tx = self.pool.begin().await?;
+        let r = async {
+            sqlx::query("UPDATE nodes SET endpoints = $1 WHERE id = $2")
+                .bind(json)
+                .bind(id.0)
+                .execute(&mut *tx)
+                .await?;
+            self.announce(&mut *tx, crate::replicas::Change::nodes(vec![id]))
+                .await
+        }
+        .await;
+        finish(tx, r).await
     }
 
     pub async fn touch(&self, id: NodeId, at: i64) -> StoreResult<()> {
@@ -489,6 +534,9 @@ impl Store {
             .bind(id.0)
             .execute(&mut *tx)
             .await?;
+        let mut c = crate::replicas::Change::nodes(vec![id]);
+        c.publish = true;
+        self.announce(&mut *tx, c).await?;
         tx.commit().await?;
         Ok(r.rows_affected() > 0)
     }
@@ -533,7 +581,14 @@ impl Store {
     /// Stores a validated rule (its `id` is assigned here). 409 on a duplicate (exit, port, proto).
     pub async fn add_publish(&self, rule: PublishRule) -> StoreResult<PublishRule> {
         let mut tx = self.pool.begin().await?;
-        let r = Self::add_publish_in(&mut tx, rule).await;
+        let mut r = Self::add_publish_in(&mut tx, rule).await;
+        if r.is_ok()
+            && let Err(e) = self
+                .announce(&mut *tx, crate::replicas::Change::publish())
+                .await
+        {
+            r = Err(e);
+        }
         finish(tx, r).await
     }
 
@@ -578,10 +633,14 @@ impl Store {
     }
 
     pub async fn remove_publish(&self, id: i64) -> StoreResult<bool> {
+        let mut tx = self.pool.begin().await?;
         let r = sqlx::query("DELETE FROM publish_rules WHERE id = $1")
             .bind(id)
-            .execute(&self.pool)
+            .execute(&mut *tx)
             .await?;
+        self.announce(&mut *tx, crate::replicas::Change::publish())
+            .await?;
+        tx.commit().await?;
         Ok(r.rows_affected() > 0)
     }
 
@@ -607,8 +666,220 @@ impl Store {
             .bind(now())
             .execute(&mut *tx)
             .await?;
+        let c = crate::replicas::Change {
+            policy: true,
+            ..Default::default()
+        };
+        self.announce(&mut *tx, c).await?;
         tx.commit().await?;
         Ok(())
+    }
+
+    // ---- replicas (high availability; PostgreSQL only) ----
+
+    /// The nodes among `ids` as stored (removed ones are missing), each with the replica that
+    /// holds its map stream.
+    pub async fn nodes_by_id(&self, ids: &[NodeId]) -> StoreResult<Vec<(NodeRec, Option<String>)>> {
+        if ids.is_empty() {
+            return Ok(vec![]);
+        }
+        // Integers only, so the list is safe to write into the statement.
+        let list: Vec<String> = ids.iter().map(|i| i.0.to_string()).collect();
+        self.nodes_where(&format!("WHERE id IN ({})", list.join(",")))
+            .await
+    }
+
+    /// Every node with the replica holding its stream.
+    pub async fn nodes_with_replica(&self) -> StoreResult<Vec<(NodeRec, Option<String>)>> {
+        self.nodes_where("").await
+    }
+
+    async fn nodes_where(&self, cond: &str) -> StoreResult<Vec<(NodeRec, Option<String>)>> {
+        let rows = sqlx::query(&format!(
+            "SELECT {NODE_COLS}, replica FROM nodes {cond} ORDER BY id"
+        ))
+        .fetch_all(&self.pool)
+        .await?;
+        let mut out = Vec::with_capacity(rows.len());
+        for r in &rows {
+            out.push((node_row(r)?, r.try_get::<Option<String>, _>("replica")?));
+        }
+        Ok(out)
+    }
+
+    /// Stores which nodes' streams this replica opened (true) or closed (false); a close never
+    /// clears a stream another replica took over meanwhile. Announced to the other replicas.
+    pub async fn set_presence(&self, changes: &[(NodeId, bool)]) -> StoreResult<()> {
+        if changes.is_empty() {
+            return Ok(());
+        }
+        let mut tx = self.pool.begin().await?;
+        let r = async {
+            for (id, online) in changes {
+                let q = if *online {
+                    "UPDATE nodes SET replica = $1 WHERE id = $2"
+                } else {
+                    "UPDATE nodes SET replica = NULL WHERE id = $2 AND replica = $1"
+                };
+                sqlx::query(q)
+                    .bind(&self.origin)
+                    .bind(id.0)
+                    .execute(&mut *tx)
+                    .await?;
+            }
+            // NOTIFY payloads are limited to 8000 bytes.
+            for chunk in changes.chunks(500) {
+                let ids = chunk.iter().map(|(id, _)| *id).collect();
+                self.announce(&mut *tx, crate::replicas::Change::nodes(ids))
+                    .await?;
+            }
+            Ok::<_, StoreError>(())
+        }
+        .await;
+        finish(tx, r).await
+    }
+
+    /// Registers this replica (or renews it after a restart): its streams from before are gone.
+    /// Heartbeats are in the database's clock, so replicas' clocks need not agree.
+    pub async fn register_replica(&self, pin: &str, relay: &str, started: i64) -> StoreResult<()> {
+        let mut tx = self.pool.begin().await?;
+        let r = async {
+            sqlx::query(&format!(
+                "INSERT INTO replicas (url, pin, relay, started_at, heartbeat) VALUES ($1, $2, $3, $4, {DB_NOW}) \
+                 ON CONFLICT (url) DO UPDATE SET pin = excluded.pin, relay = excluded.relay, \
+                 started_at = excluded.started_at, heartbeat = excluded.heartbeat"
+            ))
+            .bind(&self.origin)
+            .bind(pin)
+            .bind(relay)
+            .bind(started)
+            .execute(&mut *tx)
+            .await?;
+            sqlx::query("UPDATE nodes SET replica = NULL WHERE replica = $1")
+                .bind(&self.origin)
+                .execute(&mut *tx)
+                .await?;
+            let c = crate::replicas::Change {
+                replicas: true,
+                ..Default::default()
+            };
+            self.announce(&mut *tx, c).await
+        }
+        .await;
+        finish(tx, r).await
+    }
+
+    /// Renews this replica's heartbeat and forgets replicas silent for more than `dead_after`
+    /// seconds: their nodes' streams are gone with them. Returns (some replica was forgotten,
+    /// this replica's own row was still there).
+    pub async fn heartbeat(&self, dead_after: i64) -> StoreResult<(bool, bool)> {
+        let mut tx = self.pool.begin().await?;
+        let r = async {
+            let mine = sqlx::query(&format!(
+                "UPDATE replicas SET heartbeat = {DB_NOW} WHERE url = $1"
+            ))
+            .bind(&self.origin)
+            .execute(&mut *tx)
+            .await?;
+            let cleared = sqlx::query(&format!(
+                "UPDATE nodes SET replica = NULL WHERE replica IN \
+                 (SELECT url FROM replicas WHERE heartbeat < {DB_NOW} - $1 AND url <> $2)"
+            ))
+            .bind(dead_after)
+            .bind(&self.origin)
+            .execute(&mut *tx)
+            .await?;
+            let gone = sqlx::query(&format!(
+                "DELETE FROM replicas WHERE heartbeat < {DB_NOW} - $1 AND url <> $2"
+            ))
+            .bind(dead_after)
+            .bind(&self.origin)
+            .execute(&mut *tx)
+            .await?;
+            let changed = gone.rows_affected() > 0 || cleared.rows_affected() > 0;
+            if changed {
+                // Which nodes lost their replica is not known here: everyone reloads.
+                self.announce(&mut *tx, crate::replicas::Change::everything())
+                    .await?;
+            }
+            Ok::<_, StoreError>((changed, mine.rows_affected() > 0))
+        }
+        .await;
+        finish(tx, r).await
+    }
+
+    /// This replica's URL's last heartbeat and the seconds since (None: no such row). One that
+    /// is still being renewed at startup means another live replica uses the same URL.
+    pub async fn replica_heartbeat(&self) -> StoreResult<Option<(i64, i64)>> {
+        let r = sqlx::query(&format!(
+            "SELECT heartbeat, {DB_NOW} - heartbeat AS silent FROM replicas WHERE url = $1"
+        ))
+        .bind(&self.origin)
+        .fetch_optional(&self.pool)
+        .await?;
+        Ok(match r {
+            Some(r) => Some((r.try_get("heartbeat")?, r.try_get("silent")?)),
+            None => None,
+        })
+    }
+
+    /// Puts this replica back after the others took it for dead, keeping its nodes' streams.
+    pub async fn rejoin_replica(&self, pin: &str, relay: &str, started: i64) -> StoreResult<()> {
+        let mut tx = self.pool.begin().await?;
+        let r = async {
+            sqlx::query(&format!(
+                "INSERT INTO replicas (url, pin, relay, started_at, heartbeat) VALUES ($1, $2, $3, $4, {DB_NOW}) \
+                 ON CONFLICT (url) DO UPDATE SET heartbeat = excluded.heartbeat"
+            ))
+            .bind(&self.origin)
+            .bind(pin)
+            .bind(relay)
+            .bind(started)
+            .execute(&mut *tx)
+            .await?;
+            let c = crate::replicas::Change {
+                replicas: true,
+                ..Default::default()
+            };
+            self.announce(&mut *tx, c).await
+        }
+        .await;
+        finish(tx, r).await
+    }
+
+    /// The replicas heard from within `alive_within` seconds, oldest first: (url, pin, relay
+    /// JSON).
+    pub async fn replicas(&self, alive_within: i64) -> StoreResult<Vec<(String, String, String)>> {
+        let rows = sqlx::query(&format!(
+            "SELECT url, pin, relay FROM replicas WHERE heartbeat >= {DB_NOW} - $1 ORDER BY started_at, url"
+        ))
+        .bind(alive_within)
+        .fetch_all(&self.pool)
+        .await?;
+        let mut out = Vec::with_capacity(rows.len());
+        for r in &rows {
+            out.push((r.try_get("url")?, r.try_get("pin")?, r.try_get("relay")?));
+        }
+        Ok(out)
+    }
+
+    /// Leaves the set of replicas (a clean shutdown): the others stop advertising it at once.
+    pub async fn unregister_replica(&self) -> StoreResult<()> {
+        let mut tx = self.pool.begin().await?;
+        let r = async {
+            sqlx::query("DELETE FROM replicas WHERE url = $1")
+                .bind(&self.origin)
+                .execute(&mut *tx)
+                .await?;
+            sqlx::query("UPDATE nodes SET replica = NULL WHERE replica = $1")
+                .bind(&self.origin)
+                .execute(&mut *tx)
+                .await?;
+            self.announce(&mut *tx, crate::replicas::Change::everything())
+                .await
+        }
+        .await;
+        finish(tx, r).await
     }
 }
 

@@ -59,6 +59,7 @@ async fn setup_on(dir: tempfile::TempDir, url: String, prefix_v4: Option<&str>) 
         prefix_v6: Some("fd7a:115c:a1e0::/64".parse().unwrap()),
         relays: vec![],
         identity: None,
+        replica_url: None,
     })
     .await
     .unwrap();
@@ -452,6 +453,7 @@ async fn single_use_key_stays_single_use_when_two_replicas_race_on_postgres() {
         prefix_v6: None,
         relays: vec![],
         identity: None,
+        replica_url: None,
     })
     .await
     .unwrap();
@@ -2148,4 +2150,276 @@ async fn invites_are_redeemed_by_their_exit_up_to_their_uses_and_revoked() {
     assert_eq!(grants, json!([]), "revoked: no grants");
     let (s, _) = redeem(vps.credential.clone(), "192.0.2.50").await;
     assert_eq!(s, StatusCode::GONE);
+}
+
+/// A coordinator replica on `url` (a PostgreSQL database other replicas share), joined to the
+/// others and listening for their changes until the returned token is cancelled.
+async fn replica(
+    url: &str,
+    public_url: &str,
+    admin_token: Option<String>,
+) -> (T, tokio_util::sync::CancellationToken) {
+    let (st, first) = AppState::open(StateOptions {
+        database_url: url.to_string(),
+        prefix_v6: Some("fd7a:115c:a1e0::/64".parse().unwrap()),
+        replica_url: Some(public_url.to_string()),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let me = homeport_coordinator::replicas::Replica {
+        url: public_url.to_string(),
+        pin: format!("pin-of-{public_url}"),
+        relay: homeport_proto::map::RelayInfo {
+            udp: None,
+            stun: None,
+            public_key: None,
+        },
+    };
+    homeport_coordinator::replicas::run_start(&st, &me)
+        .await
+        .unwrap();
+    let stop = tokio_util::sync::CancellationToken::new();
+    tokio::spawn(homeport_coordinator::replicas::run(
+        st.clone(),
+        me,
+        url.to_string(),
+        stop.clone(),
+    ));
+    let admin_token = admin_token.or(first.admin_token).unwrap();
+    (
+        T {
+            _dir: tempfile::tempdir().unwrap(),
+            st,
+            admin_token,
+        },
+        stop,
+    )
+}
+
+impl MapStream {
+    /// Reads lines until one satisfies `done`; how long that took. Fails after `within`.
+    async fn until(
+        &mut self,
+        within: Duration,
+        what: &str,
+        done: impl Fn(&MapMessage) -> bool,
+    ) -> Duration {
+        let t0 = std::time::Instant::now();
+        loop {
+            let left = within
+                .checked_sub(t0.elapsed())
+                .unwrap_or_else(|| panic!("{what}: not within {within:?}"));
+            let m = tokio::time::timeout(left, self.next(left + SEC))
+                .await
+                .unwrap_or_else(|_| panic!("{what}: not within {within:?}"))
+                .unwrap_or_else(|| panic!("{what}: the stream ended"));
+            if done(&m) {
+                return t0.elapsed();
+            }
+        }
+    }
+}
+
+/// High availability: two replicas share one PostgreSQL database (a throwaway cluster). Every
+/// kind of change made on replica B (a node registers, its stream opens there, its endpoints,
+/// the policy, a publish rule, its stream closes, its removal) reaches a map stream held on
+/// replica A within 1 s; both replicas are in the map's coordinator list. Without the
+/// LISTEN/NOTIFY between replicas none of it arrives.
+#[tokio::test]
+async fn a_change_on_one_replica_reaches_streams_on_the_other_within_1_s_on_postgres() {
+    let Some(pg) = ThrowawayPostgres::start() else {
+        return;
+    };
+    let url = fresh_postgres_db(&pg.url()).await;
+    let (a, stop_a) = replica(&url, "https://198.51.100.10:8443", None).await;
+    let (b, stop_b) = replica(
+        &url,
+        "https://198.51.100.11:8443",
+        Some(a.admin_token.clone()),
+    )
+    .await;
+    let key = a.authkey(json!({"reusable": true})).await;
+    let vps = a.register(&key, "vps").await;
+    a.announce_exit(&vps.credential, None).await;
+    let mut on_a = a.open_map(&vps.credential).await;
+    let full = on_a.next(SEC).await.unwrap();
+    let urls: Vec<String> = full
+        .coordinators
+        .unwrap()
+        .into_iter()
+        .map(|c| c.url)
+        .collect();
+    assert_eq!(
+        urls,
+        ["https://198.51.100.10:8443", "https://198.51.100.11:8443"]
+    );
+    let limit = SEC;
+    let mut took = vec![];
+
+    let home = b.register(&key, "home").await;
+    let id = home.node_id;
+    took.push(
+        on_a.until(limit, "a node registered on B", |m| {
+            m.peers.iter().any(|p| p.id == id)
+        })
+        .await,
+    );
+    let mut on_b = b.open_map(&home.credential).await;
+    took.push(
+        on_a.until(limit, "its stream opened on B", |m| {
+            m.peers.iter().any(|p| p.id == id && p.online)
+        })
+        .await,
+    );
+    let (s, v) = b
+        .node(
+            Method::POST,
+            api::PATH_ENDPOINTS,
+            &home.credential,
+            Some(json!({"endpoints": [{"addr": "203.0.113.7:41641", "kind": "stun"}]})),
+        )
+        .await;
+    assert_eq!(s, StatusCode::NO_CONTENT, "{v}");
+    took.push(
+        on_a.until(limit, "its endpoints reported to B", |m| {
+            m.peers
+                .iter()
+                .any(|p| p.id == id && p.endpoints.iter().any(|e| e.addr.port() == 41641))
+        })
+        .await,
+    );
+    let (s, v) = b
+        .admin(
+            Method::PUT,
+            api::PATH_ADMIN_POLICY,
+            Some(json!({"rules": [{"from": ["home"], "to": ["vps"], "ports": ["tcp:22"]}]})),
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    took.push(
+        on_a.until(limit, "a policy set on B", |m| {
+            m.filter.as_ref().is_some_and(|f| !f.allow_all)
+        })
+        .await,
+    );
+    let (s, v) = b
+        .admin(
+            Method::POST,
+            api::PATH_ADMIN_PUBLISH,
+            Some(json!({"exit": "vps", "port": 32400, "to": "home:32400"})),
+        )
+        .await;
+    assert_eq!(s, StatusCode::CREATED, "{v}");
+    took.push(
+        on_a.until(limit, "a publish rule added on B", |m| {
+            m.publish
+                .as_ref()
+                .is_some_and(|p| p.iter().any(|r| r.port == 32400))
+        })
+        .await,
+    );
+    drop(on_b.body);
+    on_b.buf.clear();
+    took.push(
+        on_a.until(limit + SEC, "its stream closed on B", |m| {
+            m.peers.iter().any(|p| p.id == id && !p.online)
+        })
+        .await,
+    );
+    let (s, _) = b
+        .admin(
+            Method::DELETE,
+            &format!("{}/home", api::PATH_ADMIN_NODES),
+            None,
+        )
+        .await;
+    assert_eq!(s, StatusCode::NO_CONTENT);
+    took.push(
+        on_a.until(limit, "its removal on B", |m| m.peers_removed.contains(&id))
+            .await,
+    );
+    eprintln!("replica B -> stream on A: {took:?}");
+
+    // The listening connections drop (a database restart, a network blip) while something
+    // changes unannounced: on reconnecting, A reloads everything and its stream catches up.
+    let (s, v) = b
+        .admin(
+            Method::PUT,
+            api::PATH_ADMIN_POLICY,
+            Some(json!({"rules": []})),
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    on_a.until(limit, "the policy cleared on B", |m| {
+        m.filter.as_ref().is_some_and(|f| f.allow_all)
+    })
+    .await;
+    let laptop = b.register(&key, "laptop").await;
+    let lid = laptop.node_id;
+    on_a.until(limit, "another node registered on B", |m| {
+        m.peers.iter().any(|p| p.id == lid)
+    })
+    .await;
+    sqlx::query("UPDATE nodes SET endpoints = $1 WHERE id = $2")
+        .bind(r#"[{"addr":"203.0.113.9:5555","kind":"stun"}]"#)
+        .bind(lid.0)
+        .execute(&a.st.store.pool)
+        .await
+        .unwrap();
+    let killed = sqlx::query(
+        "SELECT pg_terminate_backend(pid) AS gone FROM pg_stat_activity WHERE query LIKE 'LISTEN%'",
+    )
+    .fetch_all(&a.st.store.pool)
+    .await
+    .unwrap();
+    assert_eq!(killed.len(), 2, "one listening connection per replica");
+    let resync = on_a
+        .until(3 * SEC, "a change made while nobody listened", |m| {
+            m.peers
+                .iter()
+                .any(|p| p.id == lid && p.endpoints.iter().any(|e| e.addr.port() == 5555))
+        })
+        .await;
+    eprintln!("caught up {resync:?} after the listeners' connections dropped");
+    // The replica list follows a replica leaving.
+    stop_b.cancel();
+    on_a.until(3 * SEC, "replica B leaving", |m| {
+        m.coordinators.as_ref().is_some_and(|c| c.len() == 1)
+    })
+    .await;
+    stop_a.cancel();
+}
+
+/// Two replicas under one URL would take each other's announcements for their own and miss
+/// them: the second is refused while the first renews its heartbeat.
+#[tokio::test]
+async fn a_second_replica_under_the_same_url_is_refused_on_postgres() {
+    let Some(pg) = ThrowawayPostgres::start() else {
+        return;
+    };
+    let url = fresh_postgres_db(&pg.url()).await;
+    let (_a, stop_a) = replica(&url, "https://198.51.100.10:8443", None).await;
+    let (st, _) = AppState::open(StateOptions {
+        database_url: url.clone(),
+        replica_url: Some("https://198.51.100.10:8443".into()),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let me = homeport_coordinator::replicas::Replica {
+        url: "https://198.51.100.10:8443".into(),
+        pin: "p".into(),
+        relay: homeport_proto::map::RelayInfo {
+            udp: None,
+            stun: None,
+            public_key: None,
+        },
+    };
+    let e = homeport_coordinator::replicas::run_start(&st, &me)
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("its own --public-url"), "{e}");
+    stop_a.cancel();
 }

@@ -73,6 +73,7 @@ fn map_for(
         filter,
         publish,
         relays: vec![],
+        coordinators: vec![],
     }
 }
 

@@ -225,6 +225,7 @@ pub fn home_map() -> NetworkMap {
             stun: Some(RELAY_ADDR.parse().unwrap()),
             public_key: Some(homeport_proto::PublicKey(public(9))),
         }],
+        coordinators: vec![],
     }
 }
 
@@ -1428,6 +1429,7 @@ fn map_seeds(s: &mut Vec<(&'static str, &'static str, Vec<u8>)>) {
         filter: Some(m.filter.clone()),
         publish: Some(m.publish.clone()),
         relays: Some(m.relays.clone()),
+        coordinators: None,
         probe_requests: vec![],
     };
     let line = |m: &MapMessage| serde_json::to_string(m).unwrap();

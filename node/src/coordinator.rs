@@ -4,6 +4,7 @@
 //!
 //! It owns the pinned HTTPS client, the URL and the credential; it knows nothing of the daemon.
 
+use crate::replicas::{Replica, Replicas};
 use crate::state::Registration;
 use anyhow::{Context, Result, bail};
 use homeport_proto::api::{
@@ -204,25 +205,30 @@ pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 /// else in the process calls the coordinator as this node (the exit's tasks).
 #[derive(Clone)]
 pub struct Api {
-    client: reqwest::Client,
-    url: Arc<str>,
+    /// The coordinator replicas (one, unless it runs in high availability); every call goes to
+    /// the one in use.
+    replicas: Arc<Replicas>,
     cred: Arc<str>,
 }
 
 impl Api {
-    pub fn new(client: reqwest::Client, url: &str, credential: &str) -> Api {
+    pub fn new(replicas: Arc<Replicas>, credential: &str) -> Api {
         Api {
-            client,
-            url: url.into(),
+            replicas,
             cred: credential.into(),
         }
+    }
+
+    pub fn replicas(&self) -> &Replicas {
+        &self.replicas
     }
 
     /// A request to `path` with the node's credential, ending within [`REQUEST_TIMEOUT`], on
     /// the process's one pinned, pooled connection to the coordinator.
     pub fn request(&self, method: reqwest::Method, path: &str) -> reqwest::RequestBuilder {
-        self.client
-            .request(method, format!("{}{path}", self.url))
+        let cur = self.replicas.current();
+        cur.client
+            .request(method, format!("{}{path}", cur.url))
             .bearer_auth(&*self.cred)
             .timeout(REQUEST_TIMEOUT)
     }
@@ -266,9 +272,10 @@ impl Api {
 
     /// The relay's TCP/TLS fallback: an upgraded connection through the coordinator's HTTPS port.
     pub async fn relay_over_tcp(&self) -> std::result::Result<reqwest::Upgraded, String> {
-        let r = self
+        let cur = self.replicas.current();
+        let r = cur
             .client
-            .get(format!("{}{PATH_RELAY_TCP}", self.url))
+            .get(format!("{}{PATH_RELAY_TCP}", cur.url))
             .header(reqwest::header::CONNECTION, "upgrade")
             .header(reqwest::header::UPGRADE, RELAY_UPGRADE)
             .send()
@@ -299,9 +306,9 @@ pub enum StreamEvent {
 /// reader has not read yet, so waiting here costs nothing).
 pub const STREAM_QUEUE: usize = 16;
 
-/// Holds the map stream until `stop`, reconnecting with [`map_retry_delay`]. `resync` drops
-/// the current connection (the daemon could not apply a message: the next connection starts
-/// with a full map).
+/// Holds the map stream until `stop`, reconnecting with [`map_retry_delay`], to the next
+/// coordinator replica when there are several. `resync` drops the current connection (the
+/// daemon could not apply a message: the next connection starts with a full map).
 pub async fn map_stream(
     api: Api,
     events: mpsc::Sender<StreamEvent>,
@@ -312,11 +319,16 @@ pub async fn map_stream(
     let mut lost = std::time::Instant::now();
     loop {
         let mut was_up = false;
+        let cur = api.replicas.current();
         let end = tokio::select! {
-            e = stream_once(&api, &events, &mut was_up) => e,
-            _ = resync.notified() => Ended::Lost("resynchronising after a map the node could not apply".into()),
+            e = stream_once(&api.cred, &cur, &events, &mut was_up) => e,
+            _ = resync.notified() => Ended::Resync,
             _ = stop.cancelled() => return,
         };
+        if !matches!(end, Ended::Resync) {
+            // The next attempt goes to another replica if there is one.
+            api.replicas.failed(&cur.url, was_up);
+        }
         if was_up {
             attempt = 0;
             lost = std::time::Instant::now();
@@ -330,6 +342,9 @@ pub async fn map_stream(
             Ended::Lost(why) => {
                 tracing::warn!(reason = %why, retry_in = ?backoff, "map stream ended; reconnecting");
                 StreamEvent::Lost(why)
+            }
+            Ended::Resync => {
+                StreamEvent::Lost("resynchronising after a map the node could not apply".into())
             }
         };
         if events.send(ev).await.is_err() {
@@ -346,13 +361,19 @@ pub async fn map_stream(
 enum Ended {
     Revoked(String),
     Lost(String),
+    Resync,
 }
 
-async fn stream_once(api: &Api, events: &mpsc::Sender<StreamEvent>, was_up: &mut bool) -> Ended {
-    let resp = match api
+async fn stream_once(
+    cred: &str,
+    replica: &Replica,
+    events: &mpsc::Sender<StreamEvent>,
+    was_up: &mut bool,
+) -> Ended {
+    let resp = match replica
         .client
-        .get(format!("{}{PATH_MAP}", api.url))
-        .bearer_auth(&*api.cred)
+        .get(format!("{}{PATH_MAP}", replica.url))
+        .bearer_auth(cred)
         .send()
         .await
     {

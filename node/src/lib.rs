@@ -27,6 +27,7 @@ pub mod natdepth;
 pub mod netcheck;
 pub mod plex;
 pub mod relay_tcp;
+pub mod replicas;
 pub mod report;
 pub mod state;
 pub mod stun;

@@ -95,11 +95,11 @@ impl StateDir {
         )?)
     }
 
-    /// Forgets the registration and the map (`homeport logout`); the private key stays. Returns
-    /// the files removed.
+    /// Forgets the registration, the map and the coordinator replicas (`homeport logout`); the
+    /// private key stays. Returns the files removed.
     pub fn forget(&self) -> Result<Vec<PathBuf>> {
         let mut removed = vec![];
-        for f in [REG_FILE, MAP_FILE] {
+        for f in [REG_FILE, MAP_FILE, crate::replicas::REPLICAS_FILE] {
             let p = self.path(f);
             match std::fs::remove_file(&p) {
                 Ok(()) => removed.push(p),

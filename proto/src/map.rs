@@ -66,6 +66,14 @@ pub struct RelayInfo {
     pub public_key: Option<PublicKey>,
 }
 
+/// One coordinator replica: where nodes reach it and the pin of its TLS key. Several replicas
+/// share one PostgreSQL database; a node whose replica dies streams from another.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct CoordinatorInfo {
+    pub url: String,
+    pub pin: String,
+}
+
 /// The node itself, as the coordinator knows it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SelfNode {
@@ -129,6 +137,9 @@ pub struct MapMessage {
     /// None: unchanged. Some: replaces the relay list.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub relays: Option<Vec<RelayInfo>>,
+    /// None: unchanged. Some: replaces the list of live coordinator replicas.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub coordinators: Option<Vec<CoordinatorInfo>>,
     /// Never part of the stored map: act on these now.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub probe_requests: Vec<ProbeRequest>,
@@ -144,6 +155,7 @@ impl MapMessage {
             && self.filter.is_none()
             && self.publish.is_none()
             && self.relays.is_none()
+            && self.coordinators.is_none()
             && self.probe_requests.is_empty()
     }
 }
@@ -158,6 +170,9 @@ pub struct NetworkMap {
     pub filter: PacketFilter,
     pub publish: Vec<PublishRule>,
     pub relays: Vec<RelayInfo>,
+    /// Empty from a coordinator that sends none (older, or one not told its URL).
+    #[serde(default)]
+    pub coordinators: Vec<CoordinatorInfo>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -184,6 +199,7 @@ impl NetworkMap {
             filter: m.filter.ok_or(MapError::IncompleteFull(v, "filter"))?,
             publish: m.publish.unwrap_or_default(),
             relays: m.relays.unwrap_or_default(),
+            coordinators: m.coordinators.unwrap_or_default(),
         })
     }
 
@@ -214,6 +230,9 @@ impl NetworkMap {
         }
         if let Some(r) = m.relays {
             self.relays = r;
+        }
+        if let Some(c) = m.coordinators {
+            self.coordinators = c;
         }
         Ok(())
     }

@@ -139,10 +139,24 @@ impl Lab {
         ip: &str,
         extra: &[&str],
     ) -> Result<Coordinator> {
+        self.start_coordinator_at(host, host, ip, 8443, 3478, extra)
+    }
+
+    /// A coordinator called `name` (its state dir and log) in `host` on `ip`:`port`, STUN and
+    /// relay on `stun_port`: several can run in one host (replicas sharing a database).
+    pub fn start_coordinator_at(
+        &mut self,
+        host: &str,
+        name: &str,
+        ip: &str,
+        port: u16,
+        stun_port: u16,
+        extra: &[&str],
+    ) -> Result<Coordinator> {
         let exe = bin("homeport-coordinator")?;
-        let state_dir = self.dir().join(format!("coordinator-{host}"));
-        let listen = format!("{ip}:8443");
-        let stun = format!("{ip}:3478");
+        let state_dir = self.dir().join(format!("coordinator-{name}"));
+        let listen = format!("{ip}:{port}");
+        let stun = format!("{ip}:{stun_port}");
         let mut argv = vec![
             exe.to_str().context("binary path is not UTF-8")?,
             "serve",
@@ -154,7 +168,7 @@ impl Lab {
             state_dir.to_str().context("lab dir is not UTF-8")?,
         ];
         argv.extend_from_slice(extra);
-        let proc = self.spawn(host, &format!("coordinator-{host}"), &argv)?;
+        let proc = self.spawn(host, &format!("coordinator-{name}"), &argv)?;
         let pin = wait_for("the coordinator's pin", START_TIMEOUT, || {
             if let Err(e) = self.check_running(proc) {
                 return Some(Err(e));
@@ -169,7 +183,7 @@ impl Lab {
             (out.status.success() && !pin.is_empty()).then_some(Ok(pin))
         })??;
         Ok(Coordinator {
-            url: format!("https://{ip}:8443"),
+            url: format!("https://{ip}:{port}"),
             pin,
             state_dir,
             proc,

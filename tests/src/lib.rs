@@ -18,9 +18,11 @@
 
 mod homeport;
 mod lab;
+mod postgres;
 
 pub use homeport::{Coordinator, Node, bin, bin_dir};
 pub use lab::{Lab, NatKind, ProcId, Site, VIEWER_IP, VPS_IP};
+pub use postgres::Postgres;
 
 use anyhow::{Context, Result, bail};
 use std::io::Write;

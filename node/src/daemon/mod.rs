@@ -206,7 +206,13 @@ pub async fn run(cfg: UpConfig, shutdown: CancellationToken, hooks: Hooks) -> Re
         .with_context(|| format!("binding the control socket {}", sock_path.display()))?;
     std::fs::set_permissions(&sock_path, std::fs::Permissions::from_mode(0o600))?;
 
-    let api = Api::new(client, &coordinator, &reg.credential);
+    let replicas = Arc::new(crate::replicas::Replicas::open(
+        &cfg.state_dir,
+        &coordinator,
+        &pin,
+    )?);
+    drop(client);
+    let api = Api::new(replicas, &reg.credential);
     if let Some(o) = &api_observer {
         o.send_replace(Some(api.clone()));
     }
@@ -440,6 +446,13 @@ impl Node {
                 let full = msg.full;
                 if full {
                     self.connected = true;
+                    // The replica in use (the one registered with, or another after a failover).
+                    let url = self.api.replicas().current().url.to_string();
+                    self.me.send_if_modified(|s| {
+                        let changed = s.coordinator != url;
+                        s.coordinator = url;
+                        changed
+                    });
                     self.tell_endpoints(Cmd::Connected(true)).await;
                 }
                 if let Err(e) = self.apply_message(*msg) {
@@ -521,6 +534,7 @@ impl Node {
         if let Err(e) = self.st.save_map(new) {
             tracing::warn!(error = %e, "could not persist the map");
         }
+        self.api.replicas().update(&new.coordinators);
         if let Some(o) = &self.maps {
             o.send_replace(Some(Arc::new(new.clone())));
         }
