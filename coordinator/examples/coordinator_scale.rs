@@ -245,12 +245,11 @@ fn note_line(sh: &Shared, i: usize, line: &[u8]) {
         me.has_hub.store(hub.is_some(), Ordering::Relaxed);
         me.full_at.store(sh.micros(), Ordering::Relaxed);
     }
-    if let Some(h) = hub {
-        if let Some(port) = h.endpoints.first().map(|e| e.addr.port() as u32) {
-            if me.marker.swap(port, Ordering::Relaxed) != port {
-                me.marker_at.store(sh.micros(), Ordering::Relaxed);
-            }
-        }
+    if let Some(h) = hub
+        && let Some(port) = h.endpoints.first().map(|e| e.addr.port() as u32)
+        && me.marker.swap(port, Ordering::Relaxed) != port
+    {
+        me.marker_at.store(sh.micros(), Ordering::Relaxed);
     }
 }
 

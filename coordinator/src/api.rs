@@ -833,21 +833,6 @@ async fn policy_set(
     Ok(Json(p))
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn tags_are_checked() {
-        assert_eq!(
-            normalize_tags(&["tag:a".into(), "a".into(), "b_c".into()]).unwrap(),
-            vec!["a", "b_c"]
-        );
-        let e = normalize_tags(&["ok".into(), "no way".into()]).unwrap_err();
-        assert!(e.detail.contains("tags[1]"), "{}", e.detail);
-    }
-}
-
 /// `GET /api/v1/node/relay` with `Upgrade: homeport-relay`: the relay over this TLS connection,
 /// for nodes whose network blocks UDP. Authentication happens inside (the relay BIND proves the
 /// node key, as over UDP); a client that never binds gets nothing forwarded.
@@ -896,4 +881,19 @@ async fn relay_tcp(State(st): State<AppState>, mut req: Request) -> Response {
         .header(axum::http::header::UPGRADE, api::RELAY_UPGRADE)
         .body(axum::body::Body::empty())
         .unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tags_are_checked() {
+        assert_eq!(
+            normalize_tags(&["tag:a".into(), "a".into(), "b_c".into()]).unwrap(),
+            vec!["a", "b_c"]
+        );
+        let e = normalize_tags(&["ok".into(), "no way".into()]).unwrap_err();
+        assert!(e.detail.contains("tags[1]"), "{}", e.detail);
+    }
 }

@@ -90,26 +90,14 @@ const MALLOC_TRIM_EVERY: Duration = Duration::from_secs(10);
 /// 10,000 nodes need more than the usual soft limit of 1024. Under the systemd unit (which sets
 /// LimitNOFILE= and forbids setrlimit) both limits are already equal. Returns the limit in force.
 pub fn raise_nofile_limit() -> u64 {
-    let mut l = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) else {
+        return 0;
     };
-    // SAFETY: getrlimit/setrlimit only read and write the struct passed.
-    unsafe {
-        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut l) != 0 {
-            return 0;
-        }
-        if l.rlim_cur < l.rlim_max {
-            let want = libc::rlimit {
-                rlim_cur: l.rlim_max,
-                rlim_max: l.rlim_max,
-            };
-            if libc::setrlimit(libc::RLIMIT_NOFILE, &want) == 0 {
-                return want.rlim_cur as u64;
-            }
-        }
+    if soft < hard && setrlimit(Resource::RLIMIT_NOFILE, hard, hard).is_ok() {
+        return hard;
     }
-    l.rlim_cur as u64
+    soft
 }
 
 async fn bind_listener(addr: SocketAddr) -> std::io::Result<TcpListener> {

@@ -40,7 +40,10 @@ use x25519_dalek::{PublicKey, StaticSecret};
 
 /// Every target: (name, body). The names are the files in `fuzz_targets/` and the directories
 /// in `corpus/`.
-pub const TARGETS: &[(&str, fn(&[u8]))] = &[
+/// A fuzz target: its name and the function that takes one input.
+pub type Target = (&'static str, fn(&[u8]));
+
+pub const TARGETS: &[Target] = &[
     ("ip_filter", ip_filter),
     ("disco", disco_open),
     ("relay_server_udp", relay_server_udp),
@@ -609,7 +612,7 @@ pub fn relay_server_udp(data: &[u8]) {
     if let Some(last) = batch.last() {
         run.truncate(run.len() - stride + last.len().clamp(1, stride));
     }
-    let from = froms[(data.len() & 3) as usize];
+    let from = froms[data.len() & 3];
     r.handle_batch(from, &mut run, stride, now, &mut |to, out, seg| {
         if let Some(seg) = seg {
             assert!(out.len() > seg, "a GSO send holds more than one segment");
