@@ -18,6 +18,7 @@ pub mod mesh;
 pub mod openapi;
 pub mod reach;
 pub mod relay;
+pub mod routes;
 pub mod server;
 pub mod session;
 pub mod state;
