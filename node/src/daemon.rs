@@ -119,6 +119,7 @@ struct Shared {
     pongs: tokio::sync::broadcast::Sender<Event>,
     public_key: homeport_proto::PublicKey,
     state: StateDir,
+    routes: crate::routes_sync::Handle,
 }
 
 impl Shared {
@@ -150,6 +151,7 @@ impl Shared {
                 map_version,
             },
             peers,
+            routes: Some(self.routes.status()),
         }
     }
 }
@@ -244,6 +246,8 @@ pub async fn run(
     maps: Option<MapObserver>,
 ) -> Result<()> {
     let st = StateDir::open(&cfg.state_dir)?;
+    // The map watch channel always exists: routes_sync follows it (the exit passes its own).
+    let maps = Some(maps.unwrap_or_else(|| tokio::sync::watch::channel(None).0));
     let key = st.private_key()?;
     let stored = st.registration()?;
     let coordinator = cfg
@@ -324,6 +328,7 @@ pub async fn run(
         events_tx,
     )?;
     let listen_port = dp.local_port();
+    let engine = dp.engine.clone();
     dp.engine.set_rebind_allowed(cfg.listen_port.is_none());
     if reg.listen_port != listen_port {
         let mut r = reg.clone();
@@ -358,6 +363,7 @@ pub async fn run(
         pongs: tokio::sync::broadcast::channel(16).0,
         public_key,
         state: st,
+        routes: crate::routes_sync::Handle::new(&cfg.tun, cfg.routing.clone()),
     });
 
     let stop = shutdown.child_token();
@@ -407,6 +413,15 @@ pub async fn run(
         stop.clone(),
     ));
     tokio::spawn(engine_events(events_rx, shared.clone(), stop.clone()));
+    tokio::spawn(crate::routes_sync::run(
+        shared.routes.clone(),
+        client.clone(),
+        coordinator.clone(),
+        reg.credential.clone(),
+        engine,
+        maps.as_ref().map(|m| m.subscribe()).expect("set above"),
+        stop.clone(),
+    ));
     tokio::spawn(endpoint_reporter(
         client.clone(),
         coordinator.clone(),
@@ -440,6 +455,7 @@ pub async fn run(
     };
     stop.cancel();
     let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Stopping]);
+    shared.routes.cleanup();
     if let Some(dp) = shared.dp.lock().unwrap().take() {
         dp.stop();
     }
@@ -788,6 +804,12 @@ async fn control_server(
                     Response::Netcheck(Box::new(netcheck(&shared, &stun_rx, stun).await))
                 }
                 Ok(Request::Published) => Response::Published(Box::new(shared.published())),
+                Ok(Request::ExitNode { node, fallback }) => {
+                    shared
+                        .routes
+                        .set_exit(crate::routes_sync::ExitChoice { node, fallback });
+                    Response::Ok
+                }
                 Err(e) => Response::Error {
                     message: format!(
                         "bad request {:?}: {e}; expected {{\"cmd\":\"status\"|\"down\"|\"ping\"|\"netcheck\"|\"published\"}}",

@@ -8,6 +8,8 @@
 //!   socket (quinn-udp, GSO/GRO), addresses and routes.
 //! - [`daemon`]: `homeport up`: state dir, registration, map stream, persistence, control socket.
 //! - [`cli`]: the CLI commands that talk to a running daemon over its unix socket.
+//! - [`routes_sync`]: subnet routes and the exit node: advertising, kernel routes and rules,
+//!   forwarding, fed by the map watch channel.
 //! - [`plex`]: `homeport plex setup`/`check` (Plex's HTTP API and the daemon's published flows).
 
 pub mod cli;
@@ -17,5 +19,6 @@ pub mod daemon;
 pub mod datapath;
 pub mod plex;
 pub mod report;
+pub mod routes_sync;
 pub mod state;
 pub mod stun;
