@@ -5,7 +5,7 @@
 //! of it leaves its own uplink when the exit dies; `exit-node off` restores routing exactly.
 
 use anyhow::{Context, Result};
-use homeport_tests::{Coordinator, Lab, NatKind, Node, VPS_IP};
+use homeport_tests::{Coordinator, Lab, NatKind, Node, VIEWER_IP, VPS_IP};
 use homeport_tests::{require_root_and, wait_until};
 use std::time::{Duration, Instant};
 
@@ -182,6 +182,195 @@ fn a_lan_host_behind_home_is_reached_only_after_approval_and_as_policy_allows() 
         fetch(&lab, "laptop", &nas),
         None,
         "reached after unapproval"
+    );
+    Ok(())
+}
+
+/// The routing state `exit-node off` must restore exactly.
+fn routing(lab: &Lab, host: &str) -> Result<String> {
+    let mut out = String::new();
+    for args in [
+        &["-4", "rule", "show"][..],
+        &["-6", "rule", "show"],
+        &["-4", "route", "show", "table", "all"],
+        &["-6", "route", "show", "table", "all"],
+    ] {
+        let mut a = vec!["ip"];
+        a.extend_from_slice(args);
+        out.push_str(&lab.exec(host, &a)?);
+    }
+    Ok(out)
+}
+
+/// Packets from `host` to the internet host that left by any interface but the TUN.
+fn leaked(lab: &Lab, host: &str) -> Result<u64> {
+    let t = lab.exec(host, &["nft", "list", "table", "inet", "leakcheck"])?;
+    let n = t
+        .split_whitespace()
+        .skip_while(|w| *w != "packets")
+        .nth(1)
+        .context("counter in leakcheck")?;
+    Ok(n.parse()?)
+}
+
+#[test]
+fn the_exit_node_carries_the_internet_stops_when_it_dies_and_off_restores_routing() -> Result<()> {
+    if !require_root_and(&["curl", "python3"]) {
+        return Ok(());
+    }
+    let mut lab = Lab::new()?;
+    lab.internet()?;
+    let coord = lab.start_coordinator("vps", VPS_IP)?;
+    let key = coord.authkey(true)?;
+    let exit = lab.start_exit("vps", &coord, &key, "vps", &["--advertise-exit-node"])?;
+    let cafe_isp = lab.isp("cafeisp", NatKind::Easy)?;
+    let cafe = lab.router_behind(&cafe_isp, "cafe", "10.10.2", NatKind::Easy)?;
+    lab.host_behind(&cafe, "laptop")?;
+    let laptop = lab.start_node("laptop", &coord, &key, "laptop")?;
+    web_server(&mut lab, "viewer", VIEWER_IP)?;
+    let vps_ip = exit.ip()?;
+    wait_until(
+        "the laptop to ping the vps",
+        Duration::from_secs(20),
+        || lab.ping("laptop", &vps_ip),
+    )?;
+    // Without an exit the internet host sees the café's public address.
+    let direct = fetch(&lab, "laptop", VIEWER_IP).context("direct fetch")?;
+    assert!(direct.starts_with("203.0.113."), "{direct}");
+    // The kernel adds a link-local address's route once its duplicate detection ends: wait for
+    // that, so "before" is settled.
+    wait_until(
+        "IPv6 duplicate address detection",
+        Duration::from_secs(10),
+        || {
+            lab.exec("laptop", &["ip", "-6", "addr", "show", "tentative"])
+                .is_ok_and(|o| o.trim().is_empty())
+        },
+    )?;
+    let before = routing(&lab, "laptop")?;
+    lab.exec_stdin(
+        "laptop",
+        &["nft", "-f", "-"],
+        format!(
+            "table inet leakcheck {{\n chain post {{\n  type filter hook postrouting priority 0; policy accept;\n  \
+             oifname != \"hp0\" ip daddr {VIEWER_IP} counter\n }}\n}}\n"
+        )
+        .as_bytes(),
+    )?;
+    let reset = |lab: &Lab| {
+        lab.exec(
+            "laptop",
+            &["nft", "reset", "counters", "table", "inet", "leakcheck"],
+        )
+    };
+
+    // Chosen before the admin approved vps as an exit: internet traffic stops, nothing leaks.
+    laptop.cli(&["exit-node", "vps"])?;
+    wait_until(
+        "status to say vps is no approved exit",
+        Duration::from_secs(5),
+        || {
+            laptop
+                .cli(&["status"])
+                .is_ok_and(|s| s.contains("exit node: vps (vps is not an approved exit"))
+        },
+    )?;
+    reset(&lab)?;
+    assert_eq!(
+        fetch(&lab, "laptop", VIEWER_IP),
+        None,
+        "internet without an approved exit"
+    );
+    assert_eq!(
+        leaked(&lab, "laptop")?,
+        0,
+        "packets left outside the tunnel"
+    );
+
+    coord.admin(&["routes", "approve", "vps", "exit"])?;
+    let seen =
+        homeport_tests::wait_for("the internet through vps", Duration::from_secs(15), || {
+            fetch(&lab, "laptop", VIEWER_IP)
+        })?;
+    assert_eq!(seen, VPS_IP, "the internet host sees the VPS's address");
+    let st = laptop.cli(&["status"])?;
+    assert!(st.contains("exit node: vps (in use)"), "{st}");
+    // The coordinator (same address as the exit here) stays outside the tunnel.
+    let rules = lab.exec("laptop", &["ip", "rule", "show"])?;
+    assert!(
+        rules.contains(&format!("to {VPS_IP} lookup main")),
+        "{rules}"
+    );
+
+    // The policy decides who may use the exit ("internet" as a destination), at the exit.
+    set_policy(
+        &lab,
+        &coord,
+        "[[rules]]\nfrom = [\"laptop\"]\nto = [\"vps\"]\n",
+    )?;
+    wait_until(
+        "the policy to refuse the internet",
+        Duration::from_secs(10),
+        || fetch(&lab, "laptop", VIEWER_IP).is_none(),
+    )?;
+    set_policy(
+        &lab,
+        &coord,
+        "[[rules]]\nfrom = [\"laptop\"]\nto = [\"vps\", \"internet\"]\n",
+    )?;
+    homeport_tests::wait_for(
+        "the policy to allow the internet",
+        Duration::from_secs(10),
+        || fetch(&lab, "laptop", VIEWER_IP).filter(|s| s == VPS_IP),
+    )?;
+
+    // The exit dies: traffic stops, and not one packet to the internet host leaves the laptop
+    // by its own uplink.
+    lab.stop(exit.proc)?;
+    wait_until(
+        "status to say vps is offline",
+        Duration::from_secs(10),
+        || {
+            laptop
+                .cli(&["status"])
+                .is_ok_and(|s| s.contains("vps is offline: internet traffic stopped"))
+        },
+    )?;
+    reset(&lab)?;
+    for _ in 0..3 {
+        assert_eq!(
+            fetch(&lab, "laptop", VIEWER_IP),
+            None,
+            "internet with the exit dead"
+        );
+    }
+    assert_eq!(
+        leaked(&lab, "laptop")?,
+        0,
+        "packets left outside the tunnel"
+    );
+
+    // Fallback asked for: the machine's own connection while the exit is down.
+    laptop.cli(&["exit-node", "vps", "--fallback"])?;
+    let seen = homeport_tests::wait_for("the fallback", Duration::from_secs(5), || {
+        fetch(&lab, "laptop", VIEWER_IP)
+    })?;
+    assert_eq!(seen, direct, "fallback goes out of the café");
+
+    // Off: the routing tables and rules are exactly as before.
+    laptop.cli(&["exit-node", "off"])?;
+    wait_until("routing as before", Duration::from_secs(5), || {
+        routing(&lab, "laptop").is_ok_and(|r| r == before)
+    })
+    .map_err(|e| {
+        anyhow::anyhow!(
+            "{e}\nbefore:\n{before}\nafter:\n{}",
+            routing(&lab, "laptop").unwrap_or_default()
+        )
+    })?;
+    assert_eq!(
+        fetch(&lab, "laptop", VIEWER_IP).as_deref(),
+        Some(direct.as_str())
     );
     Ok(())
 }
