@@ -455,15 +455,22 @@ fn status_spec(doc: &mut Value, admin: &Value, node: &Value) {
 /// Subnet routes and exit nodes (`homeport_proto::routes`, `coordinator/src/routes.rs`).
 fn routes_spec(doc: &mut Value, admin: &Value, node: &Value) {
     use homeport_proto::routes as rt;
-    let net = json!({"type": "string", "pattern": cidr(),
+    let net_pattern = format!(
+        "^({v4}/(3[0-2]|[12]?[0-9])|({v6})/(12[0-8]|1[01][0-9]|[1-9]?[0-9]))$",
+        v4 = ipv4(),
+        v6 = ipv6()
+    );
+    let net = json!({"type": "string", "pattern": net_pattern,
         "description": "A network with its host bits zero (192.168.1.0/24, fd00:1::/64); not loopback, link-local or multicast, and outside the mesh's own prefixes; 0.0.0.0/0 and ::/0 offer the node as an exit"});
     let paths = doc["paths"].as_object_mut().expect("paths is an object");
     paths.insert(rt::PATH_ROUTES.into(), json!({"post": {
         "summary": "Report the routes this node advertises now (replaces the previous report); only those the admin approved reach any map",
         "tags": ["node"], "security": node, "requestBody": body("RoutesReport"),
         "responses": {"204": {"description": "Stored; approved ones sent to the peers"},
-            "400": err("A network with host bits set, a loopback/link-local/multicast range, one overlapping the mesh prefixes, or too many (names it)"),
-            "401": err("Missing or unknown node credential"), "413": err("Body over 64 KiB")}}}));
+            "400": err("Bad body (names the field)"),
+            "401": err("Missing or unknown node credential"),
+            "409": err("A network with host bits set, a loopback/link-local/multicast range, or one overlapping the mesh prefixes (names it)"),
+            "413": err("Body over 64 KiB")}}}));
     paths.insert(rt::PATH_ADMIN_ROUTES.into(), json!({"get": {
         "summary": "Every node's advertised and approved routes", "tags": ["admin"], "security": admin,
         "responses": {"200": ok("Routes by node", arr("NodeRoutes")), "401": err("Missing or wrong admin token")}}}));
@@ -480,8 +487,9 @@ fn routes_spec(doc: &mut Value, admin: &Value, node: &Value) {
         paths.insert(path.into(), json!({"post": {
             "summary": what, "tags": ["admin"], "security": admin, "requestBody": body("RouteChange"),
             "responses": {"200": ok("The node's routes now", r("NodeRoutes")),
-                "400": err("No routes, or (approve) a route the node does not advertise"),
-                "401": err("Missing or wrong admin token"), "404": err("No such node"), "413": err("Body over 64 KiB")}}}));
+                "400": err("Bad body (names the field)"),
+                "401": err("Missing or wrong admin token"), "404": err("No such node"),
+                "409": err("(approve) a route the node does not advertise"), "413": err("Body over 64 KiB")}}}));
     }
     let schemas = doc["components"]["schemas"]
         .as_object_mut()

@@ -154,11 +154,13 @@ pub async fn report(
     };
     let mut routes: Vec<IpNet> = Vec::new();
     for (i, r) in rep.routes.iter().enumerate() {
+        // Well-formed but unusable: 409, as for other requests that clash with what is
+        // possible (the spec's pattern cannot express these).
         if let Some(p) = route_problem(r) {
-            return Err(ApiErr::bad_request(format!("routes[{i}]: {p}")));
+            return Err(ApiErr::conflict(format!("routes[{i}]: {p}")));
         }
         if !homeport_proto::routes::is_default(r) && (overlaps(r, &v4) || overlaps(r, &v6)) {
-            return Err(ApiErr::bad_request(format!(
+            return Err(ApiErr::conflict(format!(
                 "routes[{i}]: {r} overlaps the mesh's own addresses ({v4}, {v6}); a route is a range outside the mesh"
             )));
         }
@@ -223,7 +225,7 @@ async fn change(st: AppState, c: RouteChange, on: bool) -> ApiResult<Json<NodeRo
         for r in &c.routes {
             if !before.advertised.contains(r) {
                 let adv: Vec<String> = before.advertised.iter().map(|r| r.to_string()).collect();
-                return Err(ApiErr::bad_request(format!(
+                return Err(ApiErr::conflict(format!(
                     "{name} does not advertise {r}; it advertises {} (routes come from `homeport up --advertise-routes` or `--advertise-exit-node` on that node)",
                     if adv.is_empty() {
                         "nothing".to_string()

@@ -2170,13 +2170,13 @@ async fn routes_are_reported_approved_and_carried_in_maps(t: &T) {
         .await
     };
     let (s, v) = report(json!(["10.10.1.1/24"])).await;
-    assert_eq!(s, StatusCode::BAD_REQUEST);
+    assert_eq!(s, StatusCode::CONFLICT);
     assert!(
         v["detail"].as_str().unwrap().contains("10.10.1.0/24"),
         "{v}"
     );
     let (s, v) = report(json!(["100.96.0.0/24"])).await;
-    assert_eq!(s, StatusCode::BAD_REQUEST);
+    assert_eq!(s, StatusCode::CONFLICT);
     assert!(v["detail"].as_str().unwrap().contains("mesh"), "{v}");
     let (s, v) = report(json!(["10.10.1.0/24", "0.0.0.0/0", "::/0"])).await;
     assert_eq!(s, StatusCode::NO_CONTENT, "{v}");
@@ -2200,7 +2200,7 @@ async fn routes_are_reported_approved_and_carried_in_maps(t: &T) {
         json!(["10.20.0.0/16"]),
     )
     .await;
-    assert_eq!(s, StatusCode::BAD_REQUEST);
+    assert_eq!(s, StatusCode::CONFLICT);
     assert!(
         v["detail"].as_str().unwrap().contains("does not advertise"),
         "{v}"

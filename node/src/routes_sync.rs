@@ -520,10 +520,10 @@ fn forward(tun: &str, snat: bool, i: &mut Installed, routes: &[IpNet]) {
                     "/proc/sys/net/ipv4/ip_forward",
                     "/proc/sys/net/ipv6/conf/all/forwarding",
                 ] {
-                    if let Ok(old) = std::fs::read_to_string(p) {
-                        if std::fs::write(p, "1").is_ok() {
-                            i.sysctl.push((p.to_string(), old.trim().to_string()));
-                        }
+                    if let Ok(old) = std::fs::read_to_string(p)
+                        && std::fs::write(p, "1").is_ok()
+                    {
+                        i.sysctl.push((p.to_string(), old.trim().to_string()));
                     }
                 }
             }
