@@ -465,6 +465,24 @@ fn apply(tun: &str, snat: bool, i: &mut Installed, want: &Desired) {
     forward(tun, snat, i, &want.forward);
 }
 
+/// Removes what an unclean stop (SIGKILL, a crash) left: our rules, table and nftables table.
+/// The forwarding sysctls it turned on stay on (their old values died with it).
+fn leftovers() {
+    for f in ["-4", "-6"] {
+        for p in [PRIO_MARK, PRIO_EXCEPT, PRIO_MAIN, PRIO_TABLE] {
+            while ip(&[f, "rule", "del", "priority", &p.to_string()]).is_ok() {}
+        }
+        let _ = ip(&[f, "route", "flush", "table", &TABLE.to_string()]);
+    }
+    let _ = homeport_host::nft::run(
+        &homeport_host::nft::Exec::default(),
+        &["-f", "-"],
+        Some(&format!(
+            "table inet {NFT_TABLE} {{}}\ndelete table inet {NFT_TABLE}\n"
+        )),
+    );
+}
+
 /// IP forwarding and the masquerade table for our own approved routes.
 fn forward(tun: &str, snat: bool, i: &mut Installed, routes: &[IpNet]) {
     let script = if routes.is_empty() {
@@ -694,6 +712,7 @@ pub async fn run(
         inner.cfg.advertise.clone(),
         stop.clone(),
     ));
+    leftovers();
     let coord = coordinator_addrs(&coordinator).await;
     let mut choice = inner.choice.subscribe();
     loop {
