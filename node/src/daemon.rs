@@ -812,7 +812,7 @@ async fn control_server(
                 }
                 Err(e) => Response::Error {
                     message: format!(
-                        "bad request {:?}: {e}; expected {{\"cmd\":\"status\"|\"down\"|\"ping\"|\"netcheck\"|\"published\"}}",
+                        "bad request {:?}: {e}; expected {{\"cmd\":\"status\"|\"down\"|\"ping\"|\"netcheck\"|\"published\"|\"exit-node\"}}",
                         line.trim()
                     ),
                 },
