@@ -374,3 +374,26 @@ fn the_exit_node_carries_the_internet_stops_when_it_dies_and_off_restores_routin
     );
     Ok(())
 }
+
+#[test]
+fn without_masquerade_the_lan_host_sees_the_mesh_source_when_its_router_routes_back() -> Result<()>
+{
+    if !require_root_and(&["curl", "python3"]) {
+        return Ok(());
+    }
+    let (lab, coord, _home, laptop, nas) =
+        lab(&["--advertise-routes", LAN, "--snat-routes", "false"])?;
+    // The LAN routes the mesh prefix back to the home node (10.10.1.2).
+    lab.ip(
+        "nas",
+        &["route", "add", "100.96.0.0/16", "via", "10.10.1.2"],
+    )?;
+    coord.admin(&["routes", "approve", "home", LAN])?;
+    let seen = homeport_tests::wait_for(
+        "the laptop to reach the NAS",
+        Duration::from_secs(20),
+        || fetch(&lab, "laptop", &nas),
+    )?;
+    assert_eq!(seen, laptop.ip()?, "the NAS saw the laptop's mesh address");
+    Ok(())
+}
