@@ -67,6 +67,7 @@ pub fn app(state: AppState) -> Router {
             delete(publish_remove),
         )
         .route(api::PATH_ADMIN_POLICY, get(policy_get).put(policy_set))
+        .merge(crate::routes::admin_routes())
         .route(
             status::PATH_ADMIN_OVERVIEW,
             get(crate::dashboard::live::overview),
@@ -95,6 +96,10 @@ pub fn app(state: AppState) -> Router {
         .route(api::PATH_MAP, get(map_stream))
         .route(api::PATH_ENDPOINTS, post(endpoints))
         .route(api::PATH_PROBE, post(probe))
+        .route(
+            homeport_proto::routes::PATH_ROUTES,
+            post(crate::routes::report),
+        )
         .route(
             status::PATH_NODE_STATUS,
             post(crate::dashboard::live::node_status),
@@ -355,6 +360,7 @@ async fn register(
             rec.online = old.online;
             rec.last_seen = old.last_seen;
             rec.endpoints = old.endpoints.clone();
+            rec.routes = old.routes.clone();
         }
         mesh.upsert_node(rec.clone());
     }

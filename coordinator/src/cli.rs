@@ -103,6 +103,13 @@ pub enum Cmd {
         #[command(subcommand)]
         cmd: PolicyCmd,
     },
+    /// Subnet routes and exit nodes: list what nodes advertise, approve or unapprove it
+    Routes {
+        #[command(flatten)]
+        conn: ConnArgs,
+        #[command(subcommand)]
+        cmd: crate::routes::RoutesCmd,
+    },
 }
 
 /// How admin commands reach the coordinator.
@@ -350,7 +357,7 @@ fn ago(now: i64, t: Option<i64>, online: bool) -> String {
     }
 }
 
-fn table(head: &[&str], rows: Vec<Vec<String>>) -> String {
+pub(crate) fn table(head: &[&str], rows: Vec<Vec<String>>) -> String {
     let mut w: Vec<usize> = head.iter().map(|h| h.len()).collect();
     for r in &rows {
         for (i, c) in r.iter().enumerate() {
@@ -772,6 +779,7 @@ pub async fn admin(cmd: Cmd) -> anyhow::Result<()> {
                 table(&["NAME", "ONLINE", "PUBLIC ADDRESSES", "COUNTRY DB"], rows)
             );
         }
+        Cmd::Routes { conn, cmd } => crate::routes::run_cli(&conn.client()?, cmd).await?,
         Cmd::Publish { conn, cmd } => {
             let c = conn.client()?;
             let exits = async || -> anyhow::Result<Vec<ExitInfo>> {

@@ -19,6 +19,7 @@ pub mod openapi;
 pub mod reach;
 pub mod relay;
 pub mod replicas;
+pub mod routes;
 pub mod server;
 pub mod session;
 pub mod state;

@@ -34,6 +34,8 @@ pub struct NodeRec {
     pub last_seen: Option<i64>,
     pub endpoints: Vec<Endpoint>,
     pub online: bool,
+    /// Approved routes the node advertises (`crate::routes`): its allowed IPs in every map.
+    pub routes: Vec<IpNet>,
 }
 
 impl NodeRec {
@@ -46,6 +48,7 @@ impl NodeRec {
             endpoints: self.endpoints.clone(),
             online: self.online,
             tags: self.tags.clone(),
+            routes: self.routes.clone(),
         }
     }
 }
@@ -55,6 +58,7 @@ fn selector_matches(sel: &Selector, n: &NodeRec) -> bool {
         Selector::Any => true,
         Selector::Tag(t) => n.tags.iter().any(|x| x == t),
         Selector::Node(name) => n.name.as_str() == name,
+        Selector::Addr(_) | Selector::Internet => false,
     }
 }
 
@@ -78,7 +82,20 @@ pub fn compile_filter<'a>(
     };
     let mut out = Vec::new();
     for rule in &policy.rules {
-        if !any_matches(&rule.to, target) {
+        let to: Vec<Selector> = rule
+            .to
+            .iter()
+            .filter_map(|s| Selector::parse(s).ok())
+            .collect();
+        let mut targets: Vec<Vec<IpNet>> = Vec::new();
+        if any_matches(&rule.to, target) {
+            targets.push(vec![]);
+        }
+        let dests = crate::reach::route_dests(&to, target);
+        if !dests.is_empty() {
+            targets.push(dests);
+        }
+        if targets.is_empty() {
             continue;
         }
         let mut sources: Vec<IpNet> = Vec::new();
@@ -108,11 +125,14 @@ pub fn compile_filter<'a>(
             }
             ranges.sort_by_key(|r| (r.first, r.last));
             ranges.dedup();
-            out.push(FilterRule {
-                sources: sources.clone(),
-                protos: proto.into_iter().collect(),
-                ports: ranges,
-            });
+            for dests in &targets {
+                out.push(FilterRule {
+                    sources: sources.clone(),
+                    protos: proto.into_iter().collect(),
+                    ports: ranges.clone(),
+                    dests: dests.clone(),
+                });
+            }
         }
     }
     PacketFilter {
@@ -298,7 +318,7 @@ impl Mesh {
     }
 
     fn filter_for(&self, n: &NodeRec) -> PacketFilter {
-        self.reach.filter_for(n.id)
+        self.reach.filter_for(n)
     }
 
     fn publish_for(&self, id: NodeId) -> Vec<PublishRule> {
@@ -318,6 +338,7 @@ impl Mesh {
             prefix_v4: self.prefix_v4,
             prefix_v6: self.prefix_v6,
             tags: n.tags.clone(),
+            routes: n.routes.clone(),
         }
     }
 
@@ -495,9 +516,15 @@ impl Mesh {
             return;
         }
         // Tags and name decide which rules select the node; addresses are filter sources.
+        // Routes decide which `to` selectors reach it, and its filter's destinations.
         let reindex = old
             .as_ref()
-            .map(|o| o.tags != rec.tags || o.name != rec.name || o.addrs != rec.addrs)
+            .map(|o| {
+                o.tags != rec.tags
+                    || o.name != rec.name
+                    || o.addrs != rec.addrs
+                    || o.routes != rec.routes
+            })
             .unwrap_or(true);
         let mut check = BTreeSet::new();
         let mut before = None;
@@ -517,7 +544,12 @@ impl Mesh {
         }
         let self_changed = old
             .as_ref()
-            .map(|o| o.tags != rec.tags || o.name != rec.name || o.addrs != rec.addrs)
+            .map(|o| {
+                o.tags != rec.tags
+                    || o.name != rec.name
+                    || o.addrs != rec.addrs
+                    || o.routes != rec.routes
+            })
             .unwrap_or(false);
         let to = self.audience(rec.id);
         // Nodes that saw it and may not any more are told it is gone.
@@ -836,6 +868,7 @@ mod tests {
             last_seen: None,
             endpoints: vec![],
             online: false,
+            routes: vec![],
         }
     }
 
@@ -1195,7 +1228,7 @@ mod tests {
         let reach = crate::reach::Reach::new(Some(&p), nodes.iter());
         for n in &nodes {
             assert_eq!(
-                reach.filter_for(n.id),
+                reach.filter_for(n),
                 compile_filter(Some(&p), nodes.iter(), n),
                 "{}",
                 n.name
@@ -1240,5 +1273,55 @@ mod tests {
         assert!(d.relays.is_none(), "the relays did not change");
         m.set_replicas(vec![c("https://x"), c("https://y")], vec![]);
         assert_eq!(take(&a), None);
+    }
+
+    #[test]
+    fn approved_routes_are_allowed_ips_and_policy_destinations() {
+        let mut home = node(1, "home", &[]);
+        home.routes = vec![
+            "192.168.1.0/24".parse().unwrap(),
+            "0.0.0.0/0".parse().unwrap(),
+        ];
+        let laptop = node(2, "laptop", &[]);
+        let other = node(3, "other", &[]);
+        let policy = Policy {
+            rules: vec![
+                rule(&["laptop"], &["192.168.1.5"], &["tcp:80"]),
+                rule(&["laptop"], &["internet"], &["*"]),
+            ],
+        };
+        let m = mesh(
+            vec![home.clone(), laptop.clone(), other.clone()],
+            Some(policy.clone()),
+        );
+        // Home forwards the one LAN host and the internet for the laptop; nothing to itself.
+        let f = m.filter_for(&home);
+        let dests: Vec<Vec<IpNet>> = f.rules.iter().map(|r| r.dests.clone()).collect();
+        assert_eq!(
+            dests,
+            vec![
+                vec!["192.168.1.5/32".parse().unwrap()],
+                vec!["0.0.0.0/0".parse().unwrap()]
+            ]
+        );
+        assert_eq!(
+            f,
+            compile_filter(
+                Some(&policy),
+                [home.clone(), laptop.clone(), other.clone()].iter(),
+                &home
+            )
+        );
+        // Only the laptop's map holds home (with its routes); other's map does not.
+        let lm = m.full_map(&laptop);
+        assert_eq!(lm.peers[0].routes, home.routes);
+        assert!(m.full_map(&other).peers.is_empty());
+        // Without the routes, no rule selects home any more.
+        let mut m = m;
+        let mut bare = home.clone();
+        bare.routes.clear();
+        m.upsert_node(bare.clone());
+        assert!(m.filter_for(&bare).rules.is_empty());
+        assert!(!m.sees(laptop.id, home.id));
     }
 }

@@ -334,6 +334,7 @@ pub fn document() -> Value {
     // Added here: one more entry in the literal above exceeds json!'s macro recursion limit.
     doc["components"]["schemas"]["RegisterChallenge"] = register_challenge;
     status_spec(&mut doc, &admin, &node);
+    routes_spec(&mut doc, &admin, &node);
     doc["components"]["schemas"]["ExitAnnounce"] = json!({"type": "object", "additionalProperties": false, "properties": {
         "public_addrs": {"type": "array", "maxItems": homeport_proto::exit::MAX_PUBLIC_ADDRS,
             "items": {"type": "string", "description": "An IPv4 or IPv6 address", "pattern": format!("^({}|{})$", ipv4(), ipv6())}},
@@ -451,4 +452,55 @@ fn status_spec(doc: &mut Value, admin: &Value, node: &Value) {
     schemas.insert("AuditLine".into(), audit_line);
     schemas.insert("ExitStatusReport".into(), exit_report);
     schemas.insert("Overview".into(), overview);
+}
+
+/// Subnet routes and exit nodes (`homeport_proto::routes`, `coordinator/src/routes.rs`).
+fn routes_spec(doc: &mut Value, admin: &Value, node: &Value) {
+    use homeport_proto::routes as rt;
+    let net_pattern = format!(
+        "^({v4}/(3[0-2]|[12]?[0-9])|({v6})/(12[0-8]|1[01][0-9]|[1-9]?[0-9]))$",
+        v4 = ipv4(),
+        v6 = ipv6()
+    );
+    let net = json!({"type": "string", "pattern": net_pattern,
+        "description": "A network with its host bits zero (192.168.1.0/24, fd00:1::/64); not loopback, link-local or multicast, and outside the mesh's own prefixes; 0.0.0.0/0 and ::/0 offer the node as an exit"});
+    let paths = doc["paths"].as_object_mut().expect("paths is an object");
+    paths.insert(rt::PATH_ROUTES.into(), json!({"post": {
+        "summary": "Report the routes this node advertises now (replaces the previous report); only those the admin approved reach any map",
+        "tags": ["node"], "security": node, "requestBody": body("RoutesReport"),
+        "responses": {"204": {"description": "Stored; approved ones sent to the peers"},
+            "400": err("Bad body (names the field)"),
+            "401": err("Missing or unknown node credential"),
+            "409": err("A network with host bits set, a loopback/link-local/multicast range, or one overlapping the mesh prefixes (names it)"),
+            "413": err("Body over 64 KiB")}}}));
+    paths.insert(rt::PATH_ADMIN_ROUTES.into(), json!({"get": {
+        "summary": "Every node's advertised and approved routes", "tags": ["admin"], "security": admin,
+        "responses": {"200": ok("Routes by node", arr("NodeRoutes")), "401": err("Missing or wrong admin token")}}}));
+    for (path, what) in [
+        (
+            rt::PATH_ADMIN_ROUTES_APPROVE,
+            "Approve routes the node advertises: every node that may reach them routes them to it",
+        ),
+        (
+            rt::PATH_ADMIN_ROUTES_UNAPPROVE,
+            "Withdraw approvals: every node drops the routes at once",
+        ),
+    ] {
+        paths.insert(path.into(), json!({"post": {
+            "summary": what, "tags": ["admin"], "security": admin, "requestBody": body("RouteChange"),
+            "responses": {"200": ok("The node's routes now", r("NodeRoutes")),
+                "400": err("Bad body (names the field)"),
+                "401": err("Missing or wrong admin token"), "404": err("No such node"),
+                "409": err("(approve) a route the node does not advertise"), "413": err("Body over 64 KiB")}}}));
+    }
+    let schemas = doc["components"]["schemas"]
+        .as_object_mut()
+        .expect("schemas is an object");
+    schemas.insert("RoutesReport".into(), json!({"type": "object", "required": ["routes"], "additionalProperties": false,
+        "properties": {"routes": {"type": "array", "maxItems": rt::MAX_ROUTES + 2, "items": net.clone()}}}));
+    schemas.insert("RouteChange".into(), json!({"type": "object", "required": ["node", "routes"], "additionalProperties": false,
+        "properties": {"node": {"type": "string"}, "routes": {"type": "array", "minItems": 1, "items": net.clone()}}}));
+    schemas.insert("NodeRoutes".into(), json!({"type": "object", "required": ["node", "advertised", "approved"],
+        "properties": {"node": {"type": "string"}, "advertised": {"type": "array", "items": {"type": "string"}},
+            "approved": {"type": "array", "items": {"type": "string"}}}}));
 }

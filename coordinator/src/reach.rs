@@ -31,12 +31,43 @@ struct Membership {
     to: Vec<usize>,
 }
 
+/// True when a selector names the node itself (its own mesh addresses).
 fn matches(sels: &[Selector], n: &NodeRec) -> bool {
     sels.iter().any(|sel| match sel {
         Selector::Any => true,
         Selector::Tag(t) => n.tags.iter().any(|x| x == t),
         Selector::Node(name) => n.name.as_str() == name,
+        Selector::Addr(_) | Selector::Internet => false,
     })
+}
+
+/// What `to` selectors name behind node `n`: the parts of its approved subnet routes that an
+/// address selector covers (`*`: all of them), and its default routes for `internet`.
+pub fn route_dests(sels: &[Selector], n: &NodeRec) -> Vec<IpNet> {
+    use homeport_proto::routes::{intersect, is_default};
+    let mut out: Vec<IpNet> = Vec::new();
+    for sel in sels {
+        for r in &n.routes {
+            let d = match sel {
+                Selector::Any if !is_default(r) => Some(*r),
+                Selector::Addr(a) if !is_default(r) => intersect(a, r),
+                Selector::Internet if is_default(r) => Some(*r),
+                _ => None,
+            };
+            if let Some(d) = d
+                && !out.contains(&d)
+            {
+                out.push(d);
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
+/// `to` selects the node: itself, or something behind it.
+fn matches_to(sels: &[Selector], n: &NodeRec) -> bool {
+    matches(sels, n) || !route_dests(sels, n).is_empty()
 }
 
 fn parse_selectors(v: &[String]) -> Vec<Selector> {
@@ -116,7 +147,7 @@ impl Reach {
                 r.from_members.insert(n.id, n.addrs);
                 m.from.push(i);
             }
-            if matches(&r.to, n) {
+            if matches_to(&r.to, n) {
                 r.to_members.insert(n.id);
                 m.to.push(i);
             }
@@ -182,21 +213,21 @@ impl Reach {
 
     /// The inbound packet filter of `target`; the same as [`crate::mesh::compile_filter`] over
     /// the indexed nodes.
-    pub fn filter_for(&self, target: NodeId) -> PacketFilter {
+    pub fn filter_for(&self, target: &NodeRec) -> PacketFilter {
         if !self.restricted() {
             return PacketFilter::allow_all();
         }
         let mut out = Vec::new();
         let to: &[usize] = self
             .members
-            .get(&target)
+            .get(&target.id)
             .map(|m| m.to.as_slice())
             .unwrap_or(&[]);
         for &i in to {
             let r = &self.rules[i];
             let mut sources: Vec<IpNet> = Vec::new();
             for (id, a) in &r.from_members {
-                if *id != target {
+                if *id != target.id {
                     sources.push(IpNet::V4(Ipv4Net::from(a.ipv4)));
                     sources.push(IpNet::V6(Ipv6Net::from(a.ipv6)));
                 }
@@ -204,12 +235,24 @@ impl Reach {
             if sources.is_empty() {
                 continue;
             }
-            for (proto, ranges) in &r.groups {
-                out.push(FilterRule {
-                    sources: sources.clone(),
-                    protos: proto.iter().copied().collect(),
-                    ports: ranges.clone(),
-                });
+            // The node itself, and what it forwards to: never both in one rule.
+            let mut targets = Vec::new();
+            if matches(&r.to, target) {
+                targets.push(vec![]);
+            }
+            let dests = route_dests(&r.to, target);
+            if !dests.is_empty() {
+                targets.push(dests);
+            }
+            for dests in targets {
+                for (proto, ranges) in &r.groups {
+                    out.push(FilterRule {
+                        sources: sources.clone(),
+                        protos: proto.iter().copied().collect(),
+                        ports: ranges.clone(),
+                        dests: dests.clone(),
+                    });
+                }
             }
         }
         PacketFilter {

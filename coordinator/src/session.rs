@@ -227,6 +227,7 @@ mod tests {
             }],
             online: true,
             tags: vec![],
+            routes: vec![],
         }
     }
 
@@ -245,6 +246,7 @@ mod tests {
                 prefix_v4: "100.96.0.0/16".parse().unwrap(),
                 prefix_v6: "fd00::/64".parse().unwrap(),
                 tags: vec![],
+                routes: vec![],
             }),
             peers,
             filter: Some(PacketFilter::allow_all()),

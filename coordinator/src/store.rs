@@ -118,6 +118,7 @@ fn node_row(r: &AnyRow) -> Result<NodeRec, sqlx::Error> {
         last_seen: r.try_get("last_seen")?,
         endpoints: serde_json::from_str(&r.try_get::<String, _>("endpoints")?).unwrap_or_default(),
         online: false,
+        routes: vec![],
     })
 }
 
@@ -296,7 +297,12 @@ impl Store {
         let rows = sqlx::query(&format!("SELECT {NODE_COLS} FROM nodes ORDER BY id"))
             .fetch_all(&self.pool)
             .await?;
-        Ok(rows.iter().map(node_row).collect::<Result<_, _>>()?)
+        let mut nodes: Vec<NodeRec> = rows.iter().map(node_row).collect::<Result<_, _>>()?;
+        let routes = self.load_routes().await?;
+        for n in &mut nodes {
+            n.routes = routes.get(&n.id).map(|r| r.in_use()).unwrap_or_default();
+        }
+        Ok(nodes)
     }
 
     pub async fn node_by_credential(&self, credential: &str) -> StoreResult<Option<NodeId>> {
@@ -470,6 +476,7 @@ impl Store {
                 last_seen: None,
                 endpoints: vec![],
                 online: false,
+                routes: vec![],
             }
         };
         Ok(Registered {
@@ -527,6 +534,10 @@ impl Store {
     pub async fn remove_node(&self, id: NodeId) -> StoreResult<bool> {
         let mut tx = self.pool.begin().await?;
         sqlx::query("DELETE FROM publish_rules WHERE exit_id = $1 OR target_id = $1")
+            .bind(id.0)
+            .execute(&mut *tx)
+            .await?;
+        sqlx::query("DELETE FROM node_routes WHERE node_id = $1")
             .bind(id.0)
             .execute(&mut *tx)
             .await?;

@@ -2423,3 +2423,117 @@ async fn a_second_replica_under_the_same_url_is_refused_on_postgres() {
     assert!(e.contains("its own --public-url"), "{e}");
     stop_a.cancel();
 }
+
+/// Routes: the node reports, the admin approves; only approved routes the node advertises reach
+/// the maps, as the peer's allowed IPs, and they survive a restart (migration 0005).
+async fn routes_are_reported_approved_and_carried_in_maps(t: &T) {
+    use homeport_proto::routes as rt;
+    let key = t.authkey(json!({"reusable": true})).await;
+    let home = t.register(&key, "home").await;
+    let laptop = t.register(&key, "laptop").await;
+    let mut map = t.open_map(&laptop.credential).await;
+    map.next(SEC).await.expect("full map");
+    let cred = home.credential.as_str();
+    let report = |routes: Value| async move {
+        t.node(
+            Method::POST,
+            rt::PATH_ROUTES,
+            cred,
+            Some(json!({ "routes": routes })),
+        )
+        .await
+    };
+    let (s, v) = report(json!(["10.10.1.1/24"])).await;
+    assert_eq!(s, StatusCode::CONFLICT);
+    assert!(
+        v["detail"].as_str().unwrap().contains("10.10.1.0/24"),
+        "{v}"
+    );
+    let (s, v) = report(json!(["100.96.0.0/24"])).await;
+    assert_eq!(s, StatusCode::CONFLICT);
+    assert!(v["detail"].as_str().unwrap().contains("mesh"), "{v}");
+    let (s, v) = report(json!(["10.10.1.0/24", "0.0.0.0/0", "::/0"])).await;
+    assert_eq!(s, StatusCode::NO_CONTENT, "{v}");
+    // Advertised only: nothing in any map.
+    assert!(map.quiet(SEC).await, "an unapproved route reached a map");
+    let (s, v) = t.admin(Method::GET, rt::PATH_ADMIN_ROUTES, None).await;
+    assert_eq!(s, StatusCode::OK);
+    assert_eq!(v[0]["node"], "home");
+    assert_eq!(v[0]["approved"], json!([]));
+    let change = |path: &'static str, node: &'static str, routes: Value| async move {
+        t.admin(
+            Method::POST,
+            path,
+            Some(json!({ "node": node, "routes": routes })),
+        )
+        .await
+    };
+    let (s, v) = change(
+        rt::PATH_ADMIN_ROUTES_APPROVE,
+        "home",
+        json!(["10.20.0.0/16"]),
+    )
+    .await;
+    assert_eq!(s, StatusCode::CONFLICT);
+    assert!(
+        v["detail"].as_str().unwrap().contains("does not advertise"),
+        "{v}"
+    );
+    let (s, _) = change(
+        rt::PATH_ADMIN_ROUTES_APPROVE,
+        "nas",
+        json!(["10.10.1.0/24"]),
+    )
+    .await;
+    assert_eq!(s, StatusCode::NOT_FOUND);
+    let (s, v) = change(
+        rt::PATH_ADMIN_ROUTES_APPROVE,
+        "home",
+        json!(["10.10.1.0/24"]),
+    )
+    .await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    let d = map.next(SEC).await.expect("a delta");
+    let p = d.peers.iter().find(|p| p.id == home.node_id).expect("home");
+    assert_eq!(
+        p.routes,
+        vec!["10.10.1.0/24".parse::<ipnet::IpNet>().unwrap()]
+    );
+    // Persisted: loading the nodes (what a restart does) gives the approved route back.
+    let mesh_routes = |st: &AppState| {
+        st.mesh()
+            .node(home.node_id)
+            .map(|n| n.routes.clone())
+            .unwrap_or_default()
+    };
+    assert_eq!(mesh_routes(&t.st).len(), 1);
+    let loaded = t.st.store.load_nodes().await.unwrap();
+    let h = loaded.iter().find(|n| n.id == home.node_id).unwrap();
+    assert_eq!(h.routes, mesh_routes(&t.st));
+    // Unapproved: the delta takes it away again.
+    let (s, _) = change(
+        rt::PATH_ADMIN_ROUTES_UNAPPROVE,
+        "home",
+        json!(["10.10.1.0/24"]),
+    )
+    .await;
+    assert_eq!(s, StatusCode::OK);
+    let d = map.next(SEC).await.expect("a delta");
+    let p = d.peers.iter().find(|p| p.id == home.node_id).expect("home");
+    assert!(p.routes.is_empty());
+}
+
+#[tokio::test]
+async fn routes_are_reported_approved_and_carried_in_maps_on_sqlite() {
+    routes_are_reported_approved_and_carried_in_maps(&setup().await).await;
+}
+
+#[tokio::test]
+async fn routes_are_reported_approved_and_carried_in_maps_on_postgres() {
+    let Some(pg) = ThrowawayPostgres::start() else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let url = fresh_postgres_db(&pg.url()).await;
+    routes_are_reported_approved_and_carried_in_maps(&setup_on(dir, url, None).await).await;
+}

@@ -26,6 +26,8 @@ pub struct CompiledFilter {
 #[derive(Debug, Clone)]
 struct CompiledRule {
     sources: Vec<IpNet>,
+    /// Empty: our own addresses; else forwarded destinations.
+    dests: Vec<IpNet>,
     protos: Vec<u8>,
     ports: Vec<PortRange>,
 }
@@ -39,6 +41,7 @@ impl CompiledFilter {
                 .iter()
                 .map(|r| CompiledRule {
                     sources: r.sources.clone(),
+                    dests: r.dests.clone(),
                     protos: if r.protos.is_empty() {
                         vec![
                             packet::PROTO_TCP,
@@ -64,11 +67,16 @@ impl CompiledFilter {
         }
     }
 
-    /// True when a rule admits this flow-opening packet.
-    pub fn allows(&self, i: &PacketInfo) -> bool {
+    /// True when a rule admits this flow-opening packet; `to_self`: it is for this node (else
+    /// forwarded along one of its routes: only rules with `dests` holding it admit it).
+    pub fn allows(&self, i: &PacketInfo, to_self: bool) -> bool {
         self.allow_all
             || self.rules.iter().any(|r| {
-                r.sources.iter().any(|n| n.contains(&i.src))
+                (if r.dests.is_empty() {
+                    to_self
+                } else {
+                    !to_self && r.dests.iter().any(|d| d.contains(&i.dst))
+                }) && r.sources.iter().any(|n| n.contains(&i.src))
                     && r.protos.contains(&i.proto)
                     && (i.is_icmp()
                         || r.ports.is_empty()

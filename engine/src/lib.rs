@@ -532,6 +532,13 @@ pub struct PeerTable {
     publish_out: Vec<PublishAdmit>,
     /// The mesh's address ranges: never a public source, whoever claims them.
     mesh_prefixes: Option<(ipnet::Ipv4Net, ipnet::Ipv6Net)>,
+    /// Peers' approved subnet routes (default routes excluded), longest prefix first: where
+    /// packets to those ranges go, and the one peer a source in them is accepted from.
+    routes: Vec<(ipnet::IpNet, usize)>,
+    /// Per peer (same index as `peers`): its approved routes, default routes included.
+    pub peer_routes: Vec<Vec<ipnet::IpNet>>,
+    /// Our own approved routes: the only non-mesh destinations we forward to.
+    self_routes: Vec<ipnet::IpNet>,
 }
 
 impl PeerTable {
@@ -547,6 +554,25 @@ impl PeerTable {
     }
     fn is_self(&self, ip: IpAddr) -> bool {
         self.self_addrs.is_some_and(|a| a.contains(ip))
+    }
+    /// The peer whose approved subnet route holds `ip` (longest prefix wins).
+    pub fn route_for(&self, ip: IpAddr) -> Option<&Arc<PeerState>> {
+        self.routes
+            .iter()
+            .find(|(n, _)| n.contains(&ip))
+            .map(|(_, i)| &self.peers[*i])
+    }
+    /// True when peer `id` is an approved exit for `ip`'s family.
+    fn is_exit_for(&self, id: NodeId, ip: IpAddr) -> bool {
+        self.by_id.get(&id).is_some_and(|&i| {
+            self.peer_routes[i]
+                .iter()
+                .any(|n| homeport_proto::routes::is_default(n) && n.contains(&ip))
+        })
+    }
+    /// We forward to `ip`: one of our approved routes holds it, and it is no mesh address.
+    fn forwards_to(&self, ip: IpAddr) -> bool {
+        self.self_routes.iter().any(|n| n.contains(&ip)) && !self.in_mesh(ip)
     }
     /// In the mesh's ranges (assigned to a node or not), or any node's address.
     fn in_mesh(&self, ip: IpAddr) -> bool {
@@ -633,6 +659,8 @@ pub struct Engine {
     /// Transaction ids and disco nonces: a CSPRNG seeded by the caller (the OS in the daemon, a
     /// fixed seed in tests, so runs repeat exactly).
     rng: Mutex<rand::rngs::StdRng>,
+    /// The peer this node sends its internet traffic to (`homeport up --exit-node`); 0: none.
+    exit_node: std::sync::atomic::AtomicI64,
 }
 
 impl Engine {
@@ -665,6 +693,7 @@ impl Engine {
             rebind: Mutex::new(Rebind::default()),
             clock_base: (now, unix_ms),
             rng: Mutex::new(rand::SeedableRng::from_seed(seed)),
+            exit_node: std::sync::atomic::AtomicI64::new(0),
         }
     }
 
@@ -754,6 +783,40 @@ impl Engine {
         PublicKey::from(self.public)
     }
 
+    /// Chooses the exit node: packets to addresses no peer owns go to it (when the map says it
+    /// is an approved exit), and sources on the internet are accepted from it. None: no exit;
+    /// such packets are dropped, and internet sources are accepted from no peer.
+    pub fn set_exit_node(&self, peer: Option<NodeId>) {
+        self.exit_node
+            .store(peer.map_or(0, |p| p.0), Ordering::Relaxed);
+    }
+
+    pub fn exit_node(&self) -> Option<NodeId> {
+        match self.exit_node.load(Ordering::Relaxed) {
+            0 => None,
+            id => Some(NodeId(id)),
+        }
+    }
+
+    /// The peer `ip` goes to as the internet through our exit node, if one is chosen and the
+    /// map makes it an exit for that family.
+    fn via_exit<'t>(&self, t: &'t PeerTable, ip: IpAddr) -> Option<&'t Arc<PeerState>> {
+        let id = self.exit_node()?;
+        if t.in_mesh(ip) || !t.is_exit_for(id, ip) {
+            return None;
+        }
+        t.peer_by_id(id)
+    }
+
+    /// The one peer a packet from `src` (not a mesh address) may come from: the owner of the
+    /// subnet route that holds it, else our exit node.
+    fn source_owner<'t>(&self, t: &'t PeerTable, src: IpAddr) -> Option<&'t Arc<PeerState>> {
+        if t.in_mesh(src) {
+            return None;
+        }
+        t.route_for(src).or_else(|| self.via_exit(t, src))
+    }
+
     /// The current peer table. The data path takes one per batch.
     pub fn snapshot(&self) -> Arc<PeerTable> {
         self.table.read().unwrap().clone()
@@ -768,6 +831,7 @@ impl Engine {
             self_addrs: Some(map.self_node.addrs),
             mesh_prefixes: Some((map.self_node.prefix_v4, map.self_node.prefix_v6)),
             filter: CompiledFilter::compile(&map.filter),
+            self_routes: map.self_node.routes.clone(),
             ..Default::default()
         };
         for r in &map.publish {
@@ -887,7 +951,18 @@ impl Engine {
             t.by_key.insert(*st.key.as_bytes(), i);
             t.by_id.insert(st.id, i);
             t.peers.push(st);
+            for r in p
+                .routes
+                .iter()
+                .filter(|r| !homeport_proto::routes::is_default(r))
+            {
+                t.routes.push((*r, i));
+            }
+            t.peer_routes.push(p.routes.clone());
         }
+        // Longest prefix first; equal routes of two peers: the lower id, on every node alike.
+        t.routes
+            .sort_by_key(|(n, i)| (std::cmp::Reverse(n.prefix_len()), t.peers[*i].id));
         let want = map
             .relays
             .iter()
@@ -938,7 +1013,7 @@ impl Engine {
         let Some(dst) = packet::dst_addr(pkt) else {
             return Encap::Drop(DropReason::Malformed);
         };
-        let peer = match t.peer_for_dst(dst) {
+        let peer = match t.peer_for_dst(dst).or_else(|| t.route_for(dst)) {
             Some(p) => p,
             None => {
                 // A reply of a published flow: back to the exit it came in through.
@@ -948,7 +1023,11 @@ impl Engine {
                 let key = FlowKey::new(info.proto, info.dst, info.dst_port, info.src_port);
                 match self.flows.reply(&key, now).and_then(|p| t.peer_by_id(p)) {
                     Some(p) => p,
-                    None => return Encap::Drop(DropReason::NoRoute),
+                    // Otherwise the internet, through our exit node if we chose one.
+                    None => match self.via_exit(t, dst) {
+                        Some(p) => p,
+                        None => return Encap::Drop(DropReason::NoRoute),
+                    },
                 }
             }
         };
@@ -1329,7 +1408,12 @@ impl Engine {
     ) -> Result<(), DropReason> {
         if peer.addrs.contains(info.src) {
             if t.is_self(info.dst) {
-                return self.filter_in(t, peer, pkt, info, now);
+                return self.filter_in(t, peer, pkt, info, true, now);
+            }
+            // We forward it: to one of our approved routes (a LAN behind us, or the internet
+            // when we are an approved exit), as the filter's `dests` rules allow.
+            if t.forwards_to(info.dst) {
+                return self.filter_in(t, peer, pkt, info, false, now);
             }
             // We are an exit: the target's reply to a published flow, to a public address.
             let is_reply = t.publish_out.iter().any(|r| {
@@ -1351,19 +1435,26 @@ impl Engine {
             .iter()
             .any(|r| r.peer == peer.id && r.proto == info.proto && r.target_port == info.dst_port);
         if !ok {
-            return Err(DropReason::SourceNotAllowed);
+            // A host behind the peer's approved subnet route, or the internet through the peer
+            // we chose as exit node: from that peer only, never from another.
+            return match self.source_owner(t, info.src) {
+                Some(owner) if owner.id == peer.id => self.filter_in(t, peer, pkt, info, true, now),
+                _ => Err(DropReason::SourceNotAllowed),
+            };
         }
         let key = FlowKey::new(info.proto, info.src, info.src_port, info.dst_port);
         self.flows.inbound(key, peer.id, info.opens_tcp(), now);
         Ok(())
     }
 
+    /// `to_self`: the packet is for this node (else we forward it along one of our routes).
     fn filter_in(
         &self,
         t: &PeerTable,
         peer: &PeerState,
         pkt: &[u8],
         info: &PacketInfo,
+        to_self: bool,
         now: Instant,
     ) -> Result<(), DropReason> {
         let f = &t.filter;
@@ -1395,7 +1486,7 @@ impl Engine {
             }
             _ => true,
         };
-        if !opening || f.allows(info) {
+        if !opening || f.allows(info, to_self) {
             Ok(())
         } else {
             Err(DropReason::Filtered)

@@ -49,6 +49,7 @@ fn map_for(
             prefix_v4: "100.96.0.0/16".parse().unwrap(),
             prefix_v6: "fd7a::/64".parse().unwrap(),
             tags: vec![],
+            routes: vec![],
         },
         peers: peers
             .iter()
@@ -66,6 +67,7 @@ fn map_for(
                         }],
                         online: true,
                         tags: vec![],
+                        routes: vec![],
                     },
                 )
             })
@@ -221,6 +223,7 @@ fn filter_admits_only_allowed_new_flows() {
             sources: vec![IpNet::from(IpAddr::V4(a.addrs.ipv4))],
             protos: vec![Proto::Tcp],
             ports: vec![PortRange::single(22)],
+            dests: vec![],
         }],
     };
     a.engine.apply_map(
@@ -1075,6 +1078,7 @@ fn full_probes_wait_until_the_peer_opened_towards_our_current_address() {
 }
 
 mod attacks;
+mod routes;
 mod sim;
 
 #[test]

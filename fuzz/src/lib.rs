@@ -173,6 +173,7 @@ pub fn home_map() -> NetworkMap {
         }],
         online: true,
         tags: vec![],
+        routes: vec![],
     };
     let peers = [
         peer(LAPTOP, "laptop", "203.0.113.2:41641", EndpointKind::Stun),
@@ -189,6 +190,7 @@ pub fn home_map() -> NetworkMap {
             prefix_v4: "100.96.0.0/16".parse().unwrap(),
             prefix_v6: "fd7a:115c:a1e0::/64".parse().unwrap(),
             tags: vec![],
+            routes: vec![],
         },
         peers: peers
             .into_iter()
@@ -204,6 +206,7 @@ pub fn home_map() -> NetworkMap {
                     ],
                     protos: vec![Proto::Tcp],
                     ports: vec![PortRange::single(22)],
+                    dests: vec![],
                 },
                 FilterRule {
                     sources: vec!["100.96.0.0/16".parse().unwrap()],
@@ -215,6 +218,7 @@ pub fn home_map() -> NetworkMap {
                             last: 6000,
                         },
                     ],
+                    dests: vec![],
                 },
             ],
         },

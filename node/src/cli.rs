@@ -71,6 +71,18 @@ pub enum Cmd {
         #[command(flatten)]
         s: StateArg,
     },
+    /// Choose the exit node while running: NODE (an approved exit) carries this machine's
+    /// internet traffic; `off` restores the routing exactly as it was
+    ExitNode {
+        /// A peer's name, or `off`
+        #[arg(value_name = "NODE|off")]
+        node: String,
+        /// While NODE is offline, use this machine's own connection instead of stopping
+        #[arg(long)]
+        fallback: bool,
+        #[command(flatten)]
+        s: StateArg,
+    },
     /// Stop the daemon cleanly (TUN and routes removed)
     Down {
         #[command(flatten)]
@@ -119,6 +131,21 @@ pub async fn run(cmd: Cmd) -> Result<()> {
                 println!("{}", addrs.ipv6);
             } else {
                 println!("{}", addrs.ipv4);
+            }
+        }
+        Cmd::ExitNode { node, fallback, s } => {
+            let node = crate::routes_sync::exit_name(&node);
+            let req = Request::ExitNode {
+                node: node.clone(),
+                fallback,
+            };
+            match control::call(&s.state_dir, &req).await? {
+                Response::Ok => match node {
+                    Some(n) => println!("exit node: {n} (see `homeport status`)"),
+                    None => println!("exit node: off"),
+                },
+                Response::Error { message } => bail!("{message}"),
+                other => bail!("unexpected answer {other:?}"),
             }
         }
         Cmd::Status { json, s } => {
@@ -284,6 +311,9 @@ pub fn render_status(st: &Status) -> String {
             p.tx_bytes,
             if p.online { "yes" } else { "no" }
         );
+    }
+    if let Some(r) = &st.routes {
+        o.push_str(&crate::routes_sync::render(r));
     }
     o
 }

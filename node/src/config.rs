@@ -48,6 +48,8 @@ pub struct UpArgs {
     /// Serve Prometheus metrics at http://ADDR/metrics (off by default)
     #[arg(long)]
     pub metrics_listen: Option<SocketAddr>,
+    #[command(flatten)]
+    pub routing: crate::routes_sync::RouteArgs,
 }
 
 /// Defaults that differ between the home node and the exit.
@@ -90,6 +92,8 @@ pub struct UpConfig {
     pub metrics_listen: Option<SocketAddr>,
     /// Keys of the config file that the caller (the exit) handles itself.
     pub extra: toml::Table,
+    /// Subnet routes and the exit node (`routes_sync`).
+    pub routing: crate::routes_sync::RouteConfig,
 }
 
 /// The environment variable `homeport up` reads an auth key from.
@@ -196,6 +200,7 @@ impl UpArgs {
                 None => None,
             },
         };
+        let routing = self.routing.resolve(&file, &path)?;
         let mut extra = toml::Table::new();
         for k in extra_keys {
             if let Some(v) = file.get(*k) {
@@ -229,6 +234,7 @@ impl UpArgs {
             log_format,
             metrics_listen,
             extra,
+            routing,
         })
     }
 }
@@ -267,8 +273,12 @@ pub fn parse_config(text: &str, path: &Path, extra_keys: &[&str]) -> Result<toml
     for (k, v) in raw {
         let norm = k.replace('_', "-");
         let line = line_of(&k);
-        if !NODE_KEYS.contains(&norm.as_str()) && !extra_keys.contains(&norm.as_str()) {
+        if !NODE_KEYS.contains(&norm.as_str())
+            && !crate::routes_sync::ROUTE_KEYS.contains(&norm.as_str())
+            && !extra_keys.contains(&norm.as_str())
+        {
             let mut accepted: Vec<&str> = NODE_KEYS.to_vec();
+            accepted.extend_from_slice(crate::routes_sync::ROUTE_KEYS);
             accepted.extend_from_slice(extra_keys);
             bail!(
                 "{}:{line}: unknown key {k:?}; accepted keys: {}",

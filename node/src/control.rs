@@ -25,6 +25,14 @@ pub enum Request {
     /// What this node publishes and who is connected through an exit right now
     /// (`homeport plex setup` and `plex check`).
     Published,
+    /// Choose the exit node (`homeport exit-node NODE|off`); answered with `Ok`.
+    #[serde(rename = "exit-node")]
+    ExitNode {
+        /// A peer's name; None: no exit.
+        node: Option<String>,
+        #[serde(default)]
+        fallback: bool,
+    },
 }
 
 /// The publish rules that target this node, the exits' public addresses, and the live
@@ -109,6 +117,9 @@ pub struct Status {
     #[serde(rename = "self")]
     pub me: SelfStatus,
     pub peers: Vec<PeerStatus>,
+    /// Subnet routes and the exit node (None from a daemon without them).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub routes: Option<crate::routes_sync::RoutesStatus>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -165,7 +176,7 @@ pub async fn serve(
                 }
                 Err(e) => Response::Error {
                     message: format!(
-                        "bad request {:?}: {e}; expected {{\"cmd\":\"status\"|\"down\"|\"ping\"|\"netcheck\"|\"published\"}}",
+                        "bad request {:?}: {e}; expected {{\"cmd\":\"status\"|\"down\"|\"ping\"|\"netcheck\"|\"published\"|\"exit-node\"}}",
                         line.trim()
                     ),
                 },

@@ -13,6 +13,8 @@
 //!   - [`endpoints`]: candidates, STUN ([`stun`]), NAT depth ([`natdepth`]), endpoint reports;
 //!   - [`relay_tcp`]: the relay's TCP/TLS fallback; [`metrics`]; [`report`]; [`netcheck`].
 //! - [`cli`]: the CLI commands that talk to a running daemon over its unix socket.
+//! - [`routes_sync`]: subnet routes and the exit node: advertising, kernel routes and rules,
+//!   forwarding, fed by the map watch channel.
 //! - [`plex`]: `homeport plex setup`/`check` (Plex's HTTP API and the daemon's published flows).
 
 pub mod cli;
@@ -29,5 +31,6 @@ pub mod plex;
 pub mod relay_tcp;
 pub mod replicas;
 pub mod report;
+pub mod routes_sync;
 pub mod state;
 pub mod stun;

@@ -26,6 +26,7 @@ impl homeport_host::metrics::Collector for NodeMetrics {
         let st = Status {
             me: self.me.borrow().clone(),
             peers: self.dp.status(),
+            routes: None,
         };
         encode_status_metrics(&st, &mut enc)?;
         self.dp.encode_metrics(&mut enc)

@@ -7,6 +7,8 @@
 //!   to a flow this node opened, an ICMP echo request) is accepted only when some rule matches its
 //!   source address, protocol and destination port. Replies to flows this node opened pass.
 //! - ICMP echo matches a rule whose `protos` contains `icmp` (ports are ignored for ICMP).
+//! - a packet to this node's own address matches only rules without `dests`; a packet this node
+//!   forwards (to one of its approved routes) only rules whose `dests` hold its destination.
 //!
 //! Publish rules add their own admission (public sources, only from the exit, only to the
 //! published port); they live in [`crate::publish`] and are not expressed as filter rules.
@@ -99,6 +101,11 @@ pub struct FilterRule {
     /// Destination ports admitted (tcp/udp); empty means any.
     #[serde(default)]
     pub ports: Vec<PortRange>,
+    /// Destinations admitted: empty means this node's own mesh addresses; otherwise ranges of
+    /// its approved routes (a LAN behind it, or `0.0.0.0/0` / `::/0` when it is an exit) that
+    /// it forwards to. A rule never admits both.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub dests: Vec<IpNet>,
 }
 
 /// The whole filter for one node.

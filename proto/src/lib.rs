@@ -19,6 +19,7 @@ pub mod policy;
 pub mod publish;
 pub mod register;
 pub mod relay;
+pub mod routes;
 pub mod status;
 #[cfg(feature = "tls")]
 pub mod tls;

@@ -85,6 +85,10 @@ pub struct SelfNode {
     pub prefix_v6: Ipv6Net,
     #[serde(default)]
     pub tags: Vec<String>,
+    /// This node's approved routes (see [`crate::routes`]): it forwards packets to these
+    /// ranges, and to no other non-mesh address. `0.0.0.0/0` / `::/0`: it is an approved exit.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub routes: Vec<ipnet::IpNet>,
 }
 
 /// Another node in the mesh.
@@ -99,6 +103,11 @@ pub struct Peer {
     pub online: bool,
     #[serde(default)]
     pub tags: Vec<String>,
+    /// The peer's approved routes: its allowed IPs beyond its mesh addresses. Packets to these
+    /// ranges go to it; packets from them are accepted from it and from no other peer. Default
+    /// routes (an exit) count only while this node uses the peer as its exit node.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub routes: Vec<ipnet::IpNet>,
 }
 
 /// "Probe me now": `from` is about to send disco probes to your candidates; probe theirs at once.

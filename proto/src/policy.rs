@@ -5,7 +5,13 @@
 //! a flow is allowed only when a rule matches it; the coordinator compiles the policy into one
 //! [`crate::filter::PacketFilter`] per node (inbound rules for that node).
 //!
-//! Selectors: `"*"` (every node), `"tag:NAME"`, `"node:NAME"`, or a bare node name.
+//! Selectors: `"*"` (every node), `"tag:NAME"`, `"node:NAME"`, or a bare node name. In `to`
+//! only, destinations beyond the nodes themselves: an address or network (`"192.168.1.0/24"`,
+//! `"192.168.1.5"`) is the part of approved subnet routes it covers (reached through the node
+//! that advertises them), and `"internet"` is the use of an approved exit node (a node named
+//! `internet` is selected with `node:internet`). `"*"` in `to` covers every node and every
+//! approved subnet route, but not the internet. Node and tag selectors name the nodes' own
+//! addresses only, never the routes behind them.
 //! Ports: `"*"`, `"22"`, `"8000-8100"`, optionally prefixed with a protocol: `"tcp:22"`, `"udp:*"`,
 //! `"icmp"`.
 //!
@@ -50,6 +56,10 @@ pub enum Selector {
     Any,
     Tag(String),
     Node(String),
+    /// Addresses behind subnet routes (`to` only).
+    Addr(ipnet::IpNet),
+    /// The internet through an exit node (`to` only).
+    Internet,
 }
 
 impl Selector {
@@ -58,9 +68,26 @@ impl Selector {
         if s == "*" {
             return Ok(Selector::Any);
         }
+        if s == "internet" {
+            return Ok(Selector::Internet);
+        }
+        if let Ok(net) = s.parse::<ipnet::IpNet>() {
+            return if net.trunc() == net {
+                Ok(Selector::Addr(net))
+            } else {
+                Err(format!(
+                    "invalid selector {s:?}: host bits set; the network is {}",
+                    net.trunc()
+                ))
+            };
+        }
+        if let Ok(ip) = s.parse::<std::net::IpAddr>() {
+            return Ok(Selector::Addr(ipnet::IpNet::from(ip)));
+        }
         let bad = || {
             format!(
-                "invalid selector {s:?}: expected \"*\", \"tag:NAME\", \"node:NAME\" or a node name"
+                "invalid selector {s:?}: expected \"*\", \"tag:NAME\", \"node:NAME\", a node name, \
+                 or (in `to` only) an address/network behind a subnet route or \"internet\""
             )
         };
         let valid = |n: &str| {
@@ -128,6 +155,17 @@ impl Policy {
             for s in r.from.iter().chain(r.to.iter()) {
                 Selector::parse(s).map_err(|e| format!("rules[{i}]: {e}"))?;
             }
+            for s in &r.from {
+                if matches!(
+                    Selector::parse(s),
+                    Ok(Selector::Addr(_) | Selector::Internet)
+                ) {
+                    return Err(format!(
+                        "rules[{i}]: {s:?} in `from`: addresses and \"internet\" are destinations \
+                         only (`to`); sources are nodes: \"*\", \"tag:NAME\", \"node:NAME\""
+                    ));
+                }
+            }
             for p in &r.ports {
                 parse_port_spec(p).map_err(|e| format!("rules[{i}]: {e}"))?;
             }
@@ -151,5 +189,48 @@ mod tests {
         assert!(bad.validate().unwrap_err().contains("rules[0]"));
         assert!(serde_json::from_str::<Policy>(r#"{"rulez":[]}"#).is_err());
         assert!(parse_port_spec("sctp:1").is_err());
+    }
+
+    #[test]
+    fn routes_and_the_internet_are_destinations_only() {
+        assert_eq!(
+            Selector::parse("192.168.1.0/24").unwrap(),
+            Selector::Addr("192.168.1.0/24".parse().unwrap())
+        );
+        assert_eq!(
+            Selector::parse("192.168.1.5").unwrap(),
+            Selector::Addr("192.168.1.5/32".parse().unwrap())
+        );
+        assert_eq!(Selector::parse("internet").unwrap(), Selector::Internet);
+        assert_eq!(
+            Selector::parse("node:internet").unwrap(),
+            Selector::Node("internet".into())
+        );
+        assert!(
+            Selector::parse("192.168.1.1/24")
+                .unwrap_err()
+                .contains("192.168.1.0/24")
+        );
+        let p = |from: &str, to: &str| Policy {
+            rules: vec![PolicyRule {
+                from: vec![from.into()],
+                to: vec![to.into()],
+                ports: vec!["*".into()],
+            }],
+        };
+        p("tag:family", "192.168.1.0/24").validate().unwrap();
+        p("laptop", "internet").validate().unwrap();
+        assert!(
+            p("192.168.1.0/24", "home")
+                .validate()
+                .unwrap_err()
+                .contains("destinations")
+        );
+        assert!(
+            p("internet", "home")
+                .validate()
+                .unwrap_err()
+                .contains("destinations")
+        );
     }
 }

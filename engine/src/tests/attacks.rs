@@ -18,11 +18,13 @@ fn restricted_pair() -> (Node, Node, Net) {
                 sources: srcs.clone(),
                 protos: vec![Proto::Tcp],
                 ports: vec![PortRange::single(22)],
+                dests: vec![],
             },
             FilterRule {
                 sources: srcs,
                 protos: vec![Proto::Udp],
                 ports: vec![PortRange::single(5000)],
+                dests: vec![],
             },
         ],
     };

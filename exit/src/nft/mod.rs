@@ -38,8 +38,11 @@
 //! - `dnat_pre` (prerouting, dstnat): `dnat ip to target_ipv4:target_port` and the ip6
 //!   equivalent. No masquerade: the target sees the viewer's address.
 //! - `fwd_mesh` (forward, filter): MSS clamp on the TUN, accept DNATed flows (`ct status dnat`)
-//!   to and from the TUN, drop everything else that enters or leaves through the TUN (no node
-//!   may use the exit as a general gateway, and nothing public reaches the mesh un-published).
+//!   to and from the TUN, accept connections marked `ct mark` `CT_MARK` (what this node
+//!   forwards as an approved exit node or to its approved routes, see
+//!   `homeport_node::routes_sync`), drop everything else that enters or leaves through the TUN
+//!   (no node may use the exit as a general gateway unless the admin approved it as an exit
+//!   node and the policy lets it, and nothing public reaches the mesh un-published).
 //! - `post_mesh` (postrouting, filter): a packet to a rule's target that would leave through
 //!   anything but the TUN is dropped (when the TUN is gone, e.g. the exit was killed, DNATed
 //!   packets would otherwise follow the default route out of the VPS), and the MSS clamp for

@@ -606,6 +606,19 @@ fn forward_policy(b: &mut Builder, cfg: &NftConfig) {
             ],
         );
     }
+    // Connections this node forwards as an approved exit node (or to its approved subnet
+    // routes): the node's own table (`homeport_node::routes_sync`) marks them at prerouting,
+    // after its engine admitted them by the policy.
+    b.rule(
+        "fwd_mesh",
+        vec![
+            eq(
+                ct("mark"),
+                Expression::Number(homeport_node::routes_sync::CT_MARK),
+            ),
+            Statement::Accept(None),
+        ],
+    );
     for dir in [MetaKey::Iifname, MetaKey::Oifname] {
         b.rule(
             "fwd_mesh",

@@ -153,6 +153,9 @@ pub async fn run(cfg: UpConfig, shutdown: CancellationToken, hooks: Hooks) -> Re
         maps,
         api: api_observer,
     } = hooks;
+    // The map watch channel always exists: routes_sync follows it (the exit passes its own).
+    let maps = maps.unwrap_or_else(|| watch::channel(None).0);
+    let map_rx = maps.subscribe();
     let st = StateDir::open(&cfg.state_dir)?;
     let key = st.private_key()?;
     let stored = st.registration()?;
@@ -243,7 +246,8 @@ pub async fn run(cfg: UpConfig, shutdown: CancellationToken, hooks: Hooks) -> Re
         map: None,
         connected: false,
         fixed_port: cfg.listen_port.is_some(),
-        maps,
+        maps: Some(maps),
+        routes: crate::routes_sync::Handle::new(&cfg.tun, cfg.routing.clone()),
         endpoints: cmd_tx,
         stun_servers: vec![],
         relay_failing: relay_failing.clone(),
@@ -300,6 +304,13 @@ pub async fn run(cfg: UpConfig, shutdown: CancellationToken, hooks: Hooks) -> Re
             ),
         ));
     }
+    tasks.spawn(crate::routes_sync::run(
+        node.routes.clone(),
+        api.clone(),
+        dp.engine.clone(),
+        map_rx,
+        stop.clone(),
+    ));
     tasks.spawn(crate::coordinator::map_stream(
         api,
         stream_tx,
@@ -329,6 +340,7 @@ pub async fn run(cfg: UpConfig, shutdown: CancellationToken, hooks: Hooks) -> Re
     {
         tracing::warn!("some tasks did not stop in time");
     }
+    node.routes.cleanup();
     dp.stop();
     let _ = std::fs::remove_file(&sock_path);
     if let Err(e) = &result
@@ -377,6 +389,8 @@ struct Node {
     /// What metrics, the status report and `homeport status` show of this node.
     me: watch::Sender<SelfStatus>,
     maps: Option<MapObserver>,
+    /// Subnet routes and the exit node (`routes_sync`).
+    routes: crate::routes_sync::Handle,
     endpoints: mpsc::Sender<Cmd>,
     /// The map's STUN servers, as last told to the endpoint module.
     stun_servers: Vec<SocketAddr>,
@@ -652,6 +666,7 @@ impl Node {
         Status {
             me: self.me.borrow().clone(),
             peers: self.dp.status(),
+            routes: Some(self.routes.status()),
         }
     }
 
@@ -684,6 +699,11 @@ impl Node {
                 return None;
             }
             Request::Published => Response::Published(Box::new(self.published())),
+            Request::ExitNode { node, fallback } => {
+                self.routes
+                    .set_exit(crate::routes_sync::ExitChoice { node, fallback });
+                Response::Ok
+            }
         };
         let _ = reply.send(answer);
         None

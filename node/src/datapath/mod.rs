@@ -610,7 +610,25 @@ const TIMERS_MIN_SLEEP: Duration = Duration::from_millis(5);
 /// (see [`homeport_udp::prepare`]).
 fn wireguard_socket(port: u16) -> Result<(UdpSocket, UdpSocketState)> {
     let bind: SocketAddr = ([0, 0, 0, 0], port).into();
-    homeport_udp::bind(bind).with_context(|| format!("binding the WireGuard UDP socket to {bind}"))
+    let s = homeport_udp::bind(bind)
+        .with_context(|| format!("binding the WireGuard UDP socket to {bind}"))?;
+    // Marked so that mesh routes (an exit node's default route) never capture the tunnel's
+    // own packets: a policy rule sends this mark to the main table (`routes_sync`).
+    let mark: libc::c_int = crate::routes_sync::SOCKET_MARK as libc::c_int;
+    // SAFETY: a valid socket descriptor and a c_int option of its size.
+    let r = unsafe {
+        libc::setsockopt(
+            std::os::fd::AsRawFd::as_raw_fd(&s.0),
+            libc::SOL_SOCKET,
+            libc::SO_MARK,
+            &mark as *const libc::c_int as *const libc::c_void,
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if r != 0 {
+        tracing::warn!(error = %std::io::Error::last_os_error(), "cannot mark the WireGuard socket (SO_MARK)");
+    }
+    Ok(s)
 }
 
 fn send_one(
