@@ -11,6 +11,7 @@
 //! merged message when its connection can accept more and serializes it outside every lock.
 
 use homeport_proto::NodeId;
+use homeport_proto::device::DeviceFilter;
 use homeport_proto::filter::PacketFilter;
 use homeport_proto::map::{MapMessage, Peer, ProbeRequest, RelayInfo, SelfNode};
 use homeport_proto::publish::PublishRule;
@@ -30,6 +31,7 @@ pub struct Pending {
     filter: Option<PacketFilter>,
     publish: Option<Vec<PublishRule>>,
     relays: Option<Vec<RelayInfo>>,
+    device_filters: Option<Vec<DeviceFilter>>,
     /// Latest ask per asking peer: an older ask's endpoints are stale.
     probes: BTreeMap<NodeId, ProbeRequest>,
     /// Something is waiting (a version-only message counts: it is what a keepalive carries).
@@ -51,6 +53,7 @@ impl Pending {
                 filter: m.filter,
                 publish: m.publish,
                 relays: m.relays,
+                device_filters: m.device_filters,
                 probes,
                 dirty: true,
             };
@@ -78,6 +81,9 @@ impl Pending {
             }
             if m.relays.is_some() {
                 self.relays = m.relays;
+            }
+            if m.device_filters.is_some() {
+                self.device_filters = m.device_filters;
             }
         }
         for p in m.probe_requests {
@@ -119,6 +125,7 @@ impl Pending {
             filter: p.filter,
             publish: p.publish,
             relays: p.relays,
+            device_filters: p.device_filters,
             probe_requests: p.probes.into_values().collect(),
         })
     }
@@ -219,6 +226,7 @@ mod tests {
             }],
             online: true,
             tags: vec![],
+            via: None,
         }
     }
 

@@ -20,6 +20,7 @@
 //! The peer table is copy-on-write: the data path takes one [`Arc<PeerTable>`] snapshot per batch,
 //! so a map change never blocks it and a removed peer's packets stop at the next batch.
 
+mod devices;
 pub mod disco;
 pub mod filter;
 pub mod flows;
@@ -170,6 +171,13 @@ pub enum Decap {
     },
     /// Nothing for the TUN (handshake, keepalive, cookie).
     Done,
+    /// A packet forwarded between a plain device and the mesh (see `devices.rs`), encrypted for
+    /// its next hop: send `out[..len]` to `to`. `out` needs room for a relay header beyond the
+    /// received datagram.
+    Forward {
+        to: SocketAddr,
+        len: usize,
+    },
     Drop(DropReason),
 }
 
@@ -376,6 +384,9 @@ pub struct PeerState {
     pub key: PublicKey,
     pub addrs: MeshAddrs,
     pub online: bool,
+    /// A plain-WireGuard device this node is the via of: no disco, no relay, its endpoint is
+    /// where its packets come from, and its filter is ours to enforce.
+    pub device: bool,
     /// Our local index for this peer (boringtun receiver indexes are `index << 8 | n`).
     pub index: u32,
     disco: ring::aead::LessSafeKey,
@@ -478,6 +489,8 @@ pub struct PeerTable {
     publish_out: Vec<PublishAdmit>,
     /// The mesh's address ranges: never a public source, whoever claims them.
     mesh_prefixes: Option<(ipnet::Ipv4Net, ipnet::Ipv6Net)>,
+    /// The inbound filters of our devices, which we enforce for them.
+    device_filters: HashMap<NodeId, CompiledFilter>,
 }
 
 impl PeerTable {
@@ -493,6 +506,10 @@ impl PeerTable {
     }
     fn is_self(&self, ip: IpAddr) -> bool {
         self.self_addrs.is_some_and(|a| a.contains(ip))
+    }
+    /// `ip` is `peer`'s own address, or a device's reached through it (WireGuard's allowed IPs).
+    fn sends_as(&self, peer: &PeerState, ip: IpAddr) -> bool {
+        peer.addrs.contains(ip) || self.peer_for_dst(ip).is_some_and(|p| p.id == peer.id)
     }
     /// In the mesh's ranges (assigned to a node or not), or any node's address.
     fn in_mesh(&self, ip: IpAddr) -> bool {
@@ -552,6 +569,8 @@ pub struct Engine {
     cookies: AtomicU64,
     /// UDP flows this node opened towards peers, so their replies pass a restrictive filter.
     udp_out: FlowTable,
+    /// UDP flows our devices opened, so the answers pass their filters.
+    device_udp: FlowTable,
     last_reset: Mutex<Option<Instant>>,
     relay: Mutex<Option<RelayClient>>,
     /// TTL of opener packets: hops to just past our outermost NAT. 0 = no NAT in front of us,
@@ -598,6 +617,7 @@ impl Engine {
             frags: frag::Fragments::new(),
             cookies: AtomicU64::new(0),
             udp_out: FlowTable::new(filter::UDP_FLOW_CAP),
+            device_udp: FlowTable::new(filter::UDP_FLOW_CAP),
             last_reset: Mutex::new(None),
             relay: Mutex::new(None),
             open_ttl: std::sync::atomic::AtomicU8::new(TTL_UNKNOWN),
@@ -714,8 +734,15 @@ impl Engine {
             self_addrs: Some(map.self_node.addrs),
             mesh_prefixes: Some((map.self_node.prefix_v4, map.self_node.prefix_v6)),
             filter: CompiledFilter::compile(&map.filter),
+            device_filters: map
+                .device_filters
+                .iter()
+                .map(|d| (d.device, CompiledFilter::compile(&d.filter)))
+                .collect(),
             ..Default::default()
         };
+        // Devices reached through other nodes: routed to those nodes once they are in the table.
+        let mut routed: Vec<(MeshAddrs, NodeId)> = Vec::new();
         for r in &map.publish {
             let proto = match r.proto {
                 PublishProto::Tcp => packet::PROTO_TCP,
@@ -741,6 +768,14 @@ impl Engine {
             if p.id == me || p.public_key.as_bytes() == self.public.as_bytes() {
                 continue;
             }
+            let device = match p.via {
+                None => false,
+                Some(v) if v == me => true,
+                Some(v) => {
+                    routed.push((p.addrs, v));
+                    continue;
+                }
+            };
             let mut candidates: Vec<SocketAddr> = Vec::new();
             // Reflexive and static candidates first: they work across NATs; local ones only on
             // a shared LAN.
@@ -758,7 +793,12 @@ impl Engine {
             candidates.truncate(MAX_CANDIDATES);
             let reuse = old
                 .peer_by_id(p.id)
-                .filter(|o| o.key == p.public_key && o.addrs == p.addrs && o.name == p.name)
+                .filter(|o| {
+                    o.key == p.public_key
+                        && o.addrs == p.addrs
+                        && o.name == p.name
+                        && o.device == device
+                })
                 .cloned();
             let st = match reuse {
                 Some(o) if o.online == p.online => {
@@ -814,6 +854,7 @@ impl Engine {
                         key: p.public_key,
                         addrs: p.addrs,
                         online: p.online,
+                        device,
                         index,
                         disco: disco::key(&self.secret, p.public_key.as_bytes()),
                         tunn: Mutex::new(tunn),
@@ -822,7 +863,8 @@ impl Engine {
                         tx_bytes: AtomicU64::new(0),
                         handshakes: AtomicU64::new(0),
                         dropped: AtomicU64::new(0),
-                        eager: std::sync::atomic::AtomicBool::new(true),
+                        // A device is behind its own NAT and speaks first.
+                        eager: std::sync::atomic::AtomicBool::new(!device),
                     })
                 }
             };
@@ -833,6 +875,12 @@ impl Engine {
             t.by_key.insert(*st.key.as_bytes(), i);
             t.by_id.insert(st.id, i);
             t.peers.push(st);
+        }
+        for (addrs, via) in routed {
+            if let Some(&i) = t.by_id.get(&via) {
+                t.by_v4.entry(addrs.ipv4).or_insert(i);
+                t.by_v6.entry(addrs.ipv6).or_insert(i);
+            }
         }
         let want = map
             .relays
@@ -898,6 +946,15 @@ impl Engine {
                 }
             }
         };
+        if peer.device {
+            // The device's own filter, which it cannot enforce itself.
+            let Some(info) = packet::parse(pkt) else {
+                return Encap::Drop(DropReason::Malformed);
+            };
+            if let Err(r) = self.device_admits(t, peer, &info, now) {
+                return Encap::Drop(r);
+            }
+        }
         if !t.filter.allow_all && pkt[0] >> 4 != 0 {
             // Remember UDP flows we open so the peer's replies pass our own filter.
             if let Some(info) = packet::parse(pkt)
@@ -908,6 +965,19 @@ impl Engine {
                 self.udp_out.touch(key, peer.id, now);
             }
         }
+        self.seal_for(t, peer, pkt, out, now)
+    }
+
+    /// Encrypts `pkt` for `peer` into `out` and picks where it goes: the direct path, the relay
+    /// while none is confirmed, a device's endpoint.
+    fn seal_for(
+        &self,
+        _t: &PeerTable,
+        peer: &PeerState,
+        pkt: &[u8],
+        out: &mut [u8],
+        now: Instant,
+    ) -> Encap {
         let mut tunn = peer.tunn.lock().unwrap();
         match tunn.encapsulate(pkt, out) {
             TunnResult::WriteToNetwork(b) => {
@@ -926,7 +996,7 @@ impl Engine {
                     }
                     (direct, p.endpoint)
                 };
-                let route = if direct {
+                let route = if direct || peer.device {
                     None
                 } else {
                     self.without_direct(now)
@@ -1070,7 +1140,8 @@ impl Engine {
         seen(peer);
         peer.rx_bytes.fetch_add(len as u64, Ordering::Relaxed);
         match self.admit(t, peer, &out[..len], now) {
-            Ok(()) => Decap::ToTun { len },
+            Ok(None) => Decap::ToTun { len },
+            Ok(Some(next)) => self.forward(t, next, out, len, now),
             Err(r) => {
                 peer.dropped.fetch_add(1, Ordering::Relaxed);
                 Decap::Drop(r)
@@ -1177,7 +1248,7 @@ impl Engine {
     /// entries there that push the peer onto another port. Punching (openers first) finds the
     /// direct path; handshakes then follow it.
     pub fn send_handshake(&self, peer: &PeerState, pkt: &[u8], now: Instant) {
-        let route = if peer.path.lock().unwrap().direct_alive(now) {
+        let route = if peer.device || peer.path.lock().unwrap().direct_alive(now) {
             None
         } else {
             self.without_direct(now)
@@ -1239,50 +1310,76 @@ impl Engine {
         now: Instant,
     ) -> Result<(), DropReason> {
         let peer = t.peer_by_id(peer).ok_or(DropReason::UnknownPeer)?;
-        self.admit(t, peer, pkt, now)
+        self.admit(t, peer, pkt, now).map(drop)
     }
 
-    /// The inbound checks on a decrypted packet from `peer`. A fragmented datagram is decided
-    /// on its first fragment; later fragments follow that decision (see [`frag`]).
-    fn admit(
+    /// The inbound checks on a decrypted packet from `peer`: Ok(None) for the TUN, Ok(Some(p))
+    /// to forward to `p` (between a device and the mesh). A fragmented datagram is decided on
+    /// its first fragment; later fragments follow that decision (see [`frag`]).
+    fn admit<'t>(
         &self,
-        t: &PeerTable,
+        t: &'t PeerTable,
         peer: &PeerState,
         pkt: &[u8],
         now: Instant,
-    ) -> Result<(), DropReason> {
+    ) -> Result<Option<&'t PeerState>, DropReason> {
         let info = packet::parse(pkt).ok_or(DropReason::Malformed)?;
         if let packet::Frag::Later { .. } = info.frag {
             return if self.frags.admits_later(peer.id, &info, now) {
-                Ok(())
+                Ok(self.forward_to(t, peer, &info))
             } else {
                 Err(DropReason::Filtered)
             };
         }
-        self.admit_whole(t, peer, pkt, &info, now)?;
+        let next = self.admit_whole(t, peer, pkt, &info, now)?;
         self.frags.admitted_first(peer.id, &info, now);
-        Ok(())
+        Ok(next)
+    }
+
+    /// Where a packet from `peer` that is not for us goes on: to one of our devices, or from
+    /// one of them into the mesh. Nothing else passes through this node.
+    fn forward_to<'t>(
+        &self,
+        t: &'t PeerTable,
+        peer: &PeerState,
+        info: &PacketInfo,
+    ) -> Option<&'t PeerState> {
+        if t.is_self(info.dst) {
+            return None;
+        }
+        t.peer_for_dst(info.dst)
+            .filter(|next| next.id != peer.id && (peer.device || next.device))
+            .map(|p| &**p)
     }
 
     /// The checks on a whole datagram or a first fragment (which holds the transport header).
-    fn admit_whole(
+    fn admit_whole<'t>(
         &self,
-        t: &PeerTable,
+        t: &'t PeerTable,
         peer: &PeerState,
         pkt: &[u8],
         info: &PacketInfo,
         now: Instant,
-    ) -> Result<(), DropReason> {
-        if peer.addrs.contains(info.src) {
+    ) -> Result<Option<&'t PeerState>, DropReason> {
+        if t.sends_as(peer, info.src) {
+            if peer.device {
+                self.device_sent(peer, info, now);
+            }
             if t.is_self(info.dst) {
-                return self.filter_in(t, peer, pkt, info, now);
+                return self.filter_in(t, peer, pkt, info, now).map(|_| None);
+            }
+            if let Some(next) = self.forward_to(t, peer, info) {
+                if next.device {
+                    self.device_admits(t, next, info, now)?;
+                }
+                return Ok(Some(next));
             }
             // We are an exit: the target's reply to a published flow, to a public address.
             let is_reply = t.publish_out.iter().any(|r| {
                 r.peer == peer.id && r.proto == info.proto && r.target_port == info.src_port
             });
-            return if is_reply && !t.in_mesh(info.dst) {
-                Ok(())
+            return if is_reply && !t.in_mesh(info.dst) && peer.addrs.contains(info.src) {
+                Ok(None)
             } else {
                 Err(DropReason::NotForThisNode)
             };
@@ -1301,7 +1398,7 @@ impl Engine {
         }
         let key = FlowKey::new(info.proto, info.src, info.src_port, info.dst_port);
         self.flows.inbound(key, peer.id, info.opens_tcp(), now);
-        Ok(())
+        Ok(None)
     }
 
     fn filter_in(
@@ -1358,6 +1455,7 @@ impl Engine {
                 *lr = Some(now);
                 self.flows.expire(now);
                 self.udp_out.expire(now);
+                self.device_udp.expire(now);
             }
         }
         let t = self.snapshot();
@@ -1402,7 +1500,7 @@ impl Engine {
                         self.send_handshake(peer, pkt, now);
                     } else {
                         let direct = peer.path.lock().unwrap().direct_alive(now);
-                        let route = if direct {
+                        let route = if direct || peer.device {
                             None
                         } else {
                             self.without_direct(now)
@@ -1927,7 +2025,8 @@ impl Engine {
 
     /// Probes every peer whose next probe is due.
     fn probe_due(&self, t: &PeerTable, now: Instant) {
-        for peer in &t.peers {
+        // Devices speak no disco.
+        for peer in t.peers.iter().filter(|p| !p.device) {
             let due = {
                 let mut p = peer.path.lock().unwrap();
                 // A newly suspect path is probed at once, not at its next keep-alive round.

@@ -66,6 +66,7 @@ fn map_for(
                         }],
                         online: true,
                         tags: vec![],
+                        via: None,
                     },
                 )
             })
@@ -73,6 +74,7 @@ fn map_for(
         filter,
         publish,
         relays: vec![],
+        device_filters: vec![],
     }
 }
 
@@ -119,8 +121,10 @@ impl Net {
             for (dst, b) in drain(&n.engine).0 {
                 self.q.push_back((n.udp, dst, b));
             }
-            if let Decap::ToTun { len } = r {
-                tun.push((n.id, out[..len].to_vec()));
+            match r {
+                Decap::ToTun { len } => tun.push((n.id, out[..len].to_vec())),
+                Decap::Forward { to, len } => self.q.push_back((n.udp, to, out[..len].to_vec())),
+                _ => {}
             }
         }
         tun
@@ -1074,4 +1078,5 @@ fn full_probes_wait_until_the_peer_opened_towards_our_current_address() {
 }
 
 mod attacks;
+mod devices;
 mod sim;

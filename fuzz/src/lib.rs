@@ -170,6 +170,7 @@ pub fn home_map() -> NetworkMap {
         }],
         online: true,
         tags: vec![],
+        via: None,
     };
     let peers = [
         peer(LAPTOP, "laptop", "203.0.113.2:41641", EndpointKind::Stun),
@@ -225,6 +226,7 @@ pub fn home_map() -> NetworkMap {
             stun: Some(RELAY_ADDR.parse().unwrap()),
             public_key: Some(homeport_proto::PublicKey(public(9))),
         }],
+        device_filters: vec![],
     }
 }
 
@@ -1428,6 +1430,7 @@ fn map_seeds(s: &mut Vec<(&'static str, &'static str, Vec<u8>)>) {
         filter: Some(m.filter.clone()),
         publish: Some(m.publish.clone()),
         relays: Some(m.relays.clone()),
+        device_filters: None,
         probe_requests: vec![],
     };
     let line = |m: &MapMessage| serde_json::to_string(m).unwrap();

@@ -282,7 +282,11 @@ pub fn render_status(st: &Status) -> String {
             hs,
             p.rx_bytes,
             p.tx_bytes,
-            if p.online { "yes" } else { "no" }
+            match (p.device, p.online) {
+                (true, _) => "device",
+                (false, true) => "yes",
+                (false, false) => "no",
+            }
         );
     }
     o

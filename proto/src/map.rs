@@ -5,6 +5,7 @@
 //! current map. An empty delta (nothing set) is a keepalive, sent at least every
 //! [`MAP_KEEPALIVE_SECS`] seconds, so a node notices a dead stream.
 
+use crate::device::DeviceFilter;
 use crate::filter::PacketFilter;
 use crate::keys::PublicKey;
 use crate::names::{NodeId, NodeName};
@@ -91,6 +92,10 @@ pub struct Peer {
     pub online: bool,
     #[serde(default)]
     pub tags: Vec<String>,
+    /// A plain-WireGuard device (see [`crate::device`]) reached through this node: its via node
+    /// holds its session, every other node routes its addresses to the via node. None: a node.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub via: Option<NodeId>,
 }
 
 /// "Probe me now": `from` is about to send disco probes to your candidates; probe theirs at once.
@@ -129,6 +134,9 @@ pub struct MapMessage {
     /// None: unchanged. Some: replaces the relay list.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub relays: Option<Vec<RelayInfo>>,
+    /// None: unchanged. Some: the inbound filters of all the devices this node is the via of.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub device_filters: Option<Vec<DeviceFilter>>,
     /// Never part of the stored map: act on these now.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub probe_requests: Vec<ProbeRequest>,
@@ -144,6 +152,7 @@ impl MapMessage {
             && self.filter.is_none()
             && self.publish.is_none()
             && self.relays.is_none()
+            && self.device_filters.is_none()
             && self.probe_requests.is_empty()
     }
 }
@@ -158,6 +167,8 @@ pub struct NetworkMap {
     pub filter: PacketFilter,
     pub publish: Vec<PublishRule>,
     pub relays: Vec<RelayInfo>,
+    #[serde(default)]
+    pub device_filters: Vec<DeviceFilter>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -184,6 +195,7 @@ impl NetworkMap {
             filter: m.filter.ok_or(MapError::IncompleteFull(v, "filter"))?,
             publish: m.publish.unwrap_or_default(),
             relays: m.relays.unwrap_or_default(),
+            device_filters: m.device_filters.unwrap_or_default(),
         })
     }
 
@@ -214,6 +226,9 @@ impl NetworkMap {
         }
         if let Some(r) = m.relays {
             self.relays = r;
+        }
+        if let Some(d) = m.device_filters {
+            self.device_filters = d;
         }
         Ok(())
     }
