@@ -141,6 +141,7 @@ pub fn config_for(
     via: &NodeRec,
     endpoint: &str,
     prefixes: (Ipv4Net, Ipv6Net),
+    domain: Option<&str>,
 ) -> String {
     let allowed = [IpNet::V4(prefixes.0), IpNet::V6(prefixes.1)];
     DeviceConfig {
@@ -150,7 +151,9 @@ pub fn config_for(
         via_key: via.public_key,
         endpoint,
         allowed: &allowed,
-        dns: None,
+        // The via node answers mesh names on its mesh address and forwards the rest.
+        dns: Some(std::net::IpAddr::V4(via.addrs.ipv4)),
+        domain,
     }
     .render()
 }
@@ -171,7 +174,7 @@ pub async fn add(
         Some(e) => Some(check_endpoint(e)?),
     };
     let _w = st.write_lock.lock().await;
-    let (via, prefixes) = {
+    let (via, prefixes, domain) = {
         let mesh = st.mesh();
         let via = mesh.node_by_name(req.via.trim()).cloned().ok_or_else(|| {
             ApiErr::not_found(format!(
@@ -179,7 +182,11 @@ pub async fn add(
                 req.via
             ))
         })?;
-        (via, (mesh.prefix_v4, mesh.prefix_v6))
+        (
+            via,
+            (mesh.prefix_v4, mesh.prefix_v6),
+            mesh.mesh_domain.clone(),
+        )
     };
     let endpoint = match endpoint_override {
         Some(e) => e,
@@ -199,7 +206,7 @@ pub async fn add(
         .await?;
     st.mesh().upsert_device(dev.clone());
     tracing::info!(device = %dev.name, via = %via.name, ipv4 = %dev.addrs.ipv4, "device added");
-    let config = config_for(&dev, &via, &endpoint, prefixes);
+    let config = config_for(&dev, &via, &endpoint, prefixes, domain.as_deref());
     Ok((
         StatusCode::CREATED,
         Json(DeviceAdded {

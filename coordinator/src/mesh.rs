@@ -153,6 +153,8 @@ pub struct Mesh {
     pub prefix_v4: Ipv4Net,
     pub prefix_v6: Ipv6Net,
     pub relays: Vec<RelayInfo>,
+    /// The mesh's DNS domain, told to every node in its self record.
+    pub mesh_domain: Option<String>,
     nodes: BTreeMap<NodeId, NodeRec>,
     policy: Option<Policy>,
     /// The policy indexed by rule membership.
@@ -201,6 +203,7 @@ impl Mesh {
             prefix_v4,
             prefix_v6,
             relays,
+            mesh_domain: None,
             nodes,
             policy,
             reach,
@@ -363,6 +366,7 @@ impl Mesh {
             prefix_v4: self.prefix_v4,
             prefix_v6: self.prefix_v6,
             tags: n.tags.clone(),
+            mesh_domain: self.mesh_domain.clone(),
         }
     }
 

@@ -193,6 +193,7 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
         identity: Some(identity),
     })
     .await?;
+    state.mesh().mesh_domain = Some(cfg.mesh_domain.clone());
 
     let sock_path = dir.join(ADMIN_SOCKET);
     let _ = std::fs::remove_file(&sock_path);

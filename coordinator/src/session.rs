@@ -245,6 +245,7 @@ mod tests {
                 prefix_v4: "100.96.0.0/16".parse().unwrap(),
                 prefix_v6: "fd00::/64".parse().unwrap(),
                 tags: vec![],
+                mesh_domain: None,
             }),
             peers,
             filter: Some(PacketFilter::allow_all()),

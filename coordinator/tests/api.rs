@@ -1492,6 +1492,8 @@ async fn openapi_covers_every_endpoint() {
         api::PATH_ADMIN_PUBLISH,
         "/api/v1/admin/publish/{id}",
         api::PATH_ADMIN_POLICY,
+        homeport_proto::device::PATH_ADMIN_DEVICES,
+        "/api/v1/admin/devices/{name}",
     ] {
         assert!(v["paths"][p].is_object(), "{p} missing");
     }
@@ -2148,4 +2150,138 @@ async fn invites_are_redeemed_by_their_exit_up_to_their_uses_and_revoked() {
     assert_eq!(grants, json!([]), "revoked: no grants");
     let (s, _) = redeem(vps.credential.clone(), "192.0.2.50").await;
     assert_eq!(s, StatusCode::GONE);
+}
+
+#[tokio::test]
+async fn devices_are_added_listed_and_removed_and_reach_the_maps() {
+    use homeport_proto::device::{DeviceAdded, PATH_ADMIN_DEVICES};
+    let t = setup().await;
+    let key = t.authkey(json!({"reusable": true})).await;
+    let vps = t.register(&key, "vps").await;
+    let home = t.register(&key, "home").await;
+    let mut map = t.open_map(&home.credential).await;
+    assert!(map.next(SEC).await.unwrap().full);
+    let phone = PrivateKey::generate().public_key();
+    let body =
+        json!({"name": "phone", "via": "vps", "public_key": phone.to_base64(), "tags": ["family"]});
+    // The vps has reported no endpoint yet: the config could not name one.
+    let (s, v) = t
+        .admin(Method::POST, PATH_ADMIN_DEVICES, Some(body.clone()))
+        .await;
+    assert_eq!(s, StatusCode::CONFLICT, "{v}");
+    assert!(v["detail"].as_str().unwrap().contains("endpoint"), "{v}");
+    let (s, v) = t
+        .node(
+            Method::POST,
+            api::PATH_ENDPOINTS,
+            &vps.credential,
+            Some(json!({"endpoints": [{"addr": "198.51.100.10:41641", "kind": "local"}]})),
+        )
+        .await;
+    assert_eq!(s, StatusCode::NO_CONTENT, "{v}");
+    while !map.quiet(Duration::from_millis(100)).await {
+        map.next(SEC).await;
+    }
+    let (s, v) = t
+        .admin(Method::POST, PATH_ADMIN_DEVICES, Some(body.clone()))
+        .await;
+    assert_eq!(s, StatusCode::CREATED, "{v}");
+    let added: DeviceAdded = serde_json::from_value(v).unwrap();
+    assert_eq!(added.device.via, vps.node_id);
+    assert!(
+        added.config.contains("Endpoint = 198.51.100.10:41641\n"),
+        "{}",
+        added.config
+    );
+    assert!(
+        added.config.contains(&format!("DNS = {}", vps.addrs.ipv4)),
+        "{}",
+        added.config
+    );
+    assert!(
+        added
+            .config
+            .contains(homeport_proto::device::PRIVATE_KEY_PLACEHOLDER)
+    );
+    // home's map learns the phone, reached through the vps.
+    let mut peers = vec![];
+    while !map.quiet(Duration::from_millis(300)).await {
+        peers.extend(map.next(SEC).await.unwrap().peers);
+    }
+    let p = peers
+        .iter()
+        .find(|p| p.name.as_str() == "phone")
+        .expect("the phone in home's map");
+    assert_eq!(p.via, Some(vps.node_id));
+    assert_eq!(p.public_key, phone);
+
+    for (bad, status, what) in [
+        (
+            json!({"name": "phone", "via": "vps", "public_key": PrivateKey::generate().public_key().to_base64()}),
+            StatusCode::CONFLICT,
+            "name",
+        ),
+        (
+            json!({"name": "vps", "via": "vps", "public_key": PrivateKey::generate().public_key().to_base64()}),
+            StatusCode::CONFLICT,
+            "name",
+        ),
+        (
+            json!({"name": "tv", "via": "vps", "public_key": phone.to_base64()}),
+            StatusCode::CONFLICT,
+            "public_key",
+        ),
+        (
+            json!({"name": "Bad Name", "via": "vps", "public_key": PrivateKey::generate().public_key().to_base64()}),
+            StatusCode::BAD_REQUEST,
+            "name",
+        ),
+        (
+            json!({"name": "tv", "via": "nowhere", "public_key": PrivateKey::generate().public_key().to_base64()}),
+            StatusCode::NOT_FOUND,
+            "via",
+        ),
+        (
+            json!({"name": "tv", "via": "vps", "public_key": PrivateKey::generate().public_key().to_base64(), "endpoint": "no port"}),
+            StatusCode::BAD_REQUEST,
+            "endpoint",
+        ),
+    ] {
+        let (s, v) = t
+            .admin(Method::POST, PATH_ADMIN_DEVICES, Some(bad.clone()))
+            .await;
+        assert_eq!(s, status, "{bad}: {v}");
+        assert!(
+            v["detail"].as_str().unwrap().starts_with(what),
+            "{bad}: {v}"
+        );
+    }
+    let (s, v) = t.admin(Method::GET, PATH_ADMIN_DEVICES, None).await;
+    assert_eq!(s, StatusCode::OK);
+    assert_eq!(v.as_array().unwrap().len(), 1, "{v}");
+    let (_, nodes) = t.admin(Method::GET, api::PATH_ADMIN_NODES, None).await;
+    assert_eq!(
+        nodes.as_array().unwrap().len(),
+        2,
+        "a device is no node: {nodes}"
+    );
+
+    let (s, _) = t
+        .admin(Method::DELETE, &format!("{PATH_ADMIN_DEVICES}/phone"), None)
+        .await;
+    assert_eq!(s, StatusCode::NO_CONTENT);
+    let mut gone = false;
+    while !map.quiet(Duration::from_millis(300)).await {
+        gone |= map
+            .next(SEC)
+            .await
+            .unwrap()
+            .peers_removed
+            .contains(&added.device.id);
+    }
+    assert!(gone, "home drops the phone");
+    let (s, _) = t
+        .admin(Method::DELETE, &format!("{PATH_ADMIN_DEVICES}/phone"), None)
+        .await;
+    assert_eq!(s, StatusCode::NOT_FOUND);
 }

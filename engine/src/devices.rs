@@ -14,6 +14,15 @@ use crate::{Decap, DropReason, Encap, Engine, PeerState, PeerTable};
 use std::cell::RefCell;
 use std::time::Instant;
 
+/// The via node's name server is its devices' (their config names it): they may always ask it,
+/// whatever the policy says about the rest of the node.
+pub const DNS_PORT: u16 = 53;
+
+/// A question to our name server.
+pub(crate) fn is_dns(info: &PacketInfo) -> bool {
+    matches!(info.proto, packet::PROTO_UDP | packet::PROTO_TCP) && info.dst_port == DNS_PORT
+}
+
 thread_local! {
     /// The plaintext of a packet being forwarded, while its new ciphertext is written over the
     /// caller's buffer: one per data path thread, allocated once.

@@ -21,6 +21,7 @@
 //! so a map change never blocks it and a removed peer's packets stop at the next batch.
 
 mod devices;
+pub use devices::DNS_PORT;
 pub mod disco;
 pub mod filter;
 pub mod flows;
@@ -1366,6 +1367,9 @@ impl Engine {
                 self.device_sent(peer, info, now);
             }
             if t.is_self(info.dst) {
+                if peer.device && devices::is_dns(info) {
+                    return Ok(None);
+                }
                 return self.filter_in(t, peer, pkt, info, now).map(|_| None);
             }
             if let Some(next) = self.forward_to(t, peer, info) {

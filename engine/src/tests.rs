@@ -49,6 +49,7 @@ fn map_for(
             prefix_v4: "100.96.0.0/16".parse().unwrap(),
             prefix_v6: "fd7a::/64".parse().unwrap(),
             tags: vec![],
+            mesh_domain: None,
         },
         peers: peers
             .iter()

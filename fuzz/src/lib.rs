@@ -187,6 +187,7 @@ pub fn home_map() -> NetworkMap {
             prefix_v4: "100.96.0.0/16".parse().unwrap(),
             prefix_v6: "fd7a:115c:a1e0::/64".parse().unwrap(),
             tags: vec![],
+            mesh_domain: None,
         },
         peers: peers
             .into_iter()

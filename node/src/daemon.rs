@@ -243,6 +243,12 @@ pub async fn run(
     shutdown: CancellationToken,
     maps: Option<MapObserver>,
 ) -> Result<()> {
+    // Mesh names (dns.rs) follow the map, as the exit's publisher does.
+    let maps = Some(maps.unwrap_or_else(|| watch::channel(None).0));
+    let _dns = crate::dns::spawn(
+        maps.as_ref().expect("set above").subscribe(),
+        cfg.tun.clone(),
+    );
     let st = StateDir::open(&cfg.state_dir)?;
     let key = st.private_key()?;
     let stored = st.registration()?;

@@ -15,6 +15,7 @@ pub mod config;
 pub mod control;
 pub mod daemon;
 pub mod datapath;
+pub mod dns;
 pub mod plex;
 pub mod report;
 pub mod state;

@@ -85,8 +85,10 @@ pub struct DeviceConfig<'a> {
     pub endpoint: &'a str,
     /// The mesh prefixes (what the device routes into the tunnel).
     pub allowed: &'a [IpNet],
-    /// Name server: the via node's mesh address, once it serves mesh names.
+    /// Name server: the via node's mesh address, which answers mesh names.
     pub dns: Option<IpAddr>,
+    /// The mesh's DNS domain, as the search domain (`phone` finds `phone.<domain>`).
+    pub domain: Option<&'a str>,
 }
 
 impl DeviceConfig<'_> {
@@ -102,7 +104,10 @@ impl DeviceConfig<'_> {
             v6 = self.addrs.ipv6,
         );
         if let Some(dns) = self.dns {
-            s.push_str(&format!("DNS = {dns}\n"));
+            match self.domain {
+                Some(d) => s.push_str(&format!("DNS = {dns}, {d}\n")),
+                None => s.push_str(&format!("DNS = {dns}\n")),
+            }
         }
         s.push_str(&format!(
             "\n[Peer]\nPublicKey = {key}\nEndpoint = {ep}\nAllowedIPs = {allowed}\nPersistentKeepalive = {DEVICE_KEEPALIVE_SECS}\n",
@@ -143,10 +148,11 @@ mod tests {
             endpoint: "198.51.100.10:41641",
             allowed: &allowed,
             dns: Some("100.96.0.2".parse().unwrap()),
+            domain: Some("homeport.internal"),
         }
         .render();
         assert!(c.contains("Address = 100.96.0.5/32, fd7a:115c:a1e0::5/128\n"));
-        assert!(c.contains("DNS = 100.96.0.2\n"));
+        assert!(c.contains("DNS = 100.96.0.2, homeport.internal\n"));
         assert!(c.contains("Endpoint = 198.51.100.10:41641\n"));
         assert!(c.contains("AllowedIPs = 100.96.0.0/16, fd7a:115c:a1e0::/64\n"));
         assert!(c.contains(&format!("PublicKey = {key}\n")));

@@ -78,6 +78,11 @@ pub struct SelfNode {
     pub prefix_v6: Ipv6Net,
     #[serde(default)]
     pub tags: Vec<String>,
+    /// The mesh's DNS domain: every node and device answers as `NAME` and `NAME.<domain>` at
+    /// each node's name server (`homeport_proto::names::DEFAULT_MESH_DOMAIN` unless configured).
+    /// None: a coordinator without mesh names.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mesh_domain: Option<String>,
 }
 
 /// Another node in the mesh.

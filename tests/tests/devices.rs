@@ -61,35 +61,62 @@ fn parse_config(printed: &str) -> Result<DeviceConf> {
     Ok(c)
 }
 
-/// Brings up wireguard-go in `host` as interface wg0 with `conf`, as wg-quick would.
+/// Brings up wireguard-go in `host` with `conf`, as wg-quick would. The interface is named after
+/// the lab (`wg` + its prefix): wireguard-go's control socket, /var/run/wireguard/NAME.sock, is
+/// shared by every namespace.
 fn wg_up(lab: &mut Lab, host: &str, conf: &DeviceConf) -> Result<()> {
-    lab.spawn(host, "wireguard-go", &["wireguard-go", "-f", "wg0"])?;
+    let wg = format!("wg{}", lab.prefix());
+    let wg = wg.as_str();
+    lab.spawn(host, "wireguard-go", &["wireguard-go", "-f", wg])?;
     wait_until(
-        "wireguard-go to create wg0",
+        "wireguard-go to create its interface",
         Duration::from_secs(10),
-        || lab.exec(host, &["ip", "link", "show", "wg0"]).is_ok(),
+        || lab.exec(host, &["ip", "link", "show", wg]).is_ok(),
     )?;
-    let file = lab.dir().join(format!("{host}-wg0.conf"));
+    let file = lab.dir().join(format!("{host}-{wg}.conf"));
     homeport_host::fs::write_private(&file, conf.wg.as_bytes())?;
     lab.exec(
         host,
-        &["wg", "setconf", "wg0", file.to_str().context("lab dir")?],
+        &["wg", "setconf", wg, file.to_str().context("lab dir")?],
     )?;
     for a in &conf.addresses {
         let fam = if a.contains(':') { "-6" } else { "-4" };
-        lab.exec(host, &["ip", fam, "addr", "add", a, "dev", "wg0"])?;
+        lab.exec(host, &["ip", fam, "addr", "add", a, "dev", wg])?;
     }
-    lab.exec(host, &["ip", "link", "set", "wg0", "up"])?;
+    lab.exec(host, &["ip", "link", "set", wg, "up"])?;
     for r in &conf.allowed {
         let fam = if r.contains(':') { "-6" } else { "-4" };
-        lab.exec(host, &["ip", fam, "route", "add", r, "dev", "wg0"])?;
+        lab.exec(host, &["ip", fam, "route", "add", r, "dev", wg])?;
     }
     Ok(())
 }
 
-/// internet + coordinator and exit on the VPS, home on a routed network, and the phone's host
-/// behind an ISP's NAT (a phone on a mobile network).
-fn device_lab() -> Result<(Lab, Coordinator, Node, Node)> {
+/// `/etc/netns/<ns>/resolv.conf`, which `ip netns exec` shows the namespace as /etc/resolv.conf:
+/// home's "system resolver" is a server inside the lab. Removed on drop.
+struct NetnsResolvConf(std::path::PathBuf);
+
+impl NetnsResolvConf {
+    fn new(ns: &str, nameserver: &str) -> Result<NetnsResolvConf> {
+        let dir = std::path::PathBuf::from("/etc/netns").join(ns);
+        std::fs::create_dir_all(&dir)?;
+        std::fs::write(
+            dir.join("resolv.conf"),
+            format!("nameserver {nameserver}\n"),
+        )?;
+        Ok(NetnsResolvConf(dir))
+    }
+}
+
+impl Drop for NetnsResolvConf {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// internet + coordinator and exit on the VPS, home on a routed network (its system resolver:
+/// the internet router, 10.1.1.1), and the phone's host behind an ISP's NAT (a phone on a mobile
+/// network).
+fn device_lab() -> Result<(Lab, Coordinator, Node, Node, NetnsResolvConf)> {
     let mut lab = Lab::new()?;
     lab.internet()?;
     let coord = lab.start_coordinator("vps", VPS_IP)?;
@@ -98,10 +125,11 @@ fn device_lab() -> Result<(Lab, Coordinator, Node, Node)> {
     lab.add_host("home")?;
     lab.link("net", "10.1.1.1/24", "home", "10.1.1.2/24")?;
     lab.default_route("home", "10.1.1.1")?;
+    let resolv = NetnsResolvConf::new(&lab.ns("home"), "10.1.1.1")?;
     let home = lab.start_node("home", &coord, &key, "home")?;
     let isp = lab.isp("mobile", NatKind::Easy)?;
     lab.host_behind(&isp, "phone")?;
-    Ok((lab, coord, vps, home))
+    Ok((lab, coord, vps, home, resolv))
 }
 
 fn unix_now() -> f64 {
@@ -117,7 +145,7 @@ fn a_wireguard_go_phone_joins_from_its_printed_config_obeys_the_policy_and_is_cu
     if !require_root_and(&["wireguard-go", "wg", "python3"]) {
         return Ok(());
     }
-    let (mut lab, coord, vps, home) = device_lab()?;
+    let (mut lab, coord, vps, home, _resolv) = device_lab()?;
     let home_ip = home.ip()?;
     let vps_ip = vps.ip()?;
     // The VPS must have reported its endpoint before a config can name it.
@@ -291,6 +319,140 @@ fn a_wireguard_go_phone_joins_from_its_printed_config_obeys_the_policy_and_is_cu
     assert!(
         !coord.admin(&["device", "list"])?.contains("phone"),
         "gone from the list"
+    );
+    Ok(())
+}
+
+/// A DNS server outside the mesh (the lab's stand-in for the ISP's): every A question is
+/// answered 192.0.2.123, anything else with no records.
+const UPSTREAM_DNS: &str = r#"
+import socket, struct, sys
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.bind((sys.argv[1], 53))
+while True:
+    q, a = s.recvfrom(4096)
+    i = 12
+    while q[i] != 0: i += q[i] + 1
+    qtype = struct.unpack(">H", q[i + 1:i + 3])[0]
+    ans = b"\xc0\x0c\x00\x01\x00\x01\x00\x00\x00\x3c\x00\x04" + socket.inet_aton("192.0.2.123") if qtype == 1 else b""
+    s.sendto(q[:2] + b"\x81\x80\x00\x01" + (b"\x00\x01" if ans else b"\x00\x00") + b"\x00\x00\x00\x00" + q[12:i + 5] + ans, a)
+"#;
+
+/// `dig @server name type +short` in `host`: the answer lines.
+fn dig(lab: &Lab, host: &str, server: &str, name: &str, qtype: &str) -> Result<String> {
+    lab.exec(
+        host,
+        &[
+            "dig",
+            "+time=2",
+            "+tries=1",
+            "+short",
+            &format!("@{server}"),
+            name,
+            qtype,
+        ],
+    )
+    .map(|s| s.trim().to_string())
+}
+
+/// The response code `dig` reports (NOERROR, NXDOMAIN, SERVFAIL, …).
+fn dig_status(lab: &Lab, host: &str, server: &str, name: &str) -> Result<String> {
+    let out = lab.exec(
+        host,
+        &["dig", "+time=2", "+tries=1", &format!("@{server}"), name],
+    )?;
+    out.split("status: ")
+        .nth(1)
+        .and_then(|s| s.split(',').next())
+        .map(str::to_string)
+        .with_context(|| format!("no status in dig's output:\n{out}"))
+}
+
+#[test]
+fn names_answer_on_every_node_and_through_a_devices_via_node() -> Result<()> {
+    if !require_root_and(&["wireguard-go", "wg", "dig", "python3"]) {
+        return Ok(());
+    }
+    let (mut lab, coord, vps, home, _resolv) = device_lab()?;
+    lab.spawn(
+        "net",
+        "upstream-dns",
+        &["python3", "-c", UPSTREAM_DNS, "10.1.1.1"],
+    )?;
+    let (home_ip, vps_ip) = (home.ip()?, vps.ip()?);
+    let printed =
+        homeport_tests::wait_for("device add to succeed", Duration::from_secs(20), || {
+            coord
+                .admin(&[
+                    "device", "add", "phone", "--via", "vps", "--tag", "family", "--no-qr",
+                ])
+                .ok()
+        })?;
+    let conf = parse_config(&printed)?;
+    assert_eq!(
+        conf.dns,
+        vec![vps_ip.clone(), "homeport.internal".to_string()],
+        "the device asks its via node, with the mesh domain to search"
+    );
+    let phone_ip = conf.addresses[0]
+        .split('/')
+        .next()
+        .context("Address")?
+        .to_string();
+    wg_up(&mut lab, "phone", &conf)?;
+
+    // From a node: bare names, names in the mesh domain, IPv6, the device, unknown names.
+    wait_until(
+        "home's name server to answer",
+        Duration::from_secs(15),
+        || dig(&lab, "home", &home_ip, "vps", "A").is_ok_and(|a| a == vps_ip),
+    )?;
+    assert_eq!(
+        dig(&lab, "home", &home_ip, "home.homeport.internal", "A")?,
+        home_ip
+    );
+    assert_eq!(dig(&lab, "home", &home_ip, "phone", "A")?, phone_ip);
+    let home_v6 = home.cli(&["ip", "-6"])?.trim().to_string();
+    assert_eq!(
+        dig(&lab, "home", &home_ip, "HOME.homeport.internal.", "AAAA")?,
+        home_v6
+    );
+    assert_eq!(
+        dig_status(&lab, "home", &home_ip, "nas.homeport.internal")?,
+        "NXDOMAIN"
+    );
+    // Other names go to the system's resolver (the lab's upstream server).
+    assert_eq!(
+        dig(&lab, "home", &home_ip, "www.example.org", "A")?,
+        "192.0.2.123"
+    );
+
+    // From the plain device, at the name server its config names, also under a policy that
+    // gives it nothing on the vps: its via node's name server stays its own.
+    let policy = lab.dir().join("policy.toml");
+    std::fs::write(
+        &policy,
+        "[[rules]]\nfrom = [\"tag:family\"]\nto = [\"node:home\"]\nports = [\"icmp\"]\n",
+    )?;
+    coord.admin(&["policy", "set", policy.to_str().context("lab dir")?])?;
+    let dns = conf.dns[0].clone();
+    wait_until("the phone to resolve home", Duration::from_secs(20), || {
+        dig(&lab, "phone", &dns, "home", "A").is_ok_and(|a| a == home_ip)
+    })?;
+    assert_eq!(
+        dig(&lab, "phone", &dns, "phone.homeport.internal", "A")?,
+        phone_ip
+    );
+    assert_eq!(
+        dig(&lab, "phone", &dns, "home.homeport.internal", "AAAA")?,
+        home_v6
+    );
+    assert!(
+        lab.ping("phone", &home_ip),
+        "and what it resolved, it reaches"
+    );
+    assert!(
+        !lab.ping("phone", &vps_ip),
+        "while the vps itself stays closed to it"
     );
     Ok(())
 }
