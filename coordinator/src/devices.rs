@@ -170,7 +170,7 @@ pub async fn add(
         .map_err(|e| ApiErr::bad_request(format!("name: {e}")))?;
     let tags = normalize_tags(&req.tags)?;
     let endpoint_override = match req.endpoint.as_deref() {
-        None | Some("") => None,
+        None => None,
         Some(e) => Some(check_endpoint(e)?),
     };
     let _w = st.write_lock.lock().await;
@@ -216,23 +216,27 @@ pub async fn add(
     ))
 }
 
-/// HOST:PORT with a port 1-65535 and a host without spaces or brackets trouble.
+/// HOST:PORT: a DNS name or IPv4 address, or an IPv6 address in brackets; a port 1-65535.
 fn check_endpoint(e: &str) -> ApiResult<String> {
     let bad = || {
         ApiErr::bad_request(format!(
             "endpoint: {e:?} is not HOST:PORT (e.g. 198.51.100.10:41641, [2001:db8::1]:41641 or vpn.example.net:41641)"
         ))
     };
-    if e.parse::<SocketAddr>().is_ok() {
-        return Ok(e.to_string());
-    }
     let (host, port) = e.rsplit_once(':').ok_or_else(bad)?;
-    let port_ok = port.parse::<u16>().is_ok_and(|p| p != 0);
-    let host_ok = !host.is_empty()
-        && host.len() <= 253
-        && host
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.');
+    let port_ok = !port.is_empty()
+        && port.bytes().all(|b| b.is_ascii_digit())
+        && port.parse::<u16>().is_ok_and(|p| p != 0);
+    let host_ok = match host.strip_prefix('[').and_then(|h| h.strip_suffix(']')) {
+        Some(v6) => v6.parse::<std::net::Ipv6Addr>().is_ok(),
+        None => {
+            !host.is_empty()
+                && host.len() <= 253
+                && host
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.')
+        }
+    };
     if port_ok && host_ok {
         Ok(e.to_string())
     } else {
@@ -497,6 +501,9 @@ mod tests {
         assert!(check_endpoint("[2001:db8::1]:41641").is_ok());
         assert!(check_endpoint("vpn.example.net").is_err());
         assert!(check_endpoint("a b:1").is_err());
+        assert!(check_endpoint("[::1:1").is_err());
+        assert!(check_endpoint("host:0").is_err());
+        assert!(check_endpoint("").is_err());
     }
 
     #[test]

@@ -408,7 +408,8 @@ fn device_spec(doc: &mut Value, admin: &Value) {
     s["DeviceAdd"] = json!({"type": "object", "required": ["name", "via", "public_key"], "additionalProperties": false,
         "properties": {"name": name, "via": {"type": "string", "description": "Name of the node the device connects to"},
             "public_key": key, "tags": {"type": "array", "items": {"type": "string", "pattern": TAG}},
-            "endpoint": {"type": "string", "nullable": true, "description": "HOST:PORT the device sends to (default: the via node's public endpoint)"}}});
+            "endpoint": {"type": "string", "nullable": true, "pattern": format!("^(\\[({})\\]|[A-Za-z0-9.-]{{1,253}}):{PORT}$", ipv6()),
+                "description": "HOST:PORT the device sends to: a DNS name or IPv4 address, or [IPv6]; port 1-65535 (default: the via node's public endpoint)"}}});
     s["DeviceInfo"] = json!({"type": "object", "required": ["id", "name", "via", "via_name", "public_key", "addrs", "tags", "created_at"],
         "properties": {"id": id, "name": name, "via": id, "via_name": name, "public_key": key, "addrs": r("MeshAddrs"),
             "tags": {"type": "array", "items": {"type": "string"}}, "created_at": {"type": "integer"}}});
