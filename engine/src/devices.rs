@@ -85,7 +85,6 @@ impl Engine {
     /// reaches), encrypted for it, into `out`.
     pub(crate) fn forward(
         &self,
-        t: &PeerTable,
         to: &PeerState,
         out: &mut [u8],
         len: usize,
@@ -94,7 +93,7 @@ impl Engine {
         FORWARD.with(|b| {
             let mut b = b.borrow_mut();
             b[..len].copy_from_slice(&out[..len]);
-            match self.seal_for(t, to, &b[..len], out, now) {
+            match self.seal_for(to, &b[..len], out, now) {
                 Encap::Send { to, len } => Decap::Forward { to, len },
                 Encap::Queued => Decap::Done,
                 Encap::Drop(r) => Decap::Drop(r),

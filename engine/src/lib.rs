@@ -966,19 +966,12 @@ impl Engine {
                 self.udp_out.touch(key, peer.id, now);
             }
         }
-        self.seal_for(t, peer, pkt, out, now)
+        self.seal_for(peer, pkt, out, now)
     }
 
     /// Encrypts `pkt` for `peer` into `out` and picks where it goes: the direct path, the relay
     /// while none is confirmed, a device's endpoint.
-    fn seal_for(
-        &self,
-        _t: &PeerTable,
-        peer: &PeerState,
-        pkt: &[u8],
-        out: &mut [u8],
-        now: Instant,
-    ) -> Encap {
+    fn seal_for(&self, peer: &PeerState, pkt: &[u8], out: &mut [u8], now: Instant) -> Encap {
         let mut tunn = peer.tunn.lock().unwrap();
         match tunn.encapsulate(pkt, out) {
             TunnResult::WriteToNetwork(b) => {
@@ -1142,7 +1135,7 @@ impl Engine {
         peer.rx_bytes.fetch_add(len as u64, Ordering::Relaxed);
         match self.admit(t, peer, &out[..len], now) {
             Ok(None) => Decap::ToTun { len },
-            Ok(Some(next)) => self.forward(t, next, out, len, now),
+            Ok(Some(next)) => self.forward(next, out, len, now),
             Err(r) => {
                 peer.dropped.fetch_add(1, Ordering::Relaxed);
                 Decap::Drop(r)

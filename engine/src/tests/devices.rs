@@ -58,14 +58,11 @@ impl Phone {
     }
 }
 
-/// Delivers everything in flight, the phone included; returns what reached each node's TUN and
-/// the packets the phone's tunnel let out.
-fn run(
-    net: &mut Net,
-    nodes: &[&Node],
-    phone: &mut Phone,
-    now: Instant,
-) -> (Vec<(NodeId, Vec<u8>)>, Vec<Vec<u8>>) {
+/// What reached each node's TUN, and the packets the phone's tunnel let out.
+type Arrivals = (Vec<(NodeId, Vec<u8>)>, Vec<Vec<u8>>);
+
+/// Delivers everything in flight, the phone included.
+fn run(net: &mut Net, nodes: &[&Node], phone: &mut Phone, now: Instant) -> Arrivals {
     let (mut tun, mut at_phone) = (vec![], vec![]);
     let mut guard = 0;
     while let Some((from, to, d)) = net.q.pop_front() {
