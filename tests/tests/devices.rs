@@ -149,12 +149,26 @@ fn a_wireguard_go_phone_joins_from_its_printed_config_obeys_the_policy_and_is_cu
     let home_ip = home.ip()?;
     let vps_ip = vps.ip()?;
     // The VPS must have reported its endpoint before a config can name it.
+    let png = lab.dir().join("phone.png");
+    let png_arg = png.to_str().context("lab dir")?;
     let printed =
         homeport_tests::wait_for("device add to succeed", Duration::from_secs(20), || {
             coord
-                .admin(&["device", "add", "phone", "--via", "vps", "--tag", "family"])
+                .admin(&[
+                    "device", "add", "phone", "--via", "vps", "--tag", "family", "--png", png_arg,
+                ])
                 .ok()
         })?;
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let meta = std::fs::metadata(&png)?;
+        assert_eq!(
+            meta.permissions().mode() & 0o777,
+            0o600,
+            "the PNG holds the private key"
+        );
+        assert_eq!(&std::fs::read(&png)?[1..4], b"PNG");
+    }
     assert!(
         printed.contains("▀") || printed.contains("█") || printed.contains("▄"),
         "a QR code follows the config:\n{printed}"
