@@ -1,4 +1,4 @@
-//! Mesh names. Every node runs a name server on its mesh IPv4 address, port 53 (UDP and TCP,
+//! Mesh names. Every node runs a name server on its mesh addresses, port 53 (UDP and TCP,
 //! hickory-server): it answers the names of the nodes and plain devices in its map, `home` and
 //! `home.<mesh domain>`, and forwards every other question to the system's resolvers
 //! (hickory-resolver reading /etc/resolv.conf). Plain devices use their via node's server (their
@@ -203,17 +203,17 @@ async fn run(
         }
     };
     let mut resolver = resolver;
-    let mut server: Option<(Ipv4Addr, ServerFuture<Handler>)> = None;
+    let mut server: Option<(MeshAddrs, ServerFuture<Handler>)> = None;
     loop {
         let want = {
             let m = maps.borrow_and_update().clone();
             m.map(|m| {
                 *names.write().unwrap() = Arc::new(Names::from_map(&m));
-                (m.self_node.addrs.ipv4, m.self_node.mesh_domain.clone())
+                (m.self_node.addrs, m.self_node.mesh_domain.clone())
             })
         };
-        if let Some((ip, domain)) = want
-            && server.as_ref().map(|(a, _)| *a) != Some(ip)
+        if let Some((addrs, domain)) = want
+            && server.as_ref().map(|(a, _)| *a) != Some(addrs)
         {
             if let Some((_, mut old)) = server.take() {
                 let _ = old.shutdown_gracefully().await;
@@ -224,15 +224,17 @@ async fn run(
                     .take()
                     .or_else(|| TokioResolver::builder_tokio().ok().map(|b| b.build())),
             };
-            match bind(ip, handler).await {
+            match bind(addrs, handler).await {
                 Ok(s) => {
-                    tracing::info!(addr = %SocketAddr::from((ip, DNS_PORT)), "serving mesh names");
-                    server = Some((ip, s));
+                    tracing::info!(ipv4 = %addrs.ipv4, ipv6 = %addrs.ipv6, port = DNS_PORT, "serving mesh names");
+                    server = Some((addrs, s));
                     if let Some(d) = domain {
-                        register_resolved(&tun, ip, &d).await;
+                        register_resolved(&tun, addrs.ipv4, &d).await;
                     }
                 }
-                Err(e) => tracing::debug!(%ip, error = %e, "name server not bound yet"),
+                Err(e) => {
+                    tracing::debug!(ip = %addrs.ipv4, error = %e, "name server not bound yet")
+                }
             }
         }
         let bound = server.is_some();
@@ -247,13 +249,25 @@ async fn run(
     }
 }
 
-async fn bind(ip: Ipv4Addr, handler: Handler) -> std::io::Result<ServerFuture<Handler>> {
-    let addr = SocketAddr::from((ip, DNS_PORT));
-    let udp = tokio::net::UdpSocket::bind(addr).await?;
-    let tcp = tokio::net::TcpListener::bind(addr).await?;
+/// Binds port 53 on the mesh IPv4 address (needed) and the IPv6 one (when the TUN has it).
+async fn bind(addrs: MeshAddrs, handler: Handler) -> std::io::Result<ServerFuture<Handler>> {
     let mut s = ServerFuture::new(handler);
-    s.register_socket(udp);
-    s.register_listener(tcp, TCP_TIMEOUT);
+    let v4 = SocketAddr::from((addrs.ipv4, DNS_PORT));
+    s.register_socket(tokio::net::UdpSocket::bind(v4).await?);
+    s.register_listener(tokio::net::TcpListener::bind(v4).await?, TCP_TIMEOUT);
+    let v6 = SocketAddr::from((addrs.ipv6, DNS_PORT));
+    match (
+        tokio::net::UdpSocket::bind(v6).await,
+        tokio::net::TcpListener::bind(v6).await,
+    ) {
+        (Ok(u), Ok(t)) => {
+            s.register_socket(u);
+            s.register_listener(t, TCP_TIMEOUT);
+        }
+        (Err(e), _) | (_, Err(e)) => {
+            tracing::debug!(%v6, error = %e, "mesh names on IPv4 only");
+        }
+    }
     Ok(s)
 }
 

@@ -434,6 +434,11 @@ fn names_answer_on_every_node_and_through_a_devices_via_node() -> Result<()> {
         dig_status(&lab, "home", &home_ip, "nas.homeport.internal")?,
         "NXDOMAIN"
     );
+    assert_eq!(
+        dig(&lab, "home", &home_v6, "vps", "A")?,
+        vps_ip,
+        "asked over IPv6"
+    );
     // Other names go to the system's resolver (the lab's upstream server).
     assert_eq!(
         dig(&lab, "home", &home_ip, "www.example.org", "A")?,

@@ -928,13 +928,15 @@ fn home_node_listens_on_nothing_outside_the_mesh_body(p: &mut PubLab) -> Result<
     let mine = format!("pid={pid},");
     // The mesh name server (port 53 on the mesh address) is inside the mesh: reachable only
     // through the tunnel.
-    let names = format!("{}:{}", p.home.ip()?, homeport_node::dns::DNS_PORT);
+    let port = homeport_node::dns::DNS_PORT;
+    let v6 = p.home.cli(&["ip", "-6"])?.trim().to_string();
+    let names = [format!("{}:{port}", p.home.ip()?), format!("[{v6}]:{port}")];
     let local = |l: &str| l.split_whitespace().nth(3).unwrap_or_default().to_string();
 
     let tcp = p.lab.exec("home", &["ss", "-Hlntp"])?;
     let tcp_mine: Vec<&str> = tcp
         .lines()
-        .filter(|l| l.contains(&mine) && local(l) != names)
+        .filter(|l| l.contains(&mine) && !names.contains(&local(l)))
         .collect();
     assert!(
         tcp_mine.is_empty(),
@@ -944,7 +946,7 @@ fn home_node_listens_on_nothing_outside_the_mesh_body(p: &mut PubLab) -> Result<
     let udp_mine: Vec<&str> = udp.lines().filter(|l| l.contains(&mine)).collect();
     assert!(!udp_mine.is_empty(), "no WireGuard socket? {udp}");
     eprintln!("the home node's UDP sockets: {udp_mine:?}");
-    for l in udp_mine.iter().filter(|l| local(l) != names) {
+    for l in udp_mine.iter().filter(|l| !names.contains(&local(l))) {
         let local = local(l);
         assert!(
             local.ends_with(&format!(":{wg_port}")),
