@@ -204,6 +204,7 @@ async fn run(
     };
     let mut resolver = resolver;
     let mut server: Option<(MeshAddrs, ServerFuture<Handler>)> = None;
+    let mut warned = false;
     loop {
         let want = {
             let m = maps.borrow_and_update().clone();
@@ -232,8 +233,19 @@ async fn run(
                         register_resolved(&tun, addrs.ipv4, &d).await;
                     }
                 }
-                Err(e) => {
+                // Until the TUN has the address; anything else (another server on port 53, say
+                // a dnsmasq on 0.0.0.0) is said once, and retried.
+                Err(e) if e.kind() == std::io::ErrorKind::AddrNotAvailable || warned => {
                     tracing::debug!(ip = %addrs.ipv4, error = %e, "name server not bound yet")
+                }
+                Err(e) => {
+                    warned = true;
+                    tracing::warn!(
+                        ip = %addrs.ipv4,
+                        port = DNS_PORT,
+                        error = %e,
+                        "cannot serve mesh names (another DNS server on this port?); retrying"
+                    )
                 }
             }
         }
