@@ -699,7 +699,7 @@ impl Engine {
     pub fn poll_timeout(&self) -> Instant {
         let timers = self.last_timers.lock().unwrap().map(|t| t + TICK);
         let mut next = timers.unwrap_or(self.started);
-        for peer in &self.snapshot().peers {
+        for peer in self.snapshot().peers.iter().filter(|p| !p.device) {
             if let Some(p) = peer.path.lock().unwrap().next_probe {
                 next = next.min(p);
             }
@@ -845,7 +845,9 @@ impl Engine {
                                 candidates,
                                 ..Default::default()
                             };
-                            path.search(now);
+                            if !device {
+                                path.search(now);
+                            }
                             (self.new_tunn(&p.public_key, index), path, index)
                         }
                     };
@@ -1992,7 +1994,9 @@ impl Engine {
             p.last_rx = None;
             p.pending.clear();
             p.punch = Punch::Idle;
-            p.search(now);
+            if !peer.device {
+                p.search(now);
+            }
         }
         if let Some(r) = self.relay.lock().unwrap().as_mut() {
             r.rebind_now = true;

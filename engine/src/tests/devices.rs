@@ -170,8 +170,10 @@ fn a_device_reaches_home_through_its_via_node_and_home_sees_its_address() {
     let (tun, at_phone) = run(&mut net, &[&home, &vps], &mut phone, now);
     assert!(tun.is_empty(), "nothing for the vps's own TUN: {tun:?}");
     assert_eq!(at_phone, vec![pong]);
-    // No disco towards a device: nothing but WireGuard ever went to it.
+    // No disco towards a device: nothing but WireGuard ever went to it, and no probe of it is
+    // ever due (the timer thread would wake at once, again and again).
     vps.engine.handle_timeout(now + Duration::from_secs(3));
+    assert!(vps.engine.poll_timeout() > now + Duration::from_secs(3));
     for (to, b) in drain(&vps.engine).0 {
         assert!(
             to != phone.udp
