@@ -6,7 +6,8 @@
 #
 # Installs (Debian packages): the build toolchain, the network tools the lab tests and the demo drive
 # (iproute2, nftables, conntrack), the standard peers the tests compare against (wireguard-go,
-# wireguard-tools, coturn as a STUN server, iperf3), tcpdump, python3 (with python3-cryptography for
+# wireguard-tools, coturn as a STUN server, iperf3; wireguard-go also plays a plain-WireGuard phone in
+# tests/tests/devices.rs), dnsutils (dig, for the mesh-name tests), tcpdump, python3 (with python3-cryptography for
 # bench/register-peers.py), ping, systemd (systemd-analyze), hping3 (spoofed-source SYN floods in the
 # exit's lab tests, handshake floods in the data-plane tests) and postgresql (the coordinator tests run a
 # throwaway cluster in a temp dir; the packaged service is disabled), and for the Debian packages
@@ -27,7 +28,7 @@ set -euo pipefail
 PACKAGES=(
   build-essential pkg-config curl ca-certificates
   iproute2 nftables conntrack
-  wireguard-go wireguard-tools iperf3 coturn
+  wireguard-go wireguard-tools iperf3 coturn dnsutils
   tcpdump python3 python3-venv python3-cryptography procps systemd iputils-ping shellcheck hping3
   postgresql
   dpkg-dev lintian help2man

@@ -69,6 +69,14 @@ pub fn app(state: AppState) -> Router {
         .route(api::PATH_ADMIN_POLICY, get(policy_get).put(policy_set))
         .merge(crate::routes::admin_routes())
         .route(
+            homeport_proto::device::PATH_ADMIN_DEVICES,
+            post(crate::devices::add).get(crate::devices::list),
+        )
+        .route(
+            &format!("{}/{{name}}", homeport_proto::device::PATH_ADMIN_DEVICES),
+            delete(crate::devices::remove),
+        )
+        .route(
             status::PATH_ADMIN_OVERVIEW,
             get(crate::dashboard::live::overview),
         )

@@ -73,6 +73,14 @@ pub enum Cmd {
         #[command(subcommand)]
         cmd: NodeCmd,
     },
+    /// Plain-WireGuard devices (phones, TVs, routers with any WireGuard app): add one and get its
+    /// config as text and a QR code, list, remove
+    Device {
+        #[command(flatten)]
+        conn: ConnArgs,
+        #[command(subcommand)]
+        cmd: crate::devices::DeviceCmd,
+    },
     /// Publish ports of mesh nodes on an exit node
     Publish {
         #[command(flatten)]
@@ -476,7 +484,7 @@ fn publish_table(v: &[PublishRule], exits: &[ExitInfo]) -> String {
     )
 }
 
-fn print_json<T: serde::Serialize>(v: &T) -> anyhow::Result<()> {
+pub(crate) fn print_json<T: serde::Serialize>(v: &T) -> anyhow::Result<()> {
     println!("{}", serde_json::to_string_pretty(v)?);
     Ok(())
 }
@@ -641,6 +649,7 @@ pub async fn admin(cmd: Cmd) -> anyhow::Result<()> {
                 eprintln!("node {name} removed");
             }
         },
+        Cmd::Device { conn, cmd } => crate::devices::run_cli(conn.client()?, cmd).await?,
         Cmd::Invite { conn, cmd } => {
             use homeport_proto::invite::{
                 InviteCreate, InviteCreated, InviteInfo, PATH_ADMIN_INVITES,

@@ -40,6 +40,8 @@ pub struct Config {
     /// A node offline this long raises an alert.
     pub alert_offline: std::time::Duration,
     pub alert_debounce: std::time::Duration,
+    /// The mesh's DNS domain: nodes and devices answer as NAME and NAME.<domain>.
+    pub mesh_domain: String,
 }
 
 /// Default: a node offline for 2 minutes raises an alert (a restart or a DHCP renewal takes
@@ -64,6 +66,7 @@ impl Config {
             alert_webhooks: Vec::new(),
             alert_offline: std::time::Duration::from_secs(DEFAULT_ALERT_OFFLINE_SECS),
             alert_debounce: homeport_host::alert::DEFAULT_DEBOUNCE,
+            mesh_domain: homeport_proto::names::DEFAULT_MESH_DOMAIN.to_string(),
         }
     }
 
@@ -124,6 +127,10 @@ pub struct ServeArgs {
     /// Mesh IPv6 prefix, fixed on first start [default: a random ULA fdXX:XXXX:XXXX:XXXX::/64]
     #[arg(long, value_name = "CIDR")]
     pub prefix_v6: Option<Ipv6Net>,
+    /// DNS domain of the mesh: every node answers names of nodes and devices as NAME and
+    /// NAME.DOMAIN on its mesh address [default: homeport.internal]
+    #[arg(long, value_name = "DOMAIN")]
+    pub mesh_domain: Option<String>,
     /// Port of the web dashboard, plain HTTP on this machine's mesh address only (the exit's
     /// interface, once it is up): open http://MESH_IP:PORT/ from a device on the mesh and log in
     /// with the admin token. 0 = no dashboard [default: 8480]
@@ -155,6 +162,7 @@ const KEYS: &[&str] = &[
     "prefix-v4",
     "prefix-v6",
     "dashboard-port",
+    "mesh-domain",
 ];
 
 fn line_of(text: &str, offset: usize) -> usize {
@@ -236,6 +244,10 @@ pub fn apply_file(cfg: &mut Config, path: &Path, text: &str) -> anyhow::Result<(
                     val.parse()
                         .map_err(|_| bad("an IPv4 CIDR like 100.96.0.0/16"))?,
                 )
+            }
+            "mesh-domain" => {
+                cfg.mesh_domain = homeport_proto::names::parse_mesh_domain(&val)
+                    .map_err(|_| bad("a DNS domain like homeport.internal"))?
             }
             "prefix-v6" => {
                 cfg.prefix_v6 = Some(
@@ -320,6 +332,10 @@ pub fn resolve(args: &ServeArgs) -> anyhow::Result<Config> {
     }
     if let Some(v) = args.dashboard_port {
         cfg.dashboard_port = v;
+    }
+    if let Some(v) = &args.mesh_domain {
+        cfg.mesh_domain = homeport_proto::names::parse_mesh_domain(v)
+            .map_err(|e| anyhow::anyhow!("--mesh-domain: {e}"))?;
     }
     cfg.alert_webhooks = args.alert_webhook.clone();
     if let Some(v) = args.alert_offline_secs {

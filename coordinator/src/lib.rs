@@ -10,6 +10,7 @@ pub mod cli;
 pub mod client;
 pub mod config;
 pub mod dashboard;
+pub mod devices;
 pub mod error;
 pub mod exits;
 pub mod invites;

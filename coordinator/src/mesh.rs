@@ -11,6 +11,7 @@
 
 use crate::reach::Reach;
 use crate::session::Session;
+use homeport_proto::device::DeviceFilter;
 use homeport_proto::filter::{FilterRule, PacketFilter, PortRange, Proto};
 use homeport_proto::map::{
     CoordinatorInfo, Endpoint, MapMessage, MeshAddrs, Peer, ProbeRequest, RelayInfo, SelfNode,
@@ -36,6 +37,8 @@ pub struct NodeRec {
     pub online: bool,
     /// Approved routes the node advertises (`crate::routes`): its allowed IPs in every map.
     pub routes: Vec<IpNet>,
+    /// A plain-WireGuard device: the node it connects through (see `devices.rs`).
+    pub via: Option<NodeId>,
 }
 
 impl NodeRec {
@@ -49,6 +52,7 @@ impl NodeRec {
             online: self.online,
             tags: self.tags.clone(),
             routes: self.routes.clone(),
+            via: self.via,
         }
     }
 }
@@ -153,10 +157,14 @@ struct Stream {
 
 type FilterDigest = [u8; 32];
 
-fn filter_digest(f: &PacketFilter) -> FilterDigest {
+fn filter_digest(f: &PacketFilter, devices: &[DeviceFilter]) -> FilterDigest {
     use sha2::Digest;
-    let bytes = serde_json::to_vec(f).unwrap_or_default();
-    sha2::Sha256::digest(&bytes).into()
+    let mut h = sha2::Sha256::new();
+    h.update(serde_json::to_vec(f).unwrap_or_default());
+    if !devices.is_empty() {
+        h.update(serde_json::to_vec(devices).unwrap_or_default());
+    }
+    h.finalize().into()
 }
 
 /// The in-memory mesh and the open streams. Guarded by one mutex in [`crate::state::AppState`];
@@ -167,6 +175,8 @@ pub struct Mesh {
     pub relays: Vec<RelayInfo>,
     /// The live coordinator replicas (empty: none advertised).
     coordinators: Vec<CoordinatorInfo>,
+    /// The mesh's DNS domain, told to every node in its self record.
+    pub mesh_domain: Option<String>,
     nodes: BTreeMap<NodeId, NodeRec>,
     /// Nodes whose map stream another live replica holds: online whatever happens here.
     remote_online: HashSet<NodeId>,
@@ -177,6 +187,8 @@ pub struct Mesh {
     /// The other parties of each node's publish rules: they see each other whatever the policy.
     publish_partners: HashMap<NodeId, BTreeSet<NodeId>>,
     streams: HashMap<NodeId, Stream>,
+    /// The plain devices reached through each node.
+    devices_by_via: HashMap<NodeId, BTreeSet<NodeId>>,
     version: u64,
     next_generation: u64,
     /// The relay learns here which keys may use it.
@@ -216,6 +228,7 @@ impl Mesh {
             prefix_v6,
             relays,
             coordinators: vec![],
+            mesh_domain: None,
             nodes,
             remote_online: HashSet::new(),
             policy,
@@ -223,11 +236,17 @@ impl Mesh {
             publish: publish.into_iter().map(|r| (r.id, r)).collect(),
             publish_partners: HashMap::new(),
             streams: HashMap::new(),
+            devices_by_via: HashMap::new(),
             version: start_version,
             next_generation: 1,
             relay: None,
         };
         m.index_publish();
+        for n in m.nodes.values() {
+            if let Some(v) = n.via {
+                m.devices_by_via.entry(v).or_default().insert(n.id);
+            }
+        }
         m
     }
 
@@ -253,6 +272,19 @@ impl Mesh {
                 if let Some(p) = self.publish_partners.get(&id) {
                     s.extend(p.iter().copied());
                 }
+                // A via node carries its devices' traffic: it sees them and whom they see.
+                if let Some(devs) = self.devices_by_via.get(&id) {
+                    for d in devs {
+                        s.insert(*d);
+                        s.extend(self.reach.partners(*d).unwrap_or_default());
+                    }
+                }
+                // A device's traffic goes through its via node: who sees a device sees that node.
+                let vias: Vec<NodeId> = s.iter().filter_map(|x| self.nodes.get(x)?.via).collect();
+                s.extend(vias);
+                if let Some(v) = self.nodes.get(&id).and_then(|n| n.via) {
+                    s.insert(v);
+                }
                 s.remove(&id);
                 s.retain(|x| self.nodes.contains_key(x));
                 Audience::Only(s)
@@ -265,11 +297,10 @@ impl Mesh {
         a != b
             && self.nodes.contains_key(&a)
             && self.nodes.contains_key(&b)
-            && (self.reach.may_talk(a, b)
-                || self
-                    .publish_partners
-                    .get(&a)
-                    .is_some_and(|p| p.contains(&b)))
+            && match self.audience(a) {
+                Audience::Everyone => true,
+                Audience::Only(s) => s.contains(&b),
+            }
     }
 
     /// Connects the relay: from now on it serves exactly the registered nodes.
@@ -284,7 +315,12 @@ impl Mesh {
 
     fn sync_relay(&self) {
         if let Some(r) = &self.relay {
-            r.set_authorized(self.nodes.values().map(|n| *n.public_key.as_bytes()));
+            r.set_authorized(
+                self.nodes
+                    .values()
+                    .filter(|n| n.via.is_none())
+                    .map(|n| *n.public_key.as_bytes()),
+            );
         }
     }
 
@@ -294,11 +330,20 @@ impl Mesh {
     pub fn node(&self, id: NodeId) -> Option<&NodeRec> {
         self.nodes.get(&id)
     }
+    /// A node (not a device) by name.
     pub fn node_by_name(&self, name: &str) -> Option<&NodeRec> {
-        self.nodes.values().find(|n| n.name.as_str() == name)
+        self.nodes().find(|n| n.name.as_str() == name)
     }
+    /// The nodes, without the plain devices.
     pub fn nodes(&self) -> impl Iterator<Item = &NodeRec> {
-        self.nodes.values()
+        self.nodes.values().filter(|n| n.via.is_none())
+    }
+    /// The plain devices.
+    pub fn devices(&self) -> impl Iterator<Item = &NodeRec> {
+        self.nodes.values().filter(|n| n.via.is_some())
+    }
+    pub fn device_by_name(&self, name: &str) -> Option<&NodeRec> {
+        self.devices().find(|n| n.name.as_str() == name)
     }
     pub fn policy(&self) -> Option<&Policy> {
         self.policy.as_ref()
@@ -321,6 +366,21 @@ impl Mesh {
         self.reach.filter_for(n)
     }
 
+    /// The inbound filters of the devices reached through `id`, which it enforces for them.
+    fn device_filters_for(&self, id: NodeId) -> Vec<DeviceFilter> {
+        self.devices_by_via
+            .get(&id)
+            .into_iter()
+            .flatten()
+            .filter_map(|d| {
+                Some(DeviceFilter {
+                    device: *d,
+                    filter: self.reach.filter_for(self.nodes.get(d)?),
+                })
+            })
+            .collect()
+    }
+
     fn publish_for(&self, id: NodeId) -> Vec<PublishRule> {
         self.publish
             .values()
@@ -339,6 +399,7 @@ impl Mesh {
             prefix_v6: self.prefix_v6,
             tags: n.tags.clone(),
             routes: n.routes.clone(),
+            mesh_domain: self.mesh_domain.clone(),
         }
     }
 
@@ -366,6 +427,7 @@ impl Mesh {
             publish: Some(self.publish_for(n.id)),
             relays: Some(self.relays.clone()),
             coordinators: Some(self.coordinators.clone()),
+            device_filters: Some(self.device_filters_for(n.id)),
             probe_requests: vec![],
         }
     }
@@ -431,6 +493,13 @@ impl Mesh {
                     .peers_removed = peers_removed.clone();
             }
         }
+        // A device's filter is enforced by its via node.
+        let vias: Vec<NodeId> = filter_check
+            .iter()
+            .filter_map(|id| self.nodes.get(id)?.via)
+            .collect();
+        let mut filter_check = filter_check;
+        filter_check.extend(vias);
         for id in filter_check {
             let Some(n) = self.nodes.get(&id) else {
                 continue;
@@ -439,16 +508,17 @@ impl Mesh {
                 continue;
             }
             let f = self.filter_for(n);
-            let digest = filter_digest(&f);
+            let df = self.device_filters_for(id);
+            let digest = filter_digest(&f, &df);
             let s = self.streams.get_mut(&id).expect("checked above");
             if s.filter != digest {
                 s.filter = digest;
-                msgs.entry(id)
-                    .or_insert_with(|| MapMessage {
-                        version,
-                        ..Default::default()
-                    })
-                    .filter = Some(f);
+                let m = msgs.entry(id).or_insert_with(|| MapMessage {
+                    version,
+                    ..Default::default()
+                });
+                m.filter = Some(f);
+                m.device_filters = Some(df);
             }
         }
         for (id, m) in msgs {
@@ -604,6 +674,9 @@ impl Mesh {
     /// publish rules it took part in and tells their other party. Returns the dropped rule ids.
     pub fn remove_node(&mut self, id: NodeId) -> Vec<i64> {
         self.remote_online.remove(&id);
+        for d in self.devices_by_via.get(&id).cloned().unwrap_or_default() {
+            self.remove_device(d);
+        }
         if let Some(s) = self.streams.remove(&id) {
             s.session.close();
         }
@@ -652,6 +725,61 @@ impl Mesh {
         self.policy = policy.filter(|p| !p.rules.is_empty());
         self.reach = Reach::new(self.policy.as_ref(), self.nodes.values());
         // A policy change can concern every node: recompute each connected node's filter.
+        let all: BTreeSet<NodeId> = connected.iter().copied().collect();
+        let none = Audience::Only(BTreeSet::new());
+        self.broadcast(NodeId(0), &none, vec![], &none, vec![], all);
+        for (id, b) in before {
+            self.resync_peers(id, &b);
+        }
+    }
+
+    /// Adds a plain device (or replaces its record). Device changes are rare admin actions that
+    /// can change who sees whom (through the via node), so every connected node's peers and
+    /// filters are brought up to date, as a policy change does.
+    pub fn upsert_device(&mut self, rec: NodeRec) {
+        let Some(via) = rec.via else { return };
+        let id = rec.id;
+        let peer = rec.peer();
+        self.reshape(|m| {
+            m.nodes.insert(id, rec.clone());
+            m.reach.upsert(&rec);
+            m.devices_by_via.entry(via).or_default().insert(id);
+        });
+        let to = self.audience(id);
+        let none = Audience::Only(BTreeSet::new());
+        self.broadcast(id, &to, vec![peer], &none, vec![], BTreeSet::new());
+    }
+
+    /// Removes a plain device: its via node drops its session, every other node its route.
+    pub fn remove_device(&mut self, id: NodeId) -> bool {
+        let Some(via) = self.nodes.get(&id).and_then(|n| n.via) else {
+            return false;
+        };
+        let gone_to = self.audience(id);
+        self.reshape(|m| {
+            m.nodes.remove(&id);
+            m.reach.remove(id);
+            if let Some(s) = m.devices_by_via.get_mut(&via) {
+                s.remove(&id);
+                if s.is_empty() {
+                    m.devices_by_via.remove(&via);
+                }
+            }
+        });
+        let none = Audience::Only(BTreeSet::new());
+        self.broadcast(id, &none, vec![], &gone_to, vec![id], BTreeSet::new());
+        true
+    }
+
+    /// Applies `change` and then sends every connected node the peers that entered or left its
+    /// map and its filters where they changed.
+    fn reshape(&mut self, change: impl FnOnce(&mut Mesh)) {
+        let connected: Vec<NodeId> = self.streams.keys().copied().collect();
+        let before: Vec<(NodeId, Audience)> = connected
+            .iter()
+            .map(|&id| (id, self.audience(id)))
+            .collect();
+        change(self);
         let all: BTreeSet<NodeId> = connected.iter().copied().collect();
         let none = Audience::Only(BTreeSet::new());
         self.broadcast(NodeId(0), &none, vec![], &none, vec![], all);
@@ -737,7 +865,10 @@ impl Mesh {
         let stream = Stream {
             session: session.clone(),
             generation,
-            filter: filter_digest(full.filter.as_ref().unwrap_or(&PacketFilter::allow_all())),
+            filter: filter_digest(
+                full.filter.as_ref().unwrap_or(&PacketFilter::allow_all()),
+                full.device_filters.as_deref().unwrap_or_default(),
+            ),
             publish: full.publish.clone().unwrap_or_default(),
         };
         session.push(full);
@@ -808,7 +939,11 @@ impl Mesh {
                 return;
             }
         }
-        self.upsert_node(rec);
+        if rec.via.is_some() {
+            self.upsert_device(rec);
+        } else {
+            self.upsert_node(rec);
+        }
     }
 
     /// Replaces the publish rules with `rules` (as stored), telling the parties of each rule
@@ -869,6 +1004,7 @@ mod tests {
             endpoints: vec![],
             online: false,
             routes: vec![],
+            via: None,
         }
     }
 
@@ -1323,5 +1459,85 @@ mod tests {
         m.upsert_node(bare.clone());
         assert!(m.filter_for(&bare).rules.is_empty());
         assert!(!m.sees(laptop.id, home.id));
+    }
+
+    #[test]
+    fn a_device_brings_its_via_node_into_the_maps_of_whom_it_may_talk_with() {
+        // friends may reach home's port 80; nobody may reach the phone; home and vps may not
+        // talk at all, until the phone (tag friends, through vps) makes vps carry its traffic.
+        let policy = Policy {
+            rules: vec![rule(&["tag:friends"], &["node:home"], &["tcp:80"])],
+        };
+        let mut m = mesh(
+            vec![
+                node(1, "home", &[]),
+                node(2, "vps", &[]),
+                node(4, "other", &[]),
+            ],
+            Some(policy),
+        );
+        let home = m.connect(NodeId(1), 0).unwrap();
+        let vps = m.connect(NodeId(2), 0).unwrap();
+        let other = m.connect(NodeId(4), 0).unwrap();
+        assert!(take(&home).unwrap().peers.is_empty());
+        assert!(take(&vps).unwrap().peers.is_empty());
+        take(&other);
+        let mut phone = node(3, "phone", &["friends"]);
+        phone.via = Some(NodeId(2));
+        m.upsert_device(phone);
+        assert!(m.sees(NodeId(1), NodeId(2)) && m.sees(NodeId(1), NodeId(3)));
+        assert!(!m.sees(NodeId(4), NodeId(3)));
+        assert_eq!(m.nodes().count(), 3, "a device is not listed as a node");
+
+        let mut got = MapMessage::default();
+        while let Some(d) = take(&home) {
+            got.peers.extend(d.peers);
+            got.filter = d.filter.or(got.filter);
+        }
+        let mut ids: Vec<NodeId> = got.peers.iter().map(|p| p.id).collect();
+        ids.sort();
+        ids.dedup();
+        assert_eq!(
+            ids,
+            vec![NodeId(2), NodeId(3)],
+            "home learns the phone and its via"
+        );
+        let phone_peer = got.peers.iter().find(|p| p.id == NodeId(3)).unwrap();
+        assert_eq!(phone_peer.via, Some(NodeId(2)));
+        let f = got.filter.expect("home's filter now admits the phone");
+        assert!(
+            f.rules[0]
+                .sources
+                .contains(&"100.96.0.3/32".parse().unwrap())
+        );
+
+        let mut filters = None;
+        let mut peers = vec![];
+        while let Some(d) = take(&vps) {
+            peers.extend(d.peers.into_iter().map(|p| p.id));
+            filters = d.device_filters.or(filters);
+        }
+        assert!(peers.contains(&NodeId(1)) && peers.contains(&NodeId(3)));
+        let filters = filters.expect("the via node gets the phone's filter");
+        assert_eq!(filters.len(), 1);
+        assert_eq!(filters[0].device, NodeId(3));
+        assert!(!filters[0].filter.allow_all && filters[0].filter.rules.is_empty());
+        assert!(
+            take(&other).is_none(),
+            "a change reaches only the streams it concerns"
+        );
+
+        // Removed: home drops the phone and the vps, the vps its session and filter.
+        assert!(m.remove_device(NodeId(3)));
+        let mut removed = vec![];
+        while let Some(d) = take(&home) {
+            removed.extend(d.peers_removed);
+        }
+        assert!(removed.contains(&NodeId(3)) && removed.contains(&NodeId(2)));
+        let mut filters = None;
+        while let Some(d) = take(&vps) {
+            filters = d.device_filters.or(filters);
+        }
+        assert_eq!(filters, Some(vec![]));
     }
 }

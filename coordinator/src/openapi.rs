@@ -383,7 +383,41 @@ pub fn document() -> Value {
         json!({"type": "array", "items": {"type": "string"}});
     doc["components"]["schemas"]["PublishRule"]["properties"]["guards"]["properties"]["deny_countries"] =
         json!({"type": "array", "items": {"type": "string"}});
+    device_spec(&mut doc, &admin);
     doc
+}
+
+/// Plain-WireGuard devices (`homeport_proto::device`).
+fn device_spec(doc: &mut Value, admin: &Value) {
+    use homeport_proto::device::PATH_ADMIN_DEVICES;
+    let name = json!({"type": "string", "pattern": "^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$"});
+    let key = json!({"type": "string", "pattern": KEY});
+    let id = json!({"type": "integer", "format": "int64", "minimum": 1, "maximum": ID_MAX});
+    doc["paths"][PATH_ADMIN_DEVICES] = json!({
+        "post": {"summary": "Add a plain-WireGuard device reached through a node; answers its wg-quick config with a placeholder for the private key (the coordinator never sees it)",
+            "tags": ["admin"], "security": admin, "requestBody": body("DeviceAdd"),
+            "responses": {"201": ok("The device and its config", r("DeviceAdded")),
+                "400": err("Bad name, tag or endpoint (names the field)"), "401": err("Missing or wrong admin token"),
+                "404": err("No node of that name to connect through"),
+                "409": err("Name or key taken, no free address, or the via node has no known public endpoint (pass endpoint)"),
+                "413": err("Body over 64 KiB")}},
+        "get": {"summary": "List plain-WireGuard devices", "tags": ["admin"], "security": admin,
+            "responses": {"200": ok("All devices", arr("DeviceInfo")), "401": err("Missing or wrong admin token")}}});
+    doc["paths"][format!("{PATH_ADMIN_DEVICES}/{{name}}")] = json!({
+        "delete": {"summary": "Remove a device: its via node drops its session at once", "tags": ["admin"], "security": admin,
+            "parameters": [{"name": "name", "in": "path", "required": true, "schema": {"type": "string"}}],
+            "responses": {"204": {"description": "Removed"}, "401": err("Missing or wrong admin token"), "404": err("No such device")}}});
+    let s = &mut doc["components"]["schemas"];
+    s["DeviceAdd"] = json!({"type": "object", "required": ["name", "via", "public_key"], "additionalProperties": false,
+        "properties": {"name": name, "via": {"type": "string", "description": "Name of the node the device connects to"},
+            "public_key": key, "tags": {"type": "array", "items": {"type": "string", "pattern": TAG}},
+            "endpoint": {"type": "string", "nullable": true, "pattern": format!("^(\\[({})\\]|[A-Za-z0-9.-]{{1,253}}):{PORT}$", ipv6()),
+                "description": "HOST:PORT the device sends to: a DNS name or IPv4 address, or [IPv6]; port 1-65535 (default: the via node's public endpoint)"}}});
+    s["DeviceInfo"] = json!({"type": "object", "required": ["id", "name", "via", "via_name", "public_key", "addrs", "tags", "created_at"],
+        "properties": {"id": id, "name": name, "via": id, "via_name": name, "public_key": key, "addrs": r("MeshAddrs"),
+            "tags": {"type": "array", "items": {"type": "string"}}, "created_at": {"type": "integer"}}});
+    s["DeviceAdded"] = json!({"type": "object", "required": ["device", "config"],
+        "properties": {"device": r("DeviceInfo"), "config": {"type": "string", "description": "wg-quick config"}}});
 }
 
 /// The status reports of nodes and exits and the admin overview made of them

@@ -292,8 +292,14 @@ fn apply_nodes(st: &AppState, ids: &[NodeId], stored: Vec<(NodeRec, Option<Strin
         mesh.apply_stored(rec, remote);
     }
     for id in ids {
-        if !present.contains(id) && mesh.node(*id).is_some() {
-            mesh.remove_node(*id);
+        match mesh.node(*id).map(|n| n.via.is_some()) {
+            Some(true) if !present.contains(id) => {
+                mesh.remove_device(*id);
+            }
+            Some(false) if !present.contains(id) => {
+                mesh.remove_node(*id);
+            }
+            _ => {}
         }
     }
 }

@@ -86,41 +86,46 @@ impl Store {
         only: bool,
     ) -> StoreResult<()> {
         let mut tx = self.pool.begin().await?;
-        if only {
-            sqlx::query(&format!(
-                "UPDATE node_routes SET {column} = 0 WHERE node_id = $1"
-            ))
-            .bind(id.0)
-            .execute(&mut *tx)
-            .await?;
-        }
-        for n in nets {
-            let r = sqlx::query(&format!(
-                "UPDATE node_routes SET {column} = $1 WHERE node_id = $2 AND prefix = $3"
-            ))
-            .bind(on as i64)
-            .bind(id.0)
-            .bind(n.to_string())
-            .execute(&mut *tx)
-            .await?;
-            if r.rows_affected() == 0 && on {
+        let r = async {
+            if only {
                 sqlx::query(&format!(
-                    "INSERT INTO node_routes (node_id, prefix, {column}) VALUES ($1, $2, 1)"
+                    "UPDATE node_routes SET {column} = 0 WHERE node_id = $1"
                 ))
+                .bind(id.0)
+                .execute(&mut *tx)
+                .await?;
+            }
+            for n in nets {
+                let r = sqlx::query(&format!(
+                    "UPDATE node_routes SET {column} = $1 WHERE node_id = $2 AND prefix = $3"
+                ))
+                .bind(on as i64)
                 .bind(id.0)
                 .bind(n.to_string())
                 .execute(&mut *tx)
                 .await?;
+                if r.rows_affected() == 0 && on {
+                    sqlx::query(&format!(
+                        "INSERT INTO node_routes (node_id, prefix, {column}) VALUES ($1, $2, 1)"
+                    ))
+                    .bind(id.0)
+                    .bind(n.to_string())
+                    .execute(&mut *tx)
+                    .await?;
+                }
             }
+            sqlx::query(
+                "DELETE FROM node_routes WHERE node_id = $1 AND advertised = 0 AND approved = 0",
+            )
+            .bind(id.0)
+            .execute(&mut *tx)
+            .await?;
+            // The other replicas (PostgreSQL) reload this node, routes included.
+            self.announce(&mut *tx, crate::replicas::Change::nodes(vec![id]))
+                .await
         }
-        sqlx::query(
-            "DELETE FROM node_routes WHERE node_id = $1 AND advertised = 0 AND approved = 0",
-        )
-        .bind(id.0)
-        .execute(&mut *tx)
-        .await?;
-        tx.commit().await?;
-        Ok(())
+        .await;
+        crate::store::finish(tx, r).await
     }
 }
 

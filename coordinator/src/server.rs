@@ -196,6 +196,7 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
         pin: tls.pin.clone(),
         relay: my_relay.clone(),
     };
+    state.mesh().mesh_domain = Some(cfg.mesh_domain.clone());
 
     let sock_path = dir.join(ADMIN_SOCKET);
     let _ = std::fs::remove_file(&sock_path);

@@ -11,6 +11,7 @@
 //! merged message when its connection can accept more and serializes it outside every lock.
 
 use homeport_proto::NodeId;
+use homeport_proto::device::DeviceFilter;
 use homeport_proto::filter::PacketFilter;
 use homeport_proto::map::{CoordinatorInfo, MapMessage, Peer, ProbeRequest, RelayInfo, SelfNode};
 use homeport_proto::publish::PublishRule;
@@ -31,6 +32,7 @@ pub struct Pending {
     publish: Option<Vec<PublishRule>>,
     relays: Option<Vec<RelayInfo>>,
     coordinators: Option<Vec<CoordinatorInfo>>,
+    device_filters: Option<Vec<DeviceFilter>>,
     /// Latest ask per asking peer: an older ask's endpoints are stale.
     probes: BTreeMap<NodeId, ProbeRequest>,
     /// Something is waiting (a version-only message counts: it is what a keepalive carries).
@@ -53,6 +55,7 @@ impl Pending {
                 publish: m.publish,
                 relays: m.relays,
                 coordinators: m.coordinators,
+                device_filters: m.device_filters,
                 probes,
                 dirty: true,
             };
@@ -83,6 +86,9 @@ impl Pending {
             }
             if m.coordinators.is_some() {
                 self.coordinators = m.coordinators;
+            }
+            if m.device_filters.is_some() {
+                self.device_filters = m.device_filters;
             }
         }
         for p in m.probe_requests {
@@ -125,6 +131,7 @@ impl Pending {
             publish: p.publish,
             relays: p.relays,
             coordinators: p.coordinators,
+            device_filters: p.device_filters,
             probe_requests: p.probes.into_values().collect(),
         })
     }
@@ -228,6 +235,7 @@ mod tests {
             online: true,
             tags: vec![],
             routes: vec![],
+            via: None,
         }
     }
 
@@ -247,6 +255,7 @@ mod tests {
                 prefix_v6: "fd00::/64".parse().unwrap(),
                 tags: vec![],
                 routes: vec![],
+                mesh_domain: None,
             }),
             peers,
             filter: Some(PacketFilter::allow_all()),

@@ -96,7 +96,7 @@ fn bad_row(what: &str, e: impl std::fmt::Display) -> sqlx::Error {
     sqlx::Error::Decode(format!("stored {what} is invalid: {e}").into())
 }
 
-fn node_row(r: &AnyRow) -> Result<NodeRec, sqlx::Error> {
+pub(crate) fn node_row(r: &AnyRow) -> Result<NodeRec, sqlx::Error> {
     let name: String = r.try_get("name")?;
     let key: String = r.try_get("public_key")?;
     let v4: String = r.try_get("ipv4")?;
@@ -119,10 +119,12 @@ fn node_row(r: &AnyRow) -> Result<NodeRec, sqlx::Error> {
         endpoints: serde_json::from_str(&r.try_get::<String, _>("endpoints")?).unwrap_or_default(),
         online: false,
         routes: vec![],
+        via: r.try_get::<Option<i64>, _>("via")?.map(NodeId),
     })
 }
 
-const NODE_COLS: &str = "id, name, public_key, ipv4, ipv6, tags, created_at, last_seen, endpoints";
+pub(crate) const NODE_COLS: &str =
+    "id, name, public_key, ipv4, ipv6, tags, created_at, last_seen, endpoints, via";
 
 /// Random token with a recognisable prefix: 32 random bytes, base64url without padding.
 pub fn random_token(prefix: &str) -> String {
@@ -139,7 +141,10 @@ pub fn random_token(prefix: &str) -> String {
 /// The next id of `table`, never handed out before (not even for a row since deleted, so an id
 /// in an old log line, audit record or script always means the same thing). The counter lives in
 /// `id_seq` and is bumped inside the inserting transaction.
-async fn next_id(tx: &mut Transaction<'_, Any>, table: &str) -> Result<i64, sqlx::Error> {
+pub(crate) async fn next_id(
+    tx: &mut Transaction<'_, Any>,
+    table: &str,
+) -> Result<i64, sqlx::Error> {
     sqlx::query("UPDATE id_seq SET last = last + 1 WHERE name = $1")
         .bind(table)
         .execute(&mut **tx)
@@ -154,7 +159,7 @@ async fn next_id(tx: &mut Transaction<'_, Any>, table: &str) -> Result<i64, sqlx
 /// Ends a transaction the way its body went: commit on success, an explicit rollback on failure.
 /// A transaction that is only dropped rolls back lazily, when its connection is next used; on
 /// SQLite it keeps the write lock until then, and the next writer gets "database is locked".
-async fn finish<T>(tx: Transaction<'_, Any>, r: StoreResult<T>) -> StoreResult<T> {
+pub(crate) async fn finish<T>(tx: Transaction<'_, Any>, r: StoreResult<T>) -> StoreResult<T> {
     match r {
         Ok(v) => {
             tx.commit().await?;
@@ -420,6 +425,13 @@ impl Store {
             // Same key, proven by the caller: a new credential only. Name, addresses and tags
             // stay as they are; an auth key's tags apply only to the node it first creates.
             let n = node_row(&row)?;
+            if let Some(via) = n.via {
+                return Err(StoreError::Conflict(format!(
+                    "public_key: this key belongs to the plain-WireGuard device {} (through node {via}); \
+                     remove it with `homeport-coordinator device remove {}` before joining with it as a node",
+                    n.name, n.name
+                )));
+            }
             sqlx::query("UPDATE nodes SET credential_hash = $1 WHERE id = $2")
                 .bind(&cred_hash)
                 .bind(n.id.0)
@@ -477,6 +489,7 @@ impl Store {
                 endpoints: vec![],
                 online: false,
                 routes: vec![],
+                via: None,
             }
         };
         Ok(Registered {
@@ -530,9 +543,14 @@ impl Store {
         finish(tx, r).await
     }
 
-    /// Deletes a node and the publish rules it takes part in. False when there was no such node.
+    /// Deletes a node, the devices reached through it and the publish rules it takes part in.
+    /// False when there was no such node.
     pub async fn remove_node(&self, id: NodeId) -> StoreResult<bool> {
         let mut tx = self.pool.begin().await?;
+        sqlx::query("DELETE FROM nodes WHERE via = $1")
+            .bind(id.0)
+            .execute(&mut *tx)
+            .await?;
         sqlx::query("DELETE FROM publish_rules WHERE exit_id = $1 OR target_id = $1")
             .bind(id.0)
             .execute(&mut *tx)
@@ -711,9 +729,12 @@ impl Store {
         ))
         .fetch_all(&self.pool)
         .await?;
+        let routes = self.load_routes().await?;
         let mut out = Vec::with_capacity(rows.len());
         for r in &rows {
-            out.push((node_row(r)?, r.try_get::<Option<String>, _>("replica")?));
+            let mut n = node_row(r)?;
+            n.routes = routes.get(&n.id).map(|r| r.in_use()).unwrap_or_default();
+            out.push((n, r.try_get::<Option<String>, _>("replica")?));
         }
         Ok(out)
     }

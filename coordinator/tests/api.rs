@@ -199,6 +199,16 @@ struct MapStream {
 impl MapStream {
     /// The next line within `within`; None when the stream ended.
     async fn next(&mut self, within: Duration) -> Option<MapMessage> {
+        self.try_next(within)
+            .await
+            .expect("no map line within the time limit")
+    }
+
+    /// The next line within `within`: Err when none came in time, Ok(None) when the stream ended.
+    async fn try_next(
+        &mut self,
+        within: Duration,
+    ) -> Result<Option<MapMessage>, tokio::time::error::Elapsed> {
         tokio::time::timeout(within, async {
             loop {
                 if let Some(i) = self.buf.iter().position(|&b| b == b'\n') {
@@ -214,7 +224,6 @@ impl MapStream {
             }
         })
         .await
-        .expect("no map line within the time limit")
     }
 }
 
@@ -1494,6 +1503,8 @@ async fn openapi_covers_every_endpoint() {
         api::PATH_ADMIN_PUBLISH,
         "/api/v1/admin/publish/{id}",
         api::PATH_ADMIN_POLICY,
+        homeport_proto::device::PATH_ADMIN_DEVICES,
+        "/api/v1/admin/devices/{name}",
     ] {
         assert!(v["paths"][p].is_object(), "{p} missing");
     }
@@ -2536,4 +2547,227 @@ async fn routes_are_reported_approved_and_carried_in_maps_on_postgres() {
     let dir = tempfile::tempdir().unwrap();
     let url = fresh_postgres_db(&pg.url()).await;
     routes_are_reported_approved_and_carried_in_maps(&setup_on(dir, url, None).await).await;
+}
+
+#[tokio::test]
+async fn devices_are_added_listed_and_removed_and_reach_the_maps() {
+    use homeport_proto::device::{DeviceAdded, PATH_ADMIN_DEVICES};
+    let t = setup().await;
+    let key = t.authkey(json!({"reusable": true})).await;
+    let vps = t.register(&key, "vps").await;
+    let home = t.register(&key, "home").await;
+    let mut map = t.open_map(&home.credential).await;
+    assert!(map.next(SEC).await.unwrap().full);
+    let phone = PrivateKey::generate().public_key();
+    let body =
+        json!({"name": "phone", "via": "vps", "public_key": phone.to_base64(), "tags": ["family"]});
+    // The vps has reported no endpoint yet: the config could not name one.
+    let (s, v) = t
+        .admin(Method::POST, PATH_ADMIN_DEVICES, Some(body.clone()))
+        .await;
+    assert_eq!(s, StatusCode::CONFLICT, "{v}");
+    assert!(v["detail"].as_str().unwrap().contains("endpoint"), "{v}");
+    let (s, v) = t
+        .node(
+            Method::POST,
+            api::PATH_ENDPOINTS,
+            &vps.credential,
+            Some(json!({"endpoints": [{"addr": "198.51.100.10:41641", "kind": "local"}]})),
+        )
+        .await;
+    assert_eq!(s, StatusCode::NO_CONTENT, "{v}");
+    while let Ok(Some(_)) = map.try_next(Duration::from_millis(300)).await {}
+    let (s, v) = t
+        .admin(Method::POST, PATH_ADMIN_DEVICES, Some(body.clone()))
+        .await;
+    assert_eq!(s, StatusCode::CREATED, "{v}");
+    let added: DeviceAdded = serde_json::from_value(v).unwrap();
+    assert_eq!(added.device.via, vps.node_id);
+    assert!(
+        added.config.contains("Endpoint = 198.51.100.10:41641\n"),
+        "{}",
+        added.config
+    );
+    assert!(
+        added.config.contains(&format!("DNS = {}", vps.addrs.ipv4)),
+        "{}",
+        added.config
+    );
+    assert!(
+        added
+            .config
+            .contains(homeport_proto::device::PRIVATE_KEY_PLACEHOLDER)
+    );
+    // home's map learns the phone, reached through the vps.
+    let mut peers = vec![];
+    while let Ok(Some(d)) = map.try_next(Duration::from_millis(300)).await {
+        peers.extend(d.peers);
+    }
+    let p = peers
+        .iter()
+        .find(|p| p.name.as_str() == "phone")
+        .expect("the phone in home's map");
+    assert_eq!(p.via, Some(vps.node_id));
+    assert_eq!(p.public_key, phone);
+
+    for (bad, status, what) in [
+        (
+            json!({"name": "phone", "via": "vps", "public_key": PrivateKey::generate().public_key().to_base64()}),
+            StatusCode::CONFLICT,
+            "name",
+        ),
+        (
+            json!({"name": "vps", "via": "vps", "public_key": PrivateKey::generate().public_key().to_base64()}),
+            StatusCode::CONFLICT,
+            "name",
+        ),
+        (
+            json!({"name": "tv", "via": "vps", "public_key": phone.to_base64()}),
+            StatusCode::CONFLICT,
+            "public_key",
+        ),
+        (
+            json!({"name": "Bad Name", "via": "vps", "public_key": PrivateKey::generate().public_key().to_base64()}),
+            StatusCode::BAD_REQUEST,
+            "name",
+        ),
+        (
+            json!({"name": "tv", "via": "nowhere", "public_key": PrivateKey::generate().public_key().to_base64()}),
+            StatusCode::NOT_FOUND,
+            "via",
+        ),
+        (
+            json!({"name": "tv", "via": "vps", "public_key": PrivateKey::generate().public_key().to_base64(), "endpoint": "no port"}),
+            StatusCode::BAD_REQUEST,
+            "endpoint",
+        ),
+    ] {
+        let (s, v) = t
+            .admin(Method::POST, PATH_ADMIN_DEVICES, Some(bad.clone()))
+            .await;
+        assert_eq!(s, status, "{bad}: {v}");
+        assert!(
+            v["detail"].as_str().unwrap().starts_with(what),
+            "{bad}: {v}"
+        );
+    }
+    let (s, v) = t.admin(Method::GET, PATH_ADMIN_DEVICES, None).await;
+    assert_eq!(s, StatusCode::OK);
+    assert_eq!(v.as_array().unwrap().len(), 1, "{v}");
+    let (_, nodes) = t.admin(Method::GET, api::PATH_ADMIN_NODES, None).await;
+    assert_eq!(
+        nodes.as_array().unwrap().len(),
+        2,
+        "a device is no node: {nodes}"
+    );
+
+    let (s, _) = t
+        .admin(Method::DELETE, &format!("{PATH_ADMIN_DEVICES}/phone"), None)
+        .await;
+    assert_eq!(s, StatusCode::NO_CONTENT);
+    let mut gone = false;
+    while let Ok(Some(d)) = map.try_next(Duration::from_millis(300)).await {
+        gone |= d.peers_removed.contains(&added.device.id);
+    }
+    assert!(gone, "home drops the phone");
+    let (s, _) = t
+        .admin(Method::DELETE, &format!("{PATH_ADMIN_DEVICES}/phone"), None)
+        .await;
+    assert_eq!(s, StatusCode::NOT_FOUND);
+}
+
+/// High availability with subnet routes and devices: a route approved and a device added on
+/// replica B reach a stream held on A, and a later change of the route's node on B (its
+/// endpoints) does not wipe the routes from A's maps; removing the device on B reaches A too.
+#[tokio::test]
+async fn routes_and_devices_changed_on_one_replica_reach_the_other_on_postgres() {
+    use homeport_proto::device::PATH_ADMIN_DEVICES;
+    use homeport_proto::routes as rt;
+    let Some(pg) = ThrowawayPostgres::start() else {
+        return;
+    };
+    let url = fresh_postgres_db(&pg.url()).await;
+    let (a, stop_a) = replica(&url, "https://198.51.100.10:8443", None).await;
+    let (b, stop_b) = replica(
+        &url,
+        "https://198.51.100.11:8443",
+        Some(a.admin_token.clone()),
+    )
+    .await;
+    let key = a.authkey(json!({"reusable": true})).await;
+    let home = a.register(&key, "home").await;
+    let vps = a.register(&key, "vps").await;
+    let mut on_a = a.open_map(&vps.credential).await;
+    assert!(on_a.next(SEC).await.unwrap().full);
+    let (s, v) = b
+        .node(
+            Method::POST,
+            rt::PATH_ROUTES,
+            &home.credential,
+            Some(json!({ "routes": ["10.20.0.0/16"] })),
+        )
+        .await;
+    assert_eq!(s, StatusCode::NO_CONTENT, "{v}");
+    let (s, v) = b
+        .admin(
+            Method::POST,
+            rt::PATH_ADMIN_ROUTES_APPROVE,
+            Some(json!({ "node": "home", "routes": ["10.20.0.0/16"] })),
+        )
+        .await;
+    assert!(s.is_success(), "{s} {v}");
+    let net: ipnet::IpNet = "10.20.0.0/16".parse().unwrap();
+    on_a.until(SEC, "the route approved on B", |m| {
+        m.peers
+            .iter()
+            .any(|p| p.id == home.node_id && p.routes == vec![net])
+    })
+    .await;
+    // home's endpoints change on B: A reloads home, and its route stays.
+    let (s, _) = b
+        .node(
+            Method::POST,
+            api::PATH_ENDPOINTS,
+            &home.credential,
+            Some(json!({"endpoints": [{"addr": "198.51.100.20:41641", "kind": "local"}]})),
+        )
+        .await;
+    assert_eq!(s, StatusCode::NO_CONTENT);
+    on_a.until(SEC, "home's new endpoint", |m| {
+        m.peers.iter().any(|p| p.id == home.node_id)
+    })
+    .await;
+    assert!(
+        a.st.mesh()
+            .node(home.node_id)
+            .is_some_and(|n| n.routes == vec![net]),
+        "A's record of home lost its route"
+    );
+    // A device through home, added on B, reaches the vps's stream on A; removed, it goes.
+    let phone = PrivateKey::generate().public_key();
+    let (s, v) = b
+        .admin(
+            Method::POST,
+            PATH_ADMIN_DEVICES,
+            Some(
+                json!({"name": "phone", "via": "home", "public_key": phone.to_base64(),
+                "endpoint": "198.51.100.20:41641"}),
+            ),
+        )
+        .await;
+    assert_eq!(s, StatusCode::CREATED, "{v}");
+    on_a.until(SEC, "the device added on B", |m| {
+        m.peers.iter().any(|p| p.public_key == phone)
+    })
+    .await;
+    let (s, _) = b
+        .admin(Method::DELETE, &format!("{PATH_ADMIN_DEVICES}/phone"), None)
+        .await;
+    assert_eq!(s, StatusCode::NO_CONTENT);
+    on_a.until(SEC, "the device removed on B", |m| {
+        !m.peers_removed.is_empty()
+    })
+    .await;
+    stop_a.cancel();
+    stop_b.cancel();
 }

@@ -20,6 +20,8 @@
 //! The peer table is copy-on-write: the data path takes one [`Arc<PeerTable>`] snapshot per batch,
 //! so a map change never blocks it and a removed peer's packets stop at the next batch.
 
+mod devices;
+pub use devices::DNS_PORT;
 pub mod disco;
 pub mod filter;
 pub mod flows;
@@ -170,6 +172,13 @@ pub enum Decap {
     },
     /// Nothing for the TUN (handshake, keepalive, cookie).
     Done,
+    /// A packet forwarded between a plain device and the mesh (see `devices.rs`), encrypted for
+    /// its next hop: send `out[..len]` to `to`. `out` needs room for a relay header beyond the
+    /// received datagram.
+    Forward {
+        to: SocketAddr,
+        len: usize,
+    },
     Drop(DropReason),
 }
 
@@ -430,6 +439,9 @@ pub struct PeerState {
     pub key: PublicKey,
     pub addrs: MeshAddrs,
     pub online: bool,
+    /// A plain-WireGuard device this node is the via of: no disco, no relay, its endpoint is
+    /// where its packets come from, and its filter is ours to enforce.
+    pub device: bool,
     /// Our local index for this peer (boringtun receiver indexes are `index << 8 | n`).
     pub index: u32,
     disco: ring::aead::LessSafeKey,
@@ -539,6 +551,8 @@ pub struct PeerTable {
     pub peer_routes: Vec<Vec<ipnet::IpNet>>,
     /// Our own approved routes: the only non-mesh destinations we forward to.
     self_routes: Vec<ipnet::IpNet>,
+    /// The inbound filters of our devices, which we enforce for them.
+    device_filters: HashMap<NodeId, CompiledFilter>,
 }
 
 impl PeerTable {
@@ -573,6 +587,10 @@ impl PeerTable {
     /// We forward to `ip`: one of our approved routes holds it, and it is no mesh address.
     fn forwards_to(&self, ip: IpAddr) -> bool {
         self.self_routes.iter().any(|n| n.contains(&ip)) && !self.in_mesh(ip)
+    }
+    /// `ip` is `peer`'s own address, or a device's reached through it (WireGuard's allowed IPs).
+    fn sends_as(&self, peer: &PeerState, ip: IpAddr) -> bool {
+        peer.addrs.contains(ip) || self.peer_for_dst(ip).is_some_and(|p| p.id == peer.id)
     }
     /// In the mesh's ranges (assigned to a node or not), or any node's address.
     fn in_mesh(&self, ip: IpAddr) -> bool {
@@ -632,6 +650,8 @@ pub struct Engine {
     cookies: AtomicU64,
     /// UDP flows this node opened towards peers, so their replies pass a restrictive filter.
     udp_out: FlowTable,
+    /// UDP flows our devices opened, so the answers pass their filters.
+    device_udp: FlowTable,
     last_reset: Mutex<Option<Instant>>,
     relay: Mutex<Option<RelayClient>>,
     /// TTL of opener packets: hops to just past our outermost NAT. 0 = no NAT in front of us,
@@ -680,6 +700,7 @@ impl Engine {
             frags: frag::Fragments::new(),
             cookies: AtomicU64::new(0),
             udp_out: FlowTable::new(filter::UDP_FLOW_CAP),
+            device_udp: FlowTable::new(filter::UDP_FLOW_CAP),
             last_reset: Mutex::new(None),
             relay: Mutex::new(None),
             open_ttl: std::sync::atomic::AtomicU8::new(TTL_UNKNOWN),
@@ -761,7 +782,7 @@ impl Engine {
     pub fn poll_timeout(&self) -> Instant {
         let timers = self.last_timers.lock().unwrap().map(|t| t + TICK);
         let mut next = timers.unwrap_or(self.started);
-        for peer in &self.snapshot().peers {
+        for peer in self.snapshot().peers.iter().filter(|p| !p.device) {
             if let Some(p) = peer.path.lock().unwrap().next_probe {
                 next = next.min(p);
             }
@@ -832,8 +853,15 @@ impl Engine {
             mesh_prefixes: Some((map.self_node.prefix_v4, map.self_node.prefix_v6)),
             filter: CompiledFilter::compile(&map.filter),
             self_routes: map.self_node.routes.clone(),
+            device_filters: map
+                .device_filters
+                .iter()
+                .map(|d| (d.device, CompiledFilter::compile(&d.filter)))
+                .collect(),
             ..Default::default()
         };
+        // Devices reached through other nodes: routed to those nodes once they are in the table.
+        let mut routed: Vec<(MeshAddrs, NodeId)> = Vec::new();
         for r in &map.publish {
             let proto = match r.proto {
                 PublishProto::Tcp => packet::PROTO_TCP,
@@ -859,6 +887,14 @@ impl Engine {
             if p.id == me || p.public_key.as_bytes() == self.public.as_bytes() {
                 continue;
             }
+            let device = match p.via {
+                None => false,
+                Some(v) if v == me => true,
+                Some(v) => {
+                    routed.push((p.addrs, v));
+                    continue;
+                }
+            };
             let mut candidates: Vec<SocketAddr> = Vec::new();
             // Reflexive and static candidates first: they work across NATs; local ones only on
             // a shared LAN.
@@ -876,7 +912,12 @@ impl Engine {
             candidates.truncate(MAX_CANDIDATES);
             let reuse = old
                 .peer_by_id(p.id)
-                .filter(|o| o.key == p.public_key && o.addrs == p.addrs && o.name == p.name)
+                .filter(|o| {
+                    o.key == p.public_key
+                        && o.addrs == p.addrs
+                        && o.name == p.name
+                        && o.device == device
+                })
                 .cloned();
             let st = match reuse {
                 Some(o) if o.online == p.online => {
@@ -922,7 +963,9 @@ impl Engine {
                                 candidates,
                                 ..Default::default()
                             };
-                            path.search(now);
+                            if !device {
+                                path.search(now);
+                            }
                             (self.new_tunn(&p.public_key, index), path, index)
                         }
                     };
@@ -932,6 +975,7 @@ impl Engine {
                         key: p.public_key,
                         addrs: p.addrs,
                         online: p.online,
+                        device,
                         index,
                         disco: disco::key(&self.secret, p.public_key.as_bytes()),
                         tunn: Mutex::new(tunn),
@@ -940,7 +984,8 @@ impl Engine {
                         tx_bytes: AtomicU64::new(0),
                         handshakes: AtomicU64::new(0),
                         dropped: AtomicU64::new(0),
-                        eager: std::sync::atomic::AtomicBool::new(true),
+                        // A device is behind its own NAT and speaks first.
+                        eager: std::sync::atomic::AtomicBool::new(!device),
                     })
                 }
             };
@@ -963,6 +1008,12 @@ impl Engine {
         // Longest prefix first; equal routes of two peers: the lower id, on every node alike.
         t.routes
             .sort_by_key(|(n, i)| (std::cmp::Reverse(n.prefix_len()), t.peers[*i].id));
+        for (addrs, via) in routed {
+            if let Some(&i) = t.by_id.get(&via) {
+                t.by_v4.entry(addrs.ipv4).or_insert(i);
+                t.by_v6.entry(addrs.ipv6).or_insert(i);
+            }
+        }
         let want = map
             .relays
             .iter()
@@ -1031,6 +1082,15 @@ impl Engine {
                 }
             }
         };
+        if peer.device {
+            // The device's own filter, which it cannot enforce itself.
+            let Some(info) = packet::parse(pkt) else {
+                return Encap::Drop(DropReason::Malformed);
+            };
+            if let Err(r) = self.device_admits(t, peer, &info, now) {
+                return Encap::Drop(r);
+            }
+        }
         if !t.filter.allow_all && pkt[0] >> 4 != 0 {
             // Remember UDP flows we open so the peer's replies pass our own filter.
             if let Some(info) = packet::parse(pkt)
@@ -1041,6 +1101,12 @@ impl Engine {
                 self.udp_out.touch(key, peer.id, now);
             }
         }
+        self.seal_for(peer, pkt, out, now)
+    }
+
+    /// Encrypts `pkt` for `peer` into `out` and picks where it goes: the direct path, the relay
+    /// while none is confirmed, a device's endpoint.
+    fn seal_for(&self, peer: &PeerState, pkt: &[u8], out: &mut [u8], now: Instant) -> Encap {
         let mut tunn = peer.tunn.lock().unwrap();
         match tunn.encapsulate(pkt, out) {
             TunnResult::WriteToNetwork(b) => {
@@ -1059,7 +1125,7 @@ impl Engine {
                     }
                     (direct, p.endpoint)
                 };
-                let route = if direct {
+                let route = if direct || peer.device {
                     None
                 } else {
                     self.without_direct(now)
@@ -1203,7 +1269,8 @@ impl Engine {
         seen(peer);
         peer.rx_bytes.fetch_add(len as u64, Ordering::Relaxed);
         match self.admit(t, peer, &out[..len], now) {
-            Ok(()) => Decap::ToTun { len },
+            Ok(None) => Decap::ToTun { len },
+            Ok(Some(next)) => self.forward(next, out, len, now),
             Err(r) => {
                 peer.dropped.fetch_add(1, Ordering::Relaxed);
                 Decap::Drop(r)
@@ -1310,7 +1377,7 @@ impl Engine {
     /// entries there that push the peer onto another port. Punching (openers first) finds the
     /// direct path; handshakes then follow it.
     pub fn send_handshake(&self, peer: &PeerState, pkt: &[u8], now: Instant) {
-        let route = if peer.path.lock().unwrap().direct_alive(now) {
+        let route = if peer.device || peer.path.lock().unwrap().direct_alive(now) {
             None
         } else {
             self.without_direct(now)
@@ -1372,55 +1439,84 @@ impl Engine {
         now: Instant,
     ) -> Result<(), DropReason> {
         let peer = t.peer_by_id(peer).ok_or(DropReason::UnknownPeer)?;
-        self.admit(t, peer, pkt, now)
+        self.admit(t, peer, pkt, now).map(drop)
     }
 
-    /// The inbound checks on a decrypted packet from `peer`. A fragmented datagram is decided
-    /// on its first fragment; later fragments follow that decision (see [`frag`]).
-    fn admit(
+    /// The inbound checks on a decrypted packet from `peer`: Ok(None) for the TUN, Ok(Some(p))
+    /// to forward to `p` (between a device and the mesh). A fragmented datagram is decided on
+    /// its first fragment; later fragments follow that decision (see [`frag`]).
+    fn admit<'t>(
         &self,
-        t: &PeerTable,
+        t: &'t PeerTable,
         peer: &PeerState,
         pkt: &[u8],
         now: Instant,
-    ) -> Result<(), DropReason> {
+    ) -> Result<Option<&'t PeerState>, DropReason> {
         let info = packet::parse(pkt).ok_or(DropReason::Malformed)?;
         if let packet::Frag::Later { .. } = info.frag {
             return if self.frags.admits_later(peer.id, &info, now) {
-                Ok(())
+                Ok(self.forward_to(t, peer, &info))
             } else {
                 Err(DropReason::Filtered)
             };
         }
-        self.admit_whole(t, peer, pkt, &info, now)?;
+        let next = self.admit_whole(t, peer, pkt, &info, now)?;
         self.frags.admitted_first(peer.id, &info, now);
-        Ok(())
+        Ok(next)
+    }
+
+    /// Where a packet from `peer` that is not for us goes on: to one of our devices, or from
+    /// one of them into the mesh. Nothing else passes through this node.
+    fn forward_to<'t>(
+        &self,
+        t: &'t PeerTable,
+        peer: &PeerState,
+        info: &PacketInfo,
+    ) -> Option<&'t PeerState> {
+        if t.is_self(info.dst) {
+            return None;
+        }
+        t.peer_for_dst(info.dst)
+            .filter(|next| next.id != peer.id && (peer.device || next.device))
+            .map(|p| &**p)
     }
 
     /// The checks on a whole datagram or a first fragment (which holds the transport header).
-    fn admit_whole(
+    fn admit_whole<'t>(
         &self,
-        t: &PeerTable,
+        t: &'t PeerTable,
         peer: &PeerState,
         pkt: &[u8],
         info: &PacketInfo,
         now: Instant,
-    ) -> Result<(), DropReason> {
-        if peer.addrs.contains(info.src) {
+    ) -> Result<Option<&'t PeerState>, DropReason> {
+        if t.sends_as(peer, info.src) {
+            if peer.device {
+                self.device_sent(peer, info, now);
+            }
             if t.is_self(info.dst) {
-                return self.filter_in(t, peer, pkt, info, true, now);
+                if peer.device && devices::is_dns(info) {
+                    return Ok(None);
+                }
+                return self.filter_in(t, peer, pkt, info, true, now).map(|_| None);
+            }
+            if let Some(next) = self.forward_to(t, peer, info) {
+                if next.device {
+                    self.device_admits(t, next, info, now)?;
+                }
+                return Ok(Some(next));
             }
             // We forward it: to one of our approved routes (a LAN behind us, or the internet
             // when we are an approved exit), as the filter's `dests` rules allow.
             if t.forwards_to(info.dst) {
-                return self.filter_in(t, peer, pkt, info, false, now);
+                return self.filter_in(t, peer, pkt, info, false, now).map(|_| None);
             }
             // We are an exit: the target's reply to a published flow, to a public address.
             let is_reply = t.publish_out.iter().any(|r| {
                 r.peer == peer.id && r.proto == info.proto && r.target_port == info.src_port
             });
-            return if is_reply && !t.in_mesh(info.dst) {
-                Ok(())
+            return if is_reply && !t.in_mesh(info.dst) && peer.addrs.contains(info.src) {
+                Ok(None)
             } else {
                 Err(DropReason::NotForThisNode)
             };
@@ -1438,13 +1534,15 @@ impl Engine {
             // A host behind the peer's approved subnet route, or the internet through the peer
             // we chose as exit node: from that peer only, never from another.
             return match self.source_owner(t, info.src) {
-                Some(owner) if owner.id == peer.id => self.filter_in(t, peer, pkt, info, true, now),
+                Some(owner) if owner.id == peer.id => {
+                    self.filter_in(t, peer, pkt, info, true, now).map(|_| None)
+                }
                 _ => Err(DropReason::SourceNotAllowed),
             };
         }
         let key = FlowKey::new(info.proto, info.src, info.src_port, info.dst_port);
         self.flows.inbound(key, peer.id, info.opens_tcp(), now);
-        Ok(())
+        Ok(None)
     }
 
     /// `to_self`: the packet is for this node (else we forward it along one of our routes).
@@ -1503,6 +1601,7 @@ impl Engine {
                 *lr = Some(now);
                 self.flows.expire(now);
                 self.udp_out.expire(now);
+                self.device_udp.expire(now);
             }
         }
         let t = self.snapshot();
@@ -1547,7 +1646,7 @@ impl Engine {
                         self.send_handshake(peer, pkt, now);
                     } else {
                         let direct = peer.path.lock().unwrap().direct_alive(now);
-                        let route = if direct {
+                        let route = if direct || peer.device {
                             None
                         } else {
                             self.without_direct(now)
@@ -2042,7 +2141,9 @@ impl Engine {
             p.last_rx = None;
             p.pending.clear();
             p.punch = Punch::Idle;
-            p.search(now);
+            if !peer.device {
+                p.search(now);
+            }
         }
         if let Some(r) = self.relay.lock().unwrap().as_mut() {
             r.rebind_now = true;
@@ -2072,7 +2173,8 @@ impl Engine {
 
     /// Probes every peer whose next probe is due.
     fn probe_due(&self, t: &PeerTable, now: Instant) {
-        for peer in &t.peers {
+        // Devices speak no disco.
+        for peer in t.peers.iter().filter(|p| !p.device) {
             let due = {
                 let mut p = peer.path.lock().unwrap();
                 // A newly suspect path is probed at once, not at its next keep-alive round.

@@ -50,6 +50,7 @@ fn map_for(
             prefix_v6: "fd7a::/64".parse().unwrap(),
             tags: vec![],
             routes: vec![],
+            mesh_domain: None,
         },
         peers: peers
             .iter()
@@ -68,6 +69,7 @@ fn map_for(
                         online: true,
                         tags: vec![],
                         routes: vec![],
+                        via: None,
                     },
                 )
             })
@@ -76,6 +78,7 @@ fn map_for(
         publish,
         relays: vec![],
         coordinators: vec![],
+        device_filters: vec![],
     }
 }
 
@@ -122,8 +125,10 @@ impl Net {
             for (dst, b) in drain(&n.engine).0 {
                 self.q.push_back((n.udp, dst, b));
             }
-            if let Decap::ToTun { len } = r {
-                tun.push((n.id, out[..len].to_vec()));
+            match r {
+                Decap::ToTun { len } => tun.push((n.id, out[..len].to_vec())),
+                Decap::Forward { to, len } => self.q.push_back((n.udp, to, out[..len].to_vec())),
+                _ => {}
             }
         }
         tun
@@ -1078,6 +1083,7 @@ fn full_probes_wait_until_the_peer_opened_towards_our_current_address() {
 }
 
 mod attacks;
+mod devices;
 mod routes;
 mod sim;
 

@@ -174,6 +174,7 @@ pub fn home_map() -> NetworkMap {
         online: true,
         tags: vec![],
         routes: vec![],
+        via: None,
     };
     let peers = [
         peer(LAPTOP, "laptop", "203.0.113.2:41641", EndpointKind::Stun),
@@ -191,6 +192,7 @@ pub fn home_map() -> NetworkMap {
             prefix_v6: "fd7a:115c:a1e0::/64".parse().unwrap(),
             tags: vec![],
             routes: vec![],
+            mesh_domain: None,
         },
         peers: peers
             .into_iter()
@@ -233,6 +235,7 @@ pub fn home_map() -> NetworkMap {
             public_key: Some(homeport_proto::PublicKey(public(9))),
         }],
         coordinators: vec![],
+        device_filters: vec![],
     }
 }
 
@@ -1437,6 +1440,7 @@ fn map_seeds(s: &mut Vec<(&'static str, &'static str, Vec<u8>)>) {
         publish: Some(m.publish.clone()),
         relays: Some(m.relays.clone()),
         coordinators: None,
+        device_filters: None,
         probe_requests: vec![],
     };
     let line = |m: &MapMessage| serde_json::to_string(m).unwrap();

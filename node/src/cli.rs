@@ -309,7 +309,11 @@ pub fn render_status(st: &Status) -> String {
             hs,
             p.rx_bytes,
             p.tx_bytes,
-            if p.online { "yes" } else { "no" }
+            match (p.device, p.online) {
+                (true, _) => "device",
+                (false, true) => "yes",
+                (false, false) => "no",
+            }
         );
     }
     if let Some(r) = &st.routes {

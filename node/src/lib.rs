@@ -23,6 +23,7 @@ pub mod control;
 pub mod coordinator;
 pub mod daemon;
 pub mod datapath;
+pub mod dns;
 pub mod endpoints;
 pub mod metrics;
 pub mod natdepth;

@@ -84,6 +84,7 @@ mod tests {
             tx_bytes: 20,
             handshakes: 1,
             online: true,
+            device: false,
         }
     }
 

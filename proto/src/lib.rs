@@ -8,6 +8,7 @@
 pub mod addr;
 pub mod api;
 pub mod capver;
+pub mod device;
 pub mod disco;
 pub mod exit;
 pub mod filter;

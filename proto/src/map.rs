@@ -5,6 +5,7 @@
 //! current map. An empty delta (nothing set) is a keepalive, sent at least every
 //! [`MAP_KEEPALIVE_SECS`] seconds, so a node notices a dead stream.
 
+use crate::device::DeviceFilter;
 use crate::filter::PacketFilter;
 use crate::keys::PublicKey;
 use crate::names::{NodeId, NodeName};
@@ -89,6 +90,11 @@ pub struct SelfNode {
     /// ranges, and to no other non-mesh address. `0.0.0.0/0` / `::/0`: it is an approved exit.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub routes: Vec<ipnet::IpNet>,
+    /// The mesh's DNS domain: every node and device answers as `NAME` and `NAME.<domain>` at
+    /// each node's name server (`homeport_proto::names::DEFAULT_MESH_DOMAIN` unless configured).
+    /// None: a coordinator without mesh names.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mesh_domain: Option<String>,
 }
 
 /// Another node in the mesh.
@@ -108,6 +114,10 @@ pub struct Peer {
     /// routes (an exit) count only while this node uses the peer as its exit node.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub routes: Vec<ipnet::IpNet>,
+    /// A plain-WireGuard device (see [`crate::device`]) reached through this node: its via node
+    /// holds its session, every other node routes its addresses to the via node. None: a node.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub via: Option<NodeId>,
 }
 
 /// "Probe me now": `from` is about to send disco probes to your candidates; probe theirs at once.
@@ -149,6 +159,9 @@ pub struct MapMessage {
     /// None: unchanged. Some: replaces the list of live coordinator replicas.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub coordinators: Option<Vec<CoordinatorInfo>>,
+    /// None: unchanged. Some: the inbound filters of all the devices this node is the via of.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub device_filters: Option<Vec<DeviceFilter>>,
     /// Never part of the stored map: act on these now.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub probe_requests: Vec<ProbeRequest>,
@@ -165,6 +178,7 @@ impl MapMessage {
             && self.publish.is_none()
             && self.relays.is_none()
             && self.coordinators.is_none()
+            && self.device_filters.is_none()
             && self.probe_requests.is_empty()
     }
 }
@@ -182,6 +196,8 @@ pub struct NetworkMap {
     /// Empty from a coordinator that sends none (older, or one not told its URL).
     #[serde(default)]
     pub coordinators: Vec<CoordinatorInfo>,
+    #[serde(default)]
+    pub device_filters: Vec<DeviceFilter>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -209,6 +225,7 @@ impl NetworkMap {
             publish: m.publish.unwrap_or_default(),
             relays: m.relays.unwrap_or_default(),
             coordinators: m.coordinators.unwrap_or_default(),
+            device_filters: m.device_filters.unwrap_or_default(),
         })
     }
 
@@ -242,6 +259,9 @@ impl NetworkMap {
         }
         if let Some(c) = m.coordinators {
             self.coordinators = c;
+        }
+        if let Some(d) = m.device_filters {
+            self.device_filters = d;
         }
         Ok(())
     }

@@ -79,9 +79,38 @@ impl fmt::Display for NodeName {
     }
 }
 
+/// The mesh's DNS domain when the coordinator is not told another (`--mesh-domain`): `.internal`
+/// is reserved for private use (ICANN, 2024), so it never clashes with a real name.
+pub const DEFAULT_MESH_DOMAIN: &str = "homeport.internal";
+
+/// Checks a mesh DNS domain: dot-separated DNS labels (lowercase letters, digits, '-', not at
+/// either end of a label), at most 253 characters. A trailing dot is dropped.
+pub fn parse_mesh_domain(s: &str) -> Result<String, String> {
+    let d = s.trim().trim_end_matches('.').to_ascii_lowercase();
+    let ok = !d.is_empty() && d.len() <= 253 && d.split('.').all(|l| l.parse::<NodeName>().is_ok());
+    if ok {
+        Ok(d)
+    } else {
+        Err(format!(
+            "invalid mesh domain {s:?}: expected DNS labels of lowercase letters, digits and '-' joined by dots, e.g. {DEFAULT_MESH_DOMAIN}"
+        ))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn mesh_domains() {
+        assert_eq!(
+            parse_mesh_domain("Home.Internal.").unwrap(),
+            "home.internal"
+        );
+        assert!(parse_mesh_domain("a..b").is_err());
+        assert!(parse_mesh_domain("-a.b").is_err());
+        assert!(parse_mesh_domain("").is_err());
+    }
     #[test]
     fn names() {
         assert!("home".parse::<NodeName>().is_ok());

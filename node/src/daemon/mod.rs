@@ -156,6 +156,7 @@ pub async fn run(cfg: UpConfig, shutdown: CancellationToken, hooks: Hooks) -> Re
     // The map watch channel always exists: routes_sync follows it (the exit passes its own).
     let maps = maps.unwrap_or_else(|| watch::channel(None).0);
     let map_rx = maps.subscribe();
+    let dns_maps = maps.subscribe();
     let st = StateDir::open(&cfg.state_dir)?;
     let key = st.private_key()?;
     let stored = st.registration()?;
@@ -304,6 +305,8 @@ pub async fn run(cfg: UpConfig, shutdown: CancellationToken, hooks: Hooks) -> Re
             ),
         ));
     }
+    // Mesh names (dns.rs) follow the map too.
+    tasks.spawn(crate::dns::run(dns_maps, cfg.tun.clone(), stop.clone()));
     tasks.spawn(crate::routes_sync::run(
         node.routes.clone(),
         api.clone(),

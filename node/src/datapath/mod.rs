@@ -16,6 +16,7 @@ use anyhow::{Context, Result};
 use homeport_engine::{Decap, Encap, Engine, Event, Route, TICK};
 use homeport_proto::disco::{DatagramKind, classify};
 use homeport_proto::map::{MeshAddrs, NetworkMap};
+use homeport_proto::relay::RELAY_HEADER_LEN;
 use homeport_proto::{NodeId, NodeName, PrivateKey, PublicKey};
 use quinn_udp::{RecvMeta, Transmit, UdpSockRef, UdpSocketState};
 use serde::{Deserialize, Serialize};
@@ -90,6 +91,9 @@ pub struct PeerStatus {
     pub handshakes: u64,
     /// Online according to the coordinator.
     pub online: bool,
+    /// A plain-WireGuard device this node carries (its path: where its packets come from).
+    #[serde(default)]
+    pub device: bool,
 }
 
 /// Counters of the data path as a whole.
@@ -478,14 +482,24 @@ impl Datapath {
                 }
             }
             let out = &mut bufs[n];
-            out.resize(VIRTIO_NET_HDR_LEN + frame.len().max(148), 0);
+            out.resize(
+                VIRTIO_NET_HDR_LEN + frame.len().max(148) + RELAY_HEADER_LEN,
+                0,
+            );
             out[..VIRTIO_NET_HDR_LEN].fill(0);
             let r = self
                 .engine
                 .handle_relay(&t, relay, frame, &mut out[VIRTIO_NET_HDR_LEN..], now);
-            if let Decap::ToTun { len } = r {
-                out.truncate(VIRTIO_NET_HDR_LEN + len);
-                n += 1;
+            match r {
+                Decap::ToTun { len } => {
+                    out.truncate(VIRTIO_NET_HDR_LEN + len);
+                    n += 1;
+                }
+                Decap::Forward { to, len } => {
+                    let b = &out[VIRTIO_NET_HDR_LEN..VIRTIO_NET_HDR_LEN + len];
+                    send_one(&self.socket, &self.state, &self.tcp_relay, to, b);
+                }
+                _ => {}
             }
         }
         if n > 0 {
@@ -551,7 +565,19 @@ impl Datapath {
             .iter()
             .map(|p| {
                 let (hs, rx, tx) = p.stats();
-                let route = p.path.lock().unwrap().route(now, relay_bound, over_tcp);
+                let route = {
+                    let path = p.path.lock().unwrap();
+                    if p.device {
+                        // A plain WireGuard device: no disco, no relay; direct once it
+                        // handshook from the endpoint we know.
+                        match path.endpoint {
+                            Some(addr) if hs.is_some() => Route::Direct(addr),
+                            _ => Route::None,
+                        }
+                    } else {
+                        path.route(now, relay_bound, over_tcp)
+                    }
+                };
                 PeerStatus {
                     id: p.id,
                     name: p.name.clone(),
@@ -569,6 +595,7 @@ impl Datapath {
                     tx_bytes: tx,
                     handshakes: p.handshakes.load(Ordering::Relaxed),
                     online: p.online,
+                    device: p.device,
                 }
             })
             .collect()
@@ -949,7 +976,11 @@ fn udp_to_tun(
                 }
                 // A WireGuard datagram, directly or wrapped by the relay.
                 let out = &mut tunbufs[k];
-                out.resize(VIRTIO_NET_HDR_LEN + seg.len().max(148), 0);
+                // Room for a relay header: a packet forwarded for a device may leave through it.
+                out.resize(
+                    VIRTIO_NET_HDR_LEN + seg.len().max(148) + RELAY_HEADER_LEN,
+                    0,
+                );
                 let tun_out = &mut out[VIRTIO_NET_HDR_LEN..];
                 let r = if kind == DatagramKind::Relay {
                     engine.handle_relay(&table, from, seg, tun_out, now)
@@ -964,6 +995,10 @@ fn udp_to_tun(
                             write_tun(dev, &mut gro, &mut tunbufs[..k]);
                             k = 0;
                         }
+                    }
+                    Decap::Forward { to, len } => {
+                        let b = &out[VIRTIO_NET_HDR_LEN..VIRTIO_NET_HDR_LEN + len];
+                        send_one(socket, state, &side.tcp_relay, to, b);
                     }
                     Decap::Done => {}
                     Decap::Drop(r) => {
