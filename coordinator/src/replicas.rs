@@ -71,6 +71,13 @@ impl Change {
             ..Default::default()
         }
     }
+    /// A replica joined or left.
+    pub fn replica_set() -> Change {
+        Change {
+            replicas: true,
+            ..Default::default()
+        }
+    }
     pub fn everything() -> Change {
         Change {
             all: true,

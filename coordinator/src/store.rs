@@ -791,11 +791,8 @@ impl Store {
                 .bind(&self.origin)
                 .execute(&mut *tx)
                 .await?;
-            let c = crate::replicas::Change {
-                replicas: true,
-                ..Default::default()
-            };
-            self.announce(&mut *tx, c).await
+            self.announce(&mut *tx, crate::replicas::Change::replica_set())
+                .await
         }
         .await;
         finish(tx, r).await
@@ -869,11 +866,8 @@ impl Store {
             .bind(started)
             .execute(&mut *tx)
             .await?;
-            let c = crate::replicas::Change {
-                replicas: true,
-                ..Default::default()
-            };
-            self.announce(&mut *tx, c).await
+            self.announce(&mut *tx, crate::replicas::Change::replica_set())
+                .await
         }
         .await;
         finish(tx, r).await

@@ -99,7 +99,8 @@ pub const LOST_PATH_ATTEMPT: Duration = Duration::from_secs(4);
 /// not find cleaner NAT state than the first.
 pub const REBIND_MIN_EVERY: Duration = Duration::from_secs(60);
 /// After asking the daemon to move the socket, punching towards that peer pauses this long so
-/// the attempt restarts from the new port, not the old one (the daemon polls every second).
+/// the attempt restarts from the new port, not the old one (the daemon moves it when the
+/// `RebindWanted` event reaches it, normally at once).
 pub const REBIND_WAIT: Duration = Duration::from_secs(3);
 /// At start, while a relay is configured but not bound yet, nothing goes to a peer's public
 /// addresses for up to this long (the relay answers within a round trip): an early handshake
